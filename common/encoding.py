@@ -1,0 +1,146 @@
+"""Schema-driven encoding of a typed table to a float matrix and back.
+
+Every number here comes from the schema, none from the rows: continuous and integer
+columns are scaled to [-1, 1] by their public bounds, categories are one-hot over the
+published list. Missing values are part of the data (clinical tables have holes, often
+informative ones), so they are modelled rather than dropped:
+
+- a numeric column that may be missing gets a two-way block ``[present, missing]``
+  beside its value (the value slot holds 0, the midpoint, when missing);
+- a categorical column that may be missing gets one extra one-hot slot for "missing".
+
+Decoding inverts this exactly: numbers are clipped to the bounds and integer columns
+rounded; the category with the highest score wins; a value is missing where its
+missing slot wins. Generators that need to *sample* categories do so before decoding
+(``decode`` takes scores or one-hot samples alike).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .schema import Column, Schema
+
+MISSING = "__missing__"
+
+
+@dataclass(frozen=True)
+class Block:
+    """A contiguous slice of the encoded row that belongs to one column."""
+
+    column: str
+    kind: str  # "numeric" | "onehot" | "missing"
+    start: int
+    size: int
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.size
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.start, self.stop)
+
+
+class TabularEncoder:
+    """Encode a typed frame (see ``table.read_table``) for the generators, and back."""
+
+    def __init__(self, schema: Schema) -> None:
+        self.schema = schema
+        blocks: list[Block] = []
+        pos = 0
+        for column in schema.columns:
+            if column.is_numeric:
+                blocks.append(Block(column.name, "numeric", pos, 1))
+                pos += 1
+                if column.nullable:
+                    blocks.append(Block(column.name, "missing", pos, 2))
+                    pos += 2
+            else:
+                size = len(column.categories) + (1 if column.nullable else 0)
+                blocks.append(Block(column.name, "onehot", pos, size))
+                pos += size
+        self.blocks: tuple[Block, ...] = tuple(blocks)
+        self.dim = pos
+
+    def categories(self, column: Column) -> list[object]:
+        """The one-hot slots of a categorical column, 'missing' last if it can be."""
+        cats: list[object] = list(column.categories)
+        if column.nullable:
+            cats.append(MISSING)
+        return cats
+
+    @property
+    def onehot_blocks(self) -> list[Block]:
+        """Blocks a generator must treat as categorical (softmax outputs)."""
+        return [b for b in self.blocks if b.kind in ("onehot", "missing")]
+
+    @property
+    def numeric_blocks(self) -> list[Block]:
+        return [b for b in self.blocks if b.kind == "numeric"]
+
+    def block(self, column: str, kind: str) -> Block:
+        for b in self.blocks:
+            if b.column == column and b.kind == kind:
+                return b
+        raise KeyError(f"no {kind} block for column {column!r}")
+
+    def encode(self, frame: pd.DataFrame) -> np.ndarray:
+        """Encode a typed frame; values must already conform to the schema."""
+        n = len(frame)
+        out = np.zeros((n, self.dim), dtype=np.float32)
+        for column in self.schema.columns:
+            values = frame[column.name]
+            missing = values.isna().to_numpy()
+            if column.is_numeric:
+                num = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+                lo, hi = float(column.min), float(column.max)  # type: ignore[arg-type]
+                scaled = 2.0 * (num - lo) / (hi - lo) - 1.0
+                scaled = np.clip(np.nan_to_num(scaled, nan=0.0), -1.0, 1.0)
+                out[:, self.block(column.name, "numeric").start] = scaled
+                if column.nullable:
+                    mb = self.block(column.name, "missing")
+                    out[:, mb.start] = (~missing).astype(np.float32)
+                    out[:, mb.start + 1] = missing.astype(np.float32)
+            else:
+                b = self.block(column.name, "onehot")
+                cats = self.categories(column)
+                lookup = {str(c): i for i, c in enumerate(cats)}
+                for row, (value, is_na) in enumerate(zip(values.tolist(), missing, strict=True)):
+                    key = MISSING if is_na else str(value)
+                    out[row, b.start + lookup[key]] = 1.0
+        return out
+
+    def decode(self, matrix: np.ndarray) -> pd.DataFrame:
+        """Turn generator output (scores or one-hot samples) into a typed frame."""
+        matrix = np.asarray(matrix, dtype=np.float64)
+        if matrix.ndim != 2 or matrix.shape[1] != self.dim:
+            raise ValueError(f"expected an (n, {self.dim}) matrix, got {matrix.shape}")
+        data: dict[str, object] = {}
+        for column in self.schema.columns:
+            if column.is_numeric:
+                lo, hi = float(column.min), float(column.max)  # type: ignore[arg-type]
+                scaled = np.clip(matrix[:, self.block(column.name, "numeric").start], -1, 1)
+                values = lo + (scaled + 1.0) / 2.0 * (hi - lo)
+                if column.nullable:
+                    mb = self.block(column.name, "missing")
+                    is_missing = matrix[:, mb.start + 1] > matrix[:, mb.start]
+                    values = np.where(is_missing, np.nan, values)
+                if column.kind == "integer":
+                    data[column.name] = pd.array(np.round(values), dtype="Float64").astype(
+                        "Int64"
+                    )
+                else:
+                    if column.decimals is not None:
+                        values = np.round(values, column.decimals)
+                    data[column.name] = values
+            else:
+                b = self.block(column.name, "onehot")
+                cats = self.categories(column)
+                picks = np.argmax(matrix[:, b.slice], axis=1)
+                col = [np.nan if cats[i] == MISSING else cats[i] for i in picks]
+                data[column.name] = pd.Series(col, dtype=object)
+        return pd.DataFrame(data)

@@ -1,0 +1,30 @@
+"""Generators of synthetic rows, picked by name (``--generator``, run config)."""
+
+from __future__ import annotations
+
+from .base import ConditionError, Generator, ModelFileError
+from .tvae import TVAE
+
+REGISTRY: dict[str, type[Generator]] = {TVAE.name: TVAE}
+DEFAULT_GENERATOR = "tvae"
+
+
+def get_generator(name: str) -> type[Generator]:
+    """The generator class registered under ``name``."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown generator {name!r}; choose one of {', '.join(sorted(REGISTRY))}"
+        ) from None
+
+
+__all__ = [
+    "ConditionError",
+    "DEFAULT_GENERATOR",
+    "Generator",
+    "ModelFileError",
+    "REGISTRY",
+    "TVAE",
+    "get_generator",
+]

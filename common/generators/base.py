@@ -1,0 +1,318 @@
+"""The generator interface every model family implements.
+
+A generator is built from a schema and hyperparameters only, so a coordinator can make
+the initial global model without any data. Its whole state is one flat dict of arrays
+under prefixed keys (``vae.encoder.0.weight``, ``gan.discriminator...``), which is one
+Flower ArrayRecord: Flower's strategies aggregate exactly one array record per reply.
+The user-facing shape is SDV's: ``fit`` / ``sample`` / ``save`` / ``load``.
+
+Training goes through ``privacy.trainer.train_round`` and nowhere else: a generator
+names the module that reads real rows (``private_module``) and its per-sample loss,
+and the trainer decides whether that module is trained with DP-SGD.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from ..encoding import TabularEncoder
+from ..schema import Schema
+from ..table import _match_category
+
+FORMAT_VERSION = 1
+
+
+class ModelFileError(ValueError):
+    """A saved generator cannot be loaded; the message says why and what to do."""
+
+
+class ConditionError(ValueError):
+    """A sampling condition cannot be met under the schema, or by the model."""
+
+
+class Generator(ABC):
+    """Base class: schema + hyperparameters in, DataFrames in the schema out."""
+
+    name: ClassVar[str]
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, schema: Schema, seed: int = 0, **hparams: Any) -> None:
+        unknown = set(hparams) - set(self.defaults)
+        if unknown:
+            raise ValueError(
+                f"{self.name} has no hyperparameter(s) {sorted(unknown)}; "
+                f"known: {sorted(self.defaults)}"
+            )
+        self.schema = schema
+        self.encoder = TabularEncoder(schema)
+        self.hparams: dict[str, Any] = {**self.defaults, **hparams}
+        self.seed = seed
+        torch.manual_seed(seed)
+        self.build()
+
+    # -- what a model family provides -------------------------------------------------
+    @abstractmethod
+    def build(self) -> None:
+        """Create the networks from ``self.encoder`` and ``self.hparams``."""
+
+    @abstractmethod
+    def networks(self) -> dict[str, nn.Module]:
+        """Every network, by the prefix its keys carry in the flat state."""
+
+    @abstractmethod
+    def private_module(self) -> nn.Module:
+        """The module whose training reads real rows; the one DP-SGD privatises."""
+
+    @abstractmethod
+    def per_sample_loss(self, module: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        """Loss of each row of ``batch`` (shape [n]), computed through ``module``."""
+
+    @abstractmethod
+    def generate_encoded(self, n: int, rng: torch.Generator) -> np.ndarray:
+        """Draw ``n`` encoded rows (one-hot samples for categorical blocks)."""
+
+    @property
+    def loss_bound(self) -> float:
+        """Per-sample losses are clipped to this before a DP loss report."""
+        return float(self.hparams.get("loss_bound", 100.0))
+
+    def begin_round(self, seed: int) -> None:  # noqa: B027 (optional hook)
+        """Set up per-round state (optimizers of non-private networks, for a GAN)."""
+
+    def after_private_step(self, private: nn.Module) -> None:  # noqa: B027
+        """Post-processing after each private step (a GAN's generator update)."""
+
+    # -- state --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for prefix, net in self.networks().items():
+            for key, value in net.state_dict().items():
+                out[f"{prefix}.{key}"] = value.detach().cpu().numpy().copy()
+        return out
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        expected = self.state_dict()
+        missing = sorted(set(expected) - set(state))
+        extra = sorted(set(state) - set(expected))
+        if missing or extra:
+            raise ValueError(
+                f"state does not fit this {self.name}: missing {missing[:5]}, extra {extra[:5]}"
+            )
+        for key, value in state.items():
+            if tuple(np.shape(value)) != expected[key].shape:
+                raise ValueError(
+                    f"state key {key!r} has shape {np.shape(value)}, "
+                    f"expected {expected[key].shape}"
+                )
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f"state key {key!r} holds NaN or infinite values")
+        for prefix, net in self.networks().items():
+            sub = {
+                k[len(prefix) + 1 :]: torch.as_tensor(np.asarray(v))
+                for k, v in state.items()
+                if k.startswith(prefix + ".")
+            }
+            net.load_state_dict(sub)
+
+    def num_parameters(self) -> int:
+        return int(sum(v.size for v in self.state_dict().values()))
+
+    # -- SDV-style API -----------------------------------------------------------------
+    def fit(
+        self,
+        data: pd.DataFrame,
+        *,
+        epochs: int = 50,
+        sample_rate: float = 0.1,
+        epsilon: float | None = None,
+        delta: float = 1e-5,
+        max_grad_norm: float = 1.0,
+    ) -> Generator:
+        """Train centrally on a typed frame, with DP when ``epsilon`` is given.
+
+        The same trainer and accountant as a federated site, so central and federated
+        figures are comparable.
+        """
+        from ..privacy import DPSettings, PrivacyLedger, RoundPlan, calibrate_noise, train_round
+
+        encoded = self.encoder.encode(data)
+        dp = None
+        ledger = None
+        if epsilon is not None:
+            plan = RoundPlan(sample_rate=sample_rate, epochs=epochs, loss_report=False)
+            sigma = calibrate_noise(epsilon, delta, plan, rounds=1, count_noise=None)
+            dp = DPSettings(noise_multiplier=sigma, max_grad_norm=max_grad_norm)
+            ledger = PrivacyLedger()
+        stats = train_round(
+            self,
+            encoded,
+            epochs=epochs,
+            sample_rate=sample_rate,
+            dp=dp,
+            ledger=ledger,
+            seed=self.seed,
+        )
+        self.fit_info = {
+            "steps": stats.steps,
+            "seconds": stats.seconds,
+            "epsilon": ledger.epsilon(delta) if ledger is not None else None,
+            "delta": delta if ledger is not None else None,
+        }
+        return self
+
+    def sample(
+        self,
+        n: int,
+        conditions: dict[str, Any] | None = None,
+        seed: int | None = None,
+        max_tries: int = 200,
+    ) -> pd.DataFrame:
+        """Exactly ``n`` rows in the schema, all satisfying ``conditions`` if given.
+
+        Conditions are met by rejection: draw, keep the rows that match, repeat. A
+        condition the schema makes impossible is an error at once; one the model almost
+        never produces is an error after ``max_tries`` batches, with the rate seen.
+        """
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        rng = torch.Generator().manual_seed(self.seed if seed is None else seed)
+        wanted = self._parse_conditions(conditions or {})
+        kept: list[pd.DataFrame] = []
+        have, drawn = 0, 0
+        batch = max(n, 256)
+        for _ in range(max_tries):
+            if have >= n:
+                break
+            frame = self.encoder.decode(self.generate_encoded(batch, rng))
+            drawn += len(frame)
+            if wanted:
+                mask = np.ones(len(frame), dtype=bool)
+                for col, value in wanted.items():
+                    mask &= _equals(frame[col], value)
+                frame = frame[mask]
+            kept.append(frame)
+            have += len(frame)
+        if have < n:
+            raise ConditionError(
+                f"the model produced {have} of {n} rows matching {conditions} in {drawn} "
+                f"draws (rate {have / max(drawn, 1):.2e}); the condition is too rare for "
+                "this model: ask for fewer rows or a more common condition"
+            )
+        out = pd.concat(kept, ignore_index=True).iloc[:n].reset_index(drop=True)
+        return out
+
+    def _parse_conditions(self, conditions: dict[str, Any]) -> dict[str, Any]:
+        parsed: dict[str, Any] = {}
+        for col, value in conditions.items():
+            try:
+                column = self.schema.column(col)
+            except KeyError as exc:
+                raise ConditionError(str(exc)) from None
+            if value is None or (isinstance(value, float) and np.isnan(value)):
+                if not column.nullable:
+                    raise ConditionError(f"column {col!r} is never missing under the schema")
+                parsed[col] = None
+            elif column.is_categorical:
+                try:
+                    parsed[col] = _match_category(value, column)
+                except KeyError:
+                    raise ConditionError(
+                        f"{col}={value!r} is impossible: categories are {list(column.categories)}"
+                    ) from None
+            else:
+                num = float(value)
+                if not (column.min <= num <= column.max):  # type: ignore[operator]
+                    raise ConditionError(
+                        f"{col}={value!r} is outside the schema's domain "
+                        f"[{column.min:g}, {column.max:g}]"
+                    )
+                if column.kind == "integer" and num != round(num):
+                    raise ConditionError(f"{col} is an integer column; {value!r} is impossible")
+                parsed[col] = num
+        return parsed
+
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+        """One file: arrays as .npy entries plus JSON metadata; nothing executable.
+
+        Written to a temporary name and renamed, so a crash mid-save leaves the previous
+        file (a checkpoint, say) intact.
+        """
+        path = Path(path)
+        meta = {
+            **(extra or {}),
+            "format": FORMAT_VERSION,
+            "generator": self.name,
+            "hparams": self.hparams,
+            "seed": self.seed,
+            "schema": self.schema.to_dict(),
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("meta.json", json.dumps(meta, indent=1))
+            for key, value in self.state_dict().items():
+                buf = io.BytesIO()
+                np.save(buf, value, allow_pickle=False)
+                zf.writestr(f"arrays/{key}.npy", buf.getvalue())
+        tmp.replace(path)
+
+    @staticmethod
+    def read_meta(path: str | Path) -> dict[str, Any]:
+        """The JSON metadata of a saved model (round, history for a checkpoint)."""
+        try:
+            with zipfile.ZipFile(path) as zf:
+                return dict(json.loads(zf.read("meta.json")))
+        except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
+            raise ModelFileError(f"model file {path} is corrupt or not a fedsynth model ({exc})"
+                                 ) from None
+
+    @staticmethod
+    def load(path: str | Path) -> Generator:
+        from . import get_generator
+
+        path = Path(path)
+        hint = "pass the model.fsg file that a fedsynth study wrote"
+        if not path.is_file():
+            raise ModelFileError(f"model file {path} does not exist; {hint}")
+        try:
+            with zipfile.ZipFile(path) as zf:
+                meta = json.loads(zf.read("meta.json"))
+                state = {
+                    name[len("arrays/") : -len(".npy")]: np.load(
+                        io.BytesIO(zf.read(name)), allow_pickle=False
+                    )
+                    for name in zf.namelist()
+                    if name.startswith("arrays/")
+                }
+        except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as exc:
+            raise ModelFileError(
+                f"model file {path} is corrupt or not a fedsynth model ({exc}); {hint}"
+            ) from None
+        if meta.get("format") != FORMAT_VERSION:
+            raise ModelFileError(f"model file {path} has unknown format {meta.get('format')}")
+        schema = Schema.from_dict(meta["schema"], source=str(path))
+        cls = get_generator(meta["generator"])
+        model = cls(schema, seed=int(meta.get("seed", 0)), **meta["hparams"])
+        try:
+            model.load_state_dict(state)
+        except ValueError as exc:
+            raise ModelFileError(f"model file {path} is corrupt: {exc}") from None
+        return model
+
+
+def _equals(series: pd.Series, value: Any) -> np.ndarray:
+    if value is None:
+        return series.isna().to_numpy()
+    if isinstance(value, float):
+        num = pd.to_numeric(series, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+        return np.isclose(num, value)
+    return np.array([v == value for v in series.tolist()], dtype=bool)

@@ -1,0 +1,313 @@
+"""The published schema of a study: every column, its kind and its public domain.
+
+The schema is the only thing the encoder, the generators and the validators may know
+about a column before they see data. Bounds and category lists come from domain
+knowledge (units, clinical ranges, code lists), never from the private rows: a minimum
+or a category list fitted on the data would publish the very outliers DP protects.
+
+File format (YAML or JSON, same structure)::
+
+    name: heart_disease
+    format:              # how a site's file is read
+      header: false      # the UCI files have no header row
+      missing: ["?"]     # tokens that mean "missing" in every column
+    outcome:             # optional: the label utility metrics predict
+      column: num
+      positive: [1, 2, 3, 4]
+    columns:
+      - name: age
+        kind: integer    # continuous | integer | categorical | binary
+        min: 18
+        max: 100
+        nullable: false  # may the value be missing? (default true)
+      - name: oldpeak
+        kind: continuous
+        min: -3.0
+        max: 7.0
+        decimals: 1      # recorded to 0.1 mm: synthetic values are rounded alike
+      - name: chol
+        kind: integer
+        min: 80
+        max: 700
+        missing: [0]     # column-specific missing codes (0 = "not measured")
+      - name: cp
+        kind: categorical
+        categories: [1, 2, 3, 4]
+
+Survival pairs and code sets are further kinds (see ``KINDS``); every kind declares its
+domain here so the encoder never has to look at private values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+NUMERIC_KINDS = ("continuous", "integer")
+CATEGORICAL_KINDS = ("categorical", "binary")
+KINDS = NUMERIC_KINDS + CATEGORICAL_KINDS
+
+
+class SchemaError(ValueError):
+    """The schema file itself is wrong; raised with every problem found in it."""
+
+
+Category = int | float | str
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the published schema."""
+
+    name: str
+    kind: str
+    min: float | None = None
+    max: float | None = None
+    categories: tuple[Category, ...] = ()
+    nullable: bool = True
+    missing: tuple[Category, ...] = ()
+    description: str = ""
+    unit: str = ""
+    decimals: int | None = None  # recording precision of a continuous column (public)
+
+    @property
+    def is_numeric(self) -> bool:
+        return self.kind in NUMERIC_KINDS
+
+    @property
+    def is_categorical(self) -> bool:
+        return self.kind in CATEGORICAL_KINDS
+
+    @property
+    def numeric_categories(self) -> bool:
+        """Categories written as numbers match '1', '1.0' and 1 alike in a file."""
+        return bool(self.categories) and all(
+            isinstance(c, int | float) and not isinstance(c, bool) for c in self.categories
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "kind": self.kind}
+        if self.is_numeric:
+            out["min"], out["max"] = self.min, self.max
+        if self.kind == "categorical":
+            out["categories"] = list(self.categories)
+        if self.kind == "binary" and tuple(self.categories) != (0, 1):
+            out["categories"] = list(self.categories)
+        out["nullable"] = self.nullable
+        if self.missing:
+            out["missing"] = list(self.missing)
+        if self.description:
+            out["description"] = self.description
+        if self.unit:
+            out["unit"] = self.unit
+        if self.decimals is not None:
+            out["decimals"] = self.decimals
+        return out
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The label that utility metrics (train on synthetic, test on real) predict."""
+
+    column: str
+    positive: tuple[Category, ...]
+
+
+@dataclass(frozen=True)
+class Schema:
+    """A dataset's published schema; see the module docstring for the file format."""
+
+    name: str
+    columns: tuple[Column, ...]
+    header: bool = True
+    missing_tokens: tuple[str, ...] = ("",)
+    outcome: Outcome | None = None
+    description: str = ""
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+    def column(self, name: str) -> Column:
+        for c in self.columns:
+            if c.name == name:
+                return c
+        raise KeyError(f"column {name!r} is not in schema {self.name!r}; it has {self.names}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name}
+        if self.description:
+            out["description"] = self.description
+        if self.source:
+            out["source"] = self.source
+        out["format"] = {"header": self.header, "missing": list(self.missing_tokens)}
+        if self.outcome is not None:
+            out["outcome"] = {
+                "column": self.outcome.column,
+                "positive": list(self.outcome.positive),
+            }
+        out["columns"] = [c.to_dict() for c in self.columns]
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: str = "<schema>") -> Schema:
+        return _parse_schema(raw, source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Schema:
+        path = Path(path)
+        if not path.is_file():
+            raise SchemaError(
+                f"schema file {path} does not exist; pass the study's published schema "
+                "(YAML or JSON) with --schema"
+            )
+        text = path.read_text()
+        try:
+            raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (yaml.YAMLError, json.JSONDecodeError) as exc:
+            raise SchemaError(f"schema file {path} is not valid YAML/JSON: {exc}") from exc
+        return _parse_schema(raw, str(path))
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _parse_schema(raw: Any, source: str) -> Schema:
+    problems: list[str] = []
+    if not isinstance(raw, dict):
+        raise SchemaError(f"{source}: a schema is a mapping with 'name' and 'columns'")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        problems.append("'name' must be a non-empty string")
+        name = "?"
+    fmt = raw.get("format", {}) or {}
+    if not isinstance(fmt, dict):
+        problems.append("'format' must be a mapping (header, missing)")
+        fmt = {}
+    header = fmt.get("header", True)
+    if not isinstance(header, bool):
+        problems.append("'format.header' must be true or false")
+        header = True
+    tokens = fmt.get("missing", [])
+    if not isinstance(tokens, list):
+        problems.append("'format.missing' must be a list of tokens")
+        tokens = []
+    missing_tokens = tuple(dict.fromkeys(["", *[str(t) for t in tokens]]))
+
+    raw_cols = raw.get("columns")
+    columns: list[Column] = []
+    if not isinstance(raw_cols, list) or not raw_cols:
+        problems.append("'columns' must be a non-empty list")
+        raw_cols = []
+    seen: set[str] = set()
+    for i, rc in enumerate(raw_cols):
+        where = f"columns[{i}]"
+        if not isinstance(rc, dict):
+            problems.append(f"{where} must be a mapping")
+            continue
+        cname = rc.get("name")
+        if not isinstance(cname, str) or not cname:
+            problems.append(f"{where}: 'name' must be a non-empty string")
+            continue
+        where = f"column {cname!r}"
+        if cname in seen:
+            problems.append(f"{where} is declared twice")
+        seen.add(cname)
+        kind = rc.get("kind")
+        if kind not in KINDS:
+            problems.append(f"{where}: kind {kind!r} is not one of {', '.join(KINDS)}")
+            continue
+        lo = hi = None
+        cats: tuple[Category, ...] = ()
+        if kind in NUMERIC_KINDS:
+            lo, hi = _number(rc.get("min")), _number(rc.get("max"))
+            if lo is None or hi is None:
+                problems.append(
+                    f"{where}: a {kind} column needs numeric 'min' and 'max' from domain "
+                    "knowledge (never fitted on the private rows)"
+                )
+            elif not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
+                problems.append(f"{where}: needs finite min < max, got {lo} and {hi}")
+        else:
+            default = [0, 1] if kind == "binary" else None
+            raw_cats = rc.get("categories", default)
+            if not isinstance(raw_cats, list) or not raw_cats:
+                problems.append(f"{where}: a {kind} column needs a non-empty 'categories' list")
+            else:
+                cats = tuple(raw_cats)
+                if len(set(map(str, cats))) != len(cats):
+                    problems.append(f"{where}: categories repeat: {list(cats)}")
+                if kind == "binary" and len(cats) != 2:
+                    problems.append(f"{where}: a binary column has exactly two categories")
+        nullable = rc.get("nullable", True)
+        if not isinstance(nullable, bool):
+            problems.append(f"{where}: 'nullable' must be true or false")
+            nullable = True
+        miss = rc.get("missing", [])
+        if not isinstance(miss, list):
+            problems.append(f"{where}: 'missing' must be a list of codes")
+            miss = []
+        if miss and not nullable:
+            problems.append(f"{where}: has missing codes but nullable is false")
+        decimals = rc.get("decimals")
+        if decimals is not None and (not isinstance(decimals, int) or decimals < 0):
+            problems.append(f"{where}: 'decimals' must be a whole number >= 0")
+            decimals = None
+        columns.append(
+            Column(
+                name=cname,
+                kind=kind,
+                min=lo,
+                max=hi,
+                categories=cats,
+                nullable=nullable,
+                missing=tuple(miss),
+                description=str(rc.get("description", "")),
+                unit=str(rc.get("unit", "")),
+                decimals=decimals,
+            )
+        )
+
+    outcome = None
+    if raw.get("outcome") is not None:
+        ro = raw["outcome"]
+        if not isinstance(ro, dict) or ro.get("column") not in seen:
+            problems.append("'outcome.column' must name a declared column")
+        else:
+            pos = ro.get("positive")
+            if not isinstance(pos, list) or not pos:
+                problems.append("'outcome.positive' must list the values that count as positive")
+            else:
+                outcome = Outcome(column=ro["column"], positive=tuple(pos))
+    if problems:
+        raise SchemaError(
+            f"schema {source} has {len(problems)} problem(s):\n"
+            + "\n".join(f"  - {p}" for p in problems)
+        )
+    known = {"name", "format", "columns", "outcome", "description", "source"}
+    return Schema(
+        name=name,
+        columns=tuple(columns),
+        header=header,
+        missing_tokens=missing_tokens,
+        outcome=outcome,
+        description=str(raw.get("description", "")),
+        source=str(raw.get("source", "")),
+        extra={k: v for k, v in raw.items() if k not in known},
+    )

@@ -1,0 +1,306 @@
+"""Reading a site's table and checking it against the published schema.
+
+A site learns about *every* problem in its file at once, in words a data manager
+understands, because a fix-one-rerun loop across hospital IT is slow. The file is only
+ever opened for reading. Each problem has a ``summary`` that is safe to send to the
+coordinator (column names, counts, kinds of problems) and a ``detail`` with row numbers
+and example values, which stays at the site: examples are patients' values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .schema import Column, Schema
+
+MAX_EXAMPLES = 5
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a table."""
+
+    summary: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.summary}: {self.detail}" if self.detail else self.summary
+
+
+class TableCheckError(ValueError):
+    """A site's table does not match the schema; carries every problem found."""
+
+    def __init__(self, path: str | Path, schema_name: str, problems: list[Problem]) -> None:
+        self.path = str(path)
+        self.schema_name = schema_name
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(
+            f"{self.path} does not match schema {schema_name!r} "
+            f"({len(problems)} problem(s)); the file was not changed:\n{lines}"
+        )
+
+    def shareable(self) -> list[str]:
+        """The problems without row numbers or values, for the coordinator's log."""
+        return [p.summary for p in self.problems]
+
+
+def _read_raw(path: Path, schema: Schema) -> pd.DataFrame:
+    """Read every cell as it is written, so the checker can name unparseable values."""
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        frame = pd.read_parquet(path)
+        return frame.astype(object).where(frame.notna(), None)
+    frame = pd.read_csv(
+        path,
+        header=0 if schema.header else None,
+        dtype=str,
+        keep_default_na=False,
+        skipinitialspace=True,
+        on_bad_lines="error",
+        encoding="utf-8",
+    )
+    if not schema.header:
+        frame.columns = list(range(frame.shape[1]))
+    return frame
+
+
+def _rows(idx: list[int], first_row: int) -> str:
+    shown = ", ".join(str(i + first_row) for i in idx[:MAX_EXAMPLES])
+    more = f" (and {len(idx) - MAX_EXAMPLES} more)" if len(idx) > MAX_EXAMPLES else ""
+    return f"{shown}{more}"
+
+
+def _examples(values: list[Any], idx: list[int], first_row: int) -> str:
+    shown = ", ".join(f"row {i + first_row}: {v!r}" for i, v in zip(idx, values, strict=False))
+    more = f" (and {len(idx) - MAX_EXAMPLES} more)" if len(idx) > MAX_EXAMPLES else ""
+    return shown + more
+
+
+def _is_missing(value: Any, column: Column, tokens: tuple[str, ...]) -> bool:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return True
+    text = str(value).strip()
+    if text in tokens:
+        return True
+    for code in column.missing:
+        if text == str(code):
+            return True
+        num = _to_float(text)
+        if num is not None and isinstance(code, int | float) and num == float(code):
+            return True
+    return False
+
+
+def _to_float(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, int | float | np.integer | np.floating):
+        return float(value)
+    try:
+        return float(str(value).strip())
+    except ValueError:
+        return None
+
+
+def _match_category(value: Any, column: Column) -> Any:
+    """Return the declared category a cell means, or raise KeyError."""
+    if column.numeric_categories:
+        num = _to_float(value)
+        if num is not None:
+            for cat in column.categories:
+                if num == float(cat):
+                    return cat
+        raise KeyError(value)
+    text = str(value).strip()
+    for cat in column.categories:
+        if text == str(cat):
+            return cat
+    raise KeyError(value)
+
+
+def _check_column(
+    values: pd.Series, column: Column, schema: Schema, first_row: int
+) -> tuple[pd.Series, list[Problem]]:
+    problems: list[Problem] = []
+    out: list[Any] = []
+    missing_bad: list[int] = []
+    unparseable: tuple[list[int], list[Any]] = ([], [])
+    outside: tuple[list[int], list[Any]] = ([], [])
+    fractional: tuple[list[int], list[Any]] = ([], [])
+    unknown: tuple[list[int], list[Any]] = ([], [])
+    for i, raw in enumerate(values.tolist()):
+        if _is_missing(raw, column, schema.missing_tokens):
+            if not column.nullable:
+                missing_bad.append(i)
+            out.append(np.nan)
+            continue
+        if column.is_numeric:
+            num = _to_float(raw)
+            if num is None or not math.isfinite(num):
+                if len(unparseable[0]) < 10**9:
+                    unparseable[0].append(i)
+                    unparseable[1].append(raw)
+                out.append(np.nan)
+                continue
+            if column.kind == "integer" and num != round(num):
+                fractional[0].append(i)
+                fractional[1].append(raw)
+            elif not (column.min <= num <= column.max):  # type: ignore[operator]
+                outside[0].append(i)
+                outside[1].append(raw)
+            out.append(num)
+        else:
+            try:
+                out.append(_match_category(raw, column))
+            except KeyError:
+                unknown[0].append(i)
+                unknown[1].append(raw)
+                out.append(np.nan)
+    name = column.name
+    if missing_bad:
+        problems.append(
+            Problem(
+                f"column {name!r}: {len(missing_bad)} missing value(s) but the schema says it "
+                "is never missing",
+                f"rows {_rows(missing_bad, first_row)}",
+            )
+        )
+    if unparseable[0]:
+        problems.append(
+            Problem(
+                f"column {name!r}: {len(unparseable[0])} value(s) are not numbers",
+                _examples(unparseable[1][:MAX_EXAMPLES], unparseable[0], first_row),
+            )
+        )
+    if fractional[0]:
+        problems.append(
+            Problem(
+                f"column {name!r}: {len(fractional[0])} value(s) are not whole numbers "
+                "(the schema says integer)",
+                _examples(fractional[1][:MAX_EXAMPLES], fractional[0], first_row),
+            )
+        )
+    if outside[0]:
+        unit = f" {column.unit}" if column.unit else ""
+        problems.append(
+            Problem(
+                f"column {name!r}: {len(outside[0])} value(s) outside the schema's domain "
+                f"[{column.min:g}, {column.max:g}]{unit}",
+                _examples(outside[1][:MAX_EXAMPLES], outside[0], first_row),
+            )
+        )
+    if unknown[0]:
+        problems.append(
+            Problem(
+                f"column {name!r}: {len(unknown[0])} value(s) are not among its categories "
+                f"{list(column.categories)}",
+                _examples(unknown[1][:MAX_EXAMPLES], unknown[0], first_row),
+            )
+        )
+    return pd.Series(out, index=values.index, dtype=object), problems
+
+
+def _typed(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+    """Give each column the dtype its kind implies: float, nullable Int64 or object."""
+    out = pd.DataFrame(index=pd.RangeIndex(len(frame)))
+    for column in schema.columns:
+        values = frame[column.name]
+        if column.kind == "continuous":
+            out[column.name] = pd.to_numeric(values, errors="coerce").astype(float)
+        elif column.kind == "integer":
+            num = pd.to_numeric(values, errors="coerce").round()
+            out[column.name] = num.astype("Int64")
+        else:
+            out[column.name] = values.astype(object).where(values.notna(), np.nan)
+    return out
+
+
+def conform(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+    """Check an in-memory frame against the schema and return it typed.
+
+    Used where a frame rather than a file comes in (validation inputs, tests); raises
+    TableCheckError with every problem.
+    """
+    return _check_frame(frame.reset_index(drop=True), schema, "<frame>", first_row=1)
+
+
+def _check_frame(raw: pd.DataFrame, schema: Schema, where: str, first_row: int) -> pd.DataFrame:
+    problems: list[Problem] = []
+    if len(raw) == 0:
+        raise TableCheckError(where, schema.name, [Problem("the table has no rows")])
+    expected = schema.names
+    present = [str(c) for c in raw.columns]
+    missing = [c for c in expected if c not in present]
+    extra = [c for c in present if c not in expected]
+    if missing:
+        problems.append(Problem(f"missing column(s): {', '.join(missing)}"))
+    if extra:
+        problems.append(
+            Problem(f"column(s) not in the schema: {', '.join(extra)} (remove or rename them)")
+        )
+    raw = raw.rename(columns={c: str(c) for c in raw.columns})
+    checked: dict[str, pd.Series] = {}
+    for column in schema.columns:
+        if column.name not in raw.columns:
+            continue
+        series, col_problems = _check_column(raw[column.name], column, schema, first_row)
+        checked[column.name] = series
+        problems.extend(col_problems)
+    if problems:
+        raise TableCheckError(where, schema.name, problems)
+    return _typed(pd.DataFrame(checked), schema)
+
+
+def read_table(path: str | Path, schema: Schema) -> pd.DataFrame:
+    """Read a site's CSV or Parquet file and return it typed, or raise with every problem.
+
+    Row numbers in messages count data rows from 1, as a spreadsheet shows them below
+    the header.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise TableCheckError(
+            path, schema.name, [Problem("the file does not exist; check the data path")]
+        )
+    if not path.is_file():
+        raise TableCheckError(path, schema.name, [Problem("the path is not a file")])
+    if path.stat().st_size == 0:
+        raise TableCheckError(path, schema.name, [Problem("the file is empty (0 bytes)")])
+    try:
+        raw = _read_raw(path, schema)
+    except pd.errors.EmptyDataError:
+        raise TableCheckError(path, schema.name, [Problem("the file has no rows")]) from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as exc:
+        kind = "Parquet" if path.suffix.lower() in (".parquet", ".pq") else "CSV"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TableCheckError(
+            path,
+            schema.name,
+            [
+                Problem(
+                    f"the file is not a readable {kind} table",
+                    f"{reason}; export it as {kind} with one row per patient",
+                )
+            ],
+        ) from None
+    if not schema.header:
+        if raw.shape[1] != len(schema.columns):
+            raise TableCheckError(
+                path,
+                schema.name,
+                [
+                    Problem(
+                        f"the file has {raw.shape[1]} field(s) per row, the schema has "
+                        f"{len(schema.columns)} columns (it says the file has no header row)"
+                    )
+                ],
+            )
+        raw.columns = schema.names
+    return _check_frame(raw, schema, str(path), first_row=1)

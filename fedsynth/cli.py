@@ -1,0 +1,221 @@
+"""The ``fedsynth`` command.
+
+Subcommands: ``simulate`` (a whole study on this machine), ``check`` (a site's table
+against the schema), ``sample`` (draw rows from a saved generator), ``validate``
+(score synthetic data against real data), ``keys`` (encryption keys of a study).
+
+Errors a user can fix (bad input, a missing file, a corrupt model) end with one
+message naming the problem and what to do, and exit code 2; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+
+from .common.generators import DEFAULT_GENERATOR, REGISTRY, ConditionError, ModelFileError
+from .common.schema import SchemaError
+from .common.study import ConfigError, StudyConfig
+from .common.table import TableCheckError
+
+EXIT_USAGE = 2
+
+
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    d = StudyConfig()
+    p = sub.add_parser(
+        "simulate",
+        help="run a multicentre study on this machine (default: 4 heart-disease hospitals)",
+        description="Federated, DP synthetic-data study with Flower's simulation engine.",
+    )
+    p.add_argument("--dataset", default="heart_disease", help="bundled dataset (sites)")
+    p.add_argument("--rounds", type=int, default=d.num_server_rounds, help="federated rounds")
+    p.add_argument("--local-epochs", type=int, default=d.local_epochs,
+                   help="local epochs per round (steps = epochs / sample rate)")
+    p.add_argument("--sample-rate", type=float, default=d.sample_rate,
+                   help="Poisson sampling rate q of DP-SGD (expected batch = q x rows)")
+    p.add_argument("--epsilon", type=float, default=3.0, help="privacy budget of each site")
+    p.add_argument("--delta", type=float, default=1e-5, help="delta of each site")
+    p.add_argument("--no-dp", action="store_true",
+                   help="train without differential privacy (a baseline, never for release)")
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
+                   help="per-sample gradient clipping norm")
+    p.add_argument("--accountant", choices=["rdp", "prv"], default=d.accountant)
+    p.add_argument("--generator", choices=sorted(REGISTRY), default=DEFAULT_GENERATOR)
+    p.add_argument("--generator-params", default="{}",
+                   help='JSON hyperparameters, e.g. \'{"hidden": 64, "latent": 16}\'')
+    p.add_argument("--strategy", choices=["fedavg", "fedprox"], default=d.strategy)
+    p.add_argument("--proximal-mu", type=float, default=0.01,
+                   help="FedProx mu (used with --strategy fedprox)")
+    p.add_argument("--holdout", type=float, default=0.2,
+                   help="share of each site's rows held back for validation")
+    p.add_argument("--n-synthetic", type=int, default=0,
+                   help="rows to sample (default: about the number of training rows)")
+    p.add_argument("--out", default=d.output_dir, help="output folder")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint in --out instead of round 0")
+    p.add_argument("--verbose", action="store_true", help="show Flower's own log")
+
+
+def _run_simulate(args: argparse.Namespace, console: Console) -> int:
+    from .simulations.simulate import SimulationOptions, simulate
+
+    study = StudyConfig.from_flat(
+        {
+            "num-server-rounds": args.rounds,
+            "local-epochs": args.local_epochs,
+            "sample-rate": args.sample_rate,
+            "generator": args.generator,
+            "generator-params": args.generator_params,
+            "strategy": args.strategy,
+            "proximal-mu": args.proximal_mu if args.strategy == "fedprox" else 0.0,
+            "max-grad-norm": args.max_grad_norm,
+            "accountant": args.accountant,
+            "seed": args.seed,
+            "output-dir": args.out,
+            "n-synthetic": args.n_synthetic,
+            "resume": args.resume,
+        }
+    )
+    if not args.no_dp and args.epsilon <= 0:
+        raise ConfigError("--epsilon must be > 0 (or pass --no-dp for a non-private baseline)")
+    opts = SimulationOptions(
+        dataset=args.dataset,
+        epsilon=args.epsilon,
+        delta=args.delta,
+        dp=not args.no_dp,
+        holdout=args.holdout,
+        study=study,
+        verbose=args.verbose,
+    )
+    simulate(opts, console)
+    return 0
+
+
+def _run_check(args: argparse.Namespace, console: Console) -> int:
+    from .common.schema import Schema
+    from .common.table import read_table
+
+    schema = Schema.load(args.schema)
+    frame = read_table(args.data, schema)
+    missing = int(frame.isna().sum().sum())
+    console.print(
+        f"{args.data}: OK against schema {schema.name!r}: {len(frame)} rows, "
+        f"{len(frame.columns)} columns, {missing} missing values (modelled, not dropped)"
+    )
+    return 0
+
+
+def _run_sample(args: argparse.Namespace, console: Console) -> int:
+    from .common.generators import Generator
+
+    model = Generator.load(args.model)
+    conditions = json.loads(args.conditions) if args.conditions else None
+    frame = model.sample(args.n, conditions=conditions, seed=args.seed)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+    tmp = out.with_name(out.name + ".tmp")
+    frame.to_csv(tmp, index=False)
+    tmp.replace(out)
+    console.print(f"wrote {len(frame)} synthetic rows to {out}")
+    return 0
+
+
+def _run_validate(args: argparse.Namespace, console: Console) -> int:
+    from .common.schema import Schema
+    from .common.table import read_table
+    from .common.validation import validate
+    from .common.validation.report import write_report
+
+    schema = Schema.load(args.schema)
+    real = read_table(args.real, schema)
+    hold = read_table(args.holdout, schema)
+    syn = read_table(args.synthetic, replace(schema, header=args.synthetic_header))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = validate(real, hold, syn, schema, seed=args.seed)
+    (out / "validation.json").write_text(json.dumps(result.to_dict(), indent=1, default=str))
+    write_report(result, out / "report.html", real_train=real, synthetic=syn, schema=schema,
+                 title=f"fedsynth validation: {schema.name}", extra=None)
+    head = result.headline()
+    console.print(", ".join(f"{k} {v:.3f}" for k, v in head.items() if isinstance(v, float)))
+    console.print(f"wrote {out}/validation.json and {out}/report.html")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedsynth",
+        description="Federated, differentially private synthetic patient data.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_simulate(sub)
+
+    p = sub.add_parser("check", help="check a site's table against the study schema")
+    p.add_argument("--schema", required=True, help="the study's schema (YAML or JSON)")
+    p.add_argument("--data", required=True, help="the site's table (CSV or Parquet)")
+
+    p = sub.add_parser("sample", help="draw synthetic rows from a saved generator")
+    p.add_argument("--model", required=True, help="model.fsg written by a study")
+    p.add_argument("-n", type=int, required=True, help="number of rows")
+    p.add_argument("--conditions", default="",
+                   help='JSON column values every row must have, e.g. \'{"sex": 0}\'')
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="synthetic.csv")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+
+    p = sub.add_parser("validate", help="score synthetic data against real data")
+    p.add_argument("--schema", required=True)
+    p.add_argument("--real", required=True, help="the real rows the generator trained on")
+    p.add_argument("--holdout", required=True, help="real rows no generator saw")
+    p.add_argument("--synthetic", required=True)
+    p.add_argument("--synthetic-header", action=argparse.BooleanOptionalAction, default=True,
+                   help="whether the synthetic CSV has a header row (fedsynth writes one)")
+    p.add_argument("--out", required=True, help="folder for validation.json and report.html")
+    p.add_argument("--seed", type=int, default=0)
+
+    sub.add_parser("keys", help="encryption keys of a study (see `fedsynth keys -h`)",
+                   add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    console = Console(stderr=False)
+    err = Console(stderr=True)
+    if argv and argv[0] == "keys":
+        from .common.encryption.keys import keys_command
+
+        return keys_command(argv[1:])
+    args = build_parser().parse_args(argv)
+    handlers = {
+        "simulate": _run_simulate,
+        "check": _run_check,
+        "sample": _run_sample,
+        "validate": _run_validate,
+    }
+    try:
+        return handlers[args.command](args, console)
+    except (
+        TableCheckError,
+        SchemaError,
+        ConfigError,
+        ModelFileError,
+        ConditionError,
+        FileExistsError,
+        json.JSONDecodeError,
+    ) as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

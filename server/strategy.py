@@ -1,0 +1,196 @@
+"""Flower strategies that know about sites: who trained, who stopped, and why.
+
+Flower's FedAvg and FedProx expect every reply to carry weights. A fedsynth site may
+instead reply that its budget is spent or its table failed the schema check; those
+replies are logged per site and left out of the average, and the study goes on with
+the others. Replies that do carry weights are checked before they are averaged in
+(keys, shapes, finite values, a plausible epsilon); a bad one is refused with a reason
+that names the site, never averaged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, FedProx
+
+log = logging.getLogger("fedsynth.coordinator")
+
+
+@dataclass
+class SiteRound:
+    site: str
+    status: str
+    epsilon: float | None = None
+    loss: float | None = None
+    weight: float | None = None
+    problems: list[str] = field(default_factory=list)
+    reason: str = ""
+
+
+@dataclass
+class RoundLog:
+    round: int
+    sites: list[SiteRound] = field(default_factory=list)
+
+    @property
+    def included(self) -> list[str]:
+        return [s.site for s in self.sites if s.status == "trained"]
+
+
+class SiteAwareMixin:
+    """Splits replies into trained / not trained, validates, keeps a per-site log."""
+
+    round_offset: int = 0
+    reference: dict[str, tuple[tuple[int, ...], str]] | None = None
+    on_round: Callable[[RoundLog], None] | None = None
+
+    def init_site_aware(self, extra_config: dict[str, Any], round_offset: int = 0) -> None:
+        self.extra_config = extra_config
+        self.round_offset = round_offset
+        self.history: list[RoundLog] = []
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.reference is None:
+            self.reference = {k: (tuple(v.shape), v.dtype) for k, v in arrays.items()}
+        config = ConfigRecord({**dict(config), **self.extra_config})
+        return super().configure_train(  # type: ignore[misc]
+            server_round + self.round_offset, arrays, config, grid
+        )
+
+    def _check_reply(self, content: Any, site: str) -> str:
+        """Why a reply with weights must be refused, or '' if it may be averaged."""
+        arrays = content.get("arrays") if "arrays" in content else None
+        if not isinstance(arrays, ArrayRecord):
+            return "no model arrays in a 'trained' reply"
+        ref = self.reference or {}
+        keys = set(arrays.keys())
+        if keys != set(ref):
+            missing, extra = sorted(set(ref) - keys), sorted(keys - set(ref))
+            return f"wrong keys (missing {missing[:3]}, unexpected {extra[:3]})"
+        for key, arr in arrays.items():
+            if tuple(arr.shape) != ref[key][0]:
+                return f"array {key!r} has shape {tuple(arr.shape)}, expected {ref[key][0]}"
+            if not np.all(np.isfinite(arr.numpy())):
+                return f"array {key!r} holds NaN or infinite values"
+        metrics = content.get("metrics") if "metrics" in content else None
+        if not isinstance(metrics, MetricRecord):
+            return "no metrics record"
+        weight = metrics.get("num-examples")
+        if not isinstance(weight, int | float) or not math.isfinite(weight) or weight <= 0:
+            return f"impossible row count {weight!r}"
+        eps = metrics.get("epsilon")
+        if not isinstance(eps, int | float) or not math.isfinite(eps) or (eps < 0 and eps != -1):
+            return f"missing or impossible epsilon {eps!r}"
+        return ""
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        record = RoundLog(round=server_round + self.round_offset)
+        usable: list[Message] = []
+        for msg in replies:
+            if msg.has_error():
+                record.sites.append(
+                    SiteRound(
+                        site=f"node {msg.metadata.src_node_id}",
+                        status="failed",
+                        reason=str(msg.error.reason)[:300],
+                    )
+                )
+                continue
+            content = msg.content
+            info = dict(content["site"]) if "site" in content else {}
+            name = str(info.get("name", f"node {msg.metadata.src_node_id}"))
+            status = str(info.get("status", "unknown"))
+            metrics = dict(content["metrics"]) if "metrics" in content else {}
+            eps = metrics.get("epsilon")
+            entry = SiteRound(
+                site=name,
+                status=status,
+                epsilon=float(eps) if isinstance(eps, int | float) else None,
+                problems=[str(p) for p in info.get("problems", [])],
+            )
+            if status == "trained":
+                reason = self._check_reply(content, name)
+                if reason:
+                    entry.status = "refused"
+                    entry.reason = reason
+                    log.warning("round %d: refused the reply of %s: %s", record.round, name,
+                                reason)
+                else:
+                    entry.loss = float(metrics.get("loss", math.nan))
+                    entry.weight = float(metrics["num-examples"])
+                    usable.append(msg)
+            else:
+                log.warning(
+                    "round %d: site %s did not train (%s)%s",
+                    record.round,
+                    name,
+                    status,
+                    "".join(f"\n    - {p}" for p in entry.problems),
+                )
+            record.sites.append(entry)
+        self.history.append(record)
+        if self.on_round is not None:
+            self.on_round(record)
+        if not usable:
+            return None, None
+        return super().aggregate_train(server_round, usable)  # type: ignore[misc]
+
+
+class SiteAwareFedAvg(SiteAwareMixin, FedAvg):
+    """FedAvg over the sites that trained this round, weighted by their DP row counts."""
+
+
+class SiteAwareFedProx(SiteAwareMixin, FedProx):
+    """FedProx; sites add the proximal term after DP noising (see the trainer)."""
+
+
+def make_strategy(
+    name: str,
+    *,
+    num_sites: int,
+    min_sites: int,
+    proximal_mu: float,
+    extra_config: dict[str, Any],
+    round_offset: int = 0,
+) -> SiteAwareMixin:
+    common = {
+        "fraction_train": 1.0,
+        "fraction_evaluate": 0.0,
+        "min_train_nodes": min_sites,
+        "min_available_nodes": min_sites,
+        "train_metrics_aggr_fn": _site_metrics,
+    }
+    strategy: SiteAwareMixin
+    if name == "fedavg":
+        strategy = SiteAwareFedAvg(**common)
+    elif name == "fedprox":
+        strategy = SiteAwareFedProx(proximal_mu=proximal_mu, **common)
+    else:
+        raise ValueError(f"unknown strategy {name!r}")
+    strategy.init_site_aware(extra_config, round_offset)
+    return strategy
+
+
+def _site_metrics(records: list[Any], weight_key: str) -> MetricRecord:
+    """Round metrics across sites: the worst epsilon matters, not a weighted mean of them."""
+    eps = [float(r["metrics"]["epsilon"]) for r in records]
+    loss = [float(r["metrics"]["loss"]) for r in records]
+    return MetricRecord(
+        {
+            "max-epsilon": max(eps),
+            "mean-loss": float(np.mean(loss)),
+            "sites-trained": len(records),
+        }
+    )
