@@ -14,7 +14,6 @@ reset a site's accounting.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -24,7 +23,6 @@ from ..common.study import ConfigError, SiteConfig, StudyConfig
 from .site import SiteReply, SiteState, ledger_path, train_site
 
 STATE_KEY = "fedsynth-site"
-log = logging.getLogger("fedsynth.site")
 
 
 def load_sites_file(ref: str) -> list[SiteConfig]:
@@ -99,9 +97,6 @@ def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
         state = _load_state(context, site, study)
         reply = train_site(site, study, str(config["schema-fingerprint"]), global_state, state,
                            server_round)
-        if reply.problems:
-            for problem in reply.problems:
-                log.warning("site %s: %s", site.name, problem)
         _save_state(context, site, study, state)
         return Message(reply_content(site, reply), reply_to=msg)
 

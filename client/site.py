@@ -17,7 +17,9 @@ count and loss are sent and the reported epsilon is -1 (no guarantee).
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import math
 import os
 import tempfile
@@ -41,6 +43,8 @@ from ..common.privacy import (
 from ..common.schema import Schema, SchemaError
 from ..common.study import SiteConfig, StudyConfig, schema_fingerprint
 from ..common.table import TableCheckError, read_table
+
+log = logging.getLogger("fedsynth.site")
 
 TRAINED = "trained"
 BUDGET_EXHAUSTED = "budget-exhausted"
@@ -113,14 +117,25 @@ def ledger_path(site: SiteConfig, study_id: str) -> Path | None:
 
 
 def noise_for(site: SiteConfig, study: StudyConfig) -> float:
-    plan = RoundPlan(study.sample_rate, study.local_epochs, study.loss_report)
-    return calibrate_noise(
+    """The site's own fixed noise, or the smallest that fits its budget to the plan."""
+    if site.noise_multiplier is not None:
+        return site.noise_multiplier
+    return _calibrated(
         site.epsilon,
         site.delta,
-        plan,
-        rounds=study.num_server_rounds,
-        count_noise=study.count_noise,
-        mechanism=study.accountant,
+        RoundPlan(study.sample_rate, study.local_epochs, study.loss_report),
+        study.num_server_rounds,
+        study.count_noise,
+        study.accountant,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _calibrated(
+    epsilon: float, delta: float, plan: RoundPlan, rounds: int, count_noise: float, mech: str
+) -> float:
+    return calibrate_noise(
+        epsilon, delta, plan, rounds=rounds, count_noise=count_noise, mechanism=mech
     )
 
 
@@ -154,6 +169,7 @@ def train_site(
     try:
         data = load_encoded(site, schema)
     except TableCheckError as exc:
+        log.warning("site %s: %s", site.name, exc)  # full detail stays in the site's log
         return SiteReply(INVALID_DATA, _status_metrics(site, state), problems=exc.shareable())
 
     plan = RoundPlan(study.sample_rate, study.local_epochs, study.loss_report)

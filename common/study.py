@@ -109,15 +109,20 @@ class SiteConfig:
     delta: float = 1e-5
     dp: bool = True
     state_dir: str = ""
+    # A site may fix its own noise multiplier (institutional policy) instead of having
+    # it calibrated to the study's plan; its budget then caps how many rounds it joins.
+    noise_multiplier: float | None = None
 
     def __post_init__(self) -> None:
+        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
+            raise ConfigError(f"site {self.name}: noise-multiplier must be > 0")
         if self.dp and not (self.epsilon > 0):
             raise ConfigError(f"site {self.name}: epsilon must be > 0 (or set dp = false)")
         if self.dp and not (0 < self.delta < 1):
             raise ConfigError(f"site {self.name}: delta must be in (0, 1)")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+        return {k.replace("_", "-"): v for k, v in asdict(self).items() if v is not None}
 
     @classmethod
     def from_node_config(cls, node: dict[str, Any]) -> SiteConfig:
@@ -136,6 +141,11 @@ class SiteConfig:
             delta=_coerce("delta", node.get("delta", 1e-5), float),
             dp=_coerce("dp", node.get("dp", True), bool),
             state_dir=str(node.get("state-dir", "")),
+            noise_multiplier=(
+                _coerce("noise-multiplier", node["noise-multiplier"], float)
+                if "noise-multiplier" in node
+                else None
+            ),
         )
 
 

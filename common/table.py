@@ -84,7 +84,7 @@ def _examples(values: list[Any], idx: list[int], first_row: int) -> str:
 
 
 def _is_missing(value: Any, column: Column, tokens: tuple[str, ...]) -> bool:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return True
     text = str(value).strip()
     if text in tokens:

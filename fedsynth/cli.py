@@ -35,6 +35,10 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
         description="Federated, DP synthetic-data study with Flower's simulation engine.",
     )
     p.add_argument("--dataset", default="heart_disease", help="bundled dataset (sites)")
+    p.add_argument("--sites", default="",
+                   help="comma-separated subset of the dataset's sites (default: all)")
+    p.add_argument("--site-epsilon", action="append", default=[], metavar="SITE=EPS",
+                   help="a site's own budget, overriding --epsilon (repeatable)")
     p.add_argument("--rounds", type=int, default=d.num_server_rounds, help="federated rounds")
     p.add_argument("--local-epochs", type=int, default=d.local_epochs,
                    help="local epochs per round (steps = epochs / sample rate)")
@@ -86,8 +90,19 @@ def _run_simulate(args: argparse.Namespace, console: Console) -> int:
     )
     if not args.no_dp and args.epsilon <= 0:
         raise ConfigError("--epsilon must be > 0 (or pass --no-dp for a non-private baseline)")
+    site_eps: dict[str, float] = {}
+    for item in args.site_epsilon:
+        name, sep, value = item.partition("=")
+        try:
+            site_eps[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or site_eps[name] <= 0:
+            raise ConfigError(f"--site-epsilon takes SITE=EPSILON with EPSILON > 0, got {item!r}")
     opts = SimulationOptions(
         dataset=args.dataset,
+        sites=tuple(s for s in args.sites.split(",") if s),
+        site_epsilon=site_eps,
         epsilon=args.epsilon,
         delta=args.delta,
         dp=not args.no_dp,

@@ -25,7 +25,7 @@ import pandas as pd
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..common.study import SiteConfig, StudyConfig
+from ..common.study import ConfigError, SiteConfig, StudyConfig
 from ..common.table import read_table
 from ..server.app import SUMMARY, SYNTHETIC, make_server_app
 from ..server.strategy import RoundLog
@@ -42,6 +42,9 @@ class SimulationOptions:
     holdout: float = 0.2
     study: StudyConfig = field(default_factory=StudyConfig)
     verbose: bool = False
+    sites: tuple[str, ...] = ()  # a subset of the dataset's sites (default: all)
+    site_epsilon: dict[str, float] = field(default_factory=dict)  # per-site budgets
+    site_noise: dict[str, float] = field(default_factory=dict)  # sites that fix their noise
 
 
 def _quiet_logs(verbose: bool) -> None:
@@ -55,6 +58,14 @@ def prepare_sites(
 ) -> tuple[list[SiteConfig], pd.DataFrame, pd.DataFrame]:
     """Split every hospital into train and holdout; write the train parts as site files."""
     schema, frames = load_site_frames(opts.dataset)
+    unknown = set(opts.sites) - set(frames)
+    unknown |= (set(opts.site_epsilon) | set(opts.site_noise)) - set(frames)
+    if unknown:
+        raise ConfigError(
+            f"unknown site(s) {sorted(unknown)}; {opts.dataset} has {', '.join(frames)}"
+        )
+    if opts.sites:
+        frames = {k: v for k, v in frames.items() if k in opts.sites}
     real_dir = out / "real"
     real_dir.mkdir(parents=True, exist_ok=True)
     schema_path = str(bundled_schema_path(opts.dataset))
@@ -68,9 +79,10 @@ def prepare_sites(
                 name=name,
                 data_path=str(path),
                 schema_path=schema_path,
-                epsilon=opts.epsilon,
+                epsilon=opts.site_epsilon.get(name, opts.epsilon),
                 delta=opts.delta,
                 dp=opts.dp,
+                noise_multiplier=opts.site_noise.get(name),
             )
         )
         trains.append(train.assign(site=name))

@@ -1,0 +1,1 @@
+"""fedsynth test suite."""

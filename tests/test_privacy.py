@@ -1,0 +1,109 @@
+"""Per-site privacy accounting across rounds, with real Opacus and real data.
+
+The bug this rules out: an accountant made anew every round reports the per-round
+epsilon, which understates what a site has spent over the study.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from opacus.accountants import RDPAccountant
+
+from fedsynth.client.site import BUDGET_EXHAUSTED, TRAINED, SiteState, train_site
+from fedsynth.common.generators import TVAE
+from fedsynth.common.privacy import PrivacyLedger, RoundPlan, calibrate_noise, plan_history
+from fedsynth.common.schema import Schema
+from fedsynth.common.study import SiteConfig, StudyConfig, schema_fingerprint
+
+ROUNDS = 3
+
+
+@pytest.fixture(scope="module")
+def study() -> StudyConfig:
+    return StudyConfig(num_server_rounds=ROUNDS, local_epochs=1, sample_rate=0.1,
+                       generator_params={"hidden": 16, "latent": 4}, count_noise=10.0)
+
+
+def run_rounds(site: SiteConfig, study: StudyConfig, schema: Schema, rounds: int,
+               state: SiteState) -> list:
+    model = TVAE(schema, seed=0, hidden=16, latent=4)
+    replies = []
+    for r in range(1, rounds + 1):
+        reply = train_site(site, study, schema_fingerprint(schema), model.state_dict(), state, r)
+        if reply.arrays is not None:
+            model.load_state_dict(reply.arrays)
+        replies.append(reply)
+    return replies
+
+
+def test_epsilon_composes_over_rounds(heart_schema, heart_schema_path, heart_files, study):
+    site = SiteConfig("cleveland", str(heart_files["cleveland"]), str(heart_schema_path),
+                      epsilon=3.0, delta=1e-5)
+    state = SiteState()
+    replies = run_rounds(site, study, heart_schema, ROUNDS + 1, state)
+    assert [r.status for r in replies] == [TRAINED] * ROUNDS + [BUDGET_EXHAUSTED]
+
+    sigma = replies[0].metrics["noise-multiplier"]
+    steps = int(replies[0].metrics["steps"])
+    assert steps == 10  # 1 epoch / q = 0.1, whatever the site's size
+    one = RDPAccountant()  # a single accountant for the whole study
+    one.history = [(study.count_noise, 1.0, 1), (sigma, 0.1, ROUNDS * (steps + 1))]
+    expected = one.get_epsilon(delta=1e-5)
+    reported = replies[ROUNDS - 1].metrics["epsilon"]
+    assert reported == pytest.approx(expected, abs=1e-6)
+    assert reported <= 3.0
+
+    per_round = RDPAccountant()  # what a fresh accountant each round would say
+    per_round.history = [(sigma, 0.1, steps + 1)]
+    assert reported - per_round.get_epsilon(delta=1e-5) > 0.5
+    eps = [r.metrics["epsilon"] for r in replies[:ROUNDS]]
+    assert eps == sorted(eps) and len(set(eps)) == ROUNDS
+    # the row count is released once per study, with noise, and charged
+    assert sum(1 for h in state.ledger.history if h[1] == 1.0) == 1
+
+
+def test_ledger_survives_a_restart(heart_schema, heart_schema_path, heart_files, study,
+                                   tmp_path: Path):
+    site = SiteConfig("va", str(heart_files["va"]), str(heart_schema_path), epsilon=3.0,
+                      state_dir=str(tmp_path))
+    state = SiteState()
+    run_rounds(site, study, heart_schema, 2, state)
+    path = tmp_path / "ledger.json"
+    state.save(path)
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    again = SiteState.from_record(__import__("json").loads(path.read_text()))
+    assert again.ledger.history == state.ledger.history
+    assert again.noisy_count == state.noisy_count
+    replies = run_rounds(site, study, heart_schema, 2, again)
+    assert [r.status for r in replies] == [TRAINED, BUDGET_EXHAUSTED]
+
+
+def test_calibration_spends_the_budget_and_no_more() -> None:
+    plan = RoundPlan(sample_rate=0.1, epochs=2)
+    for eps in (1.0, 3.0, 10.0):
+        sigma = calibrate_noise(eps, 1e-5, plan, rounds=10, count_noise=10.0)
+        spent = plan_history(sigma, plan, 10, 10.0).epsilon(1e-5)
+        assert eps * 0.97 < spent <= eps
+
+
+def test_fixed_noise_site_stops_at_its_budget(heart_schema, heart_schema_path, heart_files,
+                                              study):
+    site = SiteConfig("switzerland", str(heart_files["switzerland"]), str(heart_schema_path),
+                      epsilon=6.5, noise_multiplier=0.8)
+    state = SiteState()
+    replies = run_rounds(site, study, heart_schema, ROUNDS, state)
+    trained = [r for r in replies if r.status == TRAINED]
+    assert 0 < len(trained) < ROUNDS
+    assert all(r.status == BUDGET_EXHAUSTED for r in replies[len(trained):])
+    assert state.ledger.epsilon(1e-5) <= 6.5
+
+
+def test_ledger_record_round_trip() -> None:
+    led = PrivacyLedger("rdp")
+    led.record(1.1, 0.1, 5)
+    led.record(1.1, 0.1, 5)
+    led.record(10.0, 1.0, 1)
+    assert led.history == [(1.1, 0.1, 10), (10.0, 1.0, 1)]
+    assert PrivacyLedger.from_record(led.to_record()).history == led.history
