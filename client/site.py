@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ..common.generators import get_generator
+from ..common.generators import Generator, get_generator
 from ..common.privacy import (
     DPSettings,
     PrivacyLedger,
@@ -58,20 +58,25 @@ class SiteState:
 
     ledger: PrivacyLedger = field(default_factory=PrivacyLedger)
     noisy_count: float | None = None
+    histogram: np.ndarray | None = None  # the one DP histogram release (sum = count)
     rounds_trained: int = 0
 
     def to_record(self) -> dict[str, Any]:
         rec = self.ledger.to_record()
         rec["noisy-count"] = -1.0 if self.noisy_count is None else float(self.noisy_count)
+        rec["histogram"] = [] if self.histogram is None else [float(v) for v in self.histogram]
+        rec["released"] = self.histogram is not None
         rec["rounds-trained"] = self.rounds_trained
         return rec
 
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> SiteState:
         count = float(rec.get("noisy-count", -1.0))
+        released = bool(rec.get("released", False))
         return cls(
             ledger=PrivacyLedger.from_record(rec),
             noisy_count=None if count < 0 else count,
+            histogram=np.asarray(rec.get("histogram", []), dtype=float) if released else None,
             rounds_trained=int(rec.get("rounds-trained", 0)),
         )
 
@@ -139,6 +144,28 @@ def _calibrated(
     )
 
 
+def release_histogram(
+    model: Generator, data: np.ndarray, noise_std: float | None, seed: int
+) -> np.ndarray:
+    """The site's one count release: a histogram of the model's statistics column.
+
+    Adding or removing a patient changes one cell by one (L2 sensitivity 1), so with
+    Gaussian noise of std ``noise_std`` per cell it is the Gaussian mechanism at noise
+    multiplier ``noise_std``, whatever the number of cells; with no statistics column it
+    is a single cell, the row count. ``noise_std=None`` (no DP) gives the exact counts.
+    """
+    column = model.statistics_column()
+    if column is None:
+        exact = np.array([float(len(data))])
+    else:
+        block = model.encoder.block(column, "onehot")
+        exact = data[:, block.slice].sum(axis=0).astype(float)
+    if noise_std is None:
+        return exact
+    rng = np.random.default_rng(seed)
+    return exact + rng.normal(0.0, noise_std, size=exact.shape)
+
+
 def _status_metrics(site: SiteConfig, state: SiteState) -> dict[str, float]:
     eps = state.ledger.epsilon(site.delta) if site.dp else -1.0
     return {"epsilon": eps, "delta": site.delta if site.dp else 0.0}
@@ -185,13 +212,16 @@ def train_site(
         if nxt.epsilon(site.delta) > site.epsilon * (1 + 1e-9):
             return SiteReply(BUDGET_EXHAUSTED, _status_metrics(site, state))
         dp = DPSettings(noise_multiplier=sigma, max_grad_norm=study.max_grad_norm)
-        if state.noisy_count is None:
-            rng = np.random.default_rng(seed)
-            state.noisy_count = max(1.0, round(len(data) + rng.normal(0.0, study.count_noise)))
-            state.ledger.record(study.count_noise, 1.0, 1)
 
     model = get_generator(study.generator)(schema, seed=study.seed, **study.generator_params)
     model.load_state_dict(global_state)
+    if state.histogram is None:
+        state.histogram = release_histogram(model, data, study.count_noise if dp else None, seed)
+        state.noisy_count = max(1.0, float(round(state.histogram.sum())))
+        if dp is not None:
+            state.ledger.record(study.count_noise, 1.0, 1)
+    if model.statistics_column() is not None:
+        model.set_statistics(np.clip(state.histogram, 0.0, None))
     stats = train_round(
         model,
         data,

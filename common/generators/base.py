@@ -86,6 +86,20 @@ class Generator(ABC):
         """Per-sample losses are clipped to this before a DP loss report."""
         return float(self.hparams.get("loss_bound", 100.0))
 
+    def statistics_column(self) -> str | None:
+        """A categorical column whose DP histogram the model needs, or None.
+
+        Sites release one noisy histogram of this column per study (Gaussian noise,
+        L2 sensitivity 1 under adding or removing a row, charged to the ledger). Its sum
+        is also the site's FedAvg weight, so the histogram costs nothing beyond the DP
+        row count every site releases anyway. A conditional GAN uses it to draw its
+        conditions at the real frequencies without touching the rows.
+        """
+        return None
+
+    def set_statistics(self, histogram: np.ndarray) -> None:  # noqa: B027
+        """Receive the site's noisy histogram (slots as ``encoder.categories``)."""
+
     def begin_round(self, seed: int) -> None:  # noqa: B027 (optional hook)
         """Set up per-round state (optimizers of non-private networks, for a GAN)."""
 
