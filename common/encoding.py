@@ -31,8 +31,8 @@ MISSING = "__missing__"
 class Block:
     """A contiguous slice of the encoded row that belongs to one column."""
 
-    column: str
-    kind: str  # "numeric" | "onehot" | "missing"
+    column: str  # the column's name (a code set's name for a multihot block)
+    kind: str  # "numeric" | "onehot" | "missing" | "multihot"
     start: int
     size: int
 
@@ -52,7 +52,14 @@ class TabularEncoder:
         self.schema = schema
         blocks: list[Block] = []
         pos = 0
+        self.codesets = schema.codesets
         for column in schema.columns:
+            if column.group:
+                members = self.codesets[column.group]
+                if column.name == members[0]:
+                    blocks.append(Block(column.group, "multihot", pos, len(members)))
+                    pos += len(members)
+                continue
             if column.is_numeric:
                 blocks.append(Block(column.name, "numeric", pos, 1))
                 pos += 1
@@ -82,6 +89,11 @@ class TabularEncoder:
     def numeric_blocks(self) -> list[Block]:
         return [b for b in self.blocks if b.kind == "numeric"]
 
+    @property
+    def multihot_blocks(self) -> list[Block]:
+        """Code sets: independent 0/1 slots (a generator treats each as a Bernoulli)."""
+        return [b for b in self.blocks if b.kind == "multihot"]
+
     def block(self, column: str, kind: str) -> Block:
         for b in self.blocks:
             if b.column == column and b.kind == kind:
@@ -92,12 +104,19 @@ class TabularEncoder:
         """Encode a typed frame; values must already conform to the schema."""
         n = len(frame)
         out = np.zeros((n, self.dim), dtype=np.float32)
+        for group, members in self.codesets.items():
+            b = self.block(group, "multihot")
+            for j, name in enumerate(members):
+                one = self.schema.column(name).categories[1]
+                out[:, b.start + j] = [v == one for v in frame[name].tolist()]
         for column in self.schema.columns:
+            if column.group:
+                continue
             values = frame[column.name]
             missing = values.isna().to_numpy()
             if column.is_numeric:
                 num = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
-                lo, hi = float(column.min), float(column.max)  # type: ignore[arg-type]
+                num, lo, hi = _numeric_scale(column, num)
                 scaled = 2.0 * (num - lo) / (hi - lo) - 1.0
                 scaled = np.clip(np.nan_to_num(scaled, nan=0.0), -1.0, 1.0)
                 out[:, self.block(column.name, "numeric").start] = scaled
@@ -121,15 +140,25 @@ class TabularEncoder:
             raise ValueError(f"expected an (n, {self.dim}) matrix, got {matrix.shape}")
         data: dict[str, object] = {}
         for column in self.schema.columns:
-            if column.is_numeric:
-                lo, hi = float(column.min), float(column.max)  # type: ignore[arg-type]
+            if column.group:
+                b = self.block(column.group, "multihot")
+                j = self.codesets[column.group].index(column.name)
+                zero, one = column.categories
+                col = [one if v > 0.5 else zero for v in matrix[:, b.start + j]]
+                data[column.name] = pd.Series(col, dtype=object)
+            elif column.is_numeric:
+                _, lo, hi = _numeric_scale(column, None)
                 scaled = np.clip(matrix[:, self.block(column.name, "numeric").start], -1, 1)
                 values = lo + (scaled + 1.0) / 2.0 * (hi - lo)
+                if column.kind == "survival_time":
+                    values = np.expm1(values)
                 if column.nullable:
                     mb = self.block(column.name, "missing")
                     is_missing = matrix[:, mb.start + 1] > matrix[:, mb.start]
                     values = np.where(is_missing, np.nan, values)
-                if column.kind == "integer":
+                if column.kind == "integer" or (
+                    column.kind == "survival_time" and column.decimals == 0
+                ):
                     data[column.name] = pd.array(np.round(values), dtype="Float64").astype(
                         "Int64"
                     )
@@ -144,3 +173,20 @@ class TabularEncoder:
                 col = [np.nan if cats[i] == MISSING else cats[i] for i in picks]
                 data[column.name] = pd.Series(col, dtype=object)
         return pd.DataFrame(data)
+
+
+def _numeric_scale(
+    column: Column, values: np.ndarray | None
+) -> tuple[np.ndarray | None, float, float]:
+    """Values and public bounds on the scale the encoder works in.
+
+    Survival times are heavy-tailed (most patients in the first years, a few followed
+    for decades), so they are scaled on log(1 + t) between the public bounds: on a
+    linear scale most of them would crowd near -1.
+    """
+    lo, hi = float(column.min), float(column.max)  # type: ignore[arg-type]
+    if column.kind == "survival_time":
+        return (None if values is None else np.log1p(values)), float(np.log1p(lo)), float(
+            np.log1p(hi)
+        )
+    return values, lo, hi

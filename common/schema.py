@@ -34,8 +34,17 @@ File format (YAML or JSON, same structure)::
         kind: categorical
         categories: [1, 2, 3, 4]
 
-Survival pairs and code sets are further kinds (see ``KINDS``); every kind declares its
-domain here so the encoder never has to look at private values.
+Survival outcomes and code sets::
+
+      - {name: T, kind: survival_time, min: 0, max: 8000, unit: days, event: E}
+      - {name: E, kind: binary}
+      - name: dx               # a set of binary codes (ICD-9, mutated genes)
+        kind: codeset
+        prefix: "dx_"          # the table has one 0/1 column per code: dx_4019, ...
+        codes: ["4019", "4280", "42731"]   # the public code list
+
+Every kind declares its domain here so the encoder never has to look at private
+values.
 """
 
 from __future__ import annotations
@@ -48,9 +57,11 @@ from typing import Any
 
 import yaml
 
-NUMERIC_KINDS = ("continuous", "integer")
+NUMERIC_KINDS = ("continuous", "integer", "survival_time")
 CATEGORICAL_KINDS = ("categorical", "binary")
-KINDS = NUMERIC_KINDS + CATEGORICAL_KINDS
+# "codeset" is declared once in a schema file and expands into one binary column per
+# code (named prefix + code), grouped so the encoder makes them one multi-hot block.
+KINDS = NUMERIC_KINDS + CATEGORICAL_KINDS + ("codeset",)
 
 
 class SchemaError(ValueError):
@@ -74,6 +85,8 @@ class Column:
     description: str = ""
     unit: str = ""
     decimals: int | None = None  # recording precision of a continuous column (public)
+    event: str = ""  # survival_time: the binary column saying whether the event happened
+    group: str = ""  # the code set a binary column belongs to (see "codeset")
 
     @property
     def is_numeric(self) -> bool:
@@ -107,6 +120,8 @@ class Column:
             out["unit"] = self.unit
         if self.decimals is not None:
             out["decimals"] = self.decimals
+        if self.event:
+            out["event"] = self.event
         return out
 
 
@@ -135,6 +150,20 @@ class Schema:
     def names(self) -> list[str]:
         return [c.name for c in self.columns]
 
+    @property
+    def codesets(self) -> dict[str, list[str]]:
+        """Each code set's binary columns, in code-list order."""
+        groups: dict[str, list[str]] = {}
+        for c in self.columns:
+            if c.group:
+                groups.setdefault(c.group, []).append(c.name)
+        return groups
+
+    @property
+    def survival_pairs(self) -> list[tuple[str, str]]:
+        """(time column, event column) of every survival outcome."""
+        return [(c.name, c.event) for c in self.columns if c.kind == "survival_time"]
+
     def column(self, name: str) -> Column:
         for c in self.columns:
             if c.name == name:
@@ -153,7 +182,25 @@ class Schema:
                 "column": self.outcome.column,
                 "positive": list(self.outcome.positive),
             }
-        out["columns"] = [c.to_dict() for c in self.columns]
+        cols: list[dict[str, Any]] = []
+        done: set[str] = set()
+        for c in self.columns:
+            if not c.group:
+                cols.append(c.to_dict())
+            elif c.group not in done:
+                done.add(c.group)
+                members = [m for m in self.columns if m.group == c.group]
+                spec = self.extra.get("_codesets", {}).get(c.group, {})
+                prefix = spec.get("prefix", f"{c.group}_")
+                cols.append(
+                    {
+                        "name": c.group,
+                        "kind": "codeset",
+                        "prefix": prefix,
+                        "codes": [m.name[len(prefix):] for m in members],
+                    }
+                )
+        out["columns"] = cols
         return out
 
     def to_json(self) -> str:
@@ -212,6 +259,7 @@ def _parse_schema(raw: Any, source: str) -> Schema:
 
     raw_cols = raw.get("columns")
     columns: list[Column] = []
+    codesets: dict[str, dict[str, str]] = {}
     if not isinstance(raw_cols, list) or not raw_cols:
         problems.append("'columns' must be a non-empty list")
         raw_cols = []
@@ -233,8 +281,32 @@ def _parse_schema(raw: Any, source: str) -> Schema:
         if kind not in KINDS:
             problems.append(f"{where}: kind {kind!r} is not one of {', '.join(KINDS)}")
             continue
+        if kind == "codeset":
+            codes = rc.get("codes")
+            prefix = str(rc.get("prefix", f"{cname}_"))
+            if not isinstance(codes, list) or not codes:
+                problems.append(f"{where}: a codeset needs a non-empty public 'codes' list")
+                continue
+            if len(set(map(str, codes))) != len(codes):
+                problems.append(f"{where}: codes repeat")
+            codesets[cname] = {"prefix": prefix}
+            for code in codes:
+                member = f"{prefix}{code}"
+                if member in seen:
+                    problems.append(f"column {member!r} (code {code} of {cname}) is declared twice")
+                seen.add(member)
+                columns.append(
+                    Column(name=member, kind="binary", categories=(0, 1), nullable=False,
+                           group=cname)
+                )
+            continue
         lo = hi = None
         cats: tuple[Category, ...] = ()
+        event = ""
+        if kind == "survival_time":
+            event = str(rc.get("event", ""))
+            if not event:
+                problems.append(f"{where}: a survival_time names its binary 'event' column")
         if kind in NUMERIC_KINDS:
             lo, hi = _number(rc.get("min")), _number(rc.get("max"))
             if lo is None or hi is None:
@@ -244,6 +316,8 @@ def _parse_schema(raw: Any, source: str) -> Schema:
                 )
             elif not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
                 problems.append(f"{where}: needs finite min < max, got {lo} and {hi}")
+            elif kind == "survival_time" and lo < 0:
+                problems.append(f"{where}: a survival time cannot be negative (min {lo})")
         else:
             default = [0, 1] if kind == "binary" else None
             raw_cats = rc.get("categories", default)
@@ -281,9 +355,15 @@ def _parse_schema(raw: Any, source: str) -> Schema:
                 description=str(rc.get("description", "")),
                 unit=str(rc.get("unit", "")),
                 decimals=decimals,
+                event=event,
             )
         )
 
+    by_name = {c.name: c for c in columns}
+    for c in columns:
+        if c.event and (c.event not in by_name or by_name[c.event].kind != "binary"):
+            problems.append(f"column {c.name!r}: event column {c.event!r} must be a declared "
+                            "binary column")
     outcome = None
     if raw.get("outcome") is not None:
         ro = raw["outcome"]
@@ -300,7 +380,7 @@ def _parse_schema(raw: Any, source: str) -> Schema:
             f"schema {source} has {len(problems)} problem(s):\n"
             + "\n".join(f"  - {p}" for p in problems)
         )
-    known = {"name", "format", "columns", "outcome", "description", "source"}
+    known = {"name", "format", "columns", "outcome", "description", "source", "_codesets"}
     return Schema(
         name=name,
         columns=tuple(columns),
@@ -309,5 +389,5 @@ def _parse_schema(raw: Any, source: str) -> Schema:
         outcome=outcome,
         description=str(raw.get("description", "")),
         source=str(raw.get("source", "")),
-        extra={k: v for k, v in raw.items() if k not in known},
+        extra={**{k: v for k, v in raw.items() if k not in known}, "_codesets": codesets},
     )

@@ -209,17 +209,18 @@ def _check_column(
 
 def _typed(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
     """Give each column the dtype its kind implies: float, nullable Int64 or object."""
-    out = pd.DataFrame(index=pd.RangeIndex(len(frame)))
+    out: dict[str, Any] = {}
     for column in schema.columns:
         values = frame[column.name]
-        if column.kind == "continuous":
+        if column.kind == "continuous" or (
+            column.kind == "survival_time" and column.decimals != 0
+        ):
             out[column.name] = pd.to_numeric(values, errors="coerce").astype(float)
-        elif column.kind == "integer":
-            num = pd.to_numeric(values, errors="coerce").round()
-            out[column.name] = num.astype("Int64")
+        elif column.kind in ("integer", "survival_time"):
+            out[column.name] = pd.to_numeric(values, errors="coerce").round().astype("Int64")
         else:
             out[column.name] = values.astype(object).where(values.notna(), np.nan)
-    return out
+    return pd.DataFrame(out, index=pd.RangeIndex(len(frame)))
 
 
 def conform(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:

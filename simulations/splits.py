@@ -43,3 +43,32 @@ def holdout_split(
 def write_site_table(frame: pd.DataFrame, schema: Schema, path: str) -> None:
     """Write rows in the schema's own file format (header or not; empty = missing)."""
     frame.to_csv(path, index=False, header=schema.header, na_rep="")
+
+
+def dirichlet_split(
+    frame: pd.DataFrame, labels: np.ndarray, n_sites: int, alpha: float, seed: int
+) -> dict[str, pd.DataFrame]:
+    """Sites whose label mix follows Dirichlet(alpha) shares: small alpha, different sites.
+
+    The usual way to make a federation out of one table: for each label, its rows are
+    dealt to the sites in proportions drawn from a symmetric Dirichlet. Every site is
+    given at least one row.
+    """
+    if n_sites < 1 or alpha <= 0:
+        raise ValueError("need n_sites >= 1 and alpha > 0")
+    rng = np.random.default_rng(seed)
+    owner = np.empty(len(frame), dtype=int)
+    for label in np.unique(labels):
+        idx = np.flatnonzero(labels == label)
+        rng.shuffle(idx)
+        shares = rng.dirichlet(np.full(n_sites, alpha))
+        cuts = (np.cumsum(shares)[:-1] * len(idx)).round().astype(int)
+        for site, part in enumerate(np.split(idx, cuts)):
+            owner[part] = site
+    for site in range(n_sites):  # no empty site: borrow a row from the largest
+        if not (owner == site).any():
+            biggest = np.bincount(owner, minlength=n_sites).argmax()
+            owner[np.flatnonzero(owner == biggest)[0]] = site
+    return {
+        f"site_{k}": frame[owner == k].reset_index(drop=True) for k in range(n_sites)
+    }

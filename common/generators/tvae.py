@@ -13,6 +13,8 @@ Why it is shaped this way:
   fight.
 - Sampling draws categories from the decoder's softmax rather than taking the argmax,
   which keeps rare categories rare instead of erasing them.
+- Code sets (diagnoses, mutated genes) are independent Bernoulli outputs given the
+  latent code; their co-occurrence is carried by the latent space.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class TVAE(Generator):
         "latent": 32,
         "lr": 2e-3,
         "numeric_sigma": 0.1,
+        "kl_weight": 1.0,
         "loss_bound": 100.0,
     }
 
@@ -75,6 +78,7 @@ class TVAE(Generator):
                 present.append(-1)
         self._present_idx = torch.tensor(present, dtype=torch.long)
         self._cat_blocks = [(b.start, b.stop) for b in enc.onehot_blocks]
+        self._multi_blocks = [(b.start, b.stop) for b in enc.multihot_blocks]
 
     def networks(self) -> dict[str, nn.Module]:
         return {"vae": self.net}
@@ -84,7 +88,8 @@ class TVAE(Generator):
 
     def per_sample_loss(self, module: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         out, mu, logvar = module(batch)
-        loss = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)
+        loss = float(self.hparams["kl_weight"]) * kl
         if len(self._num_idx):
             target = batch[:, self._num_idx]
             pred = torch.tanh(out[:, self._num_idx])
@@ -97,6 +102,10 @@ class TVAE(Generator):
         for start, stop in self._cat_blocks:
             logp = F.log_softmax(out[:, start:stop], dim=1)
             loss = loss - (batch[:, start:stop] * logp).sum(dim=1)
+        for start, stop in self._multi_blocks:
+            loss = loss + F.binary_cross_entropy_with_logits(
+                out[:, start:stop], batch[:, start:stop], reduction="none"
+            ).sum(dim=1)
         return loss
 
     @torch.no_grad()
@@ -112,4 +121,7 @@ class TVAE(Generator):
             probs = F.softmax(out[:, start:stop], dim=1)
             picks = torch.multinomial(probs, 1, generator=rng).squeeze(1)
             result[torch.arange(n), start + picks] = 1.0
+        for start, stop in self._multi_blocks:
+            result[:, start:stop] = torch.bernoulli(torch.sigmoid(out[:, start:stop]),
+                                                    generator=rng)
         return result.numpy()
