@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,21 @@ from typing import Any
 from .schema import Schema
 
 STRATEGIES = ("fedavg", "fedprox")
+SECURE_AGGREGATION = ("none", "ckks")
+# Flower strategies whose aggregate is not a weighted sum of the updates, with what the
+# coordinator would need in clear to compute it. Under CKKS it holds ciphertexts it can
+# only add, so these cannot run; naming them gets a reason instead of a bare "unknown".
+NONLINEAR_STRATEGIES: dict[str, str] = {
+    "fedadam": "a server optimizer with per-coordinate second moments of the update",
+    "fedyogi": "a server optimizer with per-coordinate second moments of the update",
+    "fedadagrad": "a server optimizer with per-coordinate squared updates",
+    "fedavgm": "server momentum and learning rate applied to the global model in clear",
+    "fedmedian": "a coordinate-wise median of the updates",
+    "fedtrimmedavg": "a coordinate-wise sort of the updates to trim the extremes",
+    "krum": "pairwise distances between the sites' updates",
+    "multikrum": "pairwise distances between the sites' updates",
+    "bulyan": "pairwise distances and coordinate-wise sorting of the updates",
+}
 
 
 class ConfigError(ValueError):
@@ -34,8 +50,8 @@ class StudyConfig:
     schema: str = "heart_disease"
     min_sites: int = 2
     num_server_rounds: int = 10
-    local_epochs: int = 2
-    sample_rate: float = 0.1
+    local_epochs: int = 10
+    sample_rate: float = 0.5
     generator: str = "tvae"
     generator_params: dict[str, Any] = field(default_factory=dict)
     strategy: str = "fedavg"
@@ -49,6 +65,13 @@ class StudyConfig:
     n_synthetic: int = 0
     resume: bool = False
     simulation_sites: str = ""
+    # "ckks": sites send CKKS-encrypted weighted updates, the coordinator only adds them
+    # with the public context at ``public_context`` (a path on the coordinator's side).
+    secure_aggregation: str = "none"
+    public_context: str = ""
+    # Public upper bound B on a site's FedAvg weight (its DP row count): sites encrypt
+    # n_i / B so that no count travels in clear (see common/encryption/ckks.py).
+    count_bound: float = 100_000.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -60,8 +83,13 @@ class StudyConfig:
             problems.append("local-epochs must be >= 1")
         if not 0 < self.sample_rate <= 1:
             problems.append("sample-rate must be in (0, 1]")
-        if self.strategy not in STRATEGIES:
-            problems.append(f"strategy must be one of {', '.join(STRATEGIES)}")
+        if self.secure_aggregation not in SECURE_AGGREGATION:
+            problems.append(f"secure-aggregation must be one of {', '.join(SECURE_AGGREGATION)}")
+        strategy_problem = check_strategy(self.strategy, self.secure_aggregation)
+        if strategy_problem:
+            problems.append(strategy_problem)
+        if not (math.isfinite(self.count_bound) and self.count_bound > 0):
+            problems.append("count-bound must be a positive number (an upper bound on rows)")
         if self.proximal_mu < 0:
             problems.append("proximal-mu must be >= 0")
         if self.max_grad_norm <= 0:
@@ -112,6 +140,12 @@ class SiteConfig:
     # A site may fix its own noise multiplier (institutional policy) instead of having
     # it calibrated to the study's plan; its budget then caps how many rounds it joins.
     noise_multiplier: float | None = None
+    # Encrypted studies: this site's X25519 key folder (``fedsynth keys site-init``), the
+    # key holder's public key and this site's wrapped CKKS context (both from the key
+    # holder). Together they open the study's secret context, in memory only.
+    key_dir: str = ""
+    holder_public_key: str = ""
+    wrapped_context: str = ""
 
     def __post_init__(self) -> None:
         if self.noise_multiplier is not None and not self.noise_multiplier > 0:
@@ -146,7 +180,31 @@ class SiteConfig:
                 if "noise-multiplier" in node
                 else None
             ),
+            key_dir=str(node.get("key-dir", "")),
+            holder_public_key=str(node.get("holder-public-key", "")),
+            wrapped_context=str(node.get("wrapped-context", "")),
         )
+
+
+def check_strategy(strategy: str, secure_aggregation: str = "none") -> str:
+    """Why ``strategy`` cannot run with ``secure_aggregation``, or '' when it can.
+
+    Under encryption the coordinator can add ciphertexts and nothing else, so only an
+    aggregate that is a weighted sum of the updates (FedAvg; FedProx, whose server side
+    is FedAvg's) can be computed. The non-linear strategies get a reason, not just a
+    list of allowed names, because "use FedAdam" is a reasonable thing to try.
+    """
+    key = strategy.lower().replace("-", "").replace("_", "")
+    if secure_aggregation == "ckks" and key in NONLINEAR_STRATEGIES:
+        return (
+            f"strategy {strategy!r} cannot run with secure-aggregation = 'ckks': it is not "
+            f"linear in the site updates (it needs {NONLINEAR_STRATEGIES[key]}), and the "
+            "coordinator holds only ciphertexts it can add; use fedavg or fedprox, or turn "
+            "encryption off"
+        )
+    if strategy not in STRATEGIES:
+        return f"strategy must be one of {', '.join(STRATEGIES)}"
+    return ""
 
 
 def schema_fingerprint(schema: Schema) -> str:
