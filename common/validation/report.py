@@ -1,0 +1,538 @@
+"""One self-contained HTML report of a validation run, for people who will not read JSON.
+
+A clinician or a data protection officer should see in one screen whether the synthetic
+data is faithful, useful and private, with the thresholds spelled out, and then be able
+to *look*: marginals real vs synthetic, correlation matrices side by side, distances to
+the closest record. Everything is in one file (plots are PNGs embedded as base64), so
+the report can be mailed or archived without its folder.
+
+Plots use matplotlib's object-oriented API (``Figure``), never pyplot, so writing a
+report neither opens windows nor leaks global figure state in a long-running server.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from ..schema import Schema
+from .data import MISSING, Table
+from .fidelity import cramers_v, joint_counts, numeric_bins
+from .metric import AREAS, MetricValue, ValidationResult
+
+REAL_COLOUR = "#1f5f99"
+SYN_COLOUR = "#e07b00"
+STATUS = {True: ("pass", "#2e7d32"), False: ("fail", "#c62828"), None: ("not judged", "#8a8a8a")}
+
+AREA_TITLES = {
+    "fidelity": "Fidelity: do synthetic patients look like real ones?",
+    "diversity": "Diversity and coverage: is all of the real population there, and no more?",
+    "utility": "Utility: does a model trained on synthetic data work on real patients?",
+    "survival": "Survival: does a survival analysis reach the same conclusions?",
+    "clustering": "Clustering: do the same patient groups appear?",
+    "detection": "Detection: can a classifier tell synthetic from real patients?",
+    "privacy": "Privacy: is a synthetic patient closer to a training patient than a new one is?",
+}
+
+CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;
+max-width:1200px;color:#222;line-height:1.4;padding:0 16px}
+h1{font-size:26px;margin-bottom:4px}h2{font-size:20px;margin-top:36px;
+border-bottom:2px solid #ddd;padding-bottom:4px}h3{font-size:16px;margin-top:22px}
+.sub{color:#666;font-size:13px}
+table{border-collapse:collapse;font-size:13px;margin:8px 0}
+td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
+th{background:#f4f4f4}td.l,th.l,td.m{text-align:left}
+.cards{display:flex;flex-wrap:wrap;gap:10px;margin:12px 0}
+.card{border-radius:8px;padding:10px 14px;color:#fff;min-width:150px;flex:1}
+.card .a{font-size:15px;font-weight:600}.card .s{font-size:13px;opacity:.95}
+.pill{display:inline-block;border-radius:10px;padding:0 8px;color:#fff;font-size:12px}
+.head{display:flex;flex-wrap:wrap;gap:8px}.head div{background:#f4f6f8;border-radius:6px;
+padding:6px 10px;font-size:13px}.head b{font-size:16px}
+img{max-width:100%}.note{font-size:12px;color:#555}
+"""
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def _png(fig: Figure) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return f'<img alt="plot" src="data:image/png;base64,{data}">'
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    if isinstance(value, float | np.floating):
+        if not math.isfinite(float(value)):
+            return "–"
+        return f"{float(value):.{digits}f}"
+    return html.escape(str(value))
+
+
+def _pill(passed: bool | None) -> str:
+    text, colour = STATUS[passed]
+    return f'<span class="pill" style="background:{colour}">{text}</span>'
+
+
+def _rule(m: MetricValue) -> str:
+    if m.threshold is None:
+        return "–"
+    sign = "≥" if m.direction == "higher" else "≤"
+    return f"{sign} {_fmt(m.threshold)}"
+
+
+def _table(
+    header: list[str], rows: Iterable[list[str]], left: int = 1, meaning: bool = False
+) -> str:
+    """An HTML table; the first ``left`` columns (and a trailing meaning) align left."""
+    head = "".join(
+        f'<th class="{"l" if i < left or (meaning and i == len(header) - 1) else ""}">'
+        f"{html.escape(h)}</th>"
+        for i, h in enumerate(header)
+    )
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f'<td class="{"l" if i < left else ("m" if i == len(row) - 1 and meaning else "")}">'
+            f"{c}</td>"
+            for i, c in enumerate(row)
+        )
+        + "</tr>"
+        for row in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _metric_table(metrics: list[MetricValue]) -> str:
+    rows = [
+        [
+            html.escape(m.label),
+            _fmt(m.value),
+            _fmt(m.reference),
+            "higher" if m.direction == "higher" else "lower",
+            _rule(m),
+            _pill(m.passed),
+            html.escape(m.meaning + (f" ({m.note})" if m.note else "")),
+        ]
+        for m in metrics
+    ]
+    header = ["metric", "synthetic", "real reference", "better", "threshold", "", "meaning"]
+    return _table(header, rows, meaning=True)
+
+
+def _pivot(metrics: list[MetricValue]) -> str:
+    """Per-column metrics as one table: a row per column, a column per metric."""
+    names = list(dict.fromkeys(m.name for m in metrics))
+    cols = list(dict.fromkeys(", ".join(m.columns or ()) for m in metrics))
+    cell = {(", ".join(m.columns or ()), m.name): m for m in metrics}
+    rows = []
+    for c in cols:
+        row = [html.escape(c)]
+        for n in names:
+            m = cell.get((c, n))
+            ref = "" if m is None else f" <span class=note>({_fmt(m.reference)})</span>"
+            row.append("" if m is None else _fmt(m.value) + ref)
+        rows.append(row)
+    return _table(["column(s)", *names], rows)
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _values(table: Table, schema: Schema, name: str) -> np.ndarray:
+    column = schema.column(name)
+    return table.numeric[name] if column.is_numeric else table.labels[name]
+
+
+def marginal_plots(real: Table, synthetic: Table, schema: Schema, result: ValidationResult) -> str:
+    """Real (training) vs synthetic distribution of every column on one grid."""
+    columns = schema.columns
+    ncols = 4
+    nrows = math.ceil(len(columns) / ncols)
+    fig = Figure(figsize=(4.0 * ncols, 2.9 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    fidelity = {(m.columns or ("",))[0]: m for m in result.metrics if m.name in ("ks", "tvd")}
+    for ax, column in zip(axes, columns, strict=False):
+        r, s = _values(real, schema, column.name), _values(synthetic, schema, column.name)
+        if column.is_numeric:
+            edges = numeric_bins(column)
+            for values, colour, label in ((r, REAL_COLOUR, "real"), (s, SYN_COLOUR, "synthetic")):
+                obs = np.clip(values[~np.isnan(values)], edges[0], edges[-1])
+                ax.hist(
+                    obs,
+                    bins=edges,
+                    density=True,
+                    histtype="stepfilled",
+                    alpha=0.35,
+                    color=colour,
+                    label=label,
+                )
+                ax.hist(obs, bins=edges, density=True, histtype="step", color=colour)
+            miss = f"missing {np.isnan(r).mean():.0%} / {np.isnan(s).mean():.0%}"
+            ax.set_xlabel(f"{column.unit or column.name}; {miss}", fontsize=8)
+        else:
+            labels = [str(c) for c in column.categories]
+            extra = sorted((set(r) | set(s)) - set(labels) - {MISSING})
+            labels += extra + ([MISSING] if (MISSING in set(r) | set(s)) else [])
+            x = np.arange(len(labels))
+            for offset, values, colour, label in (
+                (-0.2, r, REAL_COLOUR, "real"),
+                (0.2, s, SYN_COLOUR, "synthetic"),
+            ):
+                freq = [np.mean(values == lab) for lab in labels]
+                ax.bar(x + offset, freq, width=0.4, color=colour, label=label)
+            ax.set_xticks(x, [lab if lab != MISSING else "missing" for lab in labels], fontsize=8)
+        m = fidelity.get(column.name)
+        score = f" ({m.name.upper()} {m.value:.2f}, ref {m.reference:.2f})" if m else ""
+        ax.set_title(f"{column.name}{score}", fontsize=10)
+        ax.tick_params(labelsize=8)
+    for ax in axes[len(columns) :]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _association_matrices(table: Table, schema: Schema) -> tuple[pd.DataFrame, pd.DataFrame]:
+    numeric = [c.name for c in schema.columns if c.is_numeric]
+    categorical = [c.name for c in schema.columns if c.is_categorical]
+    pearson = pd.DataFrame({n: table.numeric[n] for n in numeric}).corr(method="pearson")
+    cramer = pd.DataFrame(np.eye(len(categorical)), index=categorical, columns=categorical)
+    for i, a in enumerate(categorical):
+        for b in categorical[i + 1 :]:
+            (counts,) = joint_counts([(table.labels[a], table.labels[b])])
+            cramer.loc[a, b] = cramer.loc[b, a] = cramers_v(counts)
+    return pearson, cramer
+
+
+def correlation_plots(real: Table, synthetic: Table, schema: Schema) -> str:
+    """Pearson (numeric) and Cramer's V (categorical) matrices: real, synthetic, difference."""
+    real_p, real_v = _association_matrices(real, schema)
+    syn_p, syn_v = _association_matrices(synthetic, schema)
+    rows = [
+        ("Pearson correlation, numeric columns", real_p, syn_p, (-1.0, 1.0), "RdBu_r"),
+        ("Cramer's V, categorical columns", real_v, syn_v, (0.0, 1.0), "Blues"),
+    ]
+    rows = [r for r in rows if r[1].shape[0] > 1]
+    if not rows:
+        return "<p>No column pairs to correlate.</p>"
+    fig = Figure(figsize=(15, 4.6 * len(rows)))
+    axes = fig.subplots(len(rows), 3, squeeze=False)
+    for (title, r, s, limits, cmap), ax_row in zip(rows, axes, strict=True):
+        diff = (s - r).abs()
+        for ax, mat, name, lim, cm in (
+            (ax_row[0], r, "real", limits, cmap),
+            (ax_row[1], s, "synthetic", limits, cmap),
+            (ax_row[2], diff, "|synthetic - real|", (0.0, 1.0), "Reds"),
+        ):
+            image = ax.imshow(mat.to_numpy(dtype=float), vmin=lim[0], vmax=lim[1], cmap=cm)
+            ax.set_xticks(range(len(mat)), mat.columns, rotation=60, fontsize=8)
+            ax.set_yticks(range(len(mat)), mat.index, fontsize=8)
+            ax.set_title(f"{title}: {name}", fontsize=10)
+            for (i, j), v in np.ndenumerate(mat.to_numpy(dtype=float)):
+                if math.isfinite(v):
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6.5)
+            fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def dcr_plot(result: ValidationResult) -> str:
+    """Distance to the closest training row: synthetic rows vs new (holdout) patients."""
+    try:
+        m = result.get("dcr_p5")
+    except KeyError:
+        return ""
+    q_syn, q_hold = m.details.get("quantiles"), m.details.get("holdout_quantiles")
+    if not q_syn or not q_hold:
+        return ""
+    share = np.linspace(0, 1, len(q_syn))
+    fig = Figure(figsize=(6.5, 3.4))
+    ax = fig.subplots()
+    ax.plot(q_hold, share, color=REAL_COLOUR, label="real holdout patients (new patients)")
+    ax.plot(q_syn, share, color=SYN_COLOUR, label="synthetic rows")
+    ax.set_xlabel("Gower distance to the closest training patient")
+    ax.set_ylabel("share of rows at or below")
+    ax.set_title(
+        "Distance to closest record (curves should overlap; orange left = too close)", fontsize=9
+    )
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def survival_plot(real: pd.DataFrame, synthetic: pd.DataFrame, survival: tuple[str, str]) -> str:
+    """Kaplan-Meier curves of real training and synthetic patients (lifelines)."""
+    from lifelines import KaplanMeierFitter
+
+    time_col, event_col = survival
+    fig = Figure(figsize=(6.5, 3.6))
+    ax = fig.subplots()
+    for frame, colour, label in ((real, REAL_COLOUR, "real"), (synthetic, SYN_COLOUR, "synthetic")):
+        t = pd.to_numeric(frame[time_col], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+        e = pd.to_numeric(frame[event_col], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+        keep = np.isfinite(t) & np.isfinite(e)
+        KaplanMeierFitter(label=label).fit(t[keep], e[keep] > 0).plot_survival_function(
+            ax=ax, color=colour, ci_show=True
+        )
+    ax.set_xlabel(time_col)
+    ax.set_ylabel("survival probability")
+    ax.set_title("Kaplan-Meier curves, real vs synthetic", fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
+# ---------------------------------------------------------------- extra sections
+
+
+def _flatten(rows: list[Any]) -> pd.DataFrame:
+    """Rows of dicts, with one nested list of dicts exploded (e.g. rounds -> sites)."""
+    flat: list[dict[str, Any]] = []
+    for row in rows:
+        if not isinstance(row, Mapping):
+            flat.append({"value": row})
+            continue
+        scalars = {k: v for k, v in row.items() if not isinstance(v, list | dict)}
+        nested = [
+            v
+            for v in row.values()
+            if isinstance(v, list) and v and all(isinstance(x, Mapping) for x in v)
+        ]
+        if nested:
+            for inner in nested[0]:
+                flat.append(
+                    {
+                        **scalars,
+                        **{k: v for k, v in inner.items() if not isinstance(v, list | dict)},
+                    }
+                )
+        else:
+            flat.append(scalars)
+    return pd.DataFrame(flat)
+
+
+def _frame_html(frame: pd.DataFrame) -> str:
+    rows = [[_fmt(v, 4) for v in row] for row in frame.itertuples(index=False)]
+    return _table([str(c) for c in frame.columns], rows, left=len(frame.columns))
+
+
+def _round_plot(frame: pd.DataFrame) -> str:
+    """Numeric columns against 'round', one line per group (e.g. site), if present."""
+    if "round" not in frame.columns:
+        return ""
+    numeric = [
+        c
+        for c in frame.columns
+        if c != "round" and pd.api.types.is_numeric_dtype(frame[c]) and frame[c].notna().any()
+    ]
+    if not numeric:
+        return ""
+    groups = [c for c in frame.columns if frame[c].dtype == object and c not in ("reason",)]
+    group = groups[0] if groups else None
+    fig = Figure(figsize=(4.2 * len(numeric), 3.2))
+    axes = np.atleast_1d(fig.subplots(1, len(numeric)))
+    for ax, name in zip(axes, numeric, strict=True):
+        parts = frame.groupby(group) if group else [("all", frame)]
+        for key, part in parts:
+            ax.plot(part["round"], part[name], marker="o", label=str(key))
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _extra_html(value: Any) -> str:
+    """Render a caller's section: figure, frame, mapping, list of rows or text."""
+    if isinstance(value, Figure):
+        return _png(value)
+    if isinstance(value, pd.DataFrame):
+        return _frame_html(value) + _round_plot(value)
+    if isinstance(value, Mapping):
+        if value and all(isinstance(v, Mapping) for v in value.values()):
+            frame = pd.DataFrame.from_dict(dict(value), orient="index")
+            frame.insert(0, "name", frame.index.astype(str))
+            return _frame_html(frame.reset_index(drop=True))
+        rows = [
+            [
+                html.escape(str(k)),
+                _fmt(v, 4) if not isinstance(v, list | dict) else html.escape(str(v)),
+            ]
+            for k, v in value.items()
+        ]
+        return _table(["key", "value"], rows, left=2)
+    if isinstance(value, list | tuple):
+        frame = _flatten(list(value))
+        return _frame_html(frame) + _round_plot(frame)
+    return f"<p>{html.escape(str(value))}</p>"
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _summary(result: ValidationResult) -> str:
+    cards = []
+    for area in result.areas:
+        status = result.area_status(area)
+        text, colour = STATUS[status]
+        judged = [m for m in result.by_area(area) if m.passed is not None]
+        failed = [m for m in judged if m.passed is False]
+        line = (
+            f"{len(judged) - len(failed)} of {len(judged)} checks pass"
+            if judged
+            else ("descriptive only")
+        )
+        cards.append(
+            f'<div class="card" style="background:{colour}"><div class="a">{area}: {text}</div>'
+            f'<div class="s">{line}</div></div>'
+        )
+    judged_rows = [
+        [
+            html.escape(m.area),
+            html.escape(m.label),
+            _fmt(m.value),
+            _fmt(m.reference),
+            _rule(m),
+            _pill(m.passed),
+            html.escape(m.meaning),
+        ]
+        for area in result.areas
+        for m in result.by_area(area)
+        if m.threshold is not None
+    ]
+    head = "".join(
+        f"<div>{html.escape(k.replace('_', ' '))}<br><b>{_fmt(v)}</b></div>"
+        for k, v in result.headline().items()
+    )
+    return (
+        '<div class="cards">'
+        + "".join(cards)
+        + "</div>"
+        + f'<div class="head">{head}</div>'
+        + "<h3>The checks behind the lights</h3>"
+        + _table(
+            ["area", "metric", "synthetic", "real reference", "threshold", "", "meaning"],
+            judged_rows,
+            left=2,
+            meaning=True,
+        )
+        + '<p class="note">An area passes when every one of its judged metrics passes. The '
+        "<i>real reference</i> is the same metric for real training patients in place of the "
+        "synthetic ones: what a perfect generator scores on this data.</p>"
+    )
+
+
+def _area_section(area: str, result: ValidationResult) -> str:
+    metrics = result.by_area(area)
+    whole = [m for m in metrics if not m.columns]
+    single = [m for m in metrics if m.columns and len(m.columns) == 1]
+    pairs = [m for m in metrics if m.columns and len(m.columns) > 1]
+    parts = []
+    if whole:
+        parts.append(_metric_table(whole))
+    if single:
+        if area == "utility":
+            parts.append(_metric_table(single))
+        else:
+            parts.append("<h3>Per column: synthetic <span class=note>(real reference)</span></h3>")
+            parts.append(_pivot(single))
+    if pairs:
+        parts.append(
+            f"<details><summary><b>Column pairs ({len(pairs)} figures): synthetic "
+            "<span class=note>(real reference)</span></b></summary>" + _pivot(pairs) + "</details>"
+        )
+    return "".join(parts)
+
+
+def write_report(
+    result: ValidationResult,
+    path: str | Path,
+    *,
+    real_train: pd.DataFrame,
+    synthetic: pd.DataFrame,
+    schema: Schema,
+    title: str = "fedsynth validation report",
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the HTML report of ``result`` to ``path`` and return the path.
+
+    ``real_train`` and ``synthetic`` are drawn in the plots (the holdout stays out of
+    the figures; its role is in the numbers). ``extra`` maps a section title to a
+    figure, a DataFrame, a mapping (a table) or a list of rows (a table, plus a plot
+    against ``round`` when the rows have one), e.g. per-site privacy and per-round loss.
+    """
+    path = Path(path)
+    real = Table.from_frame(real_train, schema)
+    syn = Table.from_frame(synthetic, schema)
+    info = result.info
+    rows = info.get("rows", {})
+    target = info.get("target") or {}
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    sub = (
+        f"schema <b>{html.escape(str(info.get('schema', schema.name)))}</b> · "
+        f"{rows.get('train', real.n)} training, {rows.get('holdout', '?')} held-out and "
+        f"{rows.get('synthetic', syn.n)} synthetic rows · "
+        + (
+            f"target {html.escape(str(target.get('column')))} in {target.get('positive')} · "
+            if target
+            else ""
+        )
+        + f"seed {info.get('seed', '?')} · {stamp}"
+    )
+    body = [
+        f"<h1>{html.escape(title)}</h1><div class=sub>{sub}</div>",
+        "<h2>Summary</h2>",
+        _summary(result),
+    ]
+    for area in [a for a in AREAS if a in result.areas] + [
+        a for a in result.areas if a not in AREAS
+    ]:
+        body.append(f"<h2>{html.escape(AREA_TITLES.get(area, area))}</h2>")
+        if area == "fidelity":
+            body.append("<h3>Marginals: real training vs synthetic</h3>")
+            body.append(marginal_plots(real, syn, schema, result))
+            body.append("<h3>Associations side by side</h3>")
+            body.append(correlation_plots(real, syn, schema))
+        if area == "survival" and info.get("survival"):
+            body.append(survival_plot(real_train, synthetic, tuple(info["survival"])))
+        if area == "privacy":
+            body.append(dcr_plot(result))
+        body.append(_area_section(area, result))
+    for name, value in (extra or {}).items():
+        body.append(f"<h2>{html.escape(str(name).replace('_', ' '))}</h2>")
+        body.append(_extra_html(value))
+    timing = ", ".join(f"{k} {v:.2f} s" for k, v in result.seconds.items())
+    body.append(
+        f'<p class="note">Computed in {html.escape(timing)}. Metric definitions: '
+        "docs/validation.md.</p>"
+    )
+    document = (
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
+        + "\n".join(body)
+        + "</body></html>"
+    )
+    path.write_text(document, encoding="utf-8")
+    return path
