@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -156,7 +157,8 @@ def _run_validate(args: argparse.Namespace, console: Console) -> int:
     syn = read_table(args.synthetic, replace(schema, header=args.synthetic_header))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = validate(real, hold, syn, schema, seed=args.seed)
+    result = validate(real, hold, syn, schema, seed=args.seed,
+                      anonymeter_python=os.environ.get("FEDSYNTH_ANONYMETER_PYTHON") or None)
     (out / "validation.json").write_text(json.dumps(result.to_dict(), indent=1, default=str))
     write_report(result, out / "report.html", real_train=real, synthetic=syn, schema=schema,
                  title=f"fedsynth validation: {schema.name}", extra=None)

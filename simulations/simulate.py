@@ -192,7 +192,15 @@ def validate_and_report(
     from ..common.validation import validate
     from ..common.validation.report import write_report
 
-    result = validate(train, hold, synthetic, schema, seed=int(summary["study"]["seed"]))
+    result = validate(
+        train,
+        hold,
+        synthetic,
+        schema,
+        seed=int(summary["study"]["seed"]),
+        # anonymeter needs numpy < 2: it runs from its own environment when one is set
+        anonymeter_python=os.environ.get("FEDSYNTH_ANONYMETER_PYTHON") or None,
+    )
     extra = {"privacy_budget": summary["sites"], "rounds": summary["rounds"],
              "study": summary["study"]}
     write_report(
