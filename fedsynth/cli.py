@@ -134,7 +134,12 @@ def _run_sample(args: argparse.Namespace, console: Console) -> int:
 
     model = Generator.load(args.model)
     conditions = json.loads(args.conditions) if args.conditions else None
-    frame = model.sample(args.n, conditions=conditions, seed=args.seed)
+    if args.balance:
+        if conditions:
+            raise ConfigError("use either --balance or --conditions, not both")
+        frame = model.sample_balanced(args.n, args.balance, seed=args.seed)
+    else:
+        frame = model.sample(args.n, conditions=conditions, seed=args.seed)
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} exists; pass --force to overwrite it")
@@ -185,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, required=True, help="number of rows")
     p.add_argument("--conditions", default="",
                    help='JSON column values every row must have, e.g. \'{"sex": 0}\'')
+    p.add_argument("--balance", default="", metavar="COLUMN",
+                   help="equal numbers of rows for each category of COLUMN")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="synthetic.csv")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")

@@ -79,3 +79,15 @@ def test_corrupt_model_file(tmp_path: Path, capsys) -> None:
     assert main(["sample", "--model", str(bad), "-n", "5", "--out", str(out)]) == 2
     assert not out.exists()
     assert "corrupt" in capsys.readouterr().err
+
+
+def test_balanced_cohort(fitted: TVAE, tmp_path: Path) -> None:
+    frame = fitted.sample_balanced(101, "sex", seed=7)
+    assert len(frame) == 101
+    assert sorted(frame["sex"].value_counts().tolist()) == [50, 51]
+    path = tmp_path / "model.fsg"
+    fitted.save(path)
+    out = tmp_path / "balanced.csv"
+    assert main(["sample", "--model", str(path), "-n", "60", "--balance", "num",
+                 "--out", str(out)]) == 0
+    assert pd.read_csv(out)["num"].value_counts().tolist() == [12] * 5

@@ -225,6 +225,30 @@ class Generator(ABC):
         out = pd.concat(kept, ignore_index=True).iloc[:n].reset_index(drop=True)
         return out
 
+    def sample_balanced(
+        self, n: int, column: str, seed: int | None = None, max_tries: int = 200
+    ) -> pd.DataFrame:
+        """``n`` rows with equal numbers of each category of ``column`` (cohort balancing).
+
+        The under-represented class (a rare subtype, one sex, relapsed patients) gets as
+        many rows as the others; each class is drawn conditionally, so within a class
+        the joint distribution is the model's.
+        """
+        col = self.schema.column(column)
+        if not col.is_categorical:
+            raise ConditionError(f"--balance needs a categorical column; {column!r} is {col.kind}")
+        cats = list(col.categories)
+        sizes = [n // len(cats) + (1 if i < n % len(cats) else 0) for i in range(len(cats))]
+        base = self.seed if seed is None else seed
+        parts = [
+            self.sample(k, conditions={column: cat}, seed=base + i, max_tries=max_tries)
+            for i, (cat, k) in enumerate(zip(cats, sizes, strict=True))
+            if k > 0
+        ]
+        frame = pd.concat(parts, ignore_index=True)
+        order = np.random.default_rng(base).permutation(len(frame))
+        return frame.iloc[order].reset_index(drop=True)
+
     def _parse_conditions(self, conditions: dict[str, Any]) -> dict[str, Any]:
         parsed: dict[str, Any] = {}
         for col, value in conditions.items():
