@@ -50,8 +50,8 @@ class StudyConfig:
     schema: str = "heart_disease"
     min_sites: int = 2
     num_server_rounds: int = 10
-    local_epochs: int = 10
-    sample_rate: float = 0.5
+    local_epochs: int = 20
+    sample_rate: float = 1.0
     generator: str = "tvae"
     generator_params: dict[str, Any] = field(default_factory=dict)
     strategy: str = "fedavg"
