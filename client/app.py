@@ -9,6 +9,11 @@ message from the coordinator. In a simulation without node configs, the run conf
 The privacy ledger lives in the node's ``context.state`` for the whole run, and also in
 ``state-dir`` when one is configured, so a coordinator restart (a new run) does not
 reset a site's accounting.
+
+When the study says ``secure-aggregation = "ckks"``, the train handler decrypts the
+relayed aggregate and replies with ciphertexts only (``client/secure.py``); the query
+handler is the end-of-study release. Encryption is the study's choice, so a site never
+falls back to sending weights in clear: without its key files it refuses the round.
 """
 
 from __future__ import annotations
@@ -20,7 +25,17 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from ..common.study import ConfigError, SiteConfig, StudyConfig
-from .site import SiteReply, SiteState, ledger_path, train_site
+from .secure import (
+    AGGREGATE,
+    CHUNKS,
+    CKKS_RECORD,
+    LAYOUT,
+    RELEASE,
+    GlobalModel,
+    release_final,
+    train_encrypted,
+)
+from .site import SiteReply, SiteState, ledger_path, status_metrics, train_site
 
 STATE_KEY = "fedsynth-site"
 
@@ -83,6 +98,20 @@ def reply_content(site: SiteConfig, reply: SiteReply) -> RecordDict:
     return content
 
 
+def received_model(content: RecordDict) -> GlobalModel:
+    """The starting point a coordinator's message carries in an encrypted study."""
+    ckks = dict(content[CKKS_RECORD]) if CKKS_RECORD in content else {}
+    aggregate = ckks.get(AGGREGATE)
+    layout = ckks.get(LAYOUT)
+    arrays = content.get("arrays")
+    initial = {k: v.numpy() for k, v in arrays.items()} if arrays is not None else None
+    return GlobalModel(
+        aggregate=list(aggregate) if isinstance(aggregate, list) else None,
+        layout_json=str(layout) if layout is not None else None,
+        initial=initial or None,
+    )
+
+
 def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
     """A ClientApp; ``sites`` fixes the simulation's site list (else read from configs)."""
     app = ClientApp()
@@ -93,11 +122,41 @@ def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
         config = dict(msg.content["config"])
         study = StudyConfig.from_flat(config)
         server_round = int(config.get("server-round", 0))
-        global_state = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+        schema_fp = str(config["schema-fingerprint"])
         state = _load_state(context, site, study)
-        reply = train_site(site, study, str(config["schema-fingerprint"]), global_state, state,
-                           server_round)
+        if study.secure_aggregation == "ckks":
+            result = train_encrypted(
+                site, study, schema_fp, received_model(msg.content), state, server_round
+            )
+            content = reply_content(site, result.reply)
+            if result.ciphertexts is not None:
+                content[CKKS_RECORD] = ConfigRecord(
+                    {CHUNKS: result.ciphertexts, LAYOUT: result.layout_json}
+                )
+        else:
+            global_state = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+            reply = train_site(site, study, schema_fp, global_state, state, server_round)
+            content = reply_content(site, reply)
         _save_state(context, site, study, state)
+        return Message(content, reply_to=msg)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        """The release step of an encrypted study: decrypt, flood, hand over; no training."""
+        site = resolve_site(context, sites)
+        config = dict(msg.content["config"])
+        study = StudyConfig.from_flat(config)
+        state = _load_state(context, site, study)
+        if not (config.get(RELEASE) is True and study.secure_aggregation == "ckks"):
+            reply = SiteReply(
+                "unsupported-query",
+                status_metrics(site, state),
+                problems=["this site answers only the release query of an encrypted study"],
+            )
+        else:
+            reply = release_final(
+                site, study, str(config["schema-fingerprint"]), received_model(msg.content), state
+            )
         return Message(reply_content(site, reply), reply_to=msg)
 
     return app

@@ -13,6 +13,9 @@ What leaves the site, and why each is allowed:
 
 With ``dp = false`` in the site's config (a baseline for benchmarks only) the exact
 count and loss are sent and the reported epsilon is -1 (no guarantee).
+
+With ``secure-aggregation = "ckks"`` the weights and the count leave the site only
+inside CKKS ciphertexts (see ``client/secure.py``); this module still does the round.
 """
 
 from __future__ import annotations
@@ -166,9 +169,38 @@ def release_histogram(
     return exact + rng.normal(0.0, noise_std, size=exact.shape)
 
 
-def _status_metrics(site: SiteConfig, state: SiteState) -> dict[str, float]:
+def status_metrics(site: SiteConfig, state: SiteState) -> dict[str, float]:
+    """The privacy a site has spent, sent with every reply (it depends on no row)."""
     eps = state.ledger.epsilon(site.delta) if site.dp else -1.0
     return {"epsilon": eps, "delta": site.delta if site.dp else 0.0}
+
+
+def round_seed(study: StudyConfig, site_name: str, server_round: int) -> int:
+    """The seed of one site's round: distinct per site and round, fixed by the study seed.
+
+    Public on purpose: a rerun of the same study (encrypted or not) draws the same
+    sampling and noise, which is what lets two runs be compared seed for seed.
+    """
+    mixed = study.seed * 1_000_003 + server_round * 7919 + zlib.crc32(site_name.encode())
+    return mixed % (2**31)
+
+
+def site_schema(site: SiteConfig, state: SiteState, schema_fp: str) -> Schema | SiteReply:
+    """The site's schema, or the reply that refuses the round because it is not the study's."""
+    try:
+        schema = Schema.load(site.schema_path)
+    except SchemaError as exc:
+        return SiteReply(SCHEMA_MISMATCH, status_metrics(site, state), problems=[str(exc)])
+    if schema_fingerprint(schema) != schema_fp:
+        return SiteReply(
+            SCHEMA_MISMATCH,
+            status_metrics(site, state),
+            problems=[
+                f"the site's schema {site.schema_path} differs from the study's published "
+                "schema; get the coordinator's schema file"
+            ],
+        )
+    return schema
 
 
 def train_site(
@@ -180,29 +212,17 @@ def train_site(
     server_round: int,
 ) -> SiteReply:
     """Run one round at a site; mutates ``state`` only when something was released."""
-    try:
-        schema = Schema.load(site.schema_path)
-    except SchemaError as exc:
-        return SiteReply(SCHEMA_MISMATCH, _status_metrics(site, state), problems=[str(exc)])
-    if schema_fingerprint(schema) != schema_fp:
-        return SiteReply(
-            SCHEMA_MISMATCH,
-            _status_metrics(site, state),
-            problems=[
-                f"the site's schema {site.schema_path} differs from the study's published "
-                "schema; get the coordinator's schema file"
-            ],
-        )
+    schema = site_schema(site, state, schema_fp)
+    if isinstance(schema, SiteReply):
+        return schema
     try:
         data = load_encoded(site, schema)
     except TableCheckError as exc:
         log.warning("site %s: %s", site.name, exc)  # full detail stays in the site's log
-        return SiteReply(INVALID_DATA, _status_metrics(site, state), problems=exc.shareable())
+        return SiteReply(INVALID_DATA, status_metrics(site, state), problems=exc.shareable())
 
     plan = RoundPlan(study.sample_rate, study.local_epochs, study.loss_report)
-    seed = (study.seed * 1_000_003 + server_round * 7919 + zlib.crc32(site.name.encode())) % (
-        2**31
-    )
+    seed = round_seed(study, site.name, server_round)
     dp: DPSettings | None = None
     if site.dp:
         state.ledger.mechanism = study.accountant
@@ -210,7 +230,7 @@ def train_site(
         count_pending = study.count_noise if state.noisy_count is None else None
         nxt = round_cost(state.ledger, sigma, plan, count_pending)
         if nxt.epsilon(site.delta) > site.epsilon * (1 + 1e-9):
-            return SiteReply(BUDGET_EXHAUSTED, _status_metrics(site, state))
+            return SiteReply(BUDGET_EXHAUSTED, status_metrics(site, state))
         dp = DPSettings(noise_multiplier=sigma, max_grad_norm=study.max_grad_norm)
 
     model = get_generator(study.generator)(schema, seed=study.seed, **study.generator_params)
@@ -251,6 +271,6 @@ def train_site(
         "steps": float(stats.steps),
         "noise-multiplier": dp.noise_multiplier if dp else 0.0,
         "train-seconds": stats.seconds,
-        **_status_metrics(site, state),
+        **status_metrics(site, state),
     }
     return SiteReply(TRAINED, metrics, arrays=model.state_dict())

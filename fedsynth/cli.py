@@ -56,6 +56,9 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--generator-params", default="{}",
                    help='JSON hyperparameters, e.g. \'{"hidden": 64, "latent": 16}\'')
     p.add_argument("--strategy", choices=["fedavg", "fedprox"], default=d.strategy)
+    p.add_argument("--secure-aggregation", choices=["none", "ckks"], default=d.secure_aggregation,
+                   help="ckks: sites send CKKS-encrypted updates the coordinator can only add "
+                   "(keys are set up in OUT/keys; see docs/encryption.md)")
     p.add_argument("--proximal-mu", type=float, default=0.01,
                    help="FedProx mu (used with --strategy fedprox)")
     p.add_argument("--holdout", type=float, default=0.2,
@@ -87,6 +90,7 @@ def _run_simulate(args: argparse.Namespace, console: Console) -> int:
             "output-dir": args.out,
             "n-synthetic": args.n_synthetic,
             "resume": args.resume,
+            "secure-aggregation": args.secure_aggregation,
         }
     )
     if not args.no_dp and args.epsilon <= 0:

@@ -5,6 +5,11 @@ runs the rounds with a site-aware FedAvg or FedProx, checkpoints the global gene
 after every round (so an interrupted study resumes where it stopped), and at the end
 saves the generator and samples the synthetic table. Everything it writes is DP
 post-processing of the sites' releases.
+
+With ``secure-aggregation = "ckks"`` (``server/secure.py``) it holds only the public
+context, so it checkpoints the summed ciphertexts (``checkpoint.ckks``) instead of a
+model, and after the last round one site releases the decrypted, flooded final model,
+which is then saved and sampled as usual.
 """
 
 from __future__ import annotations
@@ -18,17 +23,28 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from ..client.secure import RELEASED
+from ..common.encryption import KeySetupError, StateLayout, load_public_context
 from ..common.generators import Generator, ModelFileError, get_generator
 from ..common.schema import Schema
-from ..common.study import StudyConfig, schema_fingerprint
-from .strategy import RoundLog, make_strategy
+from ..common.study import ConfigError, StudyConfig, schema_fingerprint
+from .secure import (
+    EncryptedCheckpoint,
+    SecureAggregationMixin,
+    make_secure_strategy,
+    read_encrypted_checkpoint,
+    write_encrypted_checkpoint,
+)
+from .strategy import RoundLog, SiteAwareMixin, make_strategy
 
 log = logging.getLogger("fedsynth.coordinator")
 
 CHECKPOINT = "checkpoint.fsg"
+ENCRYPTED_CHECKPOINT = "checkpoint.ckks"
 MODEL = "model.fsg"
 SYNTHETIC = "synthetic.csv"
 SUMMARY = "summary.json"
@@ -79,45 +95,59 @@ def run_study(
     out = Path(study.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = get_generator(study.generator)(schema, seed=study.seed, **study.generator_params)
+    secure = study.secure_aggregation == "ckks"
     history: list[RoundLog] = []
     done = 0
-    ckpt = out / CHECKPOINT
+    ckpt = out / (ENCRYPTED_CHECKPOINT if secure else CHECKPOINT)
+    resumed: EncryptedCheckpoint | None = None
     if study.resume and ckpt.exists():
-        meta = Generator.read_meta(ckpt)
+        if secure:
+            resumed = read_encrypted_checkpoint(ckpt)
+            meta = resumed.meta
+        else:
+            meta = Generator.read_meta(ckpt)
         if meta.get("study-id") != study.study_id:
             raise ModelFileError(
                 f"checkpoint {ckpt} belongs to study {meta.get('study-id')!r}, not "
                 f"{study.study_id!r}; use another output folder or the matching study id"
             )
-        model = Generator.load(ckpt)
+        if not secure:
+            model = Generator.load(ckpt)
         done = int(meta["round"])
         history = _history_from_json(meta.get("history", []))
         log.info("resuming study %s after round %d", study.study_id, done)
     remaining = study.num_server_rounds - done
     extra = {**study.to_flat(), "schema-fingerprint": schema_fingerprint(schema)}
-    strategy = make_strategy(
-        study.strategy,
-        num_sites=0,
-        min_sites=study.min_sites,
-        proximal_mu=study.proximal_mu,
-        extra_config=extra,
-        round_offset=done,
-    )
+    sealed: SecureAggregationMixin | None = None
+    strategy: SiteAwareMixin
+    if secure:
+        strategy = sealed = _secure_strategy(study, model, extra, done, resumed, ckpt)
+    else:
+        strategy = make_strategy(
+            study.strategy,
+            num_sites=0,
+            min_sites=study.min_sites,
+            proximal_mu=study.proximal_mu,
+            extra_config=extra,
+            round_offset=done,
+        )
     strategy.history = history
     strategy.on_round = on_round
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
             return None
+        meta = {
+            "study-id": study.study_id,
+            "round": server_round + done,
+            "history": _history_to_json(strategy.history),
+        }
+        if sealed is not None:  # nothing readable to save: the sum of ciphertexts is it
+            meta["aggregate-round"] = sealed.aggregate_round
+            write_encrypted_checkpoint(ckpt, meta, sealed.layout, sealed.aggregate)
+            return None
         model.load_state_dict({k: v.numpy() for k, v in arrays.items()})
-        model.save(
-            ckpt,
-            extra={
-                "study-id": study.study_id,
-                "round": server_round + done,
-                "history": _history_to_json(strategy.history),
-            },
-        )
+        model.save(ckpt, extra=meta)
         return None
 
     start = time.perf_counter()
@@ -129,13 +159,18 @@ def run_study(
             train_config=ConfigRecord(),
             evaluate_fn=checkpoint,
         )
-        if len(result.arrays) > 0:  # empty when no site could train in any round
+        if len(result.arrays) > 0:  # empty when no site trained, or when encrypted
             model.load_state_dict({k: v.numpy() for k, v in result.arrays.items()})
+    secure_summary: dict[str, Any] | None = None
+    if sealed is not None:
+        secure_summary = _release(sealed, grid, model, study, ckpt)
     seconds = time.perf_counter() - start
     model.save(out / MODEL, extra={"study-id": study.study_id, "round": study.num_server_rounds})
 
     n = study.n_synthetic
     if n <= 0:
+        # Encrypted studies log no row counts (weights are None), so this falls back to
+        # 1000 rows: the coordinator does not know the total, by design.
         last = next((r for r in reversed(strategy.history) if r.included), None)
         weights = [s.weight or 0.0 for s in last.sites if s.weight] if last else []
         n = max(1, int(round(sum(weights)))) if weights else 1000
@@ -150,8 +185,82 @@ def run_study(
         "sites": final_site_privacy(strategy.history),
         "rounds": _history_to_json(strategy.history),
     }
+    if secure_summary is not None:
+        summary["secure_aggregation"] = secure_summary
     (out / SUMMARY).write_text(json.dumps(summary, indent=1, default=_json_default))
     return StudyOutcome(out, len(strategy.history), strategy.history, seconds)
+
+
+def _secure_strategy(
+    study: StudyConfig,
+    model: Generator,
+    extra: dict[str, Any],
+    done: int,
+    resumed: EncryptedCheckpoint | None,
+    ckpt: Path,
+) -> SecureAggregationMixin:
+    """The encrypted strategy, with the coordinator's public context and a resumed sum."""
+    if not study.public_context:
+        raise ConfigError(
+            "secure-aggregation = 'ckks' needs public-context: the coordinator's public CKKS "
+            "context written by `fedsynth keys study-init` (it holds no key)"
+        )
+    try:
+        public_ctx = load_public_context(study.public_context)
+    except KeySetupError as exc:
+        raise ConfigError(str(exc)) from None
+    layout = StateLayout.from_state(model.state_dict(), count_bound=study.count_bound)
+    aggregate, aggregate_round = None, 0
+    if resumed is not None:
+        if resumed.layout != layout:
+            raise ModelFileError(
+                f"checkpoint {ckpt} holds ciphertexts of another model layout (generator, "
+                "its parameters or count-bound changed); resume with the study's settings"
+            )
+        aggregate = resumed.aggregate or None
+        aggregate_round = int(resumed.meta.get("aggregate-round", 0))
+    return make_secure_strategy(
+        study.strategy,
+        min_sites=study.min_sites,
+        proximal_mu=study.proximal_mu,
+        extra_config=extra,
+        public_ctx=public_ctx,
+        layout=layout,
+        round_offset=done,
+        aggregate=aggregate,
+        aggregate_round=aggregate_round,
+    )
+
+
+def _release(
+    strategy: SecureAggregationMixin, grid: Grid, model: Generator, study: StudyConfig,
+    ckpt: Path
+) -> dict[str, Any]:
+    """The release step of an encrypted study: one site hands over the final model."""
+    released = strategy.release(grid, final_round=study.num_server_rounds)
+    if released is not None:
+        model.load_state_dict(released)
+    elif strategy.aggregate is not None:
+        reasons = "; ".join(f"{e.site}: {e.status} ({e.reason})" for e in strategy.releases)
+        raise RuntimeError(
+            f"no site released the final model ({reasons or 'no site answered'}); the "
+            f"encrypted sum is kept in {ckpt}: rerun with resume to ask the sites again"
+        )
+    plain_bytes = sum(
+        math.prod(s) * np.dtype(d).itemsize
+        for s, d in zip(strategy.layout.shapes, strategy.layout.dtypes, strict=True)
+    )
+    return {
+        "scheme": "ckks",
+        "public_context": study.public_context,
+        "ciphertexts_per_update": strategy.layout.n_chunks,
+        "bytes_per_update": sum(len(c) for c in strategy.aggregate or []),
+        "plaintext_bytes_per_update": plain_bytes,
+        "released_by": next(
+            (e.site for e in strategy.releases if e.status == RELEASED), None
+        ),
+        "release_attempts": [asdict(e) for e in strategy.releases],
+    }
 
 
 def final_site_privacy(history: list[RoundLog]) -> dict[str, dict[str, Any]]:

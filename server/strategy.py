@@ -51,6 +51,9 @@ class SiteAwareMixin:
     round_offset: int = 0
     reference: dict[str, tuple[tuple[int, ...], str]] | None = None
     on_round: Callable[[RoundLog], None] | None = None
+    # False when "num-examples" is a public constant and the real weights travel
+    # encrypted: the round log must then not present the constant as a row count.
+    weights_in_clear: bool = True
 
     def init_site_aware(self, extra_config: dict[str, Any], round_offset: int = 0) -> None:
         self.extra_config = extra_config
@@ -69,6 +72,10 @@ class SiteAwareMixin:
 
     def _check_reply(self, content: Any, site: str) -> str:
         """Why a reply with weights must be refused, or '' if it may be averaged."""
+        return self._check_update(content, site) or self._check_metrics(content)
+
+    def _check_update(self, content: Any, site: str) -> str:
+        """Why the reply's model update cannot be averaged in, or ''."""
         arrays = content.get("arrays") if "arrays" in content else None
         if not isinstance(arrays, ArrayRecord):
             return "no model arrays in a 'trained' reply"
@@ -82,12 +89,22 @@ class SiteAwareMixin:
                 return f"array {key!r} has shape {tuple(arr.shape)}, expected {ref[key][0]}"
             if not np.all(np.isfinite(arr.numpy())):
                 return f"array {key!r} holds NaN or infinite values"
+        return ""
+
+    def _check_weight(self, weight: Any) -> str:
+        """Why the reply's FedAvg weight ("num-examples") is unusable, or ''."""
+        if not isinstance(weight, int | float) or not math.isfinite(weight) or weight <= 0:
+            return f"impossible row count {weight!r}"
+        return ""
+
+    def _check_metrics(self, content: Any) -> str:
+        """Why the reply's metrics (weight, epsilon) are unusable, or ''."""
         metrics = content.get("metrics") if "metrics" in content else None
         if not isinstance(metrics, MetricRecord):
             return "no metrics record"
-        weight = metrics.get("num-examples")
-        if not isinstance(weight, int | float) or not math.isfinite(weight) or weight <= 0:
-            return f"impossible row count {weight!r}"
+        weight_problem = self._check_weight(metrics.get("num-examples"))
+        if weight_problem:
+            return weight_problem
         eps = metrics.get("epsilon")
         if not isinstance(eps, int | float) or not math.isfinite(eps) or (eps < 0 and eps != -1):
             return f"missing or impossible epsilon {eps!r}"
@@ -129,7 +146,8 @@ class SiteAwareMixin:
                                 reason)
                 else:
                     entry.loss = float(metrics.get("loss", math.nan))
-                    entry.weight = float(metrics["num-examples"])
+                    if self.weights_in_clear:
+                        entry.weight = float(metrics["num-examples"])
                     usable.append(msg)
             else:
                 log.warning(
@@ -145,6 +163,12 @@ class SiteAwareMixin:
             self.on_round(record)
         if not usable:
             return None, None
+        return self._aggregate(server_round, usable)
+
+    def _aggregate(
+        self, server_round: int, usable: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Combine the accepted replies: Flower's own weighted average, in clear."""
         return super().aggregate_train(server_round, usable)  # type: ignore[misc]
 
 
@@ -156,6 +180,12 @@ class SiteAwareFedProx(SiteAwareMixin, FedProx):
     """FedProx; sites add the proximal term after DP noising (see the trainer)."""
 
 
+STRATEGY_CLASSES: dict[str, type[SiteAwareMixin]] = {
+    "fedavg": SiteAwareFedAvg,
+    "fedprox": SiteAwareFedProx,
+}
+
+
 def make_strategy(
     name: str,
     *,
@@ -164,7 +194,10 @@ def make_strategy(
     proximal_mu: float,
     extra_config: dict[str, Any],
     round_offset: int = 0,
+    classes: dict[str, type[SiteAwareMixin]] | None = None,
 ) -> SiteAwareMixin:
+    """The study's strategy; ``classes`` swaps in other implementations (encrypted ones)."""
+    classes = STRATEGY_CLASSES if classes is None else classes
     common = {
         "fraction_train": 1.0,
         "fraction_evaluate": 0.0,
@@ -172,13 +205,10 @@ def make_strategy(
         "min_available_nodes": min_sites,
         "train_metrics_aggr_fn": _site_metrics,
     }
-    strategy: SiteAwareMixin
-    if name == "fedavg":
-        strategy = SiteAwareFedAvg(**common)
-    elif name == "fedprox":
-        strategy = SiteAwareFedProx(proximal_mu=proximal_mu, **common)
-    else:
+    if name not in classes:
         raise ValueError(f"unknown strategy {name!r}")
+    extra = {"proximal_mu": proximal_mu} if name == "fedprox" else {}
+    strategy = classes[name](**common, **extra)  # type: ignore[call-arg]
     strategy.init_site_aware(extra_config, round_offset)
     return strategy
 

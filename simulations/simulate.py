@@ -94,6 +94,62 @@ def prepare_sites(
     return sites, train_all, hold_all
 
 
+def setup_simulation_keys(
+    out: Path, study: StudyConfig, sites: list[SiteConfig]
+) -> tuple[StudyConfig, list[SiteConfig]]:
+    """The key set of an encrypted simulation, made with the real key-setup code.
+
+    Under ``out/keys``: one folder per site with its X25519 key pair (the first site is
+    the key holder), and the coordinator's folder (public context, the key holder's
+    public key, the wrapped contexts it relays). Each site then opens its wrapped
+    context itself, as a hospital would, from the paths in its SiteConfig; the
+    coordinator gets only the public context's path. A resumed study reuses the set,
+    because its checkpoint holds ciphertexts under that key.
+    """
+    from ..common.encryption import KeySetupError, create_study_keys, generate_site_keypair
+    from ..common.encryption.keys import (
+        HOLDER_PUBLIC_KEY_FILE,
+        MANIFEST_FILE,
+        PRIVATE_KEY_FILE,
+        PUBLIC_CONTEXT_FILE,
+    )
+
+    root = out / "keys"
+    coordinator = root / "coordinator"
+    site_dirs = {s.name: root / "sites" / s.name for s in sites}
+    manifest_path = coordinator / MANIFEST_FILE
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("study_id") != study.study_id or set(manifest["sites"]) != set(site_dirs):
+            raise ConfigError(
+                f"{root} holds the keys of another study or site list; use another output "
+                "folder (or remove that keys folder if its checkpoint is not needed)"
+            )
+        wrapped = {n: coordinator / manifest["sites"][n]["wrapped_file"] for n in site_dirs}
+    else:
+        try:
+            for folder in site_dirs.values():
+                if not (folder / PRIVATE_KEY_FILE).exists():  # a pair is whole or made anew
+                    generate_site_keypair(folder, force=True)
+            # No manifest means no complete set (it is written last): replace leftovers.
+            keys = create_study_keys(
+                study.study_id, site_dirs[sites[0].name], site_dirs, coordinator, force=True
+            )
+        except KeySetupError as exc:  # e.g. a site name a key file cannot carry
+            raise ConfigError(f"cannot set up the study's keys: {exc}") from None
+        wrapped = keys.wrapped
+    sites = [
+        replace(
+            s,
+            key_dir=str(site_dirs[s.name]),
+            holder_public_key=str(coordinator / HOLDER_PUBLIC_KEY_FILE),
+            wrapped_context=str(wrapped[s.name]),
+        )
+        for s in sites
+    ]
+    return replace(study, public_context=str(coordinator / PUBLIC_CONTEXT_FILE)), sites
+
+
 class _RoundPrinter:
     """Shows round i of R, the DP loss and each site's epsilon as the study goes."""
 
@@ -129,6 +185,12 @@ def simulate(opts: SimulationOptions, console: Console | None = None) -> dict[st
     schema_path = bundled_schema_path(opts.dataset)
     study = replace(opts.study, schema=str(schema_path), min_sites=min(opts.study.min_sites,
                                                                        len(sites)))
+    if study.secure_aggregation == "ckks":
+        study, sites = setup_simulation_keys(out, study, sites)
+        console.print(
+            f"CKKS secure aggregation: key holder {sites[0].name}; keys in {out / 'keys'} "
+            "(the coordinator gets only the public context)"
+        )
     console.print(
         f"[bold]fedsynth[/bold] study on {opts.dataset}: {len(sites)} sites, "
         f"{len(train)} training rows, {len(hold)} held out; generator {study.generator}, "

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from .base import ConditionError, Generator, ModelFileError
+from .ctgan import CTGAN
+from .diffusion import TabDDPM
 from .tvae import TVAE
 
-REGISTRY: dict[str, type[Generator]] = {TVAE.name: TVAE}
+REGISTRY: dict[str, type[Generator]] = {TVAE.name: TVAE, CTGAN.name: CTGAN, TabDDPM.name: TabDDPM}
 DEFAULT_GENERATOR = "tvae"
 
 
@@ -20,11 +22,13 @@ def get_generator(name: str) -> type[Generator]:
 
 
 __all__ = [
+    "CTGAN",
     "ConditionError",
     "DEFAULT_GENERATOR",
     "Generator",
     "ModelFileError",
     "REGISTRY",
     "TVAE",
+    "TabDDPM",
     "get_generator",
 ]

@@ -66,7 +66,7 @@ class TVAE(Generator):
     # - kl_weight 0.3: with the full KL term the decoder learned the marginals and
     #   ignored the latent code (posterior collapse), so associations between columns
     #   were lost even without DP (TSTR AUROC 0.41 without DP at kl_weight 1);
-    # - ema 0.9: a round returns the moving average of its DP iterates (free
+    # - iterate_ema 0.9: a round returns the moving average of its DP iterates (free
     #   post-processing that cancels part of the noise);
     # - a larger learning rate than TVAE's, as usual for DP training with large batches.
     defaults: ClassVar[dict[str, Any]] = {
@@ -75,7 +75,7 @@ class TVAE(Generator):
         "lr": 1e-2,
         "numeric_sigma": 0.5,
         "kl_weight": 0.3,
-        "ema": 0.9,
+        "iterate_ema": 0.9,
         "loss_bound": 100.0,
     }
 

@@ -80,9 +80,10 @@ def train_round(
     With ``dp`` set, each step is a DP-SGD step recorded in ``ledger``; without it, the
     same batches train with plain Adam (the no-DP baseline of the benchmarks).
 
-    With ``hparams["ema"] > 0`` the round returns an exponential moving average of the
-    iterates instead of the last one: each iterate is already DP, so averaging is free
-    post-processing, and it cancels much of the noise DP-SGD injected (De et al. 2022,
+    With ``hparams["iterate_ema"] > 0`` the round returns an exponential moving average
+    of the private module's iterates instead of the last one: each iterate is already
+    DP, so averaging is free post-processing, and it cancels much of the noise DP-SGD
+    injected (De et al. 2022,
     "Unlocking high-accuracy differentially private image classification").
 
     ``proximal_mu`` adds FedProx's pull towards the round's starting (global) weights.
@@ -125,8 +126,8 @@ def train_round(
             if p.grad is not None:
                 p.grad.add_(p.detach() - anchor, alpha=proximal_mu)
 
-    ema_decay = float(generator.hparams.get("ema", 0.0))
-    params = [p for net in generator.networks().values() for p in net.parameters()]
+    ema_decay = float(generator.hparams.get("iterate_ema", 0.0))
+    params = list(module.parameters())
     ema = [p.detach().clone() for p in params] if ema_decay > 0 else []
 
     generator.begin_round(seed)
@@ -153,9 +154,10 @@ def train_round(
                 total_loss += float(losses.detach().sum())
                 total_rows += int(batch.shape[0])
                 generator.after_private_step(forward)
-                with torch.no_grad():
-                    for avg, p in zip(ema, params, strict=True):
-                        avg.mul_(ema_decay).add_(p.detach(), alpha=1.0 - ema_decay)
+                if ema:
+                    with torch.no_grad():
+                        for avg, p in zip(ema, params, strict=True):
+                            avg.mul_(ema_decay).add_(p.detach(), alpha=1.0 - ema_decay)
         if ema:
             with torch.no_grad():
                 for avg, p in zip(ema, params, strict=True):

@@ -1,0 +1,269 @@
+"""The conditional GAN and the tabular diffusion model on the real heart-disease data.
+
+Both go through the shared DP trainer; the GAN's tests also pin down the two things
+that make its DP guarantee hold: only the discriminator is privatised (the generator's
+step leaves it untouched and never sees a real row), and every discriminator step
+scores a fixed, public number of fake rows whatever the site's size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from opacus import GradSampleModule
+from opacus.accountants import RDPAccountant
+
+from fedsynth.client.site import TRAINED, SiteState, train_site
+from fedsynth.common.generators import (
+    CTGAN,
+    DEFAULT_GENERATOR,
+    ConditionError,
+    Generator,
+    TabDDPM,
+    get_generator,
+)
+from fedsynth.common.privacy import DPSettings, PrivacyLedger, train_round
+from fedsynth.common.schema import Schema
+from fedsynth.common.study import SiteConfig, StudyConfig, schema_fingerprint
+from fedsynth.common.table import conform, read_table
+
+SMALL: dict[str, dict[str, Any]] = {
+    "ctgan": {"g_hidden": 32, "d_hidden": 32, "z_dim": 8, "fake_batch": 16},
+    "ddpm": {"hidden": 32, "steps": 20},
+}
+FAMILIES = sorted(SMALL)
+EPSILON = 5.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Any:
+    """These networks are tiny: torch's intra-op threads only add contention (10x slower
+    on a busy 2-core machine), so this module runs single-threaded and then restores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def frame(heart_schema: Schema, heart_files: dict[str, Path]) -> pd.DataFrame:
+    return read_table(heart_files["cleveland"], heart_schema)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def fitted(request: pytest.FixtureRequest, heart_schema: Schema, frame: pd.DataFrame
+           ) -> Generator:
+    name = request.param
+    model = get_generator(name)(heart_schema, seed=3, **SMALL[name])
+    return model.fit(frame, epochs=2, epsilon=EPSILON)
+
+
+def test_registered_by_name() -> None:
+    assert get_generator("ctgan") is CTGAN and get_generator("ddpm") is TabDDPM
+    assert DEFAULT_GENERATOR == "tvae"
+
+
+def test_dp_fit_stays_within_budget(fitted: Generator) -> None:
+    assert fitted.fit_info["steps"] == 20
+    assert 0.97 * EPSILON < fitted.fit_info["epsilon"] <= EPSILON
+
+
+def test_samples_conform_to_schema(fitted: Generator, heart_schema: Schema) -> None:
+    rows = fitted.sample(300, seed=1)
+    assert len(rows) == 300 and list(rows.columns) == heart_schema.names
+    conform(rows, heart_schema)
+
+
+@pytest.mark.parametrize("conditions", [{"sex": 0, "num": 1}, {"num": 4}, {"cp": 2}])
+def test_conditional_sampling_is_exact(fitted: Generator, conditions: dict[str, Any]) -> None:
+    rows = fitted.sample(40, conditions=conditions, seed=2)
+    assert len(rows) == 40
+    for column, value in conditions.items():
+        assert set(rows[column]) == {value}
+
+
+def test_impossible_conditions_are_refused(fitted: Generator) -> None:
+    with pytest.raises(ConditionError, match="categories"):
+        fitted.sample(5, conditions={"num": 9})
+    with pytest.raises(ConditionError, match="domain"):
+        fitted.sample(5, conditions={"age": 200})
+    with pytest.raises(ConditionError, match="never missing"):
+        fitted.sample(5, conditions={"sex": None})
+
+
+def test_state_round_trips(fitted: Generator, heart_schema: Schema, tmp_path: Path) -> None:
+    prefixes = {key.split(".")[0] for key in fitted.state_dict()}
+    expected = {"gen", "gen_ema", "disc", "cond"} if fitted.name == "ctgan" else {"denoiser"}
+    assert prefixes == expected
+    path = tmp_path / "model.fsg"
+    fitted.save(path)
+    loaded = Generator.load(path)
+    pd.testing.assert_frame_equal(fitted.sample(50, seed=4), loaded.sample(50, seed=4))
+    other = type(fitted)(heart_schema, seed=99, **SMALL[fitted.name])
+    other.load_state_dict(fitted.state_dict())
+    pd.testing.assert_frame_equal(fitted.sample(50, seed=5), other.sample(50, seed=5))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_empty_poisson_batch_makes_a_noisy_step(name: str, heart_schema: Schema,
+                                                frame: pd.DataFrame) -> None:
+    model = get_generator(name)(heart_schema, seed=0, **SMALL[name])
+    module = model.private_module()
+    empty = torch.zeros(0, model.encoder.dim)
+    losses = model.per_sample_loss(module, empty)
+    assert losses.shape == ((SMALL[name].get("fake_batch", 0),))
+    before = [p.detach().clone() for p in module.parameters()]
+    one_row = model.encoder.encode(frame.iloc[:1])
+    ledger = PrivacyLedger()
+    stats = train_round(model, one_row, epochs=1, sample_rate=0.05,
+                        dp=DPSettings(noise_multiplier=1.0), ledger=ledger, seed=0)
+    assert stats.steps == 20 and stats.rows_seen < stats.steps  # empty batches happened
+    assert ledger.total_steps() == 20
+    after = list(module.parameters())
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+# -- the GAN's DP structure ------------------------------------------------------------
+
+
+def _gan(schema: Schema, **extra: Any) -> CTGAN:
+    return CTGAN(schema, seed=0, **{**SMALL["ctgan"], **extra})
+
+
+def test_cond_column_and_dp_frequencies(heart_schema: Schema) -> None:
+    gan = _gan(heart_schema)
+    assert gan.statistics_column() == "num"  # the schema's outcome
+    assert TabDDPM(heart_schema, **SMALL["ddpm"]).statistics_column() is None
+    gan.set_statistics(np.array([30.0, -4.0, 10.0, 0.0, 0.0]))  # noisy: may be negative
+    freq = gan.state_dict()["cond.freq"]
+    np.testing.assert_allclose(freq, [0.75, 0.0, 0.25, 0.0, 0.0])
+    with pytest.raises(ValueError, match="categorical"):
+        _gan(heart_schema, cond_column="age")
+    assert _gan(heart_schema, cond_column="sex").statistics_column() == "sex"
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_generator_step_leaves_the_discriminator_alone(heart_schema: Schema,
+                                                       frame: pd.DataFrame) -> None:
+    gan = _gan(heart_schema)
+    batch = torch.as_tensor(gan.encoder.encode(frame.iloc[:10]))
+    disc = GradSampleModule(gan.discriminator, loss_reduction="sum", strict=True)
+    gan.per_sample_loss(disc, batch).sum().backward()  # a private step's gradients
+    d_params = [p.detach().clone() for p in disc.parameters()]
+    d_grads = [p.grad.clone() for p in disc.parameters()]
+    d_samples = [p.grad_sample.clone() for p in disc.parameters()]
+    g_params = [p.detach().clone() for p in gan.generator_net.parameters()]
+    gan.begin_round(0)
+    gan.after_private_step(disc)
+    assert disc.hooks_enabled
+    for p, value, grad, sample in zip(disc.parameters(), d_params, d_grads, d_samples,
+                                      strict=True):
+        assert torch.equal(p, value) and torch.equal(p.grad, grad)
+        assert torch.equal(p.grad_sample, sample)
+    assert any(not torch.equal(p, q) for p, q in
+               zip(gan.generator_net.parameters(), g_params, strict=True))
+    assert float(gan.state_dict()["gen_ema.updates"][0]) == 1.0  # the average moved too
+
+
+def test_generator_step_does_not_depend_on_real_rows(heart_schema: Schema,
+                                                     frame: pd.DataFrame) -> None:
+    """Same discriminator and seed, different real batch before: same generator update."""
+    encoded = torch.as_tensor(_gan(heart_schema).encoder.encode(frame))
+    results = []
+    for rows in (encoded[:20], encoded[100:103], encoded[:0]):
+        gan = _gan(heart_schema)
+        torch.manual_seed(7)
+        gan.per_sample_loss(gan.discriminator, rows)  # the discriminator's forward only
+        gan.begin_round(0)
+        gan.after_private_step(gan.discriminator)
+        results.append([p.detach().clone() for p in gan.generator_net.parameters()]
+                       + [p.detach().clone() for p in gan.generator_ema.parameters()])
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
+
+
+def test_trainer_hands_the_generator_step_only_the_private_module(
+    heart_schema: Schema, frame: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gan = _gan(heart_schema)
+    seen: list[tuple[Any, ...]] = []
+    original = gan.after_private_step
+
+    def spy(*args: Any, **kwargs: Any) -> None:
+        seen.append(args + tuple(kwargs.values()))
+        original(*args, **kwargs)
+
+    monkeypatch.setattr(gan, "after_private_step", spy)
+    train_round(gan, gan.encoder.encode(frame), epochs=1, sample_rate=0.1,
+                dp=DPSettings(noise_multiplier=1.0), ledger=PrivacyLedger(), seed=0)
+    assert len(seen) == 10
+    for args in seen:
+        assert len(args) == 1 and isinstance(args[0], GradSampleModule)
+        assert args[0]._module is gan.discriminator
+
+
+def test_fake_rows_per_step_are_a_public_constant(heart_schema: Schema,
+                                                  heart_files: dict[str, Path],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    for fake_batch in (16, 40):
+        gan = _gan(heart_schema, fake_batch=fake_batch)
+        counts: list[tuple[int, int]] = []
+        original = gan.per_sample_loss
+
+        def spy(module: torch.nn.Module, batch: torch.Tensor,
+                _orig: Any = original, _counts: list = counts) -> torch.Tensor:
+            losses = _orig(module, batch)
+            _counts.append((int(batch.shape[0]), int(losses.shape[0])))
+            return losses
+
+        monkeypatch.setattr(gan, "per_sample_loss", spy)
+        for site in ("cleveland", "switzerland"):  # 303 and 123 rows
+            data = gan.encoder.encode(read_table(heart_files[site], heart_schema))
+            train_round(gan, data, epochs=1, sample_rate=0.1,
+                        dp=DPSettings(noise_multiplier=1.0), ledger=PrivacyLedger(), seed=1)
+        assert len(counts) == 20
+        assert {total - real for real, total in counts} == {fake_batch}
+        assert len({real for real, _ in counts}) > 1  # Poisson sizes vary, fakes do not
+
+
+# -- per-site accounting across rounds -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_site_accounting_composes_over_rounds(name: str, heart_schema: Schema,
+                                              heart_schema_path: Path,
+                                              heart_files: dict[str, Path]) -> None:
+    rounds = 2
+    study = StudyConfig(num_server_rounds=rounds, local_epochs=1, sample_rate=0.1,
+                        generator=name, generator_params=SMALL[name], count_noise=10.0)
+    site = SiteConfig("hungarian", str(heart_files["hungarian"]), str(heart_schema_path),
+                      epsilon=3.0, delta=1e-5)
+    model = get_generator(name)(heart_schema, seed=study.seed, **SMALL[name])
+    state = SiteState()
+    replies = []
+    for r in range(1, rounds + 1):
+        reply = train_site(site, study, schema_fingerprint(heart_schema), model.state_dict(),
+                           state, r)
+        assert reply.status == TRAINED and reply.arrays is not None
+        model.load_state_dict(reply.arrays)
+        replies.append(reply)
+    sigma = replies[0].metrics["noise-multiplier"]
+    steps = int(replies[0].metrics["steps"])
+    assert steps == 10
+    one = RDPAccountant()
+    one.history = [(study.count_noise, 1.0, 1), (sigma, 0.1, rounds * (steps + 1))]
+    assert replies[-1].metrics["epsilon"] == pytest.approx(one.get_epsilon(delta=1e-5),
+                                                           abs=1e-6)
+    assert replies[-1].metrics["epsilon"] <= 3.0
+    assert replies[0].metrics["epsilon"] < replies[-1].metrics["epsilon"]
+    if name == "ctgan":  # the site's one DP histogram is what the GAN's conditions use
+        assert state.histogram is not None and state.histogram.shape == (5,)
+        hist = np.clip(state.histogram, 0.0, None)
+        np.testing.assert_allclose(model.state_dict()["cond.freq"], hist / hist.sum(),
+                                   rtol=1e-5)
