@@ -2,7 +2,9 @@
 
 Subcommands: ``simulate`` (a whole study on this machine), ``check`` (a site's table
 against the schema), ``sample`` (draw rows from a saved generator), ``validate``
-(score synthetic data against real data), ``keys`` (encryption keys of a study).
+(score synthetic data against real data), ``keys`` (encryption keys of a study),
+``certs`` (TLS and SuperNode authentication material), ``preflight`` (a site's
+checks before it joins a deployed study).
 
 Errors a user can fix (bad input, a missing file, a corrupt model) end with one
 message naming the problem and what to do, and exit code 2; nothing is written.
@@ -212,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("keys", help="encryption keys of a study (see `fedsynth keys -h`)",
                    add_help=False)
+    sub.add_parser("certs", help="TLS CA, coordinator certificate and SuperNode auth keys",
+                   add_help=False)
+    sub.add_parser("preflight", help="a site's checks before its SuperNode joins a study",
+                   add_help=False)
     return parser
 
 
@@ -223,6 +229,14 @@ def main(argv: list[str] | None = None) -> int:
         from .common.encryption.keys import keys_command
 
         return keys_command(argv[1:])
+    if argv and argv[0] == "certs":
+        from .common.certs import certs_command
+
+        return certs_command(argv[1:])
+    if argv and argv[0] == "preflight":
+        from .client.preflight import preflight_command
+
+        return preflight_command(argv[1:])
     args = build_parser().parse_args(argv)
     handlers = {
         "simulate": _run_simulate,
