@@ -58,11 +58,14 @@ def load_sites_file(ref: str) -> list[SiteConfig]:
 
 def resolve_site(context: Context, sites: list[SiteConfig] | None) -> SiteConfig:
     node = dict(context.node_config)
-    if "data-path" in node:
+    if "data-path" in node or "partition-id" not in node:
+        # A real SuperNode: its own node config or nothing. Falling back to a bundled
+        # demo table here would make a misconfigured hospital train on someone else's
+        # rows under its own name.
         return SiteConfig.from_node_config(node)
     if sites is None:
         sites = load_sites_file(str(context.run_config.get("simulation-sites", "")))
-    idx = int(node.get("partition-id", 0))
+    idx = int(node["partition-id"])
     if idx >= len(sites):
         raise ConfigError(f"partition {idx} has no site: the study lists {len(sites)} sites")
     return sites[idx]
