@@ -348,8 +348,6 @@ def write_report(
         writer = csv.DictWriter(handle, fieldnames=[k for k, _ in COLUMNS])
         writer.writeheader()
         writer.writerows(rows)
-    if runs:
-        out.with_name(out.stem + "-quality.json").write_text(json.dumps(runs, indent=1))
     return csv_path
 
 

@@ -83,6 +83,9 @@ def prepare_sites(
                 delta=opts.delta,
                 dp=opts.dp,
                 noise_multiplier=opts.site_noise.get(name),
+                # the ledger must outlive a coordinator restart (--resume starts a new
+                # Flower run, and with it a fresh context.state)
+                state_dir=str(out / "site-state" / name),
             )
         )
         trains.append(train.assign(site=name))
