@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -184,6 +185,9 @@ def simulate(opts: SimulationOptions, console: Console | None = None) -> dict[st
     out = Path(opts.study.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    if not opts.study.resume:
+        # a new study in an old folder: the old study's ledgers are not this one's
+        shutil.rmtree(out / "site-state", ignore_errors=True)
     sites, train, hold = prepare_sites(opts, out)
     schema_path = bundled_schema_path(opts.dataset)
     study = replace(opts.study, schema=str(schema_path), min_sites=min(opts.study.min_sites,
