@@ -26,6 +26,7 @@ from .common.generators import DEFAULT_GENERATOR, REGISTRY, ConditionError, Mode
 from .common.schema import SchemaError
 from .common.study import ConfigError, StudyConfig
 from .common.table import TableCheckError
+from .server.app import StudyFailed
 
 EXIT_USAGE = 2
 
@@ -247,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args, console)
     except (
+        StudyFailed,
         TableCheckError,
         SchemaError,
         ConfigError,

@@ -50,6 +50,10 @@ SYNTHETIC = "synthetic.csv"
 SUMMARY = "summary.json"
 
 
+class StudyFailed(RuntimeError):
+    """The study produced no trained model; the summary says what each site replied."""
+
+
 @dataclass
 class StudyOutcome:
     output_dir: Path
@@ -75,7 +79,14 @@ def _history_to_json(history: list[RoundLog]) -> list[dict[str, Any]]:
 def _history_from_json(raw: list[dict[str, Any]]) -> list[RoundLog]:
     from .strategy import SiteRound
 
-    return [RoundLog(round=r["round"], sites=[SiteRound(**s) for s in r["sites"]]) for r in raw]
+    return [
+        RoundLog(
+            round=r["round"],
+            sites=[SiteRound(**s) for s in r["sites"]],
+            aggregated=bool(r.get("aggregated", True)),
+        )
+        for r in raw
+    ]
 
 
 def write_synthetic(model: Generator, path: Path, n: int, seed: int, header: bool = True) -> None:
@@ -165,6 +176,21 @@ def run_study(
     if sealed is not None:
         secure_summary = _release(sealed, grid, model, study, ckpt)
     seconds = time.perf_counter() - start
+    if not any(r.aggregated and r.included for r in strategy.history):
+        # No round ever combined enough sites: an untrained model and samples from it
+        # must not look like a study's result.
+        failed = {
+            "study": study.to_flat(),
+            "status": "no-training",
+            "rounds_completed": len(strategy.history),
+            "sites": final_site_privacy(strategy.history),
+            "rounds": _history_to_json(strategy.history),
+        }
+        (out / SUMMARY).write_text(json.dumps(failed, indent=1, default=_json_default))
+        raise StudyFailed(
+            f"no round had at least {study.min_sites} site(s) that trained; see "
+            f"{out / SUMMARY} for what each site replied"
+        )
     model.save(out / MODEL, extra={"study-id": study.study_id, "round": study.num_server_rounds})
 
     n = study.n_synthetic
@@ -269,12 +295,14 @@ def final_site_privacy(history: list[RoundLog]) -> dict[str, dict[str, Any]]:
     for record in history:
         for s in record.sites:
             entry = sites.setdefault(
-                s.site, {"epsilon": None, "rounds_trained": 0, "last_status": None}
+                s.site,
+                {"epsilon": None, "rounds_trained": 0, "last_status": None, "problems": []},
             )
             if s.epsilon is not None:
                 entry["epsilon"] = None if s.epsilon < 0 else s.epsilon
             entry["rounds_trained"] += int(s.status == "trained")
             entry["last_status"] = s.status
+            entry["problems"] = list(s.problems) or ([s.reason] if s.reason else [])
     return sites
 
 

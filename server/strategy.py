@@ -39,6 +39,7 @@ class SiteRound:
 class RoundLog:
     round: int
     sites: list[SiteRound] = field(default_factory=list)
+    aggregated: bool = True
 
     @property
     def included(self) -> list[str]:
@@ -49,6 +50,7 @@ class SiteAwareMixin:
     """Splits replies into trained / not trained, validates, keeps a per-site log."""
 
     round_offset: int = 0
+    min_round_sites: int = 1
     reference: dict[str, tuple[tuple[int, ...], str]] | None = None
     on_round: Callable[[RoundLog], None] | None = None
     # False when "num-examples" is a public constant and the real weights travel
@@ -66,9 +68,25 @@ class SiteAwareMixin:
         if self.reference is None:
             self.reference = {k: (tuple(v.shape), v.dtype) for k, v in arrays.items()}
         config = ConfigRecord({**dict(config), **self.extra_config})
-        return super().configure_train(  # type: ignore[misc]
-            server_round + self.round_offset, arrays, config, grid
+        messages = list(
+            super().configure_train(  # type: ignore[misc]
+                server_round + self.round_offset, arrays, config, grid
+            )
         )
+        # Remember who each message went to: an error reply (a site that crashed or
+        # timed out) comes from the SuperLink, not from the site, and must still be
+        # logged under the site's name.
+        # (The grid stamps each message's id when it pushes it, so keep the objects.)
+        self.sent_messages = messages
+        return messages
+
+    def _site_of_error(self, msg: Message) -> str:
+        sent = {m.metadata.message_id: m.metadata.dst_node_id
+                for m in getattr(self, "sent_messages", [])}
+        node = sent.get(msg.metadata.reply_to_message_id)
+        if node is None:
+            return "unknown site"
+        return getattr(self, "node_names", {}).get(node, f"node {node}")
 
     def _check_reply(self, content: Any, site: str) -> str:
         """Why a reply with weights must be refused, or '' if it may be averaged."""
@@ -117,17 +135,17 @@ class SiteAwareMixin:
         usable: list[Message] = []
         for msg in replies:
             if msg.has_error():
-                record.sites.append(
-                    SiteRound(
-                        site=f"node {msg.metadata.src_node_id}",
-                        status="failed",
-                        reason=str(msg.error.reason)[:300],
-                    )
-                )
+                site = self._site_of_error(msg)
+                reason = str(msg.error.reason)[:300]
+                log.warning("round %d: no reply from %s: %s", record.round, site, reason)
+                record.sites.append(SiteRound(site=site, status="failed", reason=reason))
                 continue
             content = msg.content
             info = dict(content["site"]) if "site" in content else {}
             name = str(info.get("name", f"node {msg.metadata.src_node_id}"))
+            if not hasattr(self, "node_names"):
+                self.node_names: dict[int, str] = {}
+            self.node_names[msg.metadata.src_node_id] = name
             status = str(info.get("status", "unknown"))
             metrics = dict(content["metrics"]) if "metrics" in content else {}
             eps = metrics.get("epsilon")
@@ -161,7 +179,15 @@ class SiteAwareMixin:
         self.history.append(record)
         if self.on_round is not None:
             self.on_round(record)
-        if not usable:
+        if len(usable) < max(1, self.min_round_sites):
+            # Too few sites this round: keep the previous global model rather than let
+            # one or two hospitals stand for the federation.
+            if usable:
+                log.warning(
+                    "round %d: only %d site(s) trained, fewer than min-sites %d; the global "
+                    "model is kept as it was", record.round, len(usable), self.min_round_sites
+                )
+            record.aggregated = False
             return None, None
         return self._aggregate(server_round, usable)
 
@@ -210,6 +236,7 @@ def make_strategy(
     extra = {"proximal_mu": proximal_mu} if name == "fedprox" else {}
     strategy = classes[name](**common, **extra)  # type: ignore[call-arg]
     strategy.init_site_aware(extra_config, round_offset)
+    strategy.min_round_sites = min_sites
     return strategy
 
 

@@ -28,7 +28,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..common.study import ConfigError, SiteConfig, StudyConfig
 from ..common.table import read_table
-from ..server.app import SUMMARY, SYNTHETIC, make_server_app
+from ..server.app import SUMMARY, SYNTHETIC, StudyFailed, make_server_app
 from ..server.strategy import RoundLog
 from .datasets import bundled_schema_path, load_site_frames
 from .splits import holdout_split, write_site_table
@@ -212,18 +212,30 @@ def simulate(opts: SimulationOptions, console: Console | None = None) -> dict[st
         transient=False,
     ) as progress:
         printer = _RoundPrinter(console, study.num_server_rounds, progress)
-        run_simulation(
-            server_app=make_server_app(study, on_round=printer),
-            client_app=make_client_app(sites),
-            num_supernodes=len(sites),
-            backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                "init_args": {"num_cpus": max(1, min(len(sites), os.cpu_count() or 1))},
-            },
-            verbose_logging=opts.verbose,
-        )
+        try:
+            run_simulation(
+                server_app=make_server_app(study, on_round=printer),
+                client_app=make_client_app(sites),
+                num_supernodes=len(sites),
+                backend_config={
+                    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                    "init_args": {"num_cpus": max(1, min(len(sites), os.cpu_count() or 1))},
+                },
+                verbose_logging=opts.verbose,
+            )
+        except RuntimeError:
+            # Flower wraps the ServerApp's exception; the summary below says what failed
+            if not (out / SUMMARY).exists():
+                raise
     t_train = time.perf_counter() - t0
     summary_path = out / SUMMARY
+    if summary_path.exists() and json.loads(summary_path.read_text()).get("status") == (
+        "no-training"
+    ):
+        raise StudyFailed(
+            f"no round had enough sites that trained; {summary_path} lists what each "
+            "site replied"
+        )
     if not summary_path.exists():
         raise RuntimeError(
             "the federated study did not finish (no summary written); rerun with --verbose "
