@@ -87,6 +87,11 @@ def test_conditional_sampling_is_exact(fitted: Generator, conditions: dict[str, 
         assert set(rows[column]) == {value}
 
 
+def test_cohort_balancing_gives_equal_classes(fitted: Generator) -> None:
+    rows = fitted.sample_balanced(50, "num", seed=3)
+    assert rows["num"].value_counts().to_dict() == {0: 10, 1: 10, 2: 10, 3: 10, 4: 10}
+
+
 def test_impossible_conditions_are_refused(fitted: Generator) -> None:
     with pytest.raises(ConditionError, match="categories"):
         fitted.sample(5, conditions={"num": 9})

@@ -106,16 +106,17 @@ class TabDDPM(Generator):
     #   faster;
     # - lr 1e-2: a few hundred noisy DP steps need large Adam steps (1e-3 stalled at a
     #   column fidelity of 0.65-0.67; 2e-2 diverged); in the federated heart study
-    #   (4 hospitals, 10 rounds of 20 steps) 1e-2 beat 5e-3 at epsilon 3 (TSTR AUROC
-    #   0.58 vs 0.50, fidelity 0.79 vs 0.69), where each site's small batches make the
-    #   noise larger than in a central run;
+    #   (4 hospitals, 10 rounds of 20 full-batch steps) 1e-2 beat 5e-3 at epsilon 3
+    #   (TSTR AUROC 0.58 vs 0.50, fidelity 0.79 vs 0.69): a site's full-batch steps get
+    #   no amplification by subsampling, so each carries several times more noise than
+    #   a central step at q = 0.1, and Adam's steps must be larger to get anywhere;
     # - ce_weight 1.0: the per-row gradient is clipped as a whole, so the weights of the
     #   loss terms set its direction; with 0.1 the numeric MSE dominated and the
     #   categorical columns (the outcome among them) drowned in the noise (TSTR AUROC at
     #   epsilon 3: 0.57 -> 0.70); with 0 (KL only) fidelity fell to 0.66-0.73;
-    # - ema 0.9: the shared trainer returns the moving average of a round's DP iterates
-    #   (free post-processing). It starts from the round's initial weights, so a decay
-    #   near 1 freezes a short federated round (0.99 over a site's 20 steps keeps 82% of
+    # - iterate_ema 0.9: the shared trainer returns the moving average of a round's DP
+    #   iterates (free post-processing). It starts from the round's initial weights, so a
+    #   decay near 1 freezes a short federated round (0.99 over a site's 20 steps keeps 82% of
     #   the start; federated AUROC fell to 0.45); 0.9 forgets the start within a round;
     # - steps 100, cosine: see the module docstring (speed of sampling, short chain).
     defaults: ClassVar[dict[str, Any]] = {
@@ -126,7 +127,7 @@ class TabDDPM(Generator):
         "schedule": "cosine",
         "lr": 1e-2,
         "ce_weight": 1.0,
-        "ema": 0.9,
+        "iterate_ema": 0.9,
         "loss_bound": 50.0,
     }
 
