@@ -33,14 +33,12 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import datetime as dt
 import hashlib
 import ipaddress
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +48,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-FILE_MODE = 0o600
-DIR_MODE = 0o700
+from .secret_files import ensure_dir, write_private
+
 CURVE = ec.SECP384R1
 
 CA_KEY = "ca.key"
@@ -102,24 +100,11 @@ class StudyCerts:
 
 
 def _ensure_dir(path: Path) -> None:
-    """Create ``path`` and its missing parents owner-only (mkdir's mode obeys the umask)."""
-    missing: list[Path] = []
-    probe = path
-    while not probe.exists():
-        missing.append(probe)
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir():
-        raise CertError(f"{probe} exists and is not a folder; choose another output folder")
-    for folder in reversed(missing):
-        try:
-            folder.mkdir(mode=DIR_MODE)
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            raise CertError(f"cannot create folder {folder}: {exc.strerror or exc}") from None
-        os.chmod(folder, DIR_MODE)
+    ensure_dir(path, CertError)
+
+
+def _write_private(path: Path, data: bytes, *, force: bool) -> None:
+    write_private(path, data, force=force, error=CertError, hint="(pass --force)")
 
 
 def _refuse_existing(paths: Sequence[Path], force: bool) -> None:
@@ -133,47 +118,6 @@ def _refuse_existing(paths: Sequence[Path], force: bool) -> None:
             "(move the folder away, or pass --force if you really mean to replace them: "
             "parties holding the old files will no longer connect)"
         )
-
-
-def _write_private(path: Path, data: bytes, *, force: bool) -> None:
-    """Write ``data`` as a 0o600 file via a temporary file in the same folder.
-
-    Without ``force`` the final step is a hard link, which fails if the name exists, so
-    two runs racing each other cannot replace a key either.
-    """
-    _ensure_dir(path.parent)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if force:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise CertError(
-                    f"{path} already exists; refusing to overwrite (pass --force)"
-                ) from None
-            except OSError:  # a file system without hard links
-                if path.exists():
-                    raise CertError(f"{path} already exists; refusing to overwrite") from None
-                os.replace(tmp, path)
-    except OSError as exc:
-        raise CertError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def _read(path: Path, what: str) -> bytes:

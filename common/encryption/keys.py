@@ -38,7 +38,6 @@ so editing it breaks the tag.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -46,7 +45,6 @@ import re
 import secrets
 import struct
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -60,6 +58,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from ..secret_files import ensure_dir, write_private
 from .ckks import (
     COEFF_MOD_BIT_SIZES,
     POLY_MODULUS_DEGREE,
@@ -82,8 +81,6 @@ MANIFEST_FILE = "study-keys.json"
 WRAPPED_SUFFIX = ".ckks-context.wrapped"
 WRAPPED_DIRNAME = "wrapped"
 
-FILE_MODE = 0o600
-DIR_MODE = 0o700
 
 _MAGIC = b"FSYNWRAP"
 _FORMAT = 1
@@ -149,24 +146,14 @@ def _check_study_id(study_id: str) -> str:
 
 
 def _ensure_dir(path: Path) -> None:
-    """Create ``path`` (and parents) owner-only; folders that already exist are left as is."""
-    missing = []
-    probe = path
-    while not probe.exists():
-        missing.append(probe)
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise KeySetupError(f"{probe} exists and is not a folder; choose another output folder")
-    for folder in reversed(missing):
-        try:
-            folder.mkdir(mode=DIR_MODE)
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            raise KeySetupError(f"cannot create folder {folder}: {exc.strerror}") from None
-        os.chmod(folder, DIR_MODE)  # mkdir's mode is filtered by the umask
+    ensure_dir(path, KeySetupError)
+
+
+def _write_atomic(path: Path, data: bytes, *, force: bool) -> None:
+    write_private(
+        path, data, force=force, error=KeySetupError,
+        hint="key material (move it away, or pass --force / force=True)",
+    )
 
 
 def _refuse_existing(paths: Sequence[Path], force: bool) -> None:
@@ -178,48 +165,6 @@ def _refuse_existing(paths: Sequence[Path], force: bool) -> None:
             f"{existing[0]} already exists; refusing to overwrite key material "
             "(move it away, or pass --force / force=True if you really mean to replace it)"
         )
-
-
-def _write_atomic(path: Path, data: bytes, *, force: bool) -> None:
-    """Write ``data`` to ``path`` as 0o600 via a temporary file, never replacing by accident."""
-    _ensure_dir(path.parent)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if force:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # atomic, and fails if the name exists: no overwrite race
-            except FileExistsError:
-                raise KeySetupError(
-                    f"{path} already exists; refusing to overwrite key material "
-                    "(move it away, or pass --force / force=True)"
-                ) from None
-            except OSError:  # file systems without hard links
-                if path.exists():
-                    raise KeySetupError(f"{path} already exists; refusing to overwrite") from None
-                os.replace(tmp, path)
-    except OSError as exc:
-        raise KeySetupError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _read(path: Path, what: str, remedy: str) -> bytes:
