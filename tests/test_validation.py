@@ -487,6 +487,58 @@ def test_cross_check_with_sdmetrics(split: dict[str, pd.DataFrame], schema: Sche
     assert checked > 80
 
 
+def test_dcr_cross_check_with_sdmetrics(heart: pd.DataFrame, schema: Schema) -> None:
+    """fedsynth's distance to closest record and DCR share equal SDMetrics' on the same
+    frames, to 1e-9, where the two definitions meet.
+
+    They meet when (1) the Gower scale is the same: SDMetrics divides a numeric gap by
+    the *reference table's* observed range, fedsynth by the public bounds, so the
+    bounds are set to each reference's range and synthetic values kept inside both
+    (fedsynth clips to the bounds); (2) train and holdout have the same size: fedsynth's
+    share is the expectation over holdout-sized training subsamples, which is the whole
+    training table here; (3) no synthetic row is equally close to both (SDMetrics counts
+    a tie as closer to the holdout, fedsynth as one half). Then fedsynth's
+    ``dcr_share_closer_to_train`` is SDMetrics' ``closer_to_training`` and
+    DCROverfittingProtection's score is min(1, 2 (1 - share)).
+    """
+    calculate_dcr = pytest.importorskip("sdmetrics.single_table.privacy.dcr_utils").calculate_dcr
+    from sdmetrics.single_table import DCROverfittingProtection
+
+    cols = ["age", "trestbps", "thalach", "oldpeak", "sex", "cp", "exang"]
+    numeric = [c for c in cols if schema.column(c).is_numeric]
+    frame = heart[cols].dropna().astype(float).reset_index(drop=True)
+    perm = np.random.default_rng(1).permutation(len(frame))
+    train, hold, syn = (frame.iloc[p].reset_index(drop=True) for p in np.split(perm, [300, 600]))
+    for c in numeric:
+        lo = max(train[c].min(), hold[c].min())
+        hi = min(train[c].max(), hold[c].max())
+        syn[c] = syn[c].clip(lo, hi)
+
+    def ranged(ref: pd.DataFrame) -> Schema:
+        spec = [
+            {"name": c, "kind": "continuous", "min": ref[c].min(), "max": ref[c].max()}
+            if c in numeric
+            else {"name": c, "kind": "categorical", "categories": list(schema.column(c).categories)}
+            for c in cols
+        ]
+        return Schema.from_dict({"name": "dcr", "columns": spec})
+
+    kinds = {c: "numerical" if c in numeric else "categorical" for c in cols}
+    meta = {"columns": {c: {"sdtype": kind} for c, kind in kinds.items()}}
+    d = {}
+    for name, ref in (("train", train), ("holdout", hold)):
+        sch = ranged(ref)
+        d[name] = gower(Table.from_frame(syn, sch), Table.from_frame(ref, sch), sch)
+        theirs = calculate_dcr(syn, ref, meta).to_numpy()
+        assert np.abs(d[name].min(axis=1) - theirs).max() < 1e-9, name
+    assert not np.any(np.abs(d["train"].min(axis=1) - d["holdout"].min(axis=1)) < 1e-12)
+    ours = share_closer_to_train(d["train"], d["holdout"])
+    breakdown = DCROverfittingProtection.compute_breakdown(train, syn, hold, meta, None)
+    closer = breakdown["synthetic_data_percentages"]["closer_to_training"]
+    assert ours == pytest.approx(closer, abs=1e-9)
+    assert breakdown["score"] == pytest.approx(min(1.0, 2 * (1 - ours)), abs=1e-9)
+
+
 # ---------------------------------------------------------------- anonymeter (own process)
 
 
@@ -537,3 +589,96 @@ def test_anonymeter_risks(split: dict[str, pd.DataFrame], schema: Schema) -> Non
         if m.name.startswith("anonymeter"):
             assert 0.0 <= m.value <= 1.0 and len(m.details["ci"]) == 2
             assert "baseline" in m.note
+
+
+# ---------------------------------------------------------------- code sets (AMLSG genes)
+
+
+@pytest.fixture(scope="module")
+def amlsg_genes() -> tuple[Schema, dict[str, pd.DataFrame]]:
+    """The AMLSG cohort with its 54-gene mutation code set, as the simulation loads it:
+    holdout 400, train 570, and 570 more real patients as the 'perfect synthetic'."""
+    if not AMLSG.is_file():
+        pytest.skip("AMLSG data not found")
+    from fedsynth.simulations.datasets import load_site_frames
+
+    schema, sites = load_site_frames("amlsg")
+    frame = pd.concat(list(sites.values()), ignore_index=True)
+    perm = np.random.default_rng(0).permutation(len(frame))
+    cuts = {"holdout": perm[:400], "train": perm[400:970], "fresh": perm[970:]}
+    return schema, {k: frame.iloc[v].reset_index(drop=True) for k, v in cuts.items()}
+
+
+def _codeset_result(
+    amlsg_genes: tuple[Schema, dict[str, pd.DataFrame]], synthetic: pd.DataFrame
+) -> ValidationResult:
+    schema, parts = amlsg_genes
+    return validate(parts["train"], parts["holdout"], synthetic, schema, areas=("fidelity",))
+
+
+def test_codeset_fresh_patients_agree(amlsg_genes: tuple[Schema, dict[str, pd.DataFrame]]) -> None:
+    result = _codeset_result(amlsg_genes, amlsg_genes[1]["fresh"])
+    freq = result.get("code_frequency_correlation")
+    assert freq.columns == ("mut",) and freq.value > 0.95 and freq.reference > 0.95
+    assert result.get("code_frequency_mae").value < 0.02
+    sign = result.get("codeset_sign_agreement")
+    assert sign.details["significant_real_pairs"] >= 5  # NPM1-DNMT3A, FLT3-NPM1, ...
+    assert sign.value == 1.0 and sign.passed is True
+    assert 0 <= result.get("codeset_significance_agreement").value <= 1
+    judged = [m for m in result.metrics if m.name == "codeset_pair_same_sign"]
+    assert judged and all(m.passed is not False for m in judged)
+    # the two code columns of a pair are scored by log odds ratio, not as a contingency pair
+    assert not any(
+        m.name == "contingency_similarity" and m.columns == ("mut_NPM1", "mut_DNMT3A")
+        for m in result.metrics
+    )
+
+
+def test_planted_exclusivity_is_a_sign_disagreement(
+    amlsg_genes: tuple[Schema, dict[str, pd.DataFrame]],
+) -> None:
+    """NPM1 and DNMT3A co-occur strongly in AML. A synthetic table where no patient has
+    both (DNMT3A removed where NPM1 is mutated) must show that pair's sign reversed."""
+    planted = amlsg_genes[1]["fresh"].copy()
+    both = (planted["mut_NPM1"].astype(int) == 1) & (planted["mut_DNMT3A"].astype(int) == 1)
+    assert both.sum() > 50
+    planted.loc[both, "mut_DNMT3A"] = 0
+    result = _codeset_result(amlsg_genes, planted)
+    pair = result.get("codeset_pair_same_sign", ["mut_NPM1", "mut_DNMT3A"])
+    assert pair.details["lor_real"] > 1 and pair.details["lor_synthetic"] < 0
+    assert pair.value == 0.0 and pair.passed is False and pair.reference == 1.0
+    assert result.get("codeset_sign_agreement").value < 1.0
+    assert result.area_status("fidelity") is False
+    # the per-column view passes: only DNMT3A's frequency moves, and only a little
+    assert result.get("fidelity").passed is True
+    assert result.get("tvd", ["mut_DNMT3A"]).value < 0.15
+
+
+def test_log_odds_and_fisher_by_hand(amlsg_genes: tuple[Schema, dict[str, pd.DataFrame]]) -> None:
+    """Counts, the Haldane-corrected log odds ratio and Fisher's p-value of code pairs in
+    the real holdout equal a direct crosstab and scipy on the same columns."""
+    from scipy.stats import fisher_exact
+
+    from fedsynth.common.validation.codesets import PairStats, code_matrix, pair_counts
+
+    schema, parts = amlsg_genes
+    table = Table.from_frame(parts["holdout"], schema)
+    columns = schema.codesets["mut"]
+    x = code_matrix(table, schema, columns)
+    checked_zero = False
+    for a, b in (("mut_NPM1", "mut_DNMT3A"), ("mut_TP53", "mut_NPM1"), ("mut_FLT3", "mut_TP53")):
+        i, j = columns.index(a), columns.index(b)
+        u = parts["holdout"][a].astype(int).to_numpy()
+        v = parts["holdout"][b].astype(int).to_numpy()
+        cells = np.array(
+            [np.sum(u & v), np.sum(u & (1 - v)), np.sum((1 - u) & v), np.sum((1 - u) & (1 - v))]
+        )
+        assert (pair_counts(x, [(i, j)])[0] == cells).all()
+        stats_ = PairStats.of(x, [(i, j)])
+        shifted = cells + (0.5 if (cells == 0).any() else 0.0)
+        checked_zero |= bool((cells == 0).any())
+        expected = np.log(shifted[0] * shifted[3] / (shifted[1] * shifted[2]))
+        assert stats_.lor[0] == pytest.approx(expected, abs=1e-12)
+        p = fisher_exact([[cells[0], cells[1]], [cells[2], cells[3]]]).pvalue
+        assert stats_.p[0] == pytest.approx(p, rel=1e-12)
+    assert checked_zero  # TP53 and NPM1 are (almost) never mutated together

@@ -13,7 +13,9 @@ Column metrics are registered per schema kind (``COLUMN_METRICS``), so a new kin
 - categorical distributions count a missing value as a category of its own;
 - histogram metrics (Jensen-Shannon, Hellinger, KL) bin numeric columns on the
   schema's public bounds (``N_BINS`` equal-width bins, one per value for narrow integer
-  domains) plus a bin for missing, so bins never depend on the rows.
+  domains) plus a bin for missing, so bins never depend on the rows;
+- two codes of one code set are not a categorical pair here: their association is a
+  log odds ratio with Fisher's test in ``codesets``, whose figures close this area.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from scipy.spatial.distance import jensenshannon
 from scipy.stats.contingency import association
 
 from ..schema import NUMERIC_KINDS, Column
+from . import codesets
 from .context import Context
 from .data import MISSING, Table, column_labels
 from .metric import Direction, MetricValue, metric
@@ -354,7 +357,10 @@ def _categorical_pairs(ctx: Context) -> tuple[list[MetricValue], list[float], li
     out: list[MetricValue] = []
     sims: list[float] = []
     refs: list[float] = []
+    group = {c.name: c.group for c in ctx.schema.columns}
     for a, b in itertools.combinations(ctx.categorical_columns, 2):
+        if group[a] and group[a] == group[b]:
+            continue  # two codes of one code set: log odds ratios in ``codesets``
         keys = ("holdout", "synthetic", "train")
         joint = joint_counts([(ctx.table(k).labels[a], ctx.table(k).labels[b]) for k in keys])
         tables = dict(zip(keys, joint, strict=True))
@@ -428,4 +434,4 @@ def run(ctx: Context) -> list[MetricValue]:
             threshold=CONTINGENCY_THRESHOLD,
         ),
     ]
-    return head + columns + numeric + categorical
+    return head + columns + numeric + categorical + codesets.run(ctx)

@@ -19,7 +19,7 @@ import io
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -27,9 +27,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ..schema import Schema
+from .codesets import ALPHA
 from .data import MISSING, Table
 from .fidelity import cramers_v, joint_counts, numeric_bins
 from .metric import AREAS, MetricValue, ValidationResult
+
+if TYPE_CHECKING:
+    from .federated import FederatedValidation
 
 REAL_COLOUR = "#1f5f99"
 SYN_COLOUR = "#e07b00"
@@ -164,8 +168,14 @@ def _values(table: Table, schema: Schema, name: str) -> np.ndarray:
 
 
 def marginal_plots(real: Table, synthetic: Table, schema: Schema, result: ValidationResult) -> str:
-    """Real (training) vs synthetic distribution of every column on one grid."""
-    columns = schema.columns
+    """Real (training) vs synthetic distribution of every column on one grid.
+
+    Code-set members are left out: their frequencies are one scatter plot
+    (``codeset_plots``), not 54 (or 581) bar charts.
+    """
+    columns = [c for c in schema.columns if not c.group]
+    if not columns:
+        return ""
     ncols = 4
     nrows = math.ceil(len(columns) / ncols)
     fig = Figure(figsize=(4.0 * ncols, 2.9 * nrows))
@@ -214,7 +224,7 @@ def marginal_plots(real: Table, synthetic: Table, schema: Schema, result: Valida
 
 def _association_matrices(table: Table, schema: Schema) -> tuple[pd.DataFrame, pd.DataFrame]:
     numeric = [c.name for c in schema.columns if c.is_numeric]
-    categorical = [c.name for c in schema.columns if c.is_categorical]
+    categorical = [c.name for c in schema.columns if c.is_categorical and not c.group]
     pearson = pd.DataFrame({n: table.numeric[n] for n in numeric}).corr(method="pearson")
     cramer = pd.DataFrame(np.eye(len(categorical)), index=categorical, columns=categorical)
     for i, a in enumerate(categorical):
@@ -254,6 +264,69 @@ def correlation_plots(real: Table, synthetic: Table, schema: Schema) -> str:
             fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     return _png(fig)
+
+
+def _lor_matrix(codes: list[str], pairs: list[list[str]], lor: list[float]) -> np.ndarray:
+    index = {c: i for i, c in enumerate(codes)}
+    mat = np.full((len(codes), len(codes)), np.nan)
+    for (a, b), v in zip(pairs, lor, strict=True):
+        mat[index[a], index[b]] = mat[index[b], index[a]] = v
+    return mat
+
+
+def codeset_plots(result: ValidationResult) -> str:
+    """Per code set: code frequencies and pair log odds ratios, real vs synthetic, and the
+    co-occurrence heat maps (real holdout, synthetic) of the analysed codes."""
+    parts = []
+    for freq in [m for m in result.metrics if m.name == "code_frequency_correlation"]:
+        group = (freq.columns or ("",))[0]
+        lors = [
+            m for m in result.metrics if m.name == "codeset_log_odds_diff" and m.columns == (group,)
+        ]
+        fig = Figure(figsize=(15, 4.6) if lors else (5, 4.6))
+        axes = fig.subplots(1, 4 if lors else 1, squeeze=False)[0]
+        real, syn = np.asarray(freq.details["real"]), np.asarray(freq.details["synthetic"])
+        top = max(float(real.max(initial=0)), float(syn.max(initial=0)), 1e-3) * 1.05
+        ax = axes[0]
+        ax.plot([0, top], [0, top], color="#999", lw=1)
+        ax.scatter(real, syn, s=14, color=SYN_COLOUR)
+        for code, x, y in sorted(zip(freq.details["codes"], real, syn, strict=True),
+                                 key=lambda t: -abs(t[1] - t[2]))[:5]:
+            ax.annotate(code, (x, y), fontsize=7)
+        ax.set_xlabel("frequency in real holdout")
+        ax.set_ylabel("frequency in synthetic data")
+        ax.set_title(f"{group}: code frequencies (r = {_fmt(freq.value, 2)})", fontsize=10)
+        if lors:
+            d = lors[0].details
+            lr, ls = np.asarray(d["lor_holdout"]), np.asarray(d["lor_synthetic"])
+            sig = np.asarray(d["q_holdout"]) < ALPHA
+            flipped = sig & (np.sign(lr) != np.sign(ls))
+            ax = axes[1]
+            lim = float(np.nanmax(np.abs(np.concatenate([lr, ls])))) * 1.05 or 1.0
+            ax.axhline(0, color="#bbb", lw=1)
+            ax.axvline(0, color="#bbb", lw=1)
+            ax.plot([-lim, lim], [-lim, lim], color="#999", lw=1)
+            ax.scatter(lr[~sig], ls[~sig], s=8, color="#bbbbbb", label="not significant in real")
+            ax.scatter(lr[sig], ls[sig], s=18, color=REAL_COLOUR, label="significant in real")
+            ax.scatter(lr[flipped], ls[flipped], s=40, facecolors="none", edgecolors="#c62828",
+                       linewidths=1.5, label="sign reversed")
+            ax.set_xlabel("log odds ratio, real holdout")
+            ax.set_ylabel("log odds ratio, synthetic")
+            ax.set_title("code pairs: > 0 co-occur, < 0 exclusive", fontsize=10)
+            ax.legend(fontsize=7)
+            codes = list(d["codes_analysed"])
+            short = [c.split("_", 1)[-1] for c in codes]
+            for ax, key, name in ((axes[2], "lor_holdout", "real holdout"),
+                                  (axes[3], "lor_synthetic", "synthetic")):
+                mat = _lor_matrix(codes, d["pairs"], d[key])
+                image = ax.imshow(mat, cmap="RdBu_r", vmin=-4, vmax=4)
+                ax.set_xticks(range(len(codes)), short, rotation=90, fontsize=5)
+                ax.set_yticks(range(len(codes)), short, fontsize=5)
+                ax.set_title(f"log odds ratios, {name}", fontsize=10)
+                fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        fig.tight_layout()
+        parts.append(_png(fig))
+    return "".join(parts)
 
 
 def dcr_plot(result: ValidationResult) -> str:
@@ -515,6 +588,9 @@ def write_report(
             body.append(marginal_plots(real, syn, schema, result))
             body.append("<h3>Associations side by side</h3>")
             body.append(correlation_plots(real, syn, schema))
+            if schema.codesets:
+                body.append("<h3>Code sets: frequencies and co-occurrence</h3>")
+                body.append(codeset_plots(result))
         if area == "survival" and info.get("survival"):
             body.append(survival_plot(real_train, synthetic, tuple(info["survival"])))
         if area == "privacy":
@@ -532,6 +608,62 @@ def write_report(
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
         + "\n".join(body)
+        + "</body></html>"
+    )
+    path.write_text(document, encoding="utf-8")
+    return path
+
+
+FEDERATED_NOTE = (
+    "Each site scored the synthetic table against its own rows and sent only these scores "
+    "(and its DP row count). <b>exact</b>: the study figure equals the figure on the pooled "
+    "rows. <b>approximate</b>: a mean over real rows, weighted by the sites' DP counts; "
+    "the gap to the pooled figure is the count noise. <b>bound</b>: the weighted mean "
+    "of the sites' distances, an upper bound of the pooled distance (a lower bound for a "
+    "similarity), loose when sites differ: not an estimate, no threshold. <b>none</b>: "
+    "the figure does not combine without pooling rows; per-site values only."
+)
+
+
+def write_federated_report(
+    result: FederatedValidation, path: str | Path, *, title: str = "fedsynth federated validation"
+) -> Path:
+    """One self-contained HTML page of a federated validation: a row per figure with the
+    study value, how it combines, each site's value and why (``federated.combine``)."""
+    path = Path(path)
+    sites = list(result.weights)
+    rows = []
+    for f in result.figures:
+        rows.append(
+            [
+                html.escape(f.label),
+                _fmt(f.value),
+                html.escape(f.rule.exactness),
+                *[_fmt(f.sites.get(s)) for s in sites],
+                html.escape(f.rule.direction),
+                html.escape(f.rule.meaning + (f" ({f.note})" if f.note else "")),
+            ]
+        )
+    weights = ", ".join(f"{html.escape(s)} {w:.0f}" for s, w in result.weights.items())
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    why = _table(
+        ["figure", "why it combines this way"],
+        [[html.escape(f.label), html.escape(f.rule.why)] for f in result.figures],
+        left=2,
+    )
+    document = (
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><div class=sub>{len(sites)} sites · row weights "
+        f"(DP counts): {weights} · {stamp}</div>"
+        f'<p class="note">{FEDERATED_NOTE}</p>'
+        + _table(
+            ["figure", "study", "combines", *sites, "better", "meaning"],
+            rows,
+            meaning=True,
+        )
+        + "<h2>Why each figure combines as it does</h2>"
+        + why
         + "</body></html>"
     )
     path.write_text(document, encoding="utf-8")
