@@ -8,7 +8,9 @@ message from the coordinator. In a simulation without node configs, the run conf
 
 The privacy ledger lives in the node's ``context.state`` for the whole run, and also in
 ``state-dir`` when one is configured, so a coordinator restart (a new run) does not
-reset a site's accounting.
+reset a site's accounting. A round asked again with the same model (a coordinator that
+resumed before checkpointing it) gets the site's stored reply, not a second training
+(``client/replay.py``).
 
 When the study says ``secure-aggregation = "ckks"``, the train handler decrypts the
 relayed aggregate and replies with ciphertexts only (``client/secure.py``); the query
@@ -25,6 +27,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from ..common.study import ConfigError, SiteConfig, StudyConfig
+from .evaluate import SYNTHETIC_KEY, evaluate_reply
+from .replay import cached_reply, drop_older_replies, keep_reply, model_digest
 from .secure import (
     AGGREGATE,
     CHUNKS,
@@ -35,7 +39,7 @@ from .secure import (
     release_final,
     train_encrypted,
 )
-from .site import SiteReply, SiteState, ledger_path, status_metrics, train_site
+from .site import TRAINED, SiteReply, SiteState, ledger_path, status_metrics, train_site
 
 STATE_KEY = "fedsynth-site"
 
@@ -127,6 +131,10 @@ def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
         server_round = int(config.get("server-round", 0))
         schema_fp = str(config["schema-fingerprint"])
         state = _load_state(context, site, study)
+        digest = model_digest(msg.content, ("arrays", CKKS_RECORD))
+        cached = cached_reply(site, study.study_id, state, server_round, digest)
+        if cached is not None:
+            return Message(cached, reply_to=msg)
         if study.secure_aggregation == "ckks":
             result = train_encrypted(
                 site, study, schema_fp, received_model(msg.content), state, server_round
@@ -140,7 +148,12 @@ def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
             global_state = {k: v.numpy() for k, v in msg.content["arrays"].items()}
             reply = train_site(site, study, schema_fp, global_state, state, server_round)
             content = reply_content(site, reply)
+        trained = dict(content["site"]).get("status") == TRAINED
+        if trained:  # the reply file first, then the ledger that pays for it
+            keep_reply(site, study.study_id, state, server_round, digest, content)
         _save_state(context, site, study, state)
+        if trained:
+            drop_older_replies(site, study.study_id, server_round)
         return Message(content, reply_to=msg)
 
     @app.query()
@@ -160,6 +173,24 @@ def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
             reply = release_final(
                 site, study, str(config["schema-fingerprint"]), received_model(msg.content), state
             )
+        return Message(reply_content(site, reply), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        """Federated validation: score the released synthetic table against this site's
+        rows and send back scores only (the count is the one already released under DP;
+        in an encrypted study, where counts never travel in clear, it stays here)."""
+        site = resolve_site(context, sites)
+        config = dict(msg.content["config"])
+        study = StudyConfig.from_flat(config)
+        state = _load_state(context, site, study)
+        reply = evaluate_reply(
+            site,
+            str(config["schema-fingerprint"]),
+            str(config[SYNTHETIC_KEY]),
+            state,
+            send_count=study.secure_aggregation != "ckks",
+        )
         return Message(reply_content(site, reply), reply_to=msg)
 
     return app

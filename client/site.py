@@ -63,6 +63,12 @@ class SiteState:
     noisy_count: float | None = None
     histogram: np.ndarray | None = None  # the one DP histogram release (sum = count)
     rounds_trained: int = 0
+    # The last trained reply, kept in state-dir for a coordinator that asks the same
+    # round again (client/replay.py): its round, the digest of the model it answered and
+    # the checksum of the stored reply. Empty when nothing is kept.
+    replay_round: int = 0
+    replay_digest: str = ""
+    replay_checksum: str = ""
 
     def to_record(self) -> dict[str, Any]:
         rec = self.ledger.to_record()
@@ -70,6 +76,9 @@ class SiteState:
         rec["histogram"] = [] if self.histogram is None else [float(v) for v in self.histogram]
         rec["released"] = self.histogram is not None
         rec["rounds-trained"] = self.rounds_trained
+        rec["replay-round"] = self.replay_round
+        rec["replay-digest"] = self.replay_digest
+        rec["replay-checksum"] = self.replay_checksum
         return rec
 
     @classmethod
@@ -81,6 +90,9 @@ class SiteState:
             noisy_count=None if count < 0 else count,
             histogram=np.asarray(rec.get("histogram", []), dtype=float) if released else None,
             rounds_trained=int(rec.get("rounds-trained", 0)),
+            replay_round=int(rec.get("replay-round", 0)),
+            replay_digest=str(rec.get("replay-digest", "")),
+            replay_checksum=str(rec.get("replay-checksum", "")),
         )
 
     def save(self, path: Path) -> None:
@@ -170,9 +182,17 @@ def release_histogram(
 
 
 def status_metrics(site: SiteConfig, state: SiteState) -> dict[str, float]:
-    """The privacy a site has spent, sent with every reply (it depends on no row)."""
+    """The privacy a site has spent, and its budget, sent with every reply.
+
+    Both depend on no row: the spent epsilon on the public plan, the budget on the
+    site's policy. The coordinator refuses a reply whose epsilon passes the budget.
+    """
     eps = state.ledger.epsilon(site.delta) if site.dp else -1.0
-    return {"epsilon": eps, "delta": site.delta if site.dp else 0.0}
+    return {
+        "epsilon": eps,
+        "delta": site.delta if site.dp else 0.0,
+        "epsilon-budget": site.epsilon if site.dp else -1.0,
+    }
 
 
 def round_seed(study: StudyConfig, site_name: str, server_round: int) -> int:

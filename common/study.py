@@ -72,6 +72,19 @@ class StudyConfig:
     # Public upper bound B on a site's FedAvg weight (its DP row count): sites encrypt
     # n_i / B so that no count travels in clear (see common/encryption/ckks.py).
     count_bound: float = 100_000.0
+    # Seconds the coordinator waits for a round's replies. A site that crashed or hangs
+    # must not stall the study: when the time is up the round goes on with the replies
+    # that arrived (if at least min-sites), and the silent sites are logged by name.
+    round_timeout: float = 3600.0
+    # A file (on the coordinator) where every message that crosses the network is
+    # described: record types, keys, array shapes, value lengths, never the values.
+    # Empty: off. It is the evidence that no row-level data leaves a site.
+    record_messages: str = ""
+    # After the study, ask every site to score the released synthetic table against its
+    # own rows and send back scores only (common/validation/federated.py): validation
+    # of a deployment without pooling real data. Off by default: a simulation already
+    # validates against its real holdout, and this costs one more message per site.
+    federated_validation: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -90,6 +103,8 @@ class StudyConfig:
             problems.append(strategy_problem)
         if not (math.isfinite(self.count_bound) and self.count_bound > 0):
             problems.append("count-bound must be a positive number (an upper bound on rows)")
+        if not (math.isfinite(self.round_timeout) and self.round_timeout > 0):
+            problems.append("round-timeout must be a positive number of seconds")
         if self.proximal_mu < 0:
             problems.append("proximal-mu must be >= 0")
         if self.max_grad_norm <= 0:

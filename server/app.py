@@ -10,6 +10,9 @@ With ``secure-aggregation = "ckks"`` (``server/secure.py``) it holds only the pu
 context, so it checkpoints the summed ciphertexts (``checkpoint.ckks``) instead of a
 model, and after the last round one site releases the decrypted, flooded final model,
 which is then saved and sampled as usual.
+
+Each round waits at most ``round-timeout`` seconds for the sites; with
+``record-messages`` set, every message's layout is logged (``server/recording.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
@@ -32,6 +36,7 @@ from ..common.encryption import KeySetupError, StateLayout, load_public_context
 from ..common.generators import Generator, ModelFileError, get_generator
 from ..common.schema import Schema
 from ..common.study import ConfigError, StudyConfig, schema_fingerprint
+from .recording import RecordingGrid
 from .secure import (
     EncryptedCheckpoint,
     SecureAggregationMixin,
@@ -39,9 +44,13 @@ from .secure import (
     read_encrypted_checkpoint,
     write_encrypted_checkpoint,
 )
-from .strategy import RoundLog, SiteAwareMixin, make_strategy
+from .strategy import RoundLog, SiteAwareMixin, make_strategy, update_bounds
+from .validation import run_federated_validation, write_federated
 
 log = logging.getLogger("fedsynth.coordinator")
+# Flower's own logger: what `flwr run --stream` and `flwr log` show the coordinator at
+# INFO level (our logger reaches that stream from WARNING up only).
+stream = logging.getLogger("flwr")
 
 CHECKPOINT = "checkpoint.fsg"
 ENCRYPTED_CHECKPOINT = "checkpoint.ckks"
@@ -126,7 +135,8 @@ def run_study(
             model = Generator.load(ckpt)
         done = int(meta["round"])
         history = _history_from_json(meta.get("history", []))
-        log.info("resuming study %s after round %d", study.study_id, done)
+        stream.info("resuming study %s after round %d (checkpoint %s)", study.study_id, done,
+                    ckpt)
     remaining = study.num_server_rounds - done
     extra = {**study.to_flat(), "schema-fingerprint": schema_fingerprint(schema)}
     sealed: SecureAggregationMixin | None = None
@@ -144,6 +154,12 @@ def run_study(
         )
     strategy.history = history
     strategy.on_round = on_round
+    if not secure:
+        strategy.max_update = update_bounds(
+            model.networks(), model.hparams, study.local_epochs, study.sample_rate
+        )
+    if study.record_messages:
+        grid = RecordingGrid(grid, Path(study.record_messages))
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
@@ -167,6 +183,7 @@ def run_study(
             grid=grid,
             initial_arrays=ArrayRecord({k: Array(v) for k, v in model.state_dict().items()}),
             num_rounds=remaining,
+            timeout=study.round_timeout,
             train_config=ConfigRecord(),
             evaluate_fn=checkpoint,
         )
@@ -213,8 +230,22 @@ def run_study(
     }
     if secure_summary is not None:
         summary["secure_aggregation"] = secure_summary
+    if study.federated_validation:
+        summary["federated_validation"] = validate_at_sites(grid, study, schema, out)
     (out / SUMMARY).write_text(json.dumps(summary, indent=1, default=_json_default))
     return StudyOutcome(out, len(strategy.history), strategy.history, seconds)
+
+
+def validate_at_sites(grid: Grid, study: StudyConfig, schema: Schema, out: Path) -> dict[str, Any]:
+    """Federated validation of the released synthetic table: every site scores it against
+    its own rows and sends back scores only; the coordinator combines them."""
+    synthetic = pd.read_csv(out / SYNTHETIC)
+    config = {**study.to_flat(), "schema-fingerprint": schema_fingerprint(schema)}
+    result, skipped = run_federated_validation(
+        grid, synthetic, config, min_sites=1, wait=60.0, timeout=study.round_timeout
+    )
+    written = write_federated(result, out) if result is not None else None
+    return {"written": str(written) if written else None, "left_out": skipped}
 
 
 def _secure_strategy(
@@ -263,7 +294,9 @@ def _release(
     ckpt: Path
 ) -> dict[str, Any]:
     """The release step of an encrypted study: one site hands over the final model."""
-    released = strategy.release(grid, final_round=study.num_server_rounds)
+    released = strategy.release(
+        grid, final_round=study.num_server_rounds, timeout=study.round_timeout
+    )
     if released is not None:
         model.load_state_dict(released)
     elif strategy.aggregate is not None:

@@ -32,6 +32,9 @@ Command line (prints the commands it ran, the outputs and the timings)::
 
     python -m fedsynth.simulations.deploy --sites cleveland,hungarian,va --rounds 2 \\
         --generator-params '{"hidden":16,"latent":4}' --out deploy-run
+
+``--stop-coordinator-after R`` kills the coordinator once round R is checkpointed,
+restarts it and resumes the study (``docs/deployment.md``, Faults).
 """
 
 from __future__ import annotations
@@ -550,6 +553,7 @@ class LocalDeployment:
         """Start the SuperLink again on the same port with the same database and certs."""
         self.stop_superlink()
         assert self.superlink is not None
+        self.commands.append(shlex.join(self.superlink.args))
         self.superlink.start()
         if not self._wait_listening(timeout):
             raise DeploymentError(f"the SuperLink did not restart:\n{self.superlink.log()}")
@@ -847,6 +851,39 @@ def heart_disease_deployment(
 # --------------------------------------------------------------------------- CLI
 
 
+def _stop_and_resume(
+    dep: LocalDeployment, study: dict[str, ConfigValue], after: int, timeout: float
+) -> RunResult:
+    """Run a study, kill the coordinator once round ``after`` is checkpointed, resume it."""
+    from ..common.generators import Generator
+
+    if not 0 < after < int(study["num-server-rounds"]):
+        raise ValueError("--stop-coordinator-after must be a round before the last")
+    handle = dep.start_run(study, name="first")
+    checkpoint = handle.output_dir / "checkpoint.fsg"
+    deadline = time.monotonic() + timeout
+    while not (checkpoint.exists() and int(Generator.read_meta(checkpoint)["round"]) >= after):
+        if time.monotonic() > deadline or handle.process.poll() is not None:
+            raise DeploymentError(f"round {after} was never checkpointed:\n"
+                                  f"{_tail(handle.log_path)}")
+        time.sleep(0.5)
+    dep.stop_superlink(crash=True)
+    print(f"Coordinator killed after round {after}, "
+          f"{time.monotonic() - handle.started:.1f} s into the study")
+    try:  # `flwr run --stream` lost its SuperLink
+        handle.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        _signal([(handle.process.pid, None)], signal.SIGTERM)
+        handle.process.wait(timeout=30)
+    start = time.monotonic()
+    dep.restart_superlink()
+    dep.wait_for_nodes(len(dep.sites), timeout=180)
+    print(f"SuperLink restarted, {len(dep.sites)} SuperNodes online again: "
+          f"{time.monotonic() - start:.1f} s")
+    return dep.run_study({**study, "resume": True, "output-dir": str(handle.output_dir)},
+                         timeout=timeout, name="resumed")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a deployed heart-disease study on loopback and print commands, outputs, timings."""
     parser = argparse.ArgumentParser(
@@ -861,6 +898,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--min-sites", type=int, default=0,
                         help="sites a round needs (default: all of --sites)")
     parser.add_argument("--out", type=Path, default=Path("fedsynth-deploy"))
+    parser.add_argument("--round-timeout", type=float, default=StudyConfig().round_timeout)
+    parser.add_argument("--stop-coordinator-after", type=int, default=0, metavar="ROUND",
+                        help="kill the SuperLink once ROUND is checkpointed, restart it and "
+                        "resume the study (the coordinator-restart drill)")
     parser.add_argument("--insecure", action="store_true", help="no TLS, no authentication")
     parser.add_argument("--timeout", type=float, default=1800.0)
     args = parser.parse_args(None if argv is None else list(argv))
@@ -870,15 +911,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     with heart_disease_deployment(args.out.resolve(), sites, epsilon=args.epsilon,
                                   tls=tls, auth=tls) as dep:
         ready = time.monotonic() - start
-        result = dep.run_study(
-            {
-                "num-server-rounds": args.rounds,
-                "local-epochs": args.local_epochs,
-                "generator-params": json.dumps(json.loads(args.generator_params)),
-                "min-sites": args.min_sites or len(sites),
-            },
-            timeout=args.timeout,
-        )
+        study = {
+            "num-server-rounds": args.rounds,
+            "local-epochs": args.local_epochs,
+            "generator-params": json.dumps(json.loads(args.generator_params)),
+            "min-sites": args.min_sites or len(sites),
+            "round-timeout": args.round_timeout,
+        }
+        if args.stop_coordinator_after:
+            result = _stop_and_resume(dep, study, args.stop_coordinator_after, args.timeout)
+        else:
+            result = dep.run_study(study, timeout=args.timeout)
         print("Commands run:")
         for cmd in dep.commands:
             print(f"  {cmd}")

@@ -13,7 +13,9 @@ deployment serves the whole module (starting Flower's processes is most of the c
    study: it is left out of every round with its problems, and the study goes on with
    the three others (one study serves both checks: each round costs every SuperNode a
    process start with torch and Opacus, tens of seconds on a small machine);
-4. shutting the deployment down leaves no Flower process behind.
+4. every message that crossed the network, as the coordinator's Grid recorded it, holds
+   model arrays of the model's shapes, counts and metrics, and no row-level data;
+5. shutting the deployment down leaves no Flower process behind.
 
 Before it, quick checks without any Flower process: ``fedsynth certs`` writes files
 Flower's own loaders accept, owner-only and never over existing ones, and
@@ -221,7 +223,10 @@ def deployment(
 
 @pytest.fixture(scope="module")
 def study(deployment: LocalDeployment) -> RunResult:
-    return deployment.run_study(STUDY, timeout=600, name="study")
+    # The coordinator describes every message it sends and receives (layout only).
+    record = deployment.workdir / "study" / "messages.jsonl"
+    return deployment.run_study({**STUDY, "record-messages": str(record)}, timeout=600,
+                                name="study")
 
 
 def _handshake(port: int, ca: Path | None) -> None:
@@ -307,9 +312,71 @@ def test_invalid_site_is_left_out(study: RunResult, broken_table: tuple[Path, st
     # The coordinator's log (streamed by `flwr run`) names the site and its problems.
     log = study.log_path.read_text(errors="replace")
     assert f"site {BROKEN} did not train (invalid-data)" in log
+    for problem in problems:  # every problem the site listed, in the coordinator's log
+        assert f"    - {problem}" in log, problem
     # The site's file is only read: it is byte for byte what it was before the study.
     path, digest = broken_table
     assert _digest(path) == digest
+
+
+def _row_counts() -> dict[str, int]:
+    counts = {}
+    for name in SITES:
+        path = bundled_site_files("heart_disease")[name]
+        counts[name] = sum(1 for line in path.read_text().splitlines() if line.strip())
+    return counts
+
+
+def test_no_row_leaves_a_site(
+    deployment: LocalDeployment, study: RunResult, broken_table: tuple[Path, str]
+) -> None:
+    """Every message that crossed the network: model arrays, counts, metrics, nothing else.
+
+    The coordinator's Grid logged the layout of each message it sent and received
+    (``record-messages``): record kinds, keys, array shapes, value types and lengths.
+    Every array must be one of the model's, shape for shape; metrics are the public
+    figures a site sends; config values are scalars or short text, and no list or text
+    is as long as a site's table (a column of rows would be).
+    """
+    assert study.completed, study.log()
+    lines = (deployment.workdir / "study" / "messages.jsonl").read_text().splitlines()
+    messages = [json.loads(line) for line in lines]
+    schema = Schema.load(bundled_schema_path("heart_disease"))
+    model = Generator.load(study.output_dir / "model.fsg")
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    rows = {**_row_counts(), BROKEN: len(broken_table[0].read_text().splitlines())}
+    cells = {n * len(schema.columns) for n in rows.values()}
+    metric_keys = {"num-examples", "loss", "steps", "noise-multiplier", "train-seconds",
+                   "epsilon", "delta", "epsilon-budget"}
+
+    sent = [m for m in messages if m["direction"] == "sent"]
+    received = [m for m in messages if m["direction"] == "received"]
+    sites = len(SITES) + 1
+    assert len(sent) == len(received) == ROUNDS * sites  # one train message each way
+    assert all(m["message_type"] == "train" and "error" not in m for m in messages)
+    for m in sent:
+        assert set(m["records"]) == {"arrays", "config"}
+    for m in received:
+        assert set(m["records"]) <= {"arrays", "metrics", "site"}
+        assert set(m["records"]["metrics"]["entries"]) <= metric_keys
+    for m in messages:
+        for name, record in m["records"].items():
+            if record["kind"] == "arrays":
+                got = {k: e["shape"] for k, e in record["entries"].items()}
+                assert got == shapes, (name, m["direction"])
+                assert all(e["dtype"] == "float32" for e in record["entries"].values())
+            else:
+                assert record["kind"] in ("metrics", "config"), record
+                for key, entry in record["entries"].items():
+                    assert entry["type"] in ("float", "int", "str", "bool", "list"), key
+                    length = entry.get("length", 0)
+                    assert length < 1000 and entry.get("max_item_length", 0) < 1000, key
+                    if entry["type"] == "list":  # a site's problems, never a column
+                        assert entry["items"] in ([], ["str"]), (key, entry)
+                        assert length not in rows.values() and length not in cells, key
+    # The trained replies carried the model; the broken site's replies carried none.
+    trained = [m for m in received if "arrays" in m["records"]]
+    assert len(trained) == ROUNDS * len(SITES)
 
 
 def test_shutdown_leaves_no_process(deployment: LocalDeployment) -> None:

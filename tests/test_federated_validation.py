@@ -230,17 +230,15 @@ def test_flower_evaluate_round(
     heart_schema_path,
     tmp_path,
 ) -> None:
-    """One real Flower simulation: a ClientApp whose ``@app.evaluate()`` handler is the
-    wiring proposed for ``client/app.py``, and a ServerApp running the coordinator's
-    step. Sites run with ``dp = false`` (exact counts), so the row-mean figures that
-    travel through Flower must equal the pooled ones to 1e-9."""
-    from flwr.app import Context, Message
-    from flwr.clientapp import ClientApp
+    """One real Flower simulation: the project's ClientApp (its ``@app.evaluate()``
+    handler) and a ServerApp running the coordinator's step. Sites run with
+    ``dp = false`` (exact counts), so the row-mean figures that travel through Flower
+    must equal the pooled ones to 1e-9."""
+    from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
-    from fedsynth.client.app import _load_state, reply_content, resolve_site
-    from fedsynth.client.evaluate import evaluate_reply
+    from fedsynth.client.app import make_client_app
     from fedsynth.common.study import SiteConfig, schema_fingerprint
     from fedsynth.server.validation import (
         FEDERATED_JSON,
@@ -259,22 +257,7 @@ def test_flower_evaluate_round(
     config = {**StudyConfig().to_flat(), "schema-fingerprint": schema_fingerprint(heart_schema)}
     out = tmp_path / "out"
 
-    client = ClientApp()
-
-    @client.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        site = resolve_site(context, site_configs)
-        cfg = dict(msg.content["config"])
-        study = StudyConfig.from_flat(cfg)
-        state = _load_state(context, site, study)
-        reply = evaluate_reply(
-            site,
-            str(cfg["schema-fingerprint"]),
-            str(cfg[SYNTHETIC_KEY]),
-            state,
-            send_count=study.secure_aggregation != "ckks",
-        )
-        return Message(reply_content(site, reply), reply_to=msg)
+    client = make_client_app(site_configs)  # the production handler
 
     server = ServerApp()
 

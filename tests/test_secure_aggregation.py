@@ -472,7 +472,9 @@ def test_encrypted_simulation_sends_nothing_in_clear(simulation, heart_schema):
     public_ctx = load_public_context(study.public_context)
     assert not public_ctx.is_private()
     counts = _row_counts(summary, study, heart_schema)
-    metric_keys = {"num-examples", "loss", "steps", "noise-multiplier", "epsilon", "delta"}
+    metric_keys = {
+        "num-examples", "loss", "steps", "noise-multiplier", "epsilon", "delta", "epsilon-budget"
+    }
 
     train = [m for m in grid.received if m.metadata.message_type == MessageType.TRAIN]
     release = [m for m in grid.received if m.metadata.message_type == MessageType.QUERY]

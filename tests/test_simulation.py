@@ -38,6 +38,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
             generator_params={"hidden": 16, "latent": 4},
             output_dir=str(out),
             n_synthetic=300,
+            federated_validation=True,
         ),
     )
     return simulate(opts), out
@@ -90,3 +91,14 @@ def test_outputs(study, heart_schema: Schema) -> None:
     assert "tstr_auroc" in head and "dcr_share_closer_to_train" in head
     assert saved["rows"]["holdout"] > 0
     assert Generator.read_meta(out / "checkpoint.fsg")["round"] == ROUNDS
+
+
+def test_federated_validation_after_the_study(study) -> None:
+    """Each site scored the released table against its own rows and sent scores only."""
+    summary, out = study
+    fed = summary["federated_validation"]
+    assert fed["left_out"] == [] and fed["written"]
+    payload = json.loads((out / "federated_validation.json").read_text())
+    assert set(payload["weights"]) == {"cleveland", "switzerland"}
+    copies = next(f for f in payload["figures"] if f["metric"] == "exact_copies")
+    assert copies["combines"] == "exact" and copies["study"] == 0
