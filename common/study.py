@@ -85,6 +85,15 @@ class StudyConfig:
     # of a deployment without pooling real data. Off by default: a simulation already
     # validates against its real holdout, and this costs one more message per site.
     federated_validation: bool = False
+    # The coordinator's step on the sites' averaged update (FedAvgM, Hsu et al. 2019):
+    # new = old + server_lr * v, v = server_momentum * v + (average - old). It is
+    # post-processing of DP releases (no privacy cost) and averages each round's
+    # independent DP noise over rounds: on the heart-disease study at epsilon 3 the
+    # median TSTR AUROC over 5 seeds went from 0.68 to 0.76 with momentum 0.5
+    # (docs/generators.md). Under CKKS the coordinator never sees the average, so no
+    # server step is taken there and these two keys are ignored.
+    server_lr: float = 1.0
+    server_momentum: float = 0.5
 
     def __post_init__(self) -> None:
         problems = []
@@ -105,6 +114,10 @@ class StudyConfig:
             problems.append("count-bound must be a positive number (an upper bound on rows)")
         if not (math.isfinite(self.round_timeout) and self.round_timeout > 0):
             problems.append("round-timeout must be a positive number of seconds")
+        if not (math.isfinite(self.server_lr) and self.server_lr > 0):
+            problems.append("server-lr must be a positive number")
+        if not 0 <= self.server_momentum < 1:
+            problems.append("server-momentum must be in [0, 1)")
         if self.proximal_mu < 0:
             problems.append("proximal-mu must be >= 0")
         if self.max_grad_norm <= 0:

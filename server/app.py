@@ -36,6 +36,7 @@ from ..common.encryption import KeySetupError, StateLayout, load_public_context
 from ..common.generators import Generator, ModelFileError, get_generator
 from ..common.schema import Schema
 from ..common.study import ConfigError, StudyConfig, schema_fingerprint
+from .optimizer import ServerMomentum, buffer_keys, load_velocity, save_velocity
 from .recording import RecordingGrid
 from .secure import (
     EncryptedCheckpoint,
@@ -56,6 +57,7 @@ CHECKPOINT = "checkpoint.fsg"
 ENCRYPTED_CHECKPOINT = "checkpoint.ckks"
 MODEL = "model.fsg"
 SYNTHETIC = "synthetic.csv"
+MOMENTUM = "momentum.npz"
 SUMMARY = "summary.json"
 
 
@@ -158,6 +160,8 @@ def run_study(
         strategy.max_update = update_bounds(
             model.networks(), model.hparams, study.local_epochs, study.sample_rate
         )
+        strategy.server_opt = _server_step(study, out / MOMENTUM, done)
+        strategy.plain_keys = frozenset(buffer_keys(model.networks()))
     if study.record_messages:
         grid = RecordingGrid(grid, Path(study.record_messages))
 
@@ -173,6 +177,8 @@ def run_study(
             meta["aggregate-round"] = sealed.aggregate_round
             write_encrypted_checkpoint(ckpt, meta, sealed.layout, sealed.aggregate)
             return None
+        if strategy.server_opt is not None:  # first: a resume checks it against the model
+            save_velocity(out / MOMENTUM, strategy.server_opt, server_round + done)
         model.load_state_dict({k: v.numpy() for k, v in arrays.items()})
         model.save(ckpt, extra=meta)
         return None
@@ -234,6 +240,19 @@ def run_study(
         summary["federated_validation"] = validate_at_sites(grid, study, schema, out)
     (out / SUMMARY).write_text(json.dumps(summary, indent=1, default=_json_default))
     return StudyOutcome(out, len(strategy.history), strategy.history, seconds)
+
+
+def _server_step(study: StudyConfig, velocity_file: Path, done: int) -> ServerMomentum | None:
+    """The coordinator's momentum step, with its velocity when a study resumes."""
+    if study.server_lr == 1.0 and study.server_momentum == 0.0:
+        return None
+    opt = ServerMomentum(study.server_lr, study.server_momentum)
+    if done > 0:
+        opt.velocity = load_velocity(velocity_file, done)
+        if not opt.velocity:
+            stream.info("server momentum restarts from zero (no velocity saved for round %d)",
+                        done)
+    return opt
 
 
 def validate_at_sites(grid: Grid, study: StudyConfig, schema: Schema, out: Path) -> dict[str, Any]:

@@ -23,6 +23,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 
+from .optimizer import ServerMomentum
+
 log = logging.getLogger("fedsynth.coordinator")
 
 
@@ -61,6 +63,11 @@ class SiteAwareMixin:
     # Per array, the largest change of any one coordinate an honest round can make
     # (see ``update_bounds``); None: not checked.
     max_update: dict[str, float] | None = None
+    # A server step on the averaged update (FedAvgM; post-processing, free privacy-wise);
+    # None: the average is the next global model, as in plain FedAvg.
+    server_opt: ServerMomentum | None = None
+    # Keys that take the sites' average as it is (frequency buffers, step counters).
+    plain_keys: frozenset[str] = frozenset()
 
     def init_site_aware(self, extra_config: dict[str, Any], round_offset: int = 0) -> None:
         self.extra_config = extra_config
@@ -287,7 +294,8 @@ class SiteAwareMixin:
     def _aggregate(
         self, server_round: int, usable: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Combine the accepted replies: Flower's own weighted average, in clear.
+        """Combine the accepted replies: Flower's own weighted average, in clear, then the
+        server step (momentum) when the study has one.
 
         The average comes back in the model's own dtypes (Flower's turns an integer
         buffer into float64): the global model sent next round is then exactly the one
@@ -302,8 +310,10 @@ class SiteAwareMixin:
             value, dtype = arr.numpy(), np.dtype(self.reference[key][1])
             if np.issubdtype(dtype, np.integer):
                 value = np.rint(value)
-            cast[key] = Array(np.asarray(value, dtype=dtype))
-        return ArrayRecord(cast), metrics
+            cast[key] = np.asarray(value, dtype=dtype)
+        if self.server_opt is not None:
+            cast = self.server_opt.step(self.sent_arrays, cast, self.plain_keys)
+        return ArrayRecord({k: Array(v) for k, v in cast.items()}), metrics
 
 
 class SiteAwareFedAvg(SiteAwareMixin, FedAvg):

@@ -26,6 +26,8 @@ import pandas as pd
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ..common.generators import get_generator
+from ..common.schema import Schema
 from ..common.study import ConfigError, SiteConfig, StudyConfig
 from ..common.table import read_table
 from ..server.app import SUMMARY, SYNTHETIC, StudyFailed, make_server_app
@@ -174,6 +176,21 @@ class _RoundPrinter:
         self.progress.advance(self.task)
 
 
+def check_generator(opts: SimulationOptions) -> None:
+    """Build the study's generator once, so that a wrong name or hyperparameter is one
+    clear message before any file is written, not a traceback from inside a site."""
+    schema = Schema.load(bundled_schema_path(opts.dataset))
+    try:
+        get_generator(opts.study.generator)(
+            schema, seed=opts.study.seed, **opts.study.generator_params
+        )
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(
+            f"generator {opts.study.generator!r} does not accept --generator-params "
+            f"{json.dumps(opts.study.generator_params)}: {exc}"
+        ) from None
+
+
 def simulate(opts: SimulationOptions, console: Console | None = None) -> dict[str, Any]:
     """Run the study end to end and return the summary (also written to summary.json)."""
     from flwr.simulation import run_simulation
@@ -182,6 +199,7 @@ def simulate(opts: SimulationOptions, console: Console | None = None) -> dict[st
 
     console = console or Console()
     _quiet_logs(opts.verbose)
+    check_generator(opts)  # before anything is written or cleared
     out = Path(opts.study.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

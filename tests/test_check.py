@@ -159,3 +159,12 @@ def test_bad_schema_lists_every_problem(tmp_path) -> None:
         Schema.load(path)
     text = str(info.value)
     assert "3 problem(s)" in text and "'min' and 'max'" in text and "weird" in text
+
+
+def test_bad_generator_params_fail_before_anything_is_written(tmp_path, capsys) -> None:
+    """A typo in --generator-params is one message, and no output folder appears."""
+    out = tmp_path / "study"
+    assert main(["simulate", "--generator-params", '{"bogus": 1}', "--out", str(out)]) != 0
+    err = capsys.readouterr().err
+    assert "bogus" in err and "known:" in err
+    assert not out.exists()

@@ -47,7 +47,8 @@ def test_impossible_condition_is_refused(fitted: TVAE) -> None:
 
 def test_state_is_one_flat_prefixed_dict(fitted: TVAE, heart_schema: Schema) -> None:
     state = fitted.state_dict()
-    assert all(k.startswith("vae.") for k in state)
+    assert all(k.startswith(("vae.", "cond.")) for k in state)
+    assert list(state).count("cond.freq") == 1  # the condition's DP frequencies
     other = TVAE(heart_schema, seed=99, hidden=32, latent=8)
     other.load_state_dict(state)
     a, b = fitted.sample(50, seed=5), other.sample(50, seed=5)
@@ -91,3 +92,41 @@ def test_balanced_cohort(fitted: TVAE, tmp_path: Path) -> None:
     assert main(["sample", "--model", str(path), "-n", "60", "--balance", "num",
                  "--out", str(out)]) == 0
     assert pd.read_csv(out)["num"].value_counts().tolist() == [12] * 5
+
+
+def test_decoder_is_conditioned_on_the_outcome(fitted: TVAE, heart_schema: Schema) -> None:
+    """The outcome is drawn from the stored DP frequencies and fed to the decoder."""
+    assert fitted.statistics_column() == "num"  # the schema's outcome
+    freq = fitted.state_dict()["cond.freq"]
+    assert freq.shape == (5,) and freq.sum() == pytest.approx(1.0, abs=1e-6)
+    other = TVAE(heart_schema, seed=3, hidden=32, latent=8)
+    other.load_state_dict(fitted.state_dict())
+    other.set_statistics(np.array([0.0, 0.0, 40.0, 0.0, -3.0]))  # noise may go negative
+    assert set(other.sample(200, seed=1)["num"]) == {2}
+    with pytest.raises(ValueError, match="5 cells"):
+        other.set_statistics(np.ones(3))
+
+
+def test_conditioning_keeps_the_outcome_association(heart_schema: Schema, heart_files) -> None:
+    """Asymptomatic chest pain (cp 4) goes with disease in Cleveland; samples keep it."""
+    frame = read_table(heart_files["cleveland"], heart_schema)
+    # no DP: what is tested is the mechanism (the decoder reads the outcome), not DP's cost
+    model = TVAE(heart_schema, seed=0).fit(frame, epochs=40, sample_rate=0.5)
+    real_sick = frame["num"].astype(int) > 0
+    real_gap = (frame["cp"][real_sick] == 4).mean() - (frame["cp"][~real_sick] == 4).mean()
+    syn = model.sample(2000, seed=1)
+    sick = syn["num"].astype(int) > 0
+    gap = (syn["cp"][sick] == 4).mean() - (syn["cp"][~sick] == 4).mean()
+    assert real_gap > 0.4 and gap > 0.5 * real_gap
+
+
+def test_condition_choice(heart_schema: Schema) -> None:
+    plain = TVAE(heart_schema, condition=None)
+    assert plain.statistics_column() is None
+    assert all(k.startswith("vae.") for k in plain.state_dict())
+    assert len(plain.sample(10, seed=0)) == 10
+    assert TVAE(heart_schema, condition="sex").statistics_column() == "sex"
+    with pytest.raises(ValueError, match="categorical or binary"):
+        TVAE(heart_schema, condition="age")
+    with pytest.raises(ValueError, match="not a column"):
+        TVAE(heart_schema, condition="nope")

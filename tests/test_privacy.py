@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from opacus.accountants import RDPAccountant
 
@@ -62,6 +63,13 @@ def test_epsilon_composes_over_rounds(heart_schema, heart_schema_path, heart_fil
     assert eps == sorted(eps) and len(set(eps)) == ROUNDS
     # the row count is released once per study, with noise, and charged
     assert sum(1 for h in state.ledger.history if h[1] == 1.0) == 1
+    # ... as a noisy histogram of the outcome (the TVAE's condition): the same release,
+    # L2 sensitivity 1; the model's condition frequencies are that histogram, normalised
+    assert state.histogram is not None and state.histogram.shape == (5,)
+    assert state.noisy_count == max(1.0, float(round(state.histogram.sum())))
+    hist = np.clip(state.histogram, 0.0, None)
+    np.testing.assert_allclose(replies[ROUNDS - 1].arrays["cond.freq"], hist / hist.sum(),
+                               rtol=1e-5)
 
 
 def test_ledger_survives_a_restart(heart_schema, heart_schema_path, heart_files, study,

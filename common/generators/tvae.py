@@ -15,6 +15,13 @@ Why it is shaped this way:
   which keeps rare categories rare instead of erasing them.
 - Code sets (diagnoses, mutated genes) are independent Bernoulli outputs given the
   latent code; their co-occurrence is carried by the latent space.
+- The decoder is conditioned on one categorical column (by default the schema's
+  outcome): a conditional VAE. Under DP the association between the outcome and the
+  other columns is what the noise erases first when it has to travel through the
+  latent code; fed to the decoder directly, it is learnt by one small weight matrix.
+  At sampling the condition is drawn from the frequencies of the site's one DP
+  histogram release (``set_statistics``), which every site makes anyway (its sum is
+  the DP row count), so the conditioning costs no privacy.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -29,16 +37,35 @@ from torch.nn import functional as F
 from .base import Generator
 
 
-class _VAENet(nn.Module):
-    def __init__(self, dim: int, hidden: int, latent: int) -> None:
+class _CondPrior(nn.Module):
+    """The DP frequencies of the conditioning column, a buffer (no parameters).
+
+    A buffer travels in the flat state, and FedAvg's weighted mean of the sites'
+    frequencies (weights: their DP row counts) is the federation's pooled frequency.
+    """
+
+    freq: torch.Tensor
+
+    def __init__(self, size: int) -> None:
         super().__init__()
+        self.register_buffer("freq", torch.full((size,), 1.0 / size))
+
+
+class _VAENet(nn.Module):
+    """Encoder reads the whole row; decoder reads the latent code and the condition."""
+
+    def __init__(
+        self, dim: int, hidden: int, latent: int, cond: tuple[int, int] = (0, 0)
+    ) -> None:
+        super().__init__()
+        self.cond = cond
         self.encoder = nn.Sequential(
             nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()
         )
         self.mu = nn.Linear(hidden, latent)
         self.logvar = nn.Linear(hidden, latent)
         self.decoder = nn.Sequential(
-            nn.Linear(latent, hidden),
+            nn.Linear(latent + cond[1] - cond[0], hidden),
             nn.ReLU(),
             nn.Linear(hidden, hidden),
             nn.ReLU(),
@@ -49,6 +76,8 @@ class _VAENet(nn.Module):
         h = self.encoder(x)
         mu, logvar = self.mu(h), self.logvar(h).clamp(-10.0, 10.0)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        if self.cond[1] > self.cond[0]:
+            z = torch.cat([z, x[:, self.cond[0] : self.cond[1]]], dim=1)
         return self.decoder(z), mu, logvar
 
 
@@ -68,7 +97,10 @@ class TVAE(Generator):
     #   were lost even without DP (TSTR AUROC 0.41 without DP at kl_weight 1);
     # - iterate_ema 0.9: a round returns the moving average of its DP iterates (free
     #   post-processing that cancels part of the noise);
-    # - a larger learning rate than TVAE's, as usual for DP training with large batches.
+    # - a larger learning rate than TVAE's, as usual for DP training with large batches;
+    # - condition "outcome": the decoder reads the schema's outcome (a conditional VAE);
+    #   median TSTR AUROC over five seeds rose from 0.67 to 0.77 at epsilon 10 and from
+    #   0.65 to 0.68 at epsilon 3, at the same fidelity.
     defaults: ClassVar[dict[str, Any]] = {
         "hidden": 32,
         "latent": 8,
@@ -77,11 +109,21 @@ class TVAE(Generator):
         "kl_weight": 0.3,
         "iterate_ema": 0.9,
         "loss_bound": 100.0,
+        "condition": "outcome",
     }
 
     def build(self) -> None:
         enc = self.encoder
-        self.net = _VAENet(enc.dim, int(self.hparams["hidden"]), int(self.hparams["latent"]))
+        self.cond_column = self._pick_condition(self.hparams["condition"])
+        cond = (0, 0)
+        if self.cond_column is not None:
+            block = enc.block(self.cond_column, "onehot")
+            cond = (block.start, block.stop)
+        self._cond = cond
+        self.net = _VAENet(
+            enc.dim, int(self.hparams["hidden"]), int(self.hparams["latent"]), cond
+        )
+        self.cond_prior = _CondPrior(max(cond[1] - cond[0], 1))
         numeric = enc.numeric_blocks
         self._num_idx = torch.tensor([b.start for b in numeric], dtype=torch.long)
         present = []
@@ -91,11 +133,113 @@ class TVAE(Generator):
             except KeyError:
                 present.append(-1)
         self._present_idx = torch.tensor(present, dtype=torch.long)
-        self._cat_blocks = [(b.start, b.stop) for b in enc.onehot_blocks]
+        # the condition is the decoder's input, not something it must reconstruct
+        self._cat_blocks = [(b.start, b.stop) for b in enc.onehot_blocks
+                            if (b.start, b.stop) != cond]
         self._multi_blocks = [(b.start, b.stop) for b in enc.multihot_blocks]
 
+    def _pick_condition(self, wanted: str | None) -> str | None:
+        """The conditioning column: "outcome" (the schema's, if categorical), a name, or none."""
+        if not wanted:
+            return None
+        if wanted == "outcome":
+            outcome = self.schema.outcome
+            if outcome is None:
+                return None
+            column = self.schema.column(outcome.column)
+            return column.name if column.is_categorical and not column.group else None
+        try:
+            column = self.schema.column(wanted)
+        except KeyError:
+            raise ValueError(
+                f"tvae: condition {wanted!r} is not a column of the schema; name a "
+                "categorical column, \"outcome\" or null"
+            ) from None
+        if not column.is_categorical or column.group:
+            raise ValueError(
+                f"tvae: condition {wanted!r} must be a categorical or binary column "
+                "(not numeric, not a code of a code set)"
+            )
+        return column.name
+
     def networks(self) -> dict[str, nn.Module]:
-        return {"vae": self.net}
+        if self.cond_column is None:
+            return {"vae": self.net}
+        return {"vae": self.net, "cond": self.cond_prior}
+
+    # -- the DP statistics of the conditioning column ----------------------------------
+    def statistics_column(self) -> str | None:
+        return self.cond_column
+
+    def set_statistics(self, histogram: np.ndarray) -> None:
+        """Keep the site's noisy histogram as frequencies (uniform if it has no mass)."""
+        if self.cond_column is None:
+            return
+        size = self._cond[1] - self._cond[0]
+        hist = np.clip(np.asarray(histogram, dtype=float), 0.0, None)
+        if hist.shape != (size,):
+            raise ValueError(
+                f"tvae: histogram of {self.cond_column!r} must have {size} cells, "
+                f"got shape {hist.shape}"
+            )
+        total = float(hist.sum())
+        freq = hist / total if total > 0 else np.full(size, 1.0 / size)
+        self.cond_prior.freq.copy_(torch.as_tensor(freq, dtype=torch.float32))
+
+    def fit(
+        self,
+        data: pd.DataFrame,
+        *,
+        epochs: int = 50,
+        sample_rate: float = 0.1,
+        epsilon: float | None = None,
+        delta: float = 1e-5,
+        max_grad_norm: float = 1.0,
+        count_noise: float = 10.0,
+    ) -> TVAE:
+        """Central training that releases the condition's histogram as a site does.
+
+        The base ``fit`` never calls ``set_statistics``, so the condition would be drawn
+        uniformly. Here the histogram gets Gaussian noise of std ``count_noise`` per cell
+        (as ``client.site.release_histogram``), and the training noise is calibrated so
+        that histogram and training together stay within ``epsilon`` in one ledger.
+        """
+        from ..privacy import DPSettings, PrivacyLedger, RoundPlan, calibrate_noise, train_round
+
+        if self.cond_column is None:
+            super().fit(data, epochs=epochs, sample_rate=sample_rate, epsilon=epsilon,
+                        delta=delta, max_grad_norm=max_grad_norm)
+            return self
+        encoded = self.encoder.encode(data)
+        hist = encoded[:, self._cond[0] : self._cond[1]].sum(axis=0).astype(float)
+        dp, ledger = None, None
+        if epsilon is not None:
+            plan = RoundPlan(sample_rate=sample_rate, epochs=epochs, loss_report=False)
+            sigma = calibrate_noise(epsilon, delta, plan, rounds=1, count_noise=count_noise)
+            dp = DPSettings(noise_multiplier=sigma, max_grad_norm=max_grad_norm)
+            ledger = PrivacyLedger()
+            hist = hist + np.random.default_rng(self.seed).normal(0.0, count_noise, hist.shape)
+            ledger.record(count_noise, 1.0, 1)
+        self.set_statistics(hist)
+        stats = train_round(self, encoded, epochs=epochs, sample_rate=sample_rate, dp=dp,
+                            ledger=ledger, seed=self.seed)
+        self.fit_info = {
+            "steps": stats.steps,
+            "seconds": stats.seconds,
+            "epsilon": ledger.epsilon(delta) if ledger is not None else None,
+            "delta": delta if ledger is not None else None,
+        }
+        return self
+
+    def _draw_condition(self, n: int, rng: torch.Generator) -> torch.Tensor:
+        size = self._cond[1] - self._cond[0]
+        if n == 0:
+            return torch.zeros(0, size)
+        freq = self.cond_prior.freq.clamp_min(0.0)
+        if not bool(torch.isfinite(freq).all()) or float(freq.sum()) <= 0:
+            freq = torch.ones_like(freq)
+        idx = torch.multinomial(freq, n, replacement=True, generator=rng)
+        return F.one_hot(idx, size).float()
 
     def private_module(self) -> nn.Module:
         return self.net
@@ -126,9 +270,15 @@ class TVAE(Generator):
     def generate_encoded(self, n: int, rng: torch.Generator) -> np.ndarray:
         self.net.eval()
         z = torch.randn(n, int(self.hparams["latent"]), generator=rng)
+        cond = None
+        if self.cond_column is not None:
+            cond = self._draw_condition(n, rng)
+            z = torch.cat([z, cond], dim=1)
         out = self.net.decoder(z)
         self.net.train()
         result = torch.zeros_like(out)
+        if cond is not None:
+            result[:, self._cond[0] : self._cond[1]] = cond
         if len(self._num_idx):
             result[:, self._num_idx] = torch.tanh(out[:, self._num_idx])
         for start, stop in self._cat_blocks:
