@@ -1,6 +1,7 @@
 """The ``fedsynth`` command.
 
-Subcommands: ``simulate`` (a whole study on this machine), ``check`` (a site's table
+Subcommands: ``simulate`` (a whole study on this machine), ``benchmark`` (settings,
+baselines and costs side by side; ``docs/benchmark.md``), ``check`` (a site's table
 against the schema), ``sample`` (draw rows from a saved generator), ``validate``
 (score synthetic data against real data), ``keys`` (encryption keys of a study),
 ``certs`` (TLS and SuperNode authentication material), ``preflight`` (a site's
@@ -122,6 +123,55 @@ def _run_simulate(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _add_benchmark(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "benchmark",
+        help="compare central, site-alone and federated (DP, encrypted) training with "
+        "baselines; see docs/benchmark.md",
+        description="Run the benchmark settings and write results.csv, results.md and plots.",
+    )
+    p.add_argument("--quick", action="store_true",
+                   help="every setting on one seed with shorter training and fewer "
+                   "validation areas (heart disease: under 15 minutes on 2 cores)")
+    p.add_argument("--part", default="settings",
+                   help="comma-separated: settings (the comparison), throughput (rows/s, "
+                   "DP overhead, grad-sample modes, the ctgan package), scale (10/50/100 sites)")
+    p.add_argument("--dataset", default="heart_disease",
+                   help="heart_disease, tcga_brca, amlsg or mimic3_demo")
+    p.add_argument("--seeds", type=int, default=None, help="seeds (default 3; --quick 1)")
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--dirichlet-alpha", type=float, default=None,
+                   help="re-split the pooled rows into sites by Dirichlet(alpha) label shares")
+    p.add_argument("--dirichlet-sites", type=int, default=0,
+                   help="sites of the Dirichlet split (default: the dataset's count)")
+    p.add_argument("--generators", default="tvae,ctgan,ddpm")
+    p.add_argument("--epsilons", default="1,3,10", help="per-site budgets of the DP runs")
+    p.add_argument("--rounds", type=int, default=None, help="default 10; --quick 5")
+    p.add_argument("--local-epochs", type=int, default=None, help="default 20; --quick 10")
+    p.add_argument("--baselines", default="independent,sdv_ctgan,sdv_tvae,sdv_gaussian_copula")
+    p.add_argument("--baseline-epochs", type=int, default=None,
+                   help="epochs of the ctgan package's models (default: theirs; --quick 50)")
+    p.add_argument("--anonymeter", action=argparse.BooleanOptionalAction, default=None,
+                   help="anonymeter attacks (default: on in full runs when "
+                   "FEDSYNTH_ANONYMETER_PYTHON is set; off with --quick)")
+    p.add_argument("--ray-check", action=argparse.BooleanOptionalAction, default=None,
+                   help="rerun one setting through `fedsynth simulate` (Ray) and compare "
+                   "(default: on)")
+    p.add_argument("--scale-dataset", default="amlsg", help="table split for --part scale")
+    p.add_argument("--scale-sites", default="10,50,100", help="site counts for --part scale")
+    p.add_argument("--only", default="",
+                   help="comma-separated setting keys to run (e.g. tvae/federated/eps3)")
+    p.add_argument("--keep-work", action="store_true",
+                   help="keep OUT/work (site files with real rows, models) for inspection")
+    p.add_argument("--out", default="benchmark-output", help="output folder")
+
+
+def _run_benchmark(args: argparse.Namespace, console: Console) -> int:
+    from .simulations.benchmark_cli import benchmark_from_args
+
+    return benchmark_from_args(args, console)
+
+
 def _run_check(args: argparse.Namespace, console: Console) -> int:
     from .common.schema import Schema
     from .common.table import read_table
@@ -187,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_simulate(sub)
+    _add_benchmark(sub)
 
     p = sub.add_parser("check", help="check a site's table against the study schema")
     p.add_argument("--schema", required=True, help="the study's schema (YAML or JSON)")
@@ -241,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {
         "simulate": _run_simulate,
+        "benchmark": _run_benchmark,
         "check": _run_check,
         "sample": _run_sample,
         "validate": _run_validate,
