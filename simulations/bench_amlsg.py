@@ -5,7 +5,16 @@ Run after ``fedsynth simulate --dataset amlsg --out DIR``::
     python -m fedsynth.simulations.bench_amlsg --out DIR
 
 It reads DIR/real/train.csv (the real rows the sites trained on), DIR/synthetic.csv
-and prints (and writes DIR/amlsg_figures.json):
+and prints (and writes DIR/amlsg_figures.json). For sweeps of hyperparameters, where a
+Flower/Ray start per run would cost more than the training, ``--train`` runs the same
+study in process instead (``inprocess.py``: the site code of the Flower app, FedAvg
+weighted by the sites' DP counts, the same splits) or, with ``--central``, one model
+on the pooled training rows::
+
+    python -m fedsynth.simulations.bench_amlsg --train --generator ddpm --epsilon 3 \
+        --out DIR [--no-dp] [--central] [--generator-params JSON] [--local-epochs 20]
+
+The figures:
 
 - gene mutation frequencies: Pearson correlation, real vs synthetic;
 - pairwise co-occurrence / mutual exclusivity: log odds ratio per gene pair (Haldane's
@@ -21,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 from dataclasses import replace
 from itertools import combinations
 from pathlib import Path
@@ -31,6 +41,7 @@ import pandas as pd
 from lifelines import CoxPHFitter
 from scipy.stats import fisher_exact
 
+from ..common.generators import REGISTRY
 from ..common.table import read_table
 from .datasets import bundled_schema
 
@@ -106,16 +117,72 @@ def cox_figures(real: pd.DataFrame, syn: pd.DataFrame, genes: list[str]) -> dict
     }
 
 
+def _train(args: argparse.Namespace, out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Train in process (federated, or ``--central`` on the pooled rows); write the table."""
+    from ..common.generators import get_generator
+    from ..common.study import StudyConfig
+    from .inprocess import run_inprocess
+    from .simulate import SimulationOptions, prepare_sites
+
+    params = json.loads(args.generator_params)
+    study = StudyConfig(generator=args.generator, generator_params=params,
+                        num_server_rounds=args.rounds, local_epochs=args.local_epochs,
+                        sample_rate=args.sample_rate, seed=args.seed, output_dir=str(out))
+    opts = SimulationOptions(dataset="amlsg", epsilon=args.epsilon, dp=not args.no_dp,
+                             study=study)
+    if args.central:
+        _, train, _ = prepare_sites(opts, out)
+        train = train.drop(columns="site")
+        t0 = time.perf_counter()
+        model = get_generator(args.generator)(bundled_schema("amlsg"), seed=args.seed, **params)
+        model.fit(train, epochs=args.local_epochs * args.rounds, sample_rate=args.sample_rate,
+                  epsilon=None if args.no_dp else args.epsilon)
+        info = {"seconds": time.perf_counter() - t0, "epsilon_max": model.fit_info["epsilon"],
+                "rows": len(train)}
+    else:
+        model, train, info = run_inprocess(opts, out)
+    syn = model.sample(len(train), seed=args.seed)
+    syn.to_csv(out / "synthetic.csv", index=False)
+    return train, syn, info
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output folder of an AMLSG simulation")
+    parser.add_argument("--train", action="store_true",
+                        help="train in process first (see the module docstring)")
+    parser.add_argument("--central", action="store_true", help="with --train: pooled rows")
+    parser.add_argument("--generator", choices=sorted(REGISTRY), default="tvae")
+    parser.add_argument("--generator-params", default="{}")
+    parser.add_argument("--epsilon", type=float, default=3.0)
+    parser.add_argument("--no-dp", action="store_true")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--local-epochs", type=int, default=20)
+    parser.add_argument("--sample-rate", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
+    try:
+        if not isinstance(json.loads(args.generator_params), dict):
+            raise ValueError("not an object")
+    except ValueError as exc:
+        parser.error(f"--generator-params must be a JSON object, e.g. '{{\"hidden\": 64}}' "
+                     f"({exc})")
     out = Path(args.out)
     schema = bundled_schema("amlsg")
-    real = read_table(out / "real" / "train.csv", schema)
-    syn = read_table(out / "synthetic.csv", replace(schema, header=True))
+    info: dict[str, Any] = {}
+    if args.train:
+        out.mkdir(parents=True, exist_ok=True)
+        real, syn, info = _train(args, out)
+        syn = read_table(out / "synthetic.csv", replace(schema, header=True))
+    else:
+        if not (out / "real" / "train.csv").is_file() or not (out / "synthetic.csv").is_file():
+            parser.error(f"{out} is not the output of an AMLSG study (no real/train.csv or "
+                         "synthetic.csv): run `fedsynth simulate --dataset amlsg --out DIR` "
+                         "first, or pass --train")
+        real = read_table(out / "real" / "train.csv", schema)
+        syn = read_table(out / "synthetic.csv", replace(schema, header=True))
     genes = schema.codesets["mut"]
-    figures = {**gene_figures(real, syn, genes), **cox_figures(real, syn, genes)}
+    figures = {**info, **gene_figures(real, syn, genes), **cox_figures(real, syn, genes)}
     (out / "amlsg_figures.json").write_text(json.dumps(figures, indent=1))
     for key, value in figures.items():
         print(f"{key}: {value}")

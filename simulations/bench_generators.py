@@ -16,6 +16,15 @@ The metrics are computed here, self-contained, so the benchmark does not move wh
 the validation module is extended.
 
 Run: ``python -m fedsynth.simulations.bench_generators`` (prints a Markdown table).
+
+``--study`` instead gives the central rows of the issue's federated table: each
+generator trained without DP on the pooled *training* rows of exactly the split that
+``fedsynth simulate`` makes (same seed, same 20% held out per hospital), sampled to as
+many rows, and scored by the project's validation module against the same holdout, so
+its figures (TSTR AUROC, fidelity, correlation similarity) sit beside the federated
+ones in ``DIR/summary.json``::
+
+    python -m fedsynth.simulations.bench_generators --study --epochs 50 --sample-rate 0.1
 """
 
 from __future__ import annotations
@@ -158,6 +167,31 @@ def run_one(
     }
 
 
+def central_study(name: str, *, epochs: int, sample_rate: float, params: dict[str, Any],
+                  seed: int = 42) -> dict[str, float]:
+    """One generator, no DP, on the pooled training rows of ``fedsynth simulate``'s split."""
+    import tempfile
+    from pathlib import Path
+
+    from ..common.study import StudyConfig
+    from ..common.validation import validate
+    from .simulate import SimulationOptions, prepare_sites
+
+    opts = SimulationOptions(dataset="heart_disease", dp=False, study=StudyConfig(seed=seed))
+    with tempfile.TemporaryDirectory() as tmp:
+        _, train, hold = prepare_sites(opts, Path(tmp))
+    train, hold = train.drop(columns="site"), hold.drop(columns="site")
+    schema = bundled_schema("heart_disease")
+    model = get_generator(name)(schema, seed=seed, **params)
+    start = time.perf_counter()
+    model.fit(train, epochs=epochs, sample_rate=sample_rate)
+    seconds = time.perf_counter() - start
+    synthetic = model.sample(len(train), seed=seed)
+    head = validate(train, hold, synthetic, schema, seed=seed).headline()
+    return {"seconds": seconds, "auroc": head["tstr_auroc"], "fidelity": head["fidelity"],
+            "correlation": head["correlation_similarity"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--generators", default="tvae,ctgan,ddpm")
@@ -171,11 +205,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads; 1 suits these tiny networks and keeps "
                         "timings stable on a shared machine")
+    parser.add_argument("--study", action="store_true",
+                        help="central no-DP rows on fedsynth simulate's split (see above)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    params = json.loads(args.params)
+    if args.study:
+        print(f"central, no DP, {args.epochs} epochs at q = {args.sample_rate}\n")
+        print("| generator | TSTR AUROC | fidelity | correlation similarity | train seconds |")
+        print("|---|---|---|---|---|")
+        for name in args.generators.split(","):
+            r = central_study(name, epochs=args.epochs, sample_rate=args.sample_rate,
+                              params=params.get(name, {}))
+            print(f"| {name} | {r['auroc']:.3f} | {r['fidelity']:.3f} | "
+                  f"{r['correlation']:.3f} | {r['seconds']:.1f} |", flush=True)
+        return 0
     schema = bundled_schema("heart_disease")
     train, test = pooled_split(schema)
-    params = json.loads(args.params)
     epsilons = [None if e == "none" else float(e) for e in args.epsilons.split(",")]
 
     print(f"heart disease, pooled: {len(train)} training rows, {len(test)} holdout rows; "

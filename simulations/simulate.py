@@ -297,6 +297,8 @@ def validate_and_report(
         synthetic,
         schema,
         seed=int(summary["study"]["seed"]),
+        # survival data (TCGA-BRCA, AMLSG): Kaplan-Meier, log-rank, Cox and C-index
+        survival=schema.survival_pairs[0] if schema.survival_pairs else None,
         # anonymeter needs numpy < 2: it runs from its own environment when one is set
         anonymeter_python=os.environ.get("FEDSYNTH_ANONYMETER_PYTHON") or None,
     )
