@@ -140,7 +140,7 @@ def _train(args: argparse.Namespace, out: Path) -> tuple[pd.DataFrame, pd.DataFr
         info = {"seconds": time.perf_counter() - t0, "epsilon_max": model.fit_info["epsilon"],
                 "rows": len(train)}
     else:
-        model, train, info = run_inprocess(opts, out)
+        model, train, _, info = run_inprocess(opts, out)
     syn = model.sample(len(train), seed=args.seed)
     syn.to_csv(out / "synthetic.csv", index=False)
     return train, syn, info

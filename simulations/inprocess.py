@@ -1,11 +1,10 @@
-"""A federated study in one process: the Flower app's site code, without Flower.
+"""A federated study of ``fedsynth simulate``'s options, in one process, for sweeps.
 
 Benchmarks sweep hyperparameters over many studies; with 18 AMLSG sites a Flower/Ray
-simulation spends more time starting than training. This runs the same thing in a
-loop: every site trains with ``client.site.train_site`` (its own ledger, DP count,
-noise calibrated to the whole plan), the coordinator averages the replies weighted by
-the sites' (noisy) counts exactly as FedAvg does, and the synthetic table has as many
-rows as the study trained on. Final figures still come from ``fedsynth simulate``.
+simulation spends more time starting than training. This prepares the sites exactly
+as ``fedsynth simulate`` does and runs the study through
+:func:`benchmark_inprocess.run_inprocess`: the real coordinator (``run_study``: the
+site-aware strategy, server momentum, checkpoints) and the real ClientApp, with no Ray.
 """
 
 from __future__ import annotations
@@ -15,49 +14,34 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from ..client.site import TRAINED, SiteState, train_site
-from ..common.generators import Generator, get_generator
-from ..common.schema import Schema
-from ..common.study import StudyConfig, schema_fingerprint
+from ..common.generators import Generator
+from ..server.app import MODEL, final_site_privacy
+from .benchmark_inprocess import run_inprocess as run_study_inprocess
 from .datasets import bundled_schema_path
 from .simulate import SimulationOptions, prepare_sites
 
 
-def fedavg(replies: list[tuple[float, dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
-    """Weighted mean of the sites' flat states (weights: their reported counts)."""
-    total = sum(w for w, _ in replies)
-    keys = replies[0][1].keys()
-    return {
-        k: (sum(w * s[k].astype(np.float64) for w, s in replies) / total).astype(
-            replies[0][1][k].dtype
-        )
-        for k in keys
-    }
-
-
-def run_inprocess(opts: SimulationOptions, out: Path) -> tuple[Generator, pd.DataFrame,
-                                                                 dict[str, Any]]:
-    """Train the study of ``opts`` in process; return the model, train rows and info."""
+def run_inprocess(
+    opts: SimulationOptions, out: Path
+) -> tuple[Generator, pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """Train the study of ``opts`` in process; return the model, the train rows, the
+    holdout (the split ``fedsynth simulate`` makes for the same seed) and info."""
     t0 = time.perf_counter()
-    sites, train, _ = prepare_sites(opts, out)
-    schema = Schema.load(bundled_schema_path(opts.dataset))
-    study: StudyConfig = replace(opts.study, schema=str(bundled_schema_path(opts.dataset)))
-    fp = schema_fingerprint(schema)
-    model = get_generator(study.generator)(schema, seed=study.seed, **study.generator_params)
-    states = {s.name: SiteState() for s in sites}
-    epsilons: dict[str, float] = {}
-    for r in range(1, study.num_server_rounds + 1):
-        replies = []
-        for site in sites:
-            reply = train_site(site, study, fp, model.state_dict(), states[site.name], r)
-            if reply.status == TRAINED and reply.arrays is not None:
-                replies.append((reply.metrics["num-examples"], reply.arrays))
-            epsilons[site.name] = reply.metrics["epsilon"]
-        if replies:
-            model.load_state_dict(fedavg(replies))
-    info = {"seconds": time.perf_counter() - t0, "epsilon_max": max(epsilons.values()),
+    sites, train, hold = prepare_sites(opts, out)
+    study = replace(
+        opts.study,
+        schema=str(bundled_schema_path(opts.dataset)),
+        min_sites=min(opts.study.min_sites, len(sites)),
+        output_dir=str(out / "study"),
+    )
+    result = run_study_inprocess(study, sites)
+    model = Generator.load(Path(study.output_dir) / MODEL)
+    spent = [
+        s["epsilon"] for s in final_site_privacy(result.outcome.history).values()
+        if s["epsilon"] is not None
+    ]
+    info = {"seconds": time.perf_counter() - t0, "epsilon_max": max(spent, default=None),
             "rows": len(train)}
-    return model, train.drop(columns="site"), info
+    return model, train.drop(columns="site"), hold.drop(columns="site", errors="ignore"), info

@@ -1,10 +1,9 @@
 """Tune the TVAE on the default heart-disease study, in process and over several seeds.
 
 ``fedsynth simulate`` starts Ray (25-50 s) for every run; this script runs the very
-same site code (``client.site.train_site``: DP-SGD, the ledger, the count release, the
-loss report) and Flower's FedAvg arithmetic (the weighted mean of the replies by
-their DP row counts) in one process, so a configuration can be judged on several
-seeds in the time one simulation takes to start. Each seed changes everything a study
+same study (the real coordinator and ClientApp, through ``simulations/inprocess.py``)
+in one process, so a configuration can be judged on several seeds in the time one
+simulation takes to start. Each seed changes everything a study
 seed changes: the per-hospital 80/20 holdout split, the initial model, the DP noise and
 the sampling. The synthetic table is scored against the real holdout by the project's
 validation module (mean per-column fidelity and TSTR AUROC of logistic regression),
@@ -23,21 +22,18 @@ import json
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
 import torch
 
-from ..client.site import TRAINED, SiteState, train_site
-from ..common.generators import get_generator
-from ..common.study import SiteConfig, StudyConfig, schema_fingerprint
+from ..common.study import StudyConfig
+from ..common.table import read_table
 from ..common.validation import validate
-from ..server.optimizer import ServerMomentum, buffer_keys
-from .datasets import bundled_schema_path, load_site_frames
-from .splits import holdout_split, write_site_table
+from ..server.app import SYNTHETIC
+from .inprocess import run_inprocess
+from .simulate import SimulationOptions
 
 
 @dataclass
@@ -51,63 +47,19 @@ class RunResult:
     columns: dict[str, float]  # per-column KS (numeric) or TVD (categorical)
 
 
-def weighted_mean(replies: list[tuple[float, dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
-    """FedAvg's aggregate: the replies' arrays averaged with their row-count weights."""
-    total = sum(w for w, _ in replies)
-    keys = replies[0][1].keys()
-    return {
-        k: (sum(w * a[k].astype(np.float64) for w, a in replies) / total).astype(
-            replies[0][1][k].dtype
-        )
-        for k in keys
-    }
-
-
-def run_study(
-    study: StudyConfig,
-    epsilon: float | None,
-    workdir: Path,
-    server: ServerMomentum | None = None,
-) -> RunResult:
-    """One whole study on the bundled heart-disease hospitals; its validation figures."""
+def run_study(study: StudyConfig, epsilon: float | None, workdir: Path) -> RunResult:
+    """One whole heart-disease study, in process; its validation figures."""
     start = time.perf_counter()
-    schema_path = bundled_schema_path("heart_disease")
-    schema, frames = load_site_frames("heart_disease")
-    fingerprint = schema_fingerprint(schema)
-    sites, trains, holds = [], [], []
-    for i, (name, frame) in enumerate(frames.items()):  # as simulate.prepare_sites
-        train, hold = holdout_split(frame, schema, 0.2, seed=study.seed + i)
-        path = workdir / f"site-{name}.csv"
-        write_site_table(train, schema, str(path))
-        sites.append(SiteConfig(name=name, data_path=str(path), schema_path=str(schema_path),
-                                epsilon=epsilon or 3.0, dp=epsilon is not None))
-        trains.append(train)
-        holds.append(hold)
-    model = get_generator(study.generator)(schema, seed=study.seed, **study.generator_params)
-    global_state = model.state_dict()
-    states = {s.name: SiteState() for s in sites}
-    weights: list[float] = []
-    for rnd in range(1, study.num_server_rounds + 1):
-        replies = []
-        for site in sites:
-            reply = train_site(site, study, fingerprint, global_state, states[site.name], rnd)
-            if reply.status == TRAINED and reply.arrays is not None:
-                replies.append((reply.metrics["num-examples"], reply.arrays))
-        if not replies:
-            break
-        weights = [w for w, _ in replies]
-        averaged = weighted_mean(replies)
-        if server is None:
-            global_state = averaged
-        else:
-            global_state = server.step(global_state, averaged, buffer_keys(model.networks()))
-    model.load_state_dict(global_state)
-    synthetic = model.sample(max(1, int(round(sum(weights)))), seed=study.seed)
+    opts = SimulationOptions(dataset="heart_disease", epsilon=epsilon or 3.0,
+                             dp=epsilon is not None, study=study)
+    model, train, hold, info = run_inprocess(opts, workdir)
+    # the table the study released, as `fedsynth simulate` reads it
+    synthetic = read_table(workdir / "study" / SYNTHETIC, replace(model.schema, header=True))
     result = validate(
-        pd.concat(trains, ignore_index=True),
-        pd.concat(holds, ignore_index=True),
+        train,
+        hold,
         synthetic,
-        schema,
+        model.schema,
         seed=study.seed,
         areas=("fidelity", "utility"),
         models=("logistic_regression",),
@@ -118,7 +70,7 @@ def run_study(
         for m in result.metrics
         if m.name in ("ks", "tvd") and m.columns
     }
-    eps = max(s.ledger.epsilon(1e-5) for s in states.values()) if epsilon else float("nan")
+    eps = float(info["epsilon_max"]) if info["epsilon_max"] is not None else float("nan")
     return RunResult(study.seed, float(head["fidelity"]), float(head["tstr_auroc"]),
                      float(head["trtr_auroc"]), eps, time.perf_counter() - start, columns)
 
@@ -141,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-epochs", type=int, default=StudyConfig.local_epochs)
     parser.add_argument("--sample-rate", type=float, default=StudyConfig.sample_rate)
     parser.add_argument("--max-grad-norm", type=float, default=StudyConfig.max_grad_norm)
-    parser.add_argument("--server-lr", type=float, default=1.0)
-    parser.add_argument("--server-momentum", type=float, default=0.0)
+    parser.add_argument("--server-lr", type=float, default=StudyConfig.server_lr)
+    parser.add_argument("--server-momentum", type=float, default=StudyConfig.server_momentum)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--columns", action="store_true",
                         help="also print each column's KS / TVD distance per seed")
@@ -159,12 +111,11 @@ def main(argv: list[str] | None = None) -> int:
             sample_rate=args.sample_rate,
             max_grad_norm=args.max_grad_norm,
             generator_params=params,
+            server_lr=args.server_lr,
+            server_momentum=args.server_momentum,
         )
-        server = None
-        if args.server_lr != 1.0 or args.server_momentum != 0.0:
-            server = ServerMomentum(lr=args.server_lr, momentum=args.server_momentum)
         with tempfile.TemporaryDirectory(prefix="fedsynth-tune-") as tmp:
-            res = run_study(study, epsilon, Path(tmp), server)
+            res = run_study(study, epsilon, Path(tmp))
         results.append(res)
         print(f"seed {res.seed}: TSTR {res.tstr:.3f} (TRTR {res.trtr:.3f}) fidelity "
               f"{res.fidelity:.3f} eps {res.epsilon:.3f} {res.seconds:.0f} s", flush=True)
