@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from ..common.generators import Generator, get_generator
+from ..common.generators import get_generator
+from ..common.generators.base import release_histogram
 from ..common.privacy import (
     DPSettings,
     PrivacyLedger,
@@ -157,28 +158,6 @@ def _calibrated(
     return calibrate_noise(
         epsilon, delta, plan, rounds=rounds, count_noise=count_noise, mechanism=mech
     )
-
-
-def release_histogram(
-    model: Generator, data: np.ndarray, noise_std: float | None, seed: int
-) -> np.ndarray:
-    """The site's one count release: a histogram of the model's statistics column.
-
-    Adding or removing a patient changes one cell by one (L2 sensitivity 1), so with
-    Gaussian noise of std ``noise_std`` per cell it is the Gaussian mechanism at noise
-    multiplier ``noise_std``, whatever the number of cells; with no statistics column it
-    is a single cell, the row count. ``noise_std=None`` (no DP) gives the exact counts.
-    """
-    column = model.statistics_column()
-    if column is None:
-        exact = np.array([float(len(data))])
-    else:
-        block = model.encoder.block(column, "onehot")
-        exact = data[:, block.slice].sum(axis=0).astype(float)
-    if noise_std is None:
-        return exact
-    rng = np.random.default_rng(seed)
-    return exact + rng.normal(0.0, noise_std, size=exact.shape)
 
 
 def status_metrics(site: SiteConfig, state: SiteState) -> dict[str, float]:

@@ -24,6 +24,19 @@ def test_fit_under_dp_reports_its_epsilon(fitted: TVAE) -> None:
     assert 4.9 < fitted.fit_info["epsilon"] <= 5.0
 
 
+def test_central_fit_releases_the_histogram_as_a_site_does(
+    fitted: TVAE, heart_schema: Schema, heart_files
+) -> None:
+    """Central training makes the same count release as a site (same noise, same
+    seed), so the outcome frequencies it samples from are those of the DP histogram,
+    and the budget above covers histogram and training together."""
+    from fedsynth.common.generators.base import release_histogram
+
+    encoded = fitted.encoder.encode(read_table(heart_files["cleveland"], heart_schema))
+    hist = np.clip(release_histogram(fitted, encoded, 10.0, fitted.seed), 0.0, None)
+    np.testing.assert_allclose(fitted.cond_prior.freq.numpy(), hist / hist.sum(), rtol=1e-6)
+
+
 def test_samples_conform_to_schema(fitted: TVAE, heart_schema: Schema) -> None:
     frame = fitted.sample(300, seed=1)
     assert len(frame) == 300 and list(frame.columns) == heart_schema.names

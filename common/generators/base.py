@@ -151,22 +151,33 @@ class Generator(ABC):
         epsilon: float | None = None,
         delta: float = 1e-5,
         max_grad_norm: float = 1.0,
+        count_noise: float = 10.0,
     ) -> Generator:
         """Train centrally on a typed frame, with DP when ``epsilon`` is given.
 
-        The same trainer and accountant as a federated site, so central and federated
-        figures are comparable.
+        The same trainer, accountant and count release as a federated site, so central
+        and federated figures are comparable: a model with a statistics column gets its
+        histogram released as a site releases it (Gaussian noise of std ``count_noise``
+        per cell under DP, exact without), and the training noise is calibrated so that
+        histogram and training together stay within ``epsilon`` in one ledger.
         """
         from ..privacy import DPSettings, PrivacyLedger, RoundPlan, calibrate_noise, train_round
 
         encoded = self.encoder.encode(data)
+        released = self.statistics_column() is not None
         dp = None
         ledger = None
         if epsilon is not None:
             plan = RoundPlan(sample_rate=sample_rate, epochs=epochs, loss_report=False)
-            sigma = calibrate_noise(epsilon, delta, plan, rounds=1, count_noise=None)
+            sigma = calibrate_noise(epsilon, delta, plan, rounds=1,
+                                    count_noise=count_noise if released else None)
             dp = DPSettings(noise_multiplier=sigma, max_grad_norm=max_grad_norm)
             ledger = PrivacyLedger()
+        if released:
+            noise = count_noise if epsilon is not None else None
+            self.set_statistics(release_histogram(self, encoded, noise, self.seed))
+            if ledger is not None:
+                ledger.record(count_noise, 1.0, 1)
         stats = train_round(
             self,
             encoded,
@@ -354,3 +365,25 @@ def _equals(series: pd.Series, value: Any) -> np.ndarray:
         num = pd.to_numeric(series, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
         return np.isclose(num, value)
     return np.array([v == value for v in series.tolist()], dtype=bool)
+
+
+def release_histogram(
+    model: Generator, data: np.ndarray, noise_std: float | None, seed: int
+) -> np.ndarray:
+    """A site's one count release: a histogram of the model's statistics column.
+
+    Adding or removing a patient changes one cell by one (L2 sensitivity 1), so with
+    Gaussian noise of std ``noise_std`` per cell it is the Gaussian mechanism at noise
+    multiplier ``noise_std``, whatever the number of cells; with no statistics column it
+    is a single cell, the row count. ``noise_std=None`` (no DP) gives the exact counts.
+    """
+    column = model.statistics_column()
+    if column is None:
+        exact = np.array([float(len(data))])
+    else:
+        block = model.encoder.block(column, "onehot")
+        exact = data[:, block.slice].sum(axis=0).astype(float)
+    if noise_std is None:
+        return exact
+    rng = np.random.default_rng(seed)
+    return exact + rng.normal(0.0, noise_std, size=exact.shape)

@@ -427,64 +427,6 @@ class CTGAN(Generator):
             if gsm is not None:
                 gsm.enable_hooks()
 
-    def fit(
-        self,
-        data: pd.DataFrame,
-        *,
-        epochs: int = 50,
-        sample_rate: float = 0.1,
-        epsilon: float | None = None,
-        delta: float = 1e-5,
-        max_grad_norm: float = 1.0,
-        count_noise: float = 10.0,
-    ) -> CTGAN:
-        """Central training, releasing the conditional column's histogram like a site.
-
-        The base ``fit`` never calls ``set_statistics``, so a conditional GAN would draw
-        its conditions uniformly. Here the histogram is released exactly as
-        ``client.site.release_histogram`` does (Gaussian noise of std ``count_noise``
-        per cell under DP, exact without), and the DP noise of training is calibrated so
-        that histogram and training together stay within ``epsilon`` in one ledger.
-        """
-        from ..privacy import DPSettings, PrivacyLedger, RoundPlan, calibrate_noise, train_round
-
-        encoded = self.encoder.encode(data)
-        exact = (
-            encoded[:, self._cond_start : self._cond_start + self._cond_size].sum(axis=0)
-            if self.cond_column is not None
-            else np.array([float(len(encoded))])
-        ).astype(float)
-        dp = None
-        ledger = None
-        if epsilon is not None:
-            plan = RoundPlan(sample_rate=sample_rate, epochs=epochs, loss_report=False)
-            sigma = calibrate_noise(epsilon, delta, plan, rounds=1, count_noise=count_noise)
-            dp = DPSettings(noise_multiplier=sigma, max_grad_norm=max_grad_norm)
-            ledger = PrivacyLedger()
-            rng = np.random.default_rng(self.seed)
-            hist = exact + rng.normal(0.0, count_noise, size=exact.shape)
-            ledger.record(count_noise, 1.0, 1)
-        else:
-            hist = exact
-        if self.cond_column is not None:
-            self.set_statistics(hist)
-        stats = train_round(
-            self,
-            encoded,
-            epochs=epochs,
-            sample_rate=sample_rate,
-            dp=dp,
-            ledger=ledger,
-            seed=self.seed,
-        )
-        self.fit_info = {
-            "steps": stats.steps,
-            "seconds": stats.seconds,
-            "epsilon": ledger.epsilon(delta) if ledger is not None else None,
-            "delta": delta if ledger is not None else None,
-        }
-        return self
-
     # -- sampling ----------------------------------------------------------------------
     @torch.no_grad()
     def generate_encoded(self, n: int, rng: torch.Generator) -> np.ndarray:

@@ -29,7 +29,6 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -185,51 +184,6 @@ class TVAE(Generator):
         total = float(hist.sum())
         freq = hist / total if total > 0 else np.full(size, 1.0 / size)
         self.cond_prior.freq.copy_(torch.as_tensor(freq, dtype=torch.float32))
-
-    def fit(
-        self,
-        data: pd.DataFrame,
-        *,
-        epochs: int = 50,
-        sample_rate: float = 0.1,
-        epsilon: float | None = None,
-        delta: float = 1e-5,
-        max_grad_norm: float = 1.0,
-        count_noise: float = 10.0,
-    ) -> TVAE:
-        """Central training that releases the condition's histogram as a site does.
-
-        The base ``fit`` never calls ``set_statistics``, so the condition would be drawn
-        uniformly. Here the histogram gets Gaussian noise of std ``count_noise`` per cell
-        (as ``client.site.release_histogram``), and the training noise is calibrated so
-        that histogram and training together stay within ``epsilon`` in one ledger.
-        """
-        from ..privacy import DPSettings, PrivacyLedger, RoundPlan, calibrate_noise, train_round
-
-        if self.cond_column is None:
-            super().fit(data, epochs=epochs, sample_rate=sample_rate, epsilon=epsilon,
-                        delta=delta, max_grad_norm=max_grad_norm)
-            return self
-        encoded = self.encoder.encode(data)
-        hist = encoded[:, self._cond[0] : self._cond[1]].sum(axis=0).astype(float)
-        dp, ledger = None, None
-        if epsilon is not None:
-            plan = RoundPlan(sample_rate=sample_rate, epochs=epochs, loss_report=False)
-            sigma = calibrate_noise(epsilon, delta, plan, rounds=1, count_noise=count_noise)
-            dp = DPSettings(noise_multiplier=sigma, max_grad_norm=max_grad_norm)
-            ledger = PrivacyLedger()
-            hist = hist + np.random.default_rng(self.seed).normal(0.0, count_noise, hist.shape)
-            ledger.record(count_noise, 1.0, 1)
-        self.set_statistics(hist)
-        stats = train_round(self, encoded, epochs=epochs, sample_rate=sample_rate, dp=dp,
-                            ledger=ledger, seed=self.seed)
-        self.fit_info = {
-            "steps": stats.steps,
-            "seconds": stats.seconds,
-            "epsilon": ledger.epsilon(delta) if ledger is not None else None,
-            "delta": delta if ledger is not None else None,
-        }
-        return self
 
     def _draw_condition(self, n: int, rng: torch.Generator) -> torch.Tensor:
         size = self._cond[1] - self._cond[0]
