@@ -37,6 +37,7 @@ log = logging.getLogger("fedsynth.site")
 SYNTHETIC_KEY = "synthetic-csv"
 EVALUATED = "evaluated"
 INVALID_SYNTHETIC = "invalid-synthetic"
+DECLINED = "declined"
 
 
 class SyntheticTableError(ValueError):
@@ -98,12 +99,22 @@ def evaluate_reply(
 ) -> SiteReply:
     """What a site's ``@app.evaluate()`` handler replies: the scores, or why not.
 
+    The scores are not DP, so only a site whose own node config opts in
+    (``validation-scores``) sends any; the coordinator cannot turn this on for it.
+
     The schema and table checks are those of training (``site_schema``, ``read_table``);
     problems are sent without row numbers or values. ``send_count=False`` keeps the DP
     count at the site: an encrypted study sent it only inside ciphertexts, and
     validation should not reveal per site what encryption hid (the row-weighted
     figures are then left out; the exact and per-site ones remain).
     """
+    if site.validation_scores == "none":
+        return SiteReply(
+            DECLINED,
+            status_metrics(site, state),
+            problems=["this site shares no validation scores (its node config has "
+                      "validation-scores = none; 'quality' or 'all' opts in)"],
+        )
     schema = site_schema(site, state, schema_fp)
     if isinstance(schema, SiteReply):
         return schema
@@ -117,5 +128,6 @@ def evaluate_reply(
     except SyntheticTableError as exc:
         return SiteReply(INVALID_SYNTHETIC, status_metrics(site, state), problems=[str(exc)])
     count = (state.noisy_count if site.dp else float(len(rows))) if send_count else None
-    scores = evaluate_site(rows, schema, synthetic, noisy_count=count)
+    scores = evaluate_site(rows, schema, synthetic, noisy_count=count,
+                           include_privacy=site.validation_scores == "all")
     return SiteReply(EVALUATED, {**scores, **status_metrics(site, state)})

@@ -51,6 +51,7 @@ NODE_KEYS = (
     "key-dir",
     "holder-public-key",
     "wrapped-context",
+    "validation-scores",
 )
 ENCRYPTION_KEYS = ("key-dir", "holder-public-key", "wrapped-context")
 
@@ -456,6 +457,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--key-dir", help="node config key-dir (encrypted studies)")
     parser.add_argument("--holder-public-key", help="node config holder-public-key")
     parser.add_argument("--wrapped-context", help="node config wrapped-context")
+    parser.add_argument("--validation-scores", choices=("none", "quality", "all"),
+                        help="node config validation-scores: what this site sends when the "
+                        "coordinator asks for federated validation (not DP; default none)")
     parser.add_argument("--study-id", default="", help="to open the wrapped context")
     parser.add_argument("--superlink", default="",
                         help="the coordinator's SuperLink HOST:PORT (the coordinator gives it)")
@@ -491,6 +495,7 @@ def preflight_command(argv: Sequence[str]) -> int:
         "key-dir": args.key_dir,
         "holder-public-key": args.holder_public_key,
         "wrapped-context": args.wrapped_context,
+        "validation-scores": args.validation_scores,
     }
     node.update({k: v for k, v in flags.items() if v is not None})
     inp = PreflightInput(

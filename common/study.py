@@ -154,6 +154,9 @@ class StudyConfig:
         return cls(**kwargs)
 
 
+VALIDATION_SCORES = ("none", "quality", "all")
+
+
 @dataclass(frozen=True)
 class SiteConfig:
     """A site's node config: its table, its schema and its own privacy budget."""
@@ -174,8 +177,18 @@ class SiteConfig:
     key_dir: str = ""
     holder_public_key: str = ""
     wrapped_context: str = ""
+    # Federated validation scores are statistics of this site's rows released outside
+    # DP, so the site decides, not the coordinator: "none" (default) declines, "quality"
+    # sends the fidelity and utility scores, "all" adds the privacy screens that hinge
+    # on single patients (dcr_min, exact_copies). See docs/validation.md.
+    validation_scores: str = "none"
 
     def __post_init__(self) -> None:
+        if self.validation_scores not in VALIDATION_SCORES:
+            raise ConfigError(
+                f"site {self.name}: validation-scores must be one of "
+                f"{', '.join(VALIDATION_SCORES)}, got {self.validation_scores!r}"
+            )
         if self.noise_multiplier is not None and not self.noise_multiplier > 0:
             raise ConfigError(f"site {self.name}: noise-multiplier must be > 0")
         if self.dp and not (self.epsilon > 0):
@@ -211,6 +224,7 @@ class SiteConfig:
             key_dir=str(node.get("key-dir", "")),
             holder_public_key=str(node.get("holder-public-key", "")),
             wrapped_context=str(node.get("wrapped-context", "")),
+            validation_scores=str(node.get("validation-scores", "none")),
         )
 
 

@@ -89,6 +89,9 @@ def prepare_sites(
                 # the ledger must outlive a coordinator restart (--resume starts a new
                 # Flower run, and with it a fresh context.state)
                 state_dir=str(out / "site-state" / name),
+                # one researcher holds every table of a simulation: the sites share all
+                # their validation scores if the study asks for federated validation
+                validation_scores="all",
             )
         )
         trains.append(train.assign(site=name))

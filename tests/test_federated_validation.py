@@ -252,7 +252,8 @@ def test_flower_evaluate_round(
         path = tmp_path / f"{name}.csv"
         rows.to_csv(path, index=False, header=heart_schema.header, na_rep="?")
         site_configs.append(
-            SiteConfig(name=name, data_path=str(path), schema_path=str(heart_schema_path), dp=False)
+            SiteConfig(name=name, data_path=str(path), schema_path=str(heart_schema_path),
+                       dp=False, validation_scores="all")
         )
     config = {**StudyConfig().to_flat(), "schema-fingerprint": schema_fingerprint(heart_schema)}
     out = tmp_path / "out"
@@ -297,13 +298,16 @@ def test_evaluate_reply_at_a_site(
 ) -> None:
     """The site-side step on a hospital's own file: scores with the DP count it released
     in training, no count when told to keep it, and a named refusal for a bad table."""
-    from fedsynth.client.evaluate import INVALID_SYNTHETIC, evaluate_reply
+    from dataclasses import replace
+
+    from fedsynth.client.evaluate import DECLINED, INVALID_SYNTHETIC, evaluate_reply
     from fedsynth.client.site import SCHEMA_MISMATCH, SiteState
     from fedsynth.common.study import SiteConfig, schema_fingerprint
 
     _, synthetic = study
     site = SiteConfig(
-        name="va", data_path=str(heart_files["va"]), schema_path=str(heart_schema_path)
+        name="va", data_path=str(heart_files["va"]), schema_path=str(heart_schema_path),
+        validation_scores="all",
     )
     fp = schema_fingerprint(heart_schema)
     csv = synthetic.to_csv(index=False)
@@ -316,3 +320,11 @@ def test_evaluate_reply_at_a_site(
     bad = evaluate_reply(site, fp, "age,sex\n50,1\n60,0\n", state)
     assert bad.status == INVALID_SYNTHETIC and "lacks 12 schema column" in bad.problems[0]
     assert evaluate_reply(site, "other-study", csv, state).status == SCHEMA_MISMATCH
+    # The site decides what leaves it: by default nothing, with "quality" no figure
+    # that hinges on single patients.
+    declined = evaluate_reply(replace(site, validation_scores="none"), fp, csv, state)
+    assert declined.status == DECLINED and not set(declined.metrics) - set(reply.metrics)
+    assert "dcr_min" not in declined.metrics and COUNT_KEY not in declined.metrics
+    quality = evaluate_reply(replace(site, validation_scores="quality"), fp, csv, state)
+    assert quality.status == EVALUATED and quality.metrics[COUNT_KEY] == 207.0
+    assert "dcr_min" not in quality.metrics and "exact_copies" not in quality.metrics
