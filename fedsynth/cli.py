@@ -65,6 +65,14 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                    "(keys are set up in OUT/keys; see docs/encryption.md)")
     p.add_argument("--proximal-mu", type=float, default=0.01,
                    help="FedProx mu (used with --strategy fedprox)")
+    p.add_argument("--server-momentum", type=float, default=d.server_momentum,
+                   help="the coordinator's momentum on the averaged update (FedAvgM; free "
+                   "privacy-wise; 0 = plain FedAvg; not used under CKKS)")
+    p.add_argument("--server-lr", type=float, default=d.server_lr,
+                   help="the coordinator's learning rate on the averaged update")
+    p.add_argument("--federated-validation", action="store_true",
+                   help="after the study, every site also scores the synthetic table "
+                   "against its own rows and sends back scores only")
     p.add_argument("--holdout", type=float, default=0.2,
                    help="share of each site's rows held back for validation")
     p.add_argument("--n-synthetic", type=int, default=0,
@@ -95,6 +103,9 @@ def _run_simulate(args: argparse.Namespace, console: Console) -> int:
             "n-synthetic": args.n_synthetic,
             "resume": args.resume,
             "secure-aggregation": args.secure_aggregation,
+            "server-momentum": args.server_momentum,
+            "server-lr": args.server_lr,
+            "federated-validation": args.federated_validation,
         }
     )
     if not args.no_dp and args.epsilon <= 0:

@@ -495,6 +495,7 @@ def run_benchmark(opts: BenchmarkOptions, console: Console | None = None) -> dic
 def _run_all(opts: BenchmarkOptions, console: Console, out: Path, work: Path, missing: str
              ) -> dict[str, Any]:
     env_before = machine()
+    commit = _commit(out)  # at the start: the code that runs is the code imported now
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     checks: list[dict[str, Any]] = []
@@ -529,7 +530,7 @@ def _run_all(opts: BenchmarkOptions, console: Console, out: Path, work: Path, mi
                                         seed_dir, console))
     info = {
         "command": opts.command,
-        "commit": _commit(),
+        "commit": commit,
         "seconds_total": time.perf_counter() - start,
         "machine_start": env_before,
         "machine_end": machine(),
@@ -554,14 +555,22 @@ def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     tmp.replace(path)
 
 
-def _commit() -> str:
-    """The commit the code ran from (and whether the work tree had changes)."""
+def _commit(out: Path) -> str:
+    """The commit the code runs from, and whether the work tree had changes other than
+    this run's own output folder."""
     try:
         here = Path(__file__).resolve().parent
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
                               text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here,
-                               capture_output=True, text=True).stdout.strip()
+        top = Path(subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=here,
+                                  capture_output=True, text=True, check=True).stdout.strip())
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=here,
+                                capture_output=True, text=True).stdout.splitlines()
+        try:
+            own = Path(out).resolve().relative_to(top.resolve()).as_posix().rstrip("/") + "/"
+        except ValueError:
+            own = None
+        dirty = [line for line in status if not (own and line[3:].startswith(own))]
         return head + (" (with uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
