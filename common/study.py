@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .privacy.randomness import DPRandomness
 from .schema import Schema
 
 STRATEGIES = ("fedavg", "fedprox")
@@ -182,6 +183,12 @@ class SiteConfig:
     # sends the fidelity and utility scores, "all" adds the privacy screens that hinge
     # on single patients (dcr_min, exact_copies). See docs/validation.md.
     validation_scores: str = "none"
+    # Tests and benchmarks only: a site-local seed that makes this site's DP draws
+    # (noise, Poisson batches) reproducible. Its outputs are not a DP release (anyone
+    # who learns the seed replays the noise), are labelled so, and a real SuperNode
+    # refuses to start with it (client/app.py, fedsynth preflight). None: secret noise
+    # from the OS CSPRNG, the only setting that gives the guarantee.
+    reproducible_noise_seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.validation_scores not in VALIDATION_SCORES:
@@ -195,6 +202,25 @@ class SiteConfig:
             raise ConfigError(f"site {self.name}: epsilon must be > 0 (or set dp = false)")
         if self.dp and not (0 < self.delta < 1):
             raise ConfigError(f"site {self.name}: delta must be in (0, 1)")
+
+    @property
+    def requires_encryption(self) -> bool:
+        """A site set up with its CKKS key files refuses every round in clear.
+
+        Encryption is the site's decision, not the coordinator's: a coordinator that
+        sends ``secure-aggregation = "none"`` to such a site gets a refusal, not weights.
+        """
+        return bool(self.key_dir or self.wrapped_context)
+
+    def randomness(self, context: str = "") -> DPRandomness:
+        """Where this site's DP mechanisms draw: secret unless a test seeded it.
+
+        ``context`` (the study and round) only matters in reproducible mode, where it
+        makes each round's draws differ; secret draws ignore it.
+        """
+        if self.reproducible_noise_seed is None:
+            return DPRandomness.secret()
+        return DPRandomness.reproducible(self.reproducible_noise_seed, context)
 
     def to_dict(self) -> dict[str, Any]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items() if v is not None}
@@ -225,6 +251,11 @@ class SiteConfig:
             holder_public_key=str(node.get("holder-public-key", "")),
             wrapped_context=str(node.get("wrapped-context", "")),
             validation_scores=str(node.get("validation-scores", "none")),
+            reproducible_noise_seed=(
+                _coerce("reproducible-noise-seed", node["reproducible-noise-seed"], int)
+                if "reproducible-noise-seed" in node
+                else None
+            ),
         )
 
 

@@ -1,0 +1,85 @@
+"""Where a site's DP mechanisms draw their randomness: secret by default.
+
+A DP guarantee is a statement about a random draw the adversary cannot see. The
+coordinator is one of the adversaries, so nothing it sends or knows (the study seed,
+the round number, the site's name) may determine a site's Gaussian noise or its Poisson
+batches: a coordinator that can replay the draw subtracts the noise and reads the rows.
+
+``DPRandomness.secret()`` (the default everywhere) seeds every generator from the
+operating system's CSPRNG (``secrets``), fresh on every call, so two calls with the
+same inputs draw different noise and different batches. Streams are kept apart by
+name (``"sampler"``, ``"gradient-noise"``, ``"count-release"``, ``"loss-report"``,
+``"measurement"``): in secret mode each is its own fresh seed; in reproducible mode
+each is a distinct hash of the site-local seed, the stream and a call counter.
+
+``DPRandomness.reproducible(seed)`` exists for tests and benchmarks that must compare
+runs noise for noise. Its draws are *not* a DP release (anyone who learns the seed
+replays them); every output that a reproducible run touches is labelled so, and a
+real SuperNode refuses it (``client/app.py``, ``fedsynth preflight``). The seed is a
+site-local setting, never read from a coordinator's message.
+
+Generators are torch's and numpy's (Mersenne Twister, PCG64) seeded with 64 bits from
+the OS CSPRNG: the adversary never sees their raw outputs (they are added to sums it
+cannot see either), and replaying a round needs the 64-bit seed. Opacus' own
+``secure_mode`` needs ``torchcsprng``, which no longer builds against current torch;
+its floating-point hardening (each noise value the sum of four draws) is what the
+trainer takes from it (``DPOptimizer(secure_mode=True)``). docs/privacy.md says this.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+STREAMS = ("sampler", "gradient-noise", "count-release", "loss-report", "measurement", "model")
+
+NOT_A_DP_RELEASE = "reproducible noise: not a DP release"
+
+
+@dataclass
+class DPRandomness:
+    """A factory of generators for a site's DP draws; secret unless made reproducible."""
+
+    seed: int | None = None
+    context: str = ""
+    _calls: dict[str, int] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def secret(cls) -> DPRandomness:
+        return cls(None)
+
+    @classmethod
+    def reproducible(cls, seed: int, context: str = "") -> DPRandomness:
+        """Fixed draws from a site-local ``seed``; ``context`` (e.g. the round) keeps
+        successive uses apart, so a reproducible study still draws new noise each round."""
+        return cls(int(seed), str(context))
+
+    @property
+    def is_reproducible(self) -> bool:
+        return self.seed is not None
+
+    def _seed(self, stream: str) -> int:
+        if stream not in STREAMS:
+            raise ValueError(f"unknown randomness stream {stream!r}; known: {STREAMS}")
+        if self.seed is None:
+            return secrets.randbits(63)
+        n = self._calls.get(stream, 0)
+        self._calls[stream] = n + 1
+        digest = hashlib.sha256(f"{self.seed}:{self.context}:{stream}:{n}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") >> 1
+
+    def torch(self, stream: str) -> torch.Generator:
+        """A fresh torch generator for one stream."""
+        return torch.Generator().manual_seed(self._seed(stream))
+
+    def numpy(self, stream: str) -> np.random.Generator:
+        """A fresh numpy generator for one stream."""
+        return np.random.default_rng(self._seed(stream))
+
+    def int_seed(self, stream: str) -> int:
+        """A seed for code that takes an integer (kept secret in secret mode)."""
+        return self._seed(stream)
