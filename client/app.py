@@ -39,7 +39,17 @@ from .secure import (
     release_final,
     train_encrypted,
 )
-from .site import TRAINED, SiteReply, SiteState, ledger_path, status_metrics, train_site
+from .site import (
+    ENCRYPTION_REQUIRED,
+    NOT_A_REAL_NODE_SETTING,
+    TRAINED,
+    SiteReply,
+    SiteState,
+    ledger_path,
+    load_site_state,
+    status_metrics,
+    train_site,
+)
 
 STATE_KEY = "fedsynth-site"
 
@@ -60,13 +70,19 @@ def load_sites_file(ref: str) -> list[SiteConfig]:
     return [SiteConfig.from_node_config(entry) for entry in raw]
 
 
+def is_deployed(context: Context) -> bool:
+    """A real SuperNode (its own node config names its data), not a simulated site."""
+    node = dict(context.node_config)
+    return "data-path" in node or "partition-id" not in node
+
+
 def resolve_site(context: Context, sites: list[SiteConfig] | None) -> SiteConfig:
     node = dict(context.node_config)
-    if "data-path" in node or "partition-id" not in node:
+    if is_deployed(context):
         # A real SuperNode: its own node config or nothing. Falling back to a bundled
         # demo table here would make a misconfigured hospital train on someone else's
         # rows under its own name.
-        return SiteConfig.from_node_config(node)
+        return deployed_site(node)
     if sites is None:
         sites = load_sites_file(str(context.run_config.get("simulation-sites", "")))
     idx = int(node["partition-id"])
@@ -75,18 +91,41 @@ def resolve_site(context: Context, sites: list[SiteConfig] | None) -> SiteConfig
     return sites[idx]
 
 
+def deployed_site(node: dict) -> SiteConfig:
+    """A real SuperNode's site config, refused when it would weaken the guarantee.
+
+    Reproducible noise makes every DP draw replayable by whoever learns the seed, and a
+    site without a ``state-dir`` would forget its ledger when its process restarts (and
+    Flower starts one per message): both are for tests and simulations only.
+    """
+    site = SiteConfig.from_node_config(node)
+    if site.reproducible_noise_seed is not None:
+        raise ConfigError(
+            f"site {site.name}: {NOT_A_REAL_NODE_SETTING}: reproducible-noise-seed makes the "
+            "site's DP noise replayable, so its releases are not DP; remove it from the node "
+            "config (it is for tests and benchmarks only)"
+        )
+    if site.dp and not site.state_dir:
+        raise ConfigError(
+            f"site {site.name}: the node config has no state-dir, so the site's privacy "
+            "ledger would not outlive this process; set state-dir to a folder only the "
+            "site can write (fedsynth preflight checks it)"
+        )
+    return site
+
+
 def _load_state(context: Context, site: SiteConfig, study: StudyConfig) -> SiteState:
+    """The site's state: its state-dir when it has one (the truth), else context.state."""
+    if ledger_path(site) is not None:
+        return load_site_state(site, study.study_id)
     if STATE_KEY in context.state:
-        return SiteState.from_record(dict(context.state[STATE_KEY]))
-    path = ledger_path(site, study.study_id)
-    if path is not None and path.is_file():
-        return SiteState.from_record(json.loads(path.read_text()))
-    return SiteState()
+        return SiteState.from_record(dict(context.state[STATE_KEY])).for_study(study.study_id)
+    return SiteState().for_study(study.study_id)
 
 
 def _save_state(context: Context, site: SiteConfig, study: StudyConfig, state: SiteState) -> None:
     context.state[STATE_KEY] = ConfigRecord(state.to_record())
-    path = ledger_path(site, study.study_id)
+    path = ledger_path(site)
     if path is not None:
         state.save(path)
 
@@ -135,6 +174,18 @@ def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
         cached = cached_reply(site, study.study_id, state, server_round, digest)
         if cached is not None:
             return Message(cached, reply_to=msg)
+        if site.requires_encryption and study.secure_aggregation != "ckks":
+            # The site's node config decides: a coordinator cannot switch encryption off.
+            reply = SiteReply(
+                ENCRYPTION_REQUIRED,
+                status_metrics(site, state),
+                problems=[
+                    "this site is set up for encrypted aggregation (its node config names "
+                    "its CKKS keys) and sends nothing in clear; run the study with "
+                    "secure-aggregation = 'ckks'"
+                ],
+            )
+            return Message(reply_content(site, reply), reply_to=msg)
         if study.secure_aggregation == "ckks":
             result = train_encrypted(
                 site, study, schema_fp, received_model(msg.content), state, server_round
@@ -169,10 +220,21 @@ def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
                 status_metrics(site, state),
                 problems=["this site answers only the release query of an encrypted study"],
             )
+        elif state.final_released:
+            # Each answer carries fresh flooding noise: a coordinator allowed to ask again
+            # could average it away and solve for the key. One release per study.
+            reply = SiteReply(
+                "already-released",
+                status_metrics(site, state),
+                problems=["this site released this study's final model once already"],
+            )
         else:
             reply = release_final(
                 site, study, str(config["schema-fingerprint"]), received_model(msg.content), state
             )
+            if reply.arrays is not None:
+                state.final_released = True
+                _save_state(context, site, study, state)
         return Message(reply_content(site, reply), reply_to=msg)
 
     @app.evaluate()

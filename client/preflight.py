@@ -52,6 +52,7 @@ NODE_KEYS = (
     "holder-public-key",
     "wrapped-context",
     "validation-scores",
+    "reproducible-noise-seed",
 )
 ENCRYPTION_KEYS = ("key-dir", "holder-public-key", "wrapped-context")
 
@@ -406,6 +407,12 @@ def run_preflight(inp: PreflightInput) -> Report:
         if not str(node.get(key, "")):
             report.problems.append(f"node config lacks {key}")
     _check_site_config(node, report)
+    if "reproducible-noise-seed" in node:
+        report.problems.append(
+            "reproducible-noise-seed is set: it makes this site's DP noise replayable by "
+            "anyone who learns the seed, so nothing the site sends would be a DP release; "
+            "remove it (it is for tests and benchmarks only, and the ClientApp refuses it)"
+        )
     if str(node.get("data-path", "")) and str(node.get("schema-path", "")):
         _check_table(str(node["data-path"]), str(node["schema-path"]), report)
     _check_state_dir(str(node.get("state-dir", "")), report)

@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import tempfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from ..common.privacy import (
     round_cost,
     train_round,
 )
+from ..common.privacy.randomness import DPRandomness
 from ..common.schema import Schema, SchemaError
 from ..common.study import SiteConfig, StudyConfig, schema_fingerprint
 from ..common.table import TableCheckError, read_table
@@ -54,15 +54,29 @@ TRAINED = "trained"
 BUDGET_EXHAUSTED = "budget-exhausted"
 INVALID_DATA = "invalid-data"
 SCHEMA_MISMATCH = "schema-mismatch"
+ENCRYPTION_REQUIRED = "encryption-required"
+NOT_A_REAL_NODE_SETTING = "not allowed on a real SuperNode"
 
 
 @dataclass
 class SiteState:
-    """What a site remembers across rounds (kept in Flower's per-node context.state)."""
+    """What a site remembers: its table's lifetime ledger and the current study's state.
+
+    The ledger is the table's, not the study's: it holds every release the table made in
+    every study, so a coordinator that starts a new study id gets what is left of the
+    budget, never a fresh one. The per-study fields (the one count release, the noise
+    calibrated at the study's first round, rounds trained, the replayable reply, the
+    once-per-study answers) belong to ``study_id``; other studies' are kept aside in
+    ``other_studies`` so a site can take part in two studies in turn.
+    """
 
     ledger: PrivacyLedger = field(default_factory=PrivacyLedger)
+    study_id: str = ""
     noisy_count: float | None = None
     histogram: np.ndarray | None = None  # the one DP histogram release (sum = count)
+    # The noise multiplier calibrated at this study's first round against what was left
+    # of the lifetime budget then; fixed for the rest of the study.
+    noise_multiplier: float | None = None
     rounds_trained: int = 0
     # The last trained reply, kept in state-dir for a coordinator that asks the same
     # round again (client/replay.py): its round, the digest of the model it answered and
@@ -70,31 +84,69 @@ class SiteState:
     replay_round: int = 0
     replay_digest: str = ""
     replay_checksum: str = ""
+    # Questions a site answers once per study: the release of an encrypted study's final
+    # model (a coordinator that asks again could average the flooding noise away) and
+    # federated validation (each answer is a statistic of the rows).
+    final_released: bool = False
+    validated: bool = False
+    other_studies: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def _study_record(self) -> dict[str, Any]:
+        return {
+            "noisy-count": -1.0 if self.noisy_count is None else float(self.noisy_count),
+            "histogram": [] if self.histogram is None else [float(v) for v in self.histogram],
+            "released": self.histogram is not None,
+            "noise-multiplier-used": -1.0 if self.noise_multiplier is None
+            else float(self.noise_multiplier),
+            "rounds-trained": self.rounds_trained,
+            "replay-round": self.replay_round,
+            "replay-digest": self.replay_digest,
+            "replay-checksum": self.replay_checksum,
+            "final-released": self.final_released,
+            "validated": self.validated,
+        }
+
+    def _load_study(self, rec: dict[str, Any]) -> None:
+        count = float(rec.get("noisy-count", -1.0))
+        sigma = float(rec.get("noise-multiplier-used", -1.0))
+        released = bool(rec.get("released", False))
+        self.noisy_count = None if count < 0 else count
+        self.histogram = (
+            np.asarray(rec.get("histogram", []), dtype=float) if released else None
+        )
+        self.noise_multiplier = None if sigma <= 0 else sigma
+        self.rounds_trained = int(rec.get("rounds-trained", 0))
+        self.replay_round = int(rec.get("replay-round", 0))
+        self.replay_digest = str(rec.get("replay-digest", ""))
+        self.replay_checksum = str(rec.get("replay-checksum", ""))
+        self.final_released = bool(rec.get("final-released", False))
+        self.validated = bool(rec.get("validated", False))
+
+    def for_study(self, study_id: str) -> SiteState:
+        """Make ``study_id`` the current study, keeping the others' state (and the ledger)."""
+        if study_id == self.study_id:
+            return self
+        if self.study_id:
+            self.other_studies[self.study_id] = self._study_record()
+        self._load_study(self.other_studies.pop(study_id, {}))
+        self.study_id = study_id
+        return self
 
     def to_record(self) -> dict[str, Any]:
+        """Flat values (a Flower ConfigRecord can hold them); other studies as JSON."""
         rec = self.ledger.to_record()
-        rec["noisy-count"] = -1.0 if self.noisy_count is None else float(self.noisy_count)
-        rec["histogram"] = [] if self.histogram is None else [float(v) for v in self.histogram]
-        rec["released"] = self.histogram is not None
-        rec["rounds-trained"] = self.rounds_trained
-        rec["replay-round"] = self.replay_round
-        rec["replay-digest"] = self.replay_digest
-        rec["replay-checksum"] = self.replay_checksum
+        rec.update(self._study_record())
+        rec["study-id"] = self.study_id
+        rec["other-studies"] = json.dumps(self.other_studies, sort_keys=True)
         return rec
 
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> SiteState:
-        count = float(rec.get("noisy-count", -1.0))
-        released = bool(rec.get("released", False))
-        return cls(
-            ledger=PrivacyLedger.from_record(rec),
-            noisy_count=None if count < 0 else count,
-            histogram=np.asarray(rec.get("histogram", []), dtype=float) if released else None,
-            rounds_trained=int(rec.get("rounds-trained", 0)),
-            replay_round=int(rec.get("replay-round", 0)),
-            replay_digest=str(rec.get("replay-digest", "")),
-            replay_checksum=str(rec.get("replay-checksum", "")),
-        )
+        state = cls(ledger=PrivacyLedger.from_record(rec), study_id=str(rec.get("study-id", "")))
+        state._load_study(rec)
+        others = rec.get("other-studies", "{}")
+        state.other_studies = json.loads(others) if isinstance(others, str) else dict(others)
+        return state
 
     def save(self, path: Path) -> None:
         """Write atomically, owner-only: a crash must never leave half a ledger."""
@@ -130,15 +182,48 @@ def load_encoded(site: SiteConfig, schema: Schema) -> np.ndarray:
     return _TABLES[key]
 
 
-def ledger_path(site: SiteConfig, study_id: str) -> Path | None:
+LEDGER_FILE = "site-ledger.json"
+
+
+def ledger_path(site: SiteConfig) -> Path | None:
+    """The one ledger of the site's table, for every study: ``state-dir/site-ledger.json``.
+
+    Not keyed by the study id: the coordinator picks study ids, and a ledger per study
+    would let it reset a site's budget by naming a new study.
+    """
     if not site.state_dir:
         return None
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in study_id)
-    return Path(site.state_dir) / f"ledger-{safe}.json"
+    return Path(site.state_dir) / LEDGER_FILE
 
 
-def noise_for(site: SiteConfig, study: StudyConfig) -> float:
-    """The site's own fixed noise, or the smallest that fits its budget to the plan."""
+def load_site_state(site: SiteConfig, study_id: str) -> SiteState:
+    """The site's state from its state-dir (empty without one), switched to ``study_id``.
+
+    Ledgers of an older layout (one ``ledger-<study>.json`` per study) are composed into
+    the lifetime ledger the first time, so their releases keep counting.
+    """
+    path = ledger_path(site)
+    if path is None:
+        return SiteState().for_study(study_id)
+    if path.is_file():
+        return SiteState.from_record(json.loads(path.read_text())).for_study(study_id)
+    state = SiteState()
+    for old in sorted(Path(site.state_dir).glob("ledger-*.json")):
+        prior = SiteState.from_record(json.loads(old.read_text()))
+        state.ledger.mechanism = prior.ledger.mechanism
+        for release in prior.ledger.history:
+            state.ledger.record(*release)
+        study = old.stem.removeprefix("ledger-")
+        state.other_studies[study] = prior._study_record()
+    return state.for_study(study_id)
+
+
+def noise_for(site: SiteConfig, study: StudyConfig, prior: PrivacyLedger | None = None) -> float:
+    """The site's own fixed noise, or the smallest that fits what is left of its budget.
+
+    ``prior`` is the table's ledger before this study (earlier studies' releases): the
+    whole planned study must fit in the budget that they left.
+    """
     if site.noise_multiplier is not None:
         return site.noise_multiplier
     return _calibrated(
@@ -148,40 +233,53 @@ def noise_for(site: SiteConfig, study: StudyConfig) -> float:
         study.num_server_rounds,
         study.count_noise,
         study.accountant,
+        tuple(prior.history) if prior is not None else (),
     )
 
 
 @functools.lru_cache(maxsize=64)
 def _calibrated(
-    epsilon: float, delta: float, plan: RoundPlan, rounds: int, count_noise: float, mech: str
+    epsilon: float,
+    delta: float,
+    plan: RoundPlan,
+    rounds: int,
+    count_noise: float,
+    mech: str,
+    prior: tuple[tuple[float, float, int], ...] = (),
 ) -> float:
     return calibrate_noise(
-        epsilon, delta, plan, rounds=rounds, count_noise=count_noise, mechanism=mech
+        epsilon, delta, plan, rounds=rounds, count_noise=count_noise, mechanism=mech,
+        prior=prior,
     )
 
 
 def status_metrics(site: SiteConfig, state: SiteState) -> dict[str, float]:
     """The privacy a site has spent, and its budget, sent with every reply.
 
-    Both depend on no row: the spent epsilon on the public plan, the budget on the
-    site's policy. The coordinator refuses a reply whose epsilon passes the budget.
+    None depends on a row: the spent epsilon on the public plan (and on earlier studies'
+    plans), the budget on the site's policy. The coordinator refuses a reply whose
+    epsilon passes the budget.
     """
     eps = state.ledger.epsilon(site.delta) if site.dp else -1.0
     return {
         "epsilon": eps,
         "delta": site.delta if site.dp else 0.0,
         "epsilon-budget": site.epsilon if site.dp else -1.0,
+        # 1: this site's noise was replayable (tests, benchmarks): nothing it sent is a
+        # DP release, and the coordinator labels every output so.
+        "reproducible-noise": 1.0 if site.reproducible_noise_seed is not None else 0.0,
     }
 
 
-def round_seed(study: StudyConfig, site_name: str, server_round: int) -> int:
-    """The seed of one site's round: distinct per site and round, fixed by the study seed.
+def round_randomness(site: SiteConfig, study: StudyConfig, server_round: int) -> DPRandomness:
+    """Where this round's DP draws come from: the OS CSPRNG, fresh on every call.
 
-    Public on purpose: a rerun of the same study (encrypted or not) draws the same
-    sampling and noise, which is what lets two runs be compared seed for seed.
+    Nothing the coordinator sends or knows (study seed, round, site name) determines
+    them. Only a site-local ``reproducible-noise-seed`` (tests and benchmarks; refused
+    on a real SuperNode) makes them repeatable, and then study and round keep each
+    round's draws apart.
     """
-    mixed = study.seed * 1_000_003 + server_round * 7919 + zlib.crc32(site_name.encode())
-    return mixed % (2**31)
+    return site.randomness(f"{study.study_id}:{server_round}")
 
 
 def site_schema(site: SiteConfig, state: SiteState, schema_fp: str) -> Schema | SiteReply:
@@ -221,11 +319,17 @@ def train_site(
         return SiteReply(INVALID_DATA, status_metrics(site, state), problems=exc.shareable())
 
     plan = RoundPlan(study.sample_rate, study.local_epochs, study.loss_report)
-    seed = round_seed(study, site.name, server_round)
+    rand = round_randomness(site, study, server_round)
     dp: DPSettings | None = None
     if site.dp:
         state.ledger.mechanism = study.accountant
-        sigma = noise_for(site, study)
+        if state.noise_multiplier is None:
+            try:  # calibrated once per study, against what earlier studies left
+                state.noise_multiplier = noise_for(site, study, prior=state.ledger)
+            except ValueError as exc:
+                log.warning("site %s: %s", site.name, exc)
+                return SiteReply(BUDGET_EXHAUSTED, status_metrics(site, state))
+        sigma = state.noise_multiplier
         count_pending = study.count_noise if state.noisy_count is None else None
         nxt = round_cost(state.ledger, sigma, plan, count_pending)
         if nxt.epsilon(site.delta) > site.epsilon * (1 + 1e-9):
@@ -235,7 +339,9 @@ def train_site(
     model = get_generator(study.generator)(schema, seed=study.seed, **study.generator_params)
     model.load_state_dict(global_state)
     if state.histogram is None:
-        state.histogram = release_histogram(model, data, study.count_noise if dp else None, seed)
+        state.histogram = release_histogram(
+            model, data, study.count_noise if dp else None, rand.numpy("count-release")
+        )
         state.noisy_count = max(1.0, float(round(state.histogram.sum())))
         if dp is not None:
             state.ledger.record(study.count_noise, 1.0, 1)
@@ -248,7 +354,7 @@ def train_site(
         sample_rate=study.sample_rate,
         dp=dp,
         ledger=state.ledger if dp else None,
-        seed=seed,
+        randomness=rand,
         proximal_mu=study.proximal_mu if study.strategy == "fedprox" else 0.0,
     )
     if dp is not None and study.loss_report:
@@ -258,18 +364,18 @@ def train_site(
             sample_rate=study.sample_rate,
             noise_multiplier=dp.noise_multiplier,
             ledger=state.ledger,
-            seed=seed + 1,
+            randomness=rand,
         )
     else:
         loss = stats.mean_loss if dp is None else math.nan
     state.rounds_trained += 1
     count = float(state.noisy_count) if dp is not None else float(len(data))
+    # No timing: a round's seconds grow with the row count, and are not charged.
     metrics = {
         "num-examples": count,
         "loss": float(loss) if math.isfinite(loss) else -1.0,
         "steps": float(stats.steps),
         "noise-multiplier": dp.noise_multiplier if dp else 0.0,
-        "train-seconds": stats.seconds,
         **status_metrics(site, state),
     }
     return SiteReply(TRAINED, metrics, arrays=model.state_dict())

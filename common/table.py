@@ -28,6 +28,10 @@ class Problem:
 
     summary: str
     detail: str = ""
+    # What may reach the coordinator: the column and the kind of problem, no count (a
+    # count of out-of-domain values is a statistic of the rows). Empty: the summary is
+    # already free of counts.
+    shared: str = ""
 
     def __str__(self) -> str:
         return f"{self.summary}: {self.detail}" if self.detail else self.summary
@@ -47,8 +51,8 @@ class TableCheckError(ValueError):
         )
 
     def shareable(self) -> list[str]:
-        """The problems without row numbers or values, for the coordinator's log."""
-        return [p.summary for p in self.problems]
+        """The problems without counts, row numbers or values, for the coordinator."""
+        return [p.shared or p.summary for p in self.problems]
 
 
 def _read_raw(path: Path, schema: Schema) -> pd.DataFrame:
@@ -170,6 +174,7 @@ def _check_column(
                 f"column {name!r}: {len(missing_bad)} missing value(s) but the schema says it "
                 "is never missing",
                 f"rows {_rows(missing_bad, first_row)}",
+                f"column {name!r}: missing values but the schema says it is never missing",
             )
         )
     if unparseable[0]:
@@ -177,6 +182,7 @@ def _check_column(
             Problem(
                 f"column {name!r}: {len(unparseable[0])} value(s) are not numbers",
                 _examples(unparseable[1][:MAX_EXAMPLES], unparseable[0], first_row),
+                f"column {name!r}: values that are not numbers",
             )
         )
     if fractional[0]:
@@ -185,6 +191,7 @@ def _check_column(
                 f"column {name!r}: {len(fractional[0])} value(s) are not whole numbers "
                 "(the schema says integer)",
                 _examples(fractional[1][:MAX_EXAMPLES], fractional[0], first_row),
+                f"column {name!r}: values that are not whole numbers (the schema says integer)",
             )
         )
     if outside[0]:
@@ -194,6 +201,8 @@ def _check_column(
                 f"column {name!r}: {len(outside[0])} value(s) outside the schema's domain "
                 f"[{column.min:g}, {column.max:g}]{unit}",
                 _examples(outside[1][:MAX_EXAMPLES], outside[0], first_row),
+                f"column {name!r}: values outside the schema's domain "
+                f"[{column.min:g}, {column.max:g}]{unit}",
             )
         )
     if unknown[0]:
@@ -202,6 +211,7 @@ def _check_column(
                 f"column {name!r}: {len(unknown[0])} value(s) are not among its categories "
                 f"{list(column.categories)}",
                 _examples(unknown[1][:MAX_EXAMPLES], unknown[0], first_row),
+                f"column {name!r}: values that are not among its categories",
             )
         )
     return pd.Series(out, index=values.index, dtype=object), problems

@@ -53,6 +53,9 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--delta", type=float, default=1e-5, help="delta of each site")
     p.add_argument("--no-dp", action="store_true",
                    help="train without differential privacy (a baseline, never for release)")
+    p.add_argument("--reproducible-noise", action="store_true",
+                   help="draw every site's DP noise from a seed, for tests and benchmarks: the "
+                        "outputs are then labelled 'not a DP release'")
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
                    help="per-sample gradient clipping norm")
     p.add_argument("--accountant", choices=["rdp", "prv"], default=d.accountant)
@@ -129,6 +132,7 @@ def _run_simulate(args: argparse.Namespace, console: Console) -> int:
         holdout=args.holdout,
         study=study,
         verbose=args.verbose,
+        reproducible_noise=args.reproducible_noise,
     )
     simulate(opts, console)
     return 0

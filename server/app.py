@@ -34,6 +34,7 @@ from flwr.serverapp import Grid, ServerApp
 from ..client.secure import RELEASED
 from ..common.encryption import KeySetupError, StateLayout, load_public_context
 from ..common.generators import Generator, ModelFileError, get_generator
+from ..common.privacy.randomness import NOT_A_DP_RELEASE
 from ..common.schema import Schema
 from ..common.study import ConfigError, StudyConfig, schema_fingerprint
 from .optimizer import ServerMomentum, buffer_keys, load_velocity, save_velocity
@@ -214,7 +215,9 @@ def run_study(
             f"no round had at least {study.min_sites} site(s) that trained; see "
             f"{out / SUMMARY} for what each site replied"
         )
-    model.save(out / MODEL, extra={"study-id": study.study_id, "round": study.num_server_rounds})
+    privacy = release_label(strategy.history)
+    model.save(out / MODEL, extra={"study-id": study.study_id,
+                                   "round": study.num_server_rounds, "privacy": privacy})
 
     n = study.n_synthetic
     if n <= 0:
@@ -225,6 +228,7 @@ def run_study(
         n = max(1, int(round(sum(weights)))) if weights else 1000
     write_synthetic(model, out / SYNTHETIC, n, seed=study.seed)
     summary = {
+        "privacy": privacy,
         "study": study.to_flat(),
         "schema": schema.name,
         "generator_parameters": model.num_parameters(),
@@ -341,6 +345,23 @@ def _release(
     }
 
 
+def release_label(history: list[RoundLog]) -> str:
+    """What the study's outputs are, privacy-wise, from what the sites said they ran.
+
+    A site that trained with a reproducible (replayable) noise seed or without DP makes
+    the whole release non-DP; every output then says so, so that a benchmark's model
+    cannot pass for a private one.
+    """
+    replayable = sorted({s.site for r in history for s in r.sites if s.reproducible_noise})
+    no_dp = sorted({s.site for r in history for s in r.sites
+                    if s.status == "trained" and s.epsilon is not None and s.epsilon < 0})
+    if replayable:
+        return f"{NOT_A_DP_RELEASE} (sites {', '.join(replayable)})"
+    if no_dp:
+        return f"no DP: not a DP release (sites {', '.join(no_dp)} trained without DP)"
+    return "DP release: post-processing of every site's DP training"
+
+
 def final_site_privacy(history: list[RoundLog]) -> dict[str, dict[str, Any]]:
     """Each site's last reported epsilon and status, and the rounds it trained in."""
     sites: dict[str, dict[str, Any]] = {}
@@ -348,10 +369,16 @@ def final_site_privacy(history: list[RoundLog]) -> dict[str, dict[str, Any]]:
         for s in record.sites:
             entry = sites.setdefault(
                 s.site,
-                {"epsilon": None, "rounds_trained": 0, "last_status": None, "problems": []},
+                {"epsilon": None, "epsilon_budget": None, "delta": None, "rounds_trained": 0,
+                 "last_status": None, "problems": [], "reproducible_noise": False},
             )
             if s.epsilon is not None:
                 entry["epsilon"] = None if s.epsilon < 0 else s.epsilon
+            if s.budget is not None:
+                entry["epsilon_budget"] = None if s.budget < 0 else s.budget
+            if s.delta is not None:
+                entry["delta"] = s.delta
+            entry["reproducible_noise"] |= s.reproducible_noise
             entry["rounds_trained"] += int(s.status == "trained")
             entry["last_status"] = s.status
             entry["problems"] = list(s.problems) or ([s.reason] if s.reason else [])

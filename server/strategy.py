@@ -37,6 +37,10 @@ class SiteRound:
     weight: float | None = None
     problems: list[str] = field(default_factory=list)
     reason: str = ""
+    budget: float | None = None
+    delta: float | None = None
+    # The site said its noise was replayable (a test or benchmark): not a DP release.
+    reproducible_noise: bool = False
 
 
 @dataclass
@@ -48,6 +52,10 @@ class RoundLog:
     @property
     def included(self) -> list[str]:
         return [s.site for s in self.sites if s.status == "trained"]
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 class SiteAwareMixin:
@@ -227,6 +235,9 @@ class SiteAwareMixin:
                 status=status,
                 epsilon=float(eps) if isinstance(eps, int | float) else None,
                 problems=[str(p) for p in info.get("problems", [])],
+                budget=_number(metrics.get("epsilon-budget")),
+                delta=_number(metrics.get("delta")),
+                reproducible_noise=bool(metrics.get("reproducible-noise", 0.0)),
             )
             if status == "trained":
                 reason = self._check_reply(content, name)

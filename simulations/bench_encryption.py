@@ -213,7 +213,7 @@ def run_study(
             f"({summary.get('secure_aggregation')}; statuses {statuses}); output:\n"
             f"{done.stdout[-3000:]}"
         )
-    head = summary["validation"]["headline"]
+    head = json.loads((out / "validation.json").read_text())["validation"]["headline"]
     state = Generator.load(out / "model.fsg").state_dict()
     return {
         "seed": seed,

@@ -6,9 +6,11 @@ of each hospital's rows is held back; the synthetic data is then validated again
 those patients, whom no generator saw.
 
 The output folder holds: ``synthetic.csv``, ``model.fsg`` (loadable with
-``fedsynth sample``), ``summary.json`` (config, per-site epsilon, per-round log,
-timings, validation), ``report.html``, and under ``real/`` the real train parts and
-holdout this run used (real patient rows: keep the folder where the data may live).
+``fedsynth sample``), ``summary.json`` (config, per-site budget and epsilon spent, the
+per-round log of DP releases: publishable), ``validation.json`` (row counts, timings and
+the validation figures: computed on real rows in clear, not DP), ``report.html`` (built
+from both, so it is not DP either), and under ``real/`` the real train parts and holdout
+this run used (real patient rows: keep these three where the data may live).
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from ..server.strategy import RoundLog
 from .datasets import bundled_schema_path, load_site_frames
 from .splits import holdout_split, write_site_table
 
+#: Figures computed on the real rows in clear (not DP): they stay where the data may live.
+VALIDATION_JSON = "validation.json"
+
 
 @dataclass
 class SimulationOptions:
@@ -48,6 +53,10 @@ class SimulationOptions:
     sites: tuple[str, ...] = ()  # a subset of the dataset's sites (default: all)
     site_epsilon: dict[str, float] = field(default_factory=dict)  # per-site budgets
     site_noise: dict[str, float] = field(default_factory=dict)  # sites that fix their noise
+    # Tests and benchmarks only: every site's DP noise from a seed (derived from the
+    # study seed), so runs compare noise for noise. The outputs are then labelled "not a
+    # DP release". Off by default: the default study's outputs are safe to release.
+    reproducible_noise: bool = False
 
 
 def _quiet_logs(verbose: bool) -> None:
@@ -92,6 +101,9 @@ def prepare_sites(
                 # one researcher holds every table of a simulation: the sites share all
                 # their validation scores if the study asks for federated validation
                 validation_scores="all",
+                reproducible_noise_seed=(
+                    opts.study.seed * 1000 + i if opts.reproducible_noise else None
+                ),
             )
         )
         trains.append(train.assign(site=name))
@@ -264,7 +276,10 @@ def simulate(opts: SimulationOptions, console: Console | None = None) -> dict[st
         )
     summary = json.loads(summary_path.read_text())
     summary["sites_config"] = [s.to_dict() for s in sites]
-    summary["rows"] = {"train": len(train), "holdout": len(hold)}
+    # What depends on the real rows in clear (row counts, validation figures, timings)
+    # goes to validation.json, which stays with the data; summary.json holds only DP
+    # releases and public settings, so it may be published.
+    local: dict[str, Any] = {"rows": {"train": len(train), "holdout": len(hold)}}
 
     from ..common.schema import Schema
 
@@ -272,13 +287,15 @@ def simulate(opts: SimulationOptions, console: Console | None = None) -> dict[st
     synthetic = read_table(out / SYNTHETIC, replace(schema, header=True))
     console.print("validating the synthetic data against the held-out patients ...")
     t1 = time.perf_counter()
-    summary["validation"] = validate_and_report(
+    local["validation"] = validate_and_report(
         train.drop(columns="site"), hold.drop(columns="site"), synthetic, schema, out, summary
     )
-    summary["seconds_validation"] = time.perf_counter() - t1
-    summary["seconds_total"] = time.perf_counter() - t0
-    summary["seconds_until_model"] = t_train
+    local["seconds_validation"] = time.perf_counter() - t1
+    local["seconds_total"] = time.perf_counter() - t0
+    local["seconds_until_model"] = t_train
     summary_path.write_text(json.dumps(summary, indent=1, default=str))
+    (out / VALIDATION_JSON).write_text(json.dumps(local, indent=1, default=str))
+    summary = {**summary, **local}
     _print_summary(console, summary)
     return summary
 

@@ -109,8 +109,10 @@ def test_tiny_benchmark_writes_a_consistent_table(tiny_run):
         study = f"bench-{key.replace('/', '-')}-s0"
         for site, value in eps.items():
             path = (out / "work" / "seed-0" / key.replace("/", "_") / "site-state" / site
-                    / f"ledger-{study}.json")
-            ledger = SiteState.from_record(json.loads(path.read_text())).ledger
+                    / "site-ledger.json")
+            saved = SiteState.from_record(json.loads(path.read_text()))
+            assert saved.study_id == study
+            ledger = saved.ledger
             assert value == pytest.approx(ledger.epsilon(1e-5), rel=1e-9)
             assert 0 < value <= 3.0
         assert float(row["epsilon_max_site"]) == pytest.approx(max(eps.values()))

@@ -330,7 +330,7 @@ def _ask(app: Any, site: SiteConfig, study: StudyConfig, arrays: dict[str, np.nd
 
 
 def _ledger(site: SiteConfig, study: StudyConfig) -> SiteState:
-    path = ledger_path(site, study.study_id)
+    path = ledger_path(site)
     assert path is not None
     return SiteState.from_record(json.loads(path.read_text()))
 
@@ -448,10 +448,10 @@ def _checkpoint_round(output_dir: Path) -> int:
 
 
 def _site_state(dep: LocalDeployment, name: str, study_id: str) -> SiteState | None:
-    path = dep.sites[name].folder / "state" / f"ledger-{study_id}.json"
+    path = dep.sites[name].folder / "state" / "site-ledger.json"
     if not path.is_file():
         return None
-    return SiteState.from_record(json.loads(path.read_text()))
+    return SiteState.from_record(json.loads(path.read_text())).for_study(study_id)
 
 
 def _expected_ledger(name: str, study: StudyConfig, rounds: int) -> PrivacyLedger:

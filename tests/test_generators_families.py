@@ -28,6 +28,7 @@ from fedsynth.common.generators import (
     get_generator,
 )
 from fedsynth.common.privacy import DPSettings, PrivacyLedger, train_round
+from fedsynth.common.privacy.randomness import DPRandomness
 from fedsynth.common.schema import Schema
 from fedsynth.common.study import SiteConfig, StudyConfig, schema_fingerprint
 from fedsynth.common.table import conform, read_table
@@ -126,7 +127,8 @@ def test_empty_poisson_batch_makes_a_noisy_step(name: str, heart_schema: Schema,
     one_row = model.encoder.encode(frame.iloc[:1])
     ledger = PrivacyLedger()
     stats = train_round(model, one_row, epochs=1, sample_rate=0.05,
-                        dp=DPSettings(noise_multiplier=1.0), ledger=ledger, seed=0)
+                        dp=DPSettings(noise_multiplier=1.0), ledger=ledger,
+                        randomness=DPRandomness.reproducible(0))
     assert stats.steps == 20 and stats.rows_seen < stats.steps  # empty batches happened
     assert ledger.total_steps() == 20
     after = list(module.parameters())
@@ -206,7 +208,8 @@ def test_trainer_hands_the_generator_step_only_the_private_module(
 
     monkeypatch.setattr(gan, "after_private_step", spy)
     train_round(gan, gan.encoder.encode(frame), epochs=1, sample_rate=0.1,
-                dp=DPSettings(noise_multiplier=1.0), ledger=PrivacyLedger(), seed=0)
+                dp=DPSettings(noise_multiplier=1.0), ledger=PrivacyLedger(),
+                randomness=DPRandomness.reproducible(0))
     assert len(seen) == 10
     for args in seen:
         assert len(args) == 1 and isinstance(args[0], GradSampleModule)
@@ -231,7 +234,8 @@ def test_fake_rows_per_step_are_a_public_constant(heart_schema: Schema,
         for site in ("cleveland", "switzerland"):  # 303 and 123 rows
             data = gan.encoder.encode(read_table(heart_files[site], heart_schema))
             train_round(gan, data, epochs=1, sample_rate=0.1,
-                        dp=DPSettings(noise_multiplier=1.0), ledger=PrivacyLedger(), seed=1)
+                        dp=DPSettings(noise_multiplier=1.0), ledger=PrivacyLedger(),
+                        randomness=DPRandomness.reproducible(1))
         assert len(counts) == 20
         assert {total - real for real, total in counts} == {fake_batch}
         assert len({real for real, _ in counts}) > 1  # Poisson sizes vary, fakes do not

@@ -84,7 +84,7 @@ def test_outputs(study, heart_schema: Schema) -> None:
     assert len(syn) == 300
     model = Generator.load(out / "model.fsg")
     conform(model.sample(50, seed=3), heart_schema)
-    saved = json.loads((out / "summary.json").read_text())
+    saved = json.loads((out / "validation.json").read_text())
     head = saved["validation"]["headline"]
     assert 0.0 <= head["fidelity"] <= 1.0
     assert head["trtr_auroc"] > 0.75  # train-on-real on this split

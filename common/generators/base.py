@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..encoding import TabularEncoder
+from ..privacy.randomness import NOT_A_DP_RELEASE
 from ..schema import Schema
 from ..table import _match_category
 
@@ -152,8 +153,13 @@ class Generator(ABC):
         delta: float = 1e-5,
         max_grad_norm: float = 1.0,
         count_noise: float = 10.0,
+        reproducible_noise_seed: int | None = None,
     ) -> Generator:
         """Train centrally on a typed frame, with DP when ``epsilon`` is given.
+
+        The DP noise and the Poisson batches come from the OS CSPRNG unless
+        ``reproducible_noise_seed`` is given (tests and benchmarks: the model is then
+        not a DP release, and ``fit_info`` and the saved file say so).
 
         The same trainer, accountant and count release as a federated site, so central
         and federated figures are comparable: a model with a statistics column gets its
@@ -162,7 +168,13 @@ class Generator(ABC):
         histogram and training together stay within ``epsilon`` in one ledger.
         """
         from ..privacy import DPSettings, PrivacyLedger, RoundPlan, calibrate_noise, train_round
+        from ..privacy.randomness import DPRandomness
 
+        rand = (
+            DPRandomness.secret()
+            if reproducible_noise_seed is None
+            else DPRandomness.reproducible(reproducible_noise_seed, "central-fit")
+        )
         encoded = self.encoder.encode(data)
         released = self.statistics_column() is not None
         dp = None
@@ -175,7 +187,9 @@ class Generator(ABC):
             ledger = PrivacyLedger()
         if released:
             noise = count_noise if epsilon is not None else None
-            self.set_statistics(release_histogram(self, encoded, noise, self.seed))
+            self.set_statistics(
+                release_histogram(self, encoded, noise, rand.numpy("count-release"))
+            )
             if ledger is not None:
                 ledger.record(count_noise, 1.0, 1)
         stats = train_round(
@@ -185,9 +199,10 @@ class Generator(ABC):
             sample_rate=sample_rate,
             dp=dp,
             ledger=ledger,
-            seed=self.seed,
+            randomness=rand,
         )
         self.fit_info = {
+            "reproducible-noise": rand.is_reproducible,
             "steps": stats.steps,
             "seconds": stats.seconds,
             "epsilon": ledger.epsilon(delta) if ledger is not None else None,
@@ -299,6 +314,11 @@ class Generator(ABC):
         path = Path(path)
         meta = {
             **(extra or {}),
+            **(
+                {"privacy": NOT_A_DP_RELEASE}
+                if getattr(self, "fit_info", {}).get("reproducible-noise")
+                else {}
+            ),
             "format": FORMAT_VERSION,
             "generator": self.name,
             "hparams": self.hparams,
@@ -368,7 +388,7 @@ def _equals(series: pd.Series, value: Any) -> np.ndarray:
 
 
 def release_histogram(
-    model: Generator, data: np.ndarray, noise_std: float | None, seed: int
+    model: Generator, data: np.ndarray, noise_std: float | None, rng: np.random.Generator | None
 ) -> np.ndarray:
     """A site's one count release: a histogram of the model's statistics column.
 
@@ -376,6 +396,8 @@ def release_histogram(
     Gaussian noise of std ``noise_std`` per cell it is the Gaussian mechanism at noise
     multiplier ``noise_std``, whatever the number of cells; with no statistics column it
     is a single cell, the row count. ``noise_std=None`` (no DP) gives the exact counts.
+    ``rng`` must be secret to the site (``DPRandomness.numpy("count-release")``): a
+    coordinator that can replay it subtracts the noise and reads the exact counts.
     """
     column = model.statistics_column()
     if column is None:
@@ -385,5 +407,6 @@ def release_histogram(
         exact = data[:, block.slice].sum(axis=0).astype(float)
     if noise_std is None:
         return exact
-    rng = np.random.default_rng(seed)
+    if rng is None:
+        raise ValueError("a DP count release needs the site's secret randomness")
     return exact + rng.normal(0.0, noise_std, size=exact.shape)

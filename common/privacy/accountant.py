@@ -143,25 +143,34 @@ def calibrate_noise(
     count_noise: float | None,
     mechanism: str = "rdp",
     tolerance: float = 1e-3,
+    prior: tuple[Release, ...] = (),
 ) -> float:
     """Smallest noise multiplier whose whole-study epsilon stays within the budget.
 
     Bisection on the composed epsilon of the full plan (training steps, loss reports and
     the count release together), so the budget covers everything the site will release.
+    ``prior`` is what the same table already released in earlier studies: a site's
+    budget is the lifetime budget of its table, so a second study gets what is left.
     """
     if target_epsilon <= 0 or not math.isfinite(target_epsilon):
         raise ValueError("epsilon must be a positive number")
 
     def eps(sigma: float) -> float:
-        led = plan_history(sigma, plan, rounds, count_noise)
-        led.mechanism = mechanism
+        led = PrivacyLedger(mechanism, [tuple(h) for h in prior])  # type: ignore[misc]
+        for release in plan_history(sigma, plan, rounds, count_noise).history:
+            led.record(*release)
         return led.epsilon(delta)
 
+    fixed = PrivacyLedger(mechanism, [tuple(h) for h in prior])  # type: ignore[misc]
     if count_noise is not None:
-        floor = PrivacyLedger(mechanism, [(count_noise, 1.0, 1)]).epsilon(delta)
+        fixed.record(count_noise, 1.0, 1)
+    if fixed.history:
+        floor = fixed.epsilon(delta)
         if floor >= target_epsilon:
+            what = "earlier studies and this study's count release" if prior else (
+                "the count release alone")
             raise ValueError(
-                f"the count release alone costs epsilon {floor:.3f}, more than the budget "
+                f"{what} cost epsilon {floor:.3f}, more than the budget "
                 f"{target_epsilon}; raise the budget or the count noise"
             )
     lo, hi = 0.3, 1.0

@@ -32,6 +32,7 @@ from opacus.optimizers import DPOptimizer
 from torch.utils.data import TensorDataset
 
 from .accountant import PrivacyLedger
+from .randomness import DPRandomness
 
 if TYPE_CHECKING:
     from ..generators.base import Generator
@@ -57,11 +58,16 @@ class RoundStats:
         return self.rows_seen / self.seconds if self.seconds > 0 else math.inf
 
 
-def poisson_loader(data: np.ndarray, sample_rate: float, seed: int) -> DPDataLoader:
-    """Poisson batches over the rows: each row joins each batch with probability q."""
+def poisson_loader(
+    data: np.ndarray, sample_rate: float, generator: torch.Generator
+) -> DPDataLoader:
+    """Poisson batches over the rows: each row joins each batch with probability q.
+
+    ``generator`` must be secret to the site: the amplification by subsampling that the
+    accountant credits holds only if nobody else knows which rows joined a batch.
+    """
     dataset = TensorDataset(torch.as_tensor(data, dtype=torch.float32))
-    gen = torch.Generator().manual_seed(seed)
-    return DPDataLoader(dataset, sample_rate=sample_rate, generator=gen)
+    return DPDataLoader(dataset, sample_rate=sample_rate, generator=generator)
 
 
 def train_round(
@@ -72,7 +78,7 @@ def train_round(
     sample_rate: float,
     dp: DPSettings | None,
     ledger: PrivacyLedger | None,
-    seed: int,
+    randomness: DPRandomness,
     proximal_mu: float = 0.0,
 ) -> RoundStats:
     """Train ``generator`` on encoded rows for ``epochs / sample_rate`` Poisson steps.
@@ -90,13 +96,19 @@ def train_round(
     Its gradient ``mu * (w - w_global)`` depends on no row, so under DP it is added
     *after* clipping and noising: it must not eat into the per-sample clipping budget,
     and Opacus would drop it anyway (it overwrites ``.grad`` from per-sample gradients).
+
+    ``randomness`` feeds the Poisson sampler, the gradient noise and the model's own
+    draws (a VAE's reparametrisation, a GAN's latent codes) from separate streams; it is
+    secret to the site unless a test made it reproducible. The noise is drawn as Opacus'
+    ``secure_mode`` draws it (each value the scaled sum of four Gaussians), which closes
+    the floating-point attacks on a single Gaussian draw.
     """
     if not 0 < sample_rate <= 1:
         raise ValueError("sample_rate must be in (0, 1]")
-    torch.manual_seed(seed)
+    torch.manual_seed(randomness.int_seed("model"))
     module = generator.private_module()
     expected_batch = max(1.0, sample_rate * len(data))
-    loader = poisson_loader(data, sample_rate, seed)
+    loader = poisson_loader(data, sample_rate, randomness.torch("sampler"))
     lr = float(generator.hparams.get("lr", 1e-3))
     total_loss, total_rows, steps = 0.0, 0, 0
     start = time.perf_counter()
@@ -110,7 +122,8 @@ def train_round(
             max_grad_norm=dp.max_grad_norm,
             expected_batch_size=int(round(expected_batch)),
             loss_reduction="mean",
-            generator=torch.Generator().manual_seed(seed + 1),
+            generator=randomness.torch("gradient-noise"),
+            secure_mode=True,
         )
         # DPOptimizer scales by expected_batch_size (an int); keep the exact rate here.
         forward: torch.nn.Module = wrapped
@@ -130,7 +143,7 @@ def train_round(
     params = list(module.parameters())
     ema = [p.detach().clone() for p in params] if ema_decay > 0 else []
 
-    generator.begin_round(seed)
+    generator.begin_round(randomness.int_seed("model"))
     # Opacus' hooks fire on module outputs even though rows need no gradient; harmless.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     try:
@@ -181,7 +194,7 @@ def dp_loss_report(
     sample_rate: float,
     noise_multiplier: float,
     ledger: PrivacyLedger,
-    seed: int,
+    randomness: DPRandomness,
 ) -> float:
     """A loss figure a site may send: a subsampled Gaussian query, charged to the ledger.
 
@@ -191,8 +204,8 @@ def dp_loss_report(
     (noise_multiplier, sample_rate).
     """
     bound = float(generator.loss_bound)
-    loader = poisson_loader(data, sample_rate, seed)
-    gen = torch.Generator().manual_seed(seed + 7)
+    loader = poisson_loader(data, sample_rate, randomness.torch("sampler"))
+    gen = randomness.torch("loss-report")
     module = generator.private_module()
     batch = next(iter(loader))[0]
     with torch.no_grad():
