@@ -21,13 +21,14 @@ falls back to sending weights in clear: without its key files it refuses the rou
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from ..common.study import ConfigError, SiteConfig, StudyConfig
-from .evaluate import SYNTHETIC_KEY, evaluate_reply
+from .evaluate import EVALUATED, ROWS_KEY, SEED_KEY, evaluate_reply, released_table
 from .replay import cached_reply, drop_older_replies, keep_reply, model_digest
 from .secure import (
     AGGREGATE,
@@ -239,20 +240,41 @@ def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        """Federated validation: score the released synthetic table against this site's
-        rows and send back scores only (the count is the one already released under DP;
-        in an encrypted study, where counts never travel in clear, it stays here)."""
+        """Federated validation: score the study's released synthetic table against this
+        site's rows and send back scores only, once per study (``client/evaluate.py``).
+        The count sent with them is the one already released under DP; in an encrypted
+        study, where counts never travel in clear, it stays here."""
         site = resolve_site(context, sites)
         config = dict(msg.content["config"])
         study = StudyConfig.from_flat(config)
         state = _load_state(context, site, study)
+        schema_fp = str(config["schema-fingerprint"])
+        arrays = msg.content.get("arrays")
+        table = released_table(
+            site,
+            study,
+            schema_fp,
+            {k: v.numpy() for k, v in arrays.items()} if arrays is not None else None,
+            int(config.get(ROWS_KEY, 0)),
+            int(config.get(SEED_KEY, 0)),
+            state,
+        )
+        if isinstance(table, SiteReply):
+            return Message(reply_content(site, table), reply_to=msg)
+        if study.secure_aggregation != "ckks" and site.validation_scores == "all":
+            # In clear the site cannot check the model is the real release: the screens
+            # that hinge on single patients are not sent (docs/privacy.md).
+            site = replace(site, validation_scores="quality")
         reply = evaluate_reply(
             site,
-            str(config["schema-fingerprint"]),
-            str(config[SYNTHETIC_KEY]),
+            schema_fp,
+            table.to_csv(index=False),
             state,
             send_count=study.secure_aggregation != "ckks",
         )
+        if reply.status == EVALUATED:
+            state.validated = True
+            _save_state(context, site, study, state)
         return Message(reply_content(site, reply), reply_to=msg)
 
     return app

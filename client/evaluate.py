@@ -4,9 +4,17 @@ site's own rows and reply with scores only.
 The ClientApp's ``@app.evaluate()`` handler is a few lines around ``evaluate_reply``
 (see ``docs/validation.md``, "Federated validation").
 
-The coordinator sends the synthetic table (public: DP post-processing); the site reads
-its own table, computes ``common.validation.federated.site_scores`` and replies with a
-flat dict of floats (one Flower MetricRecord). Besides the scores the reply carries the
+The scores are statistics of the site's rows, not DP releases, so the site limits what a
+coordinator can ask (``released_table``): it scores only a table it samples itself from
+the study's released model, which the coordinator sends with the sample size and seed
+(so the table is synthetic.csv, row for row); at least ``MIN_VALIDATION_ROWS`` rows; once
+per study. In an encrypted study the site also checks that the model is the one it
+decrypted and released, so a crafted model is refused; in a study in clear it cannot
+check that, and the privacy screens that hinge on single patients (``exact_copies``,
+``dcr_min``) are then never sent. docs/privacy.md states what a deviating coordinator
+can still learn. The site reads its own table, computes
+``common.validation.federated.site_scores`` and replies with a flat dict of floats
+(one Flower MetricRecord). Besides the scores the reply carries the
 row count the site already released under DP for its FedAvg weight: re-sending a DP
 release is post-processing and costs no budget. A site that never released a count (it
 never trained) sends none, and the coordinator leaves it out of the row-weighted
@@ -23,21 +31,36 @@ import logging
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
 
+from ..common.generators import get_generator
 from ..common.schema import Schema
-from ..common.study import SiteConfig
+from ..common.study import SiteConfig, StudyConfig
 from ..common.table import TableCheckError, read_table
 from ..common.validation.federated import COUNT_KEY, site_scores
-from .site import INVALID_DATA, SiteReply, SiteState, site_schema, status_metrics
+from .site import (
+    INVALID_DATA,
+    SiteReply,
+    SiteState,
+    released_model_path,
+    site_schema,
+    status_metrics,
+)
 
 log = logging.getLogger("fedsynth.site")
 
-#: Config key carrying the synthetic table (CSV text) from the coordinator.
-SYNTHETIC_KEY = "synthetic-csv"
+#: Config keys of the coordinator's request: the synthetic table's size and sample seed;
+#: the released model travels as the message's "arrays" record.
+ROWS_KEY = "validation-rows"
+SEED_KEY = "validation-seed"
+#: Fewer rows would let a table stand for a handful of probe records.
+MIN_VALIDATION_ROWS = 200
 EVALUATED = "evaluated"
 INVALID_SYNTHETIC = "invalid-synthetic"
 DECLINED = "declined"
+ALREADY_VALIDATED = "already-validated"
+NOT_THE_RELEASE = "not-the-release"
 
 
 class SyntheticTableError(ValueError):
@@ -131,3 +154,73 @@ def evaluate_reply(
     scores = evaluate_site(rows, schema, synthetic, noisy_count=count,
                            include_privacy=site.validation_scores == "all")
     return SiteReply(EVALUATED, {**scores, **status_metrics(site, state)})
+
+
+def released_table(
+    site: SiteConfig,
+    study: StudyConfig,
+    schema_fp: str,
+    arrays: dict[str, np.ndarray] | None,
+    rows: int,
+    seed: int,
+    state: SiteState,
+) -> pd.DataFrame | SiteReply:
+    """The synthetic table the site agrees to score, sampled by the site itself from the
+    released model; or the reply that refuses the request.
+
+    A coordinator that could send any table would turn the scores into an oracle (a
+    two-row table makes a per-column TVD reveal an exact category count; ``exact_copies``
+    answers "is this record in your table"). Here the table is always a sample of the
+    study's model architecture, of at least ``MIN_VALIDATION_ROWS`` rows; under CKKS
+    the weights must also be those the site itself decrypted at release (up to the
+    flooding noise the sites added), and it answers once per study.
+    """
+    refuse = status_metrics(site, state)
+    if state.validated:
+        return SiteReply(ALREADY_VALIDATED, refuse, problems=[
+            "this site scored this study's release once already; it answers once per study"])
+    schema = site_schema(site, state, schema_fp)
+    if isinstance(schema, SiteReply):
+        return schema
+    if arrays is None:
+        return SiteReply(INVALID_SYNTHETIC, refuse, problems=[
+            "the request holds no model: send the study's released model, the site samples "
+            "the table from it"])
+    if rows < MIN_VALIDATION_ROWS:
+        return SiteReply(INVALID_SYNTHETIC, refuse, problems=[
+            f"a validation table needs at least {MIN_VALIDATION_ROWS} rows; got {rows}"])
+    model = get_generator(study.generator)(schema, seed=study.seed, **study.generator_params)
+    try:
+        model.load_state_dict(arrays)
+    except (ValueError, KeyError) as exc:
+        return SiteReply(INVALID_SYNTHETIC, refuse, problems=[
+            f"the model sent for validation is not this study's generator: {exc}"])
+    if study.secure_aggregation == "ckks":
+        problem = _differs_from_release(site, study.study_id, model.state_dict())
+        if problem:
+            log.warning("site %s: refused federated validation: %s", site.name, problem)
+            return SiteReply(NOT_THE_RELEASE, refuse, problems=[problem])
+    return model.sample(rows, seed=seed)
+
+
+def _differs_from_release(site: SiteConfig, study_id: str, state: dict[str, np.ndarray]) -> str:
+    """Why ``state`` is not the final model this site decrypted and released, or ''."""
+    path = released_model_path(site, study_id)
+    if path is None or not path.is_file():
+        return "this site has not released this study's final model, so it scores none"
+    with np.load(path, allow_pickle=False) as kept:
+        released = {k: kept[k] for k in kept.files}
+    if set(released) != set(state):
+        return "the model sent for validation is not the one this site released"
+    peak = max((float(np.max(np.abs(v))) for v in released.values() if v.size), default=1.0)
+    # the sites' flooding noise is 2**-20 of the peak; allow 2**-13 (well above it, far
+    # below any change that would steer the scores)
+    tol = 2.0**-13 * max(peak, 1.0)
+    worst = max(
+        (float(np.max(np.abs(np.asarray(state[k], float) - np.asarray(v, float))))
+         for k, v in released.items() if v.size),
+        default=0.0,
+    )
+    if worst > tol:
+        return "the model sent for validation is not the one this site released"
+    return ""

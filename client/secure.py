@@ -58,7 +58,15 @@ from ..common.encryption import (
 from ..common.generators import get_generator
 from ..common.schema import Schema
 from ..common.study import SiteConfig, StudyConfig
-from .site import TRAINED, SiteReply, SiteState, site_schema, status_metrics, train_site
+from .site import (
+    TRAINED,
+    SiteReply,
+    SiteState,
+    released_model_path,
+    site_schema,
+    status_metrics,
+    train_site,
+)
 
 log = logging.getLogger("fedsynth.site")
 
@@ -281,5 +289,10 @@ def release_final(
             status_metrics(site, state),
             problems=[f"refused to release the final aggregate: {exc}"],
         )
+    kept = released_model_path(site, study.study_id)
+    if kept is not None:
+        kept.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(kept, "wb") as fh:
+            np.savez(fh, **mean)
     return SiteReply(RELEASED, status_metrics(site, state), arrays=flood_for_release(mean))
 

@@ -218,6 +218,15 @@ def load_site_state(site: SiteConfig, study_id: str) -> SiteState:
     return state.for_study(study_id)
 
 
+def released_model_path(site: SiteConfig, study_id: str) -> Path | None:
+    """Where an encrypted study's site keeps the final model it decrypted and released,
+    so that federated validation can check the coordinator asks about that model only."""
+    if not site.state_dir:
+        return None
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in study_id)
+    return Path(site.state_dir) / f"released-{safe}.npz"
+
+
 def noise_for(site: SiteConfig, study: StudyConfig, prior: PrivacyLedger | None = None) -> float:
     """The site's own fixed noise, or the smallest that fits what is left of its budget.
 

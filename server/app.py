@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
@@ -241,7 +240,7 @@ def run_study(
     if secure_summary is not None:
         summary["secure_aggregation"] = secure_summary
     if study.federated_validation:
-        summary["federated_validation"] = validate_at_sites(grid, study, schema, out)
+        summary["federated_validation"] = validate_at_sites(grid, study, schema, out, model, n)
     (out / SUMMARY).write_text(json.dumps(summary, indent=1, default=_json_default))
     return StudyOutcome(out, len(strategy.history), strategy.history, seconds)
 
@@ -259,13 +258,16 @@ def _server_step(study: StudyConfig, velocity_file: Path, done: int) -> ServerMo
     return opt
 
 
-def validate_at_sites(grid: Grid, study: StudyConfig, schema: Schema, out: Path) -> dict[str, Any]:
-    """Federated validation of the released synthetic table: every site scores it against
-    its own rows and sends back scores only; the coordinator combines them."""
-    synthetic = pd.read_csv(out / SYNTHETIC)
+def validate_at_sites(
+    grid: Grid, study: StudyConfig, schema: Schema, out: Path, model: Generator, rows: int
+) -> dict[str, Any]:
+    """Federated validation of the released synthetic table: every site samples it from
+    the released model (so it is synthetic.csv), scores it against its own rows and
+    sends back scores only; the coordinator combines them."""
     config = {**study.to_flat(), "schema-fingerprint": schema_fingerprint(schema)}
     result, skipped = run_federated_validation(
-        grid, synthetic, config, min_sites=1, wait=60.0, timeout=study.round_timeout
+        grid, model.state_dict(), rows, study.seed, config, min_sites=1, wait=60.0,
+        timeout=study.round_timeout,
     )
     written = write_federated(result, out) if result is not None else None
     return {"written": str(written) if written else None, "left_out": skipped}

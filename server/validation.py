@@ -1,5 +1,6 @@
-"""The coordinator's side of federated validation: send the synthetic table to every
-site, collect the sites' scores, combine them into study figures.
+"""The coordinator's side of federated validation: send the released model (and the
+size and seed of synthetic.csv) to every site, collect the sites' scores, combine them
+into study figures.
 
 No real row reaches the coordinator: each site replies with scores of the synthetic
 data and the DP row count it released in training (``client/evaluate.py``). How each
@@ -17,11 +18,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from ..client.evaluate import EVALUATED, SYNTHETIC_KEY
+from ..client.evaluate import EVALUATED, ROWS_KEY, SEED_KEY
 from ..common.validation.federated import FederatedValidation, combine
 from ..common.validation.report import write_federated_report
 
@@ -32,11 +33,18 @@ FEDERATED_CSV = "federated_validation.csv"
 FEDERATED_HTML = "federated_validation.html"
 
 
-def evaluate_content(synthetic: pd.DataFrame, config: Mapping[str, Any]) -> RecordDict:
+def evaluate_content(
+    model_state: Mapping[str, np.ndarray], rows: int, seed: int, config: Mapping[str, Any]
+) -> RecordDict:
     """The message a site's evaluate handler reads: the study config (with the schema
-    fingerprint) and the synthetic table as CSV text (public: DP post-processing)."""
+    fingerprint), the released model and the size and seed of the synthetic table. The
+    site samples the table itself (it is synthetic.csv, row for row): it scores no table
+    the coordinator made up (``client/evaluate.py``)."""
     return RecordDict(
-        {"config": ConfigRecord({**config, SYNTHETIC_KEY: synthetic.to_csv(index=False)})}
+        {
+            "config": ConfigRecord({**config, ROWS_KEY: int(rows), SEED_KEY: int(seed)}),
+            "arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in model_state.items()}),
+        }
     )
 
 
@@ -67,14 +75,17 @@ def connected_sites(grid: Grid, min_sites: int, wait: float) -> list[int]:
 
 def run_federated_validation(
     grid: Grid,
-    synthetic: pd.DataFrame,
+    model_state: Mapping[str, np.ndarray],
+    rows: int,
+    seed: int,
     config: Mapping[str, Any],
     *,
     min_sites: int = 1,
     wait: float = 600.0,
     timeout: float = 3600.0,
 ) -> tuple[FederatedValidation | None, list[str]]:
-    """Ask every connected site to score ``synthetic``; combine what comes back.
+    """Ask every connected site to score the table of ``rows`` rows that the released
+    model samples with ``seed``; combine what comes back.
 
     Waits up to ``wait`` seconds for ``min_sites`` sites to be connected (right after a
     study they all are; a fresh simulation registers its nodes a moment after start).
@@ -86,7 +97,7 @@ def run_federated_validation(
         return None, [f"only {len(nodes)} site(s) connected after {wait:.0f} s; need {min_sites}"]
     messages = [
         Message(
-            evaluate_content(synthetic, config), dst_node_id=node,
+            evaluate_content(model_state, rows, seed, config), dst_node_id=node,
             message_type=MessageType.EVALUATE,
         )
         for node in nodes

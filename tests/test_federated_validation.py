@@ -18,7 +18,8 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedsynth.client.evaluate import (
     EVALUATED,
-    SYNTHETIC_KEY,
+    ROWS_KEY,
+    SEED_KEY,
     SyntheticTableError,
     evaluate_site,
     read_synthetic,
@@ -177,12 +178,17 @@ def test_messages_round_trip_and_output(
     figures: dict[str, object], study: tuple[dict[str, pd.DataFrame], pd.DataFrame],
     heart_schema: Schema, tmp_path,
 ) -> None:
-    """The coordinator's message carries the synthetic table; the sites' replies (real
-    Flower records) come back into the same study figures; a failed site is named."""
-    sites, synthetic = study
-    content = evaluate_content(synthetic, {"schema-fingerprint": "x"})
-    sent = read_synthetic(str(content["config"][SYNTHETIC_KEY]), heart_schema)
-    assert len(sent) == len(synthetic)
+    """The coordinator's message carries the released model and the table's size and
+    seed, never a table; the sites' replies (real Flower records) come back into the
+    same study figures; a failed site is named."""
+    from fedsynth.common.generators import TVAE
+
+    state = TVAE(heart_schema, seed=0).state_dict()
+    content = evaluate_content(state, 300, 7, {"schema-fingerprint": "x"})
+    config = dict(content["config"])
+    assert config[ROWS_KEY] == 300 and config[SEED_KEY] == 7
+    assert not any(isinstance(v, str) and "," in v and "\n" in v for v in config.values())
+    assert set(content["arrays"].keys()) == set(state)
     replies = [
         RecordDict(
             {
@@ -239,6 +245,7 @@ def test_flower_evaluate_round(
     from flwr.simulation import run_simulation
 
     from fedsynth.client.app import make_client_app
+    from fedsynth.common.generators import get_generator
     from fedsynth.common.study import SiteConfig, schema_fingerprint
     from fedsynth.server.validation import (
         FEDERATED_JSON,
@@ -246,7 +253,10 @@ def test_flower_evaluate_round(
         write_federated,
     )
 
-    sites_rows, synthetic = study
+    sites_rows, _ = study
+    plan = StudyConfig(local_epochs=1)
+    model = get_generator(plan.generator)(heart_schema, seed=plan.seed)
+    synthetic = model.sample(400, seed=9)  # what each site samples from the model sent
     site_configs = []
     for name, rows in sites_rows.items():
         path = tmp_path / f"{name}.csv"
@@ -255,7 +265,7 @@ def test_flower_evaluate_round(
             SiteConfig(name=name, data_path=str(path), schema_path=str(heart_schema_path),
                        dp=False, validation_scores="all")
         )
-    config = {**StudyConfig().to_flat(), "schema-fingerprint": schema_fingerprint(heart_schema)}
+    config = {**plan.to_flat(), "schema-fingerprint": schema_fingerprint(heart_schema)}
     out = tmp_path / "out"
 
     client = make_client_app(site_configs)  # the production handler
@@ -265,7 +275,8 @@ def test_flower_evaluate_round(
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         result, skipped = run_federated_validation(
-            grid, synthetic, config, min_sites=len(site_configs), wait=120, timeout=300
+            grid, model.state_dict(), 400, 9, config, min_sites=len(site_configs), wait=120,
+            timeout=300,
         )
         assert result is not None and not skipped, skipped
         write_federated(result, out)
@@ -285,7 +296,9 @@ def test_flower_evaluate_round(
     assert payload["weights"] == {k: float(len(v)) for k, v in sites_rows.items()}
     got = {f["metric"]: f for f in payload["figures"]}
     pooled = site_scores(pd.concat(list(sites_rows.values()), ignore_index=True), synthetic,
-                         heart_schema)
+                         heart_schema, include_privacy=False)
+    # in clear, a site cannot check the model is the release: no per-patient screens
+    assert "dcr_min" not in got and "exact_copies" not in got
     for label, f in got.items():
         if f["combines"] in ("exact", "approximate"):
             assert f["study"] == pytest.approx(pooled_figure(label, pooled), abs=1e-9), label
