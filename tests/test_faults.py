@@ -13,6 +13,7 @@ after the sites trained a round but before it checkpointed it, then resumed.
 from __future__ import annotations
 
 import json
+import shutil
 import logging
 import math
 import subprocess
@@ -467,7 +468,16 @@ def _expected_ledger(name: str, study: StudyConfig, rounds: int) -> PrivacyLedge
     return ledger
 
 
+def _fresh_ledgers(dep: LocalDeployment) -> None:
+    """Each drill stands for a study on fresh tables. A site's ledger is its table's for
+    life, so without this the second drill would (rightly) find the first one's spending
+    and calibrate to what is left; tests/test_coordinator_attacks.py checks that."""
+    for name in SITES:
+        shutil.rmtree(dep.sites[name].folder / "state", ignore_errors=True)
+
+
 def test_site_crash_mid_round_then_rejoins(deployment: LocalDeployment) -> None:
+    _fresh_ledgers(deployment)
     dep, crashed = deployment, "va"
     run = {**RUN, "study-id": "crash", "min-sites": 2}
     handle = dep.start_run(run, name="crash")
@@ -515,6 +525,7 @@ def test_coordinator_restart_resumes_without_double_spending(
     deployment: LocalDeployment,
 ) -> None:
     dep, study_id = deployment, "restart"
+    _fresh_ledgers(dep)
     run = {**RUN, "study-id": study_id, "min-sites": len(SITES)}
     handle = dep.start_run(run, name="restart")
     out = handle.output_dir

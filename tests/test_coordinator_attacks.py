@@ -1,0 +1,420 @@
+"""A curious coordinator attacks the sites, holding only what a coordinator holds.
+
+The coordinator is one of the parties differential privacy protects patients from. Each
+test here plays it with the public run config, the messages it sends and the replies it
+gets (and the summary it may publish), and checks that the attack fails. Every one of
+these attacks succeeded on the code before issue 11 (the demonstrated defects):
+
+1. replaying a site's round from the public study seed reproduced its noise exactly;
+2. a new study id gave a site a fresh budget;
+3. a round sent in clear made an encryption-ready site send its weights in clear;
+4. federated validation scored any table, as often as asked;
+5. table-check problems carried exact counts;
+6. the reply's ``train-seconds`` tracked the row count;
+plus the end-of-study release, which a site answered as often as asked.
+
+Real Flower messages, the real ClientApp, real Opacus, the real heart-disease tables.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedsynth.client.app import make_client_app
+from fedsynth.client.evaluate import ROWS_KEY, SEED_KEY
+from fedsynth.client.preflight import PreflightInput, run_preflight
+from fedsynth.client.site import (
+    BUDGET_EXHAUSTED,
+    ENCRYPTION_REQUIRED,
+    INVALID_DATA,
+    TRAINED,
+    SiteState,
+    train_site,
+)
+from fedsynth.common.generators import get_generator
+from fedsynth.common.schema import Schema
+from fedsynth.common.study import ConfigError, SiteConfig, StudyConfig, schema_fingerprint
+from fedsynth.common.table import read_table
+
+TINY = {"hidden": 16, "latent": 4}
+#: The one study plan of these attacks: small, DP on, the TVAE with its outcome histogram.
+PLAN = StudyConfig(study_id="attack", num_server_rounds=3, local_epochs=1, sample_rate=0.5,
+                   generator_params=TINY, seed=42)
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> Iterator[None]:
+    """Flower stamps messages with the process's run and node; set them as a run would."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 3, 7, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def _stamp(message: Message) -> Message:
+    """Give a message the id the SuperLink gives it when it is pushed."""
+    message.metadata.__dict__["_message_id"] = message.object_id
+    return message
+
+
+def _initial(schema: Schema, study: StudyConfig = PLAN) -> dict[str, np.ndarray]:
+    return get_generator(study.generator)(schema, seed=study.seed,
+                                          **study.generator_params).state_dict()
+
+
+def _send(site: SiteConfig, content: RecordDict, kind: str,
+          state: RecordDict | None = None) -> RecordDict:
+    """One message through the site's real ClientApp, as a deployed SuperNode gets it."""
+    app = make_client_app()
+    context = Context(run_id=7, node_id=1, node_config={**site.to_dict(), "site-name": site.name},
+                      state=state if state is not None else RecordDict(), run_config={})
+    return app(_stamp(Message(content, dst_node_id=1, message_type=kind)), context).content
+
+
+def _train_message(study: StudyConfig, arrays: dict[str, np.ndarray], server_round: int,
+                   fingerprint: str) -> RecordDict:
+    config = ConfigRecord({**study.to_flat(), "server-round": server_round,
+                           "schema-fingerprint": fingerprint})
+    return RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                       "config": config})
+
+
+@pytest.fixture()
+def site(tmp_path: Path, heart_files: dict[str, Path], heart_schema_path: Path) -> SiteConfig:
+    return SiteConfig("cleveland", str(heart_files["cleveland"]), str(heart_schema_path),
+                      epsilon=3.0, state_dir=str(tmp_path / "state"))
+
+
+# ------------------------------------------------------------ 1. noise from public values
+
+
+def test_replaying_a_round_from_public_inputs_does_not_reproduce_the_reply(
+    site: SiteConfig, heart_schema: Schema
+) -> None:
+    """The coordinator replays the site's round on the true table (it knows the seed,
+    the round, the site's name and the model it sent) and compares with the reply: a
+    bit-identical replay would tell neighbouring tables apart with certainty and give
+    the count release's noise away. Two identical calls must not agree either."""
+    fp = schema_fingerprint(heart_schema)
+    initial = _initial(heart_schema)
+    plain = SiteConfig(site.name, site.data_path, site.schema_path, epsilon=3.0)
+    reply = train_site(plain, PLAN, fp, initial, SiteState(), 1)
+    replay = train_site(plain, PLAN, fp, initial, SiteState(), 1)
+    assert reply.status == replay.status == TRAINED
+    assert reply.arrays is not None and replay.arrays is not None
+    # the outcome histogram the site released (its cond.freq buffer) and its DP count
+    freq = [k for k in reply.arrays if k.endswith("freq")]
+    assert freq, "the TVAE carries the released histogram"
+    assert not np.array_equal(reply.arrays[freq[0]], replay.arrays[freq[0]])
+    assert reply.metrics["num-examples"] != replay.metrics["num-examples"] or not np.array_equal(
+        reply.arrays[freq[0]], replay.arrays[freq[0]])
+    differs = [k for k in reply.arrays if not np.array_equal(reply.arrays[k], replay.arrays[k])]
+    assert len(differs) > len(reply.arrays) // 2  # the weights too, not only the buffer
+    # the released frequencies are not the exact ones the coordinator would solve for
+    exact = read_table(site.data_path, heart_schema)["num"].value_counts(normalize=True)
+    released = reply.arrays[freq[0]].ravel()
+    assert not np.allclose(np.sort(released), np.sort(exact.to_numpy()), atol=1e-9)
+
+
+def test_reproducible_noise_is_identical_labelled_and_refused_on_a_real_node(
+    site: SiteConfig, heart_schema: Schema, tmp_path: Path
+) -> None:
+    """The test-only option repeats the draws, says so in every reply, and a deployed
+    ClientApp and preflight refuse it."""
+    fp = schema_fingerprint(heart_schema)
+    initial = _initial(heart_schema)
+    seeded = SiteConfig(site.name, site.data_path, site.schema_path, reproducible_noise_seed=5)
+    one = train_site(seeded, PLAN, fp, initial, SiteState(), 1)
+    two = train_site(seeded, PLAN, fp, initial, SiteState(), 1)
+    assert one.arrays is not None and two.arrays is not None
+    assert all(np.array_equal(one.arrays[k], two.arrays[k]) for k in one.arrays)
+    assert one.metrics["reproducible-noise"] == 1.0
+    assert one.metrics["num-examples"] == two.metrics["num-examples"]
+    # the next round draws new noise, still reproducibly
+    three = train_site(seeded, PLAN, fp, initial, SiteState(), 2)
+    assert three.arrays is not None
+    assert not all(np.array_equal(one.arrays[k], three.arrays[k]) for k in one.arrays)
+
+    deployed = SiteConfig(site.name, site.data_path, site.schema_path, state_dir=site.state_dir,
+                          reproducible_noise_seed=5)
+    with pytest.raises(ConfigError, match="reproducible-noise-seed"):
+        _send(deployed, _train_message(PLAN, initial, 1, fp), "train")
+    report = run_preflight(PreflightInput(node=deployed.to_dict(), superlink="", insecure=True))
+    assert any("reproducible-noise-seed" in p for p in report.problems)
+
+
+def test_published_summary_holds_no_exact_statistic_of_private_rows(
+    tmp_path: Path, heart_schema: Schema
+) -> None:
+    """The coordinator (or anyone) reads the summary.json a study may publish and looks
+    for every site's exact row count and outcome histogram cell: none may be there."""
+    from fedsynth.simulations.simulate import SimulationOptions, simulate
+
+    out = tmp_path / "study"
+    opts = SimulationOptions(
+        sites=("cleveland", "switzerland"),
+        study=StudyConfig(num_server_rounds=2, local_epochs=1, generator_params=TINY,
+                          output_dir=str(out), n_synthetic=300),
+    )
+    simulate(opts)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["privacy"].startswith("DP release")
+    exact: set[float] = set()
+    for part in ("site-cleveland", "site-switzerland", "holdout", "train"):
+        frame = read_table(out / "real" / f"{part}.csv", heart_schema)
+        exact.add(float(len(frame)))
+        exact |= {float(v) for v in frame["num"].value_counts()}
+    numbers = _numbers(summary)
+    leaked = sorted(exact & {float(v) for v in numbers if v >= 10})
+    # a DP count may equal an exact one by chance (noise std 10); every site's and
+    # every total's exact count would not
+    assert len(leaked) <= 1, leaked
+    assert "rows" not in summary and "validation" not in summary
+    assert "train-seconds" not in json.dumps(summary)
+    local = json.loads((out / "validation.json").read_text())
+    assert local["rows"]["train"] + local["rows"]["holdout"] == 303 + 123
+
+
+def _numbers(value: Any) -> list[float]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int | float):
+        return [float(value)] if math.isfinite(value) else []
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _numbers(v)]
+    if isinstance(value, list):
+        return [x for v in value for x in _numbers(v)]
+    return []
+
+
+# ------------------------------------------------------------- 2. a new study id, a new budget
+
+
+def test_new_study_ids_do_not_reset_the_tables_budget(
+    site: SiteConfig, heart_schema: Schema
+) -> None:
+    """Studies A, B, C on the same rows: the budget is the table's, for all of them."""
+    fp = schema_fingerprint(heart_schema)
+    spent: list[float] = []
+    statuses: list[str] = []
+    for study_id in ("A", "B", "C"):
+        study = StudyConfig(**{**PLAN.__dict__, "study_id": study_id})
+        initial = _initial(heart_schema, study)
+        for r in range(1, study.num_server_rounds + 1):
+            reply = _send(site, _train_message(study, initial, r, fp), "train")
+            statuses.append(str(dict(reply["site"])["status"]))
+            spent.append(float(dict(reply["metrics"])["epsilon"]))
+    assert statuses[:3] == [TRAINED] * 3
+    assert BUDGET_EXHAUSTED in statuses[3:]  # B or C hits what A left
+    assert max(spent) <= site.epsilon * (1 + 1e-9)
+    assert spent == sorted(spent)  # one ledger: it only grows, across studies
+
+
+def test_a_deployed_site_without_state_dir_refuses_to_train(
+    site: SiteConfig, heart_schema: Schema
+) -> None:
+    no_state = SiteConfig(site.name, site.data_path, site.schema_path)
+    message = _train_message(PLAN, _initial(heart_schema), 1, schema_fingerprint(heart_schema))
+    with pytest.raises(ConfigError, match="state-dir"):
+        _send(no_state, message, "train")
+
+
+# ---------------------------------------------------------------- 3. switching encryption off
+
+
+def test_an_encryption_ready_site_refuses_a_round_in_clear(
+    site: SiteConfig, heart_schema: Schema, tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    from fedsynth.common.encryption import create_study_keys, generate_site_keypair
+
+    keys = tmp_path / "keys"
+    generate_site_keypair(keys / "cleveland")
+    made = create_study_keys("attack", keys / "cleveland", {"cleveland": keys / "cleveland"},
+                             keys / "coordinator")
+    ready = replace(site, key_dir=str(keys / "cleveland"),
+                    holder_public_key=str(made.holder_public_key_path),
+                    wrapped_context=str(made.wrapped["cleveland"]))
+    clear = StudyConfig(**{**PLAN.__dict__, "secure_aggregation": "none"})
+    reply = _send(ready, _train_message(clear, _initial(heart_schema), 1,
+                                        schema_fingerprint(heart_schema)), "train")
+    assert dict(reply["site"])["status"] == ENCRYPTION_REQUIRED
+    assert "arrays" not in reply
+    assert "num-examples" not in dict(reply["metrics"])
+    assert dict(reply["metrics"])["epsilon"] == 0.0  # nothing was spent
+
+
+# ----------------------------------------------------------- 4. federated validation as oracle
+
+
+def _evaluate_message(study: StudyConfig, schema: Schema, arrays: dict[str, np.ndarray] | None,
+                      rows: int, extra: dict[str, Any] | None = None) -> RecordDict:
+    config = {**study.to_flat(), "schema-fingerprint": schema_fingerprint(schema),
+              ROWS_KEY: rows, SEED_KEY: 1, **(extra or {})}
+    content = RecordDict({"config": ConfigRecord(config)})
+    if arrays is not None:
+        content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    return content
+
+
+def test_federated_validation_scores_no_crafted_table_and_answers_once(
+    site: SiteConfig, heart_schema: Schema
+) -> None:
+    """The coordinator sends a crafted two-row table (on the old code a TVD revealed
+    an exact category count), then asks the membership screen about a real record, then
+    asks twice: the site scores only the released model's own sample, once."""
+    from dataclasses import replace
+
+    opted = replace(site, validation_scores="all")
+    real = read_table(site.data_path, heart_schema)
+    crafted = pd.concat([real.iloc[:1], real.iloc[:1]], ignore_index=True)
+    attack = _evaluate_message(PLAN, heart_schema, None, 2,
+                               {"synthetic-csv": crafted.to_csv(index=False)})
+    reply = _send(opted, attack, "evaluate")
+    assert dict(reply["site"])["status"] != "evaluated"
+    assert not any(k.startswith(("tvd", "ks", "exact_copies")) for k in dict(reply["metrics"]))
+
+    too_small = _send(opted, _evaluate_message(PLAN, heart_schema, _initial(heart_schema), 2),
+                      "evaluate")
+    assert dict(too_small["site"])["status"] != "evaluated"
+
+    honest = _send(opted, _evaluate_message(PLAN, heart_schema, _initial(heart_schema), 300),
+                   "evaluate")
+    assert dict(honest["site"])["status"] == "evaluated"
+    scores = dict(honest["metrics"])
+    # in clear the site cannot check the model is the release: no per-patient screens
+    assert "exact_copies" not in scores and "dcr_min" not in scores
+    again = _send(opted, _evaluate_message(PLAN, heart_schema, _initial(heart_schema), 300),
+                  "evaluate")
+    assert dict(again["site"])["status"] == "already-validated"
+    assert not (set(dict(again["metrics"])) - {"epsilon", "delta", "epsilon-budget",
+                                               "reproducible-noise"})
+
+
+def test_encrypted_validation_refuses_a_model_that_is_not_the_release(
+    site: SiteConfig, heart_schema: Schema, tmp_path: Path
+) -> None:
+    """Under CKKS the site checks the model against the one it decrypted at release: a
+    crafted model (here the untrained one) is refused."""
+    from dataclasses import replace
+
+    from fedsynth.client.site import released_model_path
+
+    encrypted = StudyConfig(**{**PLAN.__dict__, "secure_aggregation": "ckks",
+                               "public_context": "unused"})
+    opted = replace(site, validation_scores="quality")
+    reply = _send(opted, _evaluate_message(encrypted, heart_schema, _initial(heart_schema), 300),
+                  "evaluate")
+    assert dict(reply["site"])["status"] == "not-the-release"
+    released = _initial(heart_schema)
+    released = {k: v + 0.5 if v.dtype.kind == "f" else v for k, v in released.items()}
+    path = released_model_path(site, encrypted.study_id)
+    assert path is not None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **released)
+    crafted = _send(opted, _evaluate_message(encrypted, heart_schema, _initial(heart_schema),
+                                             300), "evaluate")
+    assert dict(crafted["site"])["status"] == "not-the-release"
+    genuine = _send(opted, _evaluate_message(encrypted, heart_schema, released, 300), "evaluate")
+    assert dict(genuine["site"])["status"] == "evaluated"
+
+
+# -------------------------------------------------------------- 5. counts in table problems
+
+
+def test_table_problems_reach_the_coordinator_without_counts(
+    tmp_path: Path, heart_files: dict[str, Path], heart_schema_path: Path, heart_schema: Schema
+) -> None:
+    """One patient's age out of the domain: the coordinator learns which column and what
+    kind of problem, not how many values (on the old code: '1 value(s) outside ...')."""
+    lines = Path(heart_files["cleveland"]).read_text().splitlines()
+    fields = lines[0].split(",")
+    fields[0] = "250"  # age
+    lines[0] = ",".join(fields)
+    bad = tmp_path / "cleveland.csv"
+    bad.write_text("\n".join(lines) + "\n")
+    site = SiteConfig("cleveland", str(bad), str(heart_schema_path),
+                      state_dir=str(tmp_path / "state"))
+    reply = _send(site, _train_message(PLAN, _initial(heart_schema), 1,
+                                       schema_fingerprint(heart_schema)), "train")
+    info = dict(reply["site"])
+    assert info["status"] == INVALID_DATA
+    problems = [str(p) for p in info["problems"]]
+    assert any("'age'" in p and "outside" in p for p in problems)
+    assert not any(ch.isdigit() for p in problems for ch in p.split("[")[0]), problems
+
+
+# -------------------------------------------------------------------- 6. timing in replies
+
+
+def test_reply_metrics_do_not_track_the_row_count(
+    tmp_path: Path, heart_files: dict[str, Path], heart_schema_path: Path, heart_schema: Schema
+) -> None:
+    """The same site with 303 and with 3,030 rows: every metric it sends in clear is a DP
+    release or a public figure; no timing (0.76 s against 3.2 s on the old code)."""
+    fp = schema_fingerprint(heart_schema)
+    text = Path(heart_files["cleveland"]).read_text()
+    big = tmp_path / "big.csv"
+    big.write_text(text * 10)
+    keys = []
+    for path in (heart_files["cleveland"], big):
+        site = SiteConfig("cleveland", str(path), str(heart_schema_path), epsilon=3.0)
+        reply = train_site(site, PLAN, fp, _initial(heart_schema), SiteState(), 1)
+        assert reply.status == TRAINED
+        keys.append(set(reply.metrics))
+    documented = {"num-examples", "loss", "steps", "noise-multiplier", "epsilon", "delta",
+                  "epsilon-budget", "reproducible-noise"}
+    assert keys[0] == keys[1] == documented
+
+
+# ------------------------------------------------------------ the release, asked again
+
+
+def test_the_final_release_is_answered_once(
+    site: SiteConfig, heart_schema: Schema, tmp_path: Path
+) -> None:
+    """A coordinator that asks again for the decrypted final model could average the
+    flooding noise away: the second request is refused."""
+    from dataclasses import replace
+
+    from fedsynth.client.secure import AGGREGATE, CKKS_RECORD, LAYOUT, RELEASE, model_layout
+    from fedsynth.common.encryption import (
+        create_study_keys,
+        encrypt_weighted_update,
+        generate_site_keypair,
+        unwrap_secret_context,
+    )
+
+    keys = tmp_path / "keys"
+    generate_site_keypair(keys / "cleveland")
+    made = create_study_keys("attack", keys / "cleveland", {"cleveland": keys / "cleveland"},
+                             keys / "coordinator")
+    ready = replace(site, key_dir=str(keys / "cleveland"),
+                    holder_public_key=str(made.holder_public_key_path),
+                    wrapped_context=str(made.wrapped["cleveland"]))
+    study = StudyConfig(**{**PLAN.__dict__, "secure_aggregation": "ckks",
+                           "public_context": str(made.public_context_path)})
+    ctx = unwrap_secret_context("attack", ready.key_dir, ready.holder_public_key,
+                                ready.wrapped_context)
+    layout = model_layout(heart_schema, study)
+    update = encrypt_weighted_update(ctx, _initial(heart_schema), 250.0, layout=layout)
+    config = ConfigRecord({**study.to_flat(), RELEASE: True,
+                           "schema-fingerprint": schema_fingerprint(heart_schema)})
+    content = RecordDict({"config": config,
+                          CKKS_RECORD: ConfigRecord({AGGREGATE: update.chunks,
+                                                     LAYOUT: layout.to_json()})})
+    first = _send(ready, content, "query")
+    assert dict(first["site"])["status"] == "released" and "arrays" in first
+    second = _send(ready, content, "query")
+    assert dict(second["site"])["status"] == "already-released" and "arrays" not in second
