@@ -13,9 +13,9 @@ after the sites trained a round but before it checkpointed it, then resumed.
 from __future__ import annotations
 
 import json
-import shutil
 import logging
 import math
+import shutil
 import subprocess
 import time
 from collections.abc import Iterable, Iterator
