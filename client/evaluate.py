@@ -34,6 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from ..common.errors import FedsynthError
 from ..common.generators import get_generator
 from ..common.schema import Schema
 from ..common.study import SiteConfig, StudyConfig
@@ -63,7 +64,7 @@ ALREADY_VALIDATED = "already-validated"
 NOT_THE_RELEASE = "not-the-release"
 
 
-class SyntheticTableError(ValueError):
+class SyntheticTableError(FedsynthError, ValueError):
     """The synthetic table the coordinator sent cannot be scored against the schema."""
 
 

@@ -38,11 +38,11 @@ from ..common.privacy import (
     DPSettings,
     PrivacyLedger,
     RoundPlan,
-    calibrate_noise,
     dp_loss_report,
     round_cost,
     train_round,
 )
+from ..common.privacy.plan import PrivacyPlan
 from ..common.privacy.randomness import DPRandomness
 from ..common.schema import Schema, SchemaError
 from ..common.study import SiteConfig, StudyConfig, schema_fingerprint
@@ -236,30 +236,18 @@ def noise_for(site: SiteConfig, study: StudyConfig, prior: PrivacyLedger | None 
     if site.noise_multiplier is not None:
         return site.noise_multiplier
     return _calibrated(
+        PrivacyPlan.from_study(study),
         site.epsilon,
         site.delta,
-        RoundPlan(study.sample_rate, study.local_epochs, study.loss_report),
-        study.num_server_rounds,
-        study.count_noise,
-        study.accountant,
         tuple(prior.history) if prior is not None else (),
     )
 
 
 @functools.lru_cache(maxsize=64)
 def _calibrated(
-    epsilon: float,
-    delta: float,
-    plan: RoundPlan,
-    rounds: int,
-    count_noise: float,
-    mech: str,
-    prior: tuple[tuple[float, float, int], ...] = (),
+    plan: PrivacyPlan, epsilon: float, delta: float, prior: tuple[tuple[float, float, int], ...]
 ) -> float:
-    return calibrate_noise(
-        epsilon, delta, plan, rounds=rounds, count_noise=count_noise, mechanism=mech,
-        prior=prior,
-    )
+    return plan.noise_for(epsilon, delta, prior)
 
 
 def status_metrics(site: SiteConfig, state: SiteState) -> dict[str, float]:

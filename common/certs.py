@@ -48,6 +48,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .errors import FedsynthError
 from .secret_files import ensure_dir, write_private
 
 CURVE = ec.SECP384R1
@@ -69,7 +70,7 @@ _SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _CLOCK_SKEW = dt.timedelta(minutes=5)
 
 
-class CertError(Exception):
+class CertError(FedsynthError):
     """A problem with certificate or key files, stated with the file and the remedy."""
 
 

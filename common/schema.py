@@ -57,6 +57,8 @@ from typing import Any
 
 import yaml
 
+from .errors import FedsynthError
+
 NUMERIC_KINDS = ("continuous", "integer", "survival_time")
 CATEGORICAL_KINDS = ("categorical", "binary")
 # "codeset" is declared once in a schema file and expands into one binary column per
@@ -64,7 +66,7 @@ CATEGORICAL_KINDS = ("categorical", "binary")
 KINDS = NUMERIC_KINDS + CATEGORICAL_KINDS + ("codeset",)
 
 
-class SchemaError(ValueError):
+class SchemaError(FedsynthError, ValueError):
     """The schema file itself is wrong; raised with every problem found in it."""
 
 

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .errors import FedsynthError
 from .privacy.randomness import DPRandomness
 from .schema import Schema
 
@@ -39,7 +40,7 @@ NONLINEAR_STRATEGIES: dict[str, str] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(FedsynthError, ValueError):
     """A run or node config value is wrong; the message names the key."""
 
 

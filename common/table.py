@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .errors import FedsynthError
 from .schema import Column, Schema
 
 MAX_EXAMPLES = 5
@@ -37,7 +38,7 @@ class Problem:
         return f"{self.summary}: {self.detail}" if self.detail else self.summary
 
 
-class TableCheckError(ValueError):
+class TableCheckError(FedsynthError, ValueError):
     """A site's table does not match the schema; carries every problem found."""
 
     def __init__(self, path: str | Path, schema_name: str, problems: list[Problem]) -> None:

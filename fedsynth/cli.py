@@ -23,11 +23,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from .common.generators import DEFAULT_GENERATOR, REGISTRY, ConditionError, ModelFileError
-from .common.schema import SchemaError
+from .common.errors import FedsynthError
+from .common.generators import DEFAULT_GENERATOR, REGISTRY
 from .common.study import ConfigError, StudyConfig
-from .common.table import TableCheckError
-from .server.app import StudyFailed
 
 EXIT_USAGE = 2
 
@@ -314,16 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return handlers[args.command](args, console)
-    except (
-        StudyFailed,
-        TableCheckError,
-        SchemaError,
-        ConfigError,
-        ModelFileError,
-        ConditionError,
-        FileExistsError,
-        json.JSONDecodeError,
-    ) as exc:
+    except (FedsynthError, FileExistsError, json.JSONDecodeError) as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         return EXIT_USAGE
 

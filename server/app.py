@@ -32,6 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..client.secure import RELEASED
 from ..common.encryption import KeySetupError, StateLayout, load_public_context
+from ..common.errors import FedsynthError
 from ..common.generators import Generator, ModelFileError, get_generator
 from ..common.privacy.randomness import NOT_A_DP_RELEASE
 from ..common.schema import Schema
@@ -61,7 +62,7 @@ MOMENTUM = "momentum.npz"
 SUMMARY = "summary.json"
 
 
-class StudyFailed(RuntimeError):
+class StudyFailed(FedsynthError, RuntimeError):
     """The study produced no trained model; the summary says what each site replied."""
 
 

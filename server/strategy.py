@@ -23,6 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 
+from ..common.privacy.plan import steps_per_round
 from .optimizer import ServerMomentum
 
 log = logging.getLogger("fedsynth.coordinator")
@@ -381,7 +382,7 @@ def update_bounds(
 ) -> dict[str, float]:
     """Per state-dict key, the largest change of one coordinate an honest round can make.
 
-    A round is ``local_epochs`` passes of ``ceil(1 / sample_rate)`` Poisson batches; each
+    A round is ``local_epochs`` passes of ``int(1 / sample_rate)`` Poisson batches; each
     batch is one step of every optimizer the generator uses (``g_steps`` generator steps
     for a GAN). A trained parameter moves by at most ``ADAM_STEP_FACTOR`` times the
     largest learning rate in the generator's settings per step. Buffers are not trained
@@ -390,7 +391,7 @@ def update_bounds(
     """
     rates = [float(v) for k, v in hparams.items()
              if (k == "lr" or k.endswith("_lr")) and isinstance(v, int | float)]
-    steps = local_epochs * math.ceil(1.0 / sample_rate) * max(1, int(hparams.get("g_steps", 1)))
+    steps = steps_per_round(sample_rate, local_epochs) * max(1, int(hparams.get("g_steps", 1)))
     trained = max(1e-12, ADAM_STEP_FACTOR * max(rates, default=1e-3) * steps)
     bounds: dict[str, float] = {}
     for prefix, net in networks.items():

@@ -68,6 +68,7 @@ from ..common.certs import (
     create_study_certs,
     generate_site_auth_keys,
 )
+from ..common.errors import FedsynthError
 from ..common.study import StudyConfig
 
 CONNECTION = "fedsynth-local"
@@ -77,7 +78,7 @@ OUTPUTS = ("model.fsg", "synthetic.csv", "summary.json")
 ACTIVATION_REFUSED = "Failed to activate SuperNode"
 
 
-class DeploymentError(RuntimeError):
+class DeploymentError(FedsynthError, RuntimeError):
     """A Flower process failed to start, or a command failed; carries its log's tail."""
 
 

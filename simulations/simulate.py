@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..common.generators import get_generator
+from ..common.privacy.plan import PrivacyPlan
 from ..common.schema import Schema
 from ..common.study import ConfigError, SiteConfig, StudyConfig
 from ..common.table import read_table
@@ -191,6 +192,20 @@ class _RoundPrinter:
         self.progress.advance(self.task)
 
 
+def check_budgets(opts: SimulationOptions) -> None:
+    """Every simulated site's budget against the study's privacy plan, before anything
+    runs: an infeasible budget is one message with the smallest feasible epsilon."""
+    if not opts.dp:
+        return
+    plan = PrivacyPlan.from_study(opts.study)
+    budgets = {"every site": opts.epsilon} | {f"site {k}": v for k, v in
+                                              opts.site_epsilon.items()}
+    for who, eps in budgets.items():
+        if who == "every site" and opts.site_noise:
+            continue  # sites that fix their noise are capped by rounds, not calibrated
+        plan.check(eps, opts.delta, who=who)
+
+
 def check_generator(opts: SimulationOptions) -> None:
     """Build the study's generator once, so that a wrong name or hyperparameter is one
     clear message before any file is written, not a traceback from inside a site."""
@@ -215,6 +230,7 @@ def simulate(opts: SimulationOptions, console: Console | None = None) -> dict[st
     console = console or Console()
     _quiet_logs(opts.verbose)
     check_generator(opts)  # before anything is written or cleared
+    check_budgets(opts)
     out = Path(opts.study.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

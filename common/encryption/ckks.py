@@ -101,6 +101,8 @@ import tenseal as ts
 # parameter checks read; without it TenSEAL cannot convert them to Python.
 from tenseal import sealapi
 
+from ..errors import FedsynthError
+
 POLY_MODULUS_DEGREE = 8192
 SLOTS_PER_CIPHERTEXT = POLY_MODULUS_DEGREE // 2
 COEFF_MOD_BIT_SIZES: tuple[int, ...] = (60, 60)
@@ -118,11 +120,11 @@ _MIN_COUNT_FRACTION = 1e-9
 _DECRYPT_LIMIT = MAX_SUMMANDS * MAX_ABS_VALUE * 1.001
 
 
-class EncryptionContextError(ValueError):
+class EncryptionContextError(FedsynthError, ValueError):
     """A serialized context that is not a fedsynth CKKS context, or the wrong kind of one."""
 
 
-class EncryptedUpdateError(ValueError):
+class EncryptedUpdateError(FedsynthError, ValueError):
     """Ciphertexts that do not belong to the expected model: refuse the reply or aggregate."""
 
 

@@ -58,6 +58,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from ..errors import FedsynthError
 from ..secret_files import ensure_dir, write_private
 from .ckks import (
     COEFF_MOD_BIT_SIZES,
@@ -95,7 +96,7 @@ _SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _STUDY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
-class KeySetupError(Exception):
+class KeySetupError(FedsynthError):
     """A key file problem, stated with the file and what to do about it."""
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import UnknownGeneratorError
 from .base import ConditionError, Generator, ModelFileError
 from .ctgan import CTGAN
 from .diffusion import TabDDPM
@@ -16,7 +17,7 @@ def get_generator(name: str) -> type[Generator]:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise ValueError(
+        raise UnknownGeneratorError(
             f"unknown generator {name!r}; choose one of {', '.join(sorted(REGISTRY))}"
         ) from None
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..encoding import TabularEncoder
+from ..errors import FedsynthError
 from ..privacy.randomness import NOT_A_DP_RELEASE
 from ..schema import Schema
 from ..table import _match_category
@@ -33,11 +34,11 @@ from ..table import _match_category
 FORMAT_VERSION = 1
 
 
-class ModelFileError(ValueError):
+class ModelFileError(FedsynthError, ValueError):
     """A saved generator cannot be loaded; the message says why and what to do."""
 
 
-class ConditionError(ValueError):
+class ConditionError(FedsynthError, ValueError):
     """A sampling condition cannot be met under the schema, or by the model."""
 
 
@@ -153,6 +154,7 @@ class Generator(ABC):
         delta: float = 1e-5,
         max_grad_norm: float = 1.0,
         count_noise: float = 10.0,
+        accountant: str = "rdp",
         reproducible_noise_seed: int | None = None,
     ) -> Generator:
         """Train centrally on a typed frame, with DP when ``epsilon`` is given.
@@ -167,7 +169,8 @@ class Generator(ABC):
         per cell under DP, exact without), and the training noise is calibrated so that
         histogram and training together stay within ``epsilon`` in one ledger.
         """
-        from ..privacy import DPSettings, PrivacyLedger, RoundPlan, calibrate_noise, train_round
+        from ..privacy import DPSettings, PrivacyLedger, train_round
+        from ..privacy.plan import PrivacyPlan
         from ..privacy.randomness import DPRandomness
 
         rand = (
@@ -180,11 +183,13 @@ class Generator(ABC):
         dp = None
         ledger = None
         if epsilon is not None:
-            plan = RoundPlan(sample_rate=sample_rate, epochs=epochs, loss_report=False)
-            sigma = calibrate_noise(epsilon, delta, plan, rounds=1,
-                                    count_noise=count_noise if released else None)
+            plan = PrivacyPlan(sample_rate=sample_rate, local_epochs=epochs, rounds=1,
+                               loss_report=False, count_noise=count_noise if released else None,
+                               accountant=accountant)
+            plan.check(epsilon, delta, who="this fit")
+            sigma = plan.noise_for(epsilon, delta)
             dp = DPSettings(noise_multiplier=sigma, max_grad_norm=max_grad_norm)
-            ledger = PrivacyLedger()
+            ledger = PrivacyLedger(accountant)
         if released:
             noise = count_noise if epsilon is not None else None
             self.set_statistics(

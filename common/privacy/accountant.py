@@ -28,6 +28,8 @@ from typing import Any
 
 from opacus.accountants import create_accountant
 
+from ..errors import BudgetError
+
 ACCOUNTANTS = ("rdp", "prv")
 Release = tuple[float, float, int]  # (noise multiplier, sample rate, count)
 
@@ -106,6 +108,7 @@ class RoundPlan:
 
     @property
     def steps(self) -> int:
+        """``epochs * int(1 / q)``: the number of batches Opacus' Poisson sampler makes."""
         return self.epochs * int(1.0 / self.sample_rate)
 
 
@@ -153,7 +156,7 @@ def calibrate_noise(
     budget is the lifetime budget of its table, so a second study gets what is left.
     """
     if target_epsilon <= 0 or not math.isfinite(target_epsilon):
-        raise ValueError("epsilon must be a positive number")
+        raise BudgetError("epsilon must be a positive number")
 
     def eps(sigma: float) -> float:
         led = PrivacyLedger(mechanism, [tuple(h) for h in prior])  # type: ignore[misc]
@@ -169,7 +172,7 @@ def calibrate_noise(
         if floor >= target_epsilon:
             what = "earlier studies and this study's count release" if prior else (
                 "the count release alone")
-            raise ValueError(
+            raise BudgetError(
                 f"{what} cost epsilon {floor:.3f}, more than the budget "
                 f"{target_epsilon}; raise the budget or the count noise"
             )
@@ -177,7 +180,7 @@ def calibrate_noise(
     while eps(hi) > target_epsilon:
         lo, hi = hi, hi * 2
         if hi > 1e4:
-            raise ValueError(
+            raise BudgetError(
                 f"no noise level reaches epsilon {target_epsilon} with this plan; "
                 "use fewer rounds or epochs, or a lower sample rate"
             )

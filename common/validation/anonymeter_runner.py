@@ -32,6 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..errors import FedsynthError
 from .context import Context
 from .metric import MetricValue, metric
 
@@ -46,7 +47,7 @@ RISK_THRESHOLD = 0.10
 TIMEOUT_S = 600
 
 
-class AnonymeterError(RuntimeError):
+class AnonymeterError(FedsynthError, RuntimeError):
     """The anonymeter process failed; the message carries its stderr."""
 
 
