@@ -115,3 +115,41 @@ def test_ledger_record_round_trip() -> None:
     led.record(10.0, 1.0, 1)
     assert led.history == [(1.1, 0.1, 10), (10.0, 1.0, 1)]
     assert PrivacyLedger.from_record(led.to_record()).history == led.history
+
+
+# -- the one privacy plan ----------------------------------------------------------------
+
+
+def test_an_infeasible_budget_fails_before_anything_runs(tmp_path) -> None:
+    """--epsilon 0.2 at the defaults: one message with the smallest feasible epsilon,
+    a non-zero exit and no output folder."""
+    from fedsynth.cli import main
+    from fedsynth.common.errors import BudgetError
+    from fedsynth.common.privacy.plan import PrivacyPlan
+    from fedsynth.common.study import StudyConfig
+
+    plan = PrivacyPlan.from_study(StudyConfig())
+    smallest = plan.smallest_epsilon(1e-5)
+    assert plan.floor_epsilon(1e-5) == pytest.approx(0.375, abs=0.01)
+    assert plan.floor_epsilon(1e-5) <= smallest
+    with pytest.raises(BudgetError, match=f"smallest feasible epsilon is {smallest:.3f}"):
+        plan.check(0.2, 1e-5)
+    plan.check(smallest * 1.05, 1e-5)  # just above it: feasible, with a lot of noise
+    sigma = plan.noise_for(smallest * 1.05, 1e-5)
+    assert plan.ledger(sigma).epsilon(1e-5) <= smallest * 1.05
+    out = tmp_path / "out"
+    assert main(["simulate", "--epsilon", "0.2", "--out", str(out)]) != 0
+    assert not out.exists()
+
+
+def test_steps_per_round_are_the_samplers_batches(heart_schema, heart_files) -> None:
+    """The accountant, the coordinator's update bounds and Opacus' sampler agree on the
+    number of steps in a round (it was int(1/q) in one place and ceil(1/q) in another)."""
+    from fedsynth.common.privacy.plan import steps_per_round
+    from fedsynth.common.privacy.randomness import DPRandomness
+    from fedsynth.common.privacy.trainer import poisson_loader
+
+    data = np.zeros((303, 3))
+    for q in (1.0, 0.3, 0.1, 0.07):
+        loader = poisson_loader(data, q, DPRandomness.secret().torch("sampler"))
+        assert len(list(loader)) == steps_per_round(q) == RoundPlan(q, 1).steps

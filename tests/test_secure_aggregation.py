@@ -472,7 +472,8 @@ def test_encrypted_simulation_sends_nothing_in_clear(simulation, heart_schema):
     assert not public_ctx.is_private()
     counts = _row_counts(summary, study, heart_schema)
     metric_keys = {
-        "num-examples", "loss", "steps", "noise-multiplier", "epsilon", "delta", "epsilon-budget"
+        "num-examples", "loss", "steps", "noise-multiplier", "epsilon", "delta", "epsilon-budget",
+        "reproducible-noise",
     }
 
     train = [m for m in grid.received if m.metadata.message_type == MessageType.TRAIN]
