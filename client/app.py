@@ -14,8 +14,11 @@ resumed before checkpointing it) gets the site's stored reply, not a second trai
 
 When the study says ``secure-aggregation = "ckks"``, the train handler decrypts the
 relayed aggregate and replies with ciphertexts only (``client/secure.py``); the query
-handler is the end-of-study release. Encryption is the study's choice, so a site never
-falls back to sending weights in clear: without its key files it refuses the round.
+handler is the end-of-study release. A site never falls back to sending weights in
+clear: without its key files it refuses an encrypted round, and with them it refuses
+every round in clear (encryption is the site's decision, not the coordinator's).
+
+Every message's records and keys are those of ``common/protocol.py``.
 """
 
 from __future__ import annotations
@@ -24,27 +27,28 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..common.study import ConfigError, SiteConfig, StudyConfig
-from .evaluate import EVALUATED, ROWS_KEY, SEED_KEY, evaluate_reply, released_table
-from .replay import cached_reply, drop_older_replies, keep_reply, model_digest
-from .secure import (
-    AGGREGATE,
-    CHUNKS,
-    CKKS_RECORD,
-    LAYOUT,
+from ..common.bundled import bundled_sites
+from ..common.protocol import (
+    ARRAYS,
+    CKKS,
+    KIND,
     RELEASE,
-    GlobalModel,
-    release_final,
-    train_encrypted,
-)
-from .site import (
-    ENCRYPTION_REQUIRED,
-    NOT_A_REAL_NODE_SETTING,
-    TRAINED,
+    SCHEMA_FINGERPRINT,
+    QueryKind,
     SiteReply,
+    Status,
+    TrainRequest,
+    ValidationRequest,
+)
+from ..common.study import ConfigError, SiteConfig, StudyConfig
+from .evaluate import evaluate_reply, released_table
+from .replay import cached_reply, drop_older_replies, keep_reply, model_digest
+from .secure import GlobalModel, release_final, train_encrypted
+from .site import (
+    NOT_A_REAL_NODE_SETTING,
     SiteState,
     ledger_path,
     load_site_state,
@@ -64,8 +68,6 @@ def load_sites_file(ref: str) -> list[SiteConfig]:
         )
     path = Path(ref)
     if not path.is_file():
-        from ..simulations.datasets import bundled_sites
-
         return bundled_sites(ref)
     raw = json.loads(path.read_text())
     return [SiteConfig.from_node_config(entry) for entry in raw]
@@ -132,31 +134,123 @@ def _save_state(context: Context, site: SiteConfig, study: StudyConfig, state: S
 
 
 def reply_content(site: SiteConfig, reply: SiteReply) -> RecordDict:
-    content = RecordDict(
-        {
-            "metrics": MetricRecord(reply.metrics),
-            "site": ConfigRecord(
-                {"name": site.name, "status": reply.status, "problems": reply.problems}
-            ),
-        }
-    )
-    if reply.arrays is not None:
-        content["arrays"] = ArrayRecord({k: Array(v) for k, v in reply.arrays.items()})
-    return content
+    return reply.to_content(site.name)
 
 
-def received_model(content: RecordDict) -> GlobalModel:
+def received_model(request: TrainRequest) -> GlobalModel:
     """The starting point a coordinator's message carries in an encrypted study."""
-    ckks = dict(content[CKKS_RECORD]) if CKKS_RECORD in content else {}
-    aggregate = ckks.get(AGGREGATE)
-    layout = ckks.get(LAYOUT)
-    arrays = content.get("arrays")
-    initial = {k: v.numpy() for k, v in arrays.items()} if arrays is not None else None
     return GlobalModel(
-        aggregate=list(aggregate) if isinstance(aggregate, list) else None,
-        layout_json=str(layout) if layout is not None else None,
-        initial=initial or None,
+        aggregate=request.aggregate,
+        layout_json=request.layout,
+        initial=request.arrays or None,
     )
+
+
+def handle_train(msg: Message, context: Context, sites: list[SiteConfig] | None) -> Message:
+    site = resolve_site(context, sites)
+    request = TrainRequest.from_content(msg.content)
+    study = StudyConfig.from_flat(request.config)
+    server_round = request.server_round
+    schema_fp = request.schema_fingerprint
+    state = _load_state(context, site, study)
+    digest = model_digest(msg.content, (ARRAYS, CKKS))
+    cached = cached_reply(site, study.study_id, state, server_round, digest)
+    if cached is not None:
+        return Message(cached, reply_to=msg)
+    if site.requires_encryption and not study.encrypted:
+        # The site's node config decides: a coordinator cannot switch encryption off.
+        reply = SiteReply(
+            Status.ENCRYPTION_REQUIRED,
+            status_metrics(site, state),
+            problems=[
+                "this site is set up for encrypted aggregation (its node config names "
+                "its CKKS keys) and sends nothing in clear; run the study with "
+                "secure-aggregation = 'ckks'"
+            ],
+        )
+        return Message(reply_content(site, reply), reply_to=msg)
+    if study.encrypted:
+        result = train_encrypted(
+            site, study, schema_fp, received_model(request), state, server_round
+        )
+        reply = result.reply
+        if result.ciphertexts is not None:
+            reply.chunks, reply.layout = result.ciphertexts, result.layout_json
+    else:
+        reply = train_site(site, study, schema_fp, request.arrays or {}, state,
+                           server_round)
+    content = reply_content(site, reply)
+    trained = reply.status == Status.TRAINED
+    if trained:  # the reply file first, then the ledger that pays for it
+        keep_reply(site, study.study_id, state, server_round, digest, content)
+    _save_state(context, site, study, state)
+    if trained:
+        drop_older_replies(site, study.study_id, server_round)
+    return Message(content, reply_to=msg)
+
+
+def handle_query(msg: Message, context: Context, sites: list[SiteConfig] | None) -> Message:
+    """The release step of an encrypted study: decrypt, flood, hand over; no training."""
+    site = resolve_site(context, sites)
+    request = TrainRequest.from_content(msg.content)
+    config = request.config
+    study = StudyConfig.from_flat(config)
+    state = _load_state(context, site, study)
+    is_release = config.get(KIND) == QueryKind.RELEASE or config.get(RELEASE) is True
+    if not (is_release and study.encrypted):
+        reply = SiteReply(
+            Status.UNSUPPORTED_QUERY,
+            status_metrics(site, state),
+            problems=["this site answers only the release query of an encrypted study"],
+        )
+    elif state.final_released:
+        # Each answer carries fresh flooding noise: a coordinator allowed to ask again
+        # could average it away and solve for the key. One release per study.
+        reply = SiteReply(
+            Status.ALREADY_RELEASED,
+            status_metrics(site, state),
+            problems=["this site released this study's final model once already"],
+        )
+    else:
+        reply = release_final(
+            site, study, request.schema_fingerprint, received_model(request), state
+        )
+        if reply.arrays is not None:
+            state.final_released = True
+            _save_state(context, site, study, state)
+    return Message(reply_content(site, reply), reply_to=msg)
+
+
+def handle_evaluate(msg: Message, context: Context, sites: list[SiteConfig] | None) -> Message:
+    """Federated validation: score the study's released synthetic table against this
+    site's rows and send back scores only, once per study (``client/evaluate.py``).
+    The count sent with them is the one already released under DP; in an encrypted
+    study, where counts never travel in clear, it stays here."""
+    site = resolve_site(context, sites)
+    request = ValidationRequest.from_content(msg.content)
+    study = StudyConfig.from_flat(request.config)
+    state = _load_state(context, site, study)
+    schema_fp = str(request.config[SCHEMA_FINGERPRINT])
+    table = released_table(
+        site, study, schema_fp, request.arrays, request.rows, request.seed, state
+    )
+    if isinstance(table, SiteReply):
+        return Message(reply_content(site, table), reply_to=msg)
+    if not study.encrypted and site.validation_scores == "all":
+        # In clear the site cannot check the model is the real release: the screens
+        # that hinge on single patients are not sent (docs/privacy.md).
+        site = replace(site, validation_scores="quality")
+    reply = evaluate_reply(
+        site,
+        schema_fp,
+        table.to_csv(index=False),
+        state,
+        send_count=not study.encrypted,
+    )
+    if reply.status == Status.EVALUATED:
+        state.validated = True
+        _save_state(context, site, study, state)
+    return Message(reply_content(site, reply), reply_to=msg)
 
 
 def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
@@ -165,117 +259,15 @@ def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        site = resolve_site(context, sites)
-        config = dict(msg.content["config"])
-        study = StudyConfig.from_flat(config)
-        server_round = int(config.get("server-round", 0))
-        schema_fp = str(config["schema-fingerprint"])
-        state = _load_state(context, site, study)
-        digest = model_digest(msg.content, ("arrays", CKKS_RECORD))
-        cached = cached_reply(site, study.study_id, state, server_round, digest)
-        if cached is not None:
-            return Message(cached, reply_to=msg)
-        if site.requires_encryption and study.secure_aggregation != "ckks":
-            # The site's node config decides: a coordinator cannot switch encryption off.
-            reply = SiteReply(
-                ENCRYPTION_REQUIRED,
-                status_metrics(site, state),
-                problems=[
-                    "this site is set up for encrypted aggregation (its node config names "
-                    "its CKKS keys) and sends nothing in clear; run the study with "
-                    "secure-aggregation = 'ckks'"
-                ],
-            )
-            return Message(reply_content(site, reply), reply_to=msg)
-        if study.secure_aggregation == "ckks":
-            result = train_encrypted(
-                site, study, schema_fp, received_model(msg.content), state, server_round
-            )
-            content = reply_content(site, result.reply)
-            if result.ciphertexts is not None:
-                content[CKKS_RECORD] = ConfigRecord(
-                    {CHUNKS: result.ciphertexts, LAYOUT: result.layout_json}
-                )
-        else:
-            global_state = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-            reply = train_site(site, study, schema_fp, global_state, state, server_round)
-            content = reply_content(site, reply)
-        trained = dict(content["site"]).get("status") == TRAINED
-        if trained:  # the reply file first, then the ledger that pays for it
-            keep_reply(site, study.study_id, state, server_round, digest, content)
-        _save_state(context, site, study, state)
-        if trained:
-            drop_older_replies(site, study.study_id, server_round)
-        return Message(content, reply_to=msg)
+        return handle_train(msg, context, sites)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        """The release step of an encrypted study: decrypt, flood, hand over; no training."""
-        site = resolve_site(context, sites)
-        config = dict(msg.content["config"])
-        study = StudyConfig.from_flat(config)
-        state = _load_state(context, site, study)
-        if not (config.get(RELEASE) is True and study.secure_aggregation == "ckks"):
-            reply = SiteReply(
-                "unsupported-query",
-                status_metrics(site, state),
-                problems=["this site answers only the release query of an encrypted study"],
-            )
-        elif state.final_released:
-            # Each answer carries fresh flooding noise: a coordinator allowed to ask again
-            # could average it away and solve for the key. One release per study.
-            reply = SiteReply(
-                "already-released",
-                status_metrics(site, state),
-                problems=["this site released this study's final model once already"],
-            )
-        else:
-            reply = release_final(
-                site, study, str(config["schema-fingerprint"]), received_model(msg.content), state
-            )
-            if reply.arrays is not None:
-                state.final_released = True
-                _save_state(context, site, study, state)
-        return Message(reply_content(site, reply), reply_to=msg)
+        return handle_query(msg, context, sites)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        """Federated validation: score the study's released synthetic table against this
-        site's rows and send back scores only, once per study (``client/evaluate.py``).
-        The count sent with them is the one already released under DP; in an encrypted
-        study, where counts never travel in clear, it stays here."""
-        site = resolve_site(context, sites)
-        config = dict(msg.content["config"])
-        study = StudyConfig.from_flat(config)
-        state = _load_state(context, site, study)
-        schema_fp = str(config["schema-fingerprint"])
-        arrays = msg.content.get("arrays")
-        table = released_table(
-            site,
-            study,
-            schema_fp,
-            {k: v.numpy() for k, v in arrays.items()} if arrays is not None else None,
-            int(config.get(ROWS_KEY, 0)),
-            int(config.get(SEED_KEY, 0)),
-            state,
-        )
-        if isinstance(table, SiteReply):
-            return Message(reply_content(site, table), reply_to=msg)
-        if study.secure_aggregation != "ckks" and site.validation_scores == "all":
-            # In clear the site cannot check the model is the real release: the screens
-            # that hinge on single patients are not sent (docs/privacy.md).
-            site = replace(site, validation_scores="quality")
-        reply = evaluate_reply(
-            site,
-            schema_fp,
-            table.to_csv(index=False),
-            state,
-            send_count=study.secure_aggregation != "ckks",
-        )
-        if reply.status == EVALUATED:
-            state.validated = True
-            _save_state(context, site, study, state)
-        return Message(reply_content(site, reply), reply_to=msg)
+        return handle_evaluate(msg, context, sites)
 
     return app
 

@@ -36,6 +36,7 @@ import pandas as pd
 
 from ..common.errors import FedsynthError
 from ..common.generators import get_generator
+from ..common.protocol import VALIDATION_ROWS, VALIDATION_SEED, Status
 from ..common.schema import Schema
 from ..common.study import SiteConfig, StudyConfig
 from ..common.table import TableCheckError, read_table
@@ -51,17 +52,16 @@ from .site import (
 
 log = logging.getLogger("fedsynth.site")
 
-#: Config keys of the coordinator's request: the synthetic table's size and sample seed;
-#: the released model travels as the message's "arrays" record.
-ROWS_KEY = "validation-rows"
-SEED_KEY = "validation-seed"
+#: The request's keys and the reply's statuses (common/protocol.py), by their old names.
+ROWS_KEY = VALIDATION_ROWS
+SEED_KEY = VALIDATION_SEED
+EVALUATED = Status.EVALUATED
+INVALID_SYNTHETIC = Status.INVALID_SYNTHETIC
+DECLINED = Status.DECLINED
+ALREADY_VALIDATED = Status.ALREADY_VALIDATED
+NOT_THE_RELEASE = Status.NOT_THE_RELEASE
 #: Fewer rows would let a table stand for a handful of probe records.
 MIN_VALIDATION_ROWS = 200
-EVALUATED = "evaluated"
-INVALID_SYNTHETIC = "invalid-synthetic"
-DECLINED = "declined"
-ALREADY_VALIDATED = "already-validated"
-NOT_THE_RELEASE = "not-the-release"
 
 
 class SyntheticTableError(FedsynthError, ValueError):
@@ -196,7 +196,7 @@ def released_table(
     except (ValueError, KeyError) as exc:
         return SiteReply(INVALID_SYNTHETIC, refuse, problems=[
             f"the model sent for validation is not this study's generator: {exc}"])
-    if study.secure_aggregation == "ckks":
+    if study.encrypted:
         problem = _differs_from_release(site, study.study_id, model.state_dict())
         if problem:
             log.warning("site %s: refused federated validation: %s", site.name, problem)

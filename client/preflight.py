@@ -32,28 +32,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..common.study import NODE_KEYS
+
 ConfigValue = str | int | float | bool
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
 
-# Node config keys a fedsynth SuperNode reads (common/study.py SiteConfig.from_node_config).
-NODE_KEYS = (
-    "data-path",
-    "schema-path",
-    "site-name",
-    "epsilon",
-    "delta",
-    "dp",
-    "state-dir",
-    "noise-multiplier",
-    "key-dir",
-    "holder-public-key",
-    "wrapped-context",
-    "validation-scores",
-    "reproducible-noise-seed",
-)
+# Node config keys a fedsynth SuperNode reads: common/study.py, SiteConfig.
 ENCRYPTION_KEYS = ("key-dir", "holder-public-key", "wrapped-context")
 
 
@@ -491,19 +478,10 @@ def preflight_command(argv: Sequence[str]) -> int:
     except ValueError as exc:
         print(f"fedsynth preflight: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    flags = {
-        "data-path": args.data,
-        "schema-path": args.schema,
-        "site-name": args.site_name,
-        "epsilon": args.epsilon,
-        "delta": args.delta,
-        "noise-multiplier": args.noise_multiplier,
-        "state-dir": args.state_dir,
-        "key-dir": args.key_dir,
-        "holder-public-key": args.holder_public_key,
-        "wrapped-context": args.wrapped_context,
-        "validation-scores": args.validation_scores,
-    }
+    # each node config key has the flag of the same name (--data and --schema aside)
+    renamed = {"data-path": "data", "schema-path": "schema"}
+    flags = {key: getattr(args, renamed.get(key, key).replace("-", "_"), None)
+             for key in NODE_KEYS}
     node.update({k: v for k, v in flags.items() if v is not None})
     inp = PreflightInput(
         node=node,

@@ -56,6 +56,12 @@ from ..common.encryption import (
     unwrap_secret_context,
 )
 from ..common.generators import get_generator
+from ..common.protocol import (
+    CKKS,
+    ENCRYPTED_WEIGHT,
+    NUM_EXAMPLES,
+    Status,
+)
 from ..common.schema import Schema
 from ..common.study import SiteConfig, StudyConfig
 from .site import (
@@ -70,19 +76,12 @@ from .site import (
 
 log = logging.getLogger("fedsynth.site")
 
-# Names on the wire, shared with the coordinator (server/secure.py).
-CKKS_RECORD = "ckks"  # the ConfigRecord that carries ciphertexts, both ways
-CHUNKS = "chunks"  # a site's encrypted update: list of serialized CKKS vectors
-AGGREGATE = "aggregate"  # the coordinator's sum of the accepted updates
-LAYOUT = "layout"  # StateLayout.to_json(): a ConfigRecord cannot hold a nested dict
-AGGREGATE_ROUND = "aggregate-round"  # the round whose replies were summed (0: none)
-RELEASE = "release"  # config flag of the final release query
-ENCRYPTED_WEIGHT = 1.0
-
-NO_KEYS = "no-keys"
-AGGREGATE_REFUSED = "aggregate-refused"
-ENCRYPTION_FAILED = "encryption-failed"
-RELEASED = "released"
+# Names on the wire live in common/protocol.py; these are their old names here.
+CKKS_RECORD = CKKS
+NO_KEYS = Status.NO_KEYS
+AGGREGATE_REFUSED = Status.AGGREGATE_REFUSED
+ENCRYPTION_FAILED = Status.ENCRYPTION_FAILED
+RELEASED = Status.RELEASED
 
 _CONTEXTS: dict[tuple[object, ...], ts.Context] = {}
 
@@ -229,7 +228,7 @@ def train_encrypted(
         return SecureReply(reply)
     try:
         update = encrypt_weighted_update(
-            ctx, reply.arrays, reply.metrics["num-examples"], layout=layout
+            ctx, reply.arrays, reply.metrics[NUM_EXAMPLES], layout=layout
         )
     except ValueError as exc:
         # The detail names a weight's magnitude: it stays in the site's log.
@@ -246,8 +245,8 @@ def train_encrypted(
                 ],
             )
         )
-    public = {k: v for k, v in reply.metrics.items() if k not in ("num-examples", "train-seconds")}
-    public["num-examples"] = ENCRYPTED_WEIGHT
+    public = {k: v for k, v in reply.metrics.items() if k != NUM_EXAMPLES}
+    public[NUM_EXAMPLES] = ENCRYPTED_WEIGHT
     return SecureReply(
         SiteReply(TRAINED, public, problems=reply.problems), update.chunks, layout.to_json()
     )

@@ -44,17 +44,30 @@ from ..common.privacy import (
 )
 from ..common.privacy.plan import PrivacyPlan
 from ..common.privacy.randomness import DPRandomness
+from ..common.protocol import (
+    DELTA,
+    EPSILON,
+    EPSILON_BUDGET,
+    LOSS,
+    NOISE_MULTIPLIER,
+    NUM_EXAMPLES,
+    REPRODUCIBLE_NOISE,
+    STEPS,
+    SiteReply,
+    Status,
+)
 from ..common.schema import Schema, SchemaError
 from ..common.study import SiteConfig, StudyConfig, schema_fingerprint
 from ..common.table import TableCheckError, read_table
 
 log = logging.getLogger("fedsynth.site")
 
-TRAINED = "trained"
-BUDGET_EXHAUSTED = "budget-exhausted"
-INVALID_DATA = "invalid-data"
-SCHEMA_MISMATCH = "schema-mismatch"
-ENCRYPTION_REQUIRED = "encryption-required"
+# The statuses a training reply can have (common/protocol.py), under their old names.
+TRAINED = Status.TRAINED
+BUDGET_EXHAUSTED = Status.BUDGET_EXHAUSTED
+INVALID_DATA = Status.INVALID_DATA
+SCHEMA_MISMATCH = Status.SCHEMA_MISMATCH
+ENCRYPTION_REQUIRED = Status.ENCRYPTION_REQUIRED
 NOT_A_REAL_NODE_SETTING = "not allowed on a real SuperNode"
 
 
@@ -158,14 +171,6 @@ class SiteState:
         os.replace(tmp, path)
 
 
-@dataclass
-class SiteReply:
-    status: str
-    metrics: dict[str, float]
-    arrays: dict[str, np.ndarray] | None = None
-    problems: list[str] = field(default_factory=list)
-
-
 _TABLES: dict[tuple[str, float, str], np.ndarray] = {}
 
 
@@ -259,12 +264,12 @@ def status_metrics(site: SiteConfig, state: SiteState) -> dict[str, float]:
     """
     eps = state.ledger.epsilon(site.delta) if site.dp else -1.0
     return {
-        "epsilon": eps,
-        "delta": site.delta if site.dp else 0.0,
-        "epsilon-budget": site.epsilon if site.dp else -1.0,
+        EPSILON: eps,
+        DELTA: site.delta if site.dp else 0.0,
+        EPSILON_BUDGET: site.epsilon if site.dp else -1.0,
         # 1: this site's noise was replayable (tests, benchmarks): nothing it sent is a
         # DP release, and the coordinator labels every output so.
-        "reproducible-noise": 1.0 if site.reproducible_noise_seed is not None else 0.0,
+        REPRODUCIBLE_NOISE: 1.0 if site.reproducible_noise_seed is not None else 0.0,
     }
 
 
@@ -369,10 +374,10 @@ def train_site(
     count = float(state.noisy_count) if dp is not None else float(len(data))
     # No timing: a round's seconds grow with the row count, and are not charged.
     metrics = {
-        "num-examples": count,
-        "loss": float(loss) if math.isfinite(loss) else -1.0,
-        "steps": float(stats.steps),
-        "noise-multiplier": dp.noise_multiplier if dp else 0.0,
+        NUM_EXAMPLES: count,
+        LOSS: float(loss) if math.isfinite(loss) else -1.0,
+        STEPS: float(stats.steps),
+        NOISE_MULTIPLIER: dp.noise_multiplier if dp else 0.0,
         **status_metrics(site, state),
     }
     return SiteReply(TRAINED, metrics, arrays=model.state_dict())

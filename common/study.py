@@ -16,11 +16,13 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import FedsynthError
-from .privacy.randomness import DPRandomness
 from .schema import Schema
+
+if TYPE_CHECKING:
+    from .privacy.randomness import DPRandomness
 
 STRATEGIES = ("fedavg", "fedprox")
 SECURE_AGGREGATION = ("none", "ckks")
@@ -129,6 +131,11 @@ class StudyConfig:
         if problems:
             raise ConfigError("invalid study config: " + "; ".join(problems))
 
+    @property
+    def encrypted(self) -> bool:
+        """Whether the study aggregates under CKKS (sites send ciphertexts only)."""
+        return self.secure_aggregation == "ckks"
+
     def to_flat(self) -> dict[str, Any]:
         """Kebab-case scalars for a Flower ConfigRecord / run config."""
         out: dict[str, Any] = {}
@@ -219,6 +226,8 @@ class SiteConfig:
         ``context`` (the study and round) only matters in reproducible mode, where it
         makes each round's draws differ; secret draws ignore it.
         """
+        from .privacy.randomness import DPRandomness  # torch: only where DP runs
+
         if self.reproducible_noise_seed is None:
             return DPRandomness.secret()
         return DPRandomness.reproducible(self.reproducible_noise_seed, context)
@@ -258,6 +267,11 @@ class SiteConfig:
                 else None
             ),
         )
+
+
+#: Every node config key a fedsynth SuperNode reads (``SiteConfig.from_node_config``).
+NODE_KEYS = ("site-name", *(f.name.replace("_", "-") for f in fields(SiteConfig)
+                            if f.name != "name"))
 
 
 def check_strategy(strategy: str, secure_aggregation: str = "none") -> str:

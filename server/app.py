@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,23 +30,25 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from ..client.secure import RELEASED
 from ..common.encryption import KeySetupError, StateLayout, load_public_context
 from ..common.errors import FedsynthError
 from ..common.generators import Generator, ModelFileError, get_generator
 from ..common.privacy.randomness import NOT_A_DP_RELEASE
+from ..common.protocol import AGGREGATE_ROUND, SCHEMA_FINGERPRINT, Status
 from ..common.schema import Schema
 from ..common.study import ConfigError, StudyConfig, schema_fingerprint
+from .guards import clear_guards, update_bounds
 from .optimizer import ServerMomentum, buffer_keys, load_velocity, save_velocity
 from .recording import RecordingGrid
+from .rounds import RoundLog, SiteRound
 from .secure import (
     EncryptedCheckpoint,
-    SecureAggregationMixin,
+    SecureAggregation,
     make_secure_strategy,
     read_encrypted_checkpoint,
     write_encrypted_checkpoint,
 )
-from .strategy import RoundLog, SiteAwareMixin, make_strategy, update_bounds
+from .strategy import SiteAware, make_strategy
 from .validation import run_federated_validation, write_federated
 
 log = logging.getLogger("fedsynth.coordinator")
@@ -79,7 +81,7 @@ def resolve_schema(ref: str) -> Schema:
     path = Path(ref)
     if path.is_file():
         return Schema.load(path)
-    from ..simulations.datasets import bundled_schema_path
+    from ..common.bundled import bundled_schema_path
 
     return Schema.load(bundled_schema_path(ref))
 
@@ -89,8 +91,6 @@ def _history_to_json(history: list[RoundLog]) -> list[dict[str, Any]]:
 
 
 def _history_from_json(raw: list[dict[str, Any]]) -> list[RoundLog]:
-    from .strategy import SiteRound
-
     return [
         RoundLog(
             round=r["round"],
@@ -108,63 +108,105 @@ def write_synthetic(model: Generator, path: Path, n: int, seed: int, header: boo
     tmp.replace(path)
 
 
+@dataclass
+class Resumed:
+    """Where a study picks up: rounds done, the log so far, the encrypted sum if any."""
+
+    done: int = 0
+    history: list[RoundLog] = field(default_factory=list)
+    encrypted: EncryptedCheckpoint | None = None
+
+
 def run_study(
     grid: Grid,
     study: StudyConfig,
     schema: Schema,
     on_round: Callable[[RoundLog], None] | None = None,
 ) -> StudyOutcome:
-    """Run (or resume) a study on ``grid`` and write its outputs to ``study.output_dir``."""
+    """Run (or resume) a study on ``grid`` and write its outputs to ``study.output_dir``:
+    resume from the checkpoint, train the remaining rounds, release the final model
+    (an encrypted study's sites decrypt it), publish the model, samples and summary."""
     out = Path(study.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = get_generator(study.generator)(schema, seed=study.seed, **study.generator_params)
-    secure = study.secure_aggregation == "ckks"
-    history: list[RoundLog] = []
-    done = 0
-    ckpt = out / (ENCRYPTED_CHECKPOINT if secure else CHECKPOINT)
-    resumed: EncryptedCheckpoint | None = None
-    if study.resume and ckpt.exists():
-        if secure:
-            resumed = read_encrypted_checkpoint(ckpt)
-            meta = resumed.meta
-        else:
-            meta = Generator.read_meta(ckpt)
-        if meta.get("study-id") != study.study_id:
-            raise ModelFileError(
-                f"checkpoint {ckpt} belongs to study {meta.get('study-id')!r}, not "
-                f"{study.study_id!r}; use another output folder or the matching study id"
-            )
-        if not secure:
-            model = Generator.load(ckpt)
-        done = int(meta["round"])
-        history = _history_from_json(meta.get("history", []))
-        stream.info("resuming study %s after round %d (checkpoint %s)", study.study_id, done,
-                    ckpt)
-    remaining = study.num_server_rounds - done
-    extra = {**study.to_flat(), "schema-fingerprint": schema_fingerprint(schema)}
-    sealed: SecureAggregationMixin | None = None
-    strategy: SiteAwareMixin
-    if secure:
-        strategy = sealed = _secure_strategy(study, model, extra, done, resumed, ckpt)
-    else:
-        strategy = make_strategy(
-            study.strategy,
-            num_sites=0,
-            min_sites=study.min_sites,
-            proximal_mu=study.proximal_mu,
-            extra_config=extra,
-            round_offset=done,
-        )
-    strategy.history = history
-    strategy.on_round = on_round
-    if not secure:
-        strategy.max_update = update_bounds(
-            model.networks(), model.hparams, study.local_epochs, study.sample_rate
-        )
-        strategy.server_opt = _server_step(study, out / MOMENTUM, done)
-        strategy.plain_keys = frozenset(buffer_keys(model.networks()))
+    ckpt = out / (ENCRYPTED_CHECKPOINT if study.encrypted else CHECKPOINT)
+    resumed = resume(study, ckpt, model)
+    strategy = build_strategy(study, schema, model, resumed, out, on_round)
     if study.record_messages:
         grid = RecordingGrid(grid, Path(study.record_messages))
+    start = time.perf_counter()
+    train(grid, study, model, strategy, resumed.done, ckpt, out)
+    secure_summary = None
+    if isinstance(strategy, SecureAggregation):
+        secure_summary = _release(strategy, grid, model, study, ckpt)
+    seconds = time.perf_counter() - start
+    publish(grid, study, schema, model, strategy.history, out, seconds, secure_summary)
+    return StudyOutcome(out, len(strategy.history), strategy.history, seconds)
+
+
+def resume(study: StudyConfig, ckpt: Path, model: Generator) -> Resumed:
+    """The state a resumed study starts from (nothing when it does not resume); a clear
+    study's checkpoint is loaded into ``model``."""
+    if not (study.resume and ckpt.exists()):
+        return Resumed()
+    encrypted = read_encrypted_checkpoint(ckpt) if study.encrypted else None
+    meta = encrypted.meta if encrypted is not None else Generator.read_meta(ckpt)
+    if meta.get("study-id") != study.study_id:
+        raise ModelFileError(
+            f"checkpoint {ckpt} belongs to study {meta.get('study-id')!r}, not "
+            f"{study.study_id!r}; use another output folder or the matching study id"
+        )
+    if encrypted is None:
+        model.load_state_dict(Generator.load(ckpt).state_dict())
+    done = int(meta["round"])
+    stream.info("resuming study %s after round %d (checkpoint %s)", study.study_id, done, ckpt)
+    return Resumed(done, _history_from_json(meta.get("history", [])), encrypted)
+
+
+def build_strategy(
+    study: StudyConfig,
+    schema: Schema,
+    model: Generator,
+    resumed: Resumed,
+    out: Path,
+    on_round: Callable[[RoundLog], None] | None,
+) -> SiteAware | SecureAggregation:
+    """The study's strategy: site-aware FedAvg/FedProx with the guards of a study in
+    clear (shapes, update bound, epsilon) and server momentum, or wrapped for CKKS."""
+    common: dict[str, Any] = {
+        "min_sites": study.min_sites,
+        "proximal_mu": study.proximal_mu,
+        "extra_config": {**study.to_flat(), SCHEMA_FINGERPRINT: schema_fingerprint(schema)},
+        "round_offset": resumed.done,
+        "history": resumed.history,
+        "on_round": on_round,
+    }
+    if study.encrypted:
+        return _secure_strategy(study, model, common, resumed.encrypted, out)
+    bounds = update_bounds(model.networks(), model.hparams, study.local_epochs,
+                           study.sample_rate)
+    return make_strategy(
+        study.strategy,
+        guards=clear_guards(bounds),
+        server_optimizer=_server_step(study, out / MOMENTUM, resumed.done),
+        plain_keys=frozenset(buffer_keys(model.networks())),
+        **common,
+    )
+
+
+def train(
+    grid: Grid,
+    study: StudyConfig,
+    model: Generator,
+    strategy: SiteAware | SecureAggregation,
+    done: int,
+    ckpt: Path,
+    out: Path,
+) -> None:
+    """The remaining rounds on Flower's loop, checkpointing after each; ``model`` ends
+    as the last global model (in clear; an encrypted study's is released after)."""
+    if study.num_server_rounds - done <= 0:
+        return
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
@@ -174,9 +216,9 @@ def run_study(
             "round": server_round + done,
             "history": _history_to_json(strategy.history),
         }
-        if sealed is not None:  # nothing readable to save: the sum of ciphertexts is it
-            meta["aggregate-round"] = sealed.aggregate_round
-            write_encrypted_checkpoint(ckpt, meta, sealed.layout, sealed.aggregate)
+        if isinstance(strategy, SecureAggregation):  # the sum of ciphertexts is all
+            meta[AGGREGATE_ROUND] = strategy.aggregate_round
+            write_encrypted_checkpoint(ckpt, meta, strategy.layout, strategy.aggregate)
             return None
         if strategy.server_opt is not None:  # first: a resume checks it against the model
             save_velocity(out / MOMENTUM, strategy.server_opt, server_round + done)
@@ -184,46 +226,53 @@ def run_study(
         model.save(ckpt, extra=meta)
         return None
 
-    start = time.perf_counter()
-    if remaining > 0:
-        result = strategy.start(  # type: ignore[attr-defined]
-            grid=grid,
-            initial_arrays=ArrayRecord({k: Array(v) for k, v in model.state_dict().items()}),
-            num_rounds=remaining,
-            timeout=study.round_timeout,
-            train_config=ConfigRecord(),
-            evaluate_fn=checkpoint,
-        )
-        if len(result.arrays) > 0:  # empty when no site trained, or when encrypted
-            model.load_state_dict({k: v.numpy() for k, v in result.arrays.items()})
-    secure_summary: dict[str, Any] | None = None
-    if sealed is not None:
-        secure_summary = _release(sealed, grid, model, study, ckpt)
-    seconds = time.perf_counter() - start
-    if not any(r.aggregated and r.included for r in strategy.history):
+    result = strategy.start(  # type: ignore[union-attr]
+        grid=grid,
+        initial_arrays=ArrayRecord({k: Array(v) for k, v in model.state_dict().items()}),
+        num_rounds=study.num_server_rounds - done,
+        timeout=study.round_timeout,
+        train_config=ConfigRecord(),
+        evaluate_fn=checkpoint,
+    )
+    if len(result.arrays) > 0:  # empty when no site trained, or when encrypted
+        model.load_state_dict({k: v.numpy() for k, v in result.arrays.items()})
+
+
+def publish(
+    grid: Grid,
+    study: StudyConfig,
+    schema: Schema,
+    model: Generator,
+    history: list[RoundLog],
+    out: Path,
+    seconds: float,
+    secure_summary: dict[str, Any] | None,
+) -> None:
+    """Write the released model, the synthetic table and the summary (DP releases and
+    public settings only); ask the sites to validate when the study says so."""
+    if not any(r.aggregated and r.included for r in history):
         # No round ever combined enough sites: an untrained model and samples from it
         # must not look like a study's result.
         failed = {
             "study": study.to_flat(),
             "status": "no-training",
-            "rounds_completed": len(strategy.history),
-            "sites": final_site_privacy(strategy.history),
-            "rounds": _history_to_json(strategy.history),
+            "rounds_completed": len(history),
+            "sites": final_site_privacy(history),
+            "rounds": _history_to_json(history),
         }
         (out / SUMMARY).write_text(json.dumps(failed, indent=1, default=_json_default))
         raise StudyFailed(
             f"no round had at least {study.min_sites} site(s) that trained; see "
             f"{out / SUMMARY} for what each site replied"
         )
-    privacy = release_label(strategy.history)
+    privacy = release_label(history)
     model.save(out / MODEL, extra={"study-id": study.study_id,
                                    "round": study.num_server_rounds, "privacy": privacy})
-
     n = study.n_synthetic
     if n <= 0:
-        # Encrypted studies log no row counts (weights are None), so this falls back to
-        # 1000 rows: the coordinator does not know the total, by design.
-        last = next((r for r in reversed(strategy.history) if r.included), None)
+        # The sum of the last round's DP counts (a release, so post-processing); an
+        # encrypted study logs none, so 1000 rows: the coordinator does not know the total.
+        last = next((r for r in reversed(history) if r.included), None)
         weights = [s.weight or 0.0 for s in last.sites if s.weight] if last else []
         n = max(1, int(round(sum(weights)))) if weights else 1000
     write_synthetic(model, out / SYNTHETIC, n, seed=study.seed)
@@ -232,18 +281,17 @@ def run_study(
         "study": study.to_flat(),
         "schema": schema.name,
         "generator_parameters": model.num_parameters(),
-        "rounds_completed": len(strategy.history),
+        "rounds_completed": len(history),
         "n_synthetic": n,
         "seconds_federated": seconds,
-        "sites": final_site_privacy(strategy.history),
-        "rounds": _history_to_json(strategy.history),
+        "sites": final_site_privacy(history),
+        "rounds": _history_to_json(history),
     }
     if secure_summary is not None:
         summary["secure_aggregation"] = secure_summary
     if study.federated_validation:
         summary["federated_validation"] = validate_at_sites(grid, study, schema, out, model, n)
     (out / SUMMARY).write_text(json.dumps(summary, indent=1, default=_json_default))
-    return StudyOutcome(out, len(strategy.history), strategy.history, seconds)
 
 
 def _server_step(study: StudyConfig, velocity_file: Path, done: int) -> ServerMomentum | None:
@@ -265,7 +313,7 @@ def validate_at_sites(
     """Federated validation of the released synthetic table: every site samples it from
     the released model (so it is synthetic.csv), scores it against its own rows and
     sends back scores only; the coordinator combines them."""
-    config = {**study.to_flat(), "schema-fingerprint": schema_fingerprint(schema)}
+    config = {**study.to_flat(), SCHEMA_FINGERPRINT: schema_fingerprint(schema)}
     result, skipped = run_federated_validation(
         grid, model.state_dict(), rows, study.seed, config, min_sites=1, wait=60.0,
         timeout=study.round_timeout,
@@ -277,11 +325,10 @@ def validate_at_sites(
 def _secure_strategy(
     study: StudyConfig,
     model: Generator,
-    extra: dict[str, Any],
-    done: int,
+    common: dict[str, Any],
     resumed: EncryptedCheckpoint | None,
-    ckpt: Path,
-) -> SecureAggregationMixin:
+    out: Path,
+) -> SecureAggregation:
     """The encrypted strategy, with the coordinator's public context and a resumed sum."""
     if not study.public_context:
         raise ConfigError(
@@ -297,26 +344,24 @@ def _secure_strategy(
     if resumed is not None:
         if resumed.layout != layout:
             raise ModelFileError(
-                f"checkpoint {ckpt} holds ciphertexts of another model layout (generator, "
-                "its parameters or count-bound changed); resume with the study's settings"
+                f"checkpoint {out / ENCRYPTED_CHECKPOINT} holds ciphertexts of another model "
+                "layout (generator, its parameters or count-bound changed); resume with the "
+                "study's settings"
             )
         aggregate = resumed.aggregate or None
-        aggregate_round = int(resumed.meta.get("aggregate-round", 0))
+        aggregate_round = int(resumed.meta.get(AGGREGATE_ROUND, 0))
     return make_secure_strategy(
         study.strategy,
-        min_sites=study.min_sites,
-        proximal_mu=study.proximal_mu,
-        extra_config=extra,
         public_ctx=public_ctx,
         layout=layout,
-        round_offset=done,
         aggregate=aggregate,
         aggregate_round=aggregate_round,
+        **common,
     )
 
 
 def _release(
-    strategy: SecureAggregationMixin, grid: Grid, model: Generator, study: StudyConfig,
+    strategy: SecureAggregation, grid: Grid, model: Generator, study: StudyConfig,
     ckpt: Path
 ) -> dict[str, Any]:
     """The release step of an encrypted study: one site hands over the final model."""
@@ -336,13 +381,13 @@ def _release(
         for s, d in zip(strategy.layout.shapes, strategy.layout.dtypes, strict=True)
     )
     return {
-        "scheme": "ckks",
+        "scheme": study.secure_aggregation,
         "public_context": study.public_context,
         "ciphertexts_per_update": strategy.layout.n_chunks,
         "bytes_per_update": sum(len(c) for c in strategy.aggregate or []),
         "plaintext_bytes_per_update": plain_bytes,
         "released_by": next(
-            (e.site for e in strategy.releases if e.status == RELEASED), None
+            (e.site for e in strategy.releases if e.status == Status.RELEASED), None
         ),
         "release_attempts": [asdict(e) for e in strategy.releases],
     }
@@ -357,7 +402,7 @@ def release_label(history: list[RoundLog]) -> str:
     """
     replayable = sorted({s.site for r in history for s in r.sites if s.reproducible_noise})
     no_dp = sorted({s.site for r in history for s in r.sites
-                    if s.status == "trained" and s.epsilon is not None and s.epsilon < 0})
+                    if s.status == Status.TRAINED and s.epsilon is not None and s.epsilon < 0})
     if replayable:
         return f"{NOT_A_DP_RELEASE} (sites {', '.join(replayable)})"
     if no_dp:
@@ -382,7 +427,7 @@ def final_site_privacy(history: list[RoundLog]) -> dict[str, dict[str, Any]]:
             if s.delta is not None:
                 entry["delta"] = s.delta
             entry["reproducible_noise"] |= s.reproducible_noise
-            entry["rounds_trained"] += int(s.status == "trained")
+            entry["rounds_trained"] += int(s.status == Status.TRAINED)
             entry["last_status"] = s.status
             entry["problems"] = list(s.problems) or ([s.reason] if s.reason else [])
     return sites

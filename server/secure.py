@@ -22,7 +22,7 @@ proximal anchor is the decrypted global model). The others need the updates in c
 FedAvg's ``num-examples`` is the public constant 1.0 in every encrypted reply and this
 strategy never weights with it: the weights ``n_i / B`` are inside the ciphertexts.
 
-After the last round, :meth:`SecureAggregationMixin.release` asks one site at a time (a
+After the last round, :meth:`SecureAggregation.release` asks one site at a time (a
 Flower QUERY: no training, no privacy spent) to decrypt the final sum, flood it and
 return it; the first valid model is the study's released generator.
 """
@@ -37,24 +37,14 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import tenseal as ts
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.serverapp.strategy import Strategy
 
-from ..client.secure import (
-    AGGREGATE,
-    AGGREGATE_ROUND,
-    CHUNKS,
-    CKKS_RECORD,
-    ENCRYPTED_WEIGHT,
-    LAYOUT,
-    RELEASE,
-    RELEASED,
-)
 from ..common.encryption import (
     EncryptedUpdateError,
     EncryptionContextError,
@@ -62,8 +52,29 @@ from ..common.encryption import (
     add_encrypted,
     check_ciphertexts,
 )
-from ..common.study import ConfigError, check_strategy
-from .strategy import SiteAwareMixin, SiteRound, make_strategy
+from ..common.protocol import (
+    AGGREGATE,
+    AGGREGATE_ROUND,
+    ARRAYS,
+    CHUNKS,
+    CKKS,
+    CONFIG,
+    ENCRYPTED_WEIGHT,
+    EPSILON,
+    KIND,
+    LAYOUT,
+    METRICS,
+    NUM_EXAMPLES,
+    RELEASE,
+    SERVER_ROUND,
+    QueryKind,
+    SiteReply,
+    Status,
+)
+from ..common.study import SECURE_AGGREGATION, ConfigError, check_strategy
+from .guards import ClearUpdate, PlausibleEpsilon, ReplyGuard, RoundContext
+from .rounds import RoundLog, SiteRound
+from .strategy import SiteAware, make_strategy
 
 log = logging.getLogger("fedsynth.coordinator")
 
@@ -71,70 +82,27 @@ CHECKPOINT_MAGIC = b"FSYNCKKS"
 CHECKPOINT_FORMAT = 1
 
 
-class SecureAggregationMixin(SiteAwareMixin):
-    """SiteAwareMixin whose updates are CKKS ciphertexts the coordinator only adds."""
+class Ciphertexts:
+    """An encrypted reply: no weights in clear, the study's layout, well-formed
+    ciphertexts (checked without a key: count, sizes, structure). A malformed ciphertext
+    added in would make the aggregate undecryptable for everyone."""
 
-    weights_in_clear = False
-
-    def init_secure(
-        self,
-        public_ctx: ts.Context,
-        layout: StateLayout,
-        aggregate: list[bytes] | None = None,
-        aggregate_round: int = 0,
-    ) -> None:
-        """Give the strategy its key-less context, the public layout and a resumed sum."""
-        if public_ctx.is_private():
-            raise EncryptionContextError(
-                "the coordinator was given a context that holds the secret key; give it the "
-                "public context from `fedsynth keys study-init` and nothing else"
-            )
-        if not layout.has_count_slot:
-            raise ValueError("an encrypted study's layout needs the count slot (count_bound)")
+    def __init__(self, public_ctx: ts.Context, layout: StateLayout) -> None:
         self.public_ctx = public_ctx
         self.layout = layout
-        self.aggregate = aggregate or None
-        self.aggregate_round = aggregate_round if aggregate else 0
-        self.reference = {
-            k: (shape, dtype)
-            for k, shape, dtype in zip(layout.keys, layout.shapes, layout.dtypes, strict=True)
-        }
-        self.trained_nodes: list[int] = []
-        self.releases: list[SiteRound] = []
 
-    def ckks_record(self) -> ConfigRecord:
-        """What the sites need besides the config: the layout and the current sum, if any."""
-        record: dict[str, Any] = {LAYOUT: self.layout.to_json(), AGGREGATE_ROUND: 0}
-        if self.aggregate is not None:
-            record[AGGREGATE] = list(self.aggregate)
-            record[AGGREGATE_ROUND] = self.aggregate_round
-        return ConfigRecord(record)
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        # Once a sum exists, Flower's loop passes the empty record aggregate_train
-        # returned; before that, ``arrays`` is the public initial model.
-        send = arrays if self.aggregate is None else ArrayRecord()
-        messages = list(super().configure_train(server_round, send, config, grid))
-        record = self.ckks_record()
-        for message in messages:
-            message.content[CKKS_RECORD] = record
-        return messages
-
-    def _check_update(self, content: Any, site: str) -> str:
-        arrays = content.get("arrays") if "arrays" in content else None
+    def check(self, content: RecordDict, site: str, ctx: RoundContext) -> str:
+        arrays = content.get(ARRAYS) if ARRAYS in content else None
         if isinstance(arrays, ArrayRecord) and len(arrays) > 0:
             return (
                 "model weights in clear in an encrypted study (is the site configured for "
                 "secure-aggregation?); refused without being read"
             )
-        record = content.get(CKKS_RECORD) if CKKS_RECORD in content else None
+        record = content.get(CKKS) if CKKS in content else None
         if not isinstance(record, ConfigRecord):
             return "no ciphertexts in a 'trained' reply"
-        layout_json = record.get(LAYOUT)
         try:
-            theirs = StateLayout.from_json(str(layout_json))
+            theirs = StateLayout.from_json(str(record.get(LAYOUT)))
         except ValueError as exc:
             return f"unreadable model layout: {exc}"
         if theirs != self.layout:
@@ -151,30 +119,117 @@ class SecureAggregationMixin(SiteAwareMixin):
             return str(exc)
         return ""
 
-    def _check_weight(self, weight: Any) -> str:
-        # Never put the value in the reason: if it is a real count, logging it would
-        # write the disclosed count into the coordinator's log.
-        if weight != ENCRYPTED_WEIGHT:
+
+class EncryptedWeight:
+    """``num-examples`` must be the public constant: the real weight is inside the
+    ciphertexts. The reason never quotes the value: if it is a real count, logging it
+    would write the disclosed count into the coordinator's log."""
+
+    def check(self, content: RecordDict, site: str, ctx: RoundContext) -> str:
+        metrics = content.get(METRICS) if METRICS in content else None
+        if not isinstance(metrics, MetricRecord):
+            return "no metrics record"
+        if metrics.get(NUM_EXAMPLES) != ENCRYPTED_WEIGHT:
             return (
                 "a 'num-examples' other than the public constant 1.0: an encrypted study's "
                 "sites keep their row count inside the ciphertexts"
             )
         return ""
 
-    def _aggregate(
-        self, server_round: int, usable: list[Message]
+
+def encrypted_guards(public_ctx: ts.Context, layout: StateLayout) -> list[ReplyGuard]:
+    """The checks of an encrypted study: the clear ones that read weights are replaced."""
+    return [Ciphertexts(public_ctx, layout), EncryptedWeight(), PlausibleEpsilon()]
+
+
+class SecureAggregation(Strategy):
+    """Encrypted aggregation around a site-aware strategy, as Flower wraps one for DP.
+
+    The wrapped strategy asks the sites, logs and checks their replies (with the guards
+    of ``encrypted_guards``); this wrapper adds the CKKS record to every request, adds
+    the accepted ciphertexts instead of averaging weights (the sites pre-weighted them),
+    keeps that sum between rounds and, at the end, asks for its release. It holds a
+    context with no key of any kind.
+    """
+
+    def __init__(
+        self,
+        strategy: SiteAware,
+        public_ctx: ts.Context,
+        layout: StateLayout,
+        *,
+        aggregate: list[bytes] | None = None,
+        aggregate_round: int = 0,
+    ) -> None:
+        if public_ctx.is_private():
+            raise EncryptionContextError(
+                "the coordinator was given a context that holds the secret key; give it the "
+                "public context from `fedsynth keys study-init` and nothing else"
+            )
+        if not layout.has_count_slot:
+            raise ValueError("an encrypted study's layout needs the count slot (count_bound)")
+        self.strategy = strategy
+        self.public_ctx = public_ctx
+        self.layout = layout
+        self.aggregate = aggregate or None
+        self.aggregate_round = aggregate_round if aggregate else 0
+        self.trained_nodes: list[int] = []
+        self.releases: list[SiteRound] = []
+
+    @property
+    def history(self) -> list[RoundLog]:
+        return self.strategy.history
+
+    def summary(self) -> None:
+        self.strategy.summary()  # type: ignore[attr-defined]
+
+    def ckks_record(self) -> ConfigRecord:
+        """What the sites need besides the config: the layout and the current sum, if any."""
+        record: dict[str, Any] = {LAYOUT: self.layout.to_json(), AGGREGATE_ROUND: 0}
+        if self.aggregate is not None:
+            record[AGGREGATE] = list(self.aggregate)
+            record[AGGREGATE_ROUND] = self.aggregate_round
+        return ConfigRecord(record)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        # Once a sum exists, Flower's loop passes the empty record aggregate_train
+        # returned; before that, ``arrays`` is the public initial model.
+        send = arrays if self.aggregate is None else ArrayRecord()
+        messages = list(self.strategy.configure_train(server_round, send, config, grid))
+        record = self.ckks_record()
+        for message in messages:
+            message.content[CKKS] = record
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Add the accepted ciphertexts; the sum stays here and goes out next round."""
-        chunks = [list(msg.content[CKKS_RECORD][CHUNKS]) for msg in usable]
+        usable = self.strategy.accept(server_round, replies)
+        if usable is None:
+            return None, None
+        chunks = [list(msg.content[CKKS][CHUNKS]) for msg in usable]
         self.aggregate = add_encrypted(self.public_ctx, chunks)
-        self.aggregate_round = server_round + self.round_offset
+        self.aggregate_round = server_round + self.strategy.round_offset
         self.trained_nodes = [msg.metadata.src_node_id for msg in usable]
-        metrics = self.train_metrics_aggr_fn(  # type: ignore[attr-defined]
-            [msg.content for msg in usable], self.weighted_by_key  # type: ignore[attr-defined]
+        metrics = self.strategy.train_metrics_aggr_fn(  # type: ignore[attr-defined]
+            [msg.content for msg in usable], NUM_EXAMPLES
         )
         # An empty record, not None: Flower's loop then passes it back to configure_train,
         # which sends the encrypted sum instead. No weight exists here in clear.
         return ArrayRecord(), metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return []  # no model in clear to evaluate at the sites between rounds
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return None
 
     def release(
         self, grid: Grid, final_round: int, timeout: float = 3600.0
@@ -184,15 +239,17 @@ class SecureAggregationMixin(SiteAwareMixin):
         Sites that trained in the last round are asked first (they are up and hold the
         key); one valid reply ends the step. Asking one site rather than all matters:
         every release carries fresh flooding noise, and many copies would average it
-        away. Returns None when there is no sum or no site released it.
+        away (each site also answers once per study). Returns None when there is no sum
+        or no site released it.
         """
         if self.aggregate is None:
             return None
-        config = ConfigRecord({**self.extra_config, "server-round": final_round, RELEASE: True})
+        config = ConfigRecord({**self.strategy.extra_config, SERVER_ROUND: final_round,
+                               KIND: QueryKind.RELEASE, RELEASE: True})
         nodes = [*self.trained_nodes]
         nodes += [n for n in sorted(grid.get_node_ids()) if n not in nodes]
         for node in nodes:
-            content = RecordDict({"config": config, CKKS_RECORD: self.ckks_record()})
+            content = RecordDict({CONFIG: config, CKKS: self.ckks_record()})
             query = Message(content, dst_node_id=node, message_type=MessageType.QUERY)
             replies = list(grid.send_and_receive([query], timeout=timeout))
             state, entry = self._check_release(replies, node)
@@ -208,42 +265,27 @@ class SecureAggregationMixin(SiteAwareMixin):
         self, replies: list[Message], node: int
     ) -> tuple[dict[str, np.ndarray] | None, SiteRound]:
         if not replies:
-            return None, SiteRound(site=f"node {node}", status="failed", reason="no reply")
+            return None, SiteRound(site=f"node {node}", status=Status.FAILED, reason="no reply")
         msg = replies[0]
         if msg.has_error():
             reason = str(msg.error.reason)[:300]
-            return None, SiteRound(site=f"node {node}", status="failed", reason=reason)
-        info = dict(msg.content["site"]) if "site" in msg.content else {}
-        metrics = dict(msg.content["metrics"]) if "metrics" in msg.content else {}
-        eps = metrics.get("epsilon")
-        entry = SiteRound(
-            site=str(info.get("name", f"node {node}")),
-            status=str(info.get("status", "unknown")),
-            epsilon=float(eps) if isinstance(eps, int | float) else None,
-            problems=[str(p) for p in info.get("problems", [])],
-        )
-        if entry.status != RELEASED:
+            return None, SiteRound(site=f"node {node}", status=Status.FAILED, reason=reason)
+        name, reply = SiteReply.from_content(msg.content)
+        entry = SiteRound(site=name or f"node {node}", status=reply.status,
+                          epsilon=reply.metrics.get(EPSILON), problems=reply.problems)
+        if entry.status != Status.RELEASED:
             entry.reason = "; ".join(entry.problems) or "did not release"
             return None, entry
-        reason = SiteAwareMixin._check_update(self, msg.content, entry.site)
+        ctx = RoundContext({}, self._reference(), [])
+        reason = ClearUpdate().check(msg.content, entry.site, ctx)
         if reason:
-            entry.status, entry.reason = "refused", reason
+            entry.status, entry.reason = Status.REFUSED, reason
             return None, entry
-        return {k: v.numpy() for k, v in msg.content["arrays"].items()}, entry
+        return {k: v.numpy() for k, v in msg.content[ARRAYS].items()}, entry
 
-
-class SecureFedAvg(SecureAggregationMixin, FedAvg):
-    """FedAvg on ciphertexts: the sites pre-weight, the coordinator adds."""
-
-
-class SecureFedProx(SecureAggregationMixin, FedProx):
-    """FedProx on ciphertexts: the proximal anchor is the global model each site decrypts."""
-
-
-SECURE_CLASSES: dict[str, type[SiteAwareMixin]] = {
-    "fedavg": SecureFedAvg,
-    "fedprox": SecureFedProx,
-}
+    def _reference(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        return {k: (tuple(shape), dtype) for k, shape, dtype in
+                zip(self.layout.keys, self.layout.shapes, self.layout.dtypes, strict=True)}
 
 
 def make_secure_strategy(
@@ -254,26 +296,26 @@ def make_secure_strategy(
     extra_config: dict[str, Any],
     public_ctx: ts.Context,
     layout: StateLayout,
-    round_offset: int = 0,
     aggregate: list[bytes] | None = None,
     aggregate_round: int = 0,
-) -> SecureAggregationMixin:
-    """The encrypted strategy, refusing a non-linear one with the reason why."""
-    problem = check_strategy(name, "ckks")
+    **site_aware: Any,
+) -> SecureAggregation:
+    """The study's strategy wrapped for encryption, refusing a non-linear one with the
+    reason why (its aggregate is not a sum the coordinator could form on ciphertexts)."""
+    problem = check_strategy(name, SECURE_AGGREGATION[1])
     if problem:
         raise ConfigError(problem)
-    strategy = make_strategy(
+    inner = make_strategy(
         name,
-        num_sites=0,
         min_sites=min_sites,
         proximal_mu=proximal_mu,
         extra_config=extra_config,
-        round_offset=round_offset,
-        classes=SECURE_CLASSES,
+        guards=encrypted_guards(public_ctx, layout),
+        weights_in_clear=False,
+        **site_aware,
     )
-    secure = cast(SecureAggregationMixin, strategy)  # SECURE_CLASSES holds only those
-    secure.init_secure(public_ctx, layout, aggregate, aggregate_round)
-    return secure
+    return SecureAggregation(inner, public_ctx, layout, aggregate=aggregate,
+                             aggregate_round=aggregate_round)
 
 
 # --------------------------------------------------------------------------- checkpoint

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from ..client.evaluate import EVALUATED, ROWS_KEY, SEED_KEY
+from ..common.protocol import SiteReply, Status, ValidationRequest
 from ..common.validation.federated import FederatedValidation, combine
 from ..common.validation.report import write_federated_report
 
@@ -40,12 +40,12 @@ def evaluate_content(
     fingerprint), the released model and the size and seed of the synthetic table. The
     site samples the table itself (it is synthetic.csv, row for row): it scores no table
     the coordinator made up (``client/evaluate.py``)."""
-    return RecordDict(
-        {
-            "config": ConfigRecord({**config, ROWS_KEY: int(rows), SEED_KEY: int(seed)}),
-            "arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in model_state.items()}),
-        }
-    )
+    return ValidationRequest(
+        config=dict(config),
+        arrays={k: np.asarray(v) for k, v in model_state.items()},
+        rows=rows,
+        seed=seed,
+    ).to_content()
 
 
 def site_figures(contents: Iterable[RecordDict]) -> tuple[dict[str, dict[str, float]], list[str]]:
@@ -53,15 +53,13 @@ def site_figures(contents: Iterable[RecordDict]) -> tuple[dict[str, dict[str, fl
     sites: dict[str, dict[str, float]] = {}
     skipped: list[str] = []
     for content in contents:
-        info = dict(content["site"]) if "site" in content else {}
-        name = str(info.get("name", "unknown site"))
-        status = str(info.get("status", "unknown"))
-        if status != EVALUATED or "metrics" not in content:
-            problems = "; ".join(str(p) for p in info.get("problems", []))
-            skipped.append(f"{name}: {status}" + (f" ({problems})" if problems else ""))
+        name, reply = SiteReply.from_content(content)
+        name = name or "unknown site"
+        if reply.status != Status.EVALUATED or not reply.metrics:
+            problems = "; ".join(reply.problems)
+            skipped.append(f"{name}: {reply.status}" + (f" ({problems})" if problems else ""))
             continue
-        metrics = dict(content["metrics"])
-        sites[name] = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        sites[name] = reply.metrics
     return sites, skipped
 
 

@@ -13,29 +13,22 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..common.bundled import (  # noqa: F401 (re-exported: the simulation's own names)
+    DATA_DIR,
+    DATASETS,
+    HEART_SITES,
+    TCGA_REGIONS,
+    bundled_schema,
+    bundled_schema_path,
+    bundled_site_files,
+    bundled_sites,
+)
 from ..common.schema import Schema
-from ..common.study import ConfigError, SiteConfig
+from ..common.study import ConfigError
 from ..common.table import conform, read_table
 
-DATA_DIR = Path(__file__).parent / "data"
-
-HEART_SITES = {
-    "cleveland": "processed.cleveland.data",
-    "hungarian": "processed.hungarian.data",
-    "switzerland": "processed.switzerland.data",
-    "va": "processed.va.data",
-}
-# FLamby's Fed-TCGA-BRCA centres (column fold2 of train_test_split.csv) and the region
-# their tissue source sites belong to (centers.csv).
-TCGA_REGIONS = {0: "northeast", 1: "south", 2: "west", 3: "midwest", 4: "europe", 5: "canada"}
 # AMLSG: centres with at least 30 patients are sites, the rest are pooled as one more.
 AMLSG_MIN_CENTRE = 30
-DATASETS: dict[str, object] = {
-    "heart_disease": HEART_SITES,
-    "tcga_brca": TCGA_REGIONS,
-    "amlsg": "centres",
-    "mimic3_demo": "dirichlet",
-}
 MIMIC_SITES = 3  # one hospital in reality: sites are made by a Dirichlet split
 
 
@@ -52,39 +45,6 @@ def shared_data_dir() -> Path:
         "this dataset is not shipped with fedsynth; set FEDSYNTH_SHARED_DATA to the folder "
         "that holds amlsg/"
     )
-
-
-def bundled_schema_path(name: str) -> Path:
-    path = DATA_DIR / name / "schema.yaml"
-    if name not in DATASETS or not path.is_file():
-        raise ConfigError(
-            f"{name!r} is neither a schema file nor a bundled dataset "
-            f"({', '.join(sorted(DATASETS))})"
-        )
-    return path
-
-
-def bundled_schema(name: str) -> Schema:
-    return Schema.load(bundled_schema_path(name))
-
-
-def bundled_site_files(name: str) -> dict[str, Path]:
-    """Datasets shipped as one file per site (the heart-disease hospitals)."""
-    if name != "heart_disease":
-        raise ConfigError(
-            f"{name!r} has no per-site files; run it with `fedsynth simulate --dataset {name}`"
-        )
-    return {site: DATA_DIR / name / fname for site, fname in HEART_SITES.items()}
-
-
-def bundled_sites(name: str, epsilon: float = 3.0, delta: float = 1e-5) -> list[SiteConfig]:
-    """Each hospital's whole file as one site (what ``flwr run`` uses by default)."""
-    schema_path = str(bundled_schema_path(name))
-    return [
-        SiteConfig(name=site, data_path=str(path), schema_path=schema_path, epsilon=epsilon,
-                   delta=delta)
-        for site, path in bundled_site_files(name).items()
-    ]
 
 
 def load_site_frames(name: str) -> tuple[Schema, dict[str, pd.DataFrame]]:

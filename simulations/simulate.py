@@ -30,6 +30,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..common.generators import get_generator
 from ..common.privacy.plan import PrivacyPlan
+from ..common.protocol import Status
 from ..common.schema import Schema
 from ..common.study import ConfigError, SiteConfig, StudyConfig
 from ..common.table import read_table
@@ -183,7 +184,7 @@ class _RoundPrinter:
     def __call__(self, record: RoundLog) -> None:
         parts = []
         for s in record.sites:
-            if s.status == "trained":
+            if s.status == Status.TRAINED:
                 eps = "no DP" if (s.epsilon is None or s.epsilon < 0) else f"eps {s.epsilon:.2f}"
                 parts.append(f"{s.site} {eps} loss {s.loss:.1f}")
             else:

@@ -388,13 +388,14 @@ def test_the_final_release_is_answered_once(
     flooding noise away: the second request is refused."""
     from dataclasses import replace
 
-    from fedsynth.client.secure import AGGREGATE, CKKS_RECORD, LAYOUT, RELEASE, model_layout
+    from fedsynth.client.secure import CKKS_RECORD, model_layout
     from fedsynth.common.encryption import (
         create_study_keys,
         encrypt_weighted_update,
         generate_site_keypair,
         unwrap_secret_context,
     )
+    from fedsynth.common.protocol import AGGREGATE, LAYOUT, RELEASE
 
     keys = tmp_path / "keys"
     generate_site_keypair(keys / "cleveland")

@@ -42,7 +42,8 @@ from fedsynth.common.generators import Generator, get_generator
 from fedsynth.common.privacy import PrivacyLedger, RoundPlan, round_cost
 from fedsynth.common.schema import Schema
 from fedsynth.common.study import SiteConfig, StudyConfig, schema_fingerprint
-from fedsynth.server.strategy import RoundLog, SiteRound, make_strategy, update_bounds
+from fedsynth.server.guards import clear_guards, update_bounds
+from fedsynth.server.strategy import RoundLog, SiteRound, make_strategy
 from fedsynth.simulations.datasets import bundled_schema_path, bundled_site_files
 from fedsynth.simulations.deploy import LocalDeployment, SiteSpec, _descendants
 
@@ -167,13 +168,14 @@ def test_strategy_averages_only_the_good_replies(
     names = ["cleveland", "hungarian", *bad, "crashed", "silent"]
     node_of = {name: 100 + i for i, name in enumerate(names)}
 
-    strategy = make_strategy("fedavg", num_sites=0, min_sites=2, proximal_mu=0.0,
-                             extra_config=STUDY.to_flat())
-    strategy.max_update = update_bounds(model.networks(), model.hparams, STUDY.local_epochs,
-                                        STUDY.sample_rate)
+    bounds = update_bounds(model.networks(), model.hparams, STUDY.local_epochs,
+                           STUDY.sample_rate)
     # The site whose epsilon "went down" reported more in an earlier round.
-    strategy.history = [RoundLog(round=0, sites=[
+    earlier = [RoundLog(round=0, sites=[
         SiteRound(site="epsilon-went-down", status="trained", epsilon=2.0)])]
+    strategy = make_strategy("fedavg", min_sites=2, proximal_mu=0.0,
+                             extra_config=STUDY.to_flat(), guards=clear_guards(bounds),
+                             history=earlier)
     start = ArrayRecord({k: Array(v) for k, v in initial.items()})
     sent = [_stamp(m) for m in strategy.configure_train(
         1, start, ConfigRecord(), NodeList(node_of.values()))]
@@ -222,7 +224,7 @@ def test_strategy_averages_only_the_good_replies(
                               reply_to=back[node]))
                for n, r, node in (("cleveland", a, node_of["cleveland"]),
                                   ("crashed", good["va"], crashed))]
-    strategy.max_update = None  # round 2 starts from the average, not from ``initial``
+    strategy.guards = clear_guards(None)  # round 2 starts from the average, not ``initial``
     assert strategy.aggregate_train(2, replies)[0] is not None
     assert {s.site: s.status for s in strategy.history[-2].sites}["crashed"] == "failed"
 
@@ -230,7 +232,7 @@ def test_strategy_averages_only_the_good_replies(
 def test_too_few_good_replies_keep_the_model(trained: dict[str, Any]) -> None:
     """One good reply under min-sites 2: nothing is averaged, the round says so."""
     initial, good = trained["initial"], trained["replies"]
-    strategy = make_strategy("fedavg", num_sites=0, min_sites=2, proximal_mu=0.0,
+    strategy = make_strategy("fedavg", min_sites=2, proximal_mu=0.0,
                              extra_config=STUDY.to_flat())
     start = ArrayRecord({k: Array(v) for k, v in initial.items()})
     sent = [_stamp(m) for m in strategy.configure_train(1, start, ConfigRecord(),
@@ -255,7 +257,7 @@ def test_resumed_model_is_the_model_sent(trained: dict[str, Any], tmp_path: Path
     from fedsynth.client.replay import model_digest
 
     model, initial, good = trained["model"], trained["initial"], trained["replies"]
-    strategy = make_strategy("fedavg", num_sites=0, min_sites=2, proximal_mu=0.0,
+    strategy = make_strategy("fedavg", min_sites=2, proximal_mu=0.0,
                              extra_config=STUDY.to_flat())
     start = ArrayRecord({k: Array(v) for k, v in initial.items()})
     sent = [_stamp(m) for m in strategy.configure_train(1, start, ConfigRecord(),

@@ -44,10 +44,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedsynth.client.secure import (
     AGGREGATE_REFUSED,
-    CHUNKS,
     CKKS_RECORD,
-    ENCRYPTED_WEIGHT,
-    LAYOUT,
     GlobalModel,
     model_layout,
     open_global_model,
@@ -76,6 +73,7 @@ from fedsynth.common.encryption import (
 )
 from fedsynth.common.encryption.keys import PRIVATE_KEY_FILE
 from fedsynth.common.generators import TVAE, Generator
+from fedsynth.common.protocol import CHUNKS, ENCRYPTED_WEIGHT, LAYOUT
 from fedsynth.common.schema import Schema
 from fedsynth.common.study import (
     NONLINEAR_STRATEGIES,
@@ -85,11 +83,11 @@ from fedsynth.common.study import (
     schema_fingerprint,
 )
 from fedsynth.server.secure import (
-    SecureFedAvg,
-    SecureFedProx,
+    SecureAggregation,
     make_secure_strategy,
     read_encrypted_checkpoint,
 )
+from fedsynth.server.strategy import SiteAwareFedAvg, SiteAwareFedProx
 from fedsynth.simulations.simulate import SimulationOptions
 
 SITES = ("cleveland", "switzerland")
@@ -194,7 +192,7 @@ def _encrypted_reply(name: str, chunks: list[bytes], layout: StateLayout, node: 
     return _reply(content, node)
 
 
-def _strategy(keys: dict[str, Any], layout: StateLayout) -> SecureFedAvg:
+def _strategy(keys: dict[str, Any], layout: StateLayout) -> SecureAggregation:
     strategy = make_secure_strategy(
         "fedavg",
         min_sites=1,
@@ -203,8 +201,8 @@ def _strategy(keys: dict[str, Any], layout: StateLayout) -> SecureFedAvg:
         public_ctx=keys["public_ctx"],
         layout=layout,
     )
-    assert isinstance(strategy, SecureFedAvg)
-    strategy.history = []
+    assert isinstance(strategy, SecureAggregation)
+    assert isinstance(strategy.strategy, SiteAwareFedAvg) and strategy.history == []
     return strategy
 
 
@@ -353,7 +351,8 @@ def test_fedprox_trains_from_the_decrypted_model(keys, sites, study, trained, he
     prox = replace(study, strategy="fedprox", proximal_mu=1.0)
     strategy = make_secure_strategy("fedprox", min_sites=1, proximal_mu=1.0, extra_config={},
                                     public_ctx=keys["public_ctx"], layout=layout)
-    assert isinstance(strategy, SecureFedProx) and strategy.proximal_mu == 1.0
+    assert isinstance(strategy.strategy, SiteAwareFedProx)
+    assert strategy.strategy.proximal_mu == 1.0
     state = SiteState()
     result = train_encrypted(sites["cleveland"], prox, schema_fingerprint(heart_schema),
                              GlobalModel(summed, layout.to_json()), state, 2)

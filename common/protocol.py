@@ -1,0 +1,251 @@
+"""Every message between a site and the coordinator: its kinds, records, keys, statuses.
+
+Both sides import this module and nothing of each other, so a key is written once and
+a change to a message is one change here. Flower carries each message as a
+``RecordDict`` of named records (``ArrayRecord``, ``ConfigRecord``, ``MetricRecord``);
+the dataclasses below are the typed view of each message kind, with ``to_content()``
+and ``from_content()`` at the Flower boundary:
+
+- ``TrainRequest`` (Flower ``train``): the study's plan and the model to start from (in
+  clear, or the CKKS sum of last round's updates); a site replies with a ``SiteReply``
+  carrying its weights (in clear or as ciphertexts) and its DP metrics.
+- ``ReleaseRequest`` (Flower ``query``): an encrypted study's last step: a site
+  decrypts the final sum once, floods it and hands it back.
+- ``ValidationRequest`` (Flower ``evaluate``): the released model and the size and seed
+  of ``synthetic.csv``; a site scores its own sample of it (``client/evaluate.py``).
+
+Other kinds (a marginal-based generator's "measure these marginals") add a request
+class and its keys here; a ``query`` message tells its kind by ``KIND``.
+
+What each key may contain, privacy-wise, is the threat-model table of docs/privacy.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+# ---------------------------------------------------------------- record names
+
+
+ARRAYS = "arrays"  # ArrayRecord: model weights (a request's start, a reply's update)
+CONFIG = "config"  # ConfigRecord: the study's plan and the request's own keys
+METRICS = "metrics"  # MetricRecord: a reply's DP metrics and its privacy status
+SITE = "site"  # ConfigRecord: who replied, with what status and which problems
+CKKS = "ckks"  # ConfigRecord: ciphertexts and their layout, both ways
+
+# ---------------------------------------------------------------- keys of ``site``
+
+SITE_NAME = "name"
+STATUS = "status"
+PROBLEMS = "problems"
+
+# ---------------------------------------------------------------- keys of ``config``
+
+SERVER_ROUND = "server-round"
+SCHEMA_FINGERPRINT = "schema-fingerprint"
+KIND = "kind"  # what a query asks for (see ``QueryKind``)
+RELEASE = "release"  # the flag of the release query (kept for deployed coordinators)
+VALIDATION_ROWS = "validation-rows"
+VALIDATION_SEED = "validation-seed"
+
+# ---------------------------------------------------------------- keys of ``metrics``
+
+NUM_EXAMPLES = "num-examples"  # the DP count: FedAvg's weight (a constant under CKKS)
+LOSS = "loss"  # the DP loss report
+STEPS = "steps"
+NOISE_MULTIPLIER = "noise-multiplier"
+EPSILON = "epsilon"
+DELTA = "delta"
+EPSILON_BUDGET = "epsilon-budget"
+REPRODUCIBLE_NOISE = "reproducible-noise"
+#: Every key a trained reply may hold in clear (tests pin the set).
+TRAIN_METRIC_KEYS = frozenset(
+    {NUM_EXAMPLES, LOSS, STEPS, NOISE_MULTIPLIER, EPSILON, DELTA, EPSILON_BUDGET,
+     REPRODUCIBLE_NOISE}
+)
+#: The privacy status every reply carries, whatever its kind.
+STATUS_METRIC_KEYS = frozenset({EPSILON, DELTA, EPSILON_BUDGET, REPRODUCIBLE_NOISE})
+
+# ---------------------------------------------------------------- keys of ``ckks``
+
+CHUNKS = "chunks"  # a site's encrypted update: list of serialized CKKS vectors
+AGGREGATE = "aggregate"  # the coordinator's sum of the accepted updates
+LAYOUT = "layout"  # StateLayout.to_json(): a ConfigRecord cannot hold a nested dict
+AGGREGATE_ROUND = "aggregate-round"  # the round whose replies were summed (0: none)
+#: ``num-examples`` of every encrypted reply: the real weights are in the ciphertexts.
+ENCRYPTED_WEIGHT = 1.0
+
+
+class QueryKind(StrEnum):
+    """What a Flower ``query`` message asks a site for."""
+
+    RELEASE = "release"
+
+
+class Status(StrEnum):
+    """Every status a reply (or the coordinator's log of a site's round) can have."""
+
+    # training
+    TRAINED = "trained"
+    BUDGET_EXHAUSTED = "budget-exhausted"
+    INVALID_DATA = "invalid-data"
+    SCHEMA_MISMATCH = "schema-mismatch"
+    ENCRYPTION_REQUIRED = "encryption-required"
+    # encryption
+    NO_KEYS = "no-keys"
+    AGGREGATE_REFUSED = "aggregate-refused"
+    ENCRYPTION_FAILED = "encryption-failed"
+    RELEASED = "released"
+    ALREADY_RELEASED = "already-released"
+    UNSUPPORTED_QUERY = "unsupported-query"
+    # federated validation
+    EVALUATED = "evaluated"
+    INVALID_SYNTHETIC = "invalid-synthetic"
+    DECLINED = "declined"
+    ALREADY_VALIDATED = "already-validated"
+    NOT_THE_RELEASE = "not-the-release"
+    # the coordinator's own verdicts on a reply
+    REFUSED = "refused"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+
+
+def _arrays(record: Any) -> dict[str, np.ndarray] | None:
+    if not isinstance(record, ArrayRecord):
+        return None
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def _array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
+
+
+@dataclass
+class SiteReply:
+    """What a site answers to any request: a status, metrics, and what it releases."""
+
+    status: str
+    metrics: dict[str, float]
+    arrays: dict[str, np.ndarray] | None = None
+    problems: list[str] = field(default_factory=list)
+    # CKKS ciphertexts of the update and their layout, in an encrypted study
+    chunks: list[bytes] | None = None
+    layout: str | None = None
+
+    def to_content(self, site_name: str) -> RecordDict:
+        content = RecordDict(
+            {
+                METRICS: MetricRecord(self.metrics),
+                SITE: ConfigRecord(
+                    {SITE_NAME: site_name, STATUS: str(self.status), PROBLEMS: self.problems}
+                ),
+            }
+        )
+        if self.arrays is not None:
+            content[ARRAYS] = _array_record(self.arrays)
+        if self.chunks is not None:
+            content[CKKS] = ConfigRecord({CHUNKS: self.chunks, LAYOUT: self.layout or ""})
+        return content
+
+    @staticmethod
+    def site_of(content: RecordDict) -> tuple[str, str, list[str]]:
+        """(name, status, problems) of a reply, tolerant of what a broken site sends."""
+        info = dict(content[SITE]) if SITE in content else {}
+        return (
+            str(info.get(SITE_NAME, "")),
+            str(info.get(STATUS, Status.UNKNOWN)),
+            [str(p) for p in info.get(PROBLEMS, [])],
+        )
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> tuple[str, SiteReply]:
+        """The site's name and its reply, as the coordinator reads them."""
+        name, status, problems = cls.site_of(content)
+        metrics = dict(content[METRICS]) if METRICS in content else {}
+        ckks = dict(content[CKKS]) if CKKS in content else {}
+        chunks = ckks.get(CHUNKS)
+        return name, cls(
+            status=status,
+            metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
+            arrays=_arrays(content[ARRAYS]) if ARRAYS in content else None,
+            problems=problems,
+            chunks=list(chunks) if isinstance(chunks, list) else None,
+            layout=str(ckks[LAYOUT]) if LAYOUT in ckks else None,
+        )
+
+
+@dataclass
+class TrainRequest:
+    """The coordinator's training round: the study plan and where to start from.
+
+    ``arrays`` is the global model in clear (every round of a study in clear; round 1 of
+    an encrypted one), ``aggregate`` the CKKS sum of the last accepted updates."""
+
+    config: dict[str, Any]
+    arrays: dict[str, np.ndarray] | None = None
+    aggregate: list[bytes] | None = None
+    layout: str | None = None
+
+    @property
+    def server_round(self) -> int:
+        return int(self.config.get(SERVER_ROUND, 0))
+
+    @property
+    def schema_fingerprint(self) -> str:
+        return str(self.config[SCHEMA_FINGERPRINT])
+
+    def to_content(self) -> RecordDict:
+        content = RecordDict({CONFIG: ConfigRecord(self.config)})
+        if self.arrays is not None:
+            content[ARRAYS] = _array_record(self.arrays)
+        if self.aggregate is not None or self.layout is not None:
+            ckks: dict[str, Any] = {LAYOUT: self.layout or ""}
+            if self.aggregate is not None:
+                ckks[AGGREGATE] = self.aggregate
+            content[CKKS] = ConfigRecord(ckks)
+        return content
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> TrainRequest:
+        ckks = dict(content[CKKS]) if CKKS in content else {}
+        aggregate = ckks.get(AGGREGATE)
+        layout = ckks.get(LAYOUT)
+        return cls(
+            config=dict(content[CONFIG]),
+            arrays=_arrays(content[ARRAYS]) if ARRAYS in content else None,
+            aggregate=list(aggregate) if isinstance(aggregate, list) else None,
+            layout=str(layout) if layout else None,
+        )
+
+
+@dataclass
+class ValidationRequest:
+    """Federated validation: the released model, and the size and seed of the table the
+    coordinator sampled from it (``synthetic.csv``); the site samples it itself."""
+
+    config: dict[str, Any]
+    arrays: dict[str, np.ndarray] | None
+    rows: int
+    seed: int
+
+    def to_content(self) -> RecordDict:
+        config = {**self.config, VALIDATION_ROWS: int(self.rows), VALIDATION_SEED: int(self.seed)}
+        content = RecordDict({CONFIG: ConfigRecord(config)})
+        if self.arrays is not None:
+            content[ARRAYS] = _array_record(self.arrays)
+        return content
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> ValidationRequest:
+        config = dict(content[CONFIG])
+        return cls(
+            config=config,
+            arrays=_arrays(content[ARRAYS]) if ARRAYS in content else None,
+            rows=int(config.get(VALIDATION_ROWS, 0)),
+            seed=int(config.get(VALIDATION_SEED, 0)),
+        )

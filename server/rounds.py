@@ -1,0 +1,49 @@
+"""The coordinator's log of a study: one entry per site and round, and why.
+
+Kept apart from the strategies so that the ServerApp, the simulation's progress printer
+and the summary read one shape, whatever strategy ran.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..common.protocol import Status
+
+
+@dataclass
+class SiteRound:
+    """What one site did in one round, as the coordinator saw it."""
+
+    site: str
+    status: str
+    epsilon: float | None = None
+    loss: float | None = None
+    weight: float | None = None
+    problems: list[str] = field(default_factory=list)
+    reason: str = ""
+    budget: float | None = None
+    delta: float | None = None
+    # The site said its noise was replayable (a test or benchmark): not a DP release.
+    reproducible_noise: bool = False
+
+
+@dataclass
+class RoundLog:
+    round: int
+    sites: list[SiteRound] = field(default_factory=list)
+    aggregated: bool = True
+
+    @property
+    def included(self) -> list[str]:
+        return [s.site for s in self.sites if s.status == Status.TRAINED]
+
+
+def last_epsilon(history: list[RoundLog]) -> dict[str, float]:
+    """Each site's latest epsilon among its accepted, trained replies."""
+    last: dict[str, float] = {}
+    for record in history:
+        for entry in record.sites:
+            if entry.status == Status.TRAINED and entry.epsilon is not None:
+                last[entry.site] = entry.epsilon
+    return last
