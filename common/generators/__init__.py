@@ -5,9 +5,15 @@ from __future__ import annotations
 from .base import ConditionError, Generator, ModelFileError
 from .ctgan import CTGAN
 from .diffusion import TabDDPM
+from .marginal import MarginalGenerator
 from .tvae import TVAE
 
-REGISTRY: dict[str, type[Generator]] = {TVAE.name: TVAE, CTGAN.name: CTGAN, TabDDPM.name: TabDDPM}
+REGISTRY: dict[str, type[Generator]] = {
+    TVAE.name: TVAE,
+    CTGAN.name: CTGAN,
+    TabDDPM.name: TabDDPM,
+    MarginalGenerator.name: MarginalGenerator,
+}
 DEFAULT_GENERATOR = "tvae"
 
 
@@ -26,6 +32,7 @@ __all__ = [
     "ConditionError",
     "DEFAULT_GENERATOR",
     "Generator",
+    "MarginalGenerator",
     "ModelFileError",
     "REGISTRY",
     "TVAE",
