@@ -26,8 +26,10 @@ from pathlib import Path
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from ..common.protocol import MARGINAL_ACTION
 from ..common.study import ConfigError, SiteConfig, StudyConfig
 from .evaluate import SYNTHETIC_KEY, evaluate_reply
+from .measure import measure_reply
 from .replay import cached_reply, drop_older_replies, keep_reply, model_digest
 from .secure import (
     AGGREGATE,
@@ -174,6 +176,16 @@ def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
                 site, study, str(config["schema-fingerprint"]), received_model(msg.content), state
             )
         return Message(reply_content(site, reply), reply_to=msg)
+
+    @app.query(MARGINAL_ACTION)
+    def marginal(msg: Message, context: Context) -> Message:
+        """A measured study's request: noisy marginal counts or scores (client/measure.py)."""
+        site = resolve_site(context, sites)
+        study = StudyConfig.from_flat(dict(msg.content["config"]))
+        state = _load_state(context, site, study)
+        content = measure_reply(site, study, msg.content, state)
+        _save_state(context, site, study, state)
+        return Message(content, reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

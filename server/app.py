@@ -114,6 +114,10 @@ def run_study(
     on_round: Callable[[RoundLog], None] | None = None,
 ) -> StudyOutcome:
     """Run (or resume) a study on ``grid`` and write its outputs to ``study.output_dir``."""
+    if study.generator == "marginal":  # measured, not trained: its own message kind
+        from .marginal import run_marginal_study
+
+        return run_marginal_study(grid, study, schema, on_round)
     out = Path(study.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = get_generator(study.generator)(schema, seed=study.seed, **study.generator_params)

@@ -93,8 +93,8 @@ def run(
 ) -> EngineResult:
     """Run the whole plan against ``measurer``; returns the fitted model."""
     rng = rng or np.random.default_rng(0)  # public randomness: which candidates to score
-    sites = list(measurer.sites)
     measurements = measurer.measure([(a,) for a in names], ONE_WAY)
+    sites = list(measurer.sites)  # known once the sites have answered
     model = fit.estimate(sizes, measurements, sites, iters)
     log: list[SelectionLog] = []
     for t in range(plan.rounds):
