@@ -128,8 +128,9 @@ class FederatedMeasurer:
             name = str(info.get("name", f"node {node}"))
             self.node_site[node] = name
             status = str(info.get("status", "unknown"))
+            # loss: none (a measurement); NaN keeps the round printers' formats working
             entry = SiteRound(site=name, status=status, epsilon=metrics.get("epsilon"),
-                              problems=[str(p) for p in info.get("problems", [])])
+                              loss=math.nan, problems=[str(p) for p in info.get("problems", [])])
             budget = metrics.get("epsilon-budget", -1.0)
             if status == MEASURED and budget > 0 and metrics.get("epsilon", 0) > budget * (
                     1 + 1e-6):

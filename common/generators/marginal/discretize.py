@@ -12,10 +12,9 @@ Each schema column becomes one discrete attribute of the model:
 
 Decoding draws a value inside the cell. An integer column draws on its integer grid
 (uniform over the integers of the bin, so no value is ever off the grid and no
-rounding piles mass on bin edges); a continuous column draws uniformly in the bin and
-rounds to the schema's ``decimals``. When the coordinator has a finer noisy 1-way
-histogram of the column (``fine`` cells, measured under DP and charged), decoding
-draws within the bin in proportion to it instead of uniformly.
+rounding piles mass on bin edges); a continuous column
+draws on the grid of its ``decimals`` when the schema gives them (else uniformly in the
+bin). Either way a decoded value falls back into its own cell.
 """
 
 from __future__ import annotations
@@ -108,9 +107,7 @@ class Attribute:
             return lo + np.arange(self.bins + 1) * (hi - lo + 1) / self.bins
         return np.linspace(lo, hi, self.bins + 1)
 
-    def decode(
-        self, cells: np.ndarray, rng: np.random.Generator, fine: np.ndarray | None = None
-    ) -> pd.Series:
+    def decode(self, cells: np.ndarray, rng: np.random.Generator) -> pd.Series:
         """A schema-valid value for every cell index."""
         cells = np.asarray(cells, dtype=np.int64)
         missing = (cells == self.missing_cell) if self.column.nullable else np.zeros(
@@ -119,7 +116,7 @@ class Attribute:
             cats = list(self.column.categories)
             out = [np.nan if m else cats[c] for c, m in zip(cells, missing, strict=True)]
             return pd.Series(out, dtype=object)
-        values = self._draw_in_bins(np.where(missing, 0, cells), rng, fine)
+        values = self._draw_in_bins(np.where(missing, 0, cells), rng)
         values = np.where(missing, np.nan, values)
         if self._integer_grid():
             return pd.Series(pd.array(values, dtype="Float64").astype("Int64"))
@@ -128,52 +125,39 @@ class Attribute:
         lo, hi = float(self.column.min), float(self.column.max)  # type: ignore[arg-type]
         return pd.Series(np.clip(values, lo, hi))
 
-    def fine_grid(self, cells: int) -> np.ndarray:
-        """Edges of a finer histogram used to decode within bins (``cells`` per range)."""
-        lo, hi = self._bounds()
-        return np.linspace(lo, hi, cells + 1)
+    def grid(self) -> np.ndarray | None:
+        """Every value the column can be recorded as, when that set is finite and small:
+        the integers of an integer column (or of a survival time in whole days), the
+        multiples of 10^-decimals of a continuous column. None: a continuum."""
+        lo, hi = float(self.column.min), float(self.column.max)  # type: ignore[arg-type]
+        if self._integer_grid():
+            step = 1.0
+        elif self.column.decimals is not None:
+            step = 10.0 ** -self.column.decimals
+        else:
+            return None
+        count = int(math.floor((hi - lo) / step + 1e-9)) + 1
+        if count > 200_000:
+            return None
+        return np.round(lo + np.arange(count) * step, 10)
 
-    def _draw_in_bins(
-        self, bins: np.ndarray, rng: np.random.Generator, fine: np.ndarray | None
-    ) -> np.ndarray:
-        lo_all, hi_all = self._bounds()
+    def _draw_in_bins(self, bins: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """A value in each bin: uniform over the bin's recordable values (its grid), so a
+        decoded value always falls back into its own bin and never between grid points."""
+        grid = self.grid()
+        grid_cells = self.value_cell(grid) if grid is not None else None
         edges = self.edges()
         out = np.empty(len(bins), dtype=float)
         for b in np.unique(bins):
             rows = np.flatnonzero(bins == b)
-            lo, hi = edges[b], edges[b + 1]
-            if self._integer_grid() and not self._log:
-                grid = np.arange(math.ceil(lo - 1e-9), math.ceil(hi - 1e-9))
-                grid = grid[(grid >= lo_all) & (grid <= hi_all)]
-                weights = _fine_weights(grid.astype(float), lo_all, hi_all, fine)
-                out[rows] = rng.choice(grid, size=len(rows), p=weights)
-                continue
-            if fine is not None:
-                # a finer noisy histogram: draw a fine cell in this bin, then uniform in it
-                f_edges = np.linspace(lo_all, hi_all, len(fine) + 1)
-                inside = np.flatnonzero((f_edges[:-1] >= lo - 1e-12) & (f_edges[1:] <= hi + 1e-12))
-                if inside.size:
-                    w = np.clip(fine[inside], 0, None) + 1e-9
-                    pick = rng.choice(inside, size=len(rows), p=w / w.sum())
-                    v = rng.uniform(f_edges[pick], f_edges[pick + 1])
-                    out[rows] = np.expm1(v) if self._log else v
+            if grid is not None:
+                points = grid[grid_cells == b]
+                if points.size:
+                    out[rows] = rng.choice(points, size=len(rows))
                     continue
-            v = rng.uniform(lo, hi, size=len(rows))
+            v = rng.uniform(edges[b], edges[b + 1], size=len(rows))
             out[rows] = np.expm1(v) if self._log else v
-        if self._integer_grid() and self._log:
-            out = np.round(out)
         return out
-
-
-def _fine_weights(
-    grid: np.ndarray, lo: float, hi: float, fine: np.ndarray | None
-) -> np.ndarray:
-    """Probabilities of the integers of one bin: uniform, or by the fine noisy histogram."""
-    if fine is None or grid.size == 0:
-        return np.full(grid.size, 1.0 / max(grid.size, 1))
-    idx = np.clip(((grid - lo) / (hi - lo + 1) * len(fine)).astype(int), 0, len(fine) - 1)
-    w = np.clip(fine[idx], 0, None) + 1e-9
-    return w / w.sum()
 
 
 class Discretizer:
@@ -212,15 +196,13 @@ class Discretizer:
         self,
         cells: np.ndarray,
         rng: np.random.Generator,
-        fine: dict[str, np.ndarray] | None = None,
         fixed: dict[str, object] | None = None,
     ) -> pd.DataFrame:
         """A typed frame in the schema; ``fixed`` values (exact conditions) are copied."""
-        fine = fine or {}
         fixed = fixed or {}
         data = {}
         for j, a in enumerate(self.attributes):
-            col = a.decode(cells[:, j], rng, fine.get(a.name))
+            col = a.decode(cells[:, j], rng)
             if a.name in fixed and fixed[a.name] is not None and a.numeric:
                 col = pd.Series([fixed[a.name]] * len(cells), dtype=col.dtype)
             data[a.name] = col

@@ -35,8 +35,8 @@ class MarginalGenerator(Generator):
     name = "marginal"
     defaults: dict[str, Any] = {
         "bins": 10,  # equal-width bins of a numeric column's public range
-        "rounds": 6,  # selection rounds after the 1-way marginals
-        "per_round": 3,  # marginals measured per round (top-k of one noisy score vector)
+        "rounds": 4,  # selection rounds after the 1-way marginals
+        "per_round": 4,  # marginals measured per round (top-k of one noisy score vector)
         "candidates": 48,  # candidates scored per round at most (the plan's bound)
         "one_way_share": 0.25,  # share of the privacy budget for the 1-way marginals
         "select_share": 0.15,  # share for the selection scores (the rest: measurements)
