@@ -34,7 +34,9 @@ from ..common.bundled import bundled_sites
 from ..common.protocol import (
     ARRAYS,
     CKKS,
+    CONFIG,
     KIND,
+    MARGINAL_ACTION,
     RELEASE,
     SCHEMA_FINGERPRINT,
     QueryKind,
@@ -45,6 +47,7 @@ from ..common.protocol import (
 )
 from ..common.study import ConfigError, SiteConfig, StudyConfig
 from .evaluate import evaluate_reply, released_table
+from .measure import measure_reply
 from .replay import cached_reply, drop_older_replies, keep_reply, model_digest
 from .secure import GlobalModel, release_final, train_encrypted
 from .site import (
@@ -264,6 +267,16 @@ def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         return handle_query(msg, context, sites)
+
+    @app.query(MARGINAL_ACTION)
+    def marginal(msg: Message, context: Context) -> Message:
+        """A measured study's request: noisy marginal counts or scores (client/measure.py)."""
+        site = resolve_site(context, sites)
+        study = StudyConfig.from_flat(dict(msg.content[CONFIG]))
+        state = _load_state(context, site, study)
+        content = measure_reply(site, study, msg.content, state)
+        _save_state(context, site, study, state)
+        return Message(content, reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -14,8 +14,8 @@ and ``from_content()`` at the Flower boundary:
 - ``ValidationRequest`` (Flower ``evaluate``): the released model and the size and seed
   of ``synthetic.csv``; a site scores its own sample of it (``client/evaluate.py``).
 
-Other kinds (a marginal-based generator's "measure these marginals") add a request
-class and its keys here; a ``query`` message tells its kind by ``KIND``.
+- a measured study's ``query.marginal`` (``MARGINAL_MESSAGE``): the marginal
+  generator's one message kind, below.
 
 What each key may contain, privacy-wise, is the threat-model table of docs/privacy.md.
 """
@@ -249,3 +249,44 @@ class ValidationRequest:
             rows=int(config.get(VALIDATION_ROWS, 0)),
             seed=int(config.get(VALIDATION_SEED, 0)),
         )
+
+
+# ---------------------------------------------------------------- marginal measurement
+# A measured study's one message kind (``MARGINAL_MESSAGE``, a Flower ``query`` with
+# its own action). The coordinator's content:
+#
+# - ``config``: the study's run config (``StudyConfig.to_flat``), the
+#   ``schema-fingerprint``, and the keys below;
+# - for ``score``: the ``MODEL_RECORD`` ArrayRecord, the model's normalised marginal of
+#   each candidate under ``p.<i>`` (public: post-processing of earlier releases);
+# - for ``decrypt``: the ``CKKS_COUNTS`` ConfigRecord with the summed ciphertexts.
+#
+# The site's reply: ``site`` (name, status, problems) and ``metrics`` (epsilon spent,
+# budget, the noise levels it uses) as in every reply, plus the noisy vector in clear
+# (``COUNTS_RECORD``, ArrayRecord ``values``) or encrypted (``CKKS_COUNTS``).
+
+MARGINAL_ACTION = "marginal"
+MARGINAL_MESSAGE = f"query.{MARGINAL_ACTION}"
+
+# config keys of a marginal message
+OP = "marginal-op"  # MEASURE_OP | SCORE_OP | DECRYPT_OP
+RELEASE_KIND = "marginal-kind"  # plan.ONE_WAY | plan.MEASURE (what the site charges)
+CLIQUES = "marginal-cliques"  # JSON list of attribute-name lists
+PLAN = "marginal-plan"  # JSON of MarginalPlan: each site calibrates its own noise from it
+STEP = "marginal-step"  # 1, 2, ...: the release's place in the study (logs, test noise)
+
+MEASURE_OP = "measure"
+SCORE_OP = "score"
+DECRYPT_OP = "decrypt"
+
+# records
+MODEL_RECORD = "marginal-model"  # coordinator -> site (score): p.<i> arrays
+COUNTS_RECORD = "marginal-counts"  # site -> coordinator, in clear: "values"
+CKKS_COUNTS = "marginal-ckks"  # ciphertexts both ways: CHUNKS, LAYOUT
+VALUES = "values"
+
+# reply metrics (besides epsilon, delta, epsilon-budget)
+SIGMA_ONE_WAY = "sigma-one-way"
+SIGMA_SCORE = "sigma-score"
+SIGMA_MEASURE = "sigma-measure"
+SIGMA_RELEASED = "sigma"  # the noise std of this reply's vector

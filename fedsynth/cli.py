@@ -157,7 +157,7 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
                    help="re-split the pooled rows into sites by Dirichlet(alpha) label shares")
     p.add_argument("--dirichlet-sites", type=int, default=0,
                    help="sites of the Dirichlet split (default: the dataset's count)")
-    p.add_argument("--generators", default="tvae,ctgan,ddpm")
+    p.add_argument("--generators", default="tvae,ctgan,ddpm,marginal")
     p.add_argument("--epsilons", default="1,3,10", help="per-site budgets of the DP runs")
     p.add_argument("--rounds", type=int, default=None, help="default 10; --quick 5")
     p.add_argument("--local-epochs", type=int, default=None, help="default 20; --quick 10")

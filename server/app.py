@@ -126,6 +126,10 @@ def run_study(
     """Run (or resume) a study on ``grid`` and write its outputs to ``study.output_dir``:
     resume from the checkpoint, train the remaining rounds, release the final model
     (an encrypted study's sites decrypt it), publish the model, samples and summary."""
+    if study.generator == "marginal":  # measured, not trained: its own message kind
+        from .marginal import run_marginal_study
+
+        return run_marginal_study(grid, study, schema, on_round)
     out = Path(study.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = get_generator(study.generator)(schema, seed=study.seed, **study.generator_params)

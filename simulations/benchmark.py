@@ -53,7 +53,10 @@ from .datasets import DATASETS, bundled_schema_path, load_site_frames
 from .simulate import SimulationOptions, prepare_sites, setup_simulation_keys
 from .splits import dirichlet_split, holdout_split, outcome_labels, write_site_table
 
-GENERATORS = ("tvae", "ctgan", "ddpm")
+GENERATORS = ("tvae", "ctgan", "ddpm", "marginal")
+# Generators whose central mode runs at every epsilon of the sweep, as their own upper
+# reference for the federated figures at the same per-site budget.
+CENTRAL_SWEEP = ("marginal",)
 QUICK_AREAS = ("fidelity", "utility", "survival", "detection", "privacy")
 
 #: figures kept per setting (headline keys of the validation suite, plus anonymeter's)
@@ -152,7 +155,9 @@ def plan_settings(opts: BenchmarkOptions, site_names: list[str]) -> list[Setting
     settings: list[Setting] = []
     for g in opts.generators:
         settings.append(Setting("central", g))
-        settings.append(Setting("central", g, dp=True, epsilon=opts.central_epsilon))
+        central = opts.epsilons if g in CENTRAL_SWEEP else (opts.central_epsilon,)
+        for eps in dict.fromkeys(central):
+            settings.append(Setting("central", g, dp=True, epsilon=eps))
         for name in site_names:
             settings.append(
                 Setting("local", g, dp=True, epsilon=opts.central_epsilon, site=name)

@@ -6,9 +6,15 @@ from ..errors import UnknownGeneratorError
 from .base import ConditionError, Generator, ModelFileError
 from .ctgan import CTGAN
 from .diffusion import TabDDPM
+from .marginal import MarginalGenerator
 from .tvae import TVAE
 
-REGISTRY: dict[str, type[Generator]] = {TVAE.name: TVAE, CTGAN.name: CTGAN, TabDDPM.name: TabDDPM}
+REGISTRY: dict[str, type[Generator]] = {
+    TVAE.name: TVAE,
+    CTGAN.name: CTGAN,
+    TabDDPM.name: TabDDPM,
+    MarginalGenerator.name: MarginalGenerator,
+}
 DEFAULT_GENERATOR = "tvae"
 
 
@@ -27,6 +33,7 @@ __all__ = [
     "ConditionError",
     "DEFAULT_GENERATOR",
     "Generator",
+    "MarginalGenerator",
     "ModelFileError",
     "REGISTRY",
     "TVAE",

@@ -1,0 +1,224 @@
+"""A site's side of a measured study: noisy marginal counts, not a training round.
+
+The coordinator asks (``common/protocol.py``, a ``query.marginal`` message) for one of:
+
+- ``measure``: the site's counts of a list of marginals plus Gaussian noise, its own
+  noise level calibrated from the study's plan and the site's own budget
+  (``common/generators/marginal/plan.py``);
+- ``score``: for each candidate marginal, the L1 distance between the site's counts
+  and the model's marginal the coordinator sent, plus Gaussian noise;
+- ``decrypt`` (encrypted studies): decrypt a sum of the sites' ciphertexts and return
+  it, flooded, as the release step of an encrypted training study does.
+
+Every noisy release is charged to the site's one ledger (the same ``PrivacyLedger``
+as DP-SGD, in ``context.state`` and ``state-dir``) before anything leaves, and refused
+when it would pass the site's budget. The noise is drawn from the site's
+``DPRandomness`` (secret unless a test seeded the site), never from anything the
+coordinator sends. Under ``secure-aggregation = "ckks"`` the vector leaves only as
+CKKS ciphertexts of ``values / count-bound`` (so every slot stays within the scheme's
+range), and a site set up with keys refuses to answer in clear.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..common import protocol as P
+from ..common.encryption import (
+    EncryptedUpdateError,
+    EncryptionContextError,
+    KeySetupError,
+    StateLayout,
+    decrypt_state,
+    encrypt_state,
+    flood_for_release,
+)
+from ..common.generators.marginal.discretize import Discretizer
+from ..common.generators.marginal.measure import noisy_marginals, noisy_scores
+from ..common.generators.marginal.plan import (
+    MEASURE,
+    ONE_WAY,
+    MarginalPlan,
+    NoiseLevels,
+    calibrate,
+)
+from ..common.protocol import SiteReply
+from ..common.schema import Schema
+from ..common.study import SiteConfig, StudyConfig, schema_fingerprint
+from ..common.table import TableCheckError, read_table
+from .site import (
+    BUDGET_EXHAUSTED,
+    INVALID_DATA,
+    SiteState,
+    site_schema,
+    status_metrics,
+)
+
+log = logging.getLogger("fedsynth.site")
+
+MEASURED = P.Status.TRAINED  # a reply that released something (the round logs count it)
+REFUSED = P.Status.REFUSED
+NOT_ENCRYPTED = P.Status.ENCRYPTION_REQUIRED
+
+
+@dataclass
+class MeasureReply:
+    reply: SiteReply
+    values: np.ndarray | None = None  # in clear
+    chunks: list[bytes] | None = None  # encrypted
+    layout_json: str = ""
+
+
+_CELLS: dict[tuple[str, float, str, int], np.ndarray] = {}
+
+
+def site_cells(site: SiteConfig, schema: Schema, bins: int) -> np.ndarray:
+    """The site's rows as cell indices (read, checked and cached once per process)."""
+    path = Path(site.data_path)
+    mtime = path.stat().st_mtime if path.exists() else -1.0
+    key = (str(path.resolve()), mtime, schema_fingerprint(schema), bins)
+    if key not in _CELLS:
+        _CELLS[key] = Discretizer(schema, bins).encode(read_table(path, schema))
+    return _CELLS[key]
+
+
+def noise_levels(site: SiteConfig, study: StudyConfig, plan: MarginalPlan) -> NoiseLevels:
+    """This site's noise for the plan: from its own budget, or its fixed multiplier."""
+    if site.noise_multiplier is not None:
+        s = site.noise_multiplier
+        return NoiseLevels(s, s, s)
+    return calibrate(plan, site.epsilon, site.delta, study.accountant)
+
+
+def answer(
+    site: SiteConfig, study: StudyConfig, config: dict[str, Any],
+    model_marginals: dict[str, np.ndarray], ckks: dict[str, Any], state: SiteState,
+) -> MeasureReply:
+    """Answer one marginal message; mutates ``state`` only when something is released."""
+    schema = site_schema(site, state, str(config[P.SCHEMA_FINGERPRINT]))
+    if isinstance(schema, SiteReply):
+        return MeasureReply(schema)
+    secure = study.encrypted
+    if site.requires_encryption and not secure:
+        return MeasureReply(SiteReply(NOT_ENCRYPTED, status_metrics(site, state), problems=[
+            "this site is set up for encrypted aggregation and answers nothing in clear"]))
+    op = str(config.get(P.OP, ""))
+    if op == P.DECRYPT_OP:
+        return _decrypt(site, study, ckks, state)
+    if op not in (P.MEASURE_OP, P.SCORE_OP):
+        return MeasureReply(SiteReply(REFUSED, status_metrics(site, state),
+                                      problems=[f"unknown marginal operation {op!r}"]))
+    from ..common.generators.marginal import MarginalGenerator
+
+    bins = int({**MarginalGenerator.defaults, **study.generator_params}["bins"])
+    try:
+        cells = site_cells(site, schema, bins)
+        plan = MarginalPlan.from_dict(json.loads(str(config[P.PLAN])))
+        cliques = [tuple(c) for c in json.loads(str(config[P.CLIQUES]))]
+        names = Discretizer(schema, bins).names
+        if not cliques or any(a not in names for c in cliques for a in c):
+            raise ValueError("the request names attributes that are not in the schema")
+    except TableCheckError as exc:
+        log.warning("site %s: %s", site.name, exc)
+        return MeasureReply(SiteReply(INVALID_DATA, status_metrics(site, state),
+                                      problems=exc.shareable()))
+    except (KeyError, ValueError, TypeError) as exc:
+        return MeasureReply(SiteReply(REFUSED, status_metrics(site, state),
+                                      problems=[f"malformed marginal request: {exc}"]))
+    sizes = Discretizer(schema, bins).shape
+    noise = noise_levels(site, study, plan) if site.dp else NoiseLevels(0.0, 0.0, 0.0)
+    kind = str(config.get(P.RELEASE_KIND, MEASURE)) if op == P.MEASURE_OP else "score"
+    if kind not in (ONE_WAY, MEASURE, "score"):
+        return MeasureReply(SiteReply(REFUSED, status_metrics(site, state),
+                                      problems=[f"unknown release kind {kind!r}"]))
+    sigma = noise.of(kind)
+    if site.dp:
+        state.ledger.mechanism = study.accountant
+        nxt = state.ledger.copy()
+        nxt.record(sigma, 1.0, len(cliques))
+        if nxt.epsilon(site.delta) > site.epsilon * (1 + 1e-9):
+            return MeasureReply(SiteReply(BUDGET_EXHAUSTED, status_metrics(site, state)))
+    rng = site.randomness(f"{study.study_id}:marginal:{config.get(P.STEP, 0)}").numpy(
+        "measurement")
+    if op == P.MEASURE_OP:
+        parts = noisy_marginals(cells, names, sizes, cliques, sigma, rng)
+        values = np.concatenate(parts)
+        if kind == ONE_WAY:
+            state.noisy_count = max(1.0, float(np.mean([p.sum() for p in parts])))
+    else:
+        try:
+            model = [np.asarray(model_marginals[f"p.{i}"], dtype=float)
+                     for i in range(len(cliques))]
+            if any(m.size != int(np.prod([sizes[a] for a in c]))
+                   for m, c in zip(model, cliques, strict=True)):
+                raise ValueError("a model marginal does not fit its clique")
+        except (KeyError, ValueError) as exc:
+            return MeasureReply(SiteReply(REFUSED, status_metrics(site, state),
+                                          problems=[f"malformed score request: {exc}"]))
+        total = state.noisy_count if state.noisy_count is not None else None
+        if total is None:
+            return MeasureReply(SiteReply(REFUSED, status_metrics(site, state), problems=[
+                "scores need the site's noisy 1-way release first"]))
+        values = noisy_scores(cells, names, sizes, cliques, model, total, sigma, rng)
+    if site.dp:
+        state.ledger.record(sigma, 1.0, len(cliques))
+    metrics = {
+        **status_metrics(site, state),
+        P.SIGMA_ONE_WAY: noise.one_way, P.SIGMA_SCORE: noise.score,
+        P.SIGMA_MEASURE: noise.measure, P.SIGMA_RELEASED: sigma,
+    }
+    if not secure:
+        return MeasureReply(SiteReply(MEASURED, metrics), values=values)
+    from .secure import site_context
+
+    try:
+        ctx = site_context(site, study.study_id)
+    except (KeySetupError, EncryptionContextError) as exc:
+        return MeasureReply(SiteReply(P.Status.NO_KEYS, metrics, problems=[str(exc)]))
+    layout = StateLayout.from_state({P.VALUES: values})
+    update = encrypt_state(ctx, {P.VALUES: values}, 1.0 / study.count_bound, layout=layout)
+    return MeasureReply(SiteReply(MEASURED, metrics), chunks=list(update.chunks),
+                        layout_json=layout.to_json())
+
+
+def _decrypt(site: SiteConfig, study: StudyConfig, ckks: dict[str, Any], state: SiteState
+             ) -> MeasureReply:
+    """Decrypt a sum of noisy vectors (DP post-processing: nothing is charged)."""
+    from .secure import site_context
+
+    try:
+        ctx = site_context(site, study.study_id)
+        layout = StateLayout.from_json(str(ckks[P.LAYOUT]))
+        summed = decrypt_state(ctx, list(ckks[P.CHUNKS]), layout)
+    except (KeySetupError, EncryptionContextError, EncryptedUpdateError, KeyError,
+            ValueError) as exc:
+        return MeasureReply(SiteReply(REFUSED, status_metrics(site, state),
+                                      problems=[f"refused to decrypt: {exc}"]))
+    # flooded, as the final release of an encrypted training study (client/secure.py)
+    flooded = flood_for_release({P.VALUES: summed[P.VALUES] * study.count_bound})
+    return MeasureReply(SiteReply(MEASURED, status_metrics(site, state)),
+                        values=flooded[P.VALUES])
+
+
+def measure_reply(site: SiteConfig, study: StudyConfig, content: Any, state: SiteState) -> Any:
+    """The Flower reply content of one marginal message (see ``common/protocol.py``)."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    config = dict(content[P.CONFIG])
+    model = content.get(P.MODEL_RECORD)
+    marginals = {k: v.numpy() for k, v in model.items()} if model is not None else {}
+    ckks = dict(content[P.CKKS_COUNTS]) if P.CKKS_COUNTS in content else {}
+    result = answer(site, study, config, marginals, ckks, state)
+    reply = result.reply
+    out = reply.to_content(site.name)
+    if result.values is not None:
+        out[P.COUNTS_RECORD] = ArrayRecord({P.VALUES: Array(np.asarray(result.values))})
+    if result.chunks is not None:
+        out[P.CKKS_COUNTS] = ConfigRecord({P.CHUNKS: result.chunks, P.LAYOUT: result.layout_json})
+    return out

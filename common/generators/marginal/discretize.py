@@ -1,0 +1,209 @@
+"""Cells of a marginal model, from the schema's public domain only (never from rows).
+
+Each schema column becomes one discrete attribute of the model:
+
+- categorical and binary columns keep their categories, a code set's codes are one
+  binary attribute each (that is how the schema already expands them);
+- integer, continuous and survival-time columns are cut into ``bins`` equal-width bins
+  of the public range [min, max] (survival times on log(1 + t), as the encoder does,
+  because follow-up is heavy-tailed); an integer column with no more values than
+  ``bins`` keeps one cell per value;
+- a missing value is one more cell of its column when the schema says it may be missing.
+
+Decoding draws a value inside the cell. An integer column draws on its integer grid
+(uniform over the integers of the bin, so no value is ever off the grid and no
+rounding piles mass on bin edges); a continuous column
+draws on the grid of its ``decimals`` when the schema gives them (else uniformly in the
+bin). Either way a decoded value falls back into its own cell.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ...schema import Column, Schema
+from ...table import _match_category
+
+DEFAULT_BINS = 10
+
+
+@dataclass(frozen=True)
+class Attribute:
+    """One column as the model sees it: its cells and how to map values to them."""
+
+    column: Column
+    bins: int  # numeric: number of value bins (missing cell excluded)
+
+    @property
+    def name(self) -> str:
+        return self.column.name
+
+    @property
+    def numeric(self) -> bool:
+        return self.column.is_numeric
+
+    @property
+    def _log(self) -> bool:
+        return self.column.kind == "survival_time"
+
+    def _bounds(self) -> tuple[float, float]:
+        lo, hi = float(self.column.min), float(self.column.max)  # type: ignore[arg-type]
+        return (math.log1p(lo), math.log1p(hi)) if self._log else (lo, hi)
+
+    def _integer_grid(self) -> bool:
+        return self.column.kind == "integer" or (
+            self.column.kind == "survival_time" and self.column.decimals == 0
+        )
+
+    @property
+    def size(self) -> int:
+        """Number of cells, the missing cell included."""
+        base = self.bins if self.numeric else len(self.column.categories)
+        return base + (1 if self.column.nullable else 0)
+
+    @property
+    def missing_cell(self) -> int | None:
+        return self.size - 1 if self.column.nullable else None
+
+    def value_cell(self, values: np.ndarray) -> np.ndarray:
+        """Bin of each (non-missing) numeric value; values are clipped to the domain."""
+        lo, hi = self._bounds()
+        v = np.log1p(np.maximum(values, 0.0)) if self._log else values
+        if self._integer_grid() and not self._log:
+            # equal-width bins on the integer grid: value k -> floor((k - lo) / width)
+            width = (hi - lo + 1) / self.bins
+            idx = np.floor((np.round(v) - lo) / width)
+        else:
+            idx = np.floor((v - lo) / (hi - lo) * self.bins)
+        return np.clip(idx, 0, self.bins - 1).astype(np.int64)
+
+    def encode(self, series: pd.Series) -> np.ndarray:
+        """Cell index of every value (missing -> the missing cell)."""
+        missing = series.isna().to_numpy()
+        if self.numeric:
+            num = pd.to_numeric(series, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+            cells = self.value_cell(np.nan_to_num(num, nan=float(self.column.min)))
+        else:
+            lookup = {str(c): i for i, c in enumerate(self.column.categories)}
+            cells = np.array(
+                [0 if m else lookup[str(_match_category(v, self.column))]
+                 for v, m in zip(series.tolist(), missing, strict=True)],
+                dtype=np.int64,
+            )
+        if missing.any():
+            if self.missing_cell is None:
+                raise ValueError(f"column {self.name!r} has missing values the schema forbids")
+            cells = np.where(missing, self.missing_cell, cells)
+        return cells
+
+    def edges(self) -> np.ndarray:
+        """The bins' edges on the encoding scale (log scale for survival times)."""
+        lo, hi = self._bounds()
+        if self._integer_grid() and not self._log:
+            return lo + np.arange(self.bins + 1) * (hi - lo + 1) / self.bins
+        return np.linspace(lo, hi, self.bins + 1)
+
+    def decode(self, cells: np.ndarray, rng: np.random.Generator) -> pd.Series:
+        """A schema-valid value for every cell index."""
+        cells = np.asarray(cells, dtype=np.int64)
+        missing = (cells == self.missing_cell) if self.column.nullable else np.zeros(
+            len(cells), dtype=bool)
+        if not self.numeric:
+            cats = list(self.column.categories)
+            out = [np.nan if m else cats[c] for c, m in zip(cells, missing, strict=True)]
+            return pd.Series(out, dtype=object)
+        values = self._draw_in_bins(np.where(missing, 0, cells), rng)
+        values = np.where(missing, np.nan, values)
+        if self._integer_grid():
+            return pd.Series(pd.array(values, dtype="Float64").astype("Int64"))
+        if self.column.decimals is not None:
+            values = np.round(values, self.column.decimals)
+        lo, hi = float(self.column.min), float(self.column.max)  # type: ignore[arg-type]
+        return pd.Series(np.clip(values, lo, hi))
+
+    def grid(self) -> np.ndarray | None:
+        """Every value the column can be recorded as, when that set is finite and small:
+        the integers of an integer column (or of a survival time in whole days), the
+        multiples of 10^-decimals of a continuous column. None: a continuum."""
+        lo, hi = float(self.column.min), float(self.column.max)  # type: ignore[arg-type]
+        if self._integer_grid():
+            step = 1.0
+        elif self.column.decimals is not None:
+            step = 10.0 ** -self.column.decimals
+        else:
+            return None
+        count = int(math.floor((hi - lo) / step + 1e-9)) + 1
+        if count > 200_000:
+            return None
+        return np.round(lo + np.arange(count) * step, 10)
+
+    def _draw_in_bins(self, bins: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """A value in each bin: uniform over the bin's recordable values (its grid), so a
+        decoded value always falls back into its own bin and never between grid points."""
+        grid = self.grid()
+        grid_cells = self.value_cell(grid) if grid is not None else None
+        edges = self.edges()
+        out = np.empty(len(bins), dtype=float)
+        for b in np.unique(bins):
+            rows = np.flatnonzero(bins == b)
+            if grid is not None:
+                points = grid[grid_cells == b]
+                if points.size:
+                    out[rows] = rng.choice(points, size=len(rows))
+                    continue
+            v = rng.uniform(edges[b], edges[b + 1], size=len(rows))
+            out[rows] = np.expm1(v) if self._log else v
+        return out
+
+
+class Discretizer:
+    """Every column of the schema as a model attribute (see the module docstring)."""
+
+    def __init__(self, schema: Schema, bins: int = DEFAULT_BINS) -> None:
+        if bins < 2:
+            raise ValueError("bins must be >= 2")
+        self.schema = schema
+        self.attributes: list[Attribute] = []
+        for column in schema.columns:
+            n = bins
+            if column.kind == "integer":
+                n = min(bins, int(column.max - column.min) + 1)  # type: ignore[operator]
+            self.attributes.append(Attribute(column, n))
+
+    @property
+    def names(self) -> list[str]:
+        return [a.name for a in self.attributes]
+
+    @property
+    def shape(self) -> dict[str, int]:
+        return {a.name: a.size for a in self.attributes}
+
+    def attribute(self, name: str) -> Attribute:
+        for a in self.attributes:
+            if a.name == name:
+                return a
+        raise KeyError(f"no attribute {name!r}")
+
+    def encode(self, frame: pd.DataFrame) -> np.ndarray:
+        """An (n, d) matrix of cell indices, columns in schema order."""
+        return np.stack([a.encode(frame[a.name]) for a in self.attributes], axis=1)
+
+    def decode(
+        self,
+        cells: np.ndarray,
+        rng: np.random.Generator,
+        fixed: dict[str, object] | None = None,
+    ) -> pd.DataFrame:
+        """A typed frame in the schema; ``fixed`` values (exact conditions) are copied."""
+        fixed = fixed or {}
+        data = {}
+        for j, a in enumerate(self.attributes):
+            col = a.decode(cells[:, j], rng)
+            if a.name in fixed and fixed[a.name] is not None and a.numeric:
+                col = pd.Series([fixed[a.name]] * len(cells), dtype=col.dtype)
+            data[a.name] = col
+        return pd.DataFrame(data)

@@ -1,0 +1,159 @@
+"""The marginal method itself (AIM-style), for one data holder or many.
+
+1. Measure every 1-way marginal; fit.
+2. For each selection round: score candidate 2-way (and, if allowed, 3-way) marginals
+   under DP (``plan.py``), take the top ``per_round`` whose addition keeps the model
+   within ``max_cells``, measure them, refit (warm start).
+
+Who holds the rows is hidden behind :class:`Measurer`: a central fit measures the
+pooled table in this process; a federated study asks the sites through Flower and adds
+their noisy answers (``server/marginal.py``). The selection therefore runs the same
+code in both modes, so central figures are a fair upper reference for federated ones.
+
+Selection scores follow AIM: a candidate's summed noisy L1 error minus the error its
+measurement is expected to have (sqrt(2/pi) * noise std * cells), so a big marginal
+is picked only when the model is far enough off to be worth its noise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import combinations
+from typing import Protocol
+
+import numpy as np
+
+from . import fit
+from .fit import SITE, Clique, Measurement
+from .measure import marginal
+from .plan import MEASURE, ONE_WAY, MarginalPlan
+
+MC_DRAWS = 100_000
+
+
+class Measurer(Protocol):
+    """The data holders' side, as the coordinator sees it."""
+
+    sites: list[str]  # non-empty: measurements come back per site (a SITE attribute)
+
+    def measure(self, cliques: Sequence[Clique], kind: str) -> list[Measurement]:
+        """Noisy counts of ``cliques`` (added over sites, or per site)."""
+
+    def score(
+        self, cliques: Sequence[Clique], model_marginals: dict[str, list[np.ndarray]]
+    ) -> tuple[np.ndarray, float]:
+        """Summed noisy scores and the std of their summed noise.
+
+        ``model_marginals[site]`` (or ``[""]`` for all sites) holds the model's
+        normalised marginal of each candidate, which a site compares to its counts."""
+
+    def measure_noise(self) -> list[float]:
+        """Each site's noise std for the next ``measure`` release (for the penalty)."""
+
+
+@dataclass
+class SelectionLog:
+    round: int
+    candidates: int
+    chosen: list[Clique]
+    scores: list[float]
+
+
+@dataclass
+class EngineResult:
+    model: object  # mbi MarkovRandomField
+    measurements: list[Measurement]
+    log: list[SelectionLog] = field(default_factory=list)
+
+
+def candidates(
+    names: Sequence[str], sizes: dict[str, int], measured: Sequence[Clique], max_way: int,
+    max_clique_cells: int,
+) -> list[Clique]:
+    """Cliques not yet covered by a measurement, small enough to measure."""
+    covered = [set(c) for c in measured]
+    out: list[Clique] = []
+    for way in range(2, max_way + 1):
+        for c in combinations(names, way):
+            if any(set(c) <= m for m in covered):
+                continue
+            if way == 3 and not any(len(set(c) & m) == 2 for m in covered if len(m) == 2):
+                continue  # a 3-way extends a measured pair, as in AIM's growing model
+            if math.prod(sizes[a] for a in c) <= max_clique_cells:
+                out.append(c)
+    return out
+
+
+def run(
+    names: Sequence[str], sizes: dict[str, int], plan: MarginalPlan, measurer: Measurer,
+    *, max_way: int = 2, max_cells: int = 200_000, max_clique_cells: int = 2_000,
+    iters: int = 1000, rng: np.random.Generator | None = None,
+) -> EngineResult:
+    """Run the whole plan against ``measurer``; returns the fitted model."""
+    rng = rng or np.random.default_rng(0)  # public randomness: which candidates to score
+    measurements = measurer.measure([(a,) for a in names], ONE_WAY)
+    sites = list(measurer.sites)  # known once the sites have answered
+    model = fit.estimate(sizes, measurements, sites, iters)
+    log: list[SelectionLog] = []
+    for t in range(plan.rounds):
+        measured = [m.clique for m in measurements]
+        pool = candidates(names, sizes, measured, max_way, max_clique_cells)
+        pool = [c for c in pool
+                if fit.model_cells(sizes, [*measured, c], sites) <= max_cells]
+        if not pool:
+            break
+        if len(pool) > plan.candidates:
+            keep = rng.choice(len(pool), size=plan.candidates, replace=False)
+            pool = [pool[i] for i in sorted(keep)]
+        scores, _ = measurer.score(pool, _model_marginals(model, pool, sites, rng))
+        noise = measurer.measure_noise()
+        cells = np.array([math.prod(sizes[a] for a in c) for c in pool], dtype=float)
+        spread = (sum(noise) if sites else math.sqrt(sum(s * s for s in noise)))
+        penalised = scores - math.sqrt(2 / math.pi) * spread * cells
+        chosen: list[Clique] = []
+        for i in np.argsort(-penalised):
+            if len(chosen) == plan.per_round:
+                break
+            trial = [*measured, *chosen, pool[i]]
+            if fit.model_cells(sizes, trial, sites) <= max_cells:
+                chosen.append(pool[i])
+        log.append(SelectionLog(t + 1, len(pool), chosen,
+                                [float(penalised[pool.index(c)]) for c in chosen]))
+        measurements += measurer.measure(chosen, MEASURE)
+        model = fit.estimate(sizes, measurements, sites, iters, warm_start=model)
+    return EngineResult(model, measurements, log)
+
+
+def _model_marginals(model, pool: Sequence[Clique], sites: Sequence[str],
+                     rng: np.random.Generator, draws: int = MC_DRAWS
+                     ) -> dict[str, list[np.ndarray]]:  # noqa: ANN001
+    """The model's normalised marginal of each candidate; per site when it has SITE.
+
+    Estimated from ``draws`` rows sampled from the model: exact inference of a marginal
+    that spans cliques compiles a new JAX program per candidate (seconds each), while a
+    sample costs one message pass. With 100k draws the L1 error of a 100-cell marginal
+    is about 0.03 of mass, well below the selection noise. Post-processing either way.
+    """
+    attrs = list(model.domain.attributes)
+    sizes = dict(zip(attrs, model.domain.shape, strict=True))
+    state = np.random.get_state()
+    np.random.seed(int(rng.integers(2**32)))
+    try:
+        data = model.synthetic_data(draws, method="sample").to_dict()
+    finally:
+        np.random.set_state(state)
+    cells = np.stack([np.asarray(data[a], dtype=np.int64) for a in attrs], axis=1)
+    if not sites:
+        out = []
+        for c in pool:
+            p = marginal(cells, attrs, sizes, c)
+            out.append(p / max(p.sum(), 1e-12))
+        return {"": out}
+    per_site: dict[str, list[np.ndarray]] = {s: [] for s in sites}
+    for c in pool:
+        joint = marginal(cells, attrs, sizes, (SITE, *c)).reshape(len(sites), -1)
+        for i, s in enumerate(sites):
+            per_site[s].append(joint[i] / max(joint[i].sum(), 1e-12))
+    return per_site

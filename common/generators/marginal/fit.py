@@ -1,0 +1,175 @@
+"""Fitting and querying the graphical model with ``mbi`` (Private-PGM).
+
+The model is a Markov random field over the attributes' cells, fitted to the noisy
+marginals by ``mbi``'s mirror descent (its recommended estimator). Measurements of one
+clique from several sites come in one of two forms:
+
+- pooled: the sum of the sites' noisy counts, noise std sqrt(sum sigma_i^2) (what the
+  coordinator sees under CKKS, and what a central fit produces);
+- by site: the stacked per-site vectors as one measurement of the clique extended by
+  the ``SITE`` attribute, each block weighted by 1 / sigma_i (so sites with different
+  budgets are weighted by their precision). The model then knows each hospital's
+  case mix, and site-conditional sampling is a clamp on ``SITE``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._jax import mbi
+
+SITE = "__site__"
+Clique = tuple[str, ...]
+
+
+@dataclass
+class Measurement:
+    """A noisy marginal: pooled (``by_site`` empty) or one vector per site."""
+
+    clique: Clique
+    values: np.ndarray  # pooled: sum of the sites' noisy counts; by site: [S, cells]
+    stddev: np.ndarray  # pooled: scalar std of the sum; by site: std of each site's noise
+    by_site: bool = False
+    kind: str = "measure"
+
+    def cells(self, sizes: dict[str, int]) -> int:
+        return int(np.prod([sizes[a] for a in self.clique]))
+
+
+@dataclass
+class FitConfig:
+    iters: int = 1000
+    sites: list[str] = field(default_factory=list)  # non-empty: the model has SITE
+
+
+def domain(sizes: dict[str, int], sites: Sequence[str]):  # noqa: ANN201 (mbi type)
+    m = mbi()
+    config = dict(sizes)
+    if sites:
+        config = {SITE: len(sites), **config}
+    return m.Domain.fromdict(config)
+
+
+def linear_measurements(measurements: Sequence[Measurement], sites: Sequence[str]) -> list:
+    m = mbi()
+    out = []
+    for meas in measurements:
+        if meas.by_site and sites:
+            values = np.asarray(meas.values, dtype=float)  # [S, cells]
+            sd = np.asarray(meas.stddev, dtype=float).reshape(-1, 1)
+            weights = np.broadcast_to(1.0 / sd, values.shape).ravel()
+            out.append(m.LinearMeasurement(
+                (values / sd).ravel(), (SITE, *meas.clique), stddev=1.0,
+                query=m.WeightedQuery(weights)))
+        elif meas.by_site:  # per-site vectors but a pooled model: sum them
+            values = np.asarray(meas.values, dtype=float).sum(axis=0)
+            sd = float(np.sqrt(np.sum(np.square(meas.stddev))))
+            out.append(m.LinearMeasurement(values, meas.clique, stddev=sd))
+        else:
+            out.append(m.LinearMeasurement(np.asarray(meas.values, dtype=float), meas.clique,
+                                           stddev=float(meas.stddev)))
+    return out
+
+
+def estimate(
+    sizes: dict[str, int], measurements: Sequence[Measurement], sites: Sequence[str],
+    iters: int, warm_start=None,  # noqa: ANN001 (an mbi model)
+):  # noqa: ANN201
+    """Fit the MRF to the measurements (warm-started from the previous fit if given)."""
+    m = mbi()
+    dom = domain(sizes, sites)
+    lms = linear_measurements(measurements, sites)
+    return m.estimation.MirrorDescent().estimate(
+        dom, lms, known_total=noisy_total(measurements), iters=iters, warm_start=warm_start)
+
+
+def noisy_total(measurements: Sequence[Measurement]) -> float:
+    """The number of rows, as the mean of the 1-way measurements' sums (post-processing)."""
+    sums = [float(np.sum(m.values)) for m in measurements if len(m.clique) == 1]
+    sums = sums or [float(np.sum(m.values)) for m in measurements]
+    return max(1.0, float(np.mean(sums)) if sums else 1.0)
+
+
+def model_cells(sizes: dict[str, int], cliques: Sequence[Clique], sites: Sequence[str]) -> int:
+    """Cells of the junction tree's maximal cliques: what inference stores and sweeps."""
+    m = mbi()
+    dom = domain(sizes, sites)
+    full = [((SITE,) + tuple(c)) if sites else tuple(c) for c in cliques]
+    tree, _ = m.junction_tree.make_junction_tree(dom, full)
+    return int(sum(dom.size(cl) for cl in m.junction_tree.maximal_cliques(tree)))
+
+
+def projected(model, clique: Clique) -> np.ndarray:  # noqa: ANN001
+    """The model's counts on ``clique`` (flattened in the clique's order)."""
+    return np.asarray(model.project(tuple(clique)).datavector(flatten=True), dtype=float)
+
+
+# -- a fitted model as flat arrays (save / load / a Flower ArrayRecord) -----------------
+def model_to_arrays(model, names: Sequence[str]) -> dict[str, np.ndarray]:  # noqa: ANN001
+    """Potentials by clique, cliques as attribute indices, and the total."""
+    attrs = list(model.domain.attributes)
+    out: dict[str, np.ndarray] = {"total": np.array([float(model.total)])}
+    cliques = list(model.cliques)
+    width = max(len(c) for c in cliques)
+    idx = np.full((len(cliques), width), -1, dtype=np.int64)
+    for i, cl in enumerate(cliques):
+        idx[i, : len(cl)] = [attrs.index(a) for a in cl]
+        out[f"potential.{i}"] = np.asarray(model.potentials[cl].values, dtype=np.float64)
+    out["cliques"] = idx
+    out["domain"] = np.asarray(model.domain.shape, dtype=np.int64)
+    return out
+
+
+def model_from_arrays(arrays: dict[str, np.ndarray], attrs: Sequence[str]):  # noqa: ANN201
+    """Rebuild the fitted MRF from :func:`model_to_arrays` (marginals by message passing)."""
+    m = mbi()
+    import jax.numpy as jnp
+
+    dom = m.Domain(tuple(attrs), tuple(int(s) for s in arrays["domain"]))
+    cliques = [tuple(attrs[j] for j in row if j >= 0) for row in np.asarray(arrays["cliques"])]
+    factors = {}
+    for i, cl in enumerate(cliques):
+        values = np.asarray(arrays[f"potential.{i}"], dtype=np.float64)
+        if values.shape != tuple(dom[a] for a in cl):
+            raise ValueError(f"potential {i} has shape {values.shape}, its clique needs "
+                             f"{tuple(dom[a] for a in cl)}")
+        factors[cl] = m.Factor(dom.project(cl), jnp.asarray(values))
+    potentials = m.CliqueVector(dom, cliques, factors)
+    return with_potentials(potentials, float(np.asarray(arrays["total"]).ravel()[0]))
+
+
+def with_potentials(potentials, total: float):  # noqa: ANN001, ANN201
+    m = mbi()
+    marginals = m.marginal_oracles.message_passing_stable(potentials, total)
+    return m.MarkovRandomField(potentials=potentials, marginals=marginals, total=total)
+
+
+def clamp(model, evidence: dict[str, int]):  # noqa: ANN001, ANN201
+    """The model conditioned on ``attribute = cell`` for each evidence item (exact).
+
+    Adds a log-indicator factor per evidence attribute (0 on the cell, a large negative
+    number elsewhere) and recomputes the marginals: sampling from the result draws
+    every other attribute from its exact conditional distribution.
+    """
+    m = mbi()
+    import jax.numpy as jnp
+
+    pots = model.potentials
+    dom = pots.domain
+    cliques = list(pots.cliques)
+    factors = {cl: pots[cl] for cl in cliques}
+    for attr, cell in evidence.items():
+        values = np.full(dom[attr], -1e6)
+        values[cell] = 0.0
+        key = (attr,)
+        ind = m.Factor(dom.project(key), jnp.asarray(values))
+        host = next((cl for cl in cliques if attr in cl), None)
+        if host is None:
+            cliques.append(key)
+            factors[key] = ind
+        else:
+            factors[host] = factors[host] + ind.expand(dom.project(host))
+    return with_potentials(m.CliqueVector(dom, cliques, factors), float(model.total))

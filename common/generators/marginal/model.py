@@ -1,0 +1,257 @@
+"""``MarginalGenerator``: the MST/AIM family of DP synthesizers, central or federated.
+
+It learns from noisy marginal counts, not from gradients: a site's share is a vector of
+noisy counts (``engine.py``, ``plan.py``), the model is a graphical model fitted to
+them with ``mbi`` (``fit.py``), and samples are decoded into the schema
+(``discretize.py``). Its state is the fitted model's potentials as flat arrays, so it
+saves, loads and samples like every other generator (``fedsynth sample``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from ...privacy import PrivacyLedger
+from ...privacy.randomness import DPRandomness
+from ..base import ConditionError, Generator
+from . import engine, fit
+from .discretize import Discretizer
+from .fit import SITE, Clique, Measurement
+from .measure import noisy_marginals, noisy_scores
+from .plan import MarginalPlan, NoiseLevels, calibrate
+
+NO_DP_NOISE = 1e-3  # noise std of a fit without DP: just enough to keep mbi well posed
+
+
+class MarginalGenerator(Generator):
+    """Marginal-based DP generator (AIM-style selection, Private-PGM inference)."""
+
+    name = "marginal"
+    defaults: dict[str, Any] = {
+        "bins": 10,  # equal-width bins of a numeric column's public range
+        "rounds": 4,  # selection rounds after the 1-way marginals
+        "per_round": 4,  # marginals measured per round (top-k of one noisy score vector)
+        "candidates": 48,  # candidates scored per round at most (the plan's bound)
+        "one_way_share": 0.25,  # share of the privacy budget for the 1-way marginals
+        "select_share": 0.15,  # share for the selection scores (the rest: measurements)
+        "max_way": 2,  # 2: pairs only; 3: also triples that extend a measured pair
+        "max_cells": 200_000,  # cap on the junction tree's cells (inference cost)
+        "max_clique_cells": 2_000,  # largest marginal a round may measure
+        "iters": 1000,  # mirror-descent iterations per fit
+        "site_attribute": True,  # federated in clear: model the site as an attribute
+    }
+
+    # -- Generator plumbing (no networks: nothing here is trained by DP-SGD) -----------
+    def build(self) -> None:
+        self.discretizer = Discretizer(self.schema, int(self.hparams["bins"]))
+        self.mrf: Any = None
+        self.sites: list[str] = []
+        self.fit_info: dict[str, Any] = {}
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {}
+
+    def private_module(self) -> nn.Module:
+        raise TypeError("the marginal generator is measured, not trained with DP-SGD")
+
+    def per_sample_loss(self, module: nn.Module, batch: Any) -> Any:
+        raise TypeError("the marginal generator has no per-sample loss")
+
+    def generate_encoded(self, n: int, rng: Any) -> np.ndarray:
+        raise TypeError("the marginal generator samples through sample()")
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return self.discretizer.shape
+
+    def plan(self, n_candidates: int | None = None) -> MarginalPlan:
+        """The study's privacy plan from the hyperparameters (no row is read)."""
+        d = len(self.discretizer.attributes)
+        pool = engine.candidates(self.discretizer.names, self.sizes, [], 2,
+                                 int(self.hparams["max_clique_cells"]))
+        m = min(int(self.hparams["candidates"]), max(len(pool), 1))
+        if n_candidates is not None:
+            m = n_candidates
+        rounds = int(self.hparams["rounds"]) if len(pool) else 0
+        return MarginalPlan(d, rounds, m, int(self.hparams["per_round"]),
+                            float(self.hparams["one_way_share"]),
+                            float(self.hparams["select_share"]))
+
+    # -- state ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, np.ndarray]:
+        if self.mrf is None:
+            return {}
+        out = fit.model_to_arrays(self.mrf, self._attrs())
+        out["sites_json"] = np.frombuffer(json.dumps(self.sites).encode(), dtype=np.uint8)
+        return out
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        if not state:
+            self.mrf = None
+            return
+        for key in ("total", "cliques", "domain", "sites_json"):
+            if key not in state:
+                raise ValueError(f"state does not fit a marginal model: missing {key!r}")
+        self.sites = list(json.loads(bytes(np.asarray(state["sites_json"], dtype=np.uint8))))
+        attrs = self._attrs()
+        expected = [len(self.sites)] if self.sites else []
+        expected += [self.sizes[a] for a in self.discretizer.names]
+        if list(np.asarray(state["domain"])) != expected:
+            raise ValueError(f"state domain {list(state['domain'])} does not fit this schema "
+                             f"and binning ({expected})")
+        for k, v in state.items():
+            if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.all(np.isfinite(v)):
+                raise ValueError(f"state key {k!r} holds NaN or infinite values")
+        self.mrf = fit.model_from_arrays(
+            {k: v for k, v in state.items() if k != "sites_json"}, attrs)
+
+    def _attrs(self) -> list[str]:
+        return ([SITE] if self.sites else []) + self.discretizer.names
+
+    # -- central fit --------------------------------------------------------------------
+    def fit(  # type: ignore[override]
+        self,
+        data: pd.DataFrame,
+        *,
+        epsilon: float | None = 3.0,
+        delta: float = 1e-5,
+        accountant: str = "rdp",
+        randomness: DPRandomness | None = None,
+        **_training: Any,
+    ) -> MarginalGenerator:
+        """Fit on one table (pooled rows) under (epsilon, delta)-DP.
+
+        The same engine as a federated study, with this process as the only data
+        holder; the noise comes from ``randomness`` (secret by default: pass
+        ``DPRandomness.reproducible`` in tests only). ``epsilon=None`` fits without DP
+        (a reference, not a release). Training options of the other generators
+        (``epochs``, ``sample_rate``...) mean nothing here and are ignored.
+        """
+        plan = self.plan()
+        dp = epsilon is not None
+        noise = (calibrate(plan, epsilon, delta, accountant) if dp else
+                 NoiseLevels(NO_DP_NOISE, NO_DP_NOISE, NO_DP_NOISE))
+        ledger = PrivacyLedger(accountant)
+        holder = LocalMeasurer(self.discretizer.encode(data), self.discretizer.names,
+                               self.sizes, noise, ledger if dp else None,
+                               randomness or DPRandomness.secret())
+        result = self.run_engine(plan, holder, sites=[])
+        self.fit_info = {
+            "epsilon": ledger.epsilon(delta) if dp else None,
+            "delta": delta if dp else None,
+            "ledger": ledger.to_record() if dp else None,
+            "noise": {"one_way": noise.one_way, "score": noise.score, "measure": noise.measure},
+            "selected": [list(c) for lg in result.log for c in lg.chosen],
+            "reproducible_noise": (randomness or DPRandomness.secret()).is_reproducible,
+        }
+        return self
+
+    def run_engine(self, plan: MarginalPlan, measurer: engine.Measurer,
+                   sites: Sequence[str]) -> engine.EngineResult:
+        """Run the selection/measurement plan and keep the fitted model."""
+        result = engine.run(
+            self.discretizer.names, self.sizes, plan, measurer,
+            max_way=int(self.hparams["max_way"]), max_cells=int(self.hparams["max_cells"]),
+            max_clique_cells=int(self.hparams["max_clique_cells"]),
+            iters=int(self.hparams["iters"]), rng=np.random.default_rng(self.seed),
+        )
+        self.mrf = result.model
+        self.sites = list(sites)
+        return result
+
+    # -- sampling ---------------------------------------------------------------------
+    def sample(  # type: ignore[override]
+        self,
+        n: int,
+        conditions: dict[str, Any] | None = None,
+        seed: int | None = None,
+        max_tries: int = 200,
+        site: str | None = None,
+    ) -> pd.DataFrame:
+        """``n`` schema-valid rows; conditions are exact (the evidence is clamped).
+
+        A numeric condition clamps its bin and sets the value itself; ``site`` (a model
+        fitted with a site attribute) draws patients like that hospital's.
+        """
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        if self.mrf is None:
+            raise ConditionError("the marginal model is not fitted yet: fit it or load one")
+        wanted = self._parse_conditions(conditions or {})
+        evidence: dict[str, int] = {}
+        for col, value in wanted.items():
+            attr = self.discretizer.attribute(col)
+            if value is None:
+                evidence[col] = int(attr.missing_cell)  # type: ignore[arg-type]
+            elif attr.numeric:
+                evidence[col] = int(attr.value_cell(np.array([float(value)]))[0])
+            else:
+                cats = [str(c) for c in attr.column.categories]
+                evidence[col] = cats.index(str(value))
+        if site is not None:
+            if site not in self.sites:
+                raise ConditionError(f"site {site!r} is not in this model; it knows "
+                                     f"{self.sites or 'no sites (fitted without them)'}")
+            evidence[SITE] = self.sites.index(site)
+        model = fit.clamp(self.mrf, evidence) if evidence else self.mrf
+        if n == 0:
+            return self.discretizer.decode(np.zeros((0, len(self.sizes)), dtype=np.int64),
+                                           np.random.default_rng(0))
+        base = self.seed if seed is None else seed
+        state = np.random.get_state()
+        np.random.seed(base % 2**32)  # mbi draws from numpy's global generator
+        try:
+            data = model.synthetic_data(n, method="sample").to_dict()
+        finally:
+            np.random.set_state(state)
+        cells = np.stack([np.asarray(data[a], dtype=np.int64) for a in self.discretizer.names],
+                         axis=1)
+        for col, cell in evidence.items():
+            if col != SITE and np.any(cells[:, self.discretizer.names.index(col)] != cell):
+                raise ConditionError(f"the model could not meet {col} exactly")
+        return self.discretizer.decode(cells, np.random.default_rng(base), fixed=wanted)
+
+
+class LocalMeasurer:
+    """The data holder of a central fit: this process, its rows and one ledger."""
+
+    sites: list[str] = []
+
+    def __init__(self, cells: np.ndarray, names: Sequence[str], sizes: dict[str, int],
+                 noise: NoiseLevels, ledger: PrivacyLedger | None,
+                 randomness: DPRandomness) -> None:
+        self.cells, self.names, self.sizes = cells, list(names), sizes
+        self.noise, self.ledger, self.randomness = noise, ledger, randomness
+        self.total: float | None = None
+
+    def measure(self, cliques: Sequence[Clique], kind: str) -> list[Measurement]:
+        sigma = self.noise.of(kind)
+        values = noisy_marginals(self.cells, self.names, self.sizes, cliques, sigma,
+                                 self.randomness.numpy("measurement"))
+        if self.ledger is not None:
+            self.ledger.record(sigma, 1.0, len(cliques))
+        if len(cliques[0]) == 1 and self.total is None:
+            self.total = float(np.mean([v.sum() for v in values]))
+        return [Measurement(c, v, np.asarray(sigma), kind=kind)
+                for c, v in zip(cliques, values, strict=True)]
+
+    def score(self, cliques: Sequence[Clique], model_marginals: dict[str, list[np.ndarray]]
+              ) -> tuple[np.ndarray, float]:
+        sigma = self.noise.score
+        if self.ledger is not None:
+            self.ledger.record(sigma, 1.0, len(cliques))
+        scores = noisy_scores(self.cells, self.names, self.sizes, cliques,
+                              model_marginals[""], float(self.total or len(self.cells)),
+                              sigma, self.randomness.numpy("measurement"))
+        return scores, sigma
+
+    def measure_noise(self) -> list[float]:
+        return [self.noise.measure]
+
+

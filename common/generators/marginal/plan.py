@@ -1,0 +1,137 @@
+"""The privacy plan of a marginal study: every release, calibrated up front.
+
+A site releases three kinds of Gaussian vectors, all at sampling rate 1 (no
+subsampling: every row of the site counts):
+
+- ``one-way``: the noisy 1-way marginal of every attribute, once. Adding or removing
+  one patient changes each of the ``d`` histograms by one in one cell, so the vector's
+  L2 sensitivity is sqrt(d). With noise std ``sigma`` per cell this is exactly ``d``
+  compositions of a sensitivity-1 Gaussian mechanism at noise multiplier ``sigma``;
+  the ledger records it as ``record(sigma, 1.0, d)``.
+- ``score`` (one per selection round): for each of ``m`` candidate marginals the L1
+  distance between the site's marginal and the current model's, scaled to the site's
+  noisy total. One patient moves one count of each candidate marginal by one, so each
+  score moves by at most 1 (triangle inequality): ``m`` sensitivity-1 Gaussians at
+  ``sigma_score``, recorded as ``record(sigma_score, 1.0, m)``. The coordinator then
+  takes the top-k of the summed scores: post-processing, free. This is report-noisy-max
+  with Gaussian noise, charged as if every noisy score were published (it is, to the
+  coordinator), so no separate exponential-mechanism analysis is needed and the ledger's
+  Gaussian composition is exact for it.
+- ``measure`` (one per selection round): the ``k`` chosen marginals at ``sigma_measure``:
+  ``record(sigma_measure, 1.0, k)``.
+
+Gaussian mechanisms at rate 1 compose exactly into one Gaussian: ``sum_i c_i / sigma_i^2``
+= ``1 / sigma_eq^2``, in RDP (Opacus' ``rdp``) and in the privacy-loss distribution
+(``prv``) alike. So the plan fixes the share of that total each kind gets
+(``one_way_share``, ``select_share``, the rest for measurements), finds the largest
+total (smallest ``sigma_eq``) whose epsilon at ``delta`` fits the budget with the
+site's own accountant, and splits it. A site that follows the plan ends within its
+budget; the candidate count per round is the plan's upper bound, so a round with fewer
+candidates spends less.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ...privacy import PrivacyLedger
+
+ONE_WAY, SCORE, MEASURE = "one-way", "score", "measure"
+
+
+@dataclass(frozen=True)
+class MarginalPlan:
+    """What a marginal study releases, independent of any row."""
+
+    attributes: int  # d: number of 1-way marginals measured first
+    rounds: int  # selection rounds after the 1-way marginals
+    candidates: int  # upper bound on the candidates scored per round
+    per_round: int  # marginals measured per round
+    one_way_share: float = 0.2
+    select_share: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.attributes < 1 or self.rounds < 0 or self.per_round < 1:
+            raise ValueError("a marginal plan needs >= 1 attribute, >= 0 rounds, >= 1 per round")
+        if not (0 < self.one_way_share < 1 and 0 <= self.select_share < 1
+                and self.one_way_share + self.select_share < 1 or self.rounds == 0):
+            raise ValueError("one_way_share and select_share must be in (0, 1) with sum < 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> MarginalPlan:
+        return cls(**{k: (float(v) if "share" in k else int(v)) for k, v in raw.items()})
+
+
+@dataclass(frozen=True)
+class NoiseLevels:
+    """Noise std per cell (= noise multiplier, sensitivity 1) of each release kind."""
+
+    one_way: float
+    score: float
+    measure: float
+
+    def of(self, kind: str) -> float:
+        return {ONE_WAY: self.one_way, SCORE: self.score, MEASURE: self.measure}[kind]
+
+
+def planned_ledger(plan: MarginalPlan, noise: NoiseLevels, mechanism: str = "rdp") -> PrivacyLedger:
+    """The ledger a site holds after following ``plan`` to the end."""
+    ledger = PrivacyLedger(mechanism)
+    ledger.record(noise.one_way, 1.0, plan.attributes)
+    for _ in range(plan.rounds):
+        ledger.record(noise.score, 1.0, plan.candidates)
+        ledger.record(noise.measure, 1.0, plan.per_round)
+    return ledger
+
+
+def _levels(plan: MarginalPlan, rho: float) -> NoiseLevels:
+    """Split a total Gaussian budget rho = 1 / (2 sigma_eq^2) by the plan's shares."""
+    if plan.rounds == 0:
+        return NoiseLevels(math.sqrt(plan.attributes / (2 * rho)), math.inf, math.inf)
+    measure_share = 1.0 - plan.one_way_share - plan.select_share
+    one = math.sqrt(plan.attributes / (2 * rho * plan.one_way_share))
+    score = (math.sqrt(plan.rounds * plan.candidates / (2 * rho * plan.select_share))
+             if plan.select_share > 0 else math.inf)
+    measure = math.sqrt(plan.rounds * plan.per_round / (2 * rho * measure_share))
+    return NoiseLevels(one, score, measure)
+
+
+def calibrate(
+    plan: MarginalPlan, epsilon: float, delta: float, mechanism: str = "rdp",
+    tolerance: float = 1e-4,
+) -> NoiseLevels:
+    """Smallest noise levels whose whole-plan epsilon stays within ``epsilon``.
+
+    Bisection on the equivalent single Gaussian's noise multiplier, with the same
+    accountant the site's ledger uses; the returned levels are then checked against
+    the planned ledger itself (so a rounding slip shows up here, not at a site).
+    """
+    if not (epsilon > 0 and math.isfinite(epsilon)):
+        raise ValueError("epsilon must be a positive number")
+
+    def eps(sigma_eq: float) -> float:
+        return PrivacyLedger(mechanism, [(sigma_eq, 1.0, 1)]).epsilon(delta)
+
+    lo, hi = 0.05, 1.0
+    while eps(hi) > epsilon:
+        lo, hi = hi, hi * 2
+        if hi > 1e6:
+            raise ValueError(f"no noise level reaches epsilon {epsilon}")
+    while eps(lo) <= epsilon and lo > 1e-4:
+        lo /= 2
+    while hi - lo > tolerance * hi:
+        mid = (lo + hi) / 2
+        if eps(mid) > epsilon:
+            lo = mid
+        else:
+            hi = mid
+    levels = _levels(plan, 1.0 / (2 * hi * hi))
+    spent = planned_ledger(plan, levels, mechanism).epsilon(delta)
+    if spent > epsilon * (1 + 1e-6):
+        raise AssertionError(f"calibrated plan spends {spent} > {epsilon}")
+    return levels

@@ -1,0 +1,319 @@
+"""The coordinator's side of a measured study (``generator = "marginal"``).
+
+``run_study`` hands a marginal study here before it builds any training strategy. The
+coordinator runs the same engine as a central fit (``common/generators/marginal``):
+1-way marginals, then rounds of DP selection scores and measurements, each a
+``query.marginal`` message to every site (``common/protocol.py``). It never sees a
+row: it adds the sites' noisy vectors and fits the graphical model to the totals.
+
+- In clear, it keeps each site's noisy vector, and (``site_attribute``, the default)
+  fits them as measurements of the marginal extended by a site attribute: the model
+  then knows each hospital's case mix (disease rates from 0.36 to 0.93 in the heart
+  study), a site's selection score compares the site to the model's picture of that
+  site, and ``sample(..., site=...)`` draws one hospital's patients. Summing the same
+  vectors instead is post-processing too; both cost the same privacy.
+- Under ``secure-aggregation = "ckks"`` each site sends its vector encrypted; the
+  coordinator adds ciphertexts with its key-less context and asks one site to decrypt
+  the sum (flooded, as the final release of an encrypted training study), so it only
+  ever holds totals. No site attribute then: that would need per-site vectors.
+
+Every site's reply carries the epsilon it has spent; a site past its budget refuses
+and the study goes on with the others (a pooled total then covers fewer sites: the
+round log says which).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from ..common import protocol as P
+from ..common.encryption import (
+    EncryptedUpdateError,
+    KeySetupError,
+    StateLayout,
+    add_encrypted,
+    check_ciphertexts,
+    load_public_context,
+)
+from ..common.generators.marginal import MarginalGenerator
+from ..common.generators.marginal.fit import Clique, Measurement, noisy_total
+from ..common.generators.marginal.model import NO_DP_NOISE
+from ..common.generators.marginal.plan import MarginalPlan
+from ..common.schema import Schema
+from ..common.study import ConfigError, StudyConfig, schema_fingerprint
+from .strategy import RoundLog, SiteRound
+
+log = logging.getLogger("fedsynth.coordinator")
+MEASURED = P.Status.TRAINED  # a reply that released its vector (the round logs count it)
+
+
+class NoSiteAnswered(RuntimeError):
+    """A marginal request got no usable reply from any site."""
+
+
+class FederatedMeasurer:
+    """The sites, as the marginal engine sees them: ask, check, add."""
+
+    def __init__(self, grid: Grid, study: StudyConfig, schema: Schema, plan: MarginalPlan,
+                 sizes: dict[str, int], by_site: bool,
+                 on_round: Callable[[RoundLog], None] | None = None) -> None:
+        self.grid, self.study, self.plan, self.sizes = grid, study, plan, sizes
+        self.by_site = by_site
+        self.secure = study.encrypted
+        self.public_ctx = None
+        if self.secure:
+            if not study.public_context:
+                raise ConfigError("secure-aggregation = 'ckks' needs public-context (the "
+                                  "coordinator's key-less CKKS context)")
+            try:
+                self.public_ctx = load_public_context(study.public_context)
+            except KeySetupError as exc:
+                raise ConfigError(str(exc)) from None
+        self.base = {**study.to_flat(), P.SCHEMA_FINGERPRINT: schema_fingerprint(schema),
+                     P.PLAN: json.dumps(plan.to_dict())}
+        self.sites: list[str] = []  # the model's SITE attribute, fixed by the first answers
+        self.node_site: dict[int, str] = {}
+        self.noise: dict[str, dict[str, float]] = {}  # site -> its reported noise levels
+        self.history: list[RoundLog] = []
+        self.on_round = on_round
+        self.step = 0
+        self.bytes_in = 0
+
+    # -- transport ----------------------------------------------------------------------
+    def _nodes(self) -> list[int]:
+        deadline = time.monotonic() + self.study.round_timeout
+        while (len(nodes := sorted(self.grid.get_node_ids())) < self.study.min_sites
+               and time.monotonic() < deadline):
+            time.sleep(0.5)
+        return nodes
+
+    def _ask(self, op: str, cliques: Sequence[Clique], kind: str = "",
+             model: dict[int, list[np.ndarray]] | None = None
+             ) -> list[tuple[str, dict[str, float], Any]]:
+        """One message per site; the replies that released a vector, with their site."""
+        self.step += 1
+        config = {**self.base, P.OP: op, P.CLIQUES: json.dumps([list(c) for c in cliques]),
+                  P.STEP: self.step, P.SERVER_ROUND: self.step}
+        if kind:
+            config[P.RELEASE_KIND] = kind
+        messages = []
+        for node in self._nodes():
+            content = RecordDict({P.CONFIG: ConfigRecord(config)})
+            if model is not None:
+                arrays = model.get(node, model.get(-1, []))
+                content[P.MODEL_RECORD] = ArrayRecord(
+                    {f"p.{i}": Array(np.asarray(a, dtype=np.float64))
+                     for i, a in enumerate(arrays)})
+            messages.append(Message(content, dst_node_id=node, message_type=P.MARGINAL_MESSAGE))
+        replies = list(self.grid.send_and_receive(messages, timeout=self.study.round_timeout))
+        logged, good = [], []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                logged.append(SiteRound(site=self.node_site.get(node, f"node {node}"),
+                                        status=P.Status.FAILED,
+                                        reason=str(msg.error.reason)[:300]))
+                continue
+            name, reply = P.SiteReply.from_content(msg.content)
+            metrics = reply.metrics
+            name = name or f"node {node}"
+            self.node_site[node] = name
+            status = reply.status
+            budget = metrics.get(P.EPSILON_BUDGET, -1.0)
+            # loss: none (a measurement); NaN keeps the round printers' formats working
+            entry = SiteRound(site=name, status=status, epsilon=metrics.get(P.EPSILON),
+                              loss=math.nan, problems=reply.problems,
+                              budget=budget if budget > 0 else None,
+                              delta=metrics.get(P.DELTA),
+                              reproducible_noise=bool(metrics.get(P.REPRODUCIBLE_NOISE, 0.0)))
+            if status == MEASURED and budget > 0 and metrics.get(P.EPSILON, 0) > budget * (
+                    1 + 1e-6):
+                entry.status = P.Status.REFUSED
+                entry.reason = "reported epsilon passes its budget"
+            elif status == MEASURED:
+                good.append((name, metrics, msg.content))
+            else:
+                entry.reason = "; ".join(entry.problems) or status
+            logged.append(entry)
+        record = RoundLog(round=self.step, sites=logged, aggregated=bool(good))
+        self.history.append(record)
+        if self.on_round is not None:
+            self.on_round(record)
+        if not good:
+            reasons = "; ".join(f"{s.site}: {s.status} ({s.reason})" for s in logged)
+            raise NoSiteAnswered(f"no site answered the marginal request {op} "
+                                 f"({reasons or 'no reply'})")
+        return good
+
+    def _vectors(self, good: list[tuple[str, dict[str, float], Any]], length: int
+                 ) -> tuple[dict[str, np.ndarray] | np.ndarray, list[str]]:
+        """Per-site vectors in clear, or the decrypted sum under CKKS."""
+        if not self.secure:
+            out: dict[str, np.ndarray] = {}
+            for name, _, content in good:
+                values = np.asarray(content[P.COUNTS_RECORD][P.VALUES].numpy(), dtype=float)
+                if values.shape != (length,) or not np.all(np.isfinite(values)):
+                    log.warning("marginal: %s sent a vector of shape %s, expected (%d,); "
+                                "left out", name, values.shape, length)
+                    continue
+                out[name] = values
+            return out, list(out)
+        layout = StateLayout.from_state({P.VALUES: np.zeros(length)})
+        chunks, names = [], []
+        for name, _, content in good:
+            try:
+                sent = list(dict(content[P.CKKS_COUNTS])[P.CHUNKS])
+                check_ciphertexts(self.public_ctx, sent, layout)
+            except (KeyError, EncryptedUpdateError, ValueError) as exc:
+                log.warning("marginal: %s sent unusable ciphertexts (%s); left out", name, exc)
+                continue
+            chunks.append(sent)
+            names.append(name)
+        if not chunks:
+            raise NoSiteAnswered("no site sent usable ciphertexts")
+        summed = add_encrypted(self.public_ctx, chunks)
+        return self._decrypt(summed, layout, length), names
+
+    def _decrypt(self, summed: list[bytes], layout: StateLayout, length: int) -> np.ndarray:
+        """One site decrypts the sum (one copy of the flooding noise, as for a release)."""
+        record = ConfigRecord({P.CHUNKS: summed, P.LAYOUT: layout.to_json()})
+        config = {**self.base, P.OP: P.DECRYPT_OP, P.STEP: self.step}
+        for node in self._nodes():
+            content = RecordDict({P.CONFIG: ConfigRecord(config), P.CKKS_COUNTS: record})
+            msg = Message(content, dst_node_id=node, message_type=P.MARGINAL_MESSAGE)
+            replies = list(self.grid.send_and_receive([msg], timeout=self.study.round_timeout))
+            if not replies or replies[0].has_error():
+                continue
+            reply = replies[0].content
+            if P.SiteReply.site_of(reply)[1] != MEASURED:
+                continue
+            values = np.asarray(reply[P.COUNTS_RECORD][P.VALUES].numpy(), dtype=float)
+            if values.shape == (length,) and np.all(np.isfinite(values)):
+                return values
+        raise NoSiteAnswered("no site decrypted the summed marginals")
+
+    def _split(self, vector: np.ndarray, cliques: Sequence[Clique]) -> list[np.ndarray]:
+        sizes = [math.prod(self.sizes[a] for a in c) for c in cliques]
+        return np.split(vector, np.cumsum(sizes)[:-1])
+
+    # -- the engine's interface ---------------------------------------------------------
+    def measure(self, cliques: Sequence[Clique], kind: str) -> list[Measurement]:
+        length = sum(math.prod(self.sizes[a] for a in c) for c in cliques)
+        good = self._ask(P.MEASURE_OP, cliques, kind)
+        for name, metrics, _ in good:
+            self.noise[name] = metrics
+        sigma = {name: max(m[P.SIGMA_RELEASED], NO_DP_NOISE) for name, m, _ in good}
+        vectors, names = self._vectors(good, length)
+        if not self.sites and self.by_site and not self.secure:
+            self.sites = sorted(names)
+        if self.sites:
+            assert isinstance(vectors, dict)
+            stacked = np.zeros((len(self.sites), length))
+            sd = np.full(len(self.sites), 1e12)  # a site that did not answer: no weight
+            for i, s in enumerate(self.sites):
+                if s in vectors:
+                    stacked[i], sd[i] = vectors[s], sigma[s]
+            parts = self._split(stacked.T, cliques)
+            return [Measurement(c, p.T, sd, by_site=True, kind=kind)
+                    for c, p in zip(cliques, parts, strict=True)]
+        total = (np.sum(list(vectors.values()), axis=0) if isinstance(vectors, dict)
+                 else vectors)
+        sd_total = math.sqrt(sum(sigma[n] ** 2 for n in names))
+        return [Measurement(c, p, np.asarray(sd_total), kind=kind)
+                for c, p in zip(cliques, self._split(total, cliques), strict=True)]
+
+    def score(self, cliques: Sequence[Clique], model_marginals: dict[str, list[np.ndarray]]
+              ) -> tuple[np.ndarray, float]:
+        if "" in model_marginals:
+            model = {-1: model_marginals[""]}
+        else:
+            model = {node: model_marginals[name] for node, name in self.node_site.items()
+                     if name in model_marginals}
+        good = self._ask(P.SCORE_OP, cliques, model=model)
+        vectors, names = self._vectors(good, len(cliques))
+        total = (np.sum(list(vectors.values()), axis=0) if isinstance(vectors, dict)
+                 else vectors)
+        sd = math.sqrt(sum(max(m[P.SIGMA_RELEASED], NO_DP_NOISE) ** 2 for _, m, _ in good))
+        return np.asarray(total), sd
+
+    def measure_noise(self) -> list[float]:
+        return [max(m.get(P.SIGMA_MEASURE, NO_DP_NOISE), NO_DP_NOISE)
+                for m in self.noise.values()]
+
+
+def run_marginal_study(grid: Grid, study: StudyConfig, schema: Schema,
+                       on_round: Callable[[RoundLog], None] | None = None) -> Any:
+    """Run a measured study end to end and write model, synthetic table and summary."""
+    from .app import (
+        MODEL,
+        SUMMARY,
+        SYNTHETIC,
+        StudyOutcome,
+        final_site_privacy,
+        release_label,
+        write_synthetic,
+    )
+
+    out = Path(study.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if study.resume:
+        log.warning("marginal studies do not resume: the study starts again (the sites' "
+                    "ledgers keep what they already spent)")
+    model = MarginalGenerator(schema, seed=study.seed, **study.generator_params)
+    plan = model.plan()
+    by_site = bool(model.hparams["site_attribute"]) and not study.encrypted
+    measurer = FederatedMeasurer(grid, study, schema, plan, model.sizes, by_site, on_round)
+    start = time.perf_counter()
+    result = model.run_engine(plan, measurer, sites=measurer.sites)
+    model.sites = list(measurer.sites)
+    seconds = time.perf_counter() - start
+    privacy = release_label(measurer.history)
+    model.save(out / MODEL, extra={"study-id": study.study_id, "round": measurer.step,
+                                   "privacy": privacy})
+    n = study.n_synthetic if study.n_synthetic > 0 else max(
+        1, int(round(noisy_total(result.measurements))))
+    write_synthetic(model, out / SYNTHETIC, n, seed=study.seed)
+    summary: dict[str, Any] = {
+        "privacy": privacy,
+        "study": study.to_flat(),
+        "schema": schema.name,
+        "generator_parameters": model.num_parameters(),
+        "rounds_completed": len(measurer.history),
+        "n_synthetic": n,
+        "seconds_federated": seconds,
+        "sites": final_site_privacy(measurer.history),
+        "rounds": [_round_json(r) for r in measurer.history],
+        "marginal": {
+            "plan": plan.to_dict(),
+            "site_attribute": measurer.sites,
+            "selected": [list(c) for lg in result.log for c in lg.chosen],
+            "measurements": len(result.measurements),
+            "noise": measurer.noise,
+        },
+    }
+    if study.encrypted:
+        summary["secure_aggregation"] = {"scheme": study.secure_aggregation,
+                                         "public_context": study.public_context,
+                                         "marginal_sums_decrypted_by_one_site": True}
+    if study.federated_validation:
+        from .app import validate_at_sites
+
+        summary["federated_validation"] = validate_at_sites(grid, study, schema, out, model, n)
+    (out / SUMMARY).write_text(json.dumps(summary, indent=1, default=str))
+    return StudyOutcome(out, len(measurer.history), measurer.history, seconds)
+
+
+def _round_json(r: RoundLog) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(r)
