@@ -187,7 +187,7 @@ def build_strategy(
     }
     if study.encrypted:
         return _secure_strategy(study, model, common, resumed.encrypted, out)
-    bounds = update_bounds(model.networks(), model.hparams, study.local_epochs,
+    bounds = update_bounds(model.networks(), model.training_spec(), study.local_epochs,
                            study.sample_rate)
     return make_strategy(
         study.strategy,

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
+from ..common.generators.base import TrainingSpec
 from ..common.privacy.plan import steps_per_round
 from ..common.protocol import ARRAYS, EPSILON, EPSILON_BUDGET, METRICS, NUM_EXAMPLES
 from .rounds import RoundLog, last_epsilon
@@ -139,21 +140,19 @@ ADAM_STEP_FACTOR = 10.0
 
 
 def update_bounds(
-    networks: dict[str, Any], hparams: dict[str, Any], local_epochs: int, sample_rate: float
+    networks: dict[str, Any], spec: TrainingSpec, local_epochs: int, sample_rate: float
 ) -> dict[str, float]:
     """Per state-dict key, the largest change of one coordinate an honest round can make.
 
     A round is ``local_epochs`` passes of ``int(1 / sample_rate)`` Poisson batches; each
-    batch is one step of every optimizer the generator uses (``g_steps`` generator steps
-    for a GAN). A trained parameter moves by at most ``ADAM_STEP_FACTOR`` times the
-    largest learning rate in the generator's settings per step. Buffers are not trained
-    by an optimizer: frequencies stay in [0, 1] and step counters grow by one per step,
-    so their bound is the larger of 1 and the number of steps.
+    batch is one step of every optimizer the generator uses (``steps_per_batch`` of its
+    ``TrainingSpec``: a GAN's generator steps). A trained parameter moves by at most
+    ``ADAM_STEP_FACTOR`` times the largest learning rate of the spec per step. Buffers
+    are not trained by an optimizer: frequencies stay in [0, 1] and step counters grow
+    by one per step, so their bound is the larger of 1 and the number of steps.
     """
-    rates = [float(v) for k, v in hparams.items()
-             if (k == "lr" or k.endswith("_lr")) and isinstance(v, int | float)]
-    steps = steps_per_round(sample_rate, local_epochs) * max(1, int(hparams.get("g_steps", 1)))
-    trained = max(1e-12, ADAM_STEP_FACTOR * max(rates, default=1e-3) * steps)
+    steps = steps_per_round(sample_rate, local_epochs) * max(1, spec.steps_per_batch)
+    trained = max(1e-12, ADAM_STEP_FACTOR * spec.largest_lr * steps)
     bounds: dict[str, float] = {}
     for prefix, net in networks.items():
         params = {name for name, _ in net.named_parameters()}

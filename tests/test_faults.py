@@ -168,7 +168,7 @@ def test_strategy_averages_only_the_good_replies(
     names = ["cleveland", "hungarian", *bad, "crashed", "silent"]
     node_of = {name: 100 + i for i, name in enumerate(names)}
 
-    bounds = update_bounds(model.networks(), model.hparams, STUDY.local_epochs,
+    bounds = update_bounds(model.networks(), model.training_spec(), STUDY.local_epochs,
                            STUDY.sample_rate)
     # The site whose epsilon "went down" reported more in an earlier round.
     earlier = [RoundLog(round=0, sites=[
@@ -277,7 +277,7 @@ def test_resumed_model_is_the_model_sent(trained: dict[str, Any], tmp_path: Path
 def test_honest_updates_fit_the_bound(trained: dict[str, Any]) -> None:
     """The bound is not tight enough to refuse real training (here, 3 hospitals)."""
     model, initial = trained["model"], trained["initial"]
-    bounds = update_bounds(model.networks(), model.hparams, STUDY.local_epochs,
+    bounds = update_bounds(model.networks(), model.training_spec(), STUDY.local_epochs,
                            STUDY.sample_rate)
     assert set(bounds) == set(initial)
     for reply in trained["replies"].values():
@@ -299,7 +299,7 @@ def test_honest_updates_of_other_generators_fit_the_bound(
     site = SiteConfig("cleveland", str(heart_files["cleveland"]), str(heart_schema_path))
     reply = train_site(site, study, schema_fingerprint(schema), initial, SiteState(), 1)
     assert reply.status == "trained" and reply.arrays is not None
-    bounds = update_bounds(model.networks(), model.hparams, study.local_epochs,
+    bounds = update_bounds(model.networks(), model.training_spec(), study.local_epochs,
                            study.sample_rate)
     worst = max(float(np.max(np.abs(reply.arrays[k] - initial[k]))) / bounds[k]
                 for k in initial)

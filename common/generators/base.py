@@ -17,6 +17,7 @@ import io
 import json
 import zipfile
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -32,6 +33,28 @@ from ..schema import Schema
 from ..table import _match_category
 
 FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """What the one trainer and the coordinator's update bound need of a generator.
+
+    Declared by each generator (``Generator.training_spec``) rather than read out of
+    its hyperparameters by key, so a renamed hyperparameter cannot silently change how
+    it trains or what update the coordinator accepts.
+    """
+
+    lr: float  # Adam's learning rate on the private module
+    # > 0: a round returns the moving average of its DP iterates (post-processing)
+    iterate_ema: float = 0.0
+    # every optimizer's learning rate (a GAN has two): the update bound takes the largest
+    learning_rates: tuple[float, ...] = ()
+    # optimizer steps per private step (a GAN's generator steps): the bound scales with it
+    steps_per_batch: int = 1
+
+    @property
+    def largest_lr(self) -> float:
+        return max((self.lr, *self.learning_rates))
 
 
 class ModelFileError(FedsynthError, ValueError):
@@ -82,6 +105,11 @@ class Generator(ABC):
     @abstractmethod
     def generate_encoded(self, n: int, rng: torch.Generator) -> np.ndarray:
         """Draw ``n`` encoded rows (one-hot samples for categorical blocks)."""
+
+    def training_spec(self) -> TrainingSpec:
+        """How this generator trains; a family with more optimizers says so (CTGAN)."""
+        lr = float(self.hparams.get("lr", 1e-3))
+        return TrainingSpec(lr=lr, iterate_ema=float(self.hparams.get("iterate_ema", 0.0)))
 
     @property
     def loss_bound(self) -> float:

@@ -84,7 +84,7 @@ from torch.nn import functional as F
 
 from ..encoding import MISSING
 from ..schema import Schema
-from .base import Generator
+from .base import Generator, TrainingSpec
 
 
 class _CondPrior(nn.Module):
@@ -379,6 +379,15 @@ class CTGAN(Generator):
         logits = module(rows)
         labels = torch.cat([torch.ones(batch.shape[0]), torch.zeros(n_fake)])
         return F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+
+    def training_spec(self) -> TrainingSpec:
+        """The discriminator trains privately at ``lr``; the generator takes ``g_steps``
+        Adam steps at ``g_lr`` after each private step."""
+        return TrainingSpec(
+            lr=float(self.hparams["lr"]),
+            learning_rates=(float(self.hparams["g_lr"]),),
+            steps_per_batch=int(self.hparams["g_steps"]),
+        )
 
     def begin_round(self, seed: int) -> None:
         """A fresh Adam for the generator each round (its moments are not in the state).

@@ -86,7 +86,7 @@ def train_round(
     With ``dp`` set, each step is a DP-SGD step recorded in ``ledger``; without it, the
     same batches train with plain Adam (the no-DP baseline of the benchmarks).
 
-    With ``hparams["iterate_ema"] > 0`` the round returns an exponential moving average
+    With ``training_spec().iterate_ema > 0`` the round returns an exponential moving average
     of the private module's iterates instead of the last one: each iterate is already
     DP, so averaging is free post-processing, and it cancels much of the noise DP-SGD
     injected (De et al. 2022,
@@ -109,7 +109,8 @@ def train_round(
     module = generator.private_module()
     expected_batch = max(1.0, sample_rate * len(data))
     loader = poisson_loader(data, sample_rate, randomness.torch("sampler"))
-    lr = float(generator.hparams.get("lr", 1e-3))
+    spec = generator.training_spec()
+    lr = spec.lr
     total_loss, total_rows, steps = 0.0, 0, 0
     start = time.perf_counter()
     if dp is not None:
@@ -139,7 +140,7 @@ def train_round(
             if p.grad is not None:
                 p.grad.add_(p.detach() - anchor, alpha=proximal_mu)
 
-    ema_decay = float(generator.hparams.get("iterate_ema", 0.0))
+    ema_decay = spec.iterate_ema
     params = list(module.parameters())
     ema = [p.detach().clone() for p in params] if ema_decay > 0 else []
 
