@@ -62,6 +62,10 @@ CATEGORICAL_KINDS = ("categorical", "binary")
 # "codeset" is declared once in a schema file and expands into one binary column per
 # code (named prefix + code), grouped so the encoder makes them one multi-hot block.
 KINDS = NUMERIC_KINDS + CATEGORICAL_KINDS + ("codeset",)
+# The key ``fedsynth schema draft`` puts on every column whose bounds it copied from the
+# rows (common/schema_draft.py): such bounds publish the outliers DP protects, so a
+# schema that still carries the mark is refused everywhere (check, simulate, a site).
+DRAFT_MARK = "to_review"
 
 
 class SchemaError(ValueError):
@@ -274,6 +278,11 @@ def _parse_schema(raw: Any, source: str) -> Schema:
             problems.append(f"{where}: 'name' must be a non-empty string")
             continue
         where = f"column {cname!r}"
+        if rc.get(DRAFT_MARK):
+            problems.append(
+                f"{where}: unreviewed draft ({rc[DRAFT_MARK]}); write public bounds and "
+                f"delete its '{DRAFT_MARK}' entry"
+            )
         if cname in seen:
             problems.append(f"{where} is declared twice")
         seen.add(cname)

@@ -16,10 +16,13 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .privacy.randomness import DPRandomness
 from .schema import Schema
+
+if TYPE_CHECKING:  # imported when used: opacus (via common.privacy) costs seconds to load,
+    # and `fedsynth --help` reads StudyConfig's defaults
+    from .privacy.randomness import DPRandomness
 
 STRATEGIES = ("fedavg", "fedprox")
 SECURE_AGGREGATION = ("none", "ckks")
@@ -218,6 +221,8 @@ class SiteConfig:
         ``context`` (the study and round) only matters in reproducible mode, where it
         makes each round's draws differ; secret draws ignore it.
         """
+        from .privacy.randomness import DPRandomness
+
         if self.reproducible_noise_seed is None:
             return DPRandomness.secret()
         return DPRandomness.reproducible(self.reproducible_noise_seed, context)
