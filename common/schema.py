@@ -91,6 +91,8 @@ class Column:
     decimals: int | None = None  # recording precision of a continuous column (public)
     event: str = ""  # survival_time: the binary column saying whether the event happened
     group: str = ""  # the code set a binary column belongs to (see "codeset")
+    # optional readable names of categories, (category, label) pairs: reports show them
+    labels: tuple[tuple[Category, str], ...] = ()
 
     @property
     def is_numeric(self) -> bool:
@@ -126,7 +128,16 @@ class Column:
             out["decimals"] = self.decimals
         if self.event:
             out["event"] = self.event
+        if self.labels:
+            out["labels"] = {k: v for k, v in self.labels}
         return out
+
+    def label(self, category: object) -> str:
+        """The category's readable name when the schema gives one, else the category."""
+        for cat, text in self.labels:
+            if str(cat) == str(category):
+                return text
+        return str(category)
 
 
 @dataclass(frozen=True)
@@ -348,6 +359,15 @@ def _parse_schema(raw: Any, source: str) -> Schema:
             miss = []
         if miss and not nullable:
             problems.append(f"{where}: has missing codes but nullable is false")
+        raw_labels = rc.get("labels", {}) or {}
+        labels: tuple[tuple[Category, str], ...] = ()
+        if not isinstance(raw_labels, dict):
+            problems.append(f"{where}: 'labels' maps categories to names, e.g. {{1: typical}}")
+        else:
+            unknown = [k for k in raw_labels if str(k) not in {str(c) for c in cats}]
+            if unknown:
+                problems.append(f"{where}: labels for categories it does not have: {unknown}")
+            labels = tuple((k, str(v)) for k, v in raw_labels.items())
         decimals = rc.get("decimals")
         if decimals is not None and (not isinstance(decimals, int) or decimals < 0):
             problems.append(f"{where}: 'decimals' must be a whole number >= 0")
@@ -365,6 +385,7 @@ def _parse_schema(raw: Any, source: str) -> Schema:
                 unit=str(rc.get("unit", "")),
                 decimals=decimals,
                 event=event,
+                labels=labels,
             )
         )
 

@@ -479,8 +479,6 @@ def validate_and_report(
         # anonymeter needs numpy < 2: it runs from its own environment when one is set
         anonymeter_python=os.environ.get("FEDSYNTH_ANONYMETER_PYTHON") or None,
     )
-    extra = {"privacy_budget": summary["sites"], "rounds": summary["rounds"],
-             "study": summary["study"]}
     write_report(
         result,
         out / "report.html",
@@ -488,9 +486,26 @@ def validate_and_report(
         synthetic=synthetic,
         schema=schema,
         title=f"fedsynth study: {schema.name}",
-        extra=extra,
+        privacy=privacy_rows(summary),
+        rounds=summary["rounds"],
+        appendix={"per-round log (every site's reply)": summary["rounds"],
+                  "study configuration": summary["study"]},
     )
     return {"headline": result.headline(), "metrics": result.to_dict()}, result
+
+
+def privacy_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per site: epsilon spent beside its budget and delta (public: the site's config)."""
+    config = {s["name"]: s for s in summary.get("sites_config", [])}
+    rows = []
+    for name, info in summary["sites"].items():
+        cfg = config.get(name, {})
+        rows.append({"site": name, "epsilon_spent": info["epsilon"],
+                     "epsilon_budget": cfg.get("epsilon") if cfg.get("dp", True) else None,
+                     "delta": cfg.get("delta") if cfg.get("dp", True) else None,
+                     "rounds_trained": info["rounds_trained"], "status": info["last_status"],
+                     "problems": info.get("problems", [])})
+    return rows
 
 
 def _print_summary(console: Console, summary: dict[str, Any]) -> None:
