@@ -145,6 +145,17 @@ def _column(name: str, cells: pd.Series, tokens: set[str]) -> dict:
                          "measurements, make it kind: integer with public min and max")
         else:
             spec["kind"] = "integer" if whole else "continuous"
+            positive = [v for v in values if v > 0]
+            median = sorted(v for v in numbers if v)[len(positive) // 2] if positive else 0
+            if (values[0] == 0 and positive and len(positive) == len(values) - 1
+                    and positive[0] > 0.2 * median):
+                # 0 far below every other value: a "not measured" code (cholesterol 0)
+                spec["missing"] = [0]
+                missing += sum(1 for v in numbers if v == 0)
+                values = positive
+                notes.append(f"0 sits far below every other value (they start at "
+                             f"{_fmt(positive[0])}): proposed as a 'not measured' code "
+                             "(missing: [0]); delete it if 0 is a real measurement")
             spec["min"], spec["max"] = min(values), max(values)
             if not whole:
                 spec["decimals"] = _decimals(present)
@@ -164,6 +175,8 @@ def _column(name: str, cells: pd.Series, tokens: set[str]) -> dict:
                          "domain's public categories instead of the rows' (a rare category "
                          "points at its patients)")
     spec["nullable"] = missing > 0
+    if "missing" in spec:  # the schema's order: nullable before missing
+        spec["missing"] = spec.pop("missing")
     if missing:
         share = missing / len(texts)
         notes.append(f"missing in {'under 1%' if share < 0.01 else format(share, '.0%')} of "
@@ -208,9 +221,14 @@ def draft_schema(frames: list[pd.DataFrame], name: str, header: bool,
 
 
 def _survival(specs: list[dict], hints: list[str]) -> None:
-    events = [s for s in specs if s["kind"] == "binary" and EVENT_NAMES.match(s["name"])]
+    # an event column seen with one value only (every patient died) is still 0/1
+    events = [s for s in specs if EVENT_NAMES.match(s["name"]) and (
+        (s["kind"] == "binary" and "categories" not in s)
+        or (s["kind"] == "categorical" and set(s["categories"]) <= {0, 1}))]
     for s in specs:
         if s["kind"] in ("integer", "continuous") and TIME_NAMES.match(s["name"]) and events:
+            events[0].update(kind="binary")
+            events[0].pop("categories", None)
             s["kind"] = "survival_time"
             s["event"] = events[0]["name"]
             s["min"] = max(0.0, s["min"])
@@ -293,7 +311,7 @@ def _yaml(name: str, header: bool, tokens: list[str], specs: list[dict],
         for note in s.get("_note", []):
             lines.append(f"  # {s['name']}: {note}")
         keys = [k for k in ("name", "kind", "min", "max", "decimals", "event", "categories",
-                            "prefix", "codes", "nullable", DRAFT_MARK) if k in s]
+                            "prefix", "codes", "nullable", "missing", DRAFT_MARK) if k in s]
         parts = []
         for k in keys:
             v = s[k]
