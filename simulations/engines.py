@@ -55,6 +55,8 @@ def run_ray(server_app: ServerApp, client_app: ClientApp, num_sites: int,
     """Flower's simulation engine: one Ray actor per CPU, the sites in parallel."""
     from flwr.simulation import run_simulation
 
+    # CPU only: keep Ray's behaviour for zero GPUs without its FutureWarning on the console
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     run_simulation(
         server_app=server_app,
         client_app=client_app,
@@ -77,9 +79,13 @@ def route_framework_logs(log_file: Path | None, verbose: bool) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    for handler in flwr_logger.handlers:
-        if not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.INFO if verbose else logging.CRITICAL)
+    if not verbose:  # Flower re-levels its console handler itself: detach it for the study
+        # (and keep its records from the root logger, where Ray installs a stderr handler)
+        flwr_logger.propagate = False
+        for handler in list(flwr_logger.handlers):
+            if not isinstance(handler, logging.FileHandler):
+                flwr_logger.removeHandler(handler)
+                _detached.append(handler)
     if log_file is not None and not any(
         isinstance(h, logging.FileHandler) and Path(h.baseFilename) == log_file.resolve()
         for h in flwr_logger.handlers
@@ -91,8 +97,16 @@ def route_framework_logs(log_file: Path | None, verbose: bool) -> None:
             logging.getLogger(name).addHandler(handler)
 
 
+_detached: list[logging.Handler] = []  # Flower's console handler while a study runs
+
+
 def close_log(log_file: Path | None) -> None:
-    """Detach the study's log file (a later study in this process has its own)."""
+    """Detach the study's log file (a later study in this process has its own) and give
+    Flower its console handler back."""
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.propagate = True
+    while _detached:
+        flwr_logger.addHandler(_detached.pop())
     if log_file is None:
         return
     for name in ("flwr", "ray", "fedsynth"):

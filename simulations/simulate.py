@@ -386,8 +386,9 @@ def run_simulation_study(
             "(the coordinator gets only the public context)"
         )
     console.print(
+        # no exact row counts on the console: they are statistics of the sites' private rows
         f"[bold]fedsynth[/bold] study on {data.label}: {len(sites)} sites, "
-        f"{len(train)} training rows, {len(hold)} held out; generator {study.generator}, "
+        f"{opts.holdout:.0%} of each site's rows held out; generator {study.generator}, "
         + (f"DP eps={opts.epsilon} delta={opts.delta} per site" if opts.dp else "no DP")
         + f"; engine {opts.engine}"
     )
@@ -491,7 +492,10 @@ def validate_and_report(
         appendix={"per-round log (every site's reply)": summary["rounds"],
                   "study configuration": summary["study"]},
     )
-    return {"headline": result.headline(), "metrics": result.to_dict()}, result
+    metrics = result.to_dict()
+    # exact train/holdout row counts are statistics of private rows: not in the summary
+    metrics["info"].pop("rows", None)
+    return {"headline": result.headline(), "metrics": metrics}, result
 
 
 def privacy_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -552,8 +556,8 @@ def print_verdict(console: Console, verdict: dict[str, Any], report: str) -> Non
         word = info["verdict"]
         line = f"  [{colour[word]}]{word:>10}[/] {area}"
         if info["failed"]:
-            line += f" ({len(info['failed'])} of {info['checks']} checks fail: " + escape(
-                ", ".join(info["failed"])) + ")"
+            shown = ", ".join(info["failed"][:3]) + (", ..." if len(info["failed"]) > 3 else "")
+            line += f" ({len(info['failed'])} of {info['checks']} checks fail: {escape(shown)})"
         console.print(line)
         if info["advice"]:
             console.print(f"             [dim]what to do:[/] {escape(info['advice'])}")

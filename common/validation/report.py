@@ -726,9 +726,10 @@ def write_report(
     target = info.get("target") or {}
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     sub = (
+        # the real row counts are statistics of private rows: only the synthetic count
         f"schema <b>{html.escape(str(info.get('schema', schema.name)))}</b> · "
-        f"{rows.get('train', real.n)} training, {rows.get('holdout', '?')} held-out and "
-        f"{rows.get('synthetic', syn.n)} synthetic rows · "
+        f"{rows.get('synthetic', syn.n)} synthetic rows, scored against held-out real "
+        "patients · "
         + (
             f"target {html.escape(str(target.get('column')))} in {target.get('positive')} · "
             if target
