@@ -289,7 +289,7 @@ def _run_validate(args: argparse.Namespace, console: Console) -> int:
     from .common.validation import validate
     from .common.validation.report import write_report
     from .common.validation.verdict import verdict
-    from .simulations.simulate import print_verdict
+    from .simulations.simulate import headline_text, print_verdict
 
     schema = Schema.load(args.schema)
     real = read_table(args.real, schema)
@@ -309,8 +309,7 @@ def _run_validate(args: argparse.Namespace, console: Console) -> int:
         json.dumps({**result.to_dict(), "verdict": judged.to_dict()}, indent=1, default=str))
     write_report(result, out / "report.html", real_train=real, synthetic=syn, schema=schema,
                  title=f"fedsynth validation: {schema.name}", extra=None)
-    head = result.headline()
-    console.print(", ".join(f"{k} {v:.3f}" for k, v in head.items() if isinstance(v, float)))
+    console.print(headline_text(result.headline()))
     console.print(f"wrote {out}/validation.json and {out}/report.html")
     print_verdict(console, judged.to_dict(), f"{out}/report.html")
     return EXIT_VERDICT if args.strict and not judged.passed else 0

@@ -310,6 +310,9 @@ class _RoundPrinter:
         self.console = console
         self.progress = progress
         self.task = progress.add_task("federated training", total=rounds)
+        console.print("[dim]loss: each site's training loss as a DP release (Gaussian noise "
+                      "on a sample's clipped sum and count): noisy, can be negative; "
+                      "eps: privacy spent so far, whole study[/dim]")
 
     def __call__(self, record: RoundLog) -> None:
         parts = []
@@ -520,22 +523,21 @@ def _print_summary(console: Console, summary: dict[str, Any]) -> None:
     table.add_column("epsilon")
     table.add_column("rounds trained")
     table.add_column("last status")
-    delta = {s["name"]: s["delta"] for s in summary.get("sites_config", [])}
+    config = {s["name"]: s for s in summary.get("sites_config", [])}
     for name, info in summary["sites"].items():
         eps = info["epsilon"]
+        cfg = config.get(name, {})
+        budget = f" of {cfg['epsilon']:g}" if "epsilon" in cfg else ""
         table.add_row(
             name,
-            "no DP" if eps is None else f"{eps:.3f} (delta {delta.get(name, 0):g})",
+            "no DP" if eps is None else f"{eps:.3f}{budget} (delta {cfg.get('delta', 0):g})",
             str(info["rounds_trained"]),
             str(info["last_status"]),
         )
     console.print(table)
     head = summary.get("validation", {}).get("headline", {})
     if head:
-        console.print(
-            "validation against held-out patients: "
-            + ", ".join(f"{k} {v:.3f}" for k, v in head.items() if isinstance(v, float))
-        )
+        console.print("validation against held-out patients: " + headline_text(head))
     out = summary["study"]["output-dir"]
     console.print(
         f"wrote {out}/synthetic.csv, model.fsg, summary.json, report.html "
@@ -543,6 +545,15 @@ def _print_summary(console: Console, summary: dict[str, Any]) -> None:
     )
     if "verdict" in summary:
         print_verdict(console, summary["verdict"], f"{out}/report.html")
+
+
+def headline_text(head: dict[str, Any]) -> str:
+    """The headline figures, named as the report names them (the metric "fidelity" is
+    "marginal_similarity", apart from the area of that name)."""
+    from ..common.validation.report import METRIC_DISPLAY
+
+    return ", ".join(f"{METRIC_DISPLAY.get(k, k)} {v:.3f}" for k, v in head.items()
+                     if isinstance(v, float))
 
 
 def print_verdict(console: Console, verdict: dict[str, Any], report: str) -> None:
