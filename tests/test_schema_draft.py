@@ -121,3 +121,16 @@ def test_site_column_is_left_out_and_identifiers_flagged(tmp_path: Path) -> None
     assert "identifier" in text  # 120 distinct pid values
     age = raw["columns"][1]
     assert age["kind"] == "integer" and age[DRAFT_MARK]
+
+
+def test_a_site_refuses_an_unreviewed_draft(heart_files: dict[str, Path], tmp_path: Path) -> None:
+    """The ClientApp's own schema check: a site never trains on a draft's bounds."""
+    from fedsynth.client.site import SiteState, site_schema
+    from fedsynth.common.study import SiteConfig
+
+    draft = tmp_path / "draft.yaml"
+    assert main(["schema", "draft", str(heart_files["va"]), "--out", str(draft)]) == 0
+    site = SiteConfig(name="va", data_path=str(heart_files["va"]), schema_path=str(draft))
+    reply = site_schema(site, SiteState(), "any-fingerprint")
+    assert not isinstance(reply, Schema)
+    assert any(DRAFT_MARK in p for p in reply.problems)
