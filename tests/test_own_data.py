@@ -163,3 +163,21 @@ def test_sample_needs_a_positive_number_of_rows(n: str, tmp_path: Path, capsys) 
                  "--out", str(tmp_path / "s.csv")]) == 2
     assert "whole number >= 1" in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "s.csv").exists()
+
+
+def test_validate_prints_a_verdict_and_keeps_earlier_results(
+    tmp_path: Path, heart_files: dict[str, Path], heart_schema_path: Path, capsys
+) -> None:
+    """`fedsynth validate` ends with the verdict; --strict turns a failing one into exit 1;
+    a second run into the same folder needs --force."""
+    out = tmp_path / "v"
+    argv = ["validate", "--schema", str(heart_schema_path), "--real",
+            str(heart_files["cleveland"]), "--holdout", str(heart_files["hungarian"]),
+            "--synthetic", str(heart_files["va"]), "--no-synthetic-header", "--out", str(out)]
+    assert main([*argv, "--strict"]) == 1  # VA's patients are not Cleveland's
+    console = " ".join(capsys.readouterr().out.split())
+    assert "verdict:" in console and "what to do:" in console
+    saved = json.loads((out / "validation.json").read_text())
+    assert saved["verdict"]["passed"] is False
+    assert main(argv) == 2  # no silent overwrite
+    assert main([*argv, "--force"]) == 0  # the study ran: exit 0 without --strict
