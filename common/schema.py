@@ -14,6 +14,7 @@ File format (YAML or JSON, same structure)::
     outcome:             # optional: the label utility metrics predict
       column: num
       positive: [1, 2, 3, 4]
+    # target: relapse    # short form for a binary label (positive: its second category)
     columns:
       - name: age
         kind: integer    # continuous | integer | categorical | binary
@@ -395,6 +396,16 @@ def _parse_schema(raw: Any, source: str) -> Schema:
             problems.append(f"column {c.name!r}: event column {c.event!r} must be a declared "
                             "binary column")
     outcome = None
+    if raw.get("target") is not None:  # short form of outcome for a binary label
+        target = raw["target"]
+        col = by_name.get(target) if isinstance(target, str) else None
+        if raw.get("outcome") is not None:
+            problems.append("give either 'target' or 'outcome', not both")
+        elif col is None or col.kind != "binary":
+            problems.append("'target' names a declared binary column (its second category is "
+                            "the positive class); for another label use 'outcome'")
+        else:
+            outcome = Outcome(column=col.name, positive=(col.categories[-1],))
     if raw.get("outcome") is not None:
         ro = raw["outcome"]
         if not isinstance(ro, dict) or ro.get("column") not in seen:
@@ -410,7 +421,8 @@ def _parse_schema(raw: Any, source: str) -> Schema:
             f"schema {source} has {len(problems)} problem(s):\n"
             + "\n".join(f"  - {p}" for p in problems)
         )
-    known = {"name", "format", "columns", "outcome", "description", "source", "_codesets"}
+    known = {"name", "format", "columns", "outcome", "target", "description", "source",
+             "_codesets"}
     return Schema(
         name=name,
         columns=tuple(columns),

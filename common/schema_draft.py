@@ -305,8 +305,8 @@ def _yaml(name: str, header: bool, tokens: list[str], specs: list[dict],
     if site_column:
         lines.append(f"# the site column {site_column!r} is not part of the schema: simulate "
                      "--site-column drops it")
-    lines += ["# outcome: {column: NAME, positive: [VALUES]}  # uncomment to set the TSTR "
-              "label", "columns:"]
+    lines += ["# target: NAME  # uncomment: the binary label utility (TSTR) predicts; for "
+              "another label: outcome: {column: NAME, positive: [VALUES]}", "columns:"]
     for s in specs:
         for note in s.get("_note", []):
             lines.append(f"  # {s['name']}: {note}")

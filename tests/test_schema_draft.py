@@ -134,3 +134,19 @@ def test_a_site_refuses_an_unreviewed_draft(heart_files: dict[str, Path], tmp_pa
     reply = site_schema(site, SiteState(), "any-fingerprint")
     assert not isinstance(reply, Schema)
     assert any(DRAFT_MARK in p for p in reply.problems)
+
+
+def test_schema_target_entry_is_the_tstr_label(tmp_path: Path) -> None:
+    """`target: COLUMN` in the schema (a binary label) or --target sets what TSTR predicts."""
+    from fedsynth.common.study import ConfigError
+    from fedsynth.simulations.simulate import SimulationOptions, study_target
+
+    raw = bundled_schema("amlsg").to_dict()
+    raw["target"] = "complex_karyotype"
+    schema = Schema.from_dict(raw)
+    assert study_target(SimulationOptions(), schema) == ("complex_karyotype", ("1",))
+    assert study_target(SimulationOptions(target="death"), schema) == ("death", ("1",))
+    with pytest.raises(ConfigError, match="positive"):
+        study_target(SimulationOptions(target="cyto_risk"), schema)
+    assert study_target(SimulationOptions(target="cyto_risk", positive=("Adverse",)),
+                        schema) == ("cyto_risk", ("Adverse",))
