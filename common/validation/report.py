@@ -483,6 +483,9 @@ EPSILON_CAPTION = (
     "budget.")
 
 
+MAX_LEGEND_SITES = 12  # more sites than this: no legend (it would hide the plot)
+
+
 def training_plots(rounds: list[Mapping[str, Any]]) -> str:
     """The DP loss and the epsilon of each site against the round, with captions."""
     frame = _flatten(list(rounds))
@@ -508,9 +511,13 @@ def training_plots(rounds: list[Mapping[str, Any]]) -> str:
         ax.set_ylabel(ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, title="site", title_fontsize=8)
+        many = frame["site"].nunique() > MAX_LEGEND_SITES
+        if not many:
+            ax.legend(fontsize=8, title="site", title_fontsize=8)
         fig.tight_layout()
-        parts.append(figure(_png(fig), caption))
+        parts.append(figure(_png(fig), caption + (
+            f" One line per site ({frame['site'].nunique()} sites, too many to name here; "
+            "the privacy table lists them)." if many else "")))
     return "".join(parts)
 
 
