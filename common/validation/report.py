@@ -680,6 +680,9 @@ def _summary(result: ValidationResult) -> str:
     )
 
 
+MAX_OPEN_ROWS = 20  # a per-column table longer than this is folded (code sets: 54, 581)
+
+
 def _area_section(area: str, result: ValidationResult) -> str:
     metrics = result.by_area(area)
     whole = [m for m in metrics if not m.columns]
@@ -692,8 +695,14 @@ def _area_section(area: str, result: ValidationResult) -> str:
         if area == "utility":
             parts.append(_metric_table(single))
         else:
-            parts.append("<h3>Per column: synthetic <span class=note>(real reference)</span></h3>")
-            parts.append(_pivot(single))
+            title = "Per column: synthetic <span class=note>(real reference)</span>"
+            n_cols = len({m.columns for m in single})
+            if n_cols > MAX_OPEN_ROWS:  # a long table folds, as the column pairs do
+                parts.append(f"<details><summary><b>{title}: {n_cols} columns</b></summary>"
+                             + _pivot(single) + "</details>")
+            else:
+                parts.append(f"<h3>{title}</h3>")
+                parts.append(_pivot(single))
     if pairs:
         parts.append(
             f"<details><summary><b>Column pairs ({len(pairs)} figures): synthetic "
