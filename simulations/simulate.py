@@ -373,7 +373,6 @@ def run_simulation_study(
     claim_output(out, opts.force, opts.study.resume)
     out.mkdir(parents=True, exist_ok=True)
     log_file = out / LOG_FILE
-    _quiet_logs(opts.verbose, log_file)
     t0 = time.perf_counter()
     if not opts.study.resume:
         # a new study in an old folder: the old study's ledgers are not this one's
@@ -405,6 +404,7 @@ def run_simulation_study(
     ) as progress:
         printer = _RoundPrinter(console, study.num_server_rounds, progress)
         server_app = make_server_app(study, on_round=printer)
+        _quiet_logs(opts.verbose, log_file)  # undone by close_log below
         try:
             if opts.engine == "ray":
                 run_ray(server_app, make_client_app(sites), len(sites), opts.verbose)
