@@ -14,6 +14,7 @@ File format (YAML or JSON, same structure)::
     outcome:             # optional: the label utility metrics predict
       column: num
       positive: [1, 2, 3, 4]
+    # target: relapse    # short form for a binary label (positive: its second category)
     columns:
       - name: age
         kind: integer    # continuous | integer | categorical | binary
@@ -64,6 +65,10 @@ CATEGORICAL_KINDS = ("categorical", "binary")
 # "codeset" is declared once in a schema file and expands into one binary column per
 # code (named prefix + code), grouped so the encoder makes them one multi-hot block.
 KINDS = NUMERIC_KINDS + CATEGORICAL_KINDS + ("codeset",)
+# The key ``fedsynth schema draft`` puts on every column whose bounds it copied from the
+# rows (common/schema_draft.py): such bounds publish the outliers DP protects, so a
+# schema that still carries the mark is refused everywhere (check, simulate, a site).
+DRAFT_MARK = "to_review"
 
 
 class SchemaError(FedsynthError, ValueError):
@@ -89,6 +94,8 @@ class Column:
     decimals: int | None = None  # recording precision of a continuous column (public)
     event: str = ""  # survival_time: the binary column saying whether the event happened
     group: str = ""  # the code set a binary column belongs to (see "codeset")
+    # optional readable names of categories, (category, label) pairs: reports show them
+    labels: tuple[tuple[Category, str], ...] = ()
 
     @property
     def is_numeric(self) -> bool:
@@ -124,7 +131,16 @@ class Column:
             out["decimals"] = self.decimals
         if self.event:
             out["event"] = self.event
+        if self.labels:
+            out["labels"] = {k: v for k, v in self.labels}
         return out
+
+    def label(self, category: object) -> str:
+        """The category's readable name when the schema gives one, else the category."""
+        for cat, text in self.labels:
+            if str(cat) == str(category):
+                return text
+        return str(category)
 
 
 @dataclass(frozen=True)
@@ -276,6 +292,11 @@ def _parse_schema(raw: Any, source: str) -> Schema:
             problems.append(f"{where}: 'name' must be a non-empty string")
             continue
         where = f"column {cname!r}"
+        if rc.get(DRAFT_MARK):
+            problems.append(
+                f"{where}: unreviewed draft ({rc[DRAFT_MARK]}); write public bounds and "
+                f"delete its '{DRAFT_MARK}' entry"
+            )
         if cname in seen:
             problems.append(f"{where} is declared twice")
         seen.add(cname)
@@ -341,6 +362,15 @@ def _parse_schema(raw: Any, source: str) -> Schema:
             miss = []
         if miss and not nullable:
             problems.append(f"{where}: has missing codes but nullable is false")
+        raw_labels = rc.get("labels", {}) or {}
+        labels: tuple[tuple[Category, str], ...] = ()
+        if not isinstance(raw_labels, dict):
+            problems.append(f"{where}: 'labels' maps categories to names, e.g. {{1: typical}}")
+        else:
+            unknown = [k for k in raw_labels if str(k) not in {str(c) for c in cats}]
+            if unknown:
+                problems.append(f"{where}: labels for categories it does not have: {unknown}")
+            labels = tuple((k, str(v)) for k, v in raw_labels.items())
         decimals = rc.get("decimals")
         if decimals is not None and (not isinstance(decimals, int) or decimals < 0):
             problems.append(f"{where}: 'decimals' must be a whole number >= 0")
@@ -358,6 +388,7 @@ def _parse_schema(raw: Any, source: str) -> Schema:
                 unit=str(rc.get("unit", "")),
                 decimals=decimals,
                 event=event,
+                labels=labels,
             )
         )
 
@@ -367,6 +398,16 @@ def _parse_schema(raw: Any, source: str) -> Schema:
             problems.append(f"column {c.name!r}: event column {c.event!r} must be a declared "
                             "binary column")
     outcome = None
+    if raw.get("target") is not None:  # short form of outcome for a binary label
+        target = raw["target"]
+        col = by_name.get(target) if isinstance(target, str) else None
+        if raw.get("outcome") is not None:
+            problems.append("give either 'target' or 'outcome', not both")
+        elif col is None or col.kind != "binary":
+            problems.append("'target' names a declared binary column (its second category is "
+                            "the positive class); for another label use 'outcome'")
+        else:
+            outcome = Outcome(column=col.name, positive=(col.categories[-1],))
     if raw.get("outcome") is not None:
         ro = raw["outcome"]
         if not isinstance(ro, dict) or ro.get("column") not in seen:
@@ -382,7 +423,8 @@ def _parse_schema(raw: Any, source: str) -> Schema:
             f"schema {source} has {len(problems)} problem(s):\n"
             + "\n".join(f"  - {p}" for p in problems)
         )
-    known = {"name", "format", "columns", "outcome", "description", "source", "_codesets"}
+    known = {"name", "format", "columns", "outcome", "target", "description", "source",
+             "_codesets"}
     return Schema(
         name=name,
         columns=tuple(columns),

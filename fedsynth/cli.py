@@ -1,14 +1,20 @@
-"""The ``fedsynth`` command.
+"""The ``fedsynth`` command: a thin layer over the Python API (``import fedsynth``).
 
-Subcommands: ``simulate`` (a whole study on this machine), ``benchmark`` (settings,
-baselines and costs side by side; ``docs/benchmark.md``), ``check`` (a site's table
-against the schema), ``sample`` (draw rows from a saved generator), ``validate``
-(score synthetic data against real data), ``keys`` (encryption keys of a study),
-``certs`` (TLS and SuperNode authentication material), ``preflight`` (a site's
-checks before it joins a deployed study).
+Subcommands: ``simulate`` (a whole study on this machine, on a bundled dataset or your
+own tables), ``benchmark`` (settings, baselines and costs side by side;
+``docs/benchmark.md``), ``check`` (a site's table against the schema), ``schema draft``
+(a first schema from a table, to review), ``sample`` (draw rows from a saved
+generator), ``validate`` (score synthetic data against real data), ``keys`` (encryption
+keys of a study), ``certs`` (TLS and SuperNode authentication material), ``preflight``
+(a site's checks before it joins a deployed study).
 
 Errors a user can fix (bad input, a missing file, a corrupt model) end with one
-message naming the problem and what to do, and exit code 2; nothing is written.
+message naming the problem and what to do, and exit code 2; nothing is written. A
+study that ran exits 0 whatever its verdict, unless ``--strict`` (then 1 on a failing
+verdict, for pipelines).
+
+Imports are lazy: torch, opacus and Flower take seconds to load, and ``--help`` or a
+mistyped argument should answer at once.
 """
 
 from __future__ import annotations
@@ -19,25 +25,45 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-
-from rich.console import Console
-from rich.markup import escape
+from typing import TYPE_CHECKING
 
 from .common.errors import FedsynthError
-from .common.generators import DEFAULT_GENERATOR, REGISTRY
 from .common.study import ConfigError, StudyConfig
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
 EXIT_USAGE = 2
+EXIT_VERDICT = 1  # --strict: the study ran and its verdict fails
+# The generators' registered names (common/generators REGISTRY; a test checks they
+# match): the registry itself imports torch, which --help must not wait for.
+GENERATORS = ("ctgan", "ddpm", "marginal", "tvae")
+ENGINES = ("inprocess", "ray")  # simulations/engines.py (a test checks they match)
 
 
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
     d = StudyConfig()
     p = sub.add_parser(
         "simulate",
-        help="run a multicentre study on this machine (default: 4 heart-disease hospitals)",
-        description="Federated, DP synthetic-data study with Flower's simulation engine.",
+        help="run a multicentre study on this machine (default: 4 heart-disease hospitals; "
+        "your own tables with --schema and --data)",
+        description="Federated, DP synthetic-data study: the real ServerApp and ClientApp, "
+        "one simulated site per hospital, validation against held-out patients, a verdict.",
     )
-    p.add_argument("--dataset", default="heart_disease", help="bundled dataset (sites)")
+    p.add_argument("--dataset", default="heart_disease",
+                   help="bundled dataset: heart_disease, tcga_brca, amlsg, mimic3_demo")
+    p.add_argument("--schema", default=None,
+                   help="your study's schema (YAML/JSON; draft one with `fedsynth schema "
+                   "draft`); goes with --data")
+    p.add_argument("--data", default="",
+                   help="your tables: a folder with one CSV/Parquet file per site (the file "
+                   "name is the site), or one table with --site-column")
+    p.add_argument("--site-column", default="",
+                   help="the column of --data TABLE that names each row's site (dropped "
+                   "before training)")
+    p.add_argument("--target", default="", metavar="COLUMN[=V1,V2]",
+                   help="the label TSTR predicts (default: the schema's outcome); a "
+                   "categorical target names its positive values after =")
     p.add_argument("--sites", default="",
                    help="comma-separated subset of the dataset's sites (default: all)")
     p.add_argument("--site-epsilon", action="append", default=[], metavar="SITE=EPS",
@@ -57,7 +83,7 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
                    help="per-sample gradient clipping norm")
     p.add_argument("--accountant", choices=["rdp", "prv"], default=d.accountant)
-    p.add_argument("--generator", choices=sorted(REGISTRY), default=DEFAULT_GENERATOR)
+    p.add_argument("--generator", choices=GENERATORS, default=d.generator)
     p.add_argument("--generator-params", default="{}",
                    help='JSON hyperparameters, e.g. \'{"hidden": 64, "latent": 16}\'')
     p.add_argument("--strategy", choices=["fedavg", "fedprox"], default=d.strategy)
@@ -79,10 +105,23 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-synthetic", type=int, default=0,
                    help="rows to sample (default: about the number of training rows)")
     p.add_argument("--out", default=d.output_dir, help="output folder")
+    p.add_argument("--force", action="store_true",
+                   help="replace an earlier study's outputs in --out")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true",
                    help="continue from the checkpoint in --out instead of round 0")
-    p.add_argument("--verbose", action="store_true", help="show Flower's own log")
+    p.add_argument("--engine", choices=ENGINES, default=ENGINES[0],
+                   help="inprocess: the real apps in this process (fast, default); ray: "
+                   "Flower's simulation engine, sites in parallel")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 when the verdict fails (default: 0 whenever the study ran)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Flower's and Ray's own log (else it goes to OUT/fedsynth.log)")
+
+
+def _target(spec: str) -> tuple[str, tuple[str, ...]]:
+    column, _, values = spec.partition("=")
+    return column.strip(), tuple(v.strip() for v in values.split(",") if v.strip())
 
 
 def _run_simulate(args: argparse.Namespace, console: Console) -> int:
@@ -120,6 +159,13 @@ def _run_simulate(args: argparse.Namespace, console: Console) -> int:
             sep = ""
         if not sep or site_eps[name] <= 0:
             raise ConfigError(f"--site-epsilon takes SITE=EPSILON with EPSILON > 0, got {item!r}")
+    if not 0 < args.holdout < 1:
+        raise ConfigError(f"--holdout is a share of each site's rows in (0, 1), got "
+                          f"{args.holdout}")
+    if (args.schema or args.site_column) and not args.data:
+        raise ConfigError("--schema and --site-column describe your own tables: pass them "
+                          "with --data DIR (one table per site) or --data TABLE")
+    target, positive = _target(args.target)
     opts = SimulationOptions(
         dataset=args.dataset,
         sites=tuple(s for s in args.sites.split(",") if s),
@@ -131,9 +177,16 @@ def _run_simulate(args: argparse.Namespace, console: Console) -> int:
         study=study,
         verbose=args.verbose,
         reproducible_noise=args.reproducible_noise,
+        schema=args.schema,
+        data=args.data,
+        site_column=args.site_column,
+        target=target,
+        positive=positive,
+        engine=args.engine,
+        force=args.force,
     )
-    simulate(opts, console)
-    return 0
+    summary = simulate(opts, console)
+    return EXIT_VERDICT if args.strict and not summary["verdict"]["passed"] else 0
 
 
 def _add_benchmark(sub: argparse._SubParsersAction) -> None:
@@ -200,6 +253,11 @@ def _run_check(args: argparse.Namespace, console: Console) -> int:
 
 
 def _run_sample(args: argparse.Namespace, console: Console) -> int:
+    if args.n < 1:
+        raise ConfigError(f"-n is the number of rows to draw: a whole number >= 1, got {args.n}")
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
     from .common.generators import Generator
 
     model = Generator.load(args.model)
@@ -220,26 +278,63 @@ def _run_sample(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+VALIDATE_OUTPUTS = ("validation.json", "report.html")
+
+
 def _run_validate(args: argparse.Namespace, console: Console) -> int:
+    out = Path(args.out)
+    taken = [n for n in VALIDATE_OUTPUTS if (out / n).exists()]
+    if taken and not args.force:
+        raise FileExistsError(f"{out} already holds {', '.join(taken)}; pass --force to "
+                              "replace them or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; choose a folder")
     from .common.schema import Schema
     from .common.table import read_table
     from .common.validation import validate
     from .common.validation.report import write_report
+    from .common.validation.verdict import verdict
+    from .simulations.simulate import headline_text, print_verdict
 
     schema = Schema.load(args.schema)
     real = read_table(args.real, schema)
     hold = read_table(args.holdout, schema)
     syn = read_table(args.synthetic, replace(schema, header=args.synthetic_header))
-    out = Path(args.out)
+    target, positive = _target(args.target)
+    try:
+        result = validate(real, hold, syn, schema, seed=args.seed, target=target or None,
+                          positive=positive or None,
+                          survival=schema.survival_pairs[0] if schema.survival_pairs else None,
+                          anonymeter_python=os.environ.get("FEDSYNTH_ANONYMETER_PYTHON") or None)
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(str(exc).strip("'\"")) from None
     out.mkdir(parents=True, exist_ok=True)
-    result = validate(real, hold, syn, schema, seed=args.seed,
-                      anonymeter_python=os.environ.get("FEDSYNTH_ANONYMETER_PYTHON") or None)
-    (out / "validation.json").write_text(json.dumps(result.to_dict(), indent=1, default=str))
+    judged = verdict(result)
+    (out / "validation.json").write_text(
+        json.dumps({**result.to_dict(), "verdict": judged.to_dict()}, indent=1, default=str))
     write_report(result, out / "report.html", real_train=real, synthetic=syn, schema=schema,
                  title=f"fedsynth validation: {schema.name}", extra=None)
-    head = result.headline()
-    console.print(", ".join(f"{k} {v:.3f}" for k, v in head.items() if isinstance(v, float)))
+    console.print(headline_text(result.headline()))
     console.print(f"wrote {out}/validation.json and {out}/report.html")
+    print_verdict(console, judged.to_dict(), f"{out}/report.html")
+    return EXIT_VERDICT if args.strict and not judged.passed else 0
+
+
+def _run_schema(args: argparse.Namespace, console: Console) -> int:
+    from .common.schema_draft import draft_schema_file
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+    draft = draft_schema_file(args.tables, out, site_column=args.site_column or None,
+                              name=args.name or None)
+    console.print(
+        f"wrote {out}: {draft.columns} columns; {len(draft.marked)} with bounds copied from "
+        "the rows, marked 'to_review'. Replace each with a public, domain-knowledge bound "
+        "and delete the mark: simulate and the sites refuse the schema until then."
+    )
+    for line in draft.hints:
+        console.print(f"  - {line}")
     return 0
 
 
@@ -255,6 +350,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="check a site's table against the study schema")
     p.add_argument("--schema", required=True, help="the study's schema (YAML or JSON)")
     p.add_argument("--data", required=True, help="the site's table (CSV or Parquet)")
+
+    p = sub.add_parser("schema", help="draft a schema from your tables (`schema draft -h`)")
+    schema_sub = p.add_subparsers(dest="schema_command", required=True)
+    d = schema_sub.add_parser(
+        "draft",
+        help="propose a schema (kinds, categories, missing markers) from tables",
+        description="Propose each column's kind, categories and missing-value markers from "
+        "one or more tables (files, or a folder of one table per site). Bounds seen in the "
+        "rows would publish their outliers, so each is marked 'to_review': replace it with a "
+        "public, domain-knowledge bound; simulate and the sites refuse the draft until then.",
+    )
+    d.add_argument("tables", nargs="+", metavar="TABLE",
+                   help="CSV/Parquet file(s) or a folder of them")
+    d.add_argument("--site-column", default="",
+                   help="a column naming each row's site: left out of the schema")
+    d.add_argument("--name", default="", help="the study's name (default: from the file)")
+    d.add_argument("--out", required=True, help="where to write the draft (YAML)")
+    d.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
     p = sub.add_parser("sample", help="draw synthetic rows from a saved generator")
     p.add_argument("--model", required=True, help="model.fsg written by a study")
@@ -275,6 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic-header", action=argparse.BooleanOptionalAction, default=True,
                    help="whether the synthetic CSV has a header row (fedsynth writes one)")
     p.add_argument("--out", required=True, help="folder for validation.json and report.html")
+    p.add_argument("--force", action="store_true", help="replace earlier results in --out")
+    p.add_argument("--target", default="", metavar="COLUMN[=V1,V2]",
+                   help="the label TSTR predicts (default: the schema's outcome)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when the verdict fails")
     p.add_argument("--seed", type=int, default=0)
 
     sub.add_parser("keys", help="encryption keys of a study (see `fedsynth keys -h`)",
@@ -287,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+
     argv = list(sys.argv[1:] if argv is None else argv)
     console = Console(stderr=False)
     err = Console(stderr=True)
@@ -309,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         "check": _run_check,
         "sample": _run_sample,
         "validate": _run_validate,
+        "schema": _run_schema,
     }
     try:
         return handlers[args.command](args, console)

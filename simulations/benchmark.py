@@ -416,7 +416,8 @@ def ray_check(opts: BenchmarkOptions, seed: int, inprocess_folder: Path, work: P
         n_synthetic=0,
     )
     sim = SimulationOptions(dataset=opts.dataset, epsilon=opts.central_epsilon,
-                            delta=opts.delta, holdout=opts.holdout, study=study)
+                            delta=opts.delta, holdout=opts.holdout, study=study,
+                            engine="ray")  # the check is of Flower's Ray engine
     start = time.perf_counter()
     summary = simulate(sim, Console(file=open(os.devnull, "w")))  # noqa: SIM115
     seconds = time.perf_counter() - start

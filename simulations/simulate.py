@@ -1,25 +1,29 @@
 """``fedsynth simulate``: a whole multicentre study on this machine.
 
-One simulated Flower SuperNode per hospital, Flower's simulation engine (Ray) running
-the real ServerApp and ClientApp, real DP-SGD at every site. Before training, a share
-of each hospital's rows is held back; the synthetic data is then validated against
-those patients, whom no generator saw.
+One simulated Flower SuperNode per hospital, the real ServerApp and ClientApp (in this
+process by default, or on Flower's Ray simulation engine: ``engines.py``), real
+DP-SGD at every site. The sites are a bundled dataset's hospitals or the researcher's
+own tables (``--schema S.yaml --data DIR`` or ``--data TABLE --site-column C``;
+``site_tables.py``), every table checked before anything is written. Before training,
+a share of each hospital's rows is held back; the synthetic data is then validated
+against those patients, whom no generator saw, and the study ends with a verdict per
+validation area (``common/validation/verdict.py``).
 
-The output folder holds: ``synthetic.csv``, ``model.fsg`` (loadable with
-``fedsynth sample``), ``summary.json`` (config, per-site budget and epsilon spent, the
-per-round log of DP releases: publishable), ``validation.json`` (row counts, timings and
-the validation figures: computed on real rows in clear, not DP), ``report.html`` (built
-from both, so it is not DP either), and under ``real/`` the real train parts and holdout
-this run used (real patient rows: keep these three where the data may live).
+The output folder's files are listed in ``OUTPUTS`` (and in the README). An existing
+study's folder is never overwritten silently: ``force`` replaces those files,
+``study.resume`` continues from the checkpoint. ``summary.json`` holds only DP releases
+and public settings (it may be published); what is computed on the real rows in clear
+(row counts, timings, the validation figures and the verdict) is in ``validation.json``,
+which stays with the data, as do ``report.html`` and ``real/``.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,21 +35,47 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from ..common.generators import get_generator
 from ..common.privacy.plan import PrivacyPlan
 from ..common.protocol import Status
-from ..common.schema import Schema
+from ..common.schema import Outcome, Schema
 from ..common.study import ConfigError, SiteConfig, StudyConfig
 from ..common.table import read_table
 from ..server.app import SUMMARY, SYNTHETIC, StudyFailed, make_server_app
 from ..server.strategy import RoundLog
 from .datasets import bundled_schema_path, load_site_frames
+from .engines import DEFAULT_ENGINE, ENGINES, close_log, route_framework_logs
 from .splits import holdout_split, write_site_table
 
+# Every file and folder a study writes in its output folder, with what it is (the
+# README's table says the same). --force removes these and nothing else.
+OUTPUTS: dict[str, str] = {
+    "synthetic.csv": "the synthetic patients (DP post-processing: may be released)",
+    "model.fsg": "the global generator (fedsynth sample --model ... draws more rows)",
+    "summary.json": "config, each site's budget and epsilon spent, the per-round log of DP "
+    "releases (publishable: no exact statistic of a site's rows)",
+    "validation.json": "row counts, timings, the validation figures and the verdict: "
+    "computed on the real rows in clear, not DP (keep it with the data)",
+    "report.html": "the validation report (one file, plots embedded; built from the real "
+    "rows: keep it with the data)",
+    "fedsynth.log": "Flower's and Ray's log of the run (on the console only with --verbose)",
+    "schema.yaml": "the schema of a study on your own data, as the sites used it",
+    "checkpoint.fsg": "the global model after the last finished round (what --resume "
+    "continues from)",
+    "checkpoint.ckks": "the encrypted aggregate after the last round (CKKS studies; --resume)",
+    "momentum.npz": "the coordinator's server-momentum velocity (needed by --resume)",
+    "real/": "the real train parts and holdout this run used: real patients, keep them "
+    "where the data may live",
+    "site-state/": "each site's privacy ledger (epsilon spent so far), kept across "
+    "--resume: in a deployment it stays at the site",
+    "keys/": "CKKS and X25519 keys of an encrypted study (one folder per site, one for the "
+    "coordinator)",
+}
+LOG_FILE = "fedsynth.log"
 #: Figures computed on the real rows in clear (not DP): they stay where the data may live.
 VALIDATION_JSON = "validation.json"
 
 
 @dataclass
 class SimulationOptions:
-    dataset: str = "heart_disease"
+    dataset: str = "heart_disease"  # a bundled dataset, used when no own data is given
     epsilon: float = 3.0
     delta: float = 1e-5
     dp: bool = True
@@ -55,37 +85,154 @@ class SimulationOptions:
     sites: tuple[str, ...] = ()  # a subset of the dataset's sites (default: all)
     site_epsilon: dict[str, float] = field(default_factory=dict)  # per-site budgets
     site_noise: dict[str, float] = field(default_factory=dict)  # sites that fix their noise
+    # Own data (instead of ``dataset``): a schema (file or Schema) with either ``data``
+    # (a folder of one table per site, or one table split by ``site_column``) or
+    # ``site_tables`` (site name -> DataFrame or path, from the Python API).
+    schema: str | Schema | None = None
+    data: str = ""
+    site_column: str = ""
+    site_tables: Mapping[str, Any] | None = None
+    # The label TSTR predicts (default: the schema's outcome) and its positive values
+    # (default: a binary column's second category).
+    target: str = ""
+    positive: tuple[Any, ...] = ()
+    engine: str = DEFAULT_ENGINE  # "inprocess" or "ray" (engines.py)
+    force: bool = False  # replace an earlier study's outputs in the output folder
     # Tests and benchmarks only: every site's DP noise from a seed (derived from the
     # study seed), so runs compare noise for noise. The outputs are then labelled "not a
     # DP release". Off by default: the default study's outputs are safe to release.
     reproducible_noise: bool = False
 
 
-def _quiet_logs(verbose: bool) -> None:
-    level = logging.INFO if verbose else logging.WARNING
-    logging.getLogger("flwr").setLevel(level)
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+@dataclass
+class StudyData:
+    """The checked sites' tables, their schema and the schema file the sites read."""
+
+    schema: Schema
+    frames: dict[str, pd.DataFrame]
+    schema_path: Path | None  # None: written to the output folder (a Schema object)
+    label: str  # what the console calls the data
+
+
+def _quiet_logs(verbose: bool, log_file: Path | None = None) -> None:
+    route_framework_logs(log_file, verbose)
+
+
+def _schema_of(opts: SimulationOptions) -> tuple[Schema, Path | None]:
+    if isinstance(opts.schema, Schema):
+        return opts.schema, None
+    if not opts.schema:
+        raise ConfigError("own data needs its schema: pass --schema S.yaml (draft one with "
+                          "`fedsynth schema draft TABLE --out S.yaml`)")
+    return Schema.load(opts.schema), Path(opts.schema).resolve()
+
+
+def load_study_data(opts: SimulationOptions) -> StudyData:
+    """Every site's rows, checked against the schema; nothing is written.
+
+    A bundled dataset by name, or the researcher's own tables; all the problems of all
+    the sites come in one error (``site_tables.SiteDataError``).
+    """
+    from .site_tables import check_sites, sites_from_column, sites_from_folder
+
+    if opts.site_tables is not None:
+        schema, path = _schema_of(opts)
+        return StudyData(schema, check_sites(opts.site_tables, schema), path, "your data")
+    if opts.data:
+        schema, path = _schema_of(opts)
+        data = Path(opts.data)
+        if opts.site_column:
+            frames = sites_from_column(data, opts.site_column, schema)
+        elif data.is_dir():
+            frames = sites_from_folder(data, schema)
+        elif data.is_file():
+            raise ConfigError(
+                f"--data {data} is one table: name the column that says each row's site with "
+                "--site-column COLUMN, or pass a folder with one table per site"
+            )
+        else:
+            raise ConfigError(f"--data {data} does not exist; pass a folder with one table per "
+                              "site, or one table with --site-column")
+        return StudyData(schema, frames, path, str(data))
+    if opts.schema is not None or opts.site_column:
+        raise ConfigError("--schema and --site-column go with --data (your own tables)")
+    if Path(opts.dataset).suffix.lower() in (".yaml", ".yml", ".json"):
+        raise ConfigError(
+            f"{opts.dataset!r} is a schema file, not a bundled dataset: pass it as --schema "
+            f"{opts.dataset} with --data DIR (one table per site) or --data TABLE "
+            "--site-column COLUMN"
+        )
+    path = bundled_schema_path(opts.dataset)
+    schema, frames = load_site_frames(opts.dataset)
+    return StudyData(schema, frames, path, opts.dataset)
+
+
+def study_target(opts: SimulationOptions, schema: Schema) -> tuple[str | None, tuple | None]:
+    """The TSTR label: ``--target`` or the schema's outcome; checked before training."""
+    from ..common.validation.suite import resolve_target
+
+    target = opts.target or None
+    positive = tuple(opts.positive) or None
+    try:
+        if target is not None and target not in schema.names:
+            raise KeyError(f"--target {target!r} is not a column of the schema")
+        resolved = resolve_target(schema, target, positive)
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(str(exc).strip("'\"")) from None
+    if resolved is None:
+        return None, None
+    return resolved.column, tuple(sorted(resolved.positive))
+
+
+def claim_output(out: Path, force: bool, resume: bool) -> None:
+    """Refuse to write over an earlier study unless asked; ``force`` removes its files."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; choose a folder")
+    if not out.is_dir() or not any(out.iterdir()) or resume:
+        return
+    ours = [name for name in OUTPUTS if (out / name.rstrip("/")).exists()]
+    if not force:
+        found = ", ".join(ours) if ours else "other files"
+        raise FileExistsError(
+            f"{out} already holds {found}; pass --force to replace an earlier study's "
+            "outputs, --resume to continue its checkpoint, or choose another --out"
+        )
+    for name in ours:
+        target = out / name.rstrip("/")
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
 
 
 def prepare_sites(
-    opts: SimulationOptions, out: Path
+    opts: SimulationOptions, out: Path, data: StudyData | None = None
 ) -> tuple[list[SiteConfig], pd.DataFrame, pd.DataFrame]:
     """Split every hospital into train and holdout; write the train parts as site files."""
-    schema, frames = load_site_frames(opts.dataset)
+    data = data or load_study_data(opts)
+    schema, frames = data.schema, data.frames
     unknown = set(opts.sites) - set(frames)
     unknown |= (set(opts.site_epsilon) | set(opts.site_noise)) - set(frames)
     if unknown:
         raise ConfigError(
-            f"unknown site(s) {sorted(unknown)}; {opts.dataset} has {', '.join(frames)}"
+            f"unknown site(s) {sorted(unknown)}; {data.label} has {', '.join(frames)}"
         )
     if opts.sites:
         frames = {k: v for k, v in frames.items() if k in opts.sites}
     real_dir = out / "real"
     real_dir.mkdir(parents=True, exist_ok=True)
-    schema_path = str(bundled_schema_path(opts.dataset))
+    if data.schema_path is None:
+        data.schema_path = out / "schema.yaml"
+        schema.save(data.schema_path)
+    schema_path = str(data.schema_path)
+    # the holdout is stratified by the study's target, also when --target names it
+    target, positive = (opts.target, opts.positive) if opts.target and opts.positive else (
+        None, None)
+    split_schema = schema if target is None else replace(
+        schema, outcome=Outcome(column=target, positive=tuple(positive)))
     sites, trains, holds = [], [], []
     for i, (name, frame) in enumerate(frames.items()):
-        train, hold = holdout_split(frame, schema, opts.holdout, seed=opts.study.seed + i)
+        train, hold = holdout_split(frame, split_schema, opts.holdout, seed=opts.study.seed + i)
         path = real_dir / f"site-{name}.csv"
         write_site_table(train, schema, str(path))
         sites.append(
@@ -180,6 +327,9 @@ class _RoundPrinter:
         self.console = console
         self.progress = progress
         self.task = progress.add_task("federated training", total=rounds)
+        console.print("[dim]loss: each site's training loss as a DP release (Gaussian noise "
+                      "on a sample's clipped sum and count): noisy, can be negative; "
+                      "eps: privacy spent so far, whole study[/dim]")
 
     def __call__(self, record: RoundLog) -> None:
         parts = []
@@ -196,7 +346,7 @@ class _RoundPrinter:
 def check_budgets(opts: SimulationOptions) -> None:
     """Every simulated site's budget against the study's privacy plan, before anything
     runs: an infeasible budget is one message with the smallest feasible epsilon."""
-    if not opts.dp:
+    if not opts.dp or opts.study.generator == "marginal":  # that one plans its own releases
         return
     plan = PrivacyPlan.from_study(opts.study)
     budgets = {"every site": opts.epsilon} | {f"site {k}": v for k, v in
@@ -207,10 +357,10 @@ def check_budgets(opts: SimulationOptions) -> None:
         plan.check(eps, opts.delta, who=who)
 
 
-def check_generator(opts: SimulationOptions) -> None:
+def check_generator(opts: SimulationOptions, schema: Schema | None = None) -> None:
     """Build the study's generator once, so that a wrong name or hyperparameter is one
     clear message before any file is written, not a traceback from inside a site."""
-    schema = Schema.load(bundled_schema_path(opts.dataset))
+    schema = schema or Schema.load(bundled_schema_path(opts.dataset))
     try:
         get_generator(opts.study.generator)(
             schema, seed=opts.study.seed, **opts.study.generator_params
@@ -224,22 +374,43 @@ def check_generator(opts: SimulationOptions) -> None:
 
 def simulate(opts: SimulationOptions, console: Console | None = None) -> dict[str, Any]:
     """Run the study end to end and return the summary (also written to summary.json)."""
-    from flwr.simulation import run_simulation
+    return run_simulation_study(opts, console)[0]
 
+
+def run_simulation_study(
+    opts: SimulationOptions, console: Console | None = None
+) -> tuple[dict[str, Any], Any]:
+    """The study end to end: (summary, the ValidationResult of the synthetic table).
+
+    Every check that can fail on the user's input (data, schema, target, generator,
+    sites, output folder) runs before the first file is written.
+    """
     from ..client.app import make_client_app
+    from .engines import run_inprocess, run_ray
 
     console = console or Console()
-    _quiet_logs(opts.verbose)
-    check_generator(opts)  # before anything is written or cleared
+    if opts.engine not in ENGINES:
+        raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {opts.engine!r}")
+    data = load_study_data(opts)
+    check_generator(opts, data.schema)  # before anything is written or cleared
     check_budgets(opts)
+    target, positive = study_target(opts, data.schema)
+    opts = replace(opts, target=target or "", positive=positive or ())
+    unknown = (set(opts.sites) | set(opts.site_epsilon) | set(opts.site_noise)) - set(data.frames)
+    if unknown:
+        raise ConfigError(
+            f"unknown site(s) {sorted(unknown)}; {data.label} has {', '.join(data.frames)}"
+        )
     out = Path(opts.study.output_dir)
+    claim_output(out, opts.force, opts.study.resume)
     out.mkdir(parents=True, exist_ok=True)
+    log_file = out / LOG_FILE
     t0 = time.perf_counter()
     if not opts.study.resume:
         # a new study in an old folder: the old study's ledgers are not this one's
         shutil.rmtree(out / "site-state", ignore_errors=True)
-    sites, train, hold = prepare_sites(opts, out)
-    schema_path = bundled_schema_path(opts.dataset)
+    sites, train, hold = prepare_sites(opts, out, data)
+    schema_path = data.schema_path
     study = replace(opts.study, schema=str(schema_path), min_sites=min(opts.study.min_sites,
                                                                        len(sites)))
     if study.secure_aggregation == "ckks":
@@ -249,9 +420,11 @@ def simulate(opts: SimulationOptions, console: Console | None = None) -> dict[st
             "(the coordinator gets only the public context)"
         )
     console.print(
-        f"[bold]fedsynth[/bold] study on {opts.dataset}: {len(sites)} sites, "
-        f"{len(train)} training rows, {len(hold)} held out; generator {study.generator}, "
+        # no exact row counts on the console: they are statistics of the sites' private rows
+        f"[bold]fedsynth[/bold] study on {data.label}: {len(sites)} sites, "
+        f"{opts.holdout:.0%} of each site's rows held out; generator {study.generator}, "
         + (f"DP eps={opts.epsilon} delta={opts.delta} per site" if opts.dp else "no DP")
+        + f"; engine {opts.engine}"
     )
     with Progress(
         TextColumn("{task.description}"),
@@ -262,21 +435,19 @@ def simulate(opts: SimulationOptions, console: Console | None = None) -> dict[st
         transient=False,
     ) as progress:
         printer = _RoundPrinter(console, study.num_server_rounds, progress)
+        server_app = make_server_app(study, on_round=printer)
+        _quiet_logs(opts.verbose, log_file)  # undone by close_log below
         try:
-            run_simulation(
-                server_app=make_server_app(study, on_round=printer),
-                client_app=make_client_app(sites),
-                num_supernodes=len(sites),
-                backend_config={
-                    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                    "init_args": {"num_cpus": max(1, min(len(sites), os.cpu_count() or 1))},
-                },
-                verbose_logging=opts.verbose,
-            )
-        except RuntimeError:
+            if opts.engine == "ray":
+                run_ray(server_app, make_client_app(sites), len(sites), opts.verbose)
+            else:
+                run_inprocess(server_app, make_client_app(sites), len(sites), study.to_flat())
+        except (RuntimeError, StudyFailed):
             # Flower wraps the ServerApp's exception; the summary below says what failed
             if not (out / SUMMARY).exists():
                 raise
+        finally:
+            close_log(log_file)
     t_train = time.perf_counter() - t0
     summary_path = out / SUMMARY
     if summary_path.exists() and json.loads(summary_path.read_text()).get("status") == (
@@ -293,28 +464,34 @@ def simulate(opts: SimulationOptions, console: Console | None = None) -> dict[st
         )
     summary = json.loads(summary_path.read_text())
     summary["sites_config"] = [s.to_dict() for s in sites]
-    # What depends on the real rows in clear (row counts, validation figures, timings)
-    # goes to validation.json, which stays with the data; summary.json holds only DP
-    # releases and public settings, so it may be published.
+    # What depends on the real rows in clear (row counts, validation figures, verdict,
+    # timings) goes to validation.json, which stays with the data; summary.json holds
+    # only DP releases and public settings, so it may be published.
     local: dict[str, Any] = {"rows": {"train": len(train), "holdout": len(hold)}}
 
-    from ..common.schema import Schema
-
-    schema = Schema.load(schema_path)
+    schema = data.schema
     synthetic = read_table(out / SYNTHETIC, replace(schema, header=True))
     console.print("validating the synthetic data against the held-out patients ...")
     t1 = time.perf_counter()
-    local["validation"] = validate_and_report(
-        train.drop(columns="site"), hold.drop(columns="site"), synthetic, schema, out, summary
+    local["validation"], result = validate_and_report(
+        train.drop(columns="site"), hold.drop(columns="site"), synthetic, schema, out, summary,
+        target=opts.target or None, positive=opts.positive or None,
     )
     local["seconds_validation"] = time.perf_counter() - t1
     local["seconds_total"] = time.perf_counter() - t0
     local["seconds_until_model"] = t_train
+    local["verdict"] = study_verdict(result, summary).to_dict()
     summary_path.write_text(json.dumps(summary, indent=1, default=str))
     (out / VALIDATION_JSON).write_text(json.dumps(local, indent=1, default=str))
     summary = {**summary, **local}
     _print_summary(console, summary)
-    return summary
+    return summary, result
+
+
+def study_verdict(result: Any, summary: dict[str, Any]) -> Any:
+    from ..common.validation.verdict import verdict
+
+    return verdict(result, rounds=int(summary["study"]["num-server-rounds"]))
 
 
 def validate_and_report(
@@ -324,7 +501,9 @@ def validate_and_report(
     schema: Any,
     out: Path,
     summary: dict[str, Any],
-) -> dict[str, Any]:
+    target: str | None = None,
+    positive: tuple[Any, ...] | None = None,
+) -> tuple[dict[str, Any], Any]:
     from ..common.validation import validate
     from ..common.validation.report import write_report
 
@@ -334,13 +513,13 @@ def validate_and_report(
         synthetic,
         schema,
         seed=int(summary["study"]["seed"]),
+        target=target,
+        positive=positive,
         # survival data (TCGA-BRCA, AMLSG): Kaplan-Meier, log-rank, Cox and C-index
         survival=schema.survival_pairs[0] if schema.survival_pairs else None,
         # anonymeter needs numpy < 2: it runs from its own environment when one is set
         anonymeter_python=os.environ.get("FEDSYNTH_ANONYMETER_PYTHON") or None,
     )
-    extra = {"privacy_budget": summary["sites"], "rounds": summary["rounds"],
-             "study": summary["study"]}
     write_report(
         result,
         out / "report.html",
@@ -348,9 +527,29 @@ def validate_and_report(
         synthetic=synthetic,
         schema=schema,
         title=f"fedsynth study: {schema.name}",
-        extra=extra,
+        privacy=privacy_rows(summary),
+        rounds=summary["rounds"],
+        appendix={"per-round log (every site's reply)": summary["rounds"],
+                  "study configuration": summary["study"]},
     )
-    return {"headline": result.headline(), "metrics": result.to_dict()}
+    metrics = result.to_dict()
+    # exact train/holdout row counts are statistics of private rows: not in the summary
+    metrics["info"].pop("rows", None)
+    return {"headline": result.headline(), "metrics": metrics}, result
+
+
+def privacy_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per site: epsilon spent beside its budget and delta (public: the site's config)."""
+    config = {s["name"]: s for s in summary.get("sites_config", [])}
+    rows = []
+    for name, info in summary["sites"].items():
+        cfg = config.get(name, {})
+        rows.append({"site": name, "epsilon_spent": info["epsilon"],
+                     "epsilon_budget": cfg.get("epsilon") if cfg.get("dp", True) else None,
+                     "delta": cfg.get("delta") if cfg.get("dp", True) else None,
+                     "rounds_trained": info["rounds_trained"], "status": info["last_status"],
+                     "problems": info.get("problems", [])})
+    return rows
 
 
 def _print_summary(console: Console, summary: dict[str, Any]) -> None:
@@ -361,24 +560,55 @@ def _print_summary(console: Console, summary: dict[str, Any]) -> None:
     table.add_column("epsilon")
     table.add_column("rounds trained")
     table.add_column("last status")
-    delta = {s["name"]: s["delta"] for s in summary.get("sites_config", [])}
+    config = {s["name"]: s for s in summary.get("sites_config", [])}
     for name, info in summary["sites"].items():
         eps = info["epsilon"]
+        cfg = config.get(name, {})
+        budget = f" of {cfg['epsilon']:g}" if "epsilon" in cfg else ""
         table.add_row(
             name,
-            "no DP" if eps is None else f"{eps:.3f} (delta {delta.get(name, 0):g})",
+            "no DP" if eps is None else f"{eps:.3f}{budget} (delta {cfg.get('delta', 0):g})",
             str(info["rounds_trained"]),
             str(info["last_status"]),
         )
     console.print(table)
     head = summary.get("validation", {}).get("headline", {})
     if head:
-        console.print(
-            "validation against held-out patients: "
-            + ", ".join(f"{k} {v:.3f}" for k, v in head.items() if isinstance(v, float))
-        )
+        console.print("validation against held-out patients: " + headline_text(head))
     out = summary["study"]["output-dir"]
     console.print(
         f"wrote {out}/synthetic.csv, model.fsg, summary.json, report.html "
         f"in {summary['seconds_total']:.0f} s"
     )
+    if "verdict" in summary:
+        print_verdict(console, summary["verdict"], f"{out}/report.html")
+
+
+def headline_text(head: dict[str, Any]) -> str:
+    """The headline figures, named as the report names them (the metric "fidelity" is
+    "marginal_similarity", apart from the area of that name)."""
+    from ..common.validation.report import METRIC_DISPLAY
+
+    return ", ".join(f"{METRIC_DISPLAY.get(k, k)} {v:.3f}" for k, v in head.items()
+                     if isinstance(v, float))
+
+
+def print_verdict(console: Console, verdict: dict[str, Any], report: str) -> None:
+    """The study's verdict per validation area, with advice for each failing one."""
+    from rich.markup import escape
+
+    colour = {"pass": "green", "fail": "red", "not judged": "dim"}
+    overall = "green" if verdict["passed"] else "red"
+    console.print(f"[bold {overall}]verdict: {escape(verdict['headline'])}[/]")
+    for area, info in verdict["areas"].items():
+        word = info["verdict"]
+        line = f"  [{colour[word]}]{word:>10}[/] {area}"
+        if info["failed"]:
+            shown = ", ".join(info["failed"][:3]) + (", ..." if len(info["failed"]) > 3 else "")
+            line += f" ({len(info['failed'])} of {info['checks']} checks fail: {escape(shown)})"
+        console.print(line)
+        if info["advice"]:
+            console.print(f"             [dim]what to do:[/] {escape(info['advice'])}")
+    for note in verdict.get("notes", []):
+        console.print(f"  note: {escape(note)}")
+    console.print(f"details and plots: {report}")

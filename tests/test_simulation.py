@@ -27,6 +27,7 @@ ROUNDS = 3
 def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("study")
     opts = SimulationOptions(
+        engine="ray",  # the one test of Flower's Ray engine end to end (default: inprocess)
         sites=("cleveland", "switzerland"),
         epsilon=3.0,
         site_noise={"switzerland": 0.8},

@@ -39,6 +39,10 @@ REAL_COLOUR = "#1f5f99"
 SYN_COLOUR = "#e07b00"
 STATUS = {True: ("pass", "#2e7d32"), False: ("fail", "#c62828"), None: ("not judged", "#8a8a8a")}
 
+# Metrics whose name is also an area's: shown under another name so that "fidelity
+# fails" is never ambiguous (the area, or its mean per-column metric?).
+METRIC_DISPLAY = {"fidelity": "marginal_similarity"}
+
 AREA_TITLES = {
     "fidelity": "Fidelity: do synthetic patients look like real ones?",
     "diversity": "Diversity and coverage: is all of the real population there, and no more?",
@@ -65,6 +69,11 @@ th{background:#f4f4f4}td.l,th.l,td.m{text-align:left}
 .head{display:flex;flex-wrap:wrap;gap:8px}.head div{background:#f4f6f8;border-radius:6px;
 padding:6px 10px;font-size:13px}.head b{font-size:16px}
 img{max-width:100%}.note{font-size:12px;color:#555}
+figure{margin:10px 0 18px}figcaption{font-size:13px;color:#444;max-width:900px}
+.verdict{border-radius:8px;padding:12px 16px;margin:12px 0;color:#fff}
+.verdict h2{border:none;margin:0 0 6px;color:#fff}.verdict li{margin:3px 0}
+.verdict .adv{opacity:.95;font-size:13px}
+details.appendix{margin:10px 0}details.appendix summary{cursor:pointer;font-weight:600}
 """
 
 
@@ -76,6 +85,22 @@ def _png(fig: Figure) -> str:
     fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
     data = base64.b64encode(buffer.getvalue()).decode("ascii")
     return f'<img alt="plot" src="data:image/png;base64,{data}">'
+
+
+def figure(plot_html: str, caption: str) -> str:
+    """A plot with its caption (what it shows, how to read it); nothing if no plot."""
+    if not plot_html:
+        return ""
+    return f"<figure>{plot_html}<figcaption>{caption}</figcaption></figure>"
+
+
+def _name(metric_name: str) -> str:
+    return METRIC_DISPLAY.get(metric_name, metric_name)
+
+
+def _label(m: MetricValue) -> str:
+    name = _name(m.name)
+    return name if not m.columns else f"{name}[{', '.join(m.columns)}]"
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -129,7 +154,7 @@ def _table(
 def _metric_table(metrics: list[MetricValue]) -> str:
     rows = [
         [
-            html.escape(m.label),
+            html.escape(_label(m)),
             _fmt(m.value),
             _fmt(m.reference),
             "higher" if m.direction == "higher" else "lower",
@@ -148,6 +173,7 @@ def _pivot(metrics: list[MetricValue]) -> str:
     names = list(dict.fromkeys(m.name for m in metrics))
     cols = list(dict.fromkeys(", ".join(m.columns or ()) for m in metrics))
     cell = {(", ".join(m.columns or ()), m.name): m for m in metrics}
+    shown = [_name(n) for n in names]
     rows = []
     for c in cols:
         row = [html.escape(c)]
@@ -156,7 +182,7 @@ def _pivot(metrics: list[MetricValue]) -> str:
             ref = "" if m is None else f" <span class=note>({_fmt(m.reference)})</span>"
             row.append("" if m is None else _fmt(m.value) + ref)
         rows.append(row)
-    return _table(["column(s)", *names], rows)
+    return _table(["column(s)", *shown], rows)
 
 
 # ---------------------------------------------------------------- plots
@@ -210,15 +236,19 @@ def marginal_plots(real: Table, synthetic: Table, schema: Schema, result: Valida
             ):
                 freq = [np.mean(values == lab) for lab in labels]
                 ax.bar(x + offset, freq, width=0.4, color=colour, label=label)
-            ax.set_xticks(x, [lab if lab != MISSING else "missing" for lab in labels], fontsize=8)
+            names = [column.label(lab) if lab != MISSING else "missing" for lab in labels]
+            long = any(len(n) > 6 for n in names)
+            ax.set_xticks(x, names, fontsize=7 if long else 8, rotation=30 if long else 0,
+                          ha="right" if long else "center")
         m = fidelity.get(column.name)
         score = f" ({m.name.upper()} {m.value:.2f}, ref {m.reference:.2f})" if m else ""
         ax.set_title(f"{column.name}{score}", fontsize=10)
         ax.tick_params(labelsize=8)
     for ax in axes[len(columns) :]:
         ax.set_visible(False)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="upper right", ncols=2, fontsize=9,
+               title="training patients vs generator")
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     return _png(fig)
 
 
@@ -422,6 +452,9 @@ def _round_plot(frame: pd.DataFrame) -> str:
         return ""
     groups = [c for c in frame.columns if frame[c].dtype == object and c not in ("reason",)]
     group = groups[0] if groups else None
+    numeric = [c for c in numeric if frame[c].nunique(dropna=True) > 1]  # no flat lines
+    if not numeric:
+        return ""
     fig = Figure(figsize=(4.2 * len(numeric), 3.2))
     axes = np.atleast_1d(fig.subplots(1, len(numeric)))
     for ax, name in zip(axes, numeric, strict=True):
@@ -435,6 +468,70 @@ def _round_plot(frame: pd.DataFrame) -> str:
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     return _png(fig)
+
+
+LOSS_CAPTION = (
+    "Each site's training loss per round, as the site released it: a differential privacy "
+    "release, not the exact loss. The site takes one Poisson sample of its rows, clips "
+    "each row's loss to the generator's bound, and adds Gaussian noise (standard deviation "
+    "noise multiplier &times; &radic;2) to both the sum and the count; the query is "
+    "charged to its budget. On small sites the noise dominates, so single values can be "
+    "negative or jump: read the trend across rounds, not single points.")
+EPSILON_CAPTION = (
+    "Privacy spent by each site so far (epsilon at the site's delta, composed over every "
+    "round by the site's own accountant). A site stops training before it would pass its "
+    "budget.")
+
+
+MAX_LEGEND_SITES = 12  # more sites than this: no legend (it would hide the plot)
+
+
+def training_plots(rounds: list[Mapping[str, Any]]) -> str:
+    """The DP loss and the epsilon of each site against the round, with captions."""
+    frame = _flatten(list(rounds))
+    if frame.empty or "round" not in frame.columns or "site" not in frame.columns:
+        return ""
+    parts = []
+    for name, caption, ylabel in (("loss", LOSS_CAPTION, "DP-released loss"),
+                                  ("epsilon", EPSILON_CAPTION, "epsilon spent")):
+        if name not in frame.columns:
+            continue
+        values = pd.to_numeric(frame[name], errors="coerce")
+        if name == "epsilon":
+            values = values.where(values >= 0)  # -1: no DP
+        if "status" in frame.columns:
+            values = values.where(frame["status"] == "trained")
+        if not values.notna().any():
+            continue
+        fig = Figure(figsize=(6.5, 3.4))
+        ax = fig.subplots()
+        for site, part in values.groupby(frame["site"]):
+            ax.plot(frame.loc[part.index, "round"], part, marker="o", label=str(site))
+        ax.set_xlabel("round")
+        ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        many = frame["site"].nunique() > MAX_LEGEND_SITES
+        if not many:
+            ax.legend(fontsize=8, title="site", title_fontsize=8)
+        fig.tight_layout()
+        parts.append(figure(_png(fig), caption + (
+            f" One line per site ({frame['site'].nunique()} sites, too many to name here; "
+            "the privacy table lists them)." if many else "")))
+    return "".join(parts)
+
+
+def privacy_table(rows: list[Mapping[str, Any]]) -> str:
+    """Each site's budget beside what it spent: site, spent, budget, delta, rounds, status."""
+    header = ["site", "epsilon spent", "epsilon budget", "delta", "rounds trained",
+              "last status", "problems reported"]
+    body = [[html.escape(str(r.get("site"))), _fmt(r.get("epsilon_spent")),
+             _fmt(r.get("epsilon_budget")), _fmt(r.get("delta"), 8).rstrip("0"),
+             _fmt(r.get("rounds_trained")), html.escape(str(r.get("status") or "–")),
+             html.escape("; ".join(r.get("problems") or []) or "none")] for r in rows]
+    return _table(header, body, left=1) + (
+        '<p class="note">Epsilon is what each site\'s own accountant composed over the whole '
+        "study; – means the site trained without DP (a baseline, not a release).</p>")
 
 
 def _extra_html(value: Any) -> str:
@@ -464,6 +561,70 @@ def _extra_html(value: Any) -> str:
 
 # ---------------------------------------------------------------- the report
 
+MARGINAL_CAPTION = (
+    "Each column's distribution: blue, the real training patients; orange, the synthetic "
+    "rows (histograms for numbers, bars for categories, with the share missing). The "
+    "title gives the column's distance (KS or TVD, lower is better) and, as ref, the same "
+    "distance for new real patients (held out): what a perfect generator would score.")
+CORRELATION_CAPTION = (
+    "How columns go together: Pearson correlation between numeric columns (top) and "
+    "Cramer's V between categorical columns (bottom), for real training patients (left) "
+    "and synthetic rows (middle); right, their absolute difference (white = the same).")
+CODESET_CAPTION = (
+    "Code sets: left, each code's frequency in the real holdout against the synthetic rows "
+    "(on the diagonal = the same); then the log odds ratios of code pairs (blue points: "
+    "pairs significant in real data; red rings: their sign reversed) and their matrices.")
+SURVIVAL_CAPTION = (
+    "Kaplan-Meier survival curves of real training patients (blue) and synthetic rows "
+    "(orange), with 95% confidence bands: close curves mean the synthetic data tells the "
+    "same survival story.")
+DCR_CAPTION = (
+    "Distance from each row to its closest training patient: orange, the synthetic rows; "
+    "blue, new (held-out) real patients. Curves that overlap mean synthetic rows are no "
+    "closer to the training patients than new patients are; orange to the left of blue "
+    "means the generator memorised training patients.")
+
+
+def _appendix_html(value: Any) -> str:
+    """Raw material, readable: lists of rows as a table, mappings as key/value tables."""
+    if isinstance(value, list | tuple):
+        return _frame_html(_flatten(list(value)))
+    return _extra_html(value)
+
+
+
+def _tile_colour(result: ValidationResult, key: str) -> str:
+    """A headline figure's colour: that of the check it comes from (grey: not judged, or
+    a real reference such as TRTR)."""
+    from .suite import HEADLINE
+
+    name, is_reference = HEADLINE.get(key, (key, True))
+    hits = [m for m in result.metrics if m.name == name
+            and (m.columns is None or m.area in ("utility", "survival"))]
+    if is_reference or not hits:
+        return STATUS[None][1]
+    return STATUS[hits[0].passed][1]
+
+
+def verdict_section(result: ValidationResult, rounds: int | None = None) -> str:
+    """The overall verdict with advice, first thing in the report."""
+    from .verdict import verdict
+
+    v = verdict(result, rounds=rounds)
+    colour = STATUS[bool(v.passed)][1]
+    items = []
+    for a in v.areas:
+        text, col = STATUS[a.passed]
+        line = f'<li><span class="pill" style="background:#fff;color:{col}">{text}</span> ' \
+            f"<b>{html.escape(a.area)}</b>"
+        if a.failed:
+            line += (f" &mdash; {len(a.failed)} of {a.checks} checks fail"
+                     f'<div class="adv">What to do: {html.escape(a.advice)}</div>')
+        items.append(line + "</li>")
+    notes = "".join(f'<p class="adv">Note: {html.escape(n)}</p>' for n in v.notes)
+    return (f'<div class="verdict" style="background:{colour}"><h2>Verdict: '
+            f"{html.escape(v.headline)}</h2><ul>{''.join(items)}</ul>{notes}</div>")
+
 
 def _summary(result: ValidationResult) -> str:
     cards = []
@@ -478,13 +639,14 @@ def _summary(result: ValidationResult) -> str:
             else ("descriptive only")
         )
         cards.append(
-            f'<div class="card" style="background:{colour}"><div class="a">{area}: {text}</div>'
+            f'<div class="card" style="background:{colour}"><div class="a">{area} (area): '
+            f"{text}</div>"
             f'<div class="s">{line}</div></div>'
         )
     judged_rows = [
         [
             html.escape(m.area),
-            html.escape(m.label),
+            html.escape(_label(m)),
             _fmt(m.value),
             _fmt(m.reference),
             _rule(m),
@@ -496,7 +658,8 @@ def _summary(result: ValidationResult) -> str:
         if m.threshold is not None
     ]
     head = "".join(
-        f"<div>{html.escape(k.replace('_', ' '))}<br><b>{_fmt(v)}</b></div>"
+        f'<div style="border-left:6px solid {_tile_colour(result, k)}">'
+        f"{html.escape(_name(k).replace('_', ' '))}<br><b>{_fmt(v)}</b></div>"
         for k, v in result.headline().items()
     )
     return (
@@ -517,6 +680,9 @@ def _summary(result: ValidationResult) -> str:
     )
 
 
+MAX_OPEN_ROWS = 20  # a per-column table longer than this is folded (code sets: 54, 581)
+
+
 def _area_section(area: str, result: ValidationResult) -> str:
     metrics = result.by_area(area)
     whole = [m for m in metrics if not m.columns]
@@ -529,8 +695,14 @@ def _area_section(area: str, result: ValidationResult) -> str:
         if area == "utility":
             parts.append(_metric_table(single))
         else:
-            parts.append("<h3>Per column: synthetic <span class=note>(real reference)</span></h3>")
-            parts.append(_pivot(single))
+            title = "Per column: synthetic <span class=note>(real reference)</span>"
+            n_cols = len({m.columns for m in single})
+            if n_cols > MAX_OPEN_ROWS:  # a long table folds, as the column pairs do
+                parts.append(f"<details><summary><b>{title}: {n_cols} columns</b></summary>"
+                             + _pivot(single) + "</details>")
+            else:
+                parts.append(f"<h3>{title}</h3>")
+                parts.append(_pivot(single))
     if pairs:
         parts.append(
             f"<details><summary><b>Column pairs ({len(pairs)} figures): synthetic "
@@ -548,13 +720,19 @@ def write_report(
     schema: Schema,
     title: str = "fedsynth validation report",
     extra: Mapping[str, Any] | None = None,
+    privacy: list[Mapping[str, Any]] | None = None,
+    rounds: list[Mapping[str, Any]] | None = None,
+    appendix: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the HTML report of ``result`` to ``path`` and return the path.
 
     ``real_train`` and ``synthetic`` are drawn in the plots (the holdout stays out of
     the figures; its role is in the numbers). ``extra`` maps a section title to a
     figure, a DataFrame, a mapping (a table) or a list of rows (a table, plus a plot
-    against ``round`` when the rows have one), e.g. per-site privacy and per-round loss.
+    against ``round`` when the rows have one). ``privacy`` (a row per site: spent,
+    budget, delta) and ``rounds`` (the per-round log) make the study's privacy table and
+    training plots; ``appendix`` sections are shown folded at the end (raw logs,
+    configuration). A new plot is one ``figure(_png(fig), caption)`` in ``body``.
     """
     path = Path(path)
     real = Table.from_frame(real_train, schema)
@@ -564,9 +742,10 @@ def write_report(
     target = info.get("target") or {}
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     sub = (
+        # the real row counts are statistics of private rows: only the synthetic count
         f"schema <b>{html.escape(str(info.get('schema', schema.name)))}</b> · "
-        f"{rows.get('train', real.n)} training, {rows.get('holdout', '?')} held-out and "
-        f"{rows.get('synthetic', syn.n)} synthetic rows · "
+        f"{rows.get('synthetic', syn.n)} synthetic rows, scored against held-out real "
+        "patients · "
         + (
             f"target {html.escape(str(target.get('column')))} in {target.get('positive')} · "
             if target
@@ -576,7 +755,8 @@ def write_report(
     )
     body = [
         f"<h1>{html.escape(title)}</h1><div class=sub>{sub}</div>",
-        "<h2>Summary</h2>",
+        verdict_section(result, rounds=len(rounds) if rounds else None),
+        "<h2>Summary: the checks behind the verdict</h2>",
         _summary(result),
     ]
     for area in [a for a in AREAS if a in result.areas] + [
@@ -585,20 +765,32 @@ def write_report(
         body.append(f"<h2>{html.escape(AREA_TITLES.get(area, area))}</h2>")
         if area == "fidelity":
             body.append("<h3>Marginals: real training vs synthetic</h3>")
-            body.append(marginal_plots(real, syn, schema, result))
+            body.append(figure(marginal_plots(real, syn, schema, result), MARGINAL_CAPTION))
             body.append("<h3>Associations side by side</h3>")
-            body.append(correlation_plots(real, syn, schema))
+            body.append(figure(correlation_plots(real, syn, schema), CORRELATION_CAPTION))
             if schema.codesets:
                 body.append("<h3>Code sets: frequencies and co-occurrence</h3>")
-                body.append(codeset_plots(result))
+                body.append(figure(codeset_plots(result), CODESET_CAPTION))
         if area == "survival" and info.get("survival"):
-            body.append(survival_plot(real_train, synthetic, tuple(info["survival"])))
+            body.append(figure(survival_plot(real_train, synthetic, tuple(info["survival"])),
+                               SURVIVAL_CAPTION))
         if area == "privacy":
-            body.append(dcr_plot(result))
+            body.append(figure(dcr_plot(result), DCR_CAPTION))
         body.append(_area_section(area, result))
+    if privacy:
+        body.append("<h2>Privacy spent per site</h2>")
+        body.append(privacy_table(privacy))
+    if rounds:
+        body.append("<h2>Training, round by round</h2>")
+        body.append(training_plots(rounds))
     for name, value in (extra or {}).items():
         body.append(f"<h2>{html.escape(str(name).replace('_', ' '))}</h2>")
         body.append(_extra_html(value))
+    if appendix:
+        body.append("<h2>Appendix</h2>")
+        for name, value in appendix.items():
+            body.append(f'<details class="appendix"><summary>{html.escape(str(name))}'
+                        f"</summary>{_appendix_html(value)}</details>")
     timing = ", ".join(f"{k} {v:.2f} s" for k, v in result.seconds.items())
     body.append(
         f'<p class="note">Computed in {html.escape(timing)}. Metric definitions: '
