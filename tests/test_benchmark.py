@@ -32,6 +32,9 @@ from fedsynth.simulations.benchmark_baselines import (
     to_plain,
 )
 
+# Ray, the deployment engine or a whole study: the slow tier (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
+
 FED = "tvae/federated/eps3"
 FED_CKKS = "tvae/federated/eps3/ckks"
 

@@ -154,6 +154,7 @@ def test_reproducible_noise_is_identical_labelled_and_refused_on_a_real_node(
     assert any("reproducible-noise-seed" in p for p in report.problems)
 
 
+@pytest.mark.slow
 def test_published_summary_holds_no_exact_statistic_of_private_rows(
     tmp_path: Path, heart_schema: Schema
 ) -> None:

@@ -53,6 +53,9 @@ from fedsynth.simulations.deploy import (
     process_alive,
 )
 
+# Ray, the deployment engine or a whole study: the slow tier (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
+
 SITES = ("cleveland", "hungarian", "va")
 EPSILON = 3.0
 ROUNDS = 2

@@ -478,6 +478,7 @@ def _fresh_ledgers(dep: LocalDeployment) -> None:
         shutil.rmtree(dep.sites[name].folder / "state", ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_site_crash_mid_round_then_rejoins(deployment: LocalDeployment) -> None:
     _fresh_ledgers(deployment)
     dep, crashed = deployment, "va"
@@ -523,6 +524,7 @@ def test_site_crash_mid_round_then_rejoins(deployment: LocalDeployment) -> None:
     assert "no reply from" in log
 
 
+@pytest.mark.slow
 def test_coordinator_restart_resumes_without_double_spending(
     deployment: LocalDeployment,
 ) -> None:

@@ -230,6 +230,7 @@ def test_rules_cover_every_site_figure(figures: dict[str, object]) -> None:
                 assert rule_for(key).exactness in ("exact", "approximate", "bound", "none")
 
 
+@pytest.mark.slow
 def test_flower_evaluate_round(
     study: tuple[dict[str, pd.DataFrame], pd.DataFrame],
     heart_schema: Schema,

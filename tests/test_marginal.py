@@ -90,6 +90,7 @@ def _independent(history: list[tuple[float, float, int]], delta: float, kind: st
     return float(acc.get_epsilon(delta=delta))
 
 
+@pytest.mark.slow
 def test_reported_epsilon_equals_an_independent_accountant(fitted, heart_schema, pooled):
     info = fitted.fit_info
     history = list(zip(info["ledger"]["noise"], info["ledger"]["rate"],
@@ -261,6 +262,7 @@ def _federated(tmp_path: Path, secure: bool, seeds: dict[str, int] | None = None
     return outcome, grid, sites, train
 
 
+@pytest.mark.slow
 def test_federated_study_through_the_real_apps(tmp_path, heart_schema):
     outcome, grid, sites, _ = _federated(tmp_path, secure=False)
     out = Path(outcome.output_dir)
@@ -288,6 +290,7 @@ def test_federated_study_through_the_real_apps(tmp_path, heart_schema):
     assert len(synthetic) == 200
 
 
+@pytest.mark.slow
 def test_ckks_coordinator_sees_only_sums(tmp_path, heart_schema):
     seeds = {name: 100 + i for i, name in enumerate(SITES)}
     outcome, grid, sites, train = _federated(tmp_path, secure=True, seeds=seeds)

@@ -164,6 +164,7 @@ def test_report_with_failures_and_survival(schema: Schema, tmp_path: Path) -> No
     assert text.count("data:image/png;base64,") >= 4
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed")
 def test_report_renders_in_chromium(report: Path, tmp_path: Path) -> None:
     shot = tmp_path / "shot.png"
@@ -189,6 +190,7 @@ def test_report_renders_in_chromium(report: Path, tmp_path: Path) -> None:
     assert pixels.std() > 0.05  # not a blank page
 
 
+@pytest.mark.slow
 def test_report_code_sets_mimic(tmp_path: Path) -> None:
     """A code set (MIMIC-III demo: 100 patients x ICD-9 categories) is shown as frequency
     and log-odds scatter plots with co-occurrence heat maps, not as 1,000 bar charts."""

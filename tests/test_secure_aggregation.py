@@ -462,6 +462,7 @@ def _numbers(record: Any) -> list[float]:
     return out
 
 
+@pytest.mark.slow
 def test_encrypted_simulation_sends_nothing_in_clear(simulation, heart_schema):
     summary, out, grid = simulation["summary"], simulation["out"], simulation["grid"]
     study = StudyConfig.from_flat(summary["study"])
@@ -512,6 +513,7 @@ def test_encrypted_simulation_sends_nothing_in_clear(simulation, heart_schema):
     assert all(len(m.content[CKKS_RECORD]["aggregate"]) == layout.n_chunks for m in second)
 
 
+@pytest.mark.slow
 def test_encrypted_simulation_completes_with_outputs(simulation):
     summary, out = simulation["summary"], simulation["out"]
     assert summary["rounds_completed"] == 2

@@ -20,6 +20,10 @@ from fedsynth.common.study import StudyConfig
 from fedsynth.common.table import conform
 from fedsynth.simulations.simulate import SimulationOptions, simulate
 
+# Ray, the deployment engine or a whole study: the slow tier (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
+
+
 ROUNDS = 3
 
 

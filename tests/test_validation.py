@@ -569,6 +569,7 @@ def _lacks_anonymeter() -> bool:
     not __import__("os").environ.get("FEDSYNTH_ANONYMETER_PYTHON"),
     reason="set FEDSYNTH_ANONYMETER_PYTHON to a Python with anonymeter (see anonymeter_runner)",
 )
+@pytest.mark.slow
 def test_anonymeter_risks(split: dict[str, pd.DataFrame], schema: Schema) -> None:
     import os
 
