@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .schema import Schema
-from .study import ConfigError, SiteConfig
+from .study import DEFAULT_DELTA, DEFAULT_EPSILON, ConfigError, SiteConfig
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "simulations" / "data"
 
@@ -56,7 +56,9 @@ def bundled_site_files(name: str) -> dict[str, Path]:
     return {site: DATA_DIR / name / fname for site, fname in HEART_SITES.items()}
 
 
-def bundled_sites(name: str, epsilon: float = 3.0, delta: float = 1e-5) -> list[SiteConfig]:
+def bundled_sites(
+    name: str, epsilon: float = DEFAULT_EPSILON, delta: float = DEFAULT_DELTA
+) -> list[SiteConfig]:
     """Each hospital's whole file as one site (what ``flwr run`` uses by default)."""
     schema_path = str(bundled_schema_path(name))
     return [

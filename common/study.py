@@ -42,6 +42,12 @@ NONLINEAR_STRATEGIES: dict[str, str] = {
 }
 
 
+#: A site's default privacy budget (per table, for life) and delta: the one place they
+#: are written; every command, config and API reads them from here.
+DEFAULT_EPSILON = 3.0
+DEFAULT_DELTA = 1e-5
+
+
 class ConfigError(FedsynthError, ValueError):
     """A run or node config value is wrong; the message names the key."""
 
@@ -173,8 +179,8 @@ class SiteConfig:
     name: str
     data_path: str
     schema_path: str
-    epsilon: float = 3.0
-    delta: float = 1e-5
+    epsilon: float = DEFAULT_EPSILON
+    delta: float = DEFAULT_DELTA
     dp: bool = True
     state_dir: str = ""
     # A site may fix its own noise multiplier (institutional policy) instead of having
@@ -248,8 +254,8 @@ class SiteConfig:
             name=str(node.get("site-name", Path(str(node["data-path"])).stem)),
             data_path=str(node["data-path"]),
             schema_path=str(node["schema-path"]),
-            epsilon=_coerce("epsilon", node.get("epsilon", 3.0), float),
-            delta=_coerce("delta", node.get("delta", 1e-5), float),
+            epsilon=_coerce("epsilon", node.get("epsilon", DEFAULT_EPSILON), float),
+            delta=_coerce("delta", node.get("delta", DEFAULT_DELTA), float),
             dp=_coerce("dp", node.get("dp", True), bool),
             state_dir=str(node.get("state-dir", "")),
             noise_multiplier=(

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .common.errors import FedsynthError
-from .common.study import ConfigError, StudyConfig
+from .common.study import DEFAULT_DELTA, DEFAULT_EPSILON, ConfigError, StudyConfig
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -73,8 +73,9 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                    help="local epochs per round (steps = epochs / sample rate)")
     p.add_argument("--sample-rate", type=float, default=d.sample_rate,
                    help="Poisson sampling rate q of DP-SGD (expected batch = q x rows)")
-    p.add_argument("--epsilon", type=float, default=3.0, help="privacy budget of each site")
-    p.add_argument("--delta", type=float, default=1e-5, help="delta of each site")
+    p.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON,
+                   help="privacy budget of each site")
+    p.add_argument("--delta", type=float, default=DEFAULT_DELTA, help="delta of each site")
     p.add_argument("--no-dp", action="store_true",
                    help="train without differential privacy (a baseline, never for release)")
     p.add_argument("--reproducible-noise", action="store_true",

@@ -42,7 +42,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..common.generators import get_generator
 from ..common.schema import Schema
-from ..common.study import ConfigError, SiteConfig, StudyConfig
+from ..common.study import DEFAULT_DELTA, DEFAULT_EPSILON, ConfigError, SiteConfig, StudyConfig
 from ..common.table import read_table
 from ..server.app import SYNTHETIC
 from .benchmark_baselines import BASELINES, SDV_BASELINES, run_baseline, sdv_missing
@@ -115,8 +115,8 @@ class BenchmarkOptions:
     seed: int = 0
     generators: tuple[str, ...] = GENERATORS
     epsilons: tuple[float, ...] = (1.0, 3.0, 10.0)
-    central_epsilon: float = 3.0  # the per-site budget of the central and site-alone runs
-    delta: float = 1e-5
+    central_epsilon: float = DEFAULT_EPSILON  # budget of the central and site-alone runs
+    delta: float = DEFAULT_DELTA
     rounds: int = 10
     local_epochs: int = 20
     sample_rate: float = 1.0

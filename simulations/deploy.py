@@ -69,7 +69,7 @@ from ..common.certs import (
     generate_site_auth_keys,
 )
 from ..common.errors import FedsynthError
-from ..common.study import StudyConfig
+from ..common.study import DEFAULT_DELTA, DEFAULT_EPSILON, StudyConfig
 
 CONNECTION = "fedsynth-local"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -310,8 +310,8 @@ class SiteSpec:
     name: str
     data_path: str
     schema_path: str
-    epsilon: float = 3.0
-    delta: float = 1e-5
+    epsilon: float = DEFAULT_EPSILON
+    delta: float = DEFAULT_DELTA
     extra: dict[str, ConfigValue] = field(default_factory=dict)
 
     def node_config(self, state_dir: Path) -> dict[str, ConfigValue]:
@@ -827,7 +827,7 @@ def heart_disease_deployment(
     workdir: Path,
     sites: Sequence[str] = ("cleveland", "hungarian", "va"),
     *,
-    epsilon: float = 3.0,
+    epsilon: float = DEFAULT_EPSILON,
     tls: bool = True,
     auth: bool = True,
     timeout: float = 180.0,
@@ -894,7 +894,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sites", default="cleveland,hungarian,va")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--local-epochs", type=int, default=StudyConfig().local_epochs)
-    parser.add_argument("--epsilon", type=float, default=3.0)
+    parser.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON)
     parser.add_argument("--generator-params", default="{}")
     parser.add_argument("--min-sites", type=int, default=0,
                         help="sites a round needs (default: all of --sites)")

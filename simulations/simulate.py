@@ -36,7 +36,7 @@ from ..common.generators import get_generator
 from ..common.privacy.plan import PrivacyPlan
 from ..common.protocol import Status
 from ..common.schema import Outcome, Schema
-from ..common.study import ConfigError, SiteConfig, StudyConfig
+from ..common.study import DEFAULT_DELTA, DEFAULT_EPSILON, ConfigError, SiteConfig, StudyConfig
 from ..common.table import read_table
 from ..server.app import SUMMARY, SYNTHETIC, StudyFailed, make_server_app
 from ..server.strategy import RoundLog
@@ -76,8 +76,8 @@ VALIDATION_JSON = "validation.json"
 @dataclass
 class SimulationOptions:
     dataset: str = "heart_disease"  # a bundled dataset, used when no own data is given
-    epsilon: float = 3.0
-    delta: float = 1e-5
+    epsilon: float = DEFAULT_EPSILON
+    delta: float = DEFAULT_DELTA
     dp: bool = True
     holdout: float = 0.2
     study: StudyConfig = field(default_factory=StudyConfig)

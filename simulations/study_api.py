@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from ..common.schema import Schema
-from ..common.study import StudyConfig
+from ..common.study import DEFAULT_DELTA, DEFAULT_EPSILON, StudyConfig
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -65,8 +65,8 @@ def run_study(
     *,
     generator: str = "tvae",
     generator_params: Mapping[str, Any] | None = None,
-    epsilon: float = 3.0,
-    delta: float = 1e-5,
+    epsilon: float = DEFAULT_EPSILON,
+    delta: float = DEFAULT_DELTA,
     budgets: Mapping[str, float] | None = None,
     dp: bool = True,
     rounds: int | None = None,
