@@ -254,6 +254,11 @@ def _number(value: Any) -> float | None:
 
 
 def _parse_schema(raw: Any, source: str) -> Schema:
+    """A Schema from a parsed file, or one SchemaError listing every problem found.
+
+    Each part (format, columns, outcome) adds its problems to one list, so a data
+    manager sees all of them at once, as ``fedsynth check`` does for a table.
+    """
     problems: list[str] = []
     if not isinstance(raw, dict):
         raise SchemaError(f"{source}: a schema is a mapping with 'name' and 'columns'")
@@ -261,7 +266,36 @@ def _parse_schema(raw: Any, source: str) -> Schema:
     if not isinstance(name, str) or not name:
         problems.append("'name' must be a non-empty string")
         name = "?"
-    fmt = raw.get("format", {}) or {}
+    header, missing_tokens = _parse_format(raw.get("format", {}) or {}, problems)
+    columns, codesets = _parse_columns(raw.get("columns"), problems)
+    by_name = {c.name: c for c in columns}
+    for c in columns:
+        if c.event and (c.event not in by_name or by_name[c.event].kind != "binary"):
+            problems.append(f"column {c.name!r}: event column {c.event!r} must be a declared "
+                            "binary column")
+    members = {c.name for c in columns} | set(codesets)
+    outcome = _parse_outcome(raw, by_name, members, problems)
+    if problems:
+        raise SchemaError(
+            f"schema {source} has {len(problems)} problem(s):\n"
+            + "\n".join(f"  - {p}" for p in problems)
+        )
+    known = {"name", "format", "columns", "outcome", "target", "description", "source",
+             "_codesets"}
+    return Schema(
+        name=name,
+        columns=tuple(columns),
+        header=header,
+        missing_tokens=missing_tokens,
+        outcome=outcome,
+        description=str(raw.get("description", "")),
+        source=str(raw.get("source", "")),
+        extra={**{k: v for k, v in raw.items() if k not in known}, "_codesets": codesets},
+    )
+
+
+def _parse_format(fmt: Any, problems: list[str]) -> tuple[bool, tuple[str, ...]]:
+    """``format``: whether the file has a header row, and the tokens that mean missing."""
     if not isinstance(fmt, dict):
         problems.append("'format' must be a mapping (header, missing)")
         fmt = {}
@@ -273,9 +307,13 @@ def _parse_schema(raw: Any, source: str) -> Schema:
     if not isinstance(tokens, list):
         problems.append("'format.missing' must be a list of tokens")
         tokens = []
-    missing_tokens = tuple(dict.fromkeys(["", *[str(t) for t in tokens]]))
+    return header, tuple(dict.fromkeys(["", *[str(t) for t in tokens]]))
 
-    raw_cols = raw.get("columns")
+
+def _parse_columns(
+    raw_cols: Any, problems: list[str]
+) -> tuple[list[Column], dict[str, dict[str, str]]]:
+    """``columns``: every column (a code set expands to one binary column per code)."""
     columns: list[Column] = []
     codesets: dict[str, dict[str, str]] = {}
     if not isinstance(raw_cols, list) or not raw_cols:
@@ -303,100 +341,120 @@ def _parse_schema(raw: Any, source: str) -> Schema:
         kind = rc.get("kind")
         if kind not in KINDS:
             problems.append(f"{where}: kind {kind!r} is not one of {', '.join(KINDS)}")
-            continue
-        if kind == "codeset":
-            codes = rc.get("codes")
-            prefix = str(rc.get("prefix", f"{cname}_"))
-            if not isinstance(codes, list) or not codes:
-                problems.append(f"{where}: a codeset needs a non-empty public 'codes' list")
-                continue
-            if len(set(map(str, codes))) != len(codes):
-                problems.append(f"{where}: codes repeat")
-            codesets[cname] = {"prefix": prefix}
-            for code in codes:
-                member = f"{prefix}{code}"
-                if member in seen:
-                    problems.append(f"column {member!r} (code {code} of {cname}) is declared twice")
-                seen.add(member)
-                columns.append(
-                    Column(name=member, kind="binary", categories=(0, 1), nullable=False,
-                           group=cname)
-                )
-            continue
-        lo = hi = None
-        cats: tuple[Category, ...] = ()
-        event = ""
-        if kind == "survival_time":
-            event = str(rc.get("event", ""))
-            if not event:
-                problems.append(f"{where}: a survival_time names its binary 'event' column")
-        if kind in NUMERIC_KINDS:
-            lo, hi = _number(rc.get("min")), _number(rc.get("max"))
-            if lo is None or hi is None:
-                problems.append(
-                    f"{where}: a {kind} column needs numeric 'min' and 'max' from domain "
-                    "knowledge (never fitted on the private rows)"
-                )
-            elif not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
-                problems.append(f"{where}: needs finite min < max, got {lo} and {hi}")
-            elif kind == "survival_time" and lo < 0:
-                problems.append(f"{where}: a survival time cannot be negative (min {lo})")
+        elif kind == "codeset":
+            members = _parse_codeset(rc, cname, where, seen, problems)
+            if members is not None:
+                codesets[cname] = {"prefix": str(rc.get("prefix", f"{cname}_"))}
+                columns += members
         else:
-            default = [0, 1] if kind == "binary" else None
-            raw_cats = rc.get("categories", default)
-            if not isinstance(raw_cats, list) or not raw_cats:
-                problems.append(f"{where}: a {kind} column needs a non-empty 'categories' list")
-            else:
-                cats = tuple(raw_cats)
-                if len(set(map(str, cats))) != len(cats):
-                    problems.append(f"{where}: categories repeat: {list(cats)}")
-                if kind == "binary" and len(cats) != 2:
-                    problems.append(f"{where}: a binary column has exactly two categories")
-        nullable = rc.get("nullable", True)
-        if not isinstance(nullable, bool):
-            problems.append(f"{where}: 'nullable' must be true or false")
-            nullable = True
-        miss = rc.get("missing", [])
-        if not isinstance(miss, list):
-            problems.append(f"{where}: 'missing' must be a list of codes")
-            miss = []
-        if miss and not nullable:
-            problems.append(f"{where}: has missing codes but nullable is false")
-        raw_labels = rc.get("labels", {}) or {}
-        labels: tuple[tuple[Category, str], ...] = ()
-        if not isinstance(raw_labels, dict):
-            problems.append(f"{where}: 'labels' maps categories to names, e.g. {{1: typical}}")
-        else:
-            unknown = [k for k in raw_labels if str(k) not in {str(c) for c in cats}]
-            if unknown:
-                problems.append(f"{where}: labels for categories it does not have: {unknown}")
-            labels = tuple((k, str(v)) for k, v in raw_labels.items())
-        decimals = rc.get("decimals")
-        if decimals is not None and (not isinstance(decimals, int) or decimals < 0):
-            problems.append(f"{where}: 'decimals' must be a whole number >= 0")
-            decimals = None
-        columns.append(
-            Column(
-                name=cname,
-                kind=kind,
-                min=lo,
-                max=hi,
-                categories=cats,
-                nullable=nullable,
-                missing=tuple(miss),
-                description=str(rc.get("description", "")),
-                unit=str(rc.get("unit", "")),
-                decimals=decimals,
-                event=event,
-                labels=labels,
-            )
-        )
+            columns.append(_parse_column(rc, cname, kind, where, problems))
+    return columns, codesets
 
-    by_name = {c.name: c for c in columns}
-    for c in columns:
-        if c.event and (c.event not in by_name or by_name[c.event].kind != "binary"):
-            problems.append(f"column {c.name!r}: event column {c.event!r} must be a declared "
-                            "binary column")
+
+def _parse_codeset(
+    rc: dict[str, Any], cname: str, where: str, seen: set[str], problems: list[str]
+) -> list[Column] | None:
+    """A code set's member columns (binary, one per public code), or None if unusable."""
+    codes = rc.get("codes")
+    prefix = str(rc.get("prefix", f"{cname}_"))
+    if not isinstance(codes, list) or not codes:
+        problems.append(f"{where}: a codeset needs a non-empty public 'codes' list")
+        return None
+    if len(set(map(str, codes))) != len(codes):
+        problems.append(f"{where}: codes repeat")
+    members = []
+    for code in codes:
+        member = f"{prefix}{code}"
+        if member in seen:
+            problems.append(f"column {member!r} (code {code} of {cname}) is declared twice")
+        seen.add(member)
+        members.append(Column(name=member, kind="binary", categories=(0, 1), nullable=False,
+                              group=cname))
+    return members
+
+
+def _parse_domain(
+    rc: dict[str, Any], kind: str, where: str, problems: list[str]
+) -> tuple[float | None, float | None, tuple[Category, ...]]:
+    """A column's public domain: (min, max) for numbers, categories otherwise."""
+    if kind in NUMERIC_KINDS:
+        lo, hi = _number(rc.get("min")), _number(rc.get("max"))
+        if lo is None or hi is None:
+            problems.append(
+                f"{where}: a {kind} column needs numeric 'min' and 'max' from domain "
+                "knowledge (never fitted on the private rows)"
+            )
+        elif not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
+            problems.append(f"{where}: needs finite min < max, got {lo} and {hi}")
+        elif kind == "survival_time" and lo < 0:
+            problems.append(f"{where}: a survival time cannot be negative (min {lo})")
+        return lo, hi, ()
+    default = [0, 1] if kind == "binary" else None
+    raw_cats = rc.get("categories", default)
+    if not isinstance(raw_cats, list) or not raw_cats:
+        problems.append(f"{where}: a {kind} column needs a non-empty 'categories' list")
+        return None, None, ()
+    cats = tuple(raw_cats)
+    if len(set(map(str, cats))) != len(cats):
+        problems.append(f"{where}: categories repeat: {list(cats)}")
+    if kind == "binary" and len(cats) != 2:
+        problems.append(f"{where}: a binary column has exactly two categories")
+    return None, None, cats
+
+
+def _parse_column(
+    rc: dict[str, Any], cname: str, kind: str, where: str, problems: list[str]
+) -> Column:
+    """One (non-code-set) column: its domain, missing values, labels and display."""
+    event = ""
+    if kind == "survival_time":
+        event = str(rc.get("event", ""))
+        if not event:
+            problems.append(f"{where}: a survival_time names its binary 'event' column")
+    lo, hi, cats = _parse_domain(rc, kind, where, problems)
+    nullable = rc.get("nullable", True)
+    if not isinstance(nullable, bool):
+        problems.append(f"{where}: 'nullable' must be true or false")
+        nullable = True
+    miss = rc.get("missing", [])
+    if not isinstance(miss, list):
+        problems.append(f"{where}: 'missing' must be a list of codes")
+        miss = []
+    if miss and not nullable:
+        problems.append(f"{where}: has missing codes but nullable is false")
+    raw_labels = rc.get("labels", {}) or {}
+    labels: tuple[tuple[Category, str], ...] = ()
+    if not isinstance(raw_labels, dict):
+        problems.append(f"{where}: 'labels' maps categories to names, e.g. {{1: typical}}")
+    else:
+        unknown = [k for k in raw_labels if str(k) not in {str(c) for c in cats}]
+        if unknown:
+            problems.append(f"{where}: labels for categories it does not have: {unknown}")
+        labels = tuple((k, str(v)) for k, v in raw_labels.items())
+    decimals = rc.get("decimals")
+    if decimals is not None and (not isinstance(decimals, int) or decimals < 0):
+        problems.append(f"{where}: 'decimals' must be a whole number >= 0")
+        decimals = None
+    return Column(
+        name=cname,
+        kind=kind,
+        min=lo,
+        max=hi,
+        categories=cats,
+        nullable=nullable,
+        missing=tuple(miss),
+        description=str(rc.get("description", "")),
+        unit=str(rc.get("unit", "")),
+        decimals=decimals,
+        event=event,
+        labels=labels,
+    )
+
+
+def _parse_outcome(
+    raw: dict[str, Any], by_name: dict[str, Column], declared: set[str], problems: list[str]
+) -> Outcome | None:
+    """The TSTR label: ``target`` (a binary column) or ``outcome`` (column, positives)."""
     outcome = None
     if raw.get("target") is not None:  # short form of outcome for a binary label
         target = raw["target"]
@@ -410,7 +468,7 @@ def _parse_schema(raw: Any, source: str) -> Schema:
             outcome = Outcome(column=col.name, positive=(col.categories[-1],))
     if raw.get("outcome") is not None:
         ro = raw["outcome"]
-        if not isinstance(ro, dict) or ro.get("column") not in seen:
+        if not isinstance(ro, dict) or ro.get("column") not in declared:
             problems.append("'outcome.column' must name a declared column")
         else:
             pos = ro.get("positive")
@@ -418,20 +476,4 @@ def _parse_schema(raw: Any, source: str) -> Schema:
                 problems.append("'outcome.positive' must list the values that count as positive")
             else:
                 outcome = Outcome(column=ro["column"], positive=tuple(pos))
-    if problems:
-        raise SchemaError(
-            f"schema {source} has {len(problems)} problem(s):\n"
-            + "\n".join(f"  - {p}" for p in problems)
-        )
-    known = {"name", "format", "columns", "outcome", "target", "description", "source",
-             "_codesets"}
-    return Schema(
-        name=name,
-        columns=tuple(columns),
-        header=header,
-        missing_tokens=missing_tokens,
-        outcome=outcome,
-        description=str(raw.get("description", "")),
-        source=str(raw.get("source", "")),
-        extra={**{k: v for k, v in raw.items() if k not in known}, "_codesets": codesets},
-    )
+    return outcome

@@ -47,7 +47,10 @@ def amlsg_tables(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _summary(out: Path) -> dict:
-    return json.loads((out / "summary.json").read_text())
+    """What a study wrote: the publishable summary and, beside it, what was computed on
+    the real rows (validation figures, verdict), which stays with the data."""
+    return {**json.loads((out / "summary.json").read_text()),
+            **json.loads((out / "validation.json").read_text())}
 
 
 def _check_study(out: Path, sites: set[str]) -> dict:
