@@ -81,6 +81,7 @@ def run_study(
     seed: int | None = None,
     verbose: bool = False,
     console: Console | None = None,
+    reproducible_noise: bool = False,
     **study: Any,
 ) -> StudyResult:
     """Run a federated, DP study over ``sites`` and validate it on held-out patients.
@@ -94,6 +95,8 @@ def run_study(
     is the output folder (default: a new temporary folder; it holds real rows under
     ``real/``). Other keywords are ``StudyConfig`` fields (``sample_rate``,
     ``strategy``, ``server_momentum``, ``secure_aggregation``, ...).
+    ``reproducible_noise`` (tests and benchmarks only) draws every site's DP noise from
+    the seed: the outputs are then labelled "not a DP release".
     """
     from rich.console import Console
 
@@ -115,7 +118,7 @@ def run_study(
         epsilon=epsilon, delta=delta, dp=dp, holdout=holdout, study=StudyConfig(**config),
         verbose=verbose, site_epsilon=dict(budgets or {}), schema=schema,
         site_tables=dict(sites), target=target or "", positive=tuple(positive),
-        engine=engine, force=force,
+        engine=engine, force=force, reproducible_noise=reproducible_noise,
     )
     quiet = Console(file=open(os.devnull, "w"))  # noqa: SIM115 (closed below)
     try:
