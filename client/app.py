@@ -20,7 +20,9 @@ falls back to sending weights in clear: without its key files it refuses the rou
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from ..common.study import ConfigError, SiteConfig, StudyConfig
+from ..common.threads import site_threads, torch_threads
 from .evaluate import EVALUATED, ROWS_KEY, SEED_KEY, evaluate_reply, released_table
 from .replay import cached_reply, drop_older_replies, keep_reply, model_digest
 from .secure import (
@@ -75,6 +78,24 @@ def is_deployed(context: Context) -> bool:
     """A real SuperNode (its own node config names its data), not a simulated site."""
     node = dict(context.node_config)
     return "data-path" in node or "partition-id" not in node
+
+
+def site_threaded(handler: Callable[[Message, Context], Message]
+                  ) -> Callable[[Message, Context], Message]:
+    """Run a handler with the site's torch threads (``common/threads.py``): one for a
+    simulated site, so sites sharing a machine do not oversubscribe its cores; the node
+    config's ``torch-threads`` (or ``FEDSYNTH_TORCH_THREADS``, default 1) for a real one."""
+
+    @functools.wraps(handler)
+    def run(msg: Message, context: Context) -> Message:
+        try:
+            n = site_threads(dict(context.node_config)) if is_deployed(context) else 1
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        with torch_threads(n):
+            return handler(msg, context)
+
+    return run
 
 
 def resolve_site(context: Context, sites: list[SiteConfig] | None) -> SiteConfig:
@@ -164,6 +185,7 @@ def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
     app = ClientApp()
 
     @app.train()
+    @site_threaded
     def train(msg: Message, context: Context) -> Message:
         site = resolve_site(context, sites)
         config = dict(msg.content["config"])
@@ -209,6 +231,7 @@ def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
         return Message(content, reply_to=msg)
 
     @app.query()
+    @site_threaded
     def query(msg: Message, context: Context) -> Message:
         """The release step of an encrypted study: decrypt, flood, hand over; no training."""
         site = resolve_site(context, sites)
@@ -239,6 +262,7 @@ def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
         return Message(reply_content(site, reply), reply_to=msg)
 
     @app.evaluate()
+    @site_threaded
     def evaluate(msg: Message, context: Context) -> Message:
         """Federated validation: score the study's released synthetic table against this
         site's rows and send back scores only, once per study (``client/evaluate.py``).
