@@ -73,13 +73,13 @@ class RoundStats:
 
 #: Opacus' exact per-sample clipping modes the trainer chooses between.
 MODES = ("hooks", "ghost")
-#: Expected batch x private parameters above which ghost clipping is the faster mode.
+#: Samples per step x private parameters above which ghost clipping is the faster mode.
 #: Measured on this project's generators (tvae, ctgan, ddpm; heart and the MIMIC-III
-#: demo; q = 1 and 0.1) by ``simulations/benchmark_speed.py modes``: hooks pay for
-#: materialising batch x parameters per-sample gradients, ghost clipping pays a fixed
+#: demo; q = 1, 0.5, 0.3 and 0.1) by ``simulations/benchmark_speed.py modes``: hooks pay
+#: for materialising samples x parameters per-sample gradients, ghost clipping for a
 #: second backward pass, so ghost wins once the per-sample gradients are large.
 #: docs/benchmark.md has the table.
-GHOST_CROSSOVER = 2_000_000
+GHOST_CROSSOVER = 2_500_000
 
 
 def private_parameters(module: torch.nn.Module) -> int:
@@ -87,11 +87,26 @@ def private_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def pick_mode(module: torch.nn.Module, expected_batch: float) -> str:
+def pick_mode(module: torch.nn.Module, samples_per_step: float) -> str:
     """The faster exact mode for this module and batch: ghost clipping once the
-    per-sample gradients (expected batch x private parameters) pass ``GHOST_CROSSOVER``."""
-    size = expected_batch * private_parameters(module)
+    per-sample gradients (samples per step x private parameters) pass
+    ``GHOST_CROSSOVER``."""
+    size = samples_per_step * private_parameters(module)
     return "ghost" if size >= GHOST_CROSSOVER else "hooks"
+
+
+def samples_per_step(generator: Generator, width: int, expected_batch: float) -> float:
+    """How many samples the private module sees in a step of ``expected_batch`` rows.
+
+    A GAN's discriminator also sees its fake rows; asking the loss for one all-zero
+    row (no real data, no gradient) tells how many samples it adds, for any generator.
+    The draws it makes come from torch's global generator, which the trainer reseeds
+    right after.
+    """
+    with torch.no_grad():
+        n = int(generator.per_sample_loss(generator.private_module(),
+                                          torch.zeros(1, width)).shape[0])
+    return expected_batch + max(0, n - 1)
 
 
 def poisson_loader(
@@ -148,6 +163,10 @@ def train_round(
         raise ValueError("sample_rate must be in (0, 1]")
     if mode not in ("auto", *MODES):
         raise ValueError(f"mode must be 'auto' or one of {MODES}, got {mode!r}")
+    if dp is not None and mode == "auto":
+        batch_rows = max(1.0, sample_rate * len(data))
+        mode = pick_mode(generator.private_module(),
+                         samples_per_step(generator, data.shape[1], batch_rows))
     torch.manual_seed(randomness.int_seed("model"))
     module = generator.private_module()
     expected_batch = max(1.0, sample_rate * len(data))
@@ -158,8 +177,6 @@ def train_round(
     if dp is not None:
         if ledger is None:
             raise ValueError("DP training needs the site's privacy ledger")
-        if mode == "auto":
-            mode = pick_mode(module, expected_batch)
         ghost = mode == "ghost"
         if ghost:
             wrapped = GradSampleModuleFastGradientClipping(
