@@ -31,7 +31,6 @@ from flwr.clientapp import ClientApp
 
 from ..common.study import ConfigError, SiteConfig, StudyConfig
 from ..common.threads import site_threads, torch_threads
-from .evaluate import EVALUATED, ROWS_KEY, SEED_KEY, evaluate_reply, released_table
 from .replay import cached_reply, drop_older_replies, keep_reply, model_digest
 from .secure import (
     AGGREGATE,
@@ -268,6 +267,10 @@ def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
         site's rows and send back scores only, once per study (``client/evaluate.py``).
         The count sent with them is the one already released under DP; in an encrypted
         study, where counts never travel in clear, it stays here."""
+        # Imported here: a training round (a new process per message when deployed)
+        # need not load the validation suite and scikit-learn.
+        from .evaluate import EVALUATED, ROWS_KEY, SEED_KEY, evaluate_reply, released_table
+
         site = resolve_site(context, sites)
         config = dict(msg.content["config"])
         study = StudyConfig.from_flat(config)
