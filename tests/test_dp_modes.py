@@ -100,3 +100,35 @@ def test_pick_mode_follows_the_crossover():
         train_round(get_generator("tvae").__new__(get_generator("tvae")), np.zeros((2, 2)),
                     epochs=1, sample_rate=1.0, dp=None, ledger=None,
                     randomness=DPRandomness.reproducible(0), mode="functorch")
+
+
+def test_a_sites_accounting_does_not_depend_on_the_mode(monkeypatch, heart_schema,
+                                                        heart_schema_path, heart_files):
+    """Two rounds of a real site (calibrated noise, count release, DP-SGD steps, loss
+    report), once forced to hooks and once to ghost clipping: the same noise multiplier,
+    steps, ledger entries and reported epsilon, and the same noisy update."""
+    from fedsynth.client.site import SiteState, train_site
+    from fedsynth.common.privacy import trainer
+    from fedsynth.common.study import SiteConfig, StudyConfig, schema_fingerprint
+
+    site = SiteConfig("cleveland", str(heart_files["cleveland"]), str(heart_schema_path),
+                      epsilon=3.0, delta=1e-5, reproducible_noise_seed=5)
+    study = StudyConfig(num_server_rounds=2, local_epochs=2, sample_rate=0.5,
+                        generator_params={"hidden": 16, "latent": 4})
+    start = get_generator("tvae")(heart_schema, seed=0, hidden=16, latent=4).state_dict()
+    runs = {}
+    for mode in MODES:
+        monkeypatch.setattr(trainer, "pick_mode", lambda *a, mode=mode: mode)
+        state, replies = SiteState(), []
+        for r in (1, 2):
+            replies.append(train_site(site, study, schema_fingerprint(heart_schema), start,
+                                      state, r))
+        runs[mode] = (replies, list(state.ledger.history))
+    (hooks, hooks_ledger), (ghost, ghost_ledger) = runs["hooks"], runs["ghost"]
+    assert ghost_ledger == hooks_ledger and len(hooks_ledger) >= 2
+    for h, g in zip(hooks, ghost, strict=True):
+        assert h.status == g.status == "trained"
+        for key in ("noise-multiplier", "steps", "epsilon", "num-examples"):
+            assert g.metrics[key] == h.metrics[key], key
+        for key, value in h.arrays.items():
+            np.testing.assert_allclose(g.arrays[key], value, rtol=0, atol=1e-4, err_msg=key)
