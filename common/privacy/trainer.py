@@ -21,7 +21,9 @@ clipped) and ``ghost`` (ghost clipping: per-sample gradient *norms* from activat
 backprops, then a second backward of the loss re-weighted by the clipping factors; no
 per-sample gradient is ever stored). Both add the same noise to the same clipped sum,
 so the mechanism, and what the ledger records, does not depend on the mode
-(``tests/test_privacy.py`` checks one step of every generator noise for noise).
+(``tests/test_dp_modes.py`` checks one step of every generator noise for noise, and a
+site's rounds with its ledger). The mode depends on the expected batch, hence on the
+row count, but only the round's duration shows it, and a site sends no timings.
 """
 
 from __future__ import annotations
