@@ -23,7 +23,9 @@ Every message's records and keys are those of ``common/protocol.py``.
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -46,7 +48,7 @@ from ..common.protocol import (
     ValidationRequest,
 )
 from ..common.study import ConfigError, SiteConfig, StudyConfig
-from .evaluate import evaluate_reply, released_table
+from ..common.threads import site_threads, torch_threads
 from .measure import measure_reply
 from .replay import cached_reply, drop_older_replies, keep_reply, model_digest
 from .secure import GlobalModel, release_final, train_encrypted
@@ -80,6 +82,24 @@ def is_deployed(context: Context) -> bool:
     """A real SuperNode (its own node config names its data), not a simulated site."""
     node = dict(context.node_config)
     return "data-path" in node or "partition-id" not in node
+
+
+def site_threaded(handler: Callable[[Message, Context], Message]
+                  ) -> Callable[[Message, Context], Message]:
+    """Run a handler with the site's torch threads (``common/threads.py``): one for a
+    simulated site, so sites sharing a machine do not oversubscribe its cores; the node
+    config's ``torch-threads`` (or ``FEDSYNTH_TORCH_THREADS``, default 1) for a real one."""
+
+    @functools.wraps(handler)
+    def run(msg: Message, context: Context) -> Message:
+        try:
+            n = site_threads(dict(context.node_config)) if is_deployed(context) else 1
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        with torch_threads(n):
+            return handler(msg, context)
+
+    return run
 
 
 def resolve_site(context: Context, sites: list[SiteConfig] | None) -> SiteConfig:
@@ -229,6 +249,9 @@ def handle_evaluate(msg: Message, context: Context, sites: list[SiteConfig] | No
     site's rows and send back scores only, once per study (``client/evaluate.py``).
     The count sent with them is the one already released under DP; in an encrypted
     study, where counts never travel in clear, it stays here."""
+    # Imported here: a training round (a new process per message when deployed) need
+    # not load the validation suite and scikit-learn.
+    from .evaluate import evaluate_reply, released_table
     site = resolve_site(context, sites)
     request = ValidationRequest.from_content(msg.content)
     study = StudyConfig.from_flat(request.config)
@@ -261,14 +284,17 @@ def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
     app = ClientApp()
 
     @app.train()
+    @site_threaded
     def train(msg: Message, context: Context) -> Message:
         return handle_train(msg, context, sites)
 
     @app.query()
+    @site_threaded
     def query(msg: Message, context: Context) -> Message:
         return handle_query(msg, context, sites)
 
     @app.query(MARGINAL_ACTION)
+    @site_threaded
     def marginal(msg: Message, context: Context) -> Message:
         """A measured study's request: noisy marginal counts or scores (client/measure.py)."""
         site = resolve_site(context, sites)
@@ -279,6 +305,7 @@ def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
         return Message(content, reply_to=msg)
 
     @app.evaluate()
+    @site_threaded
     def evaluate(msg: Message, context: Context) -> Message:
         return handle_evaluate(msg, context, sites)
 

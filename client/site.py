@@ -21,6 +21,7 @@ inside CKKS ciphertexts (see ``client/secure.py``); this module still does the r
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -173,18 +174,73 @@ class SiteState:
 
 _TABLES: dict[tuple[str, float, str], np.ndarray] = {}
 
+#: The site's encoded table, kept in its state-dir between rounds (see ``load_encoded``).
+ENCODED_PREFIX = "encoded-"
+
+
+def _code_digest() -> str:
+    """The checker's and encoder's source: a cached table made by other code is stale."""
+    common = Path(__file__).resolve().parents[1] / "common"
+    h = hashlib.sha256()
+    for name in ("table.py", "encoding.py", "schema.py"):
+        h.update((common / name).read_bytes())
+    return h.hexdigest()
+
+
+def _encoded_cache(site: SiteConfig, path: Path, schema: Schema) -> Path | None:
+    """``state-dir/encoded-<digest>.npy``, keyed by the file's bytes, the schema and the
+    code that checks and encodes it; None without a state-dir."""
+    if not site.state_dir or not path.is_file():
+        return None
+    h = hashlib.sha256(path.read_bytes())
+    h.update(schema_fingerprint(schema).encode())
+    h.update(_code_digest().encode())
+    return Path(site.state_dir) / f"{ENCODED_PREFIX}{h.hexdigest()[:40]}.npy"
+
 
 def load_encoded(site: SiteConfig, schema: Schema) -> np.ndarray:
-    """Read, check and encode the site's table once per process (files are read-only)."""
+    """Read, check and encode the site's table once per file content.
+
+    Within a process the result is kept in memory; a deployed site, whose SuperNode
+    starts a new ClientApp process for every round, also keeps it in its ``state-dir``
+    (owner-only, like the ledger: it is the site's own rows, encoded), keyed by the
+    SHA-256 of the file, so a round reads one array instead of checking and encoding
+    the table again. A changed file gets a new key (and is checked again); the stale
+    copy is removed. Nothing random is kept: the encoding is a fixed function of the
+    file and the schema.
+    """
     path = Path(site.data_path)
     mtime = path.stat().st_mtime if path.exists() else -1.0
     key = (str(path.resolve()), mtime, schema_fingerprint(schema))
-    if key not in _TABLES:
-        from ..common.encoding import TabularEncoder
+    if key in _TABLES:
+        return _TABLES[key]
+    cache = _encoded_cache(site, path, schema)
+    if cache is not None and cache.is_file():
+        try:
+            _TABLES[key] = np.load(cache, allow_pickle=False)
+            return _TABLES[key]
+        except (OSError, ValueError):  # a torn or foreign file: rebuild it below
+            cache.unlink(missing_ok=True)
+    from ..common.encoding import TabularEncoder
 
-        frame = read_table(path, schema)
-        _TABLES[key] = TabularEncoder(schema).encode(frame)
+    frame = read_table(path, schema)
+    _TABLES[key] = TabularEncoder(schema).encode(frame)
+    if cache is not None:
+        _save_private_array(cache, _TABLES[key])
     return _TABLES[key]
+
+
+def _save_private_array(path: Path, array: np.ndarray) -> None:
+    """Write atomically and owner-only; drop the site's older encoded tables."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".encoded-", suffix=".npy")
+    with os.fdopen(fd, "wb") as fh:
+        np.save(fh, array, allow_pickle=False)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    for old in path.parent.glob(f"{ENCODED_PREFIX}*.npy"):
+        if old != path:
+            old.unlink(missing_ok=True)
 
 
 LEDGER_FILE = "site-ledger.json"

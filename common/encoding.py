@@ -72,6 +72,11 @@ class TabularEncoder:
                 pos += size
         self.blocks: tuple[Block, ...] = tuple(blocks)
         self.dim = pos
+        # name -> column and code -> slot: a code set of 1,236 members makes every
+        # linear lookup in a per-column loop quadratic
+        self._columns = {c.name: c for c in schema.columns}
+        self._slot = {name: j for members in self.codesets.values()
+                      for j, name in enumerate(members)}
 
     def categories(self, column: Column) -> list[object]:
         """The one-hot slots of a categorical column, 'missing' last if it can be."""
@@ -106,9 +111,11 @@ class TabularEncoder:
         out = np.zeros((n, self.dim), dtype=np.float32)
         for group, members in self.codesets.items():
             b = self.block(group, "multihot")
-            for j, name in enumerate(members):
-                one = self.schema.column(name).categories[1]
-                out[:, b.start + j] = [v == one for v in frame[name].tolist()]
+            ones = np.empty(len(members), dtype=object)
+            ones[:] = [self._columns[name].categories[1] for name in members]
+            # one object-array comparison for the whole set (Python == per cell, as before)
+            cells = frame[list(members)].to_numpy(dtype=object)
+            out[:, b.start : b.start + len(members)] = cells == ones[None, :]
         for column in self.schema.columns:
             if column.group:
                 continue
@@ -139,13 +146,15 @@ class TabularEncoder:
         if matrix.ndim != 2 or matrix.shape[1] != self.dim:
             raise ValueError(f"expected an (n, {self.dim}) matrix, got {matrix.shape}")
         data: dict[str, object] = {}
+        n = matrix.shape[0]
         for column in self.schema.columns:
             if column.group:
                 b = self.block(column.group, "multihot")
-                j = self.codesets[column.group].index(column.name)
                 zero, one = column.categories
-                col = [one if v > 0.5 else zero for v in matrix[:, b.start + j]]
-                data[column.name] = pd.Series(col, dtype=object)
+                col = np.empty(n, dtype=object)
+                col.fill(zero)
+                col[matrix[:, b.start + self._slot[column.name]] > 0.5] = one
+                data[column.name] = col
             elif column.is_numeric:
                 _, lo, hi = _numeric_scale(column, None)
                 scaled = np.clip(matrix[:, self.block(column.name, "numeric").start], -1, 1)
@@ -170,8 +179,9 @@ class TabularEncoder:
                 b = self.block(column.name, "onehot")
                 cats = self.categories(column)
                 picks = np.argmax(matrix[:, b.slice], axis=1)
-                col = [np.nan if cats[i] == MISSING else cats[i] for i in picks]
-                data[column.name] = pd.Series(col, dtype=object)
+                lookup = np.empty(len(cats), dtype=object)
+                lookup[:] = [np.nan if c == MISSING else c for c in cats]
+                data[column.name] = lookup[picks]
         return pd.DataFrame(data)
 
 

@@ -277,7 +277,7 @@ class SiteConfig:
 
 #: Every node config key a fedsynth SuperNode reads (``SiteConfig.from_node_config``).
 NODE_KEYS = ("site-name", *(f.name.replace("_", "-") for f in fields(SiteConfig)
-                            if f.name != "name"))
+                            if f.name != "name"), "torch-threads")
 
 
 def check_strategy(strategy: str, secure_aggregation: str = "none") -> str:

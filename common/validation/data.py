@@ -16,13 +16,15 @@ statistic of the rows, so a distance-based privacy score cannot itself leak an o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.compose import ColumnTransformer
 from sklearn.impute import SimpleImputer
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import FunctionTransformer, OneHotEncoder
+from sklearn.preprocessing import FunctionTransformer
 
 from ..schema import Column, Schema
 
@@ -161,6 +163,36 @@ def gower(a: Table, b: Table, schema: Schema, columns: list[str] | None = None) 
     return out
 
 
+class CategoryIndicators(TransformerMixin, BaseEstimator):
+    """One-hot columns over fixed, declared categories; an unknown value gets none.
+
+    What ``OneHotEncoder(categories=..., handle_unknown="ignore")`` computes, as one
+    comparison per category: scikit-learn's encoder checks and indexes its input one
+    column at a time (about a millisecond each), which on the MIMIC-III demo's 1,236
+    code columns made each detection and utility fit take seconds. Nothing is learnt
+    from the rows, so ``fit`` only records the width.
+    """
+
+    def __init__(self, categories: list[list[Any]]) -> None:
+        self.categories = categories
+
+    def fit(self, x: Any, y: Any = None) -> CategoryIndicators:
+        self.n_features_in_ = len(self.categories)
+        return self
+
+    def transform(self, x: Any) -> np.ndarray:
+        cells = np.asarray(x, dtype=object)
+        if cells.ndim != 2 or cells.shape[1] != len(self.categories):
+            raise ValueError(
+                f"expected {len(self.categories)} categorical columns, got {cells.shape}"
+            )
+        blocks = [
+            (cells[:, [j]] == np.asarray(cats, dtype=object)[None, :]).astype(float)
+            for j, cats in enumerate(self.categories)
+        ]
+        return np.hstack(blocks) if blocks else np.zeros((len(cells), 0))
+
+
 def feature_pipeline(schema: Schema, features: list[str]) -> ColumnTransformer:
     """Model inputs for utility and detection classifiers.
 
@@ -203,7 +235,7 @@ def feature_pipeline(schema: Schema, features: list[str]) -> ColumnTransformer:
         transformers.append(
             (
                 "categorical",
-                OneHotEncoder(categories=cats, handle_unknown="ignore", sparse_output=False),
+                CategoryIndicators(cats),
                 categorical,
             )
         )

@@ -81,8 +81,11 @@ details.appendix{margin:10px 0}details.appendix summary{cursor:pointer;font-weig
 
 
 def _png(fig: Figure) -> str:
+    """The figure as an inline PNG. Every plot calls ``tight_layout`` before this, so the
+    margins are already trimmed: ``bbox_inches="tight"`` would draw the figure twice
+    (once to measure, once to save) for a few pixels of white border."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=90)
     data = base64.b64encode(buffer.getvalue()).decode("ascii")
     return f'<img alt="plot" src="data:image/png;base64,{data}">'
 

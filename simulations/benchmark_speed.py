@@ -1,0 +1,184 @@
+"""Where users wait, measured as ratios within one run (issue 16; docs/benchmark.md).
+
+Run it as a script so that ``PYTHONPATH`` decides which fedsynth it measures (the
+checkout's or an older copy's), and the two can be compared in one session::
+
+    OMP_NUM_THREADS=1 python simulations/benchmark_speed.py modes
+    python simulations/benchmark_speed.py threads
+    python simulations/benchmark_speed.py validation --study-dir OUT
+
+- ``modes``: seconds per DP-SGD step in each Opacus mode (hooks, ghost) and per
+  no-DP step, through the trainer, for tvae, ctgan and ddpm (default sizes) on the
+  pooled rows of heart and the MIMIC-III demo, at q = 1 and 0.1; with the expected
+  batch x private parameters that ``trainer.pick_mode`` compares to its crossover.
+- ``threads``: one site's round of the default study (``client.site.train_site``)
+  with 2 torch threads and with 1.
+- ``validation``: ``validate_and_report`` of a finished ``fedsynth simulate`` study.
+
+Each figure is the median of ``--repeats`` (3) runs, interleaved so that a change in
+the machine's load hits every variant alike; the machine this was written on was
+shared, so only ratios within one run are comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _median_times(variants: dict[str, Any], repeats: int) -> dict[str, float]:
+    """Median seconds of each variant's callable (which returns its own seconds)."""
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(repeats):
+        for name, run in variants.items():
+            times[name].append(float(run()))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def modes(repeats: int, datasets: list[str], generators: list[str], rates: list[float]
+          ) -> list[dict[str, Any]]:
+    from fedsynth.common.encoding import TabularEncoder
+    from fedsynth.common.generators import get_generator
+    from fedsynth.common.privacy import DPSettings, PrivacyLedger, train_round
+    from fedsynth.common.privacy.randomness import DPRandomness
+    from fedsynth.common.privacy.trainer import pick_mode, private_parameters, samples_per_step
+    from fedsynth.simulations.datasets import load_site_frames
+
+    rows = []
+    for dataset in datasets:
+        schema, frames = load_site_frames(dataset)
+        data = TabularEncoder(schema).encode(
+            __import__("pandas").concat(frames.values(), ignore_index=True))
+        for name in generators:
+            for q in rates:
+                epochs = 3 if q == 1.0 else 1  # 3 or 10 steps per timed round
+
+                def run(mode: str | None, q: float = q, epochs: int = epochs,
+                        name: str = name, schema: Any = schema, data: Any = data) -> float:
+                    model = get_generator(name)(schema, seed=0)
+                    dp = DPSettings(1.0, 1.0) if mode else None
+                    stats = train_round(
+                        model, data, epochs=epochs, sample_rate=q, dp=dp,
+                        ledger=PrivacyLedger() if mode else None,
+                        randomness=DPRandomness.reproducible(0, "speed"),
+                        **({"mode": mode} if mode else {}))
+                    return stats.seconds / stats.steps
+
+                t = _median_times({"plain": lambda: run(None), "hooks": lambda: run("hooks"),
+                                   "ghost": lambda: run("ghost")}, repeats)
+                model = get_generator(name)(schema, seed=0)
+                module = model.private_module()
+                batch = samples_per_step(model, data.shape[1], max(1.0, q * len(data)))
+                row = {"dataset": dataset, "generator": name, "q": q, "rows": len(data),
+                       "width": data.shape[1], "private_params": private_parameters(module),
+                       "samples_per_step": batch,
+                       "samples_x_params": batch * private_parameters(module),
+                       "picked": pick_mode(module, batch),
+                       "plain_s": t["plain"], "hooks_s": t["hooks"], "ghost_s": t["ghost"],
+                       "hooks_over_plain": t["hooks"] / t["plain"],
+                       "ghost_over_plain": t["ghost"] / t["plain"],
+                       "ghost_speedup": t["hooks"] / t["ghost"]}
+                row["picked_over_plain"] = row[f"{row['picked']}_over_plain"]
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    return rows
+
+
+def threads(repeats: int, dataset: str) -> dict[str, float]:
+    """One site's round of the default study with 2 and with 1 torch threads."""
+    import tempfile
+
+    from fedsynth.client.site import SiteState, train_site
+    from fedsynth.common.generators import get_generator
+    from fedsynth.common.schema import Schema
+    from fedsynth.common.study import StudyConfig, schema_fingerprint
+    from fedsynth.simulations.simulate import SimulationOptions, prepare_sites
+
+    tmp = Path(tempfile.mkdtemp(prefix="speed-threads-"))
+    study = StudyConfig()
+    sites, _, _ = prepare_sites(SimulationOptions(dataset=dataset, study=study), tmp)
+    site = sites[0]
+    schema = Schema.load(site.schema_path)
+    start = get_generator(study.generator)(schema, seed=study.seed).state_dict()
+
+    def round_with(n: int) -> float:
+        torch.set_num_threads(n)
+        t0 = time.perf_counter()
+        reply = train_site(site, study, schema_fingerprint(schema), start, SiteState(), 1)
+        assert reply.status == "trained", reply.problems
+        return time.perf_counter() - t0
+
+    round_with(1)  # the table is read and encoded once per process: not timed
+    t = _median_times({"2 threads": lambda: round_with(2), "1 thread": lambda: round_with(1)},
+                      repeats)
+    t["ratio"] = t["2 threads"] / t["1 thread"]
+    return t
+
+
+def validation(repeats: int, study_dir: Path, dataset: str) -> dict[str, float]:
+    """``validate_and_report`` of the study in ``study_dir`` (as ``simulate`` calls it)."""
+    from dataclasses import replace
+
+    from fedsynth.common.schema import Schema
+    from fedsynth.common.study import StudyConfig
+    from fedsynth.common.table import read_table
+    from fedsynth.simulations.datasets import bundled_schema_path
+    from fedsynth.simulations.simulate import (
+        SimulationOptions,
+        prepare_sites,
+        validate_and_report,
+    )
+
+    summary = json.loads((study_dir / "summary.json").read_text())
+    seed = int(summary["study"]["seed"])
+    out = study_dir / "speed-validation"
+    _, train, hold = prepare_sites(
+        SimulationOptions(dataset=dataset, study=StudyConfig(seed=seed)), out)
+    schema = Schema.load(bundled_schema_path(dataset))
+    synthetic = read_table(study_dir / "synthetic.csv", replace(schema, header=True))
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        validate_and_report(train.drop(columns="site"), hold.drop(columns="site"), synthetic,
+                            schema, out, summary)
+        return time.perf_counter() - t0
+
+    return _median_times({"validation+report": once}, repeats)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=("modes", "threads", "validation"))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--datasets", default="heart_disease,mimic3_demo")
+    ap.add_argument("--generators", default="tvae,ctgan,ddpm")
+    ap.add_argument("--rates", default="1.0,0.1")
+    ap.add_argument("--study-dir", type=Path)
+    ap.add_argument("--out", type=Path, help="write the rows as JSON here")
+    args = ap.parse_args()
+    if args.what != "threads":
+        torch.set_num_threads(1)
+    np.set_printoptions(precision=3)
+    if args.what == "modes":
+        result: Any = modes(args.repeats, args.datasets.split(","), args.generators.split(","),
+                            [float(r) for r in args.rates.split(",")])
+    elif args.what == "threads":
+        result = threads(args.repeats, args.datasets.split(",")[0])
+    else:
+        if args.study_dir is None:
+            ap.error("validation needs --study-dir (a finished fedsynth simulate output)")
+        result = validation(args.repeats, args.study_dir, args.datasets.split(",")[0])
+    print(json.dumps(result, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
