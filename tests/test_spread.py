@@ -1,0 +1,70 @@
+"""The deep generators keep the spread of each numeric column (issue 14).
+
+On the real heart-disease rows of the four hospitals: a TVAE trained under DP-SGD
+learns one output scale per numeric column (part of the private module, so clipped
+and noised like every weight), and the samples it draws have standard deviations
+near the real ones rather than collapsed towards the mean.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+
+from fedsynth.common.generators import TVAE
+from fedsynth.common.privacy import DPSettings, PrivacyLedger, train_round
+from fedsynth.common.schema import Schema
+from fedsynth.common.table import read_table
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Any:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def heart(heart_schema: Schema, heart_files: dict[str, Path]) -> pd.DataFrame:
+    frames = [read_table(path, heart_schema) for path in heart_files.values()]
+    return pd.concat(frames, ignore_index=True)
+
+
+def _std_ratios(real: pd.DataFrame, synthetic: pd.DataFrame, schema: Schema
+                ) -> dict[str, float]:
+    out = {}
+    for c in schema.columns:
+        if c.is_numeric:
+            r = pd.to_numeric(real[c.name], errors="coerce").astype(float).std()
+            s = pd.to_numeric(synthetic[c.name], errors="coerce").astype(float).std()
+            out[c.name] = float(s / r)
+    return out
+
+
+def test_tvae_output_scales_are_trained_by_dp_sgd(heart_schema: Schema,
+                                                  heart: pd.DataFrame) -> None:
+    model = TVAE(heart_schema, seed=0)
+    scales = model.net.log_sigma.weight.weight
+    assert any(p is scales for p in model.private_module().parameters())
+    before = scales.detach().clone()
+    ledger = PrivacyLedger()
+    train_round(model, model.encoder.encode(heart), epochs=2, sample_rate=0.2,
+                dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0), ledger=ledger, seed=1)
+    assert not torch.equal(before, scales.detach())
+    assert ledger.epsilon(1e-5) > 0
+    assert len(before) == len(model.encoder.numeric_blocks)
+
+
+def test_tvae_under_dp_keeps_each_numeric_columns_spread(heart_schema: Schema,
+                                                         heart: pd.DataFrame) -> None:
+    """Pooled heart-disease rows, DP at epsilon 3: every synthetic/real std ratio in
+    [0.7, 1.4] (before the learned scales: 0.3-0.6 at this setting)."""
+    model = TVAE(heart_schema, seed=0).fit(heart, epochs=100, sample_rate=1.0, epsilon=3.0)
+    ratios = _std_ratios(heart, model.sample(len(heart), seed=1), heart_schema)
+    assert model.fit_info["epsilon"] <= 3.0 + 1e-6
+    assert all(0.7 <= r <= 1.4 for r in ratios.values()), ratios
