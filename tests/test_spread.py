@@ -68,3 +68,28 @@ def test_tvae_under_dp_keeps_each_numeric_columns_spread(heart_schema: Schema,
     ratios = _std_ratios(heart, model.sample(len(heart), seed=1), heart_schema)
     assert model.fit_info["epsilon"] <= 3.0 + 1e-6
     assert all(0.7 <= r <= 1.4 for r in ratios.values()), ratios
+
+
+def test_spread_plot_flags_a_collapsed_column_and_the_report_shows_it(
+    heart_schema: Schema, heart: pd.DataFrame, tmp_path: Path
+) -> None:
+    """Real rows as 'synthetic', except age pulled to a third of its spread."""
+    from fedsynth.common.validation import validate
+    from fedsynth.common.validation.data import Table
+    from fedsynth.common.validation.report import write_report
+    from fedsynth.common.validation.spread import spread_plot, spreads
+
+    train, synthetic = heart.iloc[::2].reset_index(drop=True), heart.iloc[1::2].copy()
+    age = pd.to_numeric(synthetic["age"]).astype(float)
+    synthetic["age"] = (age.mean() + (age - age.mean()) / 3).round()
+    synthetic = synthetic.reset_index(drop=True)
+    real_t, syn_t = Table.from_frame(train, heart_schema), Table.from_frame(synthetic, heart_schema)
+    rows = {s.column: s for s in spreads(real_t, syn_t, heart_schema)}
+    assert set(rows) == {c.name for c in heart_schema.columns if c.is_numeric}
+    assert rows["age"].ratio == pytest.approx(1 / 3, abs=0.05) and not rows["age"].good
+    assert all(s.good for name, s in rows.items() if name != "age")
+    assert spread_plot(real_t, syn_t, heart_schema).startswith("<img")
+    result = validate(train, synthetic, synthetic, heart_schema, areas=("fidelity",))
+    page = write_report(result, tmp_path / "r.html", real_train=train, synthetic=synthetic,
+                        schema=heart_schema).read_text()
+    assert "Spread of each numeric column" in page
