@@ -139,7 +139,6 @@ class TabDDPM(Generator):
         "code_weight": 3.0,
         "iterate_ema": 0.9,
         "loss_bound": 50.0,
-        "numeric_scale": 1.0,
     }
 
     def build(self) -> None:
@@ -212,9 +211,7 @@ class TabDDPM(Generator):
         n = encoded.shape[0]
         bits = encoded[:, self._multi_idx]
         two_way = torch.stack([1 - bits, bits], dim=2).reshape(n, 2 * bits.shape[1])
-        scale = float(self.hparams["numeric_scale"])
-        return (encoded[:, self._num_idx] * scale,
-                torch.cat([encoded[:, self._onehot_idx], two_way], 1))
+        return encoded[:, self._num_idx], torch.cat([encoded[:, self._onehot_idx], two_way], 1)
 
     def _padded(self, flat: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """[n, n_cat] -> [n, groups, kmax], pad slots set to ``fill``."""
@@ -277,7 +274,6 @@ class TabDDPM(Generator):
     @torch.no_grad()
     def generate_encoded(self, n: int, rng: torch.Generator) -> np.ndarray:
         self.denoiser.eval()
-        scale = float(self.hparams["numeric_scale"])
         num = torch.randn(n, self._n_num, generator=rng)
         uniform = self._gmask.float() / self._gsize
         xt = self._sample_groups(uniform.expand(n, -1, -1), rng) * self._gmask
@@ -286,8 +282,7 @@ class TabDDPM(Generator):
             out = self.denoiser(torch.cat([num, self._flat(xt)], dim=1), t.float())
             if self._n_num:
                 ab = self._ab[step]
-                x0 = ((num - (1 - ab).sqrt() * out[:, : self._n_num]) / ab.sqrt()).clamp(
-                    -scale, scale)
+                x0 = ((num - (1 - ab).sqrt() * out[:, : self._n_num]) / ab.sqrt()).clamp(-1, 1)
                 num = self._c0[step] * x0 + self._ct[step] * num
                 if step > 0:
                     num = num + self._post_var[step].sqrt() * torch.randn(
@@ -298,7 +293,7 @@ class TabDDPM(Generator):
                 xt = self._sample_groups(p, rng) * self._gmask
         self.denoiser.train()
         result = torch.zeros(n, self.encoder.dim)
-        result[:, self._num_idx] = (num / scale).clamp(-1.0, 1.0)
+        result[:, self._num_idx] = num.clamp(-1.0, 1.0)
         flat = self._flat(xt)
         n_onehot = len(self._onehot_idx)
         result[:, self._onehot_idx] = flat[:, :n_onehot]
