@@ -34,6 +34,15 @@ Why it is shaped this way:
   At sampling the condition is drawn from the frequencies of the site's one DP
   histogram release (``set_statistics``), which every site makes anyway (its sum is
   the DP row count), so the conditioning costs no privacy.
+- The condition also reaches every output through one linear map added to the
+  decoder's output (``condition_skip``): a class-conditional offset for each column,
+  the structure of naive Bayes. Under DP at epsilon 3 the path through the hidden
+  layers carried almost none of the outcome's association (the synthetic rows'
+  univariate outcome AUROC of chest pain 0.53 against 0.77 real, thal 0.49 against
+  0.76): its signal is spread over thousands of noised weights, where the direct map
+  has a few hundred that each row's gradient moves directly. TSTR AUROC of the
+  federated study at epsilon 3 rose from 0.71 / 0.74 / 0.73 to 0.88 / 0.81 / 0.84
+  (seeds 0-2, issue 14).
 """
 
 from __future__ import annotations
@@ -94,10 +103,16 @@ class _VAENet(nn.Module):
 
     def __init__(
         self, dim: int, hidden: int, latent: int, cond: tuple[int, int] = (0, 0),
-        numeric: int = 0, init_sigma: float = 0.5,
+        numeric: int = 0, init_sigma: float = 0.5, skip: bool = False,
     ) -> None:
         super().__init__()
         self.cond = cond
+        # the condition's direct path to every output (see TVAE's docstring); zero at
+        # the start, so an untrained model is the plain decoder
+        self.skip: nn.Linear | None = None
+        if skip and cond[1] > cond[0]:
+            self.skip = nn.Linear(cond[1] - cond[0], dim, bias=False)
+            nn.init.zeros_(self.skip.weight)
         self.encoder = nn.Sequential(
             nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()
         )
@@ -120,7 +135,14 @@ class _VAENet(nn.Module):
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         if self.cond[1] > self.cond[0]:
             z = torch.cat([z, x[:, self.cond[0] : self.cond[1]]], dim=1)
-        return self.decoder(z), mu, logvar, self.log_sigma(x)
+        return self.decode(z), mu, logvar, self.log_sigma(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Decoder output for latent codes with the condition's one-hot appended."""
+        out = self.decoder(z)
+        if self.skip is not None:
+            out = out + self.skip(z[:, z.shape[1] - (self.cond[1] - self.cond[0]) :])
+        return out
 
 
 class TVAE(Generator):
@@ -144,7 +166,10 @@ class TVAE(Generator):
     #   median TSTR AUROC over five seeds rose from 0.67 to 0.77 at epsilon 10 and from
     #   0.65 to 0.68 at epsilon 3, at the same fidelity.
     # - numeric_sigma is the learned scales' starting value, numeric_weight the share of
-    #   the loss the numeric columns take (see the module docstring).
+    #   the loss the numeric columns take (see the module docstring); started at 0.5
+    #   the scales had not come down within a study's 200 noisy steps (synthetic
+    #   standard deviations 1.3-2.4 times the real ones at weight 0.1-0.25);
+    # - condition_skip: the condition's direct path to the outputs (module docstring).
     defaults: ClassVar[dict[str, Any]] = {
         "hidden": 32,
         "latent": 8,
@@ -155,6 +180,7 @@ class TVAE(Generator):
         "iterate_ema": 0.9,
         "loss_bound": 100.0,
         "condition": "outcome",
+        "condition_skip": True,
     }
 
     def build(self) -> None:
@@ -169,8 +195,10 @@ class TVAE(Generator):
         self.net = _VAENet(
             enc.dim, int(self.hparams["hidden"]), int(self.hparams["latent"]), cond,
             numeric=len(numeric), init_sigma=float(self.hparams["numeric_sigma"]),
+            skip=bool(self.hparams["condition_skip"]),
         )
         self.cond_prior = _CondPrior(max(cond[1] - cond[0], 1))
+
         self._num_idx = torch.tensor([b.start for b in numeric], dtype=torch.long)
         present = []
         for b in numeric:
@@ -275,7 +303,7 @@ class TVAE(Generator):
         if self.cond_column is not None:
             cond = self._draw_condition(n, rng)
             z = torch.cat([z, cond], dim=1)
-        out = self.net.decoder(z)
+        out = self.net.decode(z)
         self.net.train()
         result = torch.zeros_like(out)
         if cond is not None:
