@@ -93,3 +93,28 @@ def test_spread_plot_flags_a_collapsed_column_and_the_report_shows_it(
     page = write_report(result, tmp_path / "r.html", real_train=train, synthetic=synthetic,
                         schema=heart_schema).read_text()
     assert "Spread of each numeric column" in page
+
+
+def test_tvae_condition_skip_is_private_and_carries_the_outcome_under_dp(
+    heart_schema: Schema, heart: pd.DataFrame
+) -> None:
+    """Half the heart rows, central DP at epsilon 3: the decoder's direct path from the
+    outcome is trained by DP-SGD (it is part of the private module) and keeps the
+    outcome's association (TSTR 0.85 with it, 0.64 without, on this split and seed)."""
+    from fedsynth.common.validation import validate
+
+    train, holdout = heart.iloc[::2].reset_index(drop=True), heart.iloc[1::2].reset_index(drop=True)
+    scores = {}
+    for skip in (True, False):
+        model = TVAE(heart_schema, seed=0, condition_skip=skip)
+        if skip:
+            weight = model.net.skip.weight
+            assert any(p is weight for p in model.private_module().parameters())
+        model.fit(train, epochs=100, sample_rate=1.0, epsilon=3.0)
+        if skip:
+            assert float(weight.detach().abs().sum()) > 0  # trained away from its zero start
+        result = validate(train, holdout, model.sample(len(train), seed=1), heart_schema,
+                          areas=("utility",))
+        scores[skip] = result.headline()["tstr_auroc"]
+    assert scores[True] >= 0.78
+    assert scores[True] - scores[False] >= 0.08, scores
