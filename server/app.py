@@ -299,8 +299,11 @@ def publish(
 
 
 def _server_step(study: StudyConfig, velocity_file: Path, done: int) -> ServerMomentum | None:
-    """The coordinator's momentum step, with its velocity when a study resumes."""
+    """The coordinator's momentum step, with its velocity when a study resumes (none for
+    a generator that opts out: ``Generator.server_momentum``)."""
     if study.server_lr == 1.0 and study.server_momentum == 0.0:
+        return None
+    if not get_generator(study.generator).server_momentum:
         return None
     opt = ServerMomentum(study.server_lr, study.server_momentum)
     if done > 0:

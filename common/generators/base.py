@@ -70,6 +70,10 @@ class Generator(ABC):
 
     name: ClassVar[str]
     defaults: ClassVar[dict[str, Any]] = {}
+    #: Whether the coordinator's server momentum (FedAvgM) may step this model; a model
+    #: whose training is a game between networks (a GAN) sets it False and gets plain
+    #: FedAvg whatever the study's server momentum.
+    server_momentum: ClassVar[bool] = True
 
     def __init__(self, schema: Schema, seed: int = 0, **hparams: Any) -> None:
         unknown = set(hparams) - set(self.defaults)

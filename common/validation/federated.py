@@ -47,13 +47,13 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import Pipeline
 
 from ..schema import Schema
 from . import fidelity
 from .context import Context
-from .data import Table, feature_pipeline, gower
+from .data import Table, gower
 from .suite import resolve_target
+from .utility import standard_pipeline
 
 #: The key a site's DP row count travels under.
 COUNT_KEY = "n-rows-dp"
@@ -203,7 +203,9 @@ def _tstr(
     if len(np.unique(y_syn)) < 2:
         return {}
     model = LogisticRegression(max_iter=2000)
-    pipe = Pipeline([("features", feature_pipeline(schema, features)), ("model", model)])
+    # the validator's own pipeline (scaler fitted on the synthetic table, public to all
+    # sites), so a site's figure is the one the pooled validation and a user compute
+    pipe = standard_pipeline(schema, features, model)
     pipe.fit(synthetic.frame(schema)[features], y_syn)
     proba = pipe.predict_proba(real.frame(schema)[features])[:, 1]
     out = {

@@ -31,6 +31,7 @@ from .codesets import ALPHA
 from .data import MISSING, Table
 from .fidelity import cramers_v, joint_counts, numeric_bins
 from .metric import AREAS, MetricValue, ValidationResult
+from .spread import spread_plot
 
 if TYPE_CHECKING:
     from .federated import FederatedValidation
@@ -769,6 +770,8 @@ def write_report(
         if area == "fidelity":
             body.append("<h3>Marginals: real training vs synthetic</h3>")
             body.append(figure(marginal_plots(real, syn, schema, result), MARGINAL_CAPTION))
+            body.append("<h3>Spread of each numeric column</h3>")
+            body.append(spread_plot(real, syn, schema))
             body.append("<h3>Associations side by side</h3>")
             body.append(figure(correlation_plots(real, syn, schema), CORRELATION_CAPTION))
             if schema.codesets:

@@ -5,6 +5,16 @@ both models are scored on the real holdout, which neither saw, so the gap is wha
 researcher loses by using the synthetic table instead of the real one (Esteban et al.,
 2017, "Real-valued (medical) time series generation with recurrent conditional GANs",
 introduced TSTR). The TRTR figure is the reference.
+
+Both models go through the pipeline a user writes with scikit-learn, so the figure
+here is the one they reproduce: numeric columns get median imputation plus a missing
+indicator and a ``StandardScaler`` fitted on the *training* table (synthetic for TSTR,
+real for TRTR), categorical columns a one-hot encoding (missing is a category), then
+the classifier. An earlier version scaled numeric inputs by the schema's public bounds
+instead: with wide bounds that shrinks a numeric column to a sliver of [0, 1], the
+regularised logistic regression then leans on it little, and a generator whose numeric
+columns had collapsed towards their means lost little TSTR for it (0.825 reported
+against 0.729 with standardised inputs on the same table, issue 14).
 """
 
 from __future__ import annotations
@@ -14,13 +24,17 @@ from collections.abc import Callable
 
 import numpy as np
 from sklearn.base import ClassifierMixin
+from sklearn.compose import ColumnTransformer
 from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
+from ..schema import Schema
 from .context import Context
-from .data import Table, feature_pipeline
+from .data import MISSING, Table, column_labels
 from .metric import MetricValue, metric
 
 AREA = "utility"
@@ -46,6 +60,46 @@ MODELS: dict[str, Callable[[int], ClassifierMixin]] = {
 #: The models run when ``validate`` is called with step-1 options (fast).
 DEFAULT_MODELS: tuple[str, ...] = ("logistic_regression", "gradient_boosting")
 
+#: How the figures are computed, as the report states it.
+PIPELINE = (
+    "scikit-learn pipeline fitted on the training table: numeric columns median-imputed "
+    "(with a missing indicator) and standardised (StandardScaler), categorical columns "
+    "one-hot (missing is a category), then the classifier; scored on the real holdout"
+)
+
+
+def standard_pipeline(schema: Schema, features: list[str], model: ClassifierMixin) -> Pipeline:
+    """The preprocessing a user writes before a classifier, then the classifier.
+
+    Every fitted statistic (medians, means, standard deviations) comes from the table
+    the pipeline is fitted on, as in a user's own analysis; the declared categories
+    only fix the one-hot slots so that a category absent from the training table is
+    still a known (all-zero) input at prediction time.
+    """
+    numeric = [c for c in features if schema.column(c).is_numeric]
+    categorical = [c for c in features if not schema.column(c).is_numeric]
+    parts = []
+    if numeric:
+        parts.append((
+            "numeric",
+            Pipeline([
+                ("impute", SimpleImputer(strategy="median", add_indicator=True,
+                                         keep_empty_features=True)),
+                ("scale", StandardScaler()),
+            ]),
+            numeric,
+        ))
+    if categorical:
+        cats = [column_labels(schema.column(c)) for c in categorical]
+        # a generator may emit a missing value the schema does not allow: keep its slot
+        cats = [c if MISSING in c else [*c, MISSING] for c in cats]
+        parts.append((
+            "categorical",
+            OneHotEncoder(categories=cats, handle_unknown="ignore", sparse_output=False),
+            categorical,
+        ))
+    return Pipeline([("features", ColumnTransformer(parts)), ("model", model)])
+
 
 def _fit_score(
     ctx: Context, model: str, train: Table, features: list[str]
@@ -58,9 +112,7 @@ def _fit_score(
         return math.nan, math.nan, "the training table has only one class of the target"
     if len(np.unique(y_test)) < 2:
         return math.nan, math.nan, "the holdout has only one class of the target"
-    pipe = Pipeline(
-        [("features", feature_pipeline(ctx.schema, features)), ("model", MODELS[model](ctx.seed))]
-    )
+    pipe = standard_pipeline(ctx.schema, features, MODELS[model](ctx.seed))
     pipe.fit(train.frame(ctx.schema)[features], y_train)
     x_test = ctx.holdout.frame(ctx.schema)[features]
     scores = pipe.predict_proba(x_test)[:, 1]
@@ -88,11 +140,13 @@ def run(ctx: Context) -> list[MetricValue]:
                 AREA,
                 auroc,
                 "higher",
-                f"AUROC on real holdout of {label} trained on synthetic (reference: on real)",
+                f"AUROC on real holdout of {label} trained on synthetic (reference: on real); "
+                "standard scikit-learn pipeline (scaler fitted on the training table)",
                 columns=[target],
                 reference=ref_auroc,
                 threshold=threshold,
                 note=note,
+                details={"pipeline": PIPELINE},
             )
         )
         out.append(
@@ -101,10 +155,12 @@ def run(ctx: Context) -> list[MetricValue]:
                 AREA,
                 bacc,
                 "higher",
-                f"balanced accuracy on real holdout of {label} trained on synthetic",
+                f"balanced accuracy on real holdout of {label} trained on synthetic; "
+                "standard scikit-learn pipeline",
                 columns=[target],
                 reference=ref_bacc,
                 note=note,
+                details={"pipeline": PIPELINE},
             )
         )
     return out
