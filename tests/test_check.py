@@ -161,6 +161,7 @@ def test_bad_schema_lists_every_problem(tmp_path) -> None:
     assert "3 problem(s)" in text and "'min' and 'max'" in text and "weird" in text
 
 
+@pytest.mark.slow
 def test_bad_generator_params_fail_before_anything_is_written(tmp_path, capsys) -> None:
     """A typo in --generator-params is one message, and no output folder appears."""
     out = tmp_path / "study"

@@ -316,6 +316,7 @@ def _genes(frame: pd.DataFrame, schema: Schema) -> np.ndarray:
     return frame[schema.codesets["mut"]].astype(int).to_numpy()
 
 
+@pytest.mark.slow
 def test_code_frequencies_are_learnt(amlsg_model: Generator,
                                      amlsg: tuple[Schema, pd.DataFrame]) -> None:
     schema, frame = amlsg
@@ -332,6 +333,7 @@ def test_code_frequencies_are_learnt(amlsg_model: Generator,
     assert abs(syn.sum(axis=1).mean() - real.sum(axis=1).mean()) < 0.5
 
 
+@pytest.mark.slow
 def test_code_co_occurrence_is_learnt(amlsg_model: Generator,
                                       amlsg: tuple[Schema, pd.DataFrame]) -> None:
     """NPM1 and FLT3 co-occur (real P(FLT3 | NPM1) 0.55 vs 0.2 without): the synthetic
@@ -349,6 +351,7 @@ def test_code_co_occurrence_is_learnt(amlsg_model: Generator,
 
 @pytest.mark.parametrize("conditions", [{"mut_NPM1": 1}, {"mut_TP53": 1, "sex": 2},
                                         {"mut_NPM1": 0, "aml_type": "sAML"}])
+@pytest.mark.slow
 def test_conditional_sampling_on_a_code(amlsg_model: Generator,
                                         conditions: dict[str, Any]) -> None:
     rows = amlsg_model.sample(60, conditions=conditions, seed=3)

@@ -82,6 +82,7 @@ def report(parts: dict[str, pd.DataFrame], schema: Schema, tmp_path_factory) -> 
     )
 
 
+@pytest.mark.slow
 def test_report_is_self_contained(report: Path) -> None:
     text = report.read_text(encoding="utf-8")
     assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>")
@@ -94,6 +95,7 @@ def test_report_is_self_contained(report: Path) -> None:
         assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_report_shows_every_area_and_threshold(report: Path) -> None:
     text = report.read_text(encoding="utf-8")
     for heading in (
@@ -112,6 +114,7 @@ def test_report_shows_every_area_and_threshold(report: Path) -> None:
     assert "Marginals: real training vs synthetic" in text
 
 
+@pytest.mark.slow
 def test_report_extra_sections(report: Path) -> None:
     text = report.read_text(encoding="utf-8")
     for title in ("privacy budget", "rounds", "study", "a frame", "a figure", "a note"):
@@ -120,6 +123,7 @@ def test_report_extra_sections(report: Path) -> None:
     assert "&lt;b&gt;escaped&lt;/b&gt;" in text  # caller text is escaped, not injected
 
 
+@pytest.mark.slow
 def test_report_with_failures_and_survival(schema: Schema, tmp_path: Path) -> None:
     """A failing area is red, and a survival pair adds Kaplan-Meier curves."""
     surv = Schema.from_dict(

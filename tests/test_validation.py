@@ -110,6 +110,7 @@ def test_areas_subset_and_unknown(split: dict[str, pd.DataFrame], schema: Schema
         validate(split["train"], split["holdout"], split["fresh"], schema, areas=("nope",))
 
 
+@pytest.mark.slow
 def test_reproducible(split: dict[str, pd.DataFrame], schema: Schema) -> None:
     random_areas = ("diversity", "clustering", "detection", "privacy")
     a = validate(
@@ -255,6 +256,7 @@ def test_target_options(split: dict[str, pd.DataFrame], schema: Schema) -> None:
     assert chest.get("tstr_auroc_logistic_regression").value > 0.6
 
 
+@pytest.mark.slow
 def test_runtime_heart_disease(split: dict[str, pd.DataFrame], schema: Schema) -> None:
     train = pd.concat([split["train"], split["fresh"]], ignore_index=True)  # 736 rows
     synthetic = train.sample(len(train), replace=True, random_state=0)
@@ -414,6 +416,7 @@ def test_survival_columns_must_exist(split: dict[str, pd.DataFrame], schema: Sch
 # ---------------------------------------------------------------- SDMetrics cross-check
 
 
+@pytest.mark.slow
 def test_cross_check_with_sdmetrics(split: dict[str, pd.DataFrame], schema: Schema) -> None:
     """Metrics SDMetrics also has agree with it to 1e-9 on the same frames.
 
@@ -487,6 +490,7 @@ def test_cross_check_with_sdmetrics(split: dict[str, pd.DataFrame], schema: Sche
     assert checked > 80
 
 
+@pytest.mark.slow
 def test_dcr_cross_check_with_sdmetrics(heart: pd.DataFrame, schema: Schema) -> None:
     """fedsynth's distance to closest record and DCR share equal SDMetrics' on the same
     frames, to 1e-9, where the two definitions meet.
