@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from ..common.schema import Schema
+from ..common.table import read_table
 
 
 def outcome_labels(frame: pd.DataFrame, schema: Schema) -> np.ndarray | None:
@@ -72,3 +73,23 @@ def dirichlet_split(
     return {
         f"site_{k}": frame[owner == k].reset_index(drop=True) for k in range(n_sites)
     }
+
+
+def pooled_split(schema: Schema, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The four heart-disease hospitals' rows pooled, 80/20 split stratified by hospital
+    (the central baselines' split)."""
+    from sklearn.model_selection import train_test_split
+
+    from ..common.bundled import bundled_site_files
+
+    frames = []
+    sites = []
+    for site, path in bundled_site_files("heart_disease").items():
+        frame = read_table(path, schema)
+        frames.append(frame)
+        sites += [site] * len(frame)
+    pooled = pd.concat(frames, ignore_index=True)
+    train, test = train_test_split(
+        pooled, test_size=0.2, stratify=np.array(sites), random_state=seed
+    )
+    return train.reset_index(drop=True), test.reset_index(drop=True)

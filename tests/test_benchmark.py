@@ -24,13 +24,13 @@ from scipy import stats
 from fedsynth.cli import main
 from fedsynth.client.site import SiteState
 from fedsynth.common.schema import Schema
-from fedsynth.simulations.bench_generators import pooled_split
 from fedsynth.simulations.benchmark import BenchmarkOptions, run_benchmark
 from fedsynth.simulations.benchmark_baselines import (
     from_plain,
     independent_marginals,
     to_plain,
 )
+from fedsynth.simulations.splits import pooled_split
 
 # Ray, the deployment engine or a whole study: the slow tier (pytest -m 'not slow').
 pytestmark = pytest.mark.slow

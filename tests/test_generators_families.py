@@ -283,7 +283,7 @@ def test_site_accounting_composes_over_rounds(name: str, heart_schema: Schema,
 AMLSG_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "amlsg"
 # Brief central fits without DP: what is tested is how each family encodes, learns and
 # samples a multi-hot block (each code a Bernoulli), not what DP costs (that is
-# measured in simulations/bench_amlsg.py). Epochs at q = 0.1, enough for each family.
+# measured in research/bench_amlsg.py). Epochs at q = 0.1, enough for each family.
 # The GAN's generator runs at half its default rate here: at the default (tuned on the
 # heart data under DP) it overshot NPM1 (0.63 vs 0.33) on one of two seeds without DP;
 # at 5e-4 both seeds were within 0.09 (docs/generators.md, "Code sets").

@@ -43,7 +43,7 @@ on *every* update, including the unweighted ones. Dividing by ``B`` keeps every 
 within the same +-64 as any other update, so one scale serves both.
 
 Parameters (measured by ``tests/test_encryption.py`` and
-``simulations/bench_encryption.py``)
+``research/bench_encryption.py``)
 ------------------------------------------------------------------------------------
 - poly modulus degree 8192 (4096 real slots per ciphertext), as the study design asks.
 - coefficient modulus ``[60, 60]``: one 60-bit prime that carries the data plus the

@@ -164,7 +164,7 @@ class CTGAN(Generator):
     """Conditional tabular GAN; the discriminator is the DP-trained module."""
 
     name: ClassVar[str] = "ctgan"
-    # Defaults chosen on the heart-disease data under DP (simulations/bench_generators.py,
+    # Defaults chosen on the heart-disease data under DP (research/bench_generators.py,
     # pooled hospitals, 500 DP steps at q = 0.1, mean of 2 seeds; "AUROC / fidelity"):
     # - small networks (64 hidden units): DP noise is added to every parameter's
     #   gradient, so its norm grows with sqrt(#parameters) while the clipped signal does

@@ -97,7 +97,7 @@ class TabDDPM(Generator):
     """Gaussian + multinomial diffusion over encoded rows, with an MLP denoiser."""
 
     name: ClassVar[str] = "ddpm"
-    # Defaults chosen on the heart-disease data under DP (simulations/bench_generators.py,
+    # Defaults chosen on the heart-disease data under DP (research/bench_generators.py,
     # pooled hospitals, 500 DP steps at q = 0.1, mean of 2-4 seeds, and the federated
     # study of 4 hospitals):
     # - hidden 64, depth 2: DP noise is added to every parameter's gradient, so its norm

@@ -2,7 +2,7 @@
 
 Run it as a script (it is a measurement, not a test: timings depend on the machine)::
 
-    python -m fedsynth.simulations.bench_encryption --out benchmarks/encryption.md
+    python research/bench_encryption.py --out benchmarks/encryption.md
 
 Part 1, per round. For each model (the default TVAE, and the same TVAE widened to about
 1M parameters), the four heart-disease hospitals train for ``--repeats`` real rounds
@@ -312,7 +312,7 @@ def write_report(
     lines = [
         "# Encrypted aggregation overhead (CKKS, TenSEAL)",
         "",
-        "Written by `python -m fedsynth.simulations.bench_encryption`.",
+        "Written by `python research/bench_encryption.py`.",
         "",
         "## Per round",
         "",

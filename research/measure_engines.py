@@ -1,6 +1,6 @@
 """The default study on each engine, alternated in one session: wall time and memory.
 
-    python -m fedsynth.simulations.measure_engines --pairs 3 --out /tmp/engines
+    python research/measure_engines.py --pairs 3 --out /tmp/engines
 
 Runs ``fedsynth simulate`` (the default heart-disease study) as a child process, once
 per engine per pair, alternating which engine goes first, and samples every 0.2 s the

@@ -15,7 +15,7 @@ table is measured against. Figures are means over ``--seeds`` seeds (split fixed
 The metrics are computed here, self-contained, so the benchmark does not move when
 the validation module is extended.
 
-Run: ``python -m fedsynth.simulations.bench_generators`` (prints a Markdown table).
+Run: ``python research/bench_generators.py`` (prints a Markdown table).
 
 ``--study`` instead gives the central rows of the issue's federated table: each
 generator trained without DP on the pooled *training* rows of exactly the split that
@@ -24,7 +24,7 @@ many rows, and scored by the project's validation module against the same holdou
 its figures (TSTR AUROC, fidelity, correlation similarity) sit beside the federated
 ones in ``DIR/summary.json``::
 
-    python -m fedsynth.simulations.bench_generators --study --epochs 50 --sample-rate 0.1
+    python research/bench_generators.py --study --epochs 50 --sample-rate 0.1
 """
 
 from __future__ import annotations
@@ -42,31 +42,15 @@ from sklearn.compose import ColumnTransformer
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from ..common.generators import get_generator
-from ..common.schema import Schema
-from ..common.table import read_table
-from .datasets import bundled_schema, bundled_site_files
+from fedsynth.common.generators import get_generator
+from fedsynth.common.schema import Schema
+from fedsynth.simulations.datasets import bundled_schema
+from fedsynth.simulations.splits import pooled_split
 
 MISSING_LABEL = "<missing>"
-
-
-def pooled_split(schema: Schema, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The four hospitals' rows, 80/20 split stratified by hospital."""
-    frames = []
-    sites = []
-    for site, path in bundled_site_files("heart_disease").items():
-        frame = read_table(path, schema)
-        frames.append(frame)
-        sites += [site] * len(frame)
-    pooled = pd.concat(frames, ignore_index=True)
-    train, test = train_test_split(
-        pooled, test_size=0.2, stratify=np.array(sites), random_state=seed
-    )
-    return train.reset_index(drop=True), test.reset_index(drop=True)
 
 
 def _target(frame: pd.DataFrame, schema: Schema) -> np.ndarray:
@@ -173,9 +157,9 @@ def central_study(name: str, *, epochs: int, sample_rate: float, params: dict[st
     import tempfile
     from pathlib import Path
 
-    from ..common.study import StudyConfig
-    from ..common.validation import validate
-    from .simulate import SimulationOptions, prepare_sites
+    from fedsynth.common.study import StudyConfig
+    from fedsynth.common.validation import validate
+    from fedsynth.simulations.simulate import SimulationOptions, prepare_sites
 
     opts = SimulationOptions(dataset="heart_disease", dp=False, study=StudyConfig(seed=seed))
     with tempfile.TemporaryDirectory() as tmp:

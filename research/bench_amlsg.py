@@ -2,7 +2,7 @@
 
 Run after ``fedsynth simulate --dataset amlsg --out DIR``::
 
-    python -m fedsynth.simulations.bench_amlsg --out DIR
+    python research/bench_amlsg.py --out DIR
 
 It reads DIR/real/train.csv (the real rows the sites trained on), DIR/synthetic.csv
 and prints (and writes DIR/amlsg_figures.json). For sweeps of hyperparameters, where a
@@ -11,7 +11,7 @@ study in process instead (``inprocess.py``: the site code of the Flower app, Fed
 weighted by the sites' DP counts, the same splits) or, with ``--central``, one model
 on the pooled training rows::
 
-    python -m fedsynth.simulations.bench_amlsg --train --generator ddpm --epsilon 3 \
+    python research/bench_amlsg.py --train --generator ddpm --epsilon 3 \
         --out DIR [--no-dp] [--central] [--generator-params JSON] [--local-epochs 20]
 
 The figures:
@@ -41,9 +41,9 @@ import pandas as pd
 from lifelines import CoxPHFitter
 from scipy.stats import fisher_exact
 
-from ..common.generators import REGISTRY
-from ..common.table import read_table
-from .datasets import bundled_schema
+from fedsynth.common.generators import REGISTRY
+from fedsynth.common.table import read_table
+from fedsynth.simulations.datasets import bundled_schema
 
 MIN_CARRIERS = 10  # genes mutated in fewer real patients carry no usable pair statistics
 
@@ -119,10 +119,11 @@ def cox_figures(real: pd.DataFrame, syn: pd.DataFrame, genes: list[str]) -> dict
 
 def _train(args: argparse.Namespace, out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Train in process (federated, or ``--central`` on the pooled rows); write the table."""
-    from ..common.generators import get_generator
-    from ..common.study import StudyConfig
-    from .inprocess import run_inprocess
-    from .simulate import SimulationOptions, prepare_sites
+    from inprocess import run_inprocess
+
+    from fedsynth.common.generators import get_generator
+    from fedsynth.common.study import StudyConfig
+    from fedsynth.simulations.simulate import SimulationOptions, prepare_sites
 
     params = json.loads(args.generator_params)
     study = StudyConfig(generator=args.generator, generator_params=params,

@@ -1,7 +1,7 @@
 """Tune the TVAE on the default heart-disease study, in process and over several seeds.
 
 ``fedsynth simulate`` starts Ray (25-50 s) for every run; this script runs the very
-same study (the real coordinator and ClientApp, through ``simulations/inprocess.py``)
+same study (the real coordinator and ClientApp, through ``research/inprocess.py``)
 in one process, so a configuration can be judged on several seeds in the time one
 simulation takes to start. Each seed changes everything a study
 seed changes: the per-hospital 80/20 holdout split, the initial model, the DP noise and
@@ -9,7 +9,7 @@ the sampling. The synthetic table is scored against the real holdout by the proj
 validation module (mean per-column fidelity and TSTR AUROC of logistic regression),
 the figures ``fedsynth simulate`` writes to summary.json.
 
-Run: ``python -m fedsynth.simulations.tune_tvae --epsilon 10 --seeds 42,43,44
+Run: ``python research/tune_tvae.py --epsilon 10 --seeds 42,43,44
 --params '{"kl_weight": 0.3}'``; prints one line per seed and the median, min, max.
 ``--server-lr`` / ``--server-momentum`` try a FedAvgM step on the coordinator
 (``server/optimizer.py``; post-processing, free privacy-wise).
@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from inprocess import run_inprocess
 
-from ..common.study import StudyConfig
-from ..common.table import read_table
-from ..common.validation import validate
-from ..server.app import SYNTHETIC
-from .inprocess import run_inprocess
-from .simulate import SimulationOptions
+from fedsynth.common.study import StudyConfig
+from fedsynth.common.table import read_table
+from fedsynth.common.validation import validate
+from fedsynth.server.app import SYNTHETIC
+from fedsynth.simulations.simulate import SimulationOptions
 
 
 @dataclass

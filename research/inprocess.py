@@ -16,11 +16,11 @@ from typing import Any
 
 import pandas as pd
 
-from ..common.generators import Generator
-from ..server.app import MODEL, final_site_privacy
-from .benchmark_inprocess import run_inprocess as run_study_inprocess
-from .datasets import bundled_schema_path
-from .simulate import SimulationOptions, prepare_sites
+from fedsynth.common.generators import Generator
+from fedsynth.server.app import MODEL, final_site_privacy
+from fedsynth.simulations.benchmark_inprocess import run_inprocess as run_study_inprocess
+from fedsynth.simulations.datasets import bundled_schema_path
+from fedsynth.simulations.simulate import SimulationOptions, prepare_sites
 
 
 def run_inprocess(
