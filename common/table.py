@@ -177,7 +177,7 @@ def _check_column(
             key, verdict = None, None
         if verdict is None:
             verdict = _classify(raw, column, schema.missing_tokens)
-            if key is not None and raw == raw:  # NaN != NaN: never a cache hit anyway
+            if key is not None and _cacheable(raw):
                 seen[key] = verdict
         what, value = verdict
         if what == "ok":
@@ -240,6 +240,17 @@ def _check_column(
             )
         )
     return out, problems
+
+
+def _cacheable(raw: Any) -> bool:
+    """Whether a cell's verdict may be cached by value: not a missing marker (NaN != NaN
+    and ``pd.NA == pd.NA`` is NA, so they are never a hit) and comparable to itself."""
+    if raw is None or raw is pd.NA or raw is pd.NaT:
+        return False
+    try:
+        return bool(raw == raw)
+    except (TypeError, ValueError):
+        return False
 
 
 def _typed(checked: dict[str, list[Any]], schema: Schema, n: int) -> pd.DataFrame:
