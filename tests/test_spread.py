@@ -17,6 +17,7 @@ import torch
 
 from fedsynth.common.generators import TVAE
 from fedsynth.common.privacy import DPSettings, PrivacyLedger, train_round
+from fedsynth.common.privacy.randomness import DPRandomness
 from fedsynth.common.schema import Schema
 from fedsynth.common.table import read_table
 
@@ -54,7 +55,8 @@ def test_tvae_output_scales_are_trained_by_dp_sgd(heart_schema: Schema,
     before = scales.detach().clone()
     ledger = PrivacyLedger()
     train_round(model, model.encoder.encode(heart), epochs=2, sample_rate=0.2,
-                dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0), ledger=ledger, seed=1)
+                dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0), ledger=ledger,
+                randomness=DPRandomness.reproducible(1))
     assert not torch.equal(before, scales.detach())
     assert ledger.epsilon(1e-5) > 0
     assert len(before) == len(model.encoder.numeric_blocks)
