@@ -96,6 +96,17 @@ def noise_levels(site: SiteConfig, study: StudyConfig, plan: MarginalPlan) -> No
     return calibrate(plan, site.epsilon, site.delta, study.accountant)
 
 
+@dataclass
+class _Request:
+    """A checked marginal request: the site's cells and what is asked of them."""
+
+    cells: np.ndarray
+    plan: MarginalPlan
+    cliques: list[tuple[str, ...]]
+    names: list[str]
+    sizes: dict[str, int]
+
+
 def answer(
     site: SiteConfig, study: StudyConfig, config: dict[str, Any],
     model_marginals: dict[str, np.ndarray], ckks: dict[str, Any], state: SiteState,
@@ -104,16 +115,55 @@ def answer(
     schema = site_schema(site, state, str(config[P.SCHEMA_FINGERPRINT]))
     if isinstance(schema, SiteReply):
         return MeasureReply(schema)
-    secure = study.encrypted
-    if site.requires_encryption and not secure:
+    if site.requires_encryption and not study.encrypted:
         return MeasureReply(SiteReply(NOT_ENCRYPTED, status_metrics(site, state), problems=[
             "this site is set up for encrypted aggregation and answers nothing in clear"]))
     op = str(config.get(P.OP, ""))
     if op == P.DECRYPT_OP:
         return _decrypt(site, study, ckks, state)
     if op not in (P.MEASURE_OP, P.SCORE_OP):
-        return MeasureReply(SiteReply(REFUSED, status_metrics(site, state),
-                                      problems=[f"unknown marginal operation {op!r}"]))
+        return _refuse(site, state, f"unknown marginal operation {op!r}")
+    request = _parse_request(site, study, schema, config, state)
+    if isinstance(request, MeasureReply):
+        return request
+    noise = noise_levels(site, study, request.plan) if site.dp else NoiseLevels(0.0, 0.0, 0.0)
+    kind = str(config.get(P.RELEASE_KIND, MEASURE)) if op == P.MEASURE_OP else "score"
+    if kind not in (ONE_WAY, MEASURE, "score"):
+        return _refuse(site, state, f"unknown release kind {kind!r}")
+    sigma = noise.of(kind)
+    if site.dp:
+        state.ledger.mechanism = study.accountant
+        nxt = state.ledger.copy()
+        nxt.record(sigma, 1.0, len(request.cliques))
+        if nxt.epsilon(site.delta) > site.epsilon * (1 + 1e-9):
+            return MeasureReply(SiteReply(BUDGET_EXHAUSTED, status_metrics(site, state)))
+    rng = site.randomness(f"{study.study_id}:marginal:{config.get(P.STEP, 0)}").numpy(
+        "measurement")
+    if op == P.MEASURE_OP:
+        values = _measure(request, sigma, rng, kind, state)
+    else:
+        values = _scores(site, request, model_marginals, sigma, rng, state)
+        if isinstance(values, MeasureReply):
+            return values
+    if site.dp:
+        state.ledger.record(sigma, 1.0, len(request.cliques))
+    metrics = {
+        **status_metrics(site, state),
+        P.SIGMA_ONE_WAY: noise.one_way, P.SIGMA_SCORE: noise.score,
+        P.SIGMA_MEASURE: noise.measure, P.SIGMA_RELEASED: sigma,
+    }
+    return _wrap(site, study, metrics, values)
+
+
+def _refuse(site: SiteConfig, state: SiteState, problem: str) -> MeasureReply:
+    return MeasureReply(SiteReply(REFUSED, status_metrics(site, state), problems=[problem]))
+
+
+def _parse_request(
+    site: SiteConfig, study: StudyConfig, schema: Schema, config: dict[str, Any],
+    state: SiteState,
+) -> _Request | MeasureReply:
+    """The site's cells and the plan and cliques asked for, or the refusal."""
     from ..common.generators.marginal import MarginalGenerator
 
     bins = int({**MarginalGenerator.defaults, **study.generator_params}["bins"])
@@ -129,51 +179,43 @@ def answer(
         return MeasureReply(SiteReply(INVALID_DATA, status_metrics(site, state),
                                       problems=exc.shareable()))
     except (KeyError, ValueError, TypeError) as exc:
-        return MeasureReply(SiteReply(REFUSED, status_metrics(site, state),
-                                      problems=[f"malformed marginal request: {exc}"]))
-    sizes = Discretizer(schema, bins).shape
-    noise = noise_levels(site, study, plan) if site.dp else NoiseLevels(0.0, 0.0, 0.0)
-    kind = str(config.get(P.RELEASE_KIND, MEASURE)) if op == P.MEASURE_OP else "score"
-    if kind not in (ONE_WAY, MEASURE, "score"):
-        return MeasureReply(SiteReply(REFUSED, status_metrics(site, state),
-                                      problems=[f"unknown release kind {kind!r}"]))
-    sigma = noise.of(kind)
-    if site.dp:
-        state.ledger.mechanism = study.accountant
-        nxt = state.ledger.copy()
-        nxt.record(sigma, 1.0, len(cliques))
-        if nxt.epsilon(site.delta) > site.epsilon * (1 + 1e-9):
-            return MeasureReply(SiteReply(BUDGET_EXHAUSTED, status_metrics(site, state)))
-    rng = site.randomness(f"{study.study_id}:marginal:{config.get(P.STEP, 0)}").numpy(
-        "measurement")
-    if op == P.MEASURE_OP:
-        parts = noisy_marginals(cells, names, sizes, cliques, sigma, rng)
-        values = np.concatenate(parts)
-        if kind == ONE_WAY:
-            state.noisy_count = max(1.0, float(np.mean([p.sum() for p in parts])))
-    else:
-        try:
-            model = [np.asarray(model_marginals[f"p.{i}"], dtype=float)
-                     for i in range(len(cliques))]
-            if any(m.size != int(np.prod([sizes[a] for a in c]))
-                   for m, c in zip(model, cliques, strict=True)):
-                raise ValueError("a model marginal does not fit its clique")
-        except (KeyError, ValueError) as exc:
-            return MeasureReply(SiteReply(REFUSED, status_metrics(site, state),
-                                          problems=[f"malformed score request: {exc}"]))
-        total = state.noisy_count if state.noisy_count is not None else None
-        if total is None:
-            return MeasureReply(SiteReply(REFUSED, status_metrics(site, state), problems=[
-                "scores need the site's noisy 1-way release first"]))
-        values = noisy_scores(cells, names, sizes, cliques, model, total, sigma, rng)
-    if site.dp:
-        state.ledger.record(sigma, 1.0, len(cliques))
-    metrics = {
-        **status_metrics(site, state),
-        P.SIGMA_ONE_WAY: noise.one_way, P.SIGMA_SCORE: noise.score,
-        P.SIGMA_MEASURE: noise.measure, P.SIGMA_RELEASED: sigma,
-    }
-    if not secure:
+        return _refuse(site, state, f"malformed marginal request: {exc}")
+    return _Request(cells, plan, cliques, names, Discretizer(schema, bins).shape)
+
+
+def _measure(request: _Request, sigma: float, rng: np.random.Generator, kind: str,
+             state: SiteState) -> np.ndarray:
+    """The noisy marginals of the cliques; the 1-way release also sets the noisy count."""
+    parts = noisy_marginals(request.cells, request.names, request.sizes, request.cliques,
+                            sigma, rng)
+    if kind == ONE_WAY:
+        state.noisy_count = max(1.0, float(np.mean([p.sum() for p in parts])))
+    return np.concatenate(parts)
+
+
+def _scores(
+    site: SiteConfig, request: _Request, model_marginals: dict[str, np.ndarray], sigma: float,
+    rng: np.random.Generator, state: SiteState,
+) -> np.ndarray | MeasureReply:
+    """The noisy selection scores of the cliques against the model's marginals."""
+    try:
+        model = [np.asarray(model_marginals[f"p.{i}"], dtype=float)
+                 for i in range(len(request.cliques))]
+        if any(m.size != int(np.prod([request.sizes[a] for a in c]))
+               for m, c in zip(model, request.cliques, strict=True)):
+            raise ValueError("a model marginal does not fit its clique")
+    except (KeyError, ValueError) as exc:
+        return _refuse(site, state, f"malformed score request: {exc}")
+    if state.noisy_count is None:
+        return _refuse(site, state, "scores need the site's noisy 1-way release first")
+    return noisy_scores(request.cells, request.names, request.sizes, request.cliques, model,
+                        state.noisy_count, sigma, rng)
+
+
+def _wrap(site: SiteConfig, study: StudyConfig, metrics: dict[str, float],
+          values: np.ndarray) -> MeasureReply:
+    """The released vector: in clear, or encrypted under the study's CKKS key."""
+    if not study.encrypted:
         return MeasureReply(SiteReply(MEASURED, metrics), values=values)
     from .secure import site_context
 

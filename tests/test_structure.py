@@ -69,3 +69,14 @@ def test_protocol_strings_are_written_once() -> None:
                         f"{path.relative_to(ROOT)}:{node.lineno} writes the protocol string "
                         f"{node.value!r}; use common/protocol.py's name for it"
                     )
+
+
+def test_no_long_functions() -> None:
+    """No function of the coordinator or a site runs over 80 lines: each step of a
+    study has a name a maintainer can find."""
+    for side in ("server", "client"):
+        for path in sorted((ROOT / side).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    length = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+                    assert length <= 80, f"{path.relative_to(ROOT)}:{node.name} has {length}"

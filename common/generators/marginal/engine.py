@@ -73,7 +73,7 @@ def candidates(
     max_clique_cells: int,
 ) -> list[Clique]:
     """Cliques not yet covered by a measurement, small enough to measure."""
-    covered = [set(c) for c in measured]
+    covered = [set(c) for c in measured if len(c) > 1]  # a 1-way clique covers no pair
     out: list[Clique] = []
     for way in range(2, max_way + 1):
         for c in combinations(names, way):
@@ -99,14 +99,15 @@ def run(
     log: list[SelectionLog] = []
     for t in range(plan.rounds):
         measured = [m.clique for m in measurements]
-        pool = candidates(names, sizes, measured, max_way, max_clique_cells)
-        pool = [c for c in pool
-                if fit.model_cells(sizes, [*measured, c], sites) <= max_cells]
+        every = candidates(names, sizes, measured, max_way, max_clique_cells)
+        pool: list[Clique] = []
+        for i in rng.permutation(len(every)):  # a public random subset when there are many
+            if fit.model_cells(sizes, [*measured, every[i]], sites) <= max_cells:
+                pool.append(every[i])
+                if len(pool) == plan.candidates:
+                    break
         if not pool:
             break
-        if len(pool) > plan.candidates:
-            keep = rng.choice(len(pool), size=plan.candidates, replace=False)
-            pool = [pool[i] for i in sorted(keep)]
         scores, _ = measurer.score(pool, _model_marginals(model, pool, sites, rng))
         noise = measurer.measure_noise()
         cells = np.array([math.prod(sizes[a] for a in c) for c in pool], dtype=float)

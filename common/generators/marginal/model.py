@@ -163,6 +163,11 @@ class MarginalGenerator(Generator):
         )
         self.mrf = result.model
         self.sites = list(sites)
+        # Every fit compiles new JAX programs; a long process (a benchmark of many
+        # studies) that keeps them all ran out of memory for LLVM's code sections.
+        import jax
+
+        jax.clear_caches()
         return result
 
     # -- sampling ---------------------------------------------------------------------
@@ -221,14 +226,13 @@ class MarginalGenerator(Generator):
 class LocalMeasurer:
     """The data holder of a central fit: this process, its rows and one ledger."""
 
-    sites: list[str] = []
-
     def __init__(self, cells: np.ndarray, names: Sequence[str], sizes: dict[str, int],
                  noise: NoiseLevels, ledger: PrivacyLedger | None,
                  randomness: DPRandomness) -> None:
         self.cells, self.names, self.sizes = cells, list(names), sizes
         self.noise, self.ledger, self.randomness = noise, ledger, randomness
         self.total: float | None = None
+        self.sites: list[str] = []  # one holder, no site attribute
 
     def measure(self, cliques: Sequence[Clique], kind: str) -> list[Measurement]:
         sigma = self.noise.of(kind)
