@@ -127,54 +127,15 @@ def _column(name: str, cells: pd.Series, tokens: set[str]) -> dict:
     """One column's proposal: a dict of schema keys, plus '_note' comments."""
     texts = [c.strip() for c in cells.astype(str)]
     present = [t for t in texts if t not in tokens]
-    missing = len(texts) - len(present)
     numbers = [_number(t) for t in present]
     spec: dict = {"name": name}
     notes: list[str] = []
     if present and all(v is not None for v in numbers):
-        values = sorted(set(numbers))  # type: ignore[arg-type]
-        whole = all(float(v).is_integer() for v in values)
-        if len(values) == 2 and set(values) <= {0.0, 1.0}:
-            spec["kind"] = "binary"
-        elif len(values) <= 2 and whole:
-            spec.update(kind="categorical", categories=[int(v) for v in values])
-            notes.append("two codes seen: if these are the only two values the domain has, "
-                         "kind: binary with these categories also works")
-        elif whole and len(values) <= MAX_CODED and min(values) >= 0 and max(values) <= 20:
-            spec.update(kind="categorical", categories=[int(v) for v in values])
-            notes.append(f"{len(values)} small whole numbers: taken as codes; if they are "
-                         "measurements, make it kind: integer with public min and max")
-        else:
-            spec["kind"] = "integer" if whole else "continuous"
-            positive = [v for v in values if v > 0]
-            median = sorted(v for v in numbers if v)[len(positive) // 2] if positive else 0
-            if (values[0] == 0 and positive and len(positive) == len(values) - 1
-                    and positive[0] > 0.2 * median):
-                # 0 far below every other value: a "not measured" code (cholesterol 0)
-                spec["missing"] = [0]
-                missing += sum(1 for v in numbers if v == 0)
-                values = positive
-                notes.append(f"0 sits far below every other value (they start at "
-                             f"{_fmt(positive[0])}): proposed as a 'not measured' code "
-                             "(missing: [0]); delete it if 0 is a real measurement")
-            spec["min"], spec["max"] = min(values), max(values)
-            if not whole:
-                spec["decimals"] = _decimals(present)
-            spec[DRAFT_MARK] = BOUND_MARK
+        zeros = _numeric_column(spec, present, numbers, notes)  # type: ignore[arg-type]
     else:
-        labels = sorted(set(present), key=lambda t: (_number(t) is None, _number(t) or 0, t))
-        if len(labels) == 2:
-            spec.update(kind="binary", categories=[_cat(v) for v in labels])
-        else:
-            spec.update(kind="categorical", categories=[_cat(v) for v in labels])
-        if len(labels) > MAX_CATEGORIES:
-            notes.append(f"{len(labels)} distinct values: an identifier or free text? Drop "
-                         "the column from the tables (identifiers must not be modelled)")
-        rare = [lab for lab, n in Counter(present).items() if n < 5]
-        if rare:
-            notes.append(f"{len(rare)} categor(y/ies) seen in fewer than 5 rows: list the "
-                         "domain's public categories instead of the rows' (a rare category "
-                         "points at its patients)")
+        zeros = 0
+        _text_column(spec, present, notes)
+    missing = len(texts) - len(present) + zeros
     spec["nullable"] = missing > 0
     if "missing" in spec:  # the schema's order: nullable before missing
         spec["missing"] = spec.pop("missing")
@@ -184,6 +145,61 @@ def _column(name: str, cells: pd.Series, tokens: set[str]) -> dict:
                      "the rows")
     spec["_note"] = notes
     return spec
+
+
+def _numeric_column(spec: dict, present: list[str], numbers: list[float],
+                    notes: list[str]) -> int:
+    """Kind and marked bounds of an all-numeric column; returns the zeros taken as a
+    'not measured' code (they count as missing)."""
+    values = sorted(set(numbers))
+    whole = all(float(v).is_integer() for v in values)
+    if len(values) == 2 and set(values) <= {0.0, 1.0}:
+        spec["kind"] = "binary"
+        return 0
+    if len(values) <= 2 and whole:
+        spec.update(kind="categorical", categories=[int(v) for v in values])
+        notes.append("two codes seen: if these are the only two values the domain has, "
+                     "kind: binary with these categories also works")
+        return 0
+    if whole and len(values) <= MAX_CODED and min(values) >= 0 and max(values) <= 20:
+        spec.update(kind="categorical", categories=[int(v) for v in values])
+        notes.append(f"{len(values)} small whole numbers: taken as codes; if they are "
+                     "measurements, make it kind: integer with public min and max")
+        return 0
+    spec["kind"] = "integer" if whole else "continuous"
+    zeros = 0
+    positive = [v for v in values if v > 0]
+    median = sorted(v for v in numbers if v)[len(positive) // 2] if positive else 0
+    if (values[0] == 0 and positive and len(positive) == len(values) - 1
+            and positive[0] > 0.2 * median):
+        # 0 far below every other value: a "not measured" code (cholesterol 0)
+        spec["missing"] = [0]
+        zeros = sum(1 for v in numbers if v == 0)
+        values = positive
+        notes.append(f"0 sits far below every other value (they start at "
+                     f"{_fmt(positive[0])}): proposed as a 'not measured' code "
+                     "(missing: [0]); delete it if 0 is a real measurement")
+    spec["min"], spec["max"] = min(values), max(values)
+    if not whole:
+        spec["decimals"] = _decimals(present)
+    spec[DRAFT_MARK] = BOUND_MARK
+    return zeros
+
+
+def _text_column(spec: dict, present: list[str], notes: list[str]) -> None:
+    """Kind and categories of a column with text values, with warnings on identifiers
+    and rare categories."""
+    labels = sorted(set(present), key=lambda t: (_number(t) is None, _number(t) or 0, t))
+    kind = "binary" if len(labels) == 2 else "categorical"
+    spec.update(kind=kind, categories=[_cat(v) for v in labels])
+    if len(labels) > MAX_CATEGORIES:
+        notes.append(f"{len(labels)} distinct values: an identifier or free text? Drop "
+                     "the column from the tables (identifiers must not be modelled)")
+    rare = [lab for lab, n in Counter(present).items() if n < 5]
+    if rare:
+        notes.append(f"{len(rare)} categor(y/ies) seen in fewer than 5 rows: list the "
+                     "domain's public categories instead of the rows' (a rare category "
+                     "points at its patients)")
 
 
 def _cat(text: str) -> int | float | str:
