@@ -57,6 +57,7 @@ from typing import Any
 
 import yaml
 
+from .causal import CausalGraph, GraphError, parse_graph
 from .errors import FedsynthError
 
 NUMERIC_KINDS = ("continuous", "integer", "survival_time")
@@ -147,6 +148,7 @@ class Schema:
     description: str = ""
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    graph: CausalGraph | None = None  # optional causal DAG from domain knowledge (causal.py)
 
     @property
     def names(self) -> list[str]:
@@ -203,6 +205,8 @@ class Schema:
                     }
                 )
         out["columns"] = cols
+        if self.graph is not None:
+            out["graph"] = self.graph.to_dict()
         return out
 
     def to_json(self) -> str:
@@ -377,12 +381,19 @@ def _parse_schema(raw: Any, source: str) -> Schema:
                 problems.append("'outcome.positive' must list the values that count as positive")
             else:
                 outcome = Outcome(column=ro["column"], positive=tuple(pos))
+    graph = None
+    if raw.get("graph") is not None and not problems:
+        try:
+            graph = parse_graph(raw["graph"], [c.name for c in columns])
+        except GraphError as exc:
+            problems.append(str(exc))
     if problems:
         raise SchemaError(
             f"schema {source} has {len(problems)} problem(s):\n"
             + "\n".join(f"  - {p}" for p in problems)
         )
-    known = {"name", "format", "columns", "outcome", "description", "source", "_codesets"}
+    known = {"name", "format", "columns", "outcome", "description", "source", "_codesets",
+             "graph"}
     return Schema(
         name=name,
         columns=tuple(columns),
@@ -392,4 +403,5 @@ def _parse_schema(raw: Any, source: str) -> Schema:
         description=str(raw.get("description", "")),
         source=str(raw.get("source", "")),
         extra={**{k: v for k, v in raw.items() if k not in known}, "_codesets": codesets},
+        graph=graph,
     )
