@@ -46,7 +46,7 @@ class MarginalGenerator(Generator):
         "max_clique_cells": 2_000,  # largest marginal a round may measure
         "iters": 1000,  # mirror-descent iterations per fit
         "site_attribute": True,  # federated in clear: model the site as an attribute
-        "causal": True,  # follow the schema's causal graph when it has one (causal.py)
+        "causal": False,  # True: follow the schema's causal graph (causal.py, docs/causal.md)
     }
 
     # -- Generator plumbing (no networks: nothing here is trained by DP-SGD) -----------
@@ -55,6 +55,10 @@ class MarginalGenerator(Generator):
         self.mrf: Any = None
         self.sites: list[str] = []
         self.fit_info: dict[str, Any] = {}
+        if self.hparams["causal"] and self.schema.graph is None:
+            raise CausalError(f"causal=True but schema {self.schema.name!r} publishes no "
+                              "causal graph: add a 'graph' section (docs/causal.md) or "
+                              "leave causal off")
         self.graph = self.schema.graph if self.hparams["causal"] else None
         self.order = (self.graph.topological_order(self.discretizer.names)
                       if self.graph is not None else [])
