@@ -7,13 +7,15 @@ the ledger and federation (per-site vectors in clear, sums under CKKS) are exact
 those of the selected marginals: the same ``Measurer`` answers them.
 
 Sampling is ancestral: nodes in topological order, each drawn from P(node | parents)
-estimated from that family's own noisy counts (clipped at zero and normalised; a
-parent configuration with no mass falls back on the node's noisy 1-way marginal).
+estimated from that family's own noisy counts (projected onto non-negative tables of
+the same total, see ``simplex``, and normalised; a parent configuration with no mass
+falls back on the node's noisy 1-way marginal).
 That is the mechanism the graph names, a full table over the parents' cells, so
 nonlinear by construction; it is post-processing of the DP counts. It is read from
 the counts rather than from the fitted graphical model because mirror descent is slow
-to reach sharp conditionals (on the simulated SCM of the tests the model's tables gave
-an average treatment effect 10% short after 1000 iterations, the counts' 2%). The
+to reach sharp conditionals (on the simulated SCM of the tests, 20,000 rows at epsilon
+3, the model's tables gave an average treatment effect of 2.12 after 1000 iterations,
+the projected counts 2.29, the truth being 2.35). The
 graphical model is still fitted: exact conditioning (``conditions``) and the checks of
 the other generators use it.
 A model fitted with a site attribute keeps the site as a root cause of every node
@@ -99,10 +101,10 @@ def from_measurements(measurements: Sequence[Measurement], graph: CausalGraph,
         shape = [sizes[a] for a in clique]
         values = np.asarray(m.values, dtype=float)
         if m.by_site and sites:
-            return np.clip(values.reshape([len(sites), *shape]), 0.0, None)
+            return np.stack([simplex(v) for v in values]).reshape([len(sites), *shape])
         if m.by_site:
             values = values.sum(axis=0)
-        return np.clip(values.reshape(shape), 0.0, None)
+        return simplex(values.ravel()).reshape(shape)
 
     if sites:
         first = counts((order[0],))
@@ -119,6 +121,21 @@ def from_measurements(measurements: Sequence[Measurement], graph: CausalGraph,
         table = np.where(norm > 1e-12, joint / np.maximum(norm, 1e-12), marg)
         out.append(Mechanism(node, prefix + graph.parents_of(node), table))
     return out
+
+
+def simplex(noisy: np.ndarray) -> np.ndarray:
+    """The nearest (L2) non-negative table with the noisy table's total.
+
+    Clipping negative noisy counts at zero would leave positive noise in every empty
+    cell, and a small stratum's many empty cells then flatten its conditional toward
+    uniform; the projection instead lowers every cell by one threshold, so cells that
+    hold only noise go to zero. Post-processing of the noisy release.
+    """
+    total = max(float(noisy.sum()), 1.0)
+    u = np.sort(noisy)[::-1]
+    css = np.cumsum(u) - total
+    k = np.nonzero(u - css / np.arange(1, len(u) + 1) > 0)[0][-1]
+    return np.maximum(noisy - css[k] / (k + 1), 0.0)
 
 
 def to_arrays(mechs: Sequence[Mechanism]) -> dict[str, np.ndarray]:
