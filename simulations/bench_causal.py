@@ -71,8 +71,9 @@ def one(dataset: str, seed: int, causal: bool, epsilon: float, out: Path) -> dic
         "hold_train": real_ref["hold_synthetic"],
         "column_fidelity": column_fidelity(hold, syn, schema),
         "pair_gap": pair_gap(hold, syn, schema),
-        "tstr_auroc": tstr_auroc(syn, hold, schema),
-        "trtr_auroc": tstr_auroc(train, hold, schema),
+        # AMLSG has no binary outcome in its schema (its utility is survival)
+        "tstr_auroc": tstr_auroc(syn, hold, schema) if schema.outcome else float("nan"),
+        "trtr_auroc": tstr_auroc(train, hold, schema) if schema.outcome else float("nan"),
     }
 
 
