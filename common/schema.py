@@ -58,6 +58,7 @@ from typing import Any
 
 import yaml
 
+from .causal import CausalGraph, GraphError, parse_graph
 from .errors import FedsynthError
 
 NUMERIC_KINDS = ("continuous", "integer", "survival_time")
@@ -163,6 +164,7 @@ class Schema:
     description: str = ""
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    graph: CausalGraph | None = None  # optional causal DAG from domain knowledge (causal.py)
 
     @property
     def names(self) -> list[str]:
@@ -219,6 +221,8 @@ class Schema:
                     }
                 )
         out["columns"] = cols
+        if self.graph is not None:
+            out["graph"] = self.graph.to_dict()
         return out
 
     def to_json(self) -> str:
@@ -275,13 +279,19 @@ def _parse_schema(raw: Any, source: str) -> Schema:
                             "binary column")
     members = {c.name for c in columns} | set(codesets)
     outcome = _parse_outcome(raw, by_name, members, problems)
+    graph = None
+    if raw.get("graph") is not None and not problems:
+        try:
+            graph = parse_graph(raw["graph"], [c.name for c in columns])
+        except GraphError as exc:
+            problems.append(str(exc))
     if problems:
         raise SchemaError(
             f"schema {source} has {len(problems)} problem(s):\n"
             + "\n".join(f"  - {p}" for p in problems)
         )
     known = {"name", "format", "columns", "outcome", "target", "description", "source",
-             "_codesets"}
+             "_codesets", "graph"}
     return Schema(
         name=name,
         columns=tuple(columns),
@@ -291,6 +301,7 @@ def _parse_schema(raw: Any, source: str) -> Schema:
         description=str(raw.get("description", "")),
         source=str(raw.get("source", "")),
         extra={**{k: v for k, v in raw.items() if k not in known}, "_codesets": codesets},
+        graph=graph,
     )
 
 

@@ -254,6 +254,8 @@ def _run_check(args: argparse.Namespace, console: Console) -> int:
 
 
 def _run_sample(args: argparse.Namespace, console: Console) -> int:
+    from .common.causal import CausalError, parse_interventions
+
     if args.n < 1:
         raise ConfigError(f"-n is the number of rows to draw: a whole number >= 1, got {args.n}")
     out = Path(args.out)
@@ -263,15 +265,23 @@ def _run_sample(args: argparse.Namespace, console: Console) -> int:
 
     model = Generator.load(args.model)
     conditions = json.loads(args.conditions) if args.conditions else None
-    if args.balance:
+    interventions = parse_interventions(args.intervene) if args.intervene else None
+    if interventions:  # do(column = value): see docs/causal.md
+        if args.balance:
+            raise ConfigError("use either --balance or --intervene, not both")
+        if getattr(model, "graph", None) is None:
+            raise CausalError(
+                f"{args.model} holds a {model.name} model that does not follow a causal "
+                "graph, so --intervene cannot apply: fit the marginal generator with "
+                "causal=true on a schema with a 'graph' section (docs/causal.md)")
+        frame = model.sample(args.n, conditions=conditions, seed=args.seed,
+                             interventions=interventions)
+    elif args.balance:
         if conditions:
             raise ConfigError("use either --balance or --conditions, not both")
         frame = model.sample_balanced(args.n, args.balance, seed=args.seed)
     else:
         frame = model.sample(args.n, conditions=conditions, seed=args.seed)
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
     tmp = out.with_name(out.name + ".tmp")
     frame.to_csv(tmp, index=False)
     tmp.replace(out)
@@ -377,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='JSON column values every row must have, e.g. \'{"sex": 0}\'')
     p.add_argument("--balance", default="", metavar="COLUMN",
                    help="equal numbers of rows for each category of COLUMN")
+    p.add_argument("--intervene", action="append", default=[], metavar="COLUMN=VALUE",
+                   help="do(COLUMN = VALUE): set it, cut its causes, redraw its effects "
+                        "(a model that follows a causal graph; repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="synthetic.csv")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")

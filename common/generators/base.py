@@ -253,6 +253,7 @@ class Generator(ABC):
         conditions: dict[str, Any] | None = None,
         seed: int | None = None,
         max_tries: int = 200,
+        interventions: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
         """Exactly ``n`` rows in the schema, all satisfying ``conditions`` if given.
 
@@ -262,6 +263,13 @@ class Generator(ABC):
         """
         if n < 0:
             raise ValueError("n must be >= 0")
+        if interventions:
+            from ..causal import CausalError
+
+            raise CausalError(
+                f"the {self.name} generator does not follow a causal graph, so it cannot "
+                "sample interventions (do(column = value)); use the marginal generator "
+                "with a schema that publishes a 'graph' section (docs/causal.md)")
         rng = torch.Generator().manual_seed(self.seed if seed is None else seed)
         wanted = self._parse_conditions(conditions or {})
         kept: list[pd.DataFrame] = []

@@ -480,12 +480,15 @@ class CTGAN(Generator):
         conditions: dict[str, Any] | None = None,
         seed: int | None = None,
         max_tries: int = 200,
+        interventions: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
         """Like the base ``sample``, but a condition on the conditional column is fed to
         the generator as its condition vector (so rare categories come at once rather
         than by rejection); the other conditions, and the generator's rare slips from its
         condition, are handled by the base class's rejection and its checks.
         """
+        if interventions:  # the base class says why a GAN without a graph cannot
+            return super().sample(n, seed=seed, interventions=interventions)
         conditions = conditions or {}
         forced: int | None = None
         if self.cond_column is not None and self.cond_column in conditions:

@@ -17,10 +17,11 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
+from ...causal import CausalError
 from ...privacy import PrivacyLedger
 from ...privacy.randomness import DPRandomness
 from ..base import ConditionError, Generator
-from . import engine, fit
+from . import causal, engine, fit
 from .discretize import Discretizer
 from .fit import SITE, Clique, Measurement
 from .measure import noisy_marginals, noisy_scores
@@ -45,6 +46,7 @@ class MarginalGenerator(Generator):
         "max_clique_cells": 2_000,  # largest marginal a round may measure
         "iters": 1000,  # mirror-descent iterations per fit
         "site_attribute": True,  # federated in clear: model the site as an attribute
+        "causal": False,  # True: follow the schema's causal graph (causal.py, docs/causal.md)
     }
 
     # -- Generator plumbing (no networks: nothing here is trained by DP-SGD) -----------
@@ -53,6 +55,14 @@ class MarginalGenerator(Generator):
         self.mrf: Any = None
         self.sites: list[str] = []
         self.fit_info: dict[str, Any] = {}
+        if self.hparams["causal"] and self.schema.graph is None:
+            raise CausalError(f"causal=True but schema {self.schema.name!r} publishes no "
+                              "causal graph: add a 'graph' section (docs/causal.md) or "
+                              "leave causal off")
+        self.graph = self.schema.graph if self.hparams["causal"] else None
+        self.order = (self.graph.topological_order(self.discretizer.names)
+                      if self.graph is not None else [])
+        self.mechanisms: list[causal.Mechanism] | None = None
 
     def networks(self) -> dict[str, nn.Module]:
         return {}
@@ -73,6 +83,10 @@ class MarginalGenerator(Generator):
     def plan(self, n_candidates: int | None = None) -> MarginalPlan:
         """The study's privacy plan from the hyperparameters (no row is read)."""
         d = len(self.discretizer.attributes)
+        if self.graph is not None:  # the graph's families, no selection
+            fams = causal.families(self.graph, self.order)
+            causal.check_families(fams, self.sizes, int(self.hparams["max_clique_cells"]))
+            return causal.plan(d, fams, float(self.hparams["one_way_share"]))
         pool = engine.candidates(self.discretizer.names, self.sizes, [], 2,
                                  int(self.hparams["max_clique_cells"]))
         m = min(int(self.hparams["candidates"]), max(len(pool), 1))
@@ -89,6 +103,8 @@ class MarginalGenerator(Generator):
             return {}
         out = fit.model_to_arrays(self.mrf, self._attrs())
         out["sites_json"] = np.frombuffer(json.dumps(self.sites).encode(), dtype=np.uint8)
+        if self.mechanisms is not None:
+            out.update(causal.to_arrays(self.mechanisms))
         return out
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
@@ -110,6 +126,8 @@ class MarginalGenerator(Generator):
                 raise ValueError(f"state key {k!r} holds NaN or infinite values")
         self.mrf = fit.model_from_arrays(
             {k: v for k, v in state.items() if k != "sites_json"}, attrs)
+        self.mechanisms = (causal.from_arrays(state, self.graph, self.order, self.sites)
+                           if self.graph is not None else None)
 
     def _attrs(self) -> list[str]:
         return ([SITE] if self.sites else []) + self.discretizer.names
@@ -155,6 +173,15 @@ class MarginalGenerator(Generator):
     def run_engine(self, plan: MarginalPlan, measurer: engine.Measurer,
                    sites: Sequence[str]) -> engine.EngineResult:
         """Run the selection/measurement plan and keep the fitted model."""
+        if self.graph is not None:
+            result = causal.run(self.discretizer.names, self.sizes,
+                                causal.families(self.graph, self.order), measurer,
+                                int(self.hparams["iters"]))
+            self.mrf, self.sites = result.model, list(sites)
+            self.mechanisms = causal.from_measurements(
+                result.measurements, self.graph, self.order, self.sizes,
+                list(getattr(measurer, "sites", [])))
+            return result
         result = engine.run(
             self.discretizer.names, self.sizes, plan, measurer,
             max_way=int(self.hparams["max_way"]), max_cells=int(self.hparams["max_cells"]),
@@ -178,32 +205,35 @@ class MarginalGenerator(Generator):
         seed: int | None = None,
         max_tries: int = 200,
         site: str | None = None,
+        interventions: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
         """``n`` schema-valid rows; conditions are exact (the evidence is clamped).
 
         A numeric condition clamps its bin and sets the value itself; ``site`` (a model
-        fitted with a site attribute) draws patients like that hospital's.
+        fitted with a site attribute) draws patients like that hospital's. With a causal
+        graph, rows are drawn mechanism by mechanism (``causal.py``) and
+        ``interventions`` are do() values: set, incoming edges cut, descendants redrawn.
         """
         if n < 0:
             raise ValueError("n must be >= 0")
         if self.mrf is None:
             raise ConditionError("the marginal model is not fitted yet: fit it or load one")
+        if interventions and self.graph is None:
+            raise CausalError("this marginal model has no causal graph, so it cannot sample "
+                              "interventions: publish a 'graph' section in the schema and "
+                              "fit with causal=True" if self.schema.graph is None else
+                              "this marginal model was fitted with causal=False: refit it "
+                              "with causal=True to sample interventions")
         wanted = self._parse_conditions(conditions or {})
-        evidence: dict[str, int] = {}
-        for col, value in wanted.items():
-            attr = self.discretizer.attribute(col)
-            if value is None:
-                evidence[col] = int(attr.missing_cell)  # type: ignore[arg-type]
-            elif attr.numeric:
-                evidence[col] = int(attr.value_cell(np.array([float(value)]))[0])
-            else:
-                cats = [str(c) for c in attr.column.categories]
-                evidence[col] = cats.index(str(value))
+        evidence = self._cells(wanted)
         if site is not None:
             if site not in self.sites:
                 raise ConditionError(f"site {site!r} is not in this model; it knows "
                                      f"{self.sites or 'no sites (fitted without them)'}")
             evidence[SITE] = self.sites.index(site)
+        if self.graph is not None:
+            return self._sample_causal(n, wanted, evidence, interventions or {}, seed,
+                                       max_tries)
         model = fit.clamp(self.mrf, evidence) if evidence else self.mrf
         if n == 0:
             return self.discretizer.decode(np.zeros((0, len(self.sizes)), dtype=np.int64),
@@ -221,6 +251,60 @@ class MarginalGenerator(Generator):
             if col != SITE and np.any(cells[:, self.discretizer.names.index(col)] != cell):
                 raise ConditionError(f"the model could not meet {col} exactly")
         return self.discretizer.decode(cells, np.random.default_rng(base), fixed=wanted)
+
+
+    def _cells(self, wanted: dict[str, Any]) -> dict[str, int]:
+        """The model cell of each parsed column value."""
+        evidence: dict[str, int] = {}
+        for col, value in wanted.items():
+            attr = self.discretizer.attribute(col)
+            if value is None:
+                evidence[col] = int(attr.missing_cell)  # type: ignore[arg-type]
+            elif attr.numeric:
+                evidence[col] = int(attr.value_cell(np.array([float(value)]))[0])
+            else:
+                cats = [str(c) for c in attr.column.categories]
+                evidence[col] = cats.index(str(value))
+        return evidence
+
+    def _sample_causal(self, n: int, wanted: dict[str, Any], evidence: dict[str, int],
+                       interventions: dict[str, Any], seed: int | None, max_tries: int
+                       ) -> pd.DataFrame:
+        """Ancestral sampling; do() values are set, conditions are met by rejection."""
+        try:
+            done = self._parse_conditions(interventions)
+        except ConditionError as exc:
+            raise CausalError(f"intervention: {exc}") from None
+        both = sorted(set(done) & set(wanted))
+        if both:
+            raise CausalError(f"{both} are both conditioned on and intervened on: a column "
+                              "is either observed or set, not both")
+        fixed = self._cells(done)
+        if SITE in evidence:  # the site is a root: conditioning on it is setting it
+            fixed[SITE] = evidence.pop(SITE)
+        base = self.seed if seed is None else seed
+        rng = np.random.default_rng(base)
+        names = self.discretizer.names
+        mechs = self.mechanisms or causal.mechanisms(self.mrf, self.graph, self.order)
+        site_probs = None if self.mechanisms else causal.site_weights(self.mrf)
+        kept: list[np.ndarray] = []
+        have = drawn = 0
+        for _ in range(max_tries if evidence else 1):
+            if have >= n:
+                break
+            cells = causal.ancestral(mechs, names, max(n, 256) if evidence else n, rng,
+                                     fixed, site_probs)
+            drawn += len(cells)
+            for col, cell in evidence.items():
+                cells = cells[cells[:, names.index(col)] == cell]
+            kept.append(cells)
+            have += len(cells)
+        if have < n:
+            raise ConditionError(
+                f"the model produced {have} of {n} rows matching {wanted} in {drawn} draws "
+                f"(rate {have / max(drawn, 1):.2e}): ask for a more common condition")
+        cells = np.concatenate(kept)[:n]
+        return self.discretizer.decode(cells, rng, fixed={**wanted, **done})
 
 
 class LocalMeasurer:

@@ -1,0 +1,217 @@
+"""The marginal generator following a causal graph (``common/causal.py``).
+
+With a graph, the marginals to measure are not selected from the data: they are the
+families the graph names (each node with its parents), so no selection score is spent
+and the whole non-1-way budget goes to the families. The measurements, their noise,
+the ledger and federation (per-site vectors in clear, sums under CKKS) are exactly
+those of the selected marginals: the same ``Measurer`` answers them.
+
+Sampling is ancestral: nodes in topological order, each drawn from P(node | parents)
+estimated from that family's own noisy counts (projected onto non-negative tables of
+the same total, see ``simplex``, and normalised; a parent configuration with no mass
+falls back on the node's noisy 1-way marginal).
+That is the mechanism the graph names, a full table over the parents' cells, so
+nonlinear by construction; it is post-processing of the DP counts. It is read from
+the counts rather than from the fitted graphical model because mirror descent is slow
+to reach sharp conditionals (on the simulated SCM of the tests, 20,000 rows at epsilon
+3, the model's tables gave an average treatment effect of 2.12 after 1000 iterations,
+the projected counts 2.29, the truth being 2.35). The
+graphical model is still fitted: exact conditioning (``conditions``) and the checks of
+the other generators use it.
+A model fitted with a site attribute keeps the site as a root cause of every node
+(hospitals differ in case mix and practice), so each conditional is the site's.
+
+An intervention do(X = x) sets X's cell for every row instead of drawing it: X's
+incoming edges are cut, its non-descendants keep their distribution and its
+descendants are drawn from their own mechanisms given x. Conditioning (X = x
+observed) instead keeps the rows whose X came out as x, which also shifts X's causes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...causal import CausalError, CausalGraph
+from . import fit
+from .engine import EngineResult, Measurer, SelectionLog
+from .fit import SITE, Clique, Measurement
+from .plan import MEASURE, ONE_WAY, MarginalPlan
+
+
+def families(graph: CausalGraph, order: Sequence[str]) -> list[Clique]:
+    """The marginals that encode the graph's mechanisms: every family of 2+ columns."""
+    return [graph.family(n) for n in order if graph.parents_of(n)]
+
+
+def check_families(fams: Sequence[Clique], sizes: dict[str, int], max_cells: int) -> None:
+    """Refuse a family too big to measure (its noise would swamp it), naming it."""
+    for fam in fams:
+        cells = math.prod(sizes[a] for a in fam)
+        if cells > max_cells:
+            raise CausalError(
+                f"the family of {fam[-1]!r} (itself and parents {list(fam[:-1])}) has "
+                f"{cells} cells, above max_clique_cells = {max_cells}: give it fewer "
+                "parents in the graph, use fewer bins, or raise max_clique_cells")
+
+
+def plan(d: int, fams: Sequence[Clique], one_way_share: float) -> MarginalPlan:
+    """1-way marginals, then one measurement release of every family; no selection."""
+    if not fams:
+        return MarginalPlan(d, 0, 1, 1, one_way_share, 0.0)
+    return MarginalPlan(d, 1, 1, len(fams), one_way_share, 0.0)
+
+
+def run(names: Sequence[str], sizes: dict[str, int], fams: Sequence[Clique],
+        measurer: Measurer, iters: int) -> EngineResult:
+    """Measure the 1-way marginals and the families, fit once."""
+    measurements = measurer.measure([(a,) for a in names], ONE_WAY)
+    if fams:
+        measurements += measurer.measure(list(fams), MEASURE)
+    sites = list(measurer.sites)
+    model = fit.estimate(sizes, measurements, sites, iters)
+    return EngineResult(model, measurements, [SelectionLog(1, 0, list(fams), [])])
+
+
+@dataclass
+class Mechanism:
+    """P(node | parents): a table indexed by the parents' cells, the node's last."""
+
+    node: str
+    parents: tuple[str, ...]  # SITE first when the model has sites
+    table: np.ndarray  # shape [*parent sizes, node size], rows sum to 1
+
+
+def from_measurements(measurements: Sequence[Measurement], graph: CausalGraph,
+                      order: Sequence[str], sizes: dict[str, int], sites: Sequence[str]
+                      ) -> list[Mechanism]:
+    """Every node's conditional from its family's noisy counts (see the module doc).
+
+    With ``sites`` (per-site vectors in clear) each conditional is the site's own, the
+    site a root parent; a first pseudo-mechanism ``SITE`` holds the sites' weights.
+    """
+    by_clique = {tuple(m.clique): m for m in measurements}
+    out: list[Mechanism] = []
+
+    def counts(clique: Clique) -> np.ndarray:
+        m = by_clique[tuple(clique)]
+        shape = [sizes[a] for a in clique]
+        values = np.asarray(m.values, dtype=float)
+        if m.by_site and sites:
+            return np.stack([simplex(v) for v in values]).reshape([len(sites), *shape])
+        if m.by_site:
+            values = values.sum(axis=0)
+        return simplex(values.ravel()).reshape(shape)
+
+    if sites:
+        first = counts((order[0],))
+        w = first.reshape(len(sites), -1).sum(axis=1)
+        out.append(Mechanism(SITE, (), w / max(w.sum(), 1e-12)))
+    prefix = (SITE,) if sites else ()
+    for node in order:
+        joint = counts(graph.family(node))
+        marg = counts((node,))
+        marg = marg / np.maximum(marg.sum(axis=-1, keepdims=True), 1e-12)
+        if sites and graph.parents_of(node):  # broadcast the site's marginal over parents
+            marg = marg.reshape([len(sites)] + [1] * len(graph.parents_of(node)) + [-1])
+        norm = joint.sum(axis=-1, keepdims=True)
+        table = np.where(norm > 1e-12, joint / np.maximum(norm, 1e-12), marg)
+        out.append(Mechanism(node, prefix + graph.parents_of(node), table))
+    return out
+
+
+def simplex(noisy: np.ndarray) -> np.ndarray:
+    """The nearest (L2) non-negative table with the noisy table's total.
+
+    Clipping negative noisy counts at zero would leave positive noise in every empty
+    cell, and a small stratum's many empty cells then flatten its conditional toward
+    uniform; the projection instead lowers every cell by one threshold, so cells that
+    hold only noise go to zero. Post-processing of the noisy release.
+    """
+    total = max(float(noisy.sum()), 1.0)
+    u = np.sort(noisy)[::-1]
+    css = np.cumsum(u) - total
+    k = np.nonzero(u - css / np.arange(1, len(u) + 1) > 0)[0][-1]
+    return np.maximum(noisy - css[k] / (k + 1), 0.0)
+
+
+def to_arrays(mechs: Sequence[Mechanism]) -> dict[str, np.ndarray]:
+    """The tables as flat state entries (their node order is the graph's, public)."""
+    return {f"causal.{i}": np.asarray(m.table, dtype=np.float64) for i, m in enumerate(mechs)}
+
+
+def from_arrays(state: dict[str, np.ndarray], graph: CausalGraph, order: Sequence[str],
+                sites: Sequence[str]) -> list[Mechanism] | None:
+    """Rebuild :func:`to_arrays`' tables, or None when the state has none."""
+    names = ([SITE] if sites else []) + list(order)
+    if f"causal.{len(names) - 1}" not in state:
+        return None
+    prefix = (SITE,) if sites else ()
+    out = []
+    for i, node in enumerate(names):
+        pas = () if node == SITE else prefix + graph.parents_of(node)
+        out.append(Mechanism(node, pas, np.asarray(state[f"causal.{i}"], dtype=float)))
+    return out
+
+
+def mechanisms(model, graph: CausalGraph, order: Sequence[str]) -> list[Mechanism]:  # noqa: ANN001
+    """Every node's conditional, from the fitted model's family marginals."""
+    with_site = SITE in model.domain.attributes
+    out = []
+    for node in order:
+        pas = ((SITE,) if with_site else ()) + graph.parents_of(node)
+        attrs = (*pas, node)
+        joint = np.asarray(model.project(attrs).transpose(attrs).datavector(flatten=False),
+                           dtype=float)
+        joint = np.clip(joint, 0.0, None)
+        norm = joint.sum(axis=-1, keepdims=True)
+        # a parent configuration the model gives no mass: fall back on the node's marginal
+        fallback = np.clip(np.asarray(model.project((node,)).datavector(), dtype=float),
+                           0.0, None)
+        fallback = fallback / max(fallback.sum(), 1e-12)
+        table = np.where(norm > 1e-12, joint / np.maximum(norm, 1e-12), fallback)
+        out.append(Mechanism(node, pas, table))
+    return out
+
+
+def site_weights(model) -> np.ndarray | None:  # noqa: ANN001
+    if SITE not in model.domain.attributes:
+        return None
+    w = np.clip(np.asarray(model.project((SITE,)).datavector(), dtype=float), 0.0, None)
+    return w / max(w.sum(), 1e-12)
+
+
+def ancestral(mechs: Sequence[Mechanism], names: Sequence[str], n: int,
+              rng: np.random.Generator, fixed: dict[str, int],
+              site_probs: np.ndarray | None) -> np.ndarray:
+    """``n`` rows of cells drawn in topological order; ``fixed`` cells are do() values.
+
+    Returns an (n, len(names)) matrix in ``names`` order.
+    """
+    drawn: dict[str, np.ndarray] = {}
+    if mechs and mechs[0].node == SITE:
+        site_probs, mechs = mechs[0].table, mechs[1:]
+    if site_probs is not None:
+        drawn[SITE] = (np.full(n, fixed[SITE], dtype=np.int64) if SITE in fixed
+                       else _draw(np.broadcast_to(site_probs, (n, len(site_probs))), rng))
+    for m in mechs:
+        if m.node in fixed:
+            drawn[m.node] = np.full(n, fixed[m.node], dtype=np.int64)
+            continue
+        probs = m.table[tuple(drawn[p] for p in m.parents)] if m.parents else \
+            np.broadcast_to(m.table, (n, m.table.shape[-1]))
+        drawn[m.node] = _draw(probs, rng)
+    missing = [a for a in names if a not in drawn]
+    if missing:
+        raise CausalError(f"the graph's sampling order misses {missing}")
+    return np.stack([drawn[a] for a in names], axis=1)
+
+
+def _draw(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One category per row of ``probs`` (inverse CDF on one uniform per row)."""
+    cdf = np.cumsum(probs, axis=-1)
+    u = rng.random(len(cdf))[:, None] * cdf[:, -1:]
+    return np.minimum((cdf < u).sum(axis=-1), probs.shape[-1] - 1).astype(np.int64)
