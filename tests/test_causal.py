@@ -189,18 +189,17 @@ def test_graph_is_a_dataclass_of_parents():
 
 def test_federated_graph_study_keeps_each_hospital_and_its_budget(tmp_path):
     """Real ServerApp and ClientApp in process: families measured per site, in clear."""
-    from dataclasses import replace as dc_replace
+    from fedsynth.simulations.datasets import bundled_schema_path, bundled_site_files
+    from fedsynth.simulations.study_api import run_study
 
-    from fedsynth.common.study import StudyConfig
-    from fedsynth.simulations.inprocess import run_inprocess
-    from fedsynth.simulations.simulate import SimulationOptions
-
-    study = dc_replace(StudyConfig(), generator="marginal", seed=0, min_sites=2,
-                       generator_params={"causal": True, "bins": 6, "iters": 100})
-    opts = SimulationOptions(sites=("cleveland", "switzerland", "va"), epsilon=3.0,
-                             study=study)
-    model, _, _, info = run_inprocess(opts, tmp_path)
-    assert 2.99 <= info["epsilon_max"] <= 3.0
+    files = bundled_site_files("heart_disease")
+    result = run_study({name: files[name] for name in ("cleveland", "switzerland", "va")},
+                       bundled_schema_path("heart_disease"), generator="marginal",
+                       generator_params={"causal": True, "bins": 6, "iters": 100},
+                       epsilon=3.0, seed=0, min_sites=2, out=tmp_path / "study")
+    model = result.model
+    spent = [p["epsilon_spent"] for p in result.privacy.values()]
+    assert 2.99 <= max(spent) <= 3.0
     assert model.graph is not None and model.sites == ["cleveland", "switzerland", "va"]
     swiss = model.sample(300, site="switzerland", seed=1)
     cleve = model.sample(300, site="cleveland", seed=1)
