@@ -19,7 +19,7 @@ from fedsynth.common.table import conform, read_table
 def fitted(heart_schema: Schema, heart_files) -> TVAE:
     frame = read_table(heart_files["cleveland"], heart_schema)
     return TVAE(heart_schema, seed=3, hidden=32, latent=8).fit(
-        frame, epochs=3, epsilon=5.0, reproducible_noise_seed=3
+        frame, epochs=3, epsilon=5.0, randomness=DPRandomness.reproducible(3)
     )
 
 
@@ -36,7 +36,7 @@ def test_central_fit_releases_the_histogram_as_a_site_does(
     from fedsynth.common.generators.base import release_histogram
 
     encoded = fitted.encoder.encode(read_table(heart_files["cleveland"], heart_schema))
-    rng = DPRandomness.reproducible(3, "central-fit").numpy("count-release")
+    rng = DPRandomness.reproducible(3).numpy("count-release")
     hist = np.clip(release_histogram(fitted, encoded, 10.0, rng), 0.0, None)
     np.testing.assert_allclose(fitted.cond_prior.freq.numpy(), hist / hist.sum(), rtol=1e-6)
 
@@ -128,7 +128,8 @@ def test_conditioning_keeps_the_outcome_association(heart_schema: Schema, heart_
     """Asymptomatic chest pain (cp 4) goes with disease in Cleveland; samples keep it."""
     frame = read_table(heart_files["cleveland"], heart_schema)
     # no DP: what is tested is the mechanism (the decoder reads the outcome), not DP's cost
-    model = TVAE(heart_schema, seed=0).fit(frame, epochs=40, sample_rate=0.5)
+    model = TVAE(heart_schema, seed=0).fit(frame, epochs=40, sample_rate=0.5,
+                                           randomness=DPRandomness.reproducible(0))
     real_sick = frame["num"].astype(int) > 0
     real_gap = (frame["cp"][real_sick] == 4).mean() - (frame["cp"][~real_sick] == 4).mean()
     syn = model.sample(2000, seed=1)

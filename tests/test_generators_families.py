@@ -61,7 +61,7 @@ def fitted(request: pytest.FixtureRequest, heart_schema: Schema, frame: pd.DataF
            ) -> Generator:
     name = request.param
     model = get_generator(name)(heart_schema, seed=3, **SMALL[name])
-    return model.fit(frame, epochs=2, epsilon=EPSILON)
+    return model.fit(frame, epochs=2, epsilon=EPSILON, randomness=DPRandomness.reproducible(3))
 
 
 def test_registered_by_name() -> None:
@@ -310,7 +310,8 @@ def amlsg_model(request: pytest.FixtureRequest, amlsg: tuple[Schema, pd.DataFram
                 ) -> Generator:
     schema, frame = amlsg
     params, epochs = CODESET_FITS[request.param]
-    return get_generator(request.param)(schema, seed=0, **params).fit(frame, epochs=epochs)
+    return get_generator(request.param)(schema, seed=0, **params).fit(
+        frame, epochs=epochs, randomness=DPRandomness.reproducible(0))
 
 
 def _genes(frame: pd.DataFrame, schema: Schema) -> np.ndarray:

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..encoding import TabularEncoder
 from ..errors import FedsynthError
-from ..privacy.randomness import NOT_A_DP_RELEASE
+from ..privacy.randomness import NOT_A_DP_RELEASE, DPRandomness
 from ..schema import Schema
 from ..table import _match_category
 
@@ -187,13 +187,14 @@ class Generator(ABC):
         max_grad_norm: float = 1.0,
         count_noise: float = 10.0,
         accountant: str = "rdp",
-        reproducible_noise_seed: int | None = None,
+        randomness: DPRandomness | None = None,
     ) -> Generator:
         """Train centrally on a typed frame, with DP when ``epsilon`` is given.
 
-        The DP noise and the Poisson batches come from the OS CSPRNG unless
-        ``reproducible_noise_seed`` is given (tests and benchmarks: the model is then
-        not a DP release, and ``fit_info`` and the saved file say so).
+        The DP noise and the Poisson batches come from ``randomness``: the OS CSPRNG by
+        default; ``DPRandomness.reproducible(seed)`` in tests and benchmarks only (the
+        model is then not a DP release, and ``fit_info`` and the saved file say so). The
+        marginal generator's ``fit`` takes the same argument.
 
         The same trainer, accountant and count release as a federated site, so central
         and federated figures are comparable: a model with a statistics column gets its
@@ -203,13 +204,7 @@ class Generator(ABC):
         """
         from ..privacy import DPSettings, PrivacyLedger, train_round
         from ..privacy.plan import PrivacyPlan
-        from ..privacy.randomness import DPRandomness
-
-        rand = (
-            DPRandomness.secret()
-            if reproducible_noise_seed is None
-            else DPRandomness.reproducible(reproducible_noise_seed, "central-fit")
-        )
+        rand = randomness if randomness is not None else DPRandomness.secret()
         encoded = self.encoder.encode(data)
         released = self.statistics_column() is not None
         dp = None
