@@ -28,7 +28,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedsynth.client.app import make_client_app
 from fedsynth.client.evaluate import ROWS_KEY, SEED_KEY
@@ -46,6 +45,7 @@ from fedsynth.common.generators import get_generator
 from fedsynth.common.schema import Schema
 from fedsynth.common.study import ConfigError, SiteConfig, StudyConfig, schema_fingerprint
 from fedsynth.common.table import read_table
+from tests.flower_support import stamp, task_identity
 
 TINY = {"hidden": 16, "latent": 4}
 #: The one study plan of these attacks: small, DP on, the TVAE with its outcome histogram.
@@ -55,17 +55,11 @@ PLAN = StudyConfig(study_id="attack", num_server_rounds=3, local_epochs=1, sampl
 
 @pytest.fixture(autouse=True)
 def _task_identity() -> Iterator[None]:
-    """Flower stamps messages with the process's run and node; set them as a run would."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 3, 7, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    with task_identity():
+        yield
 
 
-def _stamp(message: Message) -> Message:
-    """Give a message the id the SuperLink gives it when it is pushed."""
-    message.metadata.__dict__["_message_id"] = message.object_id
-    return message
+_stamp = stamp
 
 
 def _initial(schema: Schema, study: StudyConfig = PLAN) -> dict[str, np.ndarray]:
@@ -239,20 +233,27 @@ def test_a_deployed_site_without_state_dir_refuses_to_train(
 # ---------------------------------------------------------------- 3. switching encryption off
 
 
-def test_an_encryption_ready_site_refuses_a_round_in_clear(
-    site: SiteConfig, heart_schema: Schema, tmp_path: Path
-) -> None:
+def _encryption_ready(site: SiteConfig, keys: Path) -> tuple[SiteConfig, Any]:
+    """The site with its own CKKS key files in its node config (a study's real key set)."""
     from dataclasses import replace
 
     from fedsynth.common.encryption import create_study_keys, generate_site_keypair
 
-    keys = tmp_path / "keys"
-    generate_site_keypair(keys / "cleveland")
-    made = create_study_keys("attack", keys / "cleveland", {"cleveland": keys / "cleveland"},
+    generate_site_keypair(keys / site.name)
+    made = create_study_keys("attack", keys / site.name, {site.name: keys / site.name},
                              keys / "coordinator")
-    ready = replace(site, key_dir=str(keys / "cleveland"),
+    ready = replace(site, key_dir=str(keys / site.name),
                     holder_public_key=str(made.holder_public_key_path),
-                    wrapped_context=str(made.wrapped["cleveland"]))
+                    wrapped_context=str(made.wrapped[site.name]))
+    return ready, made
+
+
+def test_an_encryption_ready_site_refuses_a_round_in_clear(
+    site: SiteConfig, heart_schema: Schema, tmp_path: Path
+) -> None:
+
+
+    ready, made = _encryption_ready(site, tmp_path / "keys")
     clear = StudyConfig(**{**PLAN.__dict__, "secure_aggregation": "none"})
     reply = _send(ready, _train_message(clear, _initial(heart_schema), 1,
                                         schema_fingerprint(heart_schema)), "train")
@@ -393,24 +394,15 @@ def test_the_final_release_is_answered_once(
 ) -> None:
     """A coordinator that asks again for the decrypted final model could average the
     flooding noise away: the second request is refused."""
-    from dataclasses import replace
 
     from fedsynth.client.secure import CKKS_RECORD, model_layout
     from fedsynth.common.encryption import (
-        create_study_keys,
         encrypt_weighted_update,
-        generate_site_keypair,
         unwrap_secret_context,
     )
     from fedsynth.common.protocol import AGGREGATE, LAYOUT, RELEASE
 
-    keys = tmp_path / "keys"
-    generate_site_keypair(keys / "cleveland")
-    made = create_study_keys("attack", keys / "cleveland", {"cleveland": keys / "cleveland"},
-                             keys / "coordinator")
-    ready = replace(site, key_dir=str(keys / "cleveland"),
-                    holder_public_key=str(made.holder_public_key_path),
-                    wrapped_context=str(made.wrapped["cleveland"]))
+    ready, made = _encryption_ready(site, tmp_path / "keys")
     study = StudyConfig(**{**PLAN.__dict__, "secure_aggregation": "ckks",
                            "public_context": str(made.public_context_path)})
     ctx = unwrap_secret_context("attack", ready.key_dir, ready.holder_public_key,

@@ -34,7 +34,6 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedsynth.client.app import make_client_app
 from fedsynth.client.site import SiteState, ledger_path, noise_for, train_site
@@ -46,6 +45,7 @@ from fedsynth.server.guards import clear_guards, update_bounds
 from fedsynth.server.strategy import RoundLog, SiteRound, make_strategy
 from fedsynth.simulations.datasets import bundled_schema_path, bundled_site_files
 from fedsynth.simulations.deploy import LocalDeployment, SiteSpec, _descendants
+from tests.flower_support import stamp, task_identity
 
 TINY = {"hidden": 16, "latent": 4}
 STUDY = StudyConfig(
@@ -89,17 +89,11 @@ class NodeList(Grid):
 
 @pytest.fixture(autouse=True)
 def _task_identity() -> Iterator[None]:
-    """Flower stamps messages with the process's run and node; set them as a run would."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 3, 7, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    with task_identity():
+        yield
 
 
-def _stamp(message: Message) -> Message:
-    """Give a message the id the SuperLink gives it when it is pushed."""
-    message.metadata.__dict__["_message_id"] = message.object_id
-    return message
+_stamp = stamp
 
 
 # --------------------------------------------------------------------------- strategy

@@ -1,0 +1,26 @@
+"""What a test needs to hand Flower messages to an app outside a Flower run."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from flwr.app import Message
+from flwr.supercore.task_identity import TaskIdentity
+
+
+@contextmanager
+def task_identity(task: int = 3, run: int = 7, node: int = 1) -> Iterator[None]:
+    """Flower stamps messages with the process's run and node; set them as a run would."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = task, run, node
+    try:
+        yield
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def stamp(message: Message) -> Message:
+    """Give a message the id the SuperLink gives it when it is pushed."""
+    message.metadata.__dict__["_message_id"] = message.object_id
+    return message
