@@ -39,7 +39,7 @@ from ..common.encryption import (
     encrypt_state,
     flood_for_release,
 )
-from ..common.generators.marginal.discretize import Discretizer
+from ..common.generators.marginal.discretize import Discretizer, discretizer_for
 from ..common.generators.marginal.measure import noisy_marginals, noisy_scores
 from ..common.generators.marginal.plan import (
     MEASURE,
@@ -75,16 +75,17 @@ class MeasureReply:
     layout_json: str = ""
 
 
-_CELLS: dict[tuple[str, float, str, int], np.ndarray] = {}
+_CELLS: dict[tuple[str, float, str, int, str], np.ndarray] = {}
 
 
-def site_cells(site: SiteConfig, schema: Schema, bins: int) -> np.ndarray:
+def site_cells(site: SiteConfig, schema: Schema, discretizer: Discretizer, bins: int,
+               binning: str) -> np.ndarray:
     """The site's rows as cell indices (read, checked and cached once per process)."""
     path = Path(site.data_path)
     mtime = path.stat().st_mtime if path.exists() else -1.0
-    key = (str(path.resolve()), mtime, schema_fingerprint(schema), bins)
+    key = (str(path.resolve()), mtime, schema_fingerprint(schema), bins, binning)
     if key not in _CELLS:
-        _CELLS[key] = Discretizer(schema, bins).encode(read_table(path, schema))
+        _CELLS[key] = discretizer.encode(read_table(path, schema))
     return _CELLS[key]
 
 
@@ -168,10 +169,12 @@ def _parse_request(
 
     bins = int({**MarginalGenerator.defaults, **study.generator_params}["bins"])
     try:
-        cells = site_cells(site, schema, bins)
+        binning = str(config.get(P.BINNING, ""))
+        disc = discretizer_for(schema, bins, binning)  # public cells, checked
+        cells = site_cells(site, schema, disc, bins, binning)
         plan = MarginalPlan.from_dict(json.loads(str(config[P.PLAN])))
         cliques = [tuple(c) for c in json.loads(str(config[P.CLIQUES]))]
-        names = Discretizer(schema, bins).names
+        names = disc.names
         if not cliques or any(a not in names for c in cliques for a in c):
             raise ValueError("the request names attributes that are not in the schema")
     except TableCheckError as exc:
@@ -180,7 +183,7 @@ def _parse_request(
                                       problems=exc.shareable()))
     except (KeyError, ValueError, TypeError) as exc:
         return _refuse(site, state, f"malformed marginal request: {exc}")
-    return _Request(cells, plan, cliques, names, Discretizer(schema, bins).shape)
+    return _Request(cells, plan, cliques, names, disc.shape)
 
 
 def _measure(request: _Request, sigma: float, rng: np.random.Generator, kind: str,

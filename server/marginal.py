@@ -202,6 +202,15 @@ class FederatedMeasurer:
                 return values
         raise NoSiteAnswered("no site decrypted the summed marginals")
 
+    def use(self, discretizer: Any, binning: str) -> None:
+        """Ask for counts on these cells from now on (the sites rebuild them from
+        ``binning``, public post-processing of earlier releases)."""
+        self.sizes = discretizer.shape
+        if binning:
+            self.base[P.BINNING] = binning
+        else:
+            self.base.pop(P.BINNING, None)
+
     def _split(self, vector: np.ndarray, cliques: Sequence[Clique]) -> list[np.ndarray]:
         sizes = [math.prod(self.sizes[a] for a in c) for c in cliques]
         return np.split(vector, np.cumsum(sizes)[:-1])

@@ -18,14 +18,15 @@ import pandas as pd
 from torch import nn
 
 from ...causal import CausalError
+from ...dp_histogram import cell_weights, equal_mass_cuts
 from ...privacy import PrivacyLedger
 from ...privacy.randomness import DPRandomness
 from ..base import ConditionError, Generator
 from . import causal, engine, fit
-from .discretize import Discretizer
+from .discretize import Discretizer, FineCells, binning_to_json, discretizer_for
 from .fit import SITE, Clique, Measurement
 from .measure import noisy_marginals, noisy_scores
-from .plan import MarginalPlan, NoiseLevels, calibrate
+from .plan import ONE_WAY, MarginalPlan, NoiseLevels, calibrate
 
 NO_DP_NOISE = 1e-3  # noise std of a fit without DP: just enough to keep mbi well posed
 
@@ -35,12 +36,19 @@ class MarginalGenerator(Generator):
 
     name = "marginal"
     defaults: dict[str, Any] = {
-        "bins": 10,  # equal-width bins of a numeric column's public range
-        "rounds": 4,  # selection rounds after the 1-way marginals
-        "per_round": 4,  # marginals measured per round (top-k of one noisy score vector)
+        "bins": 10,  # bins of a numeric column (the model's cells)
+        # fine equal-width cells of a numeric column's public range, released as its
+        # 1-way marginal; the bins are then runs of them of about equal noisy mass.
+        # 0: equal-width bins of the public range instead (no fine release)
+        "fine_bins": 64,
+        "rounds": 2,  # selection rounds after the 1-way marginals (one mbi fit each)
+        "per_round": 8,  # marginals measured per round (top-k of one noisy score vector)
         "candidates": 48,  # candidates scored per round at most (the plan's bound)
         "one_way_share": 0.25,  # share of the privacy budget for the 1-way marginals
         "select_share": 0.15,  # share for the selection scores (the rest: measurements)
+        # the schema's outcome: its candidates are always scored, their scores weighted
+        # by this (public workload weight); 1: no preference
+        "outcome_weight": 2.0,
         "max_way": 2,  # 2: pairs only; 3: also triples that extend a measured pair
         "max_cells": 200_000,  # cap on the junction tree's cells (inference cost)
         "max_clique_cells": 2_000,  # largest marginal a round may measure
@@ -52,6 +60,7 @@ class MarginalGenerator(Generator):
     # -- Generator plumbing (no networks: nothing here is trained by DP-SGD) -----------
     def build(self) -> None:
         self.discretizer = Discretizer(self.schema, int(self.hparams["bins"]))
+        self.binning = ""  # JSON of the DP-derived cells (discretize.binning_to_json)
         self.mrf: Any = None
         self.sites: list[str] = []
         self.fit_info: dict[str, Any] = {}
@@ -103,6 +112,8 @@ class MarginalGenerator(Generator):
             return {}
         out = fit.model_to_arrays(self.mrf, self._attrs())
         out["sites_json"] = np.frombuffer(json.dumps(self.sites).encode(), dtype=np.uint8)
+        if self.binning:
+            out["binning_json"] = np.frombuffer(self.binning.encode(), dtype=np.uint8)
         if self.mechanisms is not None:
             out.update(causal.to_arrays(self.mechanisms))
         return out
@@ -115,6 +126,8 @@ class MarginalGenerator(Generator):
             if key not in state:
                 raise ValueError(f"state does not fit a marginal model: missing {key!r}")
         self.sites = list(json.loads(bytes(np.asarray(state["sites_json"], dtype=np.uint8))))
+        self._use_binning(bytes(np.asarray(state["binning_json"], dtype=np.uint8)).decode()
+                          if "binning_json" in state else "")
         attrs = self._attrs()
         expected = [len(self.sites)] if self.sites else []
         expected += [self.sizes[a] for a in self.discretizer.names]
@@ -125,7 +138,8 @@ class MarginalGenerator(Generator):
             if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.all(np.isfinite(v)):
                 raise ValueError(f"state key {k!r} holds NaN or infinite values")
         self.mrf = fit.model_from_arrays(
-            {k: v for k, v in state.items() if k != "sites_json"}, attrs)
+            {k: v for k, v in state.items() if k not in ("sites_json", "binning_json")},
+            attrs)
         self.mechanisms = (causal.from_arrays(state, self.graph, self.order, self.sites)
                            if self.graph is not None else None)
 
@@ -156,8 +170,7 @@ class MarginalGenerator(Generator):
         noise = (calibrate(plan, epsilon, delta, accountant) if dp else
                  NoiseLevels(NO_DP_NOISE, NO_DP_NOISE, NO_DP_NOISE))
         ledger = PrivacyLedger(accountant)
-        holder = LocalMeasurer(self.discretizer.encode(data), self.discretizer.names,
-                               self.sizes, noise, ledger if dp else None,
+        holder = LocalMeasurer(data, self.discretizer, noise, ledger if dp else None,
                                randomness or DPRandomness.secret())
         result = self.run_engine(plan, holder, sites=[])
         self.fit_info = {
@@ -182,11 +195,14 @@ class MarginalGenerator(Generator):
                 result.measurements, self.graph, self.order, self.sizes,
                 list(getattr(measurer, "sites", [])))
             return result
+        first = self._fine_one_way(measurer) if int(self.hparams["fine_bins"]) > 0 else None
         result = engine.run(
-            self.discretizer.names, self.sizes, plan, measurer,
+            self.discretizer.names, self.sizes, plan, measurer, first=first,
             max_way=int(self.hparams["max_way"]), max_cells=int(self.hparams["max_cells"]),
             max_clique_cells=int(self.hparams["max_clique_cells"]),
             iters=int(self.hparams["iters"]), rng=np.random.default_rng(self.seed),
+            focus=self.schema.outcome.column if self.schema.outcome is not None else None,
+            focus_weight=float(self.hparams["outcome_weight"]),
         )
         self.mrf = result.model
         self.sites = list(sites)
@@ -196,6 +212,35 @@ class MarginalGenerator(Generator):
 
         jax.clear_caches()
         return result
+
+    # -- bins from the fine 1-way release -------------------------------------------
+    def _use_binning(self, binning: str) -> None:
+        self.binning = binning
+        self.discretizer = discretizer_for(self.schema, int(self.hparams["bins"]), binning)
+
+    def _fine_one_way(self, measurer: engine.Measurer) -> list[Measurement]:
+        """Release the 1-way marginals on fine cells, cut the numeric columns into
+        equal-mass bins of the summed noisy fine counts, and return the model's 1-way
+        measurements on those bins (post-processing of that one release).
+
+        The release is the plan's ``one-way`` release (one histogram per column, one
+        cell per patient each), so it costs what equal-width 1-way marginals cost."""
+        fine_bins, bins = int(self.hparams["fine_bins"]), int(self.hparams["bins"])
+        fine = Discretizer(self.schema, fine_bins)
+        measurer.use(fine, json.dumps({"fine": fine_bins}))
+        raw = measurer.measure([(a,) for a in fine.names], ONE_WAY)
+        cells: dict[str, FineCells] = {}
+        for meas, attr in zip(raw, fine.attributes, strict=True):
+            if attr.numeric:
+                noisy = np.asarray(meas.values, dtype=float)
+                pooled = (noisy.sum(axis=0) if noisy.ndim == 2 else noisy)[: attr.bins]
+                cuts = equal_mass_cuts(pooled, min(bins, attr.bins))
+                cells[attr.name] = FineCells(attr.bins, tuple(int(c) for c in cuts),
+                                             tuple(cell_weights(pooled)))
+        self.discretizer = fine.refined(cells)
+        self.binning = binning_to_json(fine_bins, cells, weights=True)
+        measurer.use(self.discretizer, binning_to_json(fine_bins, cells))
+        return [coarsen(m, self.discretizer.attribute(m.clique[0])) for m in raw]
 
     # -- sampling ---------------------------------------------------------------------
     def sample(  # type: ignore[override]
@@ -310,13 +355,18 @@ class MarginalGenerator(Generator):
 class LocalMeasurer:
     """The data holder of a central fit: this process, its rows and one ledger."""
 
-    def __init__(self, cells: np.ndarray, names: Sequence[str], sizes: dict[str, int],
-                 noise: NoiseLevels, ledger: PrivacyLedger | None,
-                 randomness: DPRandomness) -> None:
-        self.cells, self.names, self.sizes = cells, list(names), sizes
+    def __init__(self, data: pd.DataFrame, discretizer: Discretizer, noise: NoiseLevels,
+                 ledger: PrivacyLedger | None, randomness: DPRandomness) -> None:
+        self.data = data
         self.noise, self.ledger, self.randomness = noise, ledger, randomness
         self.total: float | None = None
         self.sites: list[str] = []  # one holder, no site attribute
+        self.use(discretizer, "")
+
+    def use(self, discretizer: Discretizer, binning: str) -> None:
+        """Measure on these cells from now on (``binning``: what a site would be sent)."""
+        self.cells = discretizer.encode(self.data)
+        self.names, self.sizes = discretizer.names, discretizer.shape
 
     def measure(self, cliques: Sequence[Clique], kind: str) -> list[Measurement]:
         sigma = self.noise.of(kind)
@@ -343,3 +393,20 @@ class LocalMeasurer:
         return [self.noise.measure]
 
 
+
+
+def coarsen(meas: Measurement, attr: Any) -> Measurement:
+    """A fine 1-way measurement summed into ``attr``'s bins (the missing cell kept).
+
+    A bin of w fine cells carries the sum of w independent noises: its std is
+    sqrt(w) times the fine cells' (``Measurement.cell_scale``)."""
+    fine = getattr(attr, "fine", None)
+    if fine is None:
+        return meas
+    values = np.asarray(meas.values, dtype=float)
+    cuts = np.asarray(fine.cuts)
+    value_part, rest = values[..., : fine.count], values[..., fine.count:]
+    summed = np.add.reduceat(value_part, cuts[:-1], axis=-1)
+    scale = np.concatenate([np.sqrt(np.diff(cuts)), np.ones(rest.shape[-1])])
+    return Measurement(meas.clique, np.concatenate([summed, rest], axis=-1), meas.stddev,
+                       by_site=meas.by_site, kind=meas.kind, cell_scale=scale)
