@@ -2,7 +2,8 @@
 
 The coordinator asks (``common/protocol.py``, a ``query.marginal`` message) for one of:
 
-- ``measure``: the site's counts of a list of marginals plus Gaussian noise, its own
+- ``measure``: the site's counts of a list of marginals plus Gaussian noise (on the
+  cells the request's ``BINNING`` names: fine cells for the ``fine`` release), its own
   noise level calibrated from the study's plan and the site's own budget
   (``common/generators/marginal/plan.py``);
 - ``score``: for each candidate marginal, the L1 distance between the site's counts
@@ -42,6 +43,7 @@ from ..common.encryption import (
 from ..common.generators.marginal.discretize import Discretizer, discretizer_for
 from ..common.generators.marginal.measure import noisy_marginals, noisy_scores
 from ..common.generators.marginal.plan import (
+    FINE,
     MEASURE,
     ONE_WAY,
     MarginalPlan,
@@ -93,7 +95,7 @@ def noise_levels(site: SiteConfig, study: StudyConfig, plan: MarginalPlan) -> No
     """This site's noise for the plan: from its own budget, or its fixed multiplier."""
     if site.noise_multiplier is not None:
         s = site.noise_multiplier
-        return NoiseLevels(s, s, s)
+        return NoiseLevels(s, s, s, s)
     return calibrate(plan, site.epsilon, site.delta, study.accountant)
 
 
@@ -127,9 +129,9 @@ def answer(
     request = _parse_request(site, study, schema, config, state)
     if isinstance(request, MeasureReply):
         return request
-    noise = noise_levels(site, study, request.plan) if site.dp else NoiseLevels(0.0, 0.0, 0.0)
+    noise = noise_levels(site, study, request.plan) if site.dp else NoiseLevels(0.0, 0.0, 0.0, 0.0)
     kind = str(config.get(P.RELEASE_KIND, MEASURE)) if op == P.MEASURE_OP else "score"
-    if kind not in (ONE_WAY, MEASURE, "score"):
+    if kind not in (ONE_WAY, MEASURE, FINE, "score"):
         return _refuse(site, state, f"unknown release kind {kind!r}")
     sigma = noise.of(kind)
     if site.dp:

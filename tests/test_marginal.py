@@ -83,18 +83,22 @@ def test_equal_mass_cuts_read_only_the_noisy_counts():
 
 
 class _Releases:
-    """A stand-in for the sites: hands back given noisy vectors, never sees a row."""
+    """A stand-in for the sites: hands back given noisy fine vectors (and zeros for the
+    1-way release on the bins), never sees a row."""
 
     def __init__(self, vectors: dict[str, np.ndarray]) -> None:
-        self.vectors, self.sites, self.binnings = vectors, [], []
+        self.vectors, self.sites, self.binnings, self.kinds = vectors, [], [], []
 
     def use(self, discretizer, binning: str) -> None:
         self.binnings.append(binning)
+        self.shape = discretizer.shape
 
     def measure(self, cliques, kind):
         from fedsynth.common.generators.marginal.fit import Measurement
 
-        return [Measurement(c, self.vectors[c[0]], np.asarray(5.0), kind=kind)
+        self.kinds.append((kind, [c[0] for c in cliques]))
+        return [Measurement(c, self.vectors[c[0]] if kind == "fine" else
+                            np.zeros(self.shape[c[0]]), np.asarray(5.0), kind=kind)
                 for c in cliques]
 
 
@@ -107,6 +111,8 @@ def test_bins_are_a_function_of_the_summed_noisy_fine_counts(heart_schema):
     noisy = {a.name: rng.normal(10, 5, a.size) for a in fine.attributes}
     releases = _Releases(noisy)
     ones = model._fine_one_way(releases)
+    numeric = [a.name for a in fine.attributes if a.numeric]
+    assert releases.kinds == [("fine", numeric), ("one-way", fine.names)]
     # what the sites are told: first the fine cells, then the cuts (no weights: public
     # cuts are all a site needs)
     assert json.loads(releases.binnings[0]) == {"fine": model.hparams["fine_bins"]}
@@ -116,7 +122,7 @@ def test_bins_are_a_function_of_the_summed_noisy_fine_counts(heart_schema):
     assert sent["cuts"]["chol"] == list(expected) == list(chol.fine.cuts)
     assert "weights" not in sent and "weights" in json.loads(model.binning)
     # the model's 1-way of chol: sums of the fine noisy cells, noise std sqrt(width)
-    meas = next(m for m in ones if m.clique == ("chol",))
+    meas = next(m for m in ones if m.clique == ("chol",) and m.kind == "fine")
     widths = np.diff(expected)
     assert np.allclose(meas.values[:-1], np.add.reduceat(noisy["chol"][:-1], expected[:-1]))
     assert meas.values[-1] == noisy["chol"][-1]  # the missing cell as released
@@ -191,11 +197,13 @@ def test_reported_epsilon_equals_an_independent_accountant(fitted, heart_schema,
                        info["ledger"]["count"], strict=True))
     d = len(heart_schema.columns)
     # the sequence: d one-way histograms, then per round the scores and the measurements
-    assert history[0][2] == d
-    assert len(history) == 1 + 2 * SMALL["rounds"]
-    assert all(count == SMALL["per_round"] for _, _, count in history[2::2])
-    # exactly the planned releases: the fine 1-way release is the plan's one-way
-    # release, and the first round's scores against the independent model are scores
+    numeric = [c.name for c in heart_schema.columns if c.is_numeric]
+    assert history[0][2] == len(numeric) and history[1][2] == d
+    assert len(history) == 2 + 2 * SMALL["rounds"]
+    assert all(count == SMALL["per_round"] for _, _, count in history[3::2])
+    # exactly the planned releases: the fine histograms, the 1-way marginals on the
+    # bins cut from them, and per round the scores (the first round's against the
+    # independent model) and the measurements
     noise = calibrate(fitted.plan(), 3.0, 1e-5)
     assert history == [tuple(h) for h in planned_ledger(fitted.plan(), noise).history]
     assert abs(info["epsilon"] - _independent(history, 1e-5, "rdp")) < 1e-6
@@ -406,11 +414,17 @@ def test_ckks_coordinator_sees_only_sums(tmp_path, heart_schema):
         else:
             clear_values.append((cfg, np.asarray(reply.content[P.COUNTS_RECORD][P.VALUES].numpy())))
     assert clear_values
-    # the first decrypted vector is the sum of the sites' noisy 1-way marginals: close to
-    # the exact pooled counts, and far from any one site's counts
-    first_cfg, total = clear_values[0]
-    binning = first_cfg[P.BINNING]  # the fine 1-way release: fine cells, no cuts yet
-    assert "cuts" not in json.loads(binning)
+    # the first decrypted vector is the sum of the sites' noisy fine histograms of the
+    # numeric columns (fine cells, no cuts yet); the second, the sum of their noisy
+    # 1-way marginals on the bins cut from it: close to the exact pooled counts, and
+    # far from any one site's counts
+    first_cfg, first = clear_values[0]
+    assert "cuts" not in json.loads(first_cfg[P.BINNING])
+    fine = discretizer_for(heart_schema, SMALL["bins"], first_cfg[P.BINNING])
+    assert first.size == sum(a.size for a in fine.attributes if a.numeric)
+    cfg, total = clear_values[1]
+    binning = cfg[P.BINNING]
+    assert json.loads(binning)["cuts"].keys() == set(fine.numeric_names())
     disc = discretizer_for(heart_schema, SMALL["bins"], binning)
     exact_sites = []
     for s in sites:

@@ -167,8 +167,10 @@ def _independent(measurements: Sequence[Measurement], pool: Sequence[Clique],
     """Each candidate's marginal under independence: the outer product of its
     attributes' noisy 1-way marginals (clipped at 0, normalised), per site when the
     1-way measurements come per site. Post-processing of the 1-way release."""
-    one = {m.clique[0]: np.clip(np.asarray(m.values, dtype=float), 0.0, None)
-           for m in measurements if len(m.clique) == 1}
+    one: dict[str, np.ndarray] = {}
+    for m in measurements:  # the first 1-way measurement of each attribute
+        if len(m.clique) == 1:
+            one.setdefault(m.clique[0], np.clip(np.asarray(m.values, dtype=float), 0, None))
 
     def product(parts: list[np.ndarray]) -> np.ndarray:
         out = np.ones(1)

@@ -26,7 +26,7 @@ from . import causal, engine, fit
 from .discretize import Discretizer, FineCells, binning_to_json, discretizer_for
 from .fit import SITE, Clique, Measurement
 from .measure import noisy_marginals, noisy_scores
-from .plan import ONE_WAY, MarginalPlan, NoiseLevels, calibrate
+from .plan import FINE, ONE_WAY, MarginalPlan, NoiseLevels, calibrate
 
 NO_DP_NOISE = 1e-3  # noise std of a fit without DP: just enough to keep mbi well posed
 
@@ -44,7 +44,8 @@ class MarginalGenerator(Generator):
         "rounds": 2,  # selection rounds after the 1-way marginals (one mbi fit each)
         "per_round": 8,  # marginals measured per round (top-k of one noisy score vector)
         "candidates": 48,  # candidates scored per round at most (the plan's bound)
-        "one_way_share": 0.25,  # share of the privacy budget for the 1-way marginals
+        "one_way_share": 0.2,  # share of the privacy budget for the 1-way marginals
+        "fine_share": 0.1,  # share for the fine histograms of the numeric columns
         "select_share": 0.15,  # share for the selection scores (the rest: measurements)
         # the schema's outcome: its candidates are always scored, their scores weighted
         # by this (public workload weight); 1: no preference
@@ -102,9 +103,12 @@ class MarginalGenerator(Generator):
         if n_candidates is not None:
             m = n_candidates
         rounds = int(self.hparams["rounds"]) if len(pool) else 0
+        fine = (len(self.discretizer.numeric_names())
+                if int(self.hparams["fine_bins"]) > 0 else 0)
         return MarginalPlan(d, rounds, m, int(self.hparams["per_round"]),
                             float(self.hparams["one_way_share"]),
-                            float(self.hparams["select_share"]))
+                            float(self.hparams["select_share"]),
+                            fine, float(self.hparams["fine_share"]) if fine else 0.0)
 
     # -- state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -168,7 +172,7 @@ class MarginalGenerator(Generator):
         plan = self.plan()
         dp = epsilon is not None
         noise = (calibrate(plan, epsilon, delta, accountant) if dp else
-                 NoiseLevels(NO_DP_NOISE, NO_DP_NOISE, NO_DP_NOISE))
+                 NoiseLevels(NO_DP_NOISE, NO_DP_NOISE, NO_DP_NOISE, NO_DP_NOISE))
         ledger = PrivacyLedger(accountant)
         holder = LocalMeasurer(data, self.discretizer, noise, ledger if dp else None,
                                randomness or DPRandomness.secret())
@@ -177,7 +181,8 @@ class MarginalGenerator(Generator):
             "epsilon": ledger.epsilon(delta) if dp else None,
             "delta": delta if dp else None,
             "ledger": ledger.to_record() if dp else None,
-            "noise": {"one_way": noise.one_way, "score": noise.score, "measure": noise.measure},
+            "noise": {"one_way": noise.one_way, "score": noise.score, "measure": noise.measure,
+                      "fine": noise.fine},
             "selected": [list(c) for lg in result.log for c in lg.chosen],
             "reproducible_noise": (randomness or DPRandomness.secret()).is_reproducible,
         }
@@ -219,28 +224,36 @@ class MarginalGenerator(Generator):
         self.discretizer = discretizer_for(self.schema, int(self.hparams["bins"]), binning)
 
     def _fine_one_way(self, measurer: engine.Measurer) -> list[Measurement]:
-        """Release the 1-way marginals on fine cells, cut the numeric columns into
-        equal-mass bins of the summed noisy fine counts, and return the model's 1-way
-        measurements on those bins (post-processing of that one release).
+        """The 1-way releases with bins cut from the data's DP picture.
 
-        The release is the plan's ``one-way`` release (one histogram per column, one
-        cell per patient each), so it costs what equal-width 1-way marginals cost."""
+        1. ``fine``: each numeric column's histogram over fine equal-width cells of its
+           public range (``plan.FINE``);
+        2. each numeric column's bins: runs of fine cells of about equal mass in the
+           summed noisy fine counts, and the clipped counts as decoding weights
+           (post-processing, ``common/dp_histogram.py``); the sites are told the cuts;
+        3. ``one-way``: every column's 1-way marginal on those bins.
+
+        Returns the model's 1-way measurements: the ``one-way`` release and, for each
+        numeric column, its fine histogram summed into the bins (a second, independent
+        measurement of the same marginal, noise std sqrt(width) x the fine one's).
+        """
         fine_bins, bins = int(self.hparams["fine_bins"]), int(self.hparams["bins"])
         fine = Discretizer(self.schema, fine_bins)
+        numeric = [a for a in fine.attributes if a.numeric]
         measurer.use(fine, json.dumps({"fine": fine_bins}))
-        raw = measurer.measure([(a,) for a in fine.names], ONE_WAY)
+        raw = measurer.measure([(a.name,) for a in numeric], FINE) if numeric else []
         cells: dict[str, FineCells] = {}
-        for meas, attr in zip(raw, fine.attributes, strict=True):
-            if attr.numeric:
-                noisy = np.asarray(meas.values, dtype=float)
-                pooled = (noisy.sum(axis=0) if noisy.ndim == 2 else noisy)[: attr.bins]
-                cuts = equal_mass_cuts(pooled, min(bins, attr.bins))
-                cells[attr.name] = FineCells(attr.bins, tuple(int(c) for c in cuts),
-                                             tuple(cell_weights(pooled)))
+        for meas, attr in zip(raw, numeric, strict=True):
+            noisy = np.asarray(meas.values, dtype=float)
+            pooled = (noisy.sum(axis=0) if noisy.ndim == 2 else noisy)[: attr.bins]
+            cuts = equal_mass_cuts(pooled, min(bins, attr.bins))
+            cells[attr.name] = FineCells(attr.bins, tuple(int(c) for c in cuts),
+                                         tuple(cell_weights(pooled)))
         self.discretizer = fine.refined(cells)
         self.binning = binning_to_json(fine_bins, cells, weights=True)
         measurer.use(self.discretizer, binning_to_json(fine_bins, cells))
-        return [coarsen(m, self.discretizer.attribute(m.clique[0])) for m in raw]
+        ones = measurer.measure([(a,) for a in self.discretizer.names], ONE_WAY)
+        return ones + [coarsen(m, self.discretizer.attribute(m.clique[0])) for m in raw]
 
     # -- sampling ---------------------------------------------------------------------
     def sample(  # type: ignore[override]

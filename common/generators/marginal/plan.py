@@ -1,8 +1,13 @@
 """The privacy plan of a marginal study: every release, calibrated up front.
 
-A site releases three kinds of Gaussian vectors, all at sampling rate 1 (no
+A site releases up to four kinds of Gaussian vectors, all at sampling rate 1 (no
 subsampling: every row of the site counts):
 
+- ``fine`` (when the plan has ``fine`` > 0): the noisy 1-way histogram of each of the
+  ``fine`` numeric columns over fine equal-width cells of its public range, once; one
+  patient moves each by one in one cell: ``record(sigma_fine, 1.0, fine)``. The
+  coordinator cuts the model's bins from it and decodes values with it; it is also a
+  second measurement of each numeric 1-way marginal;
 - ``one-way``: the noisy 1-way marginal of every attribute, once. Adding or removing
   one patient changes each of the ``d`` histograms by one in one cell, so the vector's
   L2 sensitivity is sqrt(d). With noise std ``sigma`` per cell this is exactly ``d``
@@ -38,7 +43,7 @@ from typing import Any
 
 from ...privacy import PrivacyLedger
 
-ONE_WAY, SCORE, MEASURE = "one-way", "score", "measure"
+ONE_WAY, SCORE, MEASURE, FINE = "one-way", "score", "measure", "fine"
 
 
 @dataclass(frozen=True)
@@ -51,13 +56,20 @@ class MarginalPlan:
     per_round: int  # marginals measured per round
     one_way_share: float = 0.2
     select_share: float = 0.2
+    fine: int = 0  # numeric columns whose fine histogram is released first (0: none)
+    fine_share: float = 0.0  # its share of the budget
 
     def __post_init__(self) -> None:
-        if self.attributes < 1 or self.rounds < 0 or self.per_round < 1:
+        if self.attributes < 1 or self.rounds < 0 or self.per_round < 1 or self.fine < 0:
             raise ValueError("a marginal plan needs >= 1 attribute, >= 0 rounds, >= 1 per round")
         if not (0 < self.one_way_share < 1 and 0 <= self.select_share < 1
-                and self.one_way_share + self.select_share < 1 or self.rounds == 0):
-            raise ValueError("one_way_share and select_share must be in (0, 1) with sum < 1")
+                and self.one_way_share + self.select_share + self.fine_share < 1
+                or self.rounds == 0):
+            raise ValueError("one_way_share, select_share and fine_share must be in [0, 1) "
+                             "with sum < 1 (the rest is for the measurements)")
+        if (self.fine > 0) != (self.fine_share > 0) or self.fine_share >= 1:
+            raise ValueError("fine histograms need a fine_share in (0, 1), and a fine_share "
+                             "needs fine histograms")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,6 +77,10 @@ class MarginalPlan:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> MarginalPlan:
         return cls(**{k: (float(v) if "share" in k else int(v)) for k, v in raw.items()})
+
+    def one_way_total(self) -> float:
+        """The share of the 1-way releases (the fine one included)."""
+        return self.one_way_share + self.fine_share
 
 
 @dataclass(frozen=True)
@@ -74,14 +90,18 @@ class NoiseLevels:
     one_way: float
     score: float
     measure: float
+    fine: float = math.inf
 
     def of(self, kind: str) -> float:
-        return {ONE_WAY: self.one_way, SCORE: self.score, MEASURE: self.measure}[kind]
+        return {ONE_WAY: self.one_way, SCORE: self.score, MEASURE: self.measure,
+                FINE: self.fine}[kind]
 
 
 def planned_ledger(plan: MarginalPlan, noise: NoiseLevels, mechanism: str = "rdp") -> PrivacyLedger:
     """The ledger a site holds after following ``plan`` to the end."""
     ledger = PrivacyLedger(mechanism)
+    if plan.fine:
+        ledger.record(noise.fine, 1.0, plan.fine)
     ledger.record(noise.one_way, 1.0, plan.attributes)
     for _ in range(plan.rounds):
         ledger.record(noise.score, 1.0, plan.candidates)
@@ -91,14 +111,17 @@ def planned_ledger(plan: MarginalPlan, noise: NoiseLevels, mechanism: str = "rdp
 
 def _levels(plan: MarginalPlan, rho: float) -> NoiseLevels:
     """Split a total Gaussian budget rho = 1 / (2 sigma_eq^2) by the plan's shares."""
+    fine = (math.sqrt(plan.fine / (2 * rho * plan.fine_share)) if plan.fine else math.inf)
     if plan.rounds == 0:
-        return NoiseLevels(math.sqrt(plan.attributes / (2 * rho)), math.inf, math.inf)
-    measure_share = 1.0 - plan.one_way_share - plan.select_share
+        one_share = 1.0 - plan.fine_share
+        return NoiseLevels(math.sqrt(plan.attributes / (2 * rho * one_share)), math.inf,
+                           math.inf, fine)
+    measure_share = 1.0 - plan.one_way_share - plan.select_share - plan.fine_share
     one = math.sqrt(plan.attributes / (2 * rho * plan.one_way_share))
     score = (math.sqrt(plan.rounds * plan.candidates / (2 * rho * plan.select_share))
              if plan.select_share > 0 else math.inf)
     measure = math.sqrt(plan.rounds * plan.per_round / (2 * rho * measure_share))
-    return NoiseLevels(one, score, measure)
+    return NoiseLevels(one, score, measure, fine)
 
 
 def calibrate(
