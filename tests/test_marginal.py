@@ -80,6 +80,9 @@ def test_equal_mass_cuts_read_only_the_noisy_counts():
     # a histogram that is all noise still gives the public number of bins
     assert len(equal_mass_cuts(rng.normal(0, 5, 64), 8)) == 9
     assert list(equal_mass_cuts(np.ones(4), 8)) == [0, 1, 2, 3, 4]
+    # noise far above the counts: the cuts fall back to (about) equal width
+    noisy = np.r_[np.zeros(32), np.full(32, 3.0)] + rng.normal(0, 60, 64)
+    assert np.abs(equal_mass_cuts(noisy, 8, noise_std=60.0) - np.arange(9) * 8).max() <= 2
 
 
 class _Releases:
@@ -118,7 +121,8 @@ def test_bins_are_a_function_of_the_summed_noisy_fine_counts(heart_schema):
     assert json.loads(releases.binnings[0]) == {"fine": model.hparams["fine_bins"]}
     sent = json.loads(releases.binnings[1])
     chol = model.discretizer.attribute("chol")
-    expected = equal_mass_cuts(noisy["chol"][: fine.attribute("chol").bins], SMALL["bins"])
+    expected = equal_mass_cuts(noisy["chol"][: fine.attribute("chol").bins], SMALL["bins"],
+                               5.0)  # the stand-in's noise std
     assert sent["cuts"]["chol"] == list(expected) == list(chol.fine.cuts)
     assert "weights" not in sent and "weights" in json.loads(model.binning)
     # the model's 1-way of chol: sums of the fine noisy cells, noise std sqrt(width)
@@ -334,7 +338,8 @@ class RecordingGrid:
         return replies
 
 
-def _federated(tmp_path: Path, secure: bool, seeds: dict[str, int] | None = None):
+def _federated(tmp_path: Path, secure: bool, seeds: dict[str, int] | None = None,
+               **params: Any):
     """A study through the real ServerApp code and ClientApp, in this process."""
     from fedsynth.client.app import make_client_app
     from fedsynth.server.app import resolve_schema, run_study
@@ -345,7 +350,8 @@ def _federated(tmp_path: Path, secure: bool, seeds: dict[str, int] | None = None
         setup_simulation_keys,
     )
 
-    study = StudyConfig(generator="marginal", generator_params=SMALL, min_sites=2,
+    study = StudyConfig(generator="marginal", generator_params={**SMALL, **params},
+                        min_sites=2,
                         output_dir=str(tmp_path / "study"), n_synthetic=200,
                         secure_aggregation="ckks" if secure else "none",
                         study_id="marginal-test")
@@ -370,7 +376,7 @@ def _federated(tmp_path: Path, secure: bool, seeds: dict[str, int] | None = None
 
 @pytest.mark.slow
 def test_federated_study_through_the_real_apps(tmp_path, heart_schema):
-    outcome, grid, sites, _ = _federated(tmp_path, secure=False)
+    outcome, grid, sites, _ = _federated(tmp_path, secure=False, site_attribute=True)
     out = Path(outcome.output_dir)
     summary = json.loads((out / "summary.json").read_text())
     assert {m.metadata.message_type for m in grid.sent} == {P.MARGINAL_MESSAGE}

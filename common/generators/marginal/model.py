@@ -36,10 +36,11 @@ class MarginalGenerator(Generator):
 
     name = "marginal"
     defaults: dict[str, Any] = {
-        "bins": 10,  # bins of a numeric column (the model's cells)
-        # fine equal-width cells of a numeric column's public range, released as its
-        # 1-way marginal; the bins are then runs of them of about equal noisy mass.
-        # 0: equal-width bins of the public range instead (no fine release)
+        "bins": 6,  # bins of a numeric column (the model's cells)
+        # fine equal-width cells of a numeric column's public range: their noisy
+        # histogram is released first, the bins are runs of them of about equal noisy
+        # mass. 0: equal-width bins of the public range (no fine release; always so
+        # with a causal graph)
         "fine_bins": 64,
         "rounds": 2,  # selection rounds after the 1-way marginals (one mbi fit each)
         "per_round": 8,  # marginals measured per round (top-k of one noisy score vector)
@@ -54,7 +55,9 @@ class MarginalGenerator(Generator):
         "max_cells": 200_000,  # cap on the junction tree's cells (inference cost)
         "max_clique_cells": 2_000,  # largest marginal a round may measure
         "iters": 1000,  # mirror-descent iterations per fit
-        "site_attribute": True,  # federated in clear: model the site as an attribute
+        # federated in clear: model the site as an attribute (site-conditional
+        # sampling). None: on with a causal graph (per-site mechanisms), else off
+        "site_attribute": None,
         "causal": False,  # True: follow the schema's causal graph (causal.py, docs/causal.md)
     }
 
@@ -73,6 +76,11 @@ class MarginalGenerator(Generator):
         self.order = (self.graph.topological_order(self.discretizer.names)
                       if self.graph is not None else [])
         self.mechanisms: list[causal.Mechanism] | None = None
+
+    def site_attribute(self) -> bool:
+        """Whether a federated study in clear models the site (see ``defaults``)."""
+        chosen = self.hparams["site_attribute"]
+        return bool(self.graph is not None if chosen is None else chosen)
 
     def networks(self) -> dict[str, nn.Module]:
         return {}
@@ -246,9 +254,10 @@ class MarginalGenerator(Generator):
         for meas, attr in zip(raw, numeric, strict=True):
             noisy = np.asarray(meas.values, dtype=float)
             pooled = (noisy.sum(axis=0) if noisy.ndim == 2 else noisy)[: attr.bins]
-            cuts = equal_mass_cuts(pooled, min(bins, attr.bins))
+            sd = float(np.sqrt(np.sum(np.square(meas.stddev))))  # of the summed noise
+            cuts = equal_mass_cuts(pooled, min(bins, attr.bins), sd)
             cells[attr.name] = FineCells(attr.bins, tuple(int(c) for c in cuts),
-                                         tuple(cell_weights(pooled)))
+                                         tuple(cell_weights(pooled, sd)))
         self.discretizer = fine.refined(cells)
         self.binning = binning_to_json(fine_bins, cells, weights=True)
         measurer.use(self.discretizer, binning_to_json(fine_bins, cells))
