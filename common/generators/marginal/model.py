@@ -47,6 +47,7 @@ class MarginalGenerator(Generator):
         "iters": 1000,  # mirror-descent iterations per fit
         "site_attribute": True,  # federated in clear: model the site as an attribute
         "causal": False,  # True: follow the schema's causal graph (causal.py, docs/causal.md)
+        "site_pooling": 1.0,  # causal: weight of the pooled mechanism in a site's (0: none)
     }
 
     # -- Generator plumbing (no networks: nothing here is trained by DP-SGD) -----------
@@ -180,7 +181,7 @@ class MarginalGenerator(Generator):
             self.mrf, self.sites = result.model, list(sites)
             self.mechanisms = causal.from_measurements(
                 result.measurements, self.graph, self.order, self.sizes,
-                list(getattr(measurer, "sites", [])))
+                list(getattr(measurer, "sites", [])), float(self.hparams["site_pooling"]))
             return result
         result = engine.run(
             self.discretizer.names, self.sizes, plan, measurer,
