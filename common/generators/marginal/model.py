@@ -59,6 +59,7 @@ class MarginalGenerator(Generator):
         # sampling). None: on with a causal graph (per-site mechanisms), else off
         "site_attribute": None,
         "causal": False,  # True: follow the schema's causal graph (causal.py, docs/causal.md)
+        "site_pooling": 1.0,  # causal: weight of the pooled mechanism in a site's (0: none)
     }
 
     # -- Generator plumbing (no networks: nothing here is trained by DP-SGD) -----------
@@ -206,7 +207,7 @@ class MarginalGenerator(Generator):
             self.mrf, self.sites = result.model, list(sites)
             self.mechanisms = causal.from_measurements(
                 result.measurements, self.graph, self.order, self.sizes,
-                list(getattr(measurer, "sites", [])))
+                list(getattr(measurer, "sites", [])), float(self.hparams["site_pooling"]))
             return result
         first = self._fine_one_way(measurer) if int(self.hparams["fine_bins"]) > 0 else None
         result = engine.run(
