@@ -41,13 +41,12 @@ from opacus.data_loader import DPDataLoader
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
     GradSampleModuleFastGradientClipping,
 )
-from opacus.optimizers import DPOptimizer
-from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch.utils.data import TensorDataset
 
 from .accountant import PrivacyLedger
 from .randomness import DPRandomness
+from .secure_noise import SecureNoiseDPOptimizer, SecureNoiseGhostOptimizer
 
 if TYPE_CHECKING:
     from ..generators.base import Generator
@@ -154,9 +153,10 @@ def train_round(
 
     ``randomness`` feeds the Poisson sampler, the gradient noise and the model's own
     draws (a VAE's reparametrisation, a GAN's latent codes) from separate streams; it is
-    secret to the site unless a test made it reproducible. The noise is drawn as Opacus'
-    ``secure_mode`` draws it (each value the scaled sum of four Gaussians), which closes
-    the floating-point attacks on a single Gaussian draw.
+    secret to the site unless a test made it reproducible. The noise is Opacus'
+    ``secure_mode`` noise (each value the sum of four Gaussians, halved), which closes
+    the floating-point attacks on a single Gaussian draw; ``secure_noise`` draws it for
+    all parameters in one call per step instead of five calls per parameter tensor.
 
     ``mode`` is Opacus' clipping mode (``"hooks"`` or ``"ghost"``); ``"auto"`` (the
     default) picks the faster with :func:`pick_mode`. The mode changes the time a step
@@ -191,7 +191,7 @@ def train_round(
             wrapped = GradSampleModule(module, loss_reduction="sum", strict=True)
         # Same arguments in both modes: the ghost optimizer only skips the clipping that
         # its module already did, then adds the same noise and divides the same way.
-        optimizer = (DPOptimizerFastGradientClipping if ghost else DPOptimizer)(
+        optimizer = (SecureNoiseGhostOptimizer if ghost else SecureNoiseDPOptimizer)(
             torch.optim.Adam(wrapped.parameters(), lr=lr),
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
