@@ -88,6 +88,10 @@ def test_site_threads_setting(monkeypatch):
 
 # ------------------------------------------------------------ the secure-mode noise
 
+SMALL = {"tvae": {"hidden": 16, "latent": 4},
+         "ctgan": {"d_hidden": 16, "g_hidden": 16, "fake_batch": 8},
+         "ddpm": {"hidden": 16}}
+
 
 def test_secure_noise_is_four_draws_halved_after_a_throwaway():
     """Each value is the sum of four N(0, std^2) draws from the given generator, halved,
@@ -118,15 +122,19 @@ def test_secure_noise_has_the_calibrated_spread():
     assert stats.kstest(noise / std, "norm").pvalue > 1e-3
 
 
+@pytest.mark.parametrize("generator", ["tvae", "ctgan", "ddpm"])
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
-def test_a_dp_step_adds_secure_noise_to_opacus_clipped_sum(mode, heart_schema, heart_files):
-    """One trainer step on real heart rows: the update is Opacus' own clipped sum (an
-    Opacus optimizer with no noise) plus ``secure_gaussian`` of the gradient-noise
-    generator, parameter by parameter in order; nothing else changed."""
+def test_a_dp_step_adds_secure_noise_to_opacus_clipped_sum(mode, generator, heart_schema,
+                                                           heart_files):
+    """One trainer step on real heart rows: the update is Opacus' own clipped sum (its
+    optimizer with no noise, after its own ``loss.backward()`` or
+    ``DPTensorFastGradientClipping.backward()``) plus ``secure_gaussian`` of the
+    gradient-noise generator, parameter by parameter in order; nothing else changed."""
     from opacus.optimizers import DPOptimizer
     from opacus.optimizers.optimizer_fast_gradient_clipping import (
         DPOptimizerFastGradientClipping,
     )
+    from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
     from fedsynth.common.encoding import TabularEncoder
     from fedsynth.common.generators import get_generator
@@ -141,15 +149,18 @@ def test_a_dp_step_adds_secure_noise_to_opacus_clipped_sum(mode, heart_schema, h
 
     def step(noise: float, opacus_noise: bool) -> torch.Tensor:
         torch.set_num_threads(1)
-        model = get_generator("tvae")(heart_schema, seed=1, hidden=16, latent=4)
+        model = get_generator(generator)(heart_schema, seed=1, **SMALL[generator])
         grads: list[torch.Tensor] = []
         model.after_private_step = lambda m: grads.extend(  # type: ignore[method-assign]
             p.grad.detach().flatten().clone() for p in model.private_module().parameters())
         patch = pytest.MonkeyPatch()
-        if opacus_noise:
+        if opacus_noise:  # Opacus end to end: its optimizers and its backward passes
             patch.setattr(trainer, "SecureNoiseDPOptimizer", DPOptimizer)
             patch.setattr(trainer, "SecureNoiseGhostOptimizer",
                           DPOptimizerFastGradientClipping)
+            patch.setattr(trainer, "hooks_backward", lambda losses, _: losses.sum().backward())
+            patch.setattr(trainer, "ghost_backward", lambda m, o, losses, _:
+                          DPTensorFastGradientClipping(m, o, losses, "sum").backward())
         try:
             train_round(model, data, epochs=1, sample_rate=1.0,
                         dp=DPSettings(noise, clip), ledger=PrivacyLedger(),

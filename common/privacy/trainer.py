@@ -41,10 +41,10 @@ from opacus.data_loader import DPDataLoader
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
     GradSampleModuleFastGradientClipping,
 )
-from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch.utils.data import TensorDataset
 
 from .accountant import PrivacyLedger
+from .backward import ghost_backward, gradient_anchors, hooks_backward
 from .randomness import DPRandomness
 from .secure_noise import SecureNoiseDPOptimizer, SecureNoiseGhostOptimizer
 
@@ -215,6 +215,7 @@ def train_round(
             if p.grad is not None:
                 p.grad.add_(p.detach() - anchor, alpha=proximal_mu)
 
+    wanted = gradient_anchors(module)  # what the DP backward passes take gradients of (backward.py)
     ema_decay = spec.iterate_ema
     params = list(module.parameters())
     ema = [p.detach().clone() for p in params] if ema_decay > 0 else []
@@ -232,9 +233,9 @@ def train_round(
                 elif ghost:
                     # Opacus' ghost-clipping loss: a backward for the per-sample norms,
                     # then one of the loss re-weighted by each sample's clipping factor.
-                    DPTensorFastGradientClipping(wrapped, optimizer, losses, "sum").backward()
+                    ghost_backward(wrapped, optimizer, losses, wanted)  # type: ignore[arg-type]
                 else:
-                    losses.sum().backward()
+                    hooks_backward(losses, wanted)
                 if dp is None:
                     add_proximal()
                     optimizer.step()
