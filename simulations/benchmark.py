@@ -125,6 +125,9 @@ class BenchmarkOptions:
     dirichlet_sites: int = 0  # 0: as many sites as the dataset has
     baselines: tuple[str, ...] = BASELINES
     baseline_epochs: int | None = None  # None: the packages' defaults
+    # "rows": the ctgan package's CTGAN draws batches of at most the training rows
+    # (--quick; see benchmark_baselines.quick_batch); "package": its default 500
+    baseline_batch: str = "package"
     areas: tuple[str, ...] | None = None  # None: every area of the suite
     anonymeter_python: str = ""
     ray_check: bool = False
@@ -143,6 +146,7 @@ class BenchmarkOptions:
             "rounds": 5,
             "local_epochs": 10,
             "baseline_epochs": 50,
+            "baseline_batch": "rows",
             "areas": QUICK_AREAS,
             "ray_check": True,
         }
@@ -324,7 +328,7 @@ def run_external(opts: BenchmarkOptions, setting: Setting, data: SeedData, seed:
                  ) -> Produced:
     train = data.train.drop(columns="site")
     run = run_baseline(setting.generator, train, data.schema, len(train), seed,
-                       opts.baseline_epochs)
+                       opts.baseline_epochs, batch_rows=opts.baseline_batch == "rows")
     return Produced(synthetic=run.synthetic, real_train=train,
                     epochs=float(run.epochs) if run.epochs else float("nan"))
 
@@ -525,6 +529,12 @@ def _run_all(opts: BenchmarkOptions, console: Console, out: Path, work: Path, mi
         + f", {len(plan)} settings x {len(seeds)} seed(s)"
         + (" (quick)" if opts.quick else "")
     )
+    if "sdv_ctgan" in opts.baselines and opts.baseline_batch == "rows":
+        from .benchmark_baselines import quick_batch
+
+        console.print(f"baseline sdv_ctgan: {opts.baseline_epochs or 'default'} epochs, "
+                      f"batch {quick_batch(len(first.train))} (the training rows, at most "
+                      "the package's 500)")
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), console=console,

@@ -202,6 +202,9 @@ def _describe(info: dict[str, Any]) -> str:
     over = f"Median over {seeds} seeds, [min-max] in brackets" if seeds > 1 else "One seed"
     epochs = ("package default epochs" if o["baseline_epochs"] is None
               else f"{o['baseline_epochs']} epochs")
+    if o.get("baseline_batch") == "rows":
+        epochs += ("; the ctgan package's CTGAN with batches of at most the training rows "
+                   "(--quick), not its default 500")
     return (
         f"Dataset {o['dataset']}, {split}: training rows per site {sites}; "
         f"{info['holdout_rows']} held-out rows score every setting. "

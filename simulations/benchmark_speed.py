@@ -6,14 +6,22 @@ checkout's or an older copy's), and the two can be compared in one session::
     OMP_NUM_THREADS=1 python simulations/benchmark_speed.py modes
     python simulations/benchmark_speed.py threads
     python simulations/benchmark_speed.py validation --study-dir OUT
+    python simulations/benchmark_speed.py drill --study-dir OUT
 
 - ``modes``: seconds per DP-SGD step in each Opacus mode (hooks, ghost) and per
   no-DP step, through the trainer, for tvae, ctgan and ddpm (default sizes) on the
   pooled rows of heart and the MIMIC-III demo, at q = 1 and 0.1; with the expected
-  batch x private parameters that ``trainer.pick_mode`` compares to its crossover.
+  batch x private parameters that ``trainer.pick_mode`` compares to its crossover,
+  and the seconds of the step's secure-mode noise alone (``noise_s``).
 - ``threads``: one site's round of the default study (``client.site.train_site``)
   with 2 torch threads and with 1.
 - ``validation``: ``validate_and_report`` of a finished ``fedsynth simulate`` study.
+- ``drill``: the deployment drill of docs/deployment.md (heart's cleveland, hungarian
+  and va, 2 rounds, TVAE ``{"hidden":16,"latent":4}``) deployed on loopback
+  (``python -m fedsynth.simulations.deploy``: TLS, SuperLink, a SuperNode per site,
+  ``flwr run``) and the same study simulated (``fedsynth simulate``, its default
+  in-process engine), alternating, each as a fresh command; federated seconds from each
+  ``summary.json`` and the wall time of each command.
 
 Each figure is the median of ``--repeats`` (3) runs, interleaved so that a change in
 the machine's load hits every variant alike; the machine this was written on was
@@ -86,9 +94,25 @@ def modes(repeats: int, datasets: list[str], generators: list[str], rates: list[
                        "ghost_over_plain": t["ghost"] / t["plain"],
                        "ghost_speedup": t["hooks"] / t["ghost"]}
                 row["picked_over_plain"] = row[f"{row['picked']}_over_plain"]
+                row["noise_s"] = _noise_seconds(row["private_params"])
+                row["noise_over_plain"] = row["noise_s"] / t["plain"]
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     return rows
+
+
+def _noise_seconds(params: int, calls: int = 20) -> float:
+    """Seconds of one step's secure-mode noise alone (four Gaussians per parameter):
+    the floor under a DP step that no clipping mode removes."""
+    from fedsynth.common.privacy.secure_noise import secure_gaussian
+
+    gen = torch.Generator().manual_seed(0)
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        secure_gaussian(1.0, params, gen)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def threads(repeats: int, dataset: str) -> dict[str, float]:
@@ -153,9 +177,51 @@ def validation(repeats: int, study_dir: Path, dataset: str) -> dict[str, float]:
     return _median_times({"validation+report": once}, repeats)
 
 
+DRILL = ["--sites", "cleveland,hungarian,va", "--rounds", "2",
+         "--generator-params", '{"hidden":16,"latent":4}']
+
+
+def drill(repeats: int, out: Path) -> dict[str, Any]:
+    """The deployment drill, deployed and simulated, ``repeats`` times each, alternating."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    commands = {
+        "simulated": [str(bin_dir / "fedsynth"), "simulate", *DRILL, "--force", "--out"],
+        "deployed": [sys.executable, "-m", "fedsynth.simulations.deploy", *DRILL, "--out"],
+    }
+    runs: dict[str, list[dict[str, float]]] = {k: [] for k in commands}
+    for i in range(repeats):
+        for kind, cmd in commands.items():
+            folder = out / f"{kind}-{i}"
+            shutil.rmtree(folder, ignore_errors=True)
+            t0 = time.perf_counter()
+            done = subprocess.run([*cmd, str(folder)], env=env, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            (out / f"{kind}-{i}.log").write_text(done.stdout + done.stderr)
+            if done.returncode != 0:
+                raise SystemExit(f"{kind} run {i} failed; see {out / f'{kind}-{i}.log'}")
+            summary = json.loads(next(folder.rglob("summary.json")).read_text())
+            eps = [s["epsilon"] for s in summary["sites"].values()]
+            row = {"federated_s": float(summary["seconds_federated"]), "command_s": wall,
+                   "epsilon_max": max(eps)}
+            print(json.dumps({"run": kind, "i": i, **row}), flush=True)
+            runs[kind].append(row)
+    med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
+    return {"runs": runs, "median": med,
+            "deployed_over_simulated_federated":
+                med["deployed"]["federated_s"] / med["simulated"]["federated_s"],
+            "deployed_over_simulated_command":
+                med["deployed"]["command_s"] / med["simulated"]["command_s"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("modes", "threads", "validation"))
+    ap.add_argument("what", choices=("modes", "threads", "validation", "drill"))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--datasets", default="heart_disease,mimic3_demo")
     ap.add_argument("--generators", default="tvae,ctgan,ddpm")
@@ -169,6 +235,11 @@ def main() -> None:
     if args.what == "modes":
         result: Any = modes(args.repeats, args.datasets.split(","), args.generators.split(","),
                             [float(r) for r in args.rates.split(",")])
+    elif args.what == "drill":
+        if args.study_dir is None:
+            ap.error("drill needs --study-dir (a folder for the runs' outputs)")
+        args.study_dir.mkdir(parents=True, exist_ok=True)
+        result = drill(args.repeats, args.study_dir)
     elif args.what == "threads":
         result = threads(args.repeats, args.datasets.split(",")[0])
     else:

@@ -182,3 +182,34 @@ def test_without_sdv_only_the_sdv_baselines_are_skipped(tmp_path, monkeypatch):
     with (out / "results.csv").open() as fh:
         assert [r["setting"] for r in csv.DictReader(fh)] == ["baseline/independent"]
     assert "sdv not installed: skipped" in (out / "results.md").read_text()
+
+
+def test_quick_runs_ctgan_package_on_batches_of_at_most_the_rows(monkeypatch, pooled,
+                                                                  heart_schema):
+    """--quick gives the ctgan package's CTGAN batches of the training rows (a multiple of
+    its pac of 10, at most its default 500) and says so; the full run keeps 500."""
+    import ctgan
+
+    from fedsynth.simulations import benchmark_baselines as bb
+
+    assert [bb.quick_batch(n) for n in (3, 80, 87, 499, 920)] == [10, 80, 80, 490, 500]
+    assert BenchmarkOptions.quick_defaults().baseline_batch == "rows"
+    assert BenchmarkOptions().baseline_batch == "package"
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    class FakeCTGAN:
+        def __init__(self, **kw):
+            seen.update(kw)
+            raise Stop
+
+    monkeypatch.setattr(ctgan, "CTGAN", FakeCTGAN)
+    with pytest.raises(Stop):
+        bb.run_baseline("sdv_ctgan", pooled.head(80), heart_schema, 80, 0, 50, batch_rows=True)
+    assert seen == {"epochs": 50, "batch_size": 80}
+    seen.clear()
+    with pytest.raises(Stop):
+        bb.run_baseline("sdv_ctgan", pooled.head(80), heart_schema, 80, 0, 50)
+    assert seen == {"epochs": 50}

@@ -41,13 +41,12 @@ from opacus.data_loader import DPDataLoader
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
     GradSampleModuleFastGradientClipping,
 )
-from opacus.optimizers import DPOptimizer
-from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
-from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch.utils.data import TensorDataset
 
 from .accountant import PrivacyLedger
+from .backward import ghost_backward, gradient_anchors, hooks_backward
 from .randomness import DPRandomness
+from .secure_noise import SecureNoiseDPOptimizer, SecureNoiseGhostOptimizer
 
 if TYPE_CHECKING:
     from ..generators.base import Generator
@@ -80,9 +79,12 @@ MODES = ("hooks", "ghost")
 #: demo; q = 1, 0.5, 0.3, 0.2 and 0.1) by ``simulations/benchmark_speed.py modes``:
 #: hooks pay for materialising samples x parameters per-sample gradients, ghost
 #: clipping for a second backward pass, so ghost wins once the per-sample gradients
-#: are large. Ghost was slower in 3 of 4 runs below 1M, faster in 5 of 6 between 1.5M
-#: and 2.5M and in all but one (0.94x) above; docs/benchmark.md has the table.
-GHOST_CROSSOVER = 1_500_000
+#: are large. First set at 1.5M (ghost slower in 3 of 4 runs below 1M); since ghost's
+#: first pass skips the weight gradients and its optimizer copies with ``clone``
+#: (``backward.py``, ``secure_noise.py``), ghost was faster in all four same-session
+#: comparisons at 0.84M (MIMIC TVAE, q = 0.1: 0.64-0.90 of hooks' time) and a tie at
+#: 0.59M (heart TVAE, q = 0.1: 0.98 and 1.13), which stays with hooks; see docs/benchmark.md.
+GHOST_CROSSOVER = 750_000
 
 
 def private_parameters(module: torch.nn.Module) -> int:
@@ -154,9 +156,10 @@ def train_round(
 
     ``randomness`` feeds the Poisson sampler, the gradient noise and the model's own
     draws (a VAE's reparametrisation, a GAN's latent codes) from separate streams; it is
-    secret to the site unless a test made it reproducible. The noise is drawn as Opacus'
-    ``secure_mode`` draws it (each value the scaled sum of four Gaussians), which closes
-    the floating-point attacks on a single Gaussian draw.
+    secret to the site unless a test made it reproducible. The noise is Opacus'
+    ``secure_mode`` noise (each value the sum of four Gaussians, halved), which closes
+    the floating-point attacks on a single Gaussian draw; ``secure_noise`` draws it for
+    all parameters in one call per step instead of five calls per parameter tensor.
 
     ``mode`` is Opacus' clipping mode (``"hooks"`` or ``"ghost"``); ``"auto"`` (the
     default) picks the faster with :func:`pick_mode`. The mode changes the time a step
@@ -191,7 +194,7 @@ def train_round(
             wrapped = GradSampleModule(module, loss_reduction="sum", strict=True)
         # Same arguments in both modes: the ghost optimizer only skips the clipping that
         # its module already did, then adds the same noise and divides the same way.
-        optimizer = (DPOptimizerFastGradientClipping if ghost else DPOptimizer)(
+        optimizer = (SecureNoiseGhostOptimizer if ghost else SecureNoiseDPOptimizer)(
             torch.optim.Adam(wrapped.parameters(), lr=lr),
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
@@ -215,6 +218,7 @@ def train_round(
             if p.grad is not None:
                 p.grad.add_(p.detach() - anchor, alpha=proximal_mu)
 
+    wanted = gradient_anchors(module)  # what the DP backward passes take gradients of (backward.py)
     ema_decay = spec.iterate_ema
     params = list(module.parameters())
     ema = [p.detach().clone() for p in params] if ema_decay > 0 else []
@@ -232,9 +236,9 @@ def train_round(
                 elif ghost:
                     # Opacus' ghost-clipping loss: a backward for the per-sample norms,
                     # then one of the loss re-weighted by each sample's clipping factor.
-                    DPTensorFastGradientClipping(wrapped, optimizer, losses, "sum").backward()
+                    ghost_backward(wrapped, optimizer, losses, wanted)  # type: ignore[arg-type]
                 else:
-                    losses.sum().backward()
+                    hooks_backward(losses, wanted)
                 if dp is None:
                     add_proximal()
                     optimizer.step()

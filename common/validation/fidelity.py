@@ -27,9 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import special, stats
 from scipy.spatial.distance import jensenshannon
-from scipy.stats.contingency import association
 
 from ..schema import NUMERIC_KINDS, Column
 from . import codesets
@@ -148,7 +147,16 @@ def kl_divergence(real: np.ndarray, other: np.ndarray, column: Column) -> float:
     the pseudo-count (Jeffreys prior) keeps it finite and is stated in the docs.
     """
     ca, cb = counts(real, other, column)
-    return float(stats.entropy(ca + KL_PSEUDOCOUNT, cb + KL_PSEUDOCOUNT))
+    return _relative_entropy(ca + KL_PSEUDOCOUNT, cb + KL_PSEUDOCOUNT)
+
+
+def _relative_entropy(pk: np.ndarray, qk: np.ndarray) -> float:
+    """``scipy.stats.entropy(pk, qk)`` of two 1-D count vectors, step for step (normalise
+    each, ``rel_entr``, sum): the same float, without the per-call cost of scipy's
+    array-API and NaN-policy wrapper (a third of the MIMIC fidelity area's time)."""
+    qk = qk / np.sum(qk, axis=0, keepdims=True)
+    pk = pk / np.sum(pk, axis=0, keepdims=True)
+    return float(np.sum(special.rel_entr(pk, qk), axis=0))
 
 
 def levene_p(real: np.ndarray, other: np.ndarray, column: Column) -> float:
@@ -275,13 +283,37 @@ def joint_counts(
     return out
 
 
+def _factorized(ctx: Context, keys: tuple[str, ...]) -> dict[str, tuple[np.ndarray, int]]:
+    """Each categorical column's labels in the tables ``keys`` (concatenated in that
+    order) as integer codes and their count: ``joint_counts``' factorisation, done once
+    per column instead of once per pair (MIMIC: 1,241 columns, 2,469 pairs)."""
+    out = {}
+    for name in ctx.categorical_columns:
+        code = pd.factorize(np.concatenate([ctx.table(k).labels[name] for k in keys]))[0]
+        out[name] = (code, int(code.max()) + 1)
+    return out
+
+
+def _joint_from_codes(first: tuple[np.ndarray, int], second: tuple[np.ndarray, int],
+                      sizes: list[int]) -> list[np.ndarray]:
+    """``joint_counts`` from per-column codes: the same integer tables."""
+    (x, nx), (y, ny) = first, second
+    flat = x * ny + y  # np.ravel_multi_index((x, y), (nx, ny)) for in-range codes
+    out, start = [], 0
+    for size in sizes:
+        stop = start + size
+        out.append(np.bincount(flat[start:stop], minlength=nx * ny).reshape(nx, ny))
+        start = stop
+    return out
+
+
 def contingency_similarity(a: np.ndarray, b: np.ndarray) -> float:
     """1 - TVD of two joint count tables over the same support (missing kept as a label)."""
     return float(1.0 - 0.5 * np.abs(a / a.sum() - b / b.sum()).sum())
 
 
 def cramers_v(table: np.ndarray) -> float:
-    """Cramer's V (not squared) of a contingency table, via scipy.
+    """Cramer's V (not squared) of a contingency table, as scipy computes it.
 
     Categories absent from this table are dropped first (a row of zeros has no expected
     count); fewer than two rows or columns left means no association can be measured.
@@ -289,7 +321,16 @@ def cramers_v(table: np.ndarray) -> float:
     table = table[table.sum(axis=1) > 0][:, table.sum(axis=0) > 0]
     if min(table.shape) < 2:
         return math.nan
-    return float(association(table, method="cramer"))
+    # scipy.stats.contingency.association(table, method="cramer") step for step
+    # (expected_freq, Pearson's chi-squared without continuity correction, phi^2 over
+    # min(r, c) - 1): the same float, without scipy's per-call wrapper, which made this
+    # function two thirds of the wide tables' pair loop (three calls per column pair)
+    observed = np.asarray(table, dtype=np.float64)
+    expected = (observed.sum(axis=1, keepdims=True) * observed.sum(axis=0, keepdims=True)
+                / observed.sum())
+    chi2 = np.sum((observed - expected) ** 2 / expected, axis=None)
+    phi2 = chi2 / table.sum()
+    return math.sqrt(phi2 / min(table.shape[1] - 1, table.shape[0] - 1))
 
 
 # ---------------------------------------------------------------- the area
@@ -358,12 +399,13 @@ def _categorical_pairs(ctx: Context) -> tuple[list[MetricValue], list[float], li
     sims: list[float] = []
     refs: list[float] = []
     group = {c.name: c.group for c in ctx.schema.columns}
+    keys = ("holdout", "synthetic", "train")
+    codes = _factorized(ctx, keys)
+    sizes = [ctx.table(k).n for k in keys]
     for a, b in itertools.combinations(ctx.categorical_columns, 2):
         if group[a] and group[a] == group[b]:
             continue  # two codes of one code set: log odds ratios in ``codesets``
-        keys = ("holdout", "synthetic", "train")
-        joint = joint_counts([(ctx.table(k).labels[a], ctx.table(k).labels[b]) for k in keys])
-        tables = dict(zip(keys, joint, strict=True))
+        tables = dict(zip(keys, _joint_from_codes(codes[a], codes[b], sizes), strict=True))
         value = contingency_similarity(tables["holdout"], tables["synthetic"])
         reference = contingency_similarity(tables["holdout"], tables["train"])
         out.append(
