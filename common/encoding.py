@@ -6,10 +6,11 @@ categories are one-hot over the published list.
 
 With a quantile grid (``grid``: per numeric column, quantile edges at evenly spaced
 probabilities, derived from the sites' summed DP histograms by ``dp_histogram``), a
-numeric value is instead mapped through that piecewise-linear CDF: ``2 F(x) - 1``, so
-the data fill [-1, 1] evenly whatever the public bounds (a survival time of 1-44 months
-under bounds of 0-300 no longer sits in a corner), and a generator whose output spreads
-over the whole of [-1, 1] decodes to the data's marginal rather than the bounds'.
+numeric value is instead mapped through that piecewise-linear CDF and to its normal
+score (``grid_scores``), so the data fill [-1, 1] as a Gaussian whatever the public
+bounds (a survival time of 1-44 months under bounds of 0-300 no longer sits in a
+corner), and a generator whose output spreads wider than the data decodes to the
+data's range rather than the bounds'.
 
 Missing values are part of the data (clinical tables have holes, often
 informative ones), so they are modelled rather than dropped:
@@ -27,6 +28,7 @@ missing slot wins. Generators that need to *sample* categories do so before deco
 from __future__ import annotations
 
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
@@ -138,8 +140,7 @@ class TabularEncoder:
                 if edges is None:
                     scaled = 2.0 * (num - lo) / (hi - lo) - 1.0
                 else:
-                    levels = np.linspace(-1.0, 1.0, len(edges))
-                    scaled = np.where(np.isnan(num), np.nan, np.interp(num, edges, levels))
+                    scaled = np.where(np.isnan(num), np.nan, grid_scores(num, edges))
                 scaled = np.clip(np.nan_to_num(scaled, nan=0.0), -1.0, 1.0)
                 out[:, self.block(column.name, "numeric").start] = scaled
                 if column.nullable:
@@ -170,7 +171,7 @@ class TabularEncoder:
             if edges is None:
                 values = lo + (scaled + 1.0) / 2.0 * (hi - lo)
             else:
-                values = np.interp(scaled, np.linspace(-1.0, 1.0, len(edges)), edges)
+                values = grid_values(scaled, edges)
             if column.nullable:
                 mb = self.block(column.name, "missing")
                 values = np.where(matrix[:, mb.start + 1] > matrix[:, mb.start], np.nan, values)
@@ -191,7 +192,7 @@ class TabularEncoder:
             if edges is None:
                 scaled = 2.0 * (values - lo) / (hi - lo) - 1.0
             else:
-                scaled = np.interp(values, edges, np.linspace(-1.0, 1.0, len(edges)))
+                scaled = grid_scores(values, edges)
             out[:, self.block(name, "numeric").start] = np.clip(
                 np.nan_to_num(scaled, nan=0.0), -1.0, 1.0)
         return out
@@ -218,7 +219,7 @@ class TabularEncoder:
                 if edges is None:
                     values = lo + (scaled + 1.0) / 2.0 * (hi - lo)
                 else:
-                    values = np.interp(scaled, np.linspace(-1.0, 1.0, len(edges)), edges)
+                    values = grid_values(scaled, edges)
                 values = np.clip(values, lo, hi)
                 if column.kind == "survival_time":
                     values = np.expm1(values)
@@ -261,6 +262,45 @@ def _numeric_scale(
             np.log1p(hi)
         )
     return values, lo, hi
+
+
+#: Probability mass beyond each end of the encoded range: values below the grid's
+#: TAIL-quantile encode to -1 and -1 decodes to it, so a generator's output that reaches
+#: the end of [-1, 1] (clipped Gaussian noise, a diffusion chain's clamp) lands on a
+#: 1% quantile, not on the most extreme patient the histogram saw.
+TAIL = 0.01
+#: Normal score at 1 - TAIL: the encoded value is the normal score divided by it.
+_Z = float(NormalDist().inv_cdf(1 - TAIL))
+
+
+def grid_scores(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Values -> [-1, 1] through the grid's piecewise-linear CDF and normal scores.
+
+    Normal scores, not ``2 F - 1``: a generator with Gaussian outputs (the TVAE's
+    learned scale, a diffusion's Gaussian part) then meets a Gaussian marginal of std
+    ``1 / _Z`` (0.43), and its errors spread into thin tails instead of piling on
+    the ends of a uniform."""
+    u = np.interp(values, edges, np.linspace(0.0, 1.0, len(edges)))
+    u = np.clip(u, TAIL, 1 - TAIL)
+    return _ndtri(u) / _Z
+
+
+def grid_values(scaled: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """The inverse of ``grid_scores`` (scores clipped to [-1, 1] first)."""
+    u = _ndtr(np.clip(scaled, -1.0, 1.0) * _Z)
+    return np.interp(u, np.linspace(0.0, 1.0, len(edges)), edges)
+
+
+def _ndtr(z: np.ndarray) -> np.ndarray:
+    from scipy.special import ndtr
+
+    return np.asarray(ndtr(z), dtype=float)
+
+
+def _ndtri(u: np.ndarray) -> np.ndarray:
+    from scipy.special import ndtri
+
+    return np.asarray(ndtri(u), dtype=float)
 
 
 def _check_grid(schema: Schema, grid: dict[str, list[float]]) -> dict[str, np.ndarray]:

@@ -18,7 +18,7 @@ from opacus.accountants import RDPAccountant
 from fedsynth.client.grid import grid_reply
 from fedsynth.client.site import TRAINED, SiteState, train_site
 from fedsynth.common import quantile_grid
-from fedsynth.common.encoding import TabularEncoder
+from fedsynth.common.encoding import TAIL, TabularEncoder
 from fedsynth.common.generators import TabDDPM, get_generator
 from fedsynth.common.generators.base import GRID_PARAM
 from fedsynth.common.privacy.plan import PrivacyPlan
@@ -128,13 +128,21 @@ def test_round_trip_through_a_grid(heart_schema: Schema, heart: pd.DataFrame) ->
     enc = TabularEncoder(heart_schema, grid=grid)
     encoded = enc.encode(heart)
     back = enc.decode(encoded)
-    for name in grid:
+    for name, edges in grid.items():
         real = pd.to_numeric(heart[name]).astype(float).to_numpy()
         got = pd.to_numeric(back[name]).astype(float).to_numpy()
-        np.testing.assert_allclose(got, real, atol=1e-9, equal_nan=True)
-        # the data fill [-1, 1] evenly: the encoded column is close to uniform
-        col = encoded[~np.isnan(real), enc.block(name, "numeric").start]
-        assert abs(np.median(col)) < 0.1 and np.std(col) > 0.5
+        # exact between the grid's TAIL quantiles; beyond them, the quantile itself
+        lo_q, hi_q = np.interp([TAIL, 1 - TAIL], np.linspace(0, 1, len(edges)), edges)
+        inside = (real >= lo_q + 1e-6) & (real <= hi_q - 1e-6)
+        assert inside.sum() > 0.9 * np.isfinite(real).sum()
+        np.testing.assert_allclose(got[inside], real[inside], atol=1e-6)
+        outside = np.isfinite(real) & ~inside
+        column = heart_schema.column(name)
+        tol = 0.5 if column.kind == "integer" else 0.051  # rounding to the column's step
+        assert np.all((got[outside] >= lo_q - tol) & (got[outside] <= hi_q + tol))
+        # the data fill [-1, 1] about as a Gaussian of std 1 / z(1 - TAIL) = 0.43
+        col = encoded[np.isfinite(real), enc.block(name, "numeric").start]
+        assert abs(np.median(col)) < 0.15 and 0.3 < np.std(col) < 0.5  # ties: oldpeak 0
     # moving a site's bounds-encoded table onto the grid equals encoding it directly
     np.testing.assert_allclose(enc.reencode(matrix, bounds), encoded, atol=1e-5)
 

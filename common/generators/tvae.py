@@ -93,6 +93,10 @@ class _LogScale(nn.Module):
         return self.weight.weight[:, 0].clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)
 
 
+#: Starting scales (``numeric_sigma: None``): on the public-bounds scale, and on a
+#: quantile grid's normal scores (marginal std 0.43 there).
+BOUNDS_SIGMA, GRID_SIGMA = 0.15, 0.3
+
 #: Bounds of a learned numeric scale on the [-1, 1] axis: 0.01 (TVAE's floor) to 1 (a
 #: column spread over its whole public range).
 LOG_SIGMA_MIN, LOG_SIGMA_MAX = float(np.log(0.01)), 0.0
@@ -169,12 +173,14 @@ class TVAE(Generator):
     #   the loss the numeric columns take (see the module docstring); started at 0.5
     #   the scales had not come down within a study's 200 noisy steps (synthetic
     #   standard deviations 1.3-2.4 times the real ones at weight 0.1-0.25);
+    #   None picks it by encoding: 0.15 on the public-bounds scale, ``GRID_SIGMA`` on a
+    #   quantile grid's normal scores, where each column's marginal std is 0.43;
     # - condition_skip: the condition's direct path to the outputs (module docstring).
     defaults: ClassVar[dict[str, Any]] = {
         "hidden": 32,
         "latent": 8,
         "lr": 1e-2,
-        "numeric_sigma": 0.15,
+        "numeric_sigma": None,
         "numeric_weight": 0.25,
         "kl_weight": 0.3,
         "iterate_ema": 0.9,
@@ -194,7 +200,7 @@ class TVAE(Generator):
         numeric = enc.numeric_blocks
         self.net = _VAENet(
             enc.dim, int(self.hparams["hidden"]), int(self.hparams["latent"]), cond,
-            numeric=len(numeric), init_sigma=float(self.hparams["numeric_sigma"]),
+            numeric=len(numeric), init_sigma=self._init_sigma(),
             skip=bool(self.hparams["condition_skip"]),
         )
         self.cond_prior = _CondPrior(max(cond[1] - cond[0], 1))
@@ -211,6 +217,12 @@ class TVAE(Generator):
         self._cat_blocks = [(b.start, b.stop) for b in enc.onehot_blocks
                             if (b.start, b.stop) != cond]
         self._multi_blocks = [(b.start, b.stop) for b in enc.multihot_blocks]
+
+    def _init_sigma(self) -> float:
+        """The learned scales' start (see ``defaults``)."""
+        if self.hparams["numeric_sigma"] is not None:
+            return float(self.hparams["numeric_sigma"])
+        return GRID_SIGMA if self.encoder.grid else BOUNDS_SIGMA
 
     def _pick_condition(self, wanted: str | None) -> str | None:
         """The conditioning column: "outcome" (the schema's, if categorical), a name, or none."""
