@@ -43,6 +43,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..encoding import _Z as GRID_Z
 from .base import Generator
 
 _LOG_EPS = 1e-12
@@ -128,6 +129,11 @@ class TabDDPM(Generator):
     #   agreement did not move (mean 0.58 over five draws either way); 6.0 was no
     #   better. Tables without codes are unaffected (docs/generators.md, "Code sets");
     # - steps 100, cosine: see the module docstring (speed of sampling, short chain).
+    # - numeric_scale: the numeric part is diffused as ``scale * encoded``; None picks
+    #   it by encoding: 1 on the public-bounds scale, ``encoding._Z`` (2.33) on a
+    #   quantile grid, whose normal scores then have unit variance, as the chain's
+    #   terminal N(0, 1) has; there the denoiser predicts the noise beyond the prior's
+    #   (``_eps_hat``; see "Spread" in docs/generators.md).
     defaults: ClassVar[dict[str, Any]] = {
         "hidden": 64,
         "depth": 2,
@@ -139,6 +145,7 @@ class TabDDPM(Generator):
         "code_weight": 3.0,
         "iterate_ema": 0.9,
         "loss_bound": 50.0,
+        "numeric_scale": None,
     }
 
     def build(self) -> None:
@@ -166,6 +173,11 @@ class TabDDPM(Generator):
         self._post_var = (beta * (1 - prev) / (1 - alpha_bar)).clamp(min=1e-20).float()
 
         self._num_idx = torch.tensor([b.start for b in enc.numeric_blocks], dtype=torch.long)
+        scale = self.hparams["numeric_scale"]
+        self._scale = float(scale) if scale is not None else (GRID_Z if enc.grid else 1.0)
+        # On a grid the numeric part is ~N(0, 1), whose best noise prediction is
+        # sqrt(1 - alpha_bar) * x_t: the denoiser predicts the rest (see defaults).
+        self._prior_eps = bool(enc.grid)
         self._onehot = [(b.start, b.size) for b in enc.onehot_blocks]
         self._onehot_idx = torch.tensor(
             [i for start, size in self._onehot for i in range(start, start + size)],
@@ -251,13 +263,14 @@ class TabDDPM(Generator):
         n = batch.shape[0]
         t = torch.randint(0, self._T, (n,))
         x_num, x_cat = self._split(batch)
+        x_num = x_num * self._scale
         ab = self._ab[t].reshape(-1, 1)
         noise = torch.randn_like(x_num)
         num_t = ab.sqrt() * x_num + (1 - ab).sqrt() * noise
         x0 = self._padded(x_cat)
         xt = self._sample_groups(self._q_xt(x0, t), None) * self._gmask
         out = module(torch.cat([num_t, self._flat(xt)], dim=1), t.float())
-        loss = (out[:, : self._n_num] - noise).pow(2).sum(dim=1)
+        loss = (self._eps_hat(out, num_t, t) - noise).pow(2).sum(dim=1)
         if self._n_cat:
             x0_hat = self._x0_probs(out[:, self._n_num :])
             q = self._posterior(xt, x0, t)
@@ -269,6 +282,16 @@ class TabDDPM(Generator):
                    * self._gweight).sum(dim=1)
             loss = loss + kl + float(self.hparams["ce_weight"]) * ce
         return loss
+
+    def _eps_hat(self, out: torch.Tensor, num_t: torch.Tensor, t: torch.Tensor
+                 ) -> torch.Tensor:
+        """The predicted noise of the numeric part: the network's output, plus on a grid
+        the prior's ``sqrt(1 - alpha_bar) * x_t``, so a denoiser that learns nothing
+        beyond it samples the grid's marginals instead of the chain's clamps."""
+        eps = out[:, : self._n_num]
+        if self._prior_eps:
+            eps = eps + (1 - self._ab[t]).sqrt().reshape(-1, 1) * num_t
+        return eps
 
     # -- sampling -----------------------------------------------------------------------
     @torch.no_grad()
@@ -282,7 +305,9 @@ class TabDDPM(Generator):
             out = self.denoiser(torch.cat([num, self._flat(xt)], dim=1), t.float())
             if self._n_num:
                 ab = self._ab[step]
-                x0 = ((num - (1 - ab).sqrt() * out[:, : self._n_num]) / ab.sqrt()).clamp(-1, 1)
+                eps = self._eps_hat(out, num, t)
+                x0 = ((num - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(
+                    -self._scale, self._scale)
                 num = self._c0[step] * x0 + self._ct[step] * num
                 if step > 0:
                     num = num + self._post_var[step].sqrt() * torch.randn(
@@ -293,7 +318,7 @@ class TabDDPM(Generator):
                 xt = self._sample_groups(p, rng) * self._gmask
         self.denoiser.train()
         result = torch.zeros(n, self.encoder.dim)
-        result[:, self._num_idx] = num.clamp(-1.0, 1.0)
+        result[:, self._num_idx] = (num / self._scale).clamp(-1.0, 1.0)
         flat = self._flat(xt)
         n_onehot = len(self._onehot_idx)
         result[:, self._onehot_idx] = flat[:, :n_onehot]
