@@ -71,6 +71,16 @@ class _CondPrior(nn.Module):
         self.register_buffer("freq", torch.full((size,), 1.0 / size))
 
 
+def frequencies(histogram: np.ndarray, size: int, who: str) -> np.ndarray:
+    """A noisy histogram as frequencies: negatives clipped, uniform if it has no mass."""
+    hist = np.clip(np.asarray(histogram, dtype=float), 0.0, None)
+    if hist.shape != (size,):
+        raise ValueError(f"{who}: the condition's histogram must have {size} cells, "
+                         f"got shape {hist.shape}")
+    total = float(hist.sum())
+    return (hist / total if total > 0 else np.full(size, 1.0 / size)).astype(np.float32)
+
+
 class _LogScale(nn.Module):
     """Per-column log output scales, as a Linear on a column of ones (see module doc).
 
@@ -261,16 +271,8 @@ class TVAE(Generator):
         """Keep the site's noisy histogram as frequencies (uniform if it has no mass)."""
         if self.cond_column is None:
             return
-        size = self._cond[1] - self._cond[0]
-        hist = np.clip(np.asarray(histogram, dtype=float), 0.0, None)
-        if hist.shape != (size,):
-            raise ValueError(
-                f"tvae: histogram of {self.cond_column!r} must have {size} cells, "
-                f"got shape {hist.shape}"
-            )
-        total = float(hist.sum())
-        freq = hist / total if total > 0 else np.full(size, 1.0 / size)
-        self.cond_prior.freq.copy_(torch.as_tensor(freq, dtype=torch.float32))
+        self.cond_prior.freq.copy_(torch.as_tensor(
+            frequencies(histogram, self._cond[1] - self._cond[0], self.name)))
 
     def _draw_condition(self, n: int, rng: torch.Generator) -> torch.Tensor:
         size = self._cond[1] - self._cond[0]
