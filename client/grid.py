@@ -2,11 +2,12 @@
 
 What leaves the site, and why it is allowed: one noisy histogram of each numeric column
 over its public bounds (``common/quantile_grid.py``), Gaussian noise from the site's
-secret randomness, recorded in its ledger as one Gaussian release at the study's
-``grid-noise`` multiplier. The training noise is calibrated here, before the release
-is recorded, for the whole plan (grid, count, DP-SGD, loss reports) against what
-earlier studies left, exactly as round 1 would have; the release is then a prior
-entry of the ledger and the study's epsilon includes it.
+secret randomness, recorded in its ledger as one Gaussian release whose noise
+multiplier takes the study's ``grid-share`` of the site's budget. The training noise
+is calibrated here, before the release is recorded, for the whole plan (grid, count,
+DP-SGD, loss reports) against what earlier studies left, exactly as round 1 would
+have; the release is then a prior entry of the ledger and the study's epsilon
+includes it.
 
 Asked again in the same study (a coordinator restart), the site resends the same
 noisy counts: nothing new is learned and nothing is charged. In an encrypted study
@@ -41,7 +42,7 @@ def grid_reply(site: SiteConfig, study: StudyConfig, schema_fp: str,
     if not study.releases_grid or site.requires_encryption:
         return SiteReply(Status.UNSUPPORTED_QUERY, status_metrics(site, state), problems=[
             "this site answers the quantile-grid request only in a deep generator's study "
-            "in clear with grid-noise > 0 (its histograms would travel in clear)"])
+            "in clear with grid-share > 0 (its histograms would travel in clear)"])
     schema = site_schema(site, state, schema_fp)
     if isinstance(schema, SiteReply):
         return schema
@@ -50,7 +51,8 @@ def grid_reply(site: SiteConfig, study: StudyConfig, schema_fp: str,
     except TableCheckError as exc:
         log.warning("site %s: %s", site.name, exc)
         return SiteReply(INVALID_DATA, status_metrics(site, state), problems=exc.shareable())
-    noise = study.grid_noise if site.dp else None
+    noise = (quantile_grid.grid_noise_for(site.epsilon, site.delta, study.grid_share)
+             if site.dp else None)
     if state.grid_counts is None:
         if site.dp:
             state.ledger.mechanism = study.accountant
@@ -61,7 +63,7 @@ def grid_reply(site: SiteConfig, study: StudyConfig, schema_fp: str,
                     log.warning("site %s: %s", site.name, exc)
                     return SiteReply(BUDGET_EXHAUSTED, status_metrics(site, state))
             after = state.ledger.copy()
-            after.record(study.grid_noise, 1.0, 1)
+            after.record(noise, 1.0, 1)
             if after.epsilon(site.delta) > site.epsilon * (1 + 1e-9):
                 return SiteReply(BUDGET_EXHAUSTED, status_metrics(site, state))
         rng = site.randomness(f"{study.study_id}:grid").numpy("grid-release")

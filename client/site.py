@@ -302,7 +302,7 @@ def noise_for(site: SiteConfig, study: StudyConfig, prior: PrivacyLedger | None 
     if site.noise_multiplier is not None:
         return site.noise_multiplier
     return _calibrated(
-        PrivacyPlan.from_study(study),
+        PrivacyPlan.from_study(study, site.epsilon, site.delta),
         site.epsilon,
         site.delta,
         tuple(prior.history) if prior is not None else (),

@@ -98,7 +98,7 @@ def ask_sites(grid: Grid, study: StudyConfig, schema: Schema) -> dict[str, list[
         raise ConfigError(
             f"the quantile-grid release got {len(good)} usable replies, fewer than min-sites "
             f"({study.min_sites}): {'; '.join(refused) or 'no reply'}. Fix the sites, or "
-            "run the study with grid-noise = 0 (public-bounds encoding)")
+            "run the study with grid-share = 0 (public-bounds encoding)")
     stream.info("quantile grid from %d sites' releases (%d refused)", len(good), len(refused))
     return combine(schema, good)
 

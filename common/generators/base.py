@@ -29,7 +29,7 @@ from torch import nn
 from ..encoding import TabularEncoder
 from ..errors import FedsynthError
 from ..privacy.randomness import NOT_A_DP_RELEASE, DPRandomness
-from ..quantile_grid import DEFAULT_GRID_NOISE
+from ..quantile_grid import DEFAULT_GRID_SHARE, grid_noise_for
 from ..schema import Schema
 from ..table import _match_category
 
@@ -198,7 +198,7 @@ class Generator(ABC):
         count_noise: float = 10.0,
         accountant: str = "rdp",
         randomness: DPRandomness | None = None,
-        grid_noise: float | None = DEFAULT_GRID_NOISE,
+        grid_share: float | None = DEFAULT_GRID_SHARE,
     ) -> Generator:
         """Train centrally on a typed frame, with DP when ``epsilon`` is given.
 
@@ -215,8 +215,8 @@ class Generator(ABC):
 
         Before training, the numeric columns' quantile grid is estimated as a study's
         sites estimate it (``quantile_grid``, the same two functions on the pooled rows:
-        a noisy histogram at noise multiplier ``grid_noise`` under DP, exact without,
-        charged to the same ledger); ``grid_noise=None`` keeps the public-bounds
+        a noisy histogram taking ``grid_share`` of ``epsilon`` under DP, exact without,
+        charged to the same ledger); ``grid_share=None`` keeps the public-bounds
         encoding.
         """
         from ..privacy import DPSettings, PrivacyLedger, train_round
@@ -225,7 +225,9 @@ class Generator(ABC):
         bounds = TabularEncoder(self.schema)
         encoded = bounds.encode(data)
         released = self.statistics_column() is not None
-        grid_noise = grid_noise if grid_noise else None
+        grid_noise = None
+        if grid_share and epsilon is not None:
+            grid_noise = grid_noise_for(epsilon, delta, grid_share)
         dp = None
         ledger = None
         if epsilon is not None:
@@ -236,9 +238,8 @@ class Generator(ABC):
             sigma = plan.noise_for(epsilon, delta)
             dp = DPSettings(noise_multiplier=sigma, max_grad_norm=max_grad_norm)
             ledger = PrivacyLedger(accountant)
-        if grid_noise is not None:
-            encoded = self._fit_grid(bounds, encoded, grid_noise if epsilon is not None
-                                     else None, rand, ledger)
+        if grid_share:
+            encoded = self._fit_grid(bounds, encoded, grid_noise, rand, ledger)
         if released:
             noise = count_noise if epsilon is not None else None
             self.set_statistics(
@@ -279,9 +280,14 @@ class Generator(ABC):
 
     def set_grid(self, grid: dict[str, list[float]] | None) -> None:
         """Use ``grid`` (public: derived from DP releases) to encode numeric columns; it
-        is kept in ``hparams`` so the saved model and the sites' copies decode alike."""
+        is kept in ``hparams`` so the saved model and the sites' copies decode alike.
+        Untrained weights are reset: call it before training."""
         self.hparams[GRID_PARAM] = grid
         self.encoder = TabularEncoder(self.schema, grid=grid)
+        # rebuilt, as if constructed with the grid: a family's networks may depend on
+        # the encoding (the TVAE's starting scales, ddpm's numeric scale)
+        torch.manual_seed(self.seed)
+        self.build()
 
     def sample(
         self,

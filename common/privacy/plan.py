@@ -52,7 +52,16 @@ class PrivacyPlan:
     grid_noise: float | None = None
 
     @classmethod
-    def from_study(cls, study: StudyConfig) -> PrivacyPlan:
+    def from_study(cls, study: StudyConfig, epsilon: float | None = None,
+                   delta: float | None = None) -> PrivacyPlan:
+        """The plan of a site of ``study`` whose budget is (``epsilon``, ``delta``): the
+        grid release's noise is a share of the budget (``quantile_grid``), so a plan
+        without a budget has none."""
+        from ..quantile_grid import grid_noise_for
+
+        grid = None
+        if study.releases_grid and epsilon is not None and delta is not None:
+            grid = grid_noise_for(epsilon, delta, study.grid_share)
         return cls(
             sample_rate=study.sample_rate,
             local_epochs=study.local_epochs,
@@ -60,7 +69,7 @@ class PrivacyPlan:
             loss_report=study.loss_report,
             count_noise=study.count_noise,
             accountant=study.accountant,
-            grid_noise=study.grid_noise if study.releases_grid else None,
+            grid_noise=grid,
         )
 
     def _with_grid(self, prior: tuple[Release, ...]) -> tuple[Release, ...]:
@@ -111,9 +120,9 @@ class PrivacyPlan:
             raise BudgetError(
                 f"{who}'s budget epsilon {epsilon:g} cannot pay for this study: the smallest "
                 f"feasible epsilon is {smallest:.3f} (delta {delta:g}); the one count release "
-                f"(count-noise {self.count_noise}) and the quantile-grid release (grid-noise "
+                f"(count-noise {self.count_noise}) and the quantile-grid release (noise "
                 f"{self.grid_noise}) alone cost {floor:.3f}. Raise the budget above that, or "
-                "raise count-noise or grid-noise"
+                "raise count-noise or lower grid-share"
             )
 
     def noise_for(self, epsilon: float, delta: float, prior: tuple[Release, ...] = ()) -> float:
