@@ -105,7 +105,7 @@ class _LogScale(nn.Module):
 
 #: Starting scales (``numeric_sigma: None``): on the public-bounds scale, and on a
 #: quantile grid's normal scores (marginal std 0.43 there).
-BOUNDS_SIGMA, GRID_SIGMA = 0.15, 0.3
+BOUNDS_SIGMA, GRID_SIGMA = 0.15, 0.4
 
 #: Bounds of a learned numeric scale on the [-1, 1] axis: 0.01 (TVAE's floor) to 1 (a
 #: column spread over its whole public range).
