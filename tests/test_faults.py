@@ -453,13 +453,18 @@ def _site_state(dep: LocalDeployment, name: str, study_id: str) -> SiteState | N
 
 
 def _expected_ledger(name: str, study: StudyConfig, rounds: int) -> PrivacyLedger:
-    """The ledger of exactly ``rounds`` trained rounds, from the plan alone."""
+    """The ledger of the grid release and exactly ``rounds`` trained rounds, from the
+    plan alone."""
     files = bundled_site_files("heart_disease")
     site = SiteConfig(name, str(files[name]), str(bundled_schema_path("heart_disease")),
                       epsilon=EPSILON)
     sigma = noise_for(site, study)
     plan = RoundPlan(study.sample_rate, study.local_epochs, study.loss_report)
     ledger = PrivacyLedger(study.accountant)
+    if study.releases_grid:  # the quantile-grid release before round 1 (docs/privacy.md)
+        from fedsynth.common.quantile_grid import grid_noise_for
+
+        ledger.record(grid_noise_for(site.epsilon, site.delta, study.grid_share), 1.0, 1)
     for r in range(rounds):
         ledger = round_cost(ledger, sigma, plan, study.count_noise if r == 0 else None)
     return ledger
