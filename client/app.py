@@ -37,6 +37,7 @@ from ..common.protocol import (
     ARRAYS,
     CKKS,
     CONFIG,
+    GRID_ACTION,
     KIND,
     MARGINAL_ACTION,
     RELEASE,
@@ -49,6 +50,7 @@ from ..common.protocol import (
 )
 from ..common.study import ConfigError, SiteConfig, StudyConfig
 from ..common.threads import site_threads, torch_threads
+from .grid import grid_reply
 from .measure import measure_reply
 from .replay import cached_reply, drop_older_replies, keep_reply, model_digest
 from .secure import GlobalModel, release_final, train_encrypted
@@ -303,6 +305,18 @@ def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
         content = measure_reply(site, study, msg.content, state)
         _save_state(context, site, study, state)
         return Message(content, reply_to=msg)
+
+    @app.query(GRID_ACTION)
+    @site_threaded
+    def grid(msg: Message, context: Context) -> Message:
+        """A deep generator's quantile-grid request, before round 1 (client/grid.py)."""
+        site = resolve_site(context, sites)
+        config = dict(msg.content[CONFIG])
+        study = StudyConfig.from_flat(config)
+        state = _load_state(context, site, study)
+        reply = grid_reply(site, study, str(config.get(SCHEMA_FINGERPRINT, "")), state)
+        _save_state(context, site, study, state)
+        return Message(reply_content(site, reply), reply_to=msg)
 
     @app.evaluate()
     @site_threaded

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from ..common.encoding import TabularEncoder
 from ..common.generators import get_generator
 from ..common.generators.base import release_histogram
 from ..common.privacy import (
@@ -88,6 +89,8 @@ class SiteState:
     study_id: str = ""
     noisy_count: float | None = None
     histogram: np.ndarray | None = None  # the one DP histogram release (sum = count)
+    # the one quantile-grid release (client/grid.py): asked again, the site resends it
+    grid_counts: np.ndarray | None = None
     # The noise multiplier calibrated at this study's first round against what was left
     # of the lifetime budget then; fixed for the rest of the study.
     noise_multiplier: float | None = None
@@ -110,6 +113,8 @@ class SiteState:
             "noisy-count": -1.0 if self.noisy_count is None else float(self.noisy_count),
             "histogram": [] if self.histogram is None else [float(v) for v in self.histogram],
             "released": self.histogram is not None,
+            "grid-counts": [] if self.grid_counts is None else [float(v) for v in self.grid_counts],
+            "grid-release-made": self.grid_counts is not None,
             "noise-multiplier-used": -1.0 if self.noise_multiplier is None
             else float(self.noise_multiplier),
             "rounds-trained": self.rounds_trained,
@@ -128,6 +133,8 @@ class SiteState:
         self.histogram = (
             np.asarray(rec.get("histogram", []), dtype=float) if released else None
         )
+        self.grid_counts = (np.asarray(rec.get("grid-counts", []), dtype=float)
+                            if rec.get("grid-release-made", False) else None)
         self.noise_multiplier = None if sigma <= 0 else sigma
         self.rounds_trained = int(rec.get("rounds-trained", 0))
         self.replay_round = int(rec.get("replay-round", 0))
@@ -221,8 +228,6 @@ def load_encoded(site: SiteConfig, schema: Schema) -> np.ndarray:
             return _TABLES[key]
         except (OSError, ValueError):  # a torn or foreign file: rebuild it below
             cache.unlink(missing_ok=True)
-    from ..common.encoding import TabularEncoder
-
     frame = read_table(path, schema)
     _TABLES[key] = TabularEncoder(schema).encode(frame)
     if cache is not None:
@@ -297,7 +302,7 @@ def noise_for(site: SiteConfig, study: StudyConfig, prior: PrivacyLedger | None 
     if site.noise_multiplier is not None:
         return site.noise_multiplier
     return _calibrated(
-        PrivacyPlan.from_study(study),
+        PrivacyPlan.from_study(study, site.epsilon, site.delta),
         site.epsilon,
         site.delta,
         tuple(prior.history) if prior is not None else (),
@@ -396,6 +401,7 @@ def train_site(
 
     model = get_generator(study.generator)(schema, seed=study.seed, **study.generator_params)
     model.load_state_dict(global_state)
+    data = model.encoder.reencode(data, TabularEncoder(schema))  # onto the study's grid
     if state.histogram is None:
         state.histogram = release_histogram(
             model, data, study.count_noise if dp else None, rand.numpy("count-release")

@@ -1,33 +1,146 @@
-"""From a noisy histogram to a monotone CDF and equal-mass bin edges (post-processing).
+"""DP histograms over a column's public bounds, and what can be derived from them.
 
-A DP release of a column's histogram over cells fixed in public (equal-width cells of
-the schema's bounds, say) is a vector of counts plus noise: some cells come out
-negative, and the running sum wobbles. Everything here reads only such a vector, so
-whatever it returns is post-processing of the release and costs no privacy, at a site,
-at the coordinator (of summed noisy counts, in clear or decrypted under CKKS) or in a
-central fit alike.
+Why: a schema's bounds are clinical, not the data's (age 18-100, survival time 0-300
+months for values of 1-44), so anything cut or scaled by them alone puts the data in a
+corner of its range. Where the data lie is a statistic of the rows, so it is learned the
+one way a site may learn anything: each site releases a fine histogram of the column
+over the public bounds with Gaussian noise (adding or removing a patient changes one
+cell by one), the coordinator adds the sites' releases up (as counts are added: in
+clear, or decrypted as a CKKS sum), and everything after that reads only the noisy sum
+and the public noise level, so it is post-processing and costs no privacy.
 
-- :func:`monotone_cdf`: the running sum of the noisy counts (unbiased at every cell,
-  unlike the running sum of counts clipped at zero, which drifts up by the clipped
-  noise), made non-decreasing by isotonic regression (the closest monotone sequence in
-  least squares) and scaled to end at 1;
-- :func:`equal_mass_cuts`: the cell boundaries that split that CDF into ``bins``
-  runs of about equal mass; each run keeps at least one cell, so the number of bins
-  (a public choice, and the model's shape) never depends on the data.
+Two users, two estimates of the CDF from the noisy sum:
 
-When the noise is large against the counts (small epsilon, few rows, many cells) the
-noisy CDF is mostly a random walk, and bins cut from it are worse than equal-width
-ones. Given the noise std per cell, both functions shrink towards the uniform
-histogram by :func:`reliability`, ``1 / (1 + (r / 0.5)^2)`` with ``r`` the std of the
-noisy total (sqrt(cells) x std) over the noisy total: about 0.97 at r = 0.09, 0.76 at
-0.28, 0.30 at 0.76 (heart disease, 4 sites, 64 cells at epsilon 10, 3, 1).
+- the deep generators' quantile grid (``quantile_grid.py``, issue 14) needs quantiles
+  that never land in the empty part of a wide public range: :func:`support_cdf`
+  smooths the counts over neighbouring cells (real densities are smooth at the scale of
+  a cell, the noise is not), keeps the *support* (the cells from the first to the last
+  whose smoothed count clears ``SUPPORT_SIGMAS`` noise stds; the flat tails outside it
+  are pure noise and set to zero) and clips at zero inside it; :func:`quantile_edges`
+  inverts it;
+- the marginal generator's bins (issue 13) are runs of whole fine cells of about equal
+  mass and every bin must keep at least one cell: :func:`isotonic_cdf` is the running
+  sum of the noisy counts (unbiased at every cell, unlike a running sum of clipped
+  counts, which drifts up by the clipped noise) made non-decreasing by isotonic
+  regression and, given the noise std, shrunk towards uniform by :func:`reliability`
+  (``1 / (1 + (r / 0.5)^2)``, ``r`` the std of the noisy total over the total: about
+  0.97, 0.76, 0.30 on heart disease's 4 sites, 64 cells at epsilon 10, 3, 1);
+  :func:`equal_mass_cuts` cuts it and :func:`cell_weights` spreads a bin's mass over
+  its cells.
+
+The two were written side by side (issues 13 and 14 in one session) and each is tuned
+and measured with its own user; making one estimator serve both is left to do.
 """
+
 
 from __future__ import annotations
 
 import numpy as np
 from sklearn.isotonic import isotonic_regression
 
+#: Cells of a released histogram over the public bounds of a numeric column.
+BINS = 32
+#: Probability levels of the derived grid (``LEVELS + 1`` edges, 0 and 1 included).
+LEVELS = 64
+#: Gaussian smoothing of the noisy counts, in cells (post-processing).
+SMOOTH_CELLS = 1.0
+#: A cell is in the support when its smoothed count clears this many noise stds.
+SUPPORT_SIGMAS = 2.0
+
+
+def histogram(values: np.ndarray, lo: float, hi: float, bins: int = BINS) -> np.ndarray:
+    """Exact counts of ``values`` in ``bins`` equal cells over [lo, hi]; NaN (missing)
+    is not counted and values outside are counted in the end cells, so one row changes
+    at most one cell by one."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if hi <= lo:
+        raise ValueError(f"histogram bounds must satisfy lo < hi, got [{lo}, {hi}]")
+    cells = np.clip(((v - lo) / (hi - lo) * bins).astype(int), 0, bins - 1)
+    return np.bincount(cells, minlength=bins).astype(float)
+
+
+def add_noise(counts: np.ndarray, noise_std: float | None,
+              rng: np.random.Generator | None) -> np.ndarray:
+    """The release: ``counts`` plus Gaussian noise of std ``noise_std`` per cell (None:
+    the exact counts, for a study without DP). ``rng`` must be the site's secret
+    randomness (``DPRandomness.numpy``): whoever can replay it reads the exact counts."""
+    counts = np.asarray(counts, dtype=float)
+    if noise_std is None:
+        return counts.copy()
+    if rng is None:
+        raise ValueError("a DP histogram release needs the site's secret randomness")
+    return counts + rng.normal(0.0, noise_std, size=counts.shape)
+
+
+def _smooth(counts: np.ndarray, cells: float) -> tuple[np.ndarray, float]:
+    """Gaussian smoothing over cells; also the factor by which it shrinks iid noise."""
+    if cells <= 0:
+        return counts.copy(), 1.0
+    half = int(np.ceil(3 * cells))
+    offsets = np.arange(-half, half + 1)
+    kernel = np.exp(-0.5 * (offsets / cells) ** 2)
+    kernel /= kernel.sum()
+    padded = np.pad(counts, half, mode="constant")
+    return np.convolve(padded, kernel, mode="valid"), float(np.sqrt((kernel**2).sum()))
+
+
+def support_cdf(noisy: np.ndarray, noise_std: float) -> np.ndarray:
+    """The CDF at the ``len(noisy) + 1`` cell edges (0 first, 1 last), nondecreasing.
+
+    ``noise_std`` is the std of the noise in each cell of ``noisy`` (for a sum over
+    sites, the root of the sum of their variances; 0 for exact counts). With nothing
+    above the noise the CDF is uniform over the public bounds: nothing was learned.
+    """
+    noisy = np.asarray(noisy, dtype=float)
+    smooth, shrink = _smooth(noisy, SMOOTH_CELLS if noise_std > 0 else 0.0)
+    floor = SUPPORT_SIGMAS * noise_std * shrink
+    above = np.flatnonzero(smooth > floor) if noise_std > 0 else np.flatnonzero(noisy > 0)
+    mass = np.zeros_like(noisy)
+    if above.size:
+        first, last = above[0], above[-1]
+        mass[first : last + 1] = np.clip(smooth[first : last + 1], 0.0, None)
+    if mass.sum() <= 0:
+        mass[:] = 1.0
+    cdf = np.concatenate([[0.0], np.cumsum(mass)])
+    return cdf / cdf[-1]
+
+
+def quantile_edges(noisy: np.ndarray, lo: float, hi: float, noise_std: float,
+                   levels: int = LEVELS) -> np.ndarray:
+    """``levels + 1`` strictly increasing values at probabilities 0, 1/levels, ..., 1.
+
+    The inverse of the piecewise-linear CDF of ``support_cdf`` over cells of equal
+    width on [lo, hi]. Empty cells make the CDF flat, so the inverse jumps over them
+    (no edge lands in an empty region); ties cannot occur inside a cell that has mass.
+    A tiny increasing ramp keeps the edges strictly increasing for ``np.interp``.
+    """
+    cdf = support_cdf(noisy, noise_std)
+    cell_edges = np.linspace(lo, hi, len(cdf))
+    probs = np.linspace(0.0, 1.0, levels + 1)
+    edges = _inverse(cdf, cell_edges, probs)
+    ramp = (hi - lo) * 1e-9 * np.arange(len(edges))
+    return np.maximum.accumulate(edges) + ramp
+
+
+def _inverse(cdf: np.ndarray, cell_edges: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Quantiles of a piecewise-linear CDF given at ``cell_edges``."""
+    out = np.empty_like(probs)
+    for i, p in enumerate(probs):
+        j = int(np.searchsorted(cdf, p, side="left"))
+        if j == 0:
+            # probability 0: the lower end of the first cell with mass
+            j0 = int(np.searchsorted(cdf, 0.0, side="right"))
+            out[i] = cell_edges[max(j0 - 1, 0)]
+            continue
+        j = min(j, len(cdf) - 1)
+        lo_p, hi_p = cdf[j - 1], cdf[j]
+        frac = 0.0 if hi_p <= lo_p else (p - lo_p) / (hi_p - lo_p)
+        out[i] = cell_edges[j - 1] + frac * (cell_edges[j] - cell_edges[j - 1])
+    return out
+
+
+# -- equal-mass bins of whole cells (the marginal generator) --------------------
 HALF_RELIABLE = 0.5  # relative noise of the total at which the release gets weight 1/2
 
 
@@ -43,7 +156,7 @@ def reliability(noisy_counts: np.ndarray, noise_std: float) -> float:
     return float(1.0 / (1.0 + (r / HALF_RELIABLE) ** 2))
 
 
-def monotone_cdf(noisy_counts: np.ndarray, noise_std: float = 0.0) -> np.ndarray:
+def isotonic_cdf(noisy_counts: np.ndarray, noise_std: float = 0.0) -> np.ndarray:
     """Non-decreasing estimate of the CDF at the end of each cell, ending at 1.
 
     Falls back to the uniform CDF when the noisy total is not positive (nothing to
@@ -73,7 +186,7 @@ def equal_mass_cuts(noisy_counts: np.ndarray, bins: int, noise_std: float = 0.0
         raise ValueError("bins must be >= 1")
     if cells <= bins:
         return np.arange(cells + 1)
-    cdf = monotone_cdf(noisy_counts, noise_std)
+    cdf = isotonic_cdf(noisy_counts, noise_std)
     inner = cdf[:-1]  # CDF at the boundary after cell i, i = 0 .. cells-2
     cuts = np.empty(bins + 1, dtype=np.int64)
     cuts[0], cuts[-1] = 0, cells

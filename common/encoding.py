@@ -1,8 +1,18 @@
 """Schema-driven encoding of a typed table to a float matrix and back.
 
-Every number here comes from the schema, none from the rows: continuous and integer
-columns are scaled to [-1, 1] by their public bounds, categories are one-hot over the
-published list. Missing values are part of the data (clinical tables have holes, often
+Every number here comes from the schema or from a public DP release, none from the
+rows: continuous and integer columns are scaled to [-1, 1] by their public bounds,
+categories are one-hot over the published list.
+
+With a quantile grid (``grid``: per numeric column, quantile edges at evenly spaced
+probabilities, derived from the sites' summed DP histograms by ``dp_histogram``), a
+numeric value is instead mapped through that piecewise-linear CDF and to its normal
+score (``grid_scores``), so the data fill [-1, 1] as a Gaussian whatever the public
+bounds (a survival time of 1-44 months under bounds of 0-300 no longer sits in a
+corner), and a generator whose output spreads wider than the data decodes to the
+data's range rather than the bounds'.
+
+Missing values are part of the data (clinical tables have holes, often
 informative ones), so they are modelled rather than dropped:
 
 - a numeric column that may be missing gets a two-way block ``[present, missing]``
@@ -18,6 +28,7 @@ missing slot wins. Generators that need to *sample* categories do so before deco
 from __future__ import annotations
 
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
@@ -48,8 +59,9 @@ class Block:
 class TabularEncoder:
     """Encode a typed frame (see ``table.read_table``) for the generators, and back."""
 
-    def __init__(self, schema: Schema) -> None:
+    def __init__(self, schema: Schema, grid: dict[str, list[float]] | None = None) -> None:
         self.schema = schema
+        self.grid = _check_grid(schema, grid or {})
         blocks: list[Block] = []
         pos = 0
         self.codesets = schema.codesets
@@ -124,7 +136,11 @@ class TabularEncoder:
             if column.is_numeric:
                 num = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
                 num, lo, hi = _numeric_scale(column, num)
-                scaled = 2.0 * (num - lo) / (hi - lo) - 1.0
+                edges = self.grid.get(column.name)
+                if edges is None:
+                    scaled = 2.0 * (num - lo) / (hi - lo) - 1.0
+                else:
+                    scaled = np.where(np.isnan(num), np.nan, grid_scores(num, edges))
                 scaled = np.clip(np.nan_to_num(scaled, nan=0.0), -1.0, 1.0)
                 out[:, self.block(column.name, "numeric").start] = scaled
                 if column.nullable:
@@ -138,6 +154,47 @@ class TabularEncoder:
                 for row, (value, is_na) in enumerate(zip(values.tolist(), missing, strict=True)):
                     key = MISSING if is_na else str(value)
                     out[row, b.start + lookup[key]] = 1.0
+        return out
+
+    def working_values(self, matrix: np.ndarray) -> dict[str, np.ndarray]:
+        """Each numeric column of an encoded ``matrix`` on the working scale (log1p for
+        survival times), NaN where the missing slot says missing; no clipping to bounds
+        beyond the encoding's own."""
+        out: dict[str, np.ndarray] = {}
+        for column in self.schema.columns:
+            if column.group or not column.is_numeric:
+                continue
+            _, lo, hi = _numeric_scale(column, None)
+            scaled = np.clip(np.asarray(matrix[:, self.block(column.name, "numeric").start],
+                                        dtype=float), -1.0, 1.0)
+            edges = self.grid.get(column.name)
+            if edges is None:
+                values = lo + (scaled + 1.0) / 2.0 * (hi - lo)
+            else:
+                values = grid_values(scaled, edges)
+            if column.nullable:
+                mb = self.block(column.name, "missing")
+                values = np.where(matrix[:, mb.start + 1] > matrix[:, mb.start], np.nan, values)
+            out[column.name] = values
+        return out
+
+    def reencode(self, matrix: np.ndarray, source: TabularEncoder) -> np.ndarray:
+        """``matrix`` (encoded by ``source``, same schema) in this encoder's numeric
+        scale: a site keeps its table encoded by public bounds (``client/site.py``) and
+        moves it onto the study's quantile grid once the grid is known."""
+        if not self.grid and not source.grid:
+            return matrix
+        out = np.array(matrix, dtype=np.float32, copy=True)
+        for name, values in source.working_values(matrix).items():
+            column = self._columns[name]
+            _, lo, hi = _numeric_scale(column, None)
+            edges = self.grid.get(name)
+            if edges is None:
+                scaled = 2.0 * (values - lo) / (hi - lo) - 1.0
+            else:
+                scaled = grid_scores(values, edges)
+            out[:, self.block(name, "numeric").start] = np.clip(
+                np.nan_to_num(scaled, nan=0.0), -1.0, 1.0)
         return out
 
     def decode(self, matrix: np.ndarray) -> pd.DataFrame:
@@ -158,7 +215,12 @@ class TabularEncoder:
             elif column.is_numeric:
                 _, lo, hi = _numeric_scale(column, None)
                 scaled = np.clip(matrix[:, self.block(column.name, "numeric").start], -1, 1)
-                values = lo + (scaled + 1.0) / 2.0 * (hi - lo)
+                edges = self.grid.get(column.name)
+                if edges is None:
+                    values = lo + (scaled + 1.0) / 2.0 * (hi - lo)
+                else:
+                    values = grid_values(scaled, edges)
+                values = np.clip(values, lo, hi)
                 if column.kind == "survival_time":
                     values = np.expm1(values)
                 if column.nullable:
@@ -200,3 +262,72 @@ def _numeric_scale(
             np.log1p(hi)
         )
     return values, lo, hi
+
+
+#: Probability mass beyond each end of the encoded range: values below the grid's
+#: TAIL-quantile encode to -1 and -1 decodes to it, so a generator's output that reaches
+#: the end of [-1, 1] (clipped Gaussian noise, a diffusion chain's clamp) lands on a
+#: 1% quantile, not on the most extreme patient the histogram saw.
+TAIL = 0.01
+#: Normal score at 1 - TAIL: the encoded value is the normal score divided by it.
+_Z = float(NormalDist().inv_cdf(1 - TAIL))
+
+
+def grid_scores(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Values -> [-1, 1] through the grid's piecewise-linear CDF and normal scores.
+
+    Normal scores, not ``2 F - 1``: a generator with Gaussian outputs (the TVAE's
+    learned scale, a diffusion's Gaussian part) then meets a Gaussian marginal of std
+    ``1 / _Z`` (0.43), and its errors spread into thin tails instead of piling on
+    the ends of a uniform."""
+    u = np.interp(values, edges, np.linspace(0.0, 1.0, len(edges)))
+    u = np.clip(u, TAIL, 1 - TAIL)
+    return _ndtri(u) / _Z
+
+
+def grid_values(scaled: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """The inverse of ``grid_scores`` (scores clipped to [-1, 1] first)."""
+    u = _ndtr(np.clip(scaled, -1.0, 1.0) * _Z)
+    return np.interp(u, np.linspace(0.0, 1.0, len(edges)), edges)
+
+
+def _ndtr(z: np.ndarray) -> np.ndarray:
+    from scipy.special import ndtr
+
+    return np.asarray(ndtr(z), dtype=float)
+
+
+def _ndtri(u: np.ndarray) -> np.ndarray:
+    from scipy.special import ndtri
+
+    return np.asarray(ndtri(u), dtype=float)
+
+
+def _check_grid(schema: Schema, grid: dict[str, list[float]]) -> dict[str, np.ndarray]:
+    """The grid as arrays, after checking it fits the schema (a model file or a study
+    config carries it; a wrong one must fail here, not decode to nonsense)."""
+    out: dict[str, np.ndarray] = {}
+    for name, edges in grid.items():
+        try:
+            column = schema.column(name)
+        except KeyError:
+            raise ValueError(f"quantile grid names column {name!r}, not in the schema") from None
+        arr = np.asarray(edges, dtype=float)
+        if not column.is_numeric or column.group:
+            raise ValueError(f"quantile grid given for {name!r}, which is not numeric")
+        _, lo, hi = _numeric_scale(column, None)
+        if (arr.ndim != 1 or len(arr) < 2 or not np.all(np.isfinite(arr))
+                or np.any(np.diff(arr) <= 0)):
+            raise ValueError(f"quantile grid of {name!r} must be >= 2 strictly increasing "
+                             "finite values")
+        span = hi - lo
+        if arr[0] < lo - 1e-6 * span or arr[-1] > hi + 1e-6 * span:
+            raise ValueError(f"quantile grid of {name!r} leaves the public bounds")
+        out[name] = arr
+    return out
+
+
+def numeric_working_scale(column: Column, values: np.ndarray | None) -> tuple[
+        np.ndarray | None, float, float]:
+    """Values and bounds on the scale the encoder (and its quantile grid) works in."""
+    return _numeric_scale(column, values)

@@ -14,6 +14,9 @@ and ``from_content()`` at the Flower boundary:
 - ``ValidationRequest`` (Flower ``evaluate``): the released model and the size and seed
   of ``synthetic.csv``; a site scores its own sample of it (``client/evaluate.py``).
 
+- a deep generator's ``query.grid`` (``GRID_MESSAGE``): before training, each site's
+  noisy histograms of the numeric columns over their public bounds, from which the
+  coordinator derives the study's quantile grid (``common/quantile_grid.py``); below.
 - a measured study's ``query.marginal`` (``MARGINAL_MESSAGE``): the marginal
   generator's one message kind, below.
 
@@ -101,6 +104,7 @@ class Status(StrEnum):
     AGGREGATE_REFUSED = "aggregate-refused"
     ENCRYPTION_FAILED = "encryption-failed"
     RELEASED = "released"
+    GRID_RELEASED = "grid-released"  # a site's quantile-grid histograms (query.grid)
     ALREADY_RELEASED = "already-released"
     UNSUPPORTED_QUERY = "unsupported-query"
     # federated validation
@@ -295,3 +299,17 @@ SIGMA_ONE_WAY = "sigma-one-way"
 SIGMA_SCORE = "sigma-score"
 SIGMA_MEASURE = "sigma-measure"
 SIGMA_RELEASED = "sigma"  # the noise std of this reply's vector
+
+
+# ---------------------------------------------------------------- quantile grid
+# A deep generator's study asks each site once, before round 1 (``GRID_MESSAGE``, a
+# Flower ``query`` with its own action). The coordinator's content: ``config``, the
+# study's run config and the ``schema-fingerprint``. The site's reply: ``site`` and
+# ``metrics`` as in every reply, plus ``GRID_CELL_STD`` (the std of its noise per
+# cell, 0 without DP) and the noisy counts (the ``arrays`` record, key ``values``: every
+# numeric column's cells in schema order), in clear: encrypted studies make no grid
+# release (docs/privacy.md).
+
+GRID_ACTION = "grid"
+GRID_MESSAGE = f"query.{GRID_ACTION}"
+GRID_CELL_STD = "grid-cell-std"

@@ -69,6 +69,10 @@ class StudyConfig:
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
     count_noise: float = 10.0
+    # Share of each site's budget for the quantile-grid release a deep generator's
+    # study makes before training (common/quantile_grid.py); 0: no release, the
+    # public-bounds encoding.
+    grid_share: float = 0.2
     loss_report: bool = True
     seed: int = 42
     output_dir: str = "fedsynth-output"
@@ -132,10 +136,20 @@ class StudyConfig:
             problems.append("proximal-mu must be >= 0")
         if self.max_grad_norm <= 0:
             problems.append("max-grad-norm must be > 0")
+        if not 0 <= self.grid_share < 1:
+            problems.append("grid-share must be in [0, 1) (0: no quantile-grid release)")
         if self.count_noise <= 0:
             problems.append("count-noise must be > 0 (the row count is released with DP)")
         if problems:
             raise ConfigError("invalid study config: " + "; ".join(problems))
+
+    @property
+    def releases_grid(self) -> bool:
+        """Whether the sites release a quantile-grid histogram before training: a deep
+        generator's study in clear with ``grid-share`` > 0 (the marginal one measures
+        its own; an encrypted study keeps the public-bounds encoding, docs/privacy.md)."""
+        return (self.grid_share > 0 and self.generator != "marginal"
+                and self.secure_aggregation != "ckks")
 
     @property
     def encrypted(self) -> bool:

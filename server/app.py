@@ -37,6 +37,7 @@ from ..common.privacy.randomness import NOT_A_DP_RELEASE
 from ..common.protocol import AGGREGATE_ROUND, SCHEMA_FINGERPRINT, Status
 from ..common.schema import Schema
 from ..common.study import ConfigError, StudyConfig, schema_fingerprint
+from .grid import with_grid
 from .guards import clear_guards, update_bounds
 from .optimizer import ServerMomentum, buffer_keys, load_velocity, save_velocity
 from .recording import RecordingGrid
@@ -132,8 +133,9 @@ def run_study(
         return run_marginal_study(grid, study, schema, on_round)
     out = Path(study.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = get_generator(study.generator)(schema, seed=study.seed, **study.generator_params)
     ckpt = out / (ENCRYPTED_CHECKPOINT if study.encrypted else CHECKPOINT)
+    study = with_grid(grid, study, schema, ckpt)  # the sites' DP quantile grid, if any
+    model = get_generator(study.generator)(schema, seed=study.seed, **study.generator_params)
     resumed = resume(study, ckpt, model)
     strategy = build_strategy(study, schema, model, resumed, out, on_round)
     if study.record_messages:

@@ -348,13 +348,12 @@ def check_budgets(opts: SimulationOptions) -> None:
     runs: an infeasible budget is one message with the smallest feasible epsilon."""
     if not opts.dp or opts.study.generator == "marginal":  # that one plans its own releases
         return
-    plan = PrivacyPlan.from_study(opts.study)
     budgets = {"every site": opts.epsilon} | {f"site {k}": v for k, v in
                                               opts.site_epsilon.items()}
     for who, eps in budgets.items():
         if who == "every site" and opts.site_noise:
             continue  # sites that fix their noise are capped by rounds, not calibrated
-        plan.check(eps, opts.delta, who=who)
+        PrivacyPlan.from_study(opts.study, eps, opts.delta).check(eps, opts.delta, who=who)
 
 
 def check_generator(opts: SimulationOptions, schema: Schema | None = None) -> None:

@@ -67,11 +67,11 @@ def test_cells_come_from_the_schema_and_decode_to_valid_values(heart_schema, poo
 
 
 def test_equal_mass_cuts_read_only_the_noisy_counts():
-    from fedsynth.common.dp_histogram import equal_mass_cuts, monotone_cdf
+    from fedsynth.common.dp_histogram import equal_mass_cuts, isotonic_cdf
 
     rng = np.random.default_rng(0)
     counts = np.r_[np.zeros(20), rng.poisson(30, 24), np.zeros(20)] + rng.normal(0, 8, 64)
-    cdf = monotone_cdf(counts)
+    cdf = isotonic_cdf(counts)
     assert np.all(np.diff(cdf) >= 0) and cdf[-1] == 1.0
     cuts = equal_mass_cuts(counts, 8)
     assert cuts[0] == 0 and cuts[-1] == 64 and np.all(np.diff(cuts) >= 1)

@@ -67,14 +67,19 @@ def test_reported_epsilon_is_the_whole_study(study) -> None:
     cle = [next(s for s in r["sites"] if s["site"] == "cleveland") for r in summary["rounds"]]
     eps = [s["epsilon"] for s in cle]
     assert eps == sorted(eps) and eps[-1] <= 3.0
-    # recompute from the public plan: 1 count release + R x (10 steps + 1 loss query)
+    # recompute from the public plan: the grid and the count release + R x (10 steps +
+    # 1 loss query)
     from fedsynth.client.site import noise_for
+    from fedsynth.common.quantile_grid import grid_noise_for
     from fedsynth.common.study import SiteConfig
 
     cfg = summary["sites_config"][0]
-    sigma = noise_for(SiteConfig.from_node_config(cfg), StudyConfig.from_flat(summary["study"]))
+    site, plan = SiteConfig.from_node_config(cfg), StudyConfig.from_flat(summary["study"])
+    sigma = noise_for(site, plan)
+    # and the quantile-grid release before round 1 (docs/privacy.md)
+    grid = grid_noise_for(site.epsilon, site.delta, plan.grid_share)
     one = RDPAccountant()
-    one.history = [(10.0, 1.0, 1), (sigma, 0.1, ROUNDS * 11)]
+    one.history = [(grid, 1.0, 1), (10.0, 1.0, 1), (sigma, 0.1, ROUNDS * 11)]
     assert eps[-1] == pytest.approx(one.get_epsilon(delta=1e-5), abs=1e-6)
     fresh = RDPAccountant()
     fresh.history = [(sigma, 0.1, 11)]

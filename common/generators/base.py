@@ -29,10 +29,17 @@ from torch import nn
 from ..encoding import TabularEncoder
 from ..errors import FedsynthError
 from ..privacy.randomness import NOT_A_DP_RELEASE, DPRandomness
+from ..quantile_grid import DEFAULT_GRID_SHARE, grid_noise_for
 from ..schema import Schema
 from ..table import _match_category
 
 FORMAT_VERSION = 1
+
+#: The hyperparameter that carries the public quantile grid of the numeric columns
+#: (``encoding.TabularEncoder``): set by the coordinator from the sites' DP histogram
+#: release (``server/grid.py``) or by a central ``fit``; saved with the model, so a
+#: loaded model decodes as it was trained. Absent: the public-bounds encoding.
+GRID_PARAM = "numeric_grid"
 
 
 @dataclass(frozen=True)
@@ -76,15 +83,18 @@ class Generator(ABC):
     server_momentum: ClassVar[bool] = True
 
     def __init__(self, schema: Schema, seed: int = 0, **hparams: Any) -> None:
-        unknown = set(hparams) - set(self.defaults)
+        unknown = set(hparams) - set(self.defaults) - {GRID_PARAM}
         if unknown:
             raise ValueError(
                 f"{self.name} has no hyperparameter(s) {sorted(unknown)}; "
                 f"known: {sorted(self.defaults)}"
             )
         self.schema = schema
-        self.encoder = TabularEncoder(schema)
         self.hparams: dict[str, Any] = {**self.defaults, **hparams}
+        try:
+            self.encoder = TabularEncoder(schema, grid=self.hparams.get(GRID_PARAM))
+        except ValueError as exc:
+            raise ValueError(f"{self.name}: {exc}") from None
         self.seed = seed
         torch.manual_seed(seed)
         self.build()
@@ -188,6 +198,7 @@ class Generator(ABC):
         count_noise: float = 10.0,
         accountant: str = "rdp",
         randomness: DPRandomness | None = None,
+        grid_share: float | None = DEFAULT_GRID_SHARE,
     ) -> Generator:
         """Train centrally on a typed frame, with DP when ``epsilon`` is given.
 
@@ -201,22 +212,34 @@ class Generator(ABC):
         histogram released as a site releases it (Gaussian noise of std ``count_noise``
         per cell under DP, exact without), and the training noise is calibrated so that
         histogram and training together stay within ``epsilon`` in one ledger.
+
+        Before training, the numeric columns' quantile grid is estimated as a study's
+        sites estimate it (``quantile_grid``, the same two functions on the pooled rows:
+        a noisy histogram taking ``grid_share`` of ``epsilon`` under DP, exact without,
+        charged to the same ledger); ``grid_share=None`` keeps the public-bounds
+        encoding.
         """
         from ..privacy import DPSettings, PrivacyLedger, train_round
         from ..privacy.plan import PrivacyPlan
         rand = randomness if randomness is not None else DPRandomness.secret()
-        encoded = self.encoder.encode(data)
+        bounds = TabularEncoder(self.schema)
+        encoded = bounds.encode(data)
         released = self.statistics_column() is not None
+        grid_noise = None
+        if grid_share and epsilon is not None:
+            grid_noise = grid_noise_for(epsilon, delta, grid_share)
         dp = None
         ledger = None
         if epsilon is not None:
             plan = PrivacyPlan(sample_rate=sample_rate, local_epochs=epochs, rounds=1,
                                loss_report=False, count_noise=count_noise if released else None,
-                               accountant=accountant)
+                               accountant=accountant, grid_noise=grid_noise)
             plan.check(epsilon, delta, who="this fit")
             sigma = plan.noise_for(epsilon, delta)
             dp = DPSettings(noise_multiplier=sigma, max_grad_norm=max_grad_norm)
             ledger = PrivacyLedger(accountant)
+        if grid_share:
+            encoded = self._fit_grid(bounds, encoded, grid_noise, rand, ledger)
         if released:
             noise = count_noise if epsilon is not None else None
             self.set_statistics(
@@ -241,6 +264,30 @@ class Generator(ABC):
             "delta": delta if ledger is not None else None,
         }
         return self
+
+    def _fit_grid(self, bounds: TabularEncoder, encoded: np.ndarray, noise: float | None,
+                  rand: DPRandomness, ledger: Any) -> np.ndarray:
+        """A central fit's grid release (one 'site', the pooled rows) and the rows
+        moved onto it; charged to ``ledger`` under DP."""
+        from .. import quantile_grid
+
+        counts = quantile_grid.release(bounds, encoded, noise, rand.numpy("grid-release"))
+        total_std = 0.0 if noise is None else quantile_grid.cell_std(self.schema, noise)
+        self.set_grid(quantile_grid.grid_from_counts(self.schema, counts, total_std))
+        if ledger is not None and noise is not None:
+            ledger.record(noise, 1.0, 1)
+        return self.encoder.reencode(encoded, bounds)
+
+    def set_grid(self, grid: dict[str, list[float]] | None) -> None:
+        """Use ``grid`` (public: derived from DP releases) to encode numeric columns; it
+        is kept in ``hparams`` so the saved model and the sites' copies decode alike.
+        Untrained weights are reset: call it before training."""
+        self.hparams[GRID_PARAM] = grid
+        self.encoder = TabularEncoder(self.schema, grid=grid)
+        # rebuilt, as if constructed with the grid: a family's networks may depend on
+        # the encoding (the TVAE's starting scales, ddpm's numeric scale)
+        torch.manual_seed(self.seed)
+        self.build()
 
     def sample(
         self,

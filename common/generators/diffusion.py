@@ -43,7 +43,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..encoding import _Z as GRID_Z
 from .base import Generator
+from .tvae import _CondPrior, frequencies
 
 _LOG_EPS = 1e-12
 
@@ -60,23 +62,38 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class _Denoiser(nn.Module):
-    """MLP denoiser: noisy row + timestep embedding -> noise and category logits."""
+    """MLP denoiser: noisy row + condition + timestep embedding -> noise and logits.
 
-    def __init__(self, dim: int, hidden: int, depth: int, t_dim: int) -> None:
+    ``cond`` one-hot columns at the end of the input are the clean condition (the
+    outcome); besides entering the MLP they reach every output through ``skip``, a
+    bias-free linear map started at zero (the TVAE's ``condition_skip``): a
+    class-conditional offset per output that each row's gradient moves directly.
+    """
+
+    def __init__(self, dim: int, hidden: int, depth: int, t_dim: int, cond: int = 0) -> None:
         super().__init__()
         self.t_dim = t_dim
+        self.cond = cond
         self.time = nn.Sequential(nn.Linear(t_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-        self.inp = nn.Linear(dim, hidden)
+        self.inp = nn.Linear(dim + cond, hidden)
         layers: list[nn.Module] = []
         for _ in range(depth):
             layers += [nn.SiLU(), nn.Linear(hidden, hidden)]
         layers.append(nn.SiLU())
         self.body = nn.Sequential(*layers)
         self.out = nn.Linear(hidden, dim)
+        self.skip: nn.Linear | None = None
+        if cond:
+            self.skip = nn.Linear(cond, dim, bias=False)
+            nn.init.zeros_(self.skip.weight)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(network output, the condition's direct offset), both [n, dim]."""
         h = self.inp(x) + self.time(timestep_embedding(t, self.t_dim))
-        return self.out(self.body(h))
+        out = self.out(self.body(h))
+        if self.skip is None:
+            return out, torch.zeros_like(out)
+        return out, self.skip(x[:, x.shape[1] - self.cond :])
 
 
 def _cosine_alpha_bar(steps: int, s: float = 0.008) -> torch.Tensor:
@@ -128,6 +145,11 @@ class TabDDPM(Generator):
     #   agreement did not move (mean 0.58 over five draws either way); 6.0 was no
     #   better. Tables without codes are unaffected (docs/generators.md, "Code sets");
     # - steps 100, cosine: see the module docstring (speed of sampling, short chain).
+    # - numeric_scale: the numeric part is diffused as ``scale * encoded``; None picks
+    #   it by encoding: 1 on the public-bounds scale, ``encoding._Z`` (2.33) on a
+    #   quantile grid, whose normal scores then have unit variance, as the chain's
+    #   terminal N(0, 1) has; there the denoiser predicts the noise beyond the prior's
+    #   (``_eps_hat``; see "Spread" in docs/generators.md).
     defaults: ClassVar[dict[str, Any]] = {
         "hidden": 64,
         "depth": 2,
@@ -139,6 +161,8 @@ class TabDDPM(Generator):
         "code_weight": 3.0,
         "iterate_ema": 0.9,
         "loss_bound": 50.0,
+        "numeric_scale": None,
+        "condition": "outcome",
     }
 
     def build(self) -> None:
@@ -166,7 +190,30 @@ class TabDDPM(Generator):
         self._post_var = (beta * (1 - prev) / (1 - alpha_bar)).clamp(min=1e-20).float()
 
         self._num_idx = torch.tensor([b.start for b in enc.numeric_blocks], dtype=torch.long)
-        self._onehot = [(b.start, b.size) for b in enc.onehot_blocks]
+        scale = self.hparams["numeric_scale"]
+        self._scale = float(scale) if scale is not None else (GRID_Z if enc.grid else 1.0)
+        # On a grid the numeric part is ~N(0, 1), whose best noise prediction is
+        # sqrt(1 - alpha_bar) * x_t: the denoiser predicts the rest (see defaults).
+        self._prior_eps = bool(enc.grid)
+        # the missing slot of each nullable numeric column (-1: never missing); on a grid
+        # a missing value is diffused as a fresh N(0, 1) draw (see per_sample_loss)
+        missing = []
+        for b in enc.numeric_blocks:
+            try:
+                missing.append(enc.block(b.column, "missing").start + 1)
+            except KeyError:
+                missing.append(-1)
+        self._missing_idx = torch.tensor(missing, dtype=torch.long)
+        self.cond_column = self._pick_condition(self.hparams["condition"])
+        cond = (0, 0)
+        if self.cond_column is not None:
+            block = enc.block(self.cond_column, "onehot")
+            cond = (block.start, block.stop)
+        self._cond = cond
+        self.cond_prior = _CondPrior(max(cond[1] - cond[0], 1))
+        # the condition is an input, not diffused
+        self._onehot = [(b.start, b.size) for b in enc.onehot_blocks
+                        if (b.start, b.stop) != cond]
         self._onehot_idx = torch.tensor(
             [i for start, size in self._onehot for i in range(start, start + size)],
             dtype=torch.long,
@@ -197,10 +244,35 @@ class TabDDPM(Generator):
             int(self.hparams["hidden"]),
             int(self.hparams["depth"]),
             int(self.hparams["t_dim"]),
+            cond=cond[1] - cond[0],
         )
 
     def networks(self) -> dict[str, nn.Module]:
-        return {"denoiser": self.denoiser}
+        if self.cond_column is None:
+            return {"denoiser": self.denoiser}
+        return {"denoiser": self.denoiser, "cond": self.cond_prior}
+
+    # -- the condition (as the TVAE's: the outcome, drawn from its DP histogram) ------
+    def _pick_condition(self, wanted: str | None) -> str | None:
+        if wanted != "outcome" or self.schema.outcome is None:
+            if wanted not in (None, "outcome"):
+                raise ValueError("ddpm: condition must be 'outcome' or null")
+            return None
+        column = self.schema.column(self.schema.outcome.column)
+        return column.name if column.is_categorical and not column.group else None
+
+    def statistics_column(self) -> str | None:
+        return self.cond_column
+
+    def set_statistics(self, histogram: np.ndarray) -> None:
+        """Keep the site's noisy outcome histogram as frequencies (uniform if empty)."""
+        if self.cond_column is None:
+            return
+        self.cond_prior.freq.copy_(torch.as_tensor(
+            frequencies(histogram, self._cond[1] - self._cond[0], self.name)))
+
+    def _condition(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch[:, self._cond[0] : self._cond[1]]
 
     def private_module(self) -> nn.Module:
         return self.denoiser
@@ -251,13 +323,24 @@ class TabDDPM(Generator):
         n = batch.shape[0]
         t = torch.randint(0, self._T, (n,))
         x_num, x_cat = self._split(batch)
+        x_num = x_num * self._scale
+        if self._prior_eps and bool((self._missing_idx >= 0).any()):
+            # A missing value's slot holds 0, a point mass at the median's score that
+            # the denoiser would also pull present values towards (chol: 20% missing,
+            # std ratio 0.79); a N(0, 1) draw is the prior's own and carries no signal.
+            has = self._missing_idx >= 0
+            miss = torch.zeros_like(x_num, dtype=torch.bool)
+            miss[:, has] = batch[:, self._missing_idx[has]] > 0.5
+            x_num = torch.where(miss, torch.randn_like(x_num), x_num)
         ab = self._ab[t].reshape(-1, 1)
         noise = torch.randn_like(x_num)
         num_t = ab.sqrt() * x_num + (1 - ab).sqrt() * noise
         x0 = self._padded(x_cat)
         xt = self._sample_groups(self._q_xt(x0, t), None) * self._gmask
-        out = module(torch.cat([num_t, self._flat(xt)], dim=1), t.float())
-        loss = (out[:, : self._n_num] - noise).pow(2).sum(dim=1)
+        out, offset = module(torch.cat([num_t, self._flat(xt), self._condition(batch)], 1),
+                             t.float())
+        out = self._with_offset(out, offset)
+        loss = (self._eps_hat(out, offset, num_t, t) - noise).pow(2).sum(dim=1)
         if self._n_cat:
             x0_hat = self._x0_probs(out[:, self._n_num :])
             q = self._posterior(xt, x0, t)
@@ -270,19 +353,53 @@ class TabDDPM(Generator):
             loss = loss + kl + float(self.hparams["ce_weight"]) * ce
         return loss
 
+    def _with_offset(self, out: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """The categorical logits get the condition's offset directly."""
+        return torch.cat([out[:, : self._n_num], out[:, self._n_num :]
+                          + offset[:, self._n_num :]], dim=1)
+
+    def _eps_hat(self, out: torch.Tensor, offset: torch.Tensor, num_t: torch.Tensor,
+                 t: torch.Tensor) -> torch.Tensor:
+        """The predicted noise of the numeric part: the network's output, plus on a grid
+        the noise prediction of the prior N(m_c, 1), ``sqrt(1 - ab) (x_t - sqrt(ab)
+        m_c)`` with ``m_c`` the condition's offset, so a denoiser that learns nothing
+        beyond it samples the grid's marginals (class by class) instead of the chain's
+        clamps. Without a grid the offset is added to the output."""
+        eps = out[:, : self._n_num]
+        m = offset[:, : self._n_num]
+        if not self._prior_eps:
+            return eps + m
+        ab = self._ab[t].reshape(-1, 1)
+        return eps + (1 - ab).sqrt() * (num_t - ab.sqrt() * m)
+
     # -- sampling -----------------------------------------------------------------------
+    def _draw_condition(self, n: int, rng: torch.Generator) -> torch.Tensor:
+        size = self._cond[1] - self._cond[0]
+        if size == 0:
+            return torch.zeros(n, 0)
+        freq = self.cond_prior.freq.clamp_min(0.0)
+        if not bool(torch.isfinite(freq).all()) or float(freq.sum()) <= 0:
+            freq = torch.ones_like(freq)
+        idx = torch.multinomial(freq, n, replacement=True, generator=rng)
+        return F.one_hot(idx, size).float()
+
     @torch.no_grad()
     def generate_encoded(self, n: int, rng: torch.Generator) -> np.ndarray:
         self.denoiser.eval()
+        cond = self._draw_condition(n, rng)
         num = torch.randn(n, self._n_num, generator=rng)
         uniform = self._gmask.float() / self._gsize
         xt = self._sample_groups(uniform.expand(n, -1, -1), rng) * self._gmask
         for step in range(self._T - 1, -1, -1):
             t = torch.full((n,), step, dtype=torch.long)
-            out = self.denoiser(torch.cat([num, self._flat(xt)], dim=1), t.float())
+            out, offset = self.denoiser(torch.cat([num, self._flat(xt), cond], dim=1),
+                                        t.float())
+            out = self._with_offset(out, offset)
             if self._n_num:
                 ab = self._ab[step]
-                x0 = ((num - (1 - ab).sqrt() * out[:, : self._n_num]) / ab.sqrt()).clamp(-1, 1)
+                eps = self._eps_hat(out, offset, num, t)
+                x0 = ((num - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(
+                    -self._scale, self._scale)
                 num = self._c0[step] * x0 + self._ct[step] * num
                 if step > 0:
                     num = num + self._post_var[step].sqrt() * torch.randn(
@@ -293,7 +410,8 @@ class TabDDPM(Generator):
                 xt = self._sample_groups(p, rng) * self._gmask
         self.denoiser.train()
         result = torch.zeros(n, self.encoder.dim)
-        result[:, self._num_idx] = num.clamp(-1.0, 1.0)
+        result[:, self._num_idx] = (num / self._scale).clamp(-1.0, 1.0)
+        result[:, self._cond[0] : self._cond[1]] = cond
         flat = self._flat(xt)
         n_onehot = len(self._onehot_idx)
         result[:, self._onehot_idx] = flat[:, :n_onehot]

@@ -71,6 +71,16 @@ class _CondPrior(nn.Module):
         self.register_buffer("freq", torch.full((size,), 1.0 / size))
 
 
+def frequencies(histogram: np.ndarray, size: int, who: str) -> np.ndarray:
+    """A noisy histogram as frequencies: negatives clipped, uniform if it has no mass."""
+    hist = np.clip(np.asarray(histogram, dtype=float), 0.0, None)
+    if hist.shape != (size,):
+        raise ValueError(f"{who}: the condition's histogram must have {size} cells, "
+                         f"got shape {hist.shape}")
+    total = float(hist.sum())
+    return (hist / total if total > 0 else np.full(size, 1.0 / size)).astype(np.float32)
+
+
 class _LogScale(nn.Module):
     """Per-column log output scales, as a Linear on a column of ones (see module doc).
 
@@ -92,6 +102,10 @@ class _LogScale(nn.Module):
         """The k log-scales, for sampling."""
         return self.weight.weight[:, 0].clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)
 
+
+#: Starting scales (``numeric_sigma: None``): on the public-bounds scale, and on a
+#: quantile grid's normal scores (marginal std 0.43 there).
+BOUNDS_SIGMA, GRID_SIGMA = 0.15, 0.4
 
 #: Bounds of a learned numeric scale on the [-1, 1] axis: 0.01 (TVAE's floor) to 1 (a
 #: column spread over its whole public range).
@@ -169,12 +183,14 @@ class TVAE(Generator):
     #   the loss the numeric columns take (see the module docstring); started at 0.5
     #   the scales had not come down within a study's 200 noisy steps (synthetic
     #   standard deviations 1.3-2.4 times the real ones at weight 0.1-0.25);
+    #   None picks it by encoding: 0.15 on the public-bounds scale, ``GRID_SIGMA`` on a
+    #   quantile grid's normal scores, where each column's marginal std is 0.43;
     # - condition_skip: the condition's direct path to the outputs (module docstring).
     defaults: ClassVar[dict[str, Any]] = {
         "hidden": 32,
         "latent": 8,
         "lr": 1e-2,
-        "numeric_sigma": 0.15,
+        "numeric_sigma": None,
         "numeric_weight": 0.25,
         "kl_weight": 0.3,
         "iterate_ema": 0.9,
@@ -194,7 +210,7 @@ class TVAE(Generator):
         numeric = enc.numeric_blocks
         self.net = _VAENet(
             enc.dim, int(self.hparams["hidden"]), int(self.hparams["latent"]), cond,
-            numeric=len(numeric), init_sigma=float(self.hparams["numeric_sigma"]),
+            numeric=len(numeric), init_sigma=self._init_sigma(),
             skip=bool(self.hparams["condition_skip"]),
         )
         self.cond_prior = _CondPrior(max(cond[1] - cond[0], 1))
@@ -211,6 +227,12 @@ class TVAE(Generator):
         self._cat_blocks = [(b.start, b.stop) for b in enc.onehot_blocks
                             if (b.start, b.stop) != cond]
         self._multi_blocks = [(b.start, b.stop) for b in enc.multihot_blocks]
+
+    def _init_sigma(self) -> float:
+        """The learned scales' start (see ``defaults``)."""
+        if self.hparams["numeric_sigma"] is not None:
+            return float(self.hparams["numeric_sigma"])
+        return GRID_SIGMA if self.encoder.grid else BOUNDS_SIGMA
 
     def _pick_condition(self, wanted: str | None) -> str | None:
         """The conditioning column: "outcome" (the schema's, if categorical), a name, or none."""
@@ -249,16 +271,8 @@ class TVAE(Generator):
         """Keep the site's noisy histogram as frequencies (uniform if it has no mass)."""
         if self.cond_column is None:
             return
-        size = self._cond[1] - self._cond[0]
-        hist = np.clip(np.asarray(histogram, dtype=float), 0.0, None)
-        if hist.shape != (size,):
-            raise ValueError(
-                f"tvae: histogram of {self.cond_column!r} must have {size} cells, "
-                f"got shape {hist.shape}"
-            )
-        total = float(hist.sum())
-        freq = hist / total if total > 0 else np.full(size, 1.0 / size)
-        self.cond_prior.freq.copy_(torch.as_tensor(freq, dtype=torch.float32))
+        self.cond_prior.freq.copy_(torch.as_tensor(
+            frequencies(histogram, self._cond[1] - self._cond[0], self.name)))
 
     def _draw_condition(self, n: int, rng: torch.Generator) -> torch.Tensor:
         size = self._cond[1] - self._cond[0]

@@ -47,9 +47,21 @@ class PrivacyPlan:
     # std of the one count release (None: a study or fit without one)
     count_noise: float | None = 10.0
     accountant: str = "rdp"
+    # noise multiplier of the one quantile-grid release before training (None: a study
+    # or fit without one; common/quantile_grid.py)
+    grid_noise: float | None = None
 
     @classmethod
-    def from_study(cls, study: StudyConfig) -> PrivacyPlan:
+    def from_study(cls, study: StudyConfig, epsilon: float | None = None,
+                   delta: float | None = None) -> PrivacyPlan:
+        """The plan of a site of ``study`` whose budget is (``epsilon``, ``delta``): the
+        grid release's noise is a share of the budget (``quantile_grid``), so a plan
+        without a budget has none."""
+        from ..quantile_grid import grid_noise_for
+
+        grid = None
+        if study.releases_grid and epsilon is not None and delta is not None:
+            grid = grid_noise_for(epsilon, delta, study.grid_share)
         return cls(
             sample_rate=study.sample_rate,
             local_epochs=study.local_epochs,
@@ -57,7 +69,16 @@ class PrivacyPlan:
             loss_report=study.loss_report,
             count_noise=study.count_noise,
             accountant=study.accountant,
+            grid_noise=grid,
         )
+
+    def _with_grid(self, prior: tuple[Release, ...]) -> tuple[Release, ...]:
+        """``prior`` and the plan's grid release: it is made once, before any DP-SGD
+        step, at the same cost whatever the training noise, so it composes like an
+        earlier study's release."""
+        if self.grid_noise is None:
+            return tuple(prior)
+        return (*prior, (self.grid_noise, 1.0, 1))
 
     @property
     def round_plan(self) -> RoundPlan:
@@ -69,16 +90,18 @@ class PrivacyPlan:
 
     def ledger(self, noise_multiplier: float, prior: tuple[Release, ...] = ()) -> PrivacyLedger:
         """The ledger after the whole plan at ``noise_multiplier``, on top of ``prior``."""
-        led = PrivacyLedger(self.accountant, [tuple(h) for h in prior])  # type: ignore[misc]
+        led = PrivacyLedger(self.accountant,
+                            [tuple(h) for h in self._with_grid(prior)])  # type: ignore[misc]
         for release in plan_history(noise_multiplier, self.round_plan, self.rounds,
                                     self.count_noise).history:
             led.record(*release)
         return led
 
     def floor_epsilon(self, delta: float, prior: tuple[Release, ...] = ()) -> float:
-        """What the plan costs whatever the DP-SGD noise: the count release (and
-        ``prior``, what the table spent in earlier studies)."""
-        led = PrivacyLedger(self.accountant, [tuple(h) for h in prior])  # type: ignore[misc]
+        """What the plan costs whatever the DP-SGD noise: the count release, the grid
+        release (and ``prior``, what the table spent in earlier studies)."""
+        led = PrivacyLedger(self.accountant,
+                            [tuple(h) for h in self._with_grid(prior)])  # type: ignore[misc]
         if self.count_noise is not None:
             led.record(self.count_noise, 1.0, 1)
         return led.epsilon(delta) if led.history else 0.0
@@ -97,15 +120,16 @@ class PrivacyPlan:
             raise BudgetError(
                 f"{who}'s budget epsilon {epsilon:g} cannot pay for this study: the smallest "
                 f"feasible epsilon is {smallest:.3f} (delta {delta:g}); the one count release "
-                f"(count-noise {self.count_noise}) alone costs {floor:.3f}. Raise the budget "
-                "above that, or raise count-noise"
+                f"(count-noise {self.count_noise}) and the quantile-grid release (noise "
+                f"{self.grid_noise}) alone cost {floor:.3f}. Raise the budget above that, or "
+                "raise count-noise or lower grid-share"
             )
 
     def noise_for(self, epsilon: float, delta: float, prior: tuple[Release, ...] = ()) -> float:
         """The smallest noise multiplier whose whole plan stays within ``epsilon``."""
         return calibrate_noise(epsilon, delta, self.round_plan, rounds=self.rounds,
                                count_noise=self.count_noise, mechanism=self.accountant,
-                               prior=prior)
+                               prior=self._with_grid(prior))
 
     def costs(self, noise_multiplier: float, delta: float) -> dict[str, float]:
         """Epsilon of each kind of release alone and of the whole plan, at ``delta``."""
@@ -116,6 +140,7 @@ class PrivacyPlan:
         reports = self.rounds if self.loss_report else 0
         return {
             "count-release": eps([(self.count_noise, 1.0, 1)] if self.count_noise else []),
+            "grid-release": eps([(self.grid_noise, 1.0, 1)] if self.grid_noise else []),
             "dp-sgd": eps([(noise_multiplier, self.sample_rate, steps)]),
             "loss-reports": eps([(noise_multiplier, self.sample_rate, reports)] if reports
                                 else []),

@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-STREAMS = ("sampler", "gradient-noise", "count-release", "loss-report", "measurement", "model")
+STREAMS = ("sampler", "gradient-noise", "count-release", "loss-report", "measurement", "model",
+           "grid-release")
 
 NOT_A_DP_RELEASE = "reproducible noise: not a DP release"
 

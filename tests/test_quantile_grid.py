@@ -1,0 +1,191 @@
+"""The deep generators' DP quantile grid (issue 14): what a site releases and pays,
+what the coordinator derives from it, the encoding through it, and the spread it buys.
+
+Real heart-disease rows, the real site code (client/grid.py, client/site.py) and the
+coordinator's combine step (server/grid.py); no Flower transport here (the benchmark's
+in-process studies run the whole message path).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+from opacus.accountants import RDPAccountant
+
+from fedsynth.client.grid import grid_reply
+from fedsynth.client.site import TRAINED, SiteState, train_site
+from fedsynth.common import quantile_grid
+from fedsynth.common.encoding import TAIL, TabularEncoder
+from fedsynth.common.generators import TabDDPM, get_generator
+from fedsynth.common.generators.base import GRID_PARAM
+from fedsynth.common.privacy.plan import PrivacyPlan
+from fedsynth.common.privacy.randomness import DPRandomness
+from fedsynth.common.protocol import GRID_CELL_STD, VALUES, SiteReply, Status
+from fedsynth.common.schema import Schema
+from fedsynth.common.study import SiteConfig, StudyConfig, schema_fingerprint
+from fedsynth.common.table import read_table
+from fedsynth.server.grid import accepted, combine
+
+GRID_SHARE = 0.2
+GRID_NOISE = quantile_grid.grid_noise_for(3.0, 1e-5, GRID_SHARE)  # the sites' budget
+
+
+@pytest.fixture(scope="module")
+def heart(heart_schema: Schema, heart_files) -> pd.DataFrame:
+    return pd.concat([read_table(p, heart_schema) for p in heart_files.values()],
+                     ignore_index=True)
+
+
+def _study(**kw) -> StudyConfig:
+    return StudyConfig(generator="tvae", generator_params={"hidden": 16, "latent": 4},
+                       num_server_rounds=2, local_epochs=1, sample_rate=0.1,
+                       grid_share=GRID_SHARE, **kw)
+
+
+def _sites(heart_schema_path, heart_files) -> list[SiteConfig]:
+    # reproducible noise: a test, labelled so (never on a real SuperNode)
+    return [SiteConfig(name, str(path), str(heart_schema_path), epsilon=3.0, delta=1e-5,
+                       reproducible_noise_seed=i)
+            for i, (name, path) in enumerate(sorted(heart_files.items()))]
+
+
+def test_grid_is_the_summed_releases_and_is_paid_for(heart_schema, heart_schema_path,
+                                                      heart_files) -> None:
+    study = _study()
+    fp = schema_fingerprint(heart_schema)
+    sites = _sites(heart_schema_path, heart_files)
+    states = [SiteState().for_study(study.study_id) for _ in sites]
+    replies = [grid_reply(s, study, fp, st) for s, st in zip(sites, states, strict=True)]
+    cells = quantile_grid.dp_histogram.BINS * len(quantile_grid.numeric_columns(heart_schema))
+    assert all(r.status == Status.GRID_RELEASED and accepted(r, cells) == "" for r in replies)
+
+    # each release is noisy (not the site's exact counts) and recorded once in its ledger
+    for site, state, reply in zip(sites, states, replies, strict=True):
+        exact = quantile_grid.site_counts(
+            TabularEncoder(heart_schema),
+            TabularEncoder(heart_schema).encode(read_table(site.data_path, heart_schema)))
+        assert not np.allclose(reply.arrays[VALUES], exact)
+        assert state.ledger.history == [(GRID_NOISE, 1.0, 1)]
+        assert reply.metrics[GRID_CELL_STD] == pytest.approx(GRID_NOISE * np.sqrt(5))
+        # asked again: the same vector, nothing more charged
+        again = grid_reply(site, study, fp, state)
+        np.testing.assert_array_equal(again.arrays[VALUES], reply.arrays[VALUES])
+        assert state.ledger.history == [(GRID_NOISE, 1.0, 1)]
+
+    # playing the coordinator: the grid is a function of the summed releases only
+    grid = combine(heart_schema, replies)
+    summed = np.sum([r.arrays[VALUES] for r in replies], axis=0)
+    expected = quantile_grid.grid_from_counts(heart_schema, summed,
+                                              GRID_NOISE * np.sqrt(5) * np.sqrt(4))
+    assert grid == expected
+    shuffled = [SiteReply(r.status, r.metrics, arrays={VALUES: v}) for r, v in zip(
+        replies, [summed, *[np.zeros_like(summed)] * 3], strict=True)]
+    assert combine(heart_schema, shuffled) == grid  # same sum, same grid
+    assert set(grid) == {"age", "trestbps", "chol", "thalach", "oldpeak"}
+
+    # then training: the reported epsilon is an independent accountant over grid +
+    # count + DP-SGD + loss reports, and stays within the budget
+    trained = replace(study, generator_params={**study.generator_params, GRID_PARAM: grid})
+    model = get_generator("tvae")(heart_schema, seed=0, **trained.generator_params)
+    state = states[0]
+    sigma = state.noise_multiplier
+    reply = None
+    for r in (1, 2):
+        reply = train_site(sites[0], trained, fp, model.state_dict(), state, r)
+        assert reply.status == TRAINED
+        model.load_state_dict(reply.arrays)
+    assert reply.metrics["noise-multiplier"] == sigma  # calibrated once, at the grid release
+    steps = int(reply.metrics["steps"])
+    acct = RDPAccountant()
+    acct.history = [(GRID_NOISE, 1.0, 1), (trained.count_noise, 1.0, 1),
+                    (sigma, 0.1, 2 * (steps + 1))]
+    assert reply.metrics["epsilon"] == pytest.approx(acct.get_epsilon(delta=1e-5), abs=1e-6)
+    assert reply.metrics["epsilon"] <= 3.0 * (1 + 1e-9)
+    # the whole planned study spends the budget: the grid is in the calibration
+    plan = PrivacyPlan.from_study(trained, 3.0, 1e-5)
+    assert plan.grid_noise == GRID_NOISE
+    assert plan.ledger(sigma).epsilon(1e-5) == pytest.approx(3.0, abs=0.01)
+
+
+def test_no_grid_histogram_travels_in_an_encrypted_study(heart_schema, heart_schema_path,
+                                                         heart_files) -> None:
+    study = _study(secure_aggregation="ckks", strategy="fedavg")
+    assert not study.releases_grid and PrivacyPlan.from_study(study, 3.0, 1e-5).grid_noise is None
+    site = _sites(heart_schema_path, heart_files)[0]
+    state = SiteState().for_study(study.study_id)
+    reply = grid_reply(site, study, schema_fingerprint(heart_schema), state)
+    assert reply.status == Status.UNSUPPORTED_QUERY and reply.arrays is None
+    assert state.ledger.history == []
+
+
+def test_round_trip_through_a_grid(heart_schema: Schema, heart: pd.DataFrame) -> None:
+    bounds = TabularEncoder(heart_schema)
+    matrix = bounds.encode(heart)
+    exact = quantile_grid.release(bounds, matrix, None, None)
+    grid = quantile_grid.grid_from_counts(heart_schema, exact, 0.0)
+    enc = TabularEncoder(heart_schema, grid=grid)
+    encoded = enc.encode(heart)
+    back = enc.decode(encoded)
+    for name, edges in grid.items():
+        real = pd.to_numeric(heart[name]).astype(float).to_numpy()
+        got = pd.to_numeric(back[name]).astype(float).to_numpy()
+        # exact between the grid's TAIL quantiles; beyond them, the quantile itself
+        lo_q, hi_q = np.interp([TAIL, 1 - TAIL], np.linspace(0, 1, len(edges)), edges)
+        inside = (real >= lo_q + 1e-6) & (real <= hi_q - 1e-6)
+        assert inside.sum() > 0.9 * np.isfinite(real).sum()
+        np.testing.assert_allclose(got[inside], real[inside], atol=1e-6)
+        outside = np.isfinite(real) & ~inside
+        column = heart_schema.column(name)
+        tol = 0.5 if column.kind == "integer" else 0.051  # rounding to the column's step
+        assert np.all((got[outside] >= lo_q - tol) & (got[outside] <= hi_q + tol))
+        # the data fill [-1, 1] about as a Gaussian of std 1 / z(1 - TAIL) = 0.43
+        col = encoded[np.isfinite(real), enc.block(name, "numeric").start]
+        assert abs(np.median(col)) < 0.15 and 0.3 < np.std(col) < 0.5  # ties: oldpeak 0
+    # moving a site's bounds-encoded table onto the grid equals encoding it directly
+    np.testing.assert_allclose(enc.reencode(matrix, bounds), encoded, atol=1e-5)
+
+
+def test_the_grid_takes_its_share_of_any_budget() -> None:
+    """A budget-relative release: never an infeasible study, and its exact cost."""
+    from fedsynth.common.privacy.accountant import PrivacyLedger
+
+    for eps in (0.5, 1.0, 3.0, 10.0):
+        m = quantile_grid.grid_noise_for(eps, 1e-5, GRID_SHARE)
+        rho = 1 / (2 * m * m)  # the release's zCDP cost: a fifth of the budget's
+        budget_rho = rho / GRID_SHARE
+        assert budget_rho + 2 * np.sqrt(budget_rho * np.log(1e5)) == pytest.approx(eps)
+        led = PrivacyLedger("rdp")
+        led.record(m, 1.0, 1)
+        assert led.epsilon(1e-5) < eps * 0.6  # a share, well inside the budget
+        plan = PrivacyPlan.from_study(_study(), eps, 1e-5)
+        assert plan.floor_epsilon(1e-5) < eps  # the study stays feasible
+
+
+def test_a_grid_outside_the_bounds_is_refused(heart_schema: Schema) -> None:
+    with pytest.raises(ValueError, match="leaves the public bounds"):
+        TabularEncoder(heart_schema, grid={"age": [0.0, 50.0, 120.0]})
+    with pytest.raises(ValueError, match="strictly increasing"):
+        TabularEncoder(heart_schema, grid={"age": [30.0, 30.0, 70.0]})
+
+
+@pytest.mark.slow
+def test_ddpm_keeps_the_spread_under_dp(heart_schema: Schema, heart: pd.DataFrame) -> None:
+    """ddpm under DP spread its numeric columns over the public range (std ratios 2.5-3.9
+    federated); through the grid the same spread lands on the data's range."""
+    def ratios(grid_share: float | None) -> list[float]:
+        model = TabDDPM(heart_schema, seed=0).fit(
+            heart, epochs=20, sample_rate=0.1, epsilon=3.0, grid_share=grid_share,
+            randomness=DPRandomness.reproducible(0, "grid-test"))
+        assert model.fit_info["epsilon"] <= 3.0
+        sample = model.sample(1000, seed=0)
+        return [float(pd.to_numeric(sample[c]).astype(float).std()
+                      / pd.to_numeric(heart[c]).astype(float).std())
+                for c in ("age", "trestbps", "chol", "thalach", "oldpeak")]
+
+    without, with_grid = ratios(None), ratios(GRID_SHARE)
+    assert min(without) > 1.3  # the failure the grid fixes
+    assert max(abs(np.log(r)) for r in with_grid) < max(abs(np.log(r)) for r in without) / 2
+    assert all(0.7 < r < 1.5 for r in with_grid)
