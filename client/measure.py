@@ -39,9 +39,12 @@ from ..common.encryption import (
     encrypt_state,
     flood_for_release,
 )
+from ..common.generators.marginal.codes import noisy_code_histogram
 from ..common.generators.marginal.discretize import Discretizer
 from ..common.generators.marginal.measure import noisy_marginals, noisy_scores
+from ..common.generators.marginal.model import discretizer_for
 from ..common.generators.marginal.plan import (
+    CODES,
     MEASURE,
     ONE_WAY,
     MarginalPlan,
@@ -75,16 +78,20 @@ class MeasureReply:
     layout_json: str = ""
 
 
-_CELLS: dict[tuple[str, float, str, int], np.ndarray] = {}
+_CELLS: dict[tuple[str, float, str, str], tuple[np.ndarray, np.ndarray]] = {}
 
 
-def site_cells(site: SiteConfig, schema: Schema, bins: int) -> np.ndarray:
-    """The site's rows as cell indices (read, checked and cached once per process)."""
+def site_cells(site: SiteConfig, schema: Schema, disc: Discretizer, params: dict[str, Any]
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The site's rows as cell indices and its grouped codes' 0/1 matrix (``codes.py``),
+    read, checked and cached once per process."""
     path = Path(site.data_path)
     mtime = path.stat().st_mtime if path.exists() else -1.0
-    key = (str(path.resolve()), mtime, schema_fingerprint(schema), bins)
+    key = (str(path.resolve()), mtime, schema_fingerprint(schema),
+           json.dumps(params, sort_keys=True, default=str))
     if key not in _CELLS:
-        _CELLS[key] = Discretizer(schema, bins).encode(read_table(path, schema))
+        frame = read_table(path, schema)
+        _CELLS[key] = (disc.encode(frame), disc.code_presence(frame))
     return _CELLS[key]
 
 
@@ -92,7 +99,7 @@ def noise_levels(site: SiteConfig, study: StudyConfig, plan: MarginalPlan) -> No
     """This site's noise for the plan: from its own budget, or its fixed multiplier."""
     if site.noise_multiplier is not None:
         s = site.noise_multiplier
-        return NoiseLevels(s, s, s)
+        return NoiseLevels(s, s, s, s)
     return calibrate(plan, site.epsilon, site.delta, study.accountant)
 
 
@@ -105,6 +112,12 @@ class _Request:
     cliques: list[tuple[str, ...]]
     names: list[str]
     sizes: dict[str, int]
+    presence: np.ndarray  # the grouped codes, for the code histogram (codes.py)
+    groups: list[str]
+
+    def releases(self, kind: str) -> int:
+        """Sensitivity-1 Gaussians this release is worth (plan.py explains each)."""
+        return self.plan.code_bound if kind == CODES else len(self.cliques)
 
 
 def answer(
@@ -126,15 +139,18 @@ def answer(
     request = _parse_request(site, study, schema, config, state)
     if isinstance(request, MeasureReply):
         return request
-    noise = noise_levels(site, study, request.plan) if site.dp else NoiseLevels(0.0, 0.0, 0.0)
+    noise = noise_levels(site, study, request.plan) if site.dp else NoiseLevels(0.0, 0.0, 0.0, 0.0)
     kind = str(config.get(P.RELEASE_KIND, MEASURE)) if op == P.MEASURE_OP else "score"
-    if kind not in (ONE_WAY, MEASURE, "score"):
-        return _refuse(site, state, f"unknown release kind {kind!r}")
+    if kind not in (ONE_WAY, MEASURE, "score", CODES) or (
+            kind == CODES and ([c[0] for c in request.cliques] != request.groups
+                               or not request.plan.code_bound)):
+        return _refuse(site, state, f"unknown release kind {kind!r} or a code histogram "
+                       "request that does not name every code group of the schema")
     sigma = noise.of(kind)
     if site.dp:
         state.ledger.mechanism = study.accountant
         nxt = state.ledger.copy()
-        nxt.record(sigma, 1.0, len(request.cliques))
+        nxt.record(sigma, 1.0, request.releases(kind))
         if nxt.epsilon(site.delta) > site.epsilon * (1 + 1e-9):
             return MeasureReply(SiteReply(BUDGET_EXHAUSTED, status_metrics(site, state)))
     rng = site.randomness(f"{study.study_id}:marginal:{config.get(P.STEP, 0)}").numpy(
@@ -146,7 +162,7 @@ def answer(
         if isinstance(values, MeasureReply):
             return values
     if site.dp:
-        state.ledger.record(sigma, 1.0, len(request.cliques))
+        state.ledger.record(sigma, 1.0, request.releases(kind))
     metrics = {
         **status_metrics(site, state),
         P.SIGMA_ONE_WAY: noise.one_way, P.SIGMA_SCORE: noise.score,
@@ -164,14 +180,12 @@ def _parse_request(
     state: SiteState,
 ) -> _Request | MeasureReply:
     """The site's cells and the plan and cliques asked for, or the refusal."""
-    from ..common.generators.marginal import MarginalGenerator
-
-    bins = int({**MarginalGenerator.defaults, **study.generator_params}["bins"])
     try:
-        cells = site_cells(site, schema, bins)
+        disc = discretizer_for(schema, study.generator_params)
+        cells, presence = site_cells(site, schema, disc, study.generator_params)
         plan = MarginalPlan.from_dict(json.loads(str(config[P.PLAN])))
         cliques = [tuple(c) for c in json.loads(str(config[P.CLIQUES]))]
-        names = Discretizer(schema, bins).names
+        names = disc.names
         if not cliques or any(a not in names for c in cliques for a in c):
             raise ValueError("the request names attributes that are not in the schema")
     except TableCheckError as exc:
@@ -180,12 +194,15 @@ def _parse_request(
                                       problems=exc.shareable()))
     except (KeyError, ValueError, TypeError) as exc:
         return _refuse(site, state, f"malformed marginal request: {exc}")
-    return _Request(cells, plan, cliques, names, Discretizer(schema, bins).shape)
+    return _Request(cells, plan, cliques, names, disc.shape, presence,
+                    [g.name for g in disc.groups])
 
 
 def _measure(request: _Request, sigma: float, rng: np.random.Generator, kind: str,
              state: SiteState) -> np.ndarray:
     """The noisy marginals of the cliques; the 1-way release also sets the noisy count."""
+    if kind == CODES:
+        return noisy_code_histogram(request.presence, request.plan.code_bound, sigma, rng)
     parts = noisy_marginals(request.cells, request.names, request.sizes, request.cliques,
                             sigma, rng)
     if kind == ONE_WAY:

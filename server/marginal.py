@@ -48,7 +48,7 @@ from ..common.encryption import (
 from ..common.generators.marginal import MarginalGenerator
 from ..common.generators.marginal.fit import Clique, Measurement, noisy_total
 from ..common.generators.marginal.model import NO_DP_NOISE
-from ..common.generators.marginal.plan import MarginalPlan
+from ..common.generators.marginal.plan import CODES, MarginalPlan
 from ..common.schema import Schema
 from ..common.study import ConfigError, StudyConfig, schema_fingerprint
 from .strategy import RoundLog, SiteRound
@@ -66,8 +66,10 @@ class FederatedMeasurer:
 
     def __init__(self, grid: Grid, study: StudyConfig, schema: Schema, plan: MarginalPlan,
                  sizes: dict[str, int], by_site: bool,
-                 on_round: Callable[[RoundLog], None] | None = None) -> None:
+                 on_round: Callable[[RoundLog], None] | None = None,
+                 code_count: int = 0) -> None:
         self.grid, self.study, self.plan, self.sizes = grid, study, plan, sizes
+        self.code_count = code_count  # grouped codes: the code histogram's length
         self.by_site = by_site
         self.secure = study.encrypted
         self.public_ctx = None
@@ -250,6 +252,16 @@ class FederatedMeasurer:
         return [max(m.get(P.SIGMA_MEASURE, NO_DP_NOISE), NO_DP_NOISE)
                 for m in self.noise.values()]
 
+    def codes(self, groups: Sequence[str]) -> tuple[np.ndarray, float]:
+        """The sites' noisy code histograms, summed (codes.py; post-processing)."""
+        good = self._ask(P.MEASURE_OP, [(g,) for g in groups], CODES)
+        vectors, names = self._vectors(good, self.code_count)
+        sd = math.sqrt(sum(max(m[P.SIGMA_RELEASED], NO_DP_NOISE) ** 2
+                           for n, m, _ in good if n in names))
+        total = (np.sum(list(vectors.values()), axis=0) if isinstance(vectors, dict)
+                 else np.asarray(vectors))
+        return total, sd
+
 
 def run_marginal_study(grid: Grid, study: StudyConfig, schema: Schema,
                        on_round: Callable[[RoundLog], None] | None = None) -> Any:
@@ -272,7 +284,8 @@ def run_marginal_study(grid: Grid, study: StudyConfig, schema: Schema,
     model = MarginalGenerator(schema, seed=study.seed, **study.generator_params)
     plan = model.plan()
     by_site = bool(model.hparams["site_attribute"]) and not study.encrypted
-    measurer = FederatedMeasurer(grid, study, schema, plan, model.sizes, by_site, on_round)
+    measurer = FederatedMeasurer(grid, study, schema, plan, model.sizes, by_site, on_round,
+                                 sum(len(g.members) for g in model.discretizer.groups))
     start = time.perf_counter()
     result = model.run_engine(plan, measurer, sites=measurer.sites)
     model.sites = list(measurer.sites)

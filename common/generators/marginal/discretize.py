@@ -3,7 +3,8 @@
 Each schema column becomes one discrete attribute of the model:
 
 - categorical and binary columns keep their categories, a code set's codes are one
-  binary attribute each (that is how the schema already expands them);
+  binary attribute each (that is how the schema already expands them), unless the
+  schema groups them: then one attribute per group (``codes.py``);
 - integer, continuous and survival-time columns are cut into ``bins`` equal-width bins
   of the public range [min, max] (survival times on log(1 + t), as the encoder does,
   because follow-up is heavy-tailed); an integer column with no more values than
@@ -27,6 +28,7 @@ import pandas as pd
 
 from ...schema import Column, Schema
 from ...table import _match_category
+from .codes import DEFAULT_CAP, CodeGroup, code_groups
 
 DEFAULT_BINS = 10
 
@@ -163,12 +165,21 @@ class Attribute:
 class Discretizer:
     """Every column of the schema as a model attribute (see the module docstring)."""
 
-    def __init__(self, schema: Schema, bins: int = DEFAULT_BINS) -> None:
+    def __init__(self, schema: Schema, bins: int = DEFAULT_BINS, *, group_codes: bool = True,
+                 code_cap: int = DEFAULT_CAP) -> None:
         if bins < 2:
             raise ValueError("bins must be >= 2")
         self.schema = schema
-        self.attributes: list[Attribute] = []
+        self.attributes: list[Attribute | CodeGroup] = []
+        self.groups = code_groups(schema, code_cap) if group_codes else []
+        # the code histogram's noisy counts per group (codes.py); None: uniform in group
+        self.code_weights: dict[str, np.ndarray] = {}
+        grouped = {m: g for g in self.groups for m in g.members}
         for column in schema.columns:
+            if column.name in grouped:
+                if column.name == grouped[column.name].members[0]:
+                    self.attributes.append(grouped[column.name])
+                continue
             n = bins
             if column.kind == "integer":
                 n = min(bins, int(column.max - column.min) + 1)  # type: ignore[operator]
@@ -184,13 +195,23 @@ class Discretizer:
 
     def attribute(self, name: str) -> Attribute:
         for a in self.attributes:
-            if a.name == name:
+            if a.name == name and isinstance(a, Attribute):
                 return a
+        grouped = next((g.name for g in self.groups if name in g.members), None)
+        if grouped is not None:
+            raise KeyError(f"code column {name!r} is modelled as part of group {grouped!r} "
+                           "(the schema groups its code set): it has no cells of its own")
         raise KeyError(f"no attribute {name!r}")
 
     def encode(self, frame: pd.DataFrame) -> np.ndarray:
         """An (n, d) matrix of cell indices, columns in schema order."""
-        return np.stack([a.encode(frame[a.name]) for a in self.attributes], axis=1)
+        return np.stack([a.encode_frame(frame) if isinstance(a, CodeGroup)
+                         else a.encode(frame[a.name]) for a in self.attributes], axis=1)
+
+    def code_presence(self, frame: pd.DataFrame) -> np.ndarray:
+        """(n, grouped codes) 0/1 matrix, groups in order: what the code histogram counts."""
+        parts = [g.presence(frame) for g in self.groups]
+        return np.concatenate(parts, axis=1) if parts else np.zeros((len(frame), 0))
 
     def decode(
         self,
@@ -202,8 +223,13 @@ class Discretizer:
         fixed = fixed or {}
         data = {}
         for j, a in enumerate(self.attributes):
+            if isinstance(a, CodeGroup):
+                codes = a.decode(cells[:, j], self.code_weights.get(a.name), rng)
+                for k, member in enumerate(a.members):
+                    data[member] = pd.Series(codes[:, k].tolist(), dtype=object)
+                continue
             col = a.decode(cells[:, j], rng)
             if a.name in fixed and fixed[a.name] is not None and a.numeric:
                 col = pd.Series([fixed[a.name]] * len(cells), dtype=col.dtype)
             data[a.name] = col
-        return pd.DataFrame(data)
+        return pd.DataFrame(data)[self.schema.names]

@@ -52,6 +52,10 @@ class Measurer(Protocol):
     def measure_noise(self) -> list[float]:
         """Each site's noise std for the next ``measure`` release (for the penalty)."""
 
+    def codes(self, groups: Sequence[str]) -> tuple[np.ndarray, float]:
+        """The summed noisy code histogram of the grouped codes of ``groups`` (codes.py)
+        and the std of its summed noise."""
+
 
 @dataclass
 class SelectionLog:

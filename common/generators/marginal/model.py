@@ -20,8 +20,10 @@ from torch import nn
 from ...causal import CausalError
 from ...privacy import PrivacyLedger
 from ...privacy.randomness import DPRandomness
+from ...schema import Schema
 from ..base import ConditionError, Generator
 from . import causal, engine, fit
+from .codes import code_weights, noisy_code_histogram
 from .discretize import Discretizer
 from .fit import SITE, Clique, Measurement
 from .measure import noisy_marginals, noisy_scores
@@ -47,11 +49,16 @@ class MarginalGenerator(Generator):
         "iters": 1000,  # mirror-descent iterations per fit
         "site_attribute": True,  # federated in clear: model the site as an attribute
         "causal": False,  # True: follow the schema's causal graph (causal.py, docs/causal.md)
+        # code sets the schema groups (codes.py): one attribute per group, its code count
+        "group_codes": True,  # False: one binary attribute per code even when grouped
+        "code_cap": 3,  # a group's count cells 0..cap, the last meaning "cap or more"
+        "code_bound": 8,  # grouped codes a patient adds to the code histogram at most
+        "codes_share": 0.1,  # share of the budget for the code histogram (if grouped)
     }
 
     # -- Generator plumbing (no networks: nothing here is trained by DP-SGD) -----------
     def build(self) -> None:
-        self.discretizer = Discretizer(self.schema, int(self.hparams["bins"]))
+        self.discretizer = discretizer_for(self.schema, self.hparams)
         self.mrf: Any = None
         self.sites: list[str] = []
         self.fit_info: dict[str, Any] = {}
@@ -93,9 +100,12 @@ class MarginalGenerator(Generator):
         if n_candidates is not None:
             m = n_candidates
         rounds = int(self.hparams["rounds"]) if len(pool) else 0
+        grouped = bool(self.discretizer.groups)
         return MarginalPlan(d, rounds, m, int(self.hparams["per_round"]),
                             float(self.hparams["one_way_share"]),
-                            float(self.hparams["select_share"]))
+                            float(self.hparams["select_share"]),
+                            int(self.hparams["code_bound"]) if grouped else 0,
+                            float(self.hparams["codes_share"]) if grouped else 0.0)
 
     # -- state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -105,6 +115,9 @@ class MarginalGenerator(Generator):
         out["sites_json"] = np.frombuffer(json.dumps(self.sites).encode(), dtype=np.uint8)
         if self.mechanisms is not None:
             out.update(causal.to_arrays(self.mechanisms))
+        if self.discretizer.code_weights:
+            out["code_weights"] = np.concatenate(
+                [self.discretizer.code_weights[g.name] for g in self.discretizer.groups])
         return out
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
@@ -124,8 +137,10 @@ class MarginalGenerator(Generator):
         for k, v in state.items():
             if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.all(np.isfinite(v)):
                 raise ValueError(f"state key {k!r} holds NaN or infinite values")
+        self.discretizer.code_weights = split_code_weights(
+            self.discretizer, state.get("code_weights"))
         self.mrf = fit.model_from_arrays(
-            {k: v for k, v in state.items() if k != "sites_json"}, attrs)
+            {k: v for k, v in state.items() if k not in ("sites_json", "code_weights")}, attrs)
         self.mechanisms = (causal.from_arrays(state, self.graph, self.order, self.sites)
                            if self.graph is not None else None)
 
@@ -154,11 +169,13 @@ class MarginalGenerator(Generator):
         plan = self.plan()
         dp = epsilon is not None
         noise = (calibrate(plan, epsilon, delta, accountant) if dp else
-                 NoiseLevels(NO_DP_NOISE, NO_DP_NOISE, NO_DP_NOISE))
+                 NoiseLevels(NO_DP_NOISE, NO_DP_NOISE, NO_DP_NOISE, NO_DP_NOISE))
         ledger = PrivacyLedger(accountant)
         holder = LocalMeasurer(self.discretizer.encode(data), self.discretizer.names,
                                self.sizes, noise, ledger if dp else None,
-                               randomness or DPRandomness.secret())
+                               randomness or DPRandomness.secret(),
+                               presence=self.discretizer.code_presence(data),
+                               code_bound=plan.code_bound)
         result = self.run_engine(plan, holder, sites=[])
         self.fit_info = {
             "epsilon": ledger.epsilon(delta) if dp else None,
@@ -190,6 +207,10 @@ class MarginalGenerator(Generator):
         )
         self.mrf = result.model
         self.sites = list(sites)
+        if plan.code_bound and self.discretizer.groups:
+            counts, sd = measurer.codes([g.name for g in self.discretizer.groups])
+            self.discretizer.code_weights = split_code_weights(
+                self.discretizer, code_weights(counts, sd))
         # Every fit compiles new JAX programs; a long process (a benchmark of many
         # studies) that keeps them all ran out of memory for LLVM's code sections.
         import jax
@@ -257,7 +278,10 @@ class MarginalGenerator(Generator):
         """The model cell of each parsed column value."""
         evidence: dict[str, int] = {}
         for col, value in wanted.items():
-            attr = self.discretizer.attribute(col)
+            try:
+                attr = self.discretizer.attribute(col)
+            except KeyError as exc:
+                raise ConditionError(str(exc).strip('"')) from None
             if value is None:
                 evidence[col] = int(attr.missing_cell)  # type: ignore[arg-type]
             elif attr.numeric:
@@ -307,12 +331,35 @@ class MarginalGenerator(Generator):
         return self.discretizer.decode(cells, rng, fixed={**wanted, **done})
 
 
+def discretizer_for(schema: Schema, params: dict[str, Any]) -> Discretizer:
+    """The cells of a marginal study from its parameters: coordinator and sites alike."""
+    p = {**MarginalGenerator.defaults, **params}
+    return Discretizer(schema, int(p["bins"]), group_codes=bool(p["group_codes"]),
+                       code_cap=int(p["code_cap"]))
+
+
+def split_code_weights(disc: Discretizer, vector: np.ndarray | None
+                       ) -> dict[str, np.ndarray]:
+    """The code histogram's noisy counts, one array per group ({} when there are none)."""
+    if vector is None or not disc.groups:
+        return {}
+    sizes = [len(g.members) for g in disc.groups]
+    vector = np.asarray(vector, dtype=float).ravel()
+    if vector.size != sum(sizes) or not np.all(np.isfinite(vector)):
+        raise ValueError(f"code weights of size {vector.size} do not fit the schema's "
+                         f"{sum(sizes)} grouped codes")
+    parts = np.split(vector, np.cumsum(sizes)[:-1])
+    return {g.name: p for g, p in zip(disc.groups, parts, strict=True)}
+
+
 class LocalMeasurer:
     """The data holder of a central fit: this process, its rows and one ledger."""
 
     def __init__(self, cells: np.ndarray, names: Sequence[str], sizes: dict[str, int],
                  noise: NoiseLevels, ledger: PrivacyLedger | None,
-                 randomness: DPRandomness) -> None:
+                 randomness: DPRandomness, presence: np.ndarray | None = None,
+                 code_bound: int = 0) -> None:
+        self.presence, self.code_bound = presence, code_bound
         self.cells, self.names, self.sizes = cells, list(names), sizes
         self.noise, self.ledger, self.randomness = noise, ledger, randomness
         self.total: float | None = None
@@ -341,5 +388,14 @@ class LocalMeasurer:
 
     def measure_noise(self) -> list[float]:
         return [self.noise.measure]
+
+    def codes(self, groups: Sequence[str]) -> tuple[np.ndarray, float]:
+        """The noisy bounded code histogram of every grouped code (codes.py)."""
+        sigma = self.noise.codes
+        if self.ledger is not None:
+            self.ledger.record(sigma, 1.0, self.code_bound)
+        assert self.presence is not None
+        return noisy_code_histogram(self.presence, self.code_bound, sigma,
+                                    self.randomness.numpy("measurement")), sigma
 
 

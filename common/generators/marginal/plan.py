@@ -19,6 +19,9 @@ subsampling: every row of the site counts):
   Gaussian composition is exact for it.
 - ``measure`` (one per selection round): the ``k`` chosen marginals at ``sigma_measure``:
   ``record(sigma_measure, 1.0, k)``.
+- ``codes`` (once, only when the schema groups a code set, ``codes.py``): the per-code
+  counts of the grouped codes, each patient contributing at most ``code_bound`` codes,
+  so L2 sensitivity sqrt(code_bound): ``record(sigma_codes, 1.0, code_bound)``.
 
 Gaussian mechanisms at rate 1 compose exactly into one Gaussian: ``sum_i c_i / sigma_i^2``
 = ``1 / sigma_eq^2``, in RDP (Opacus' ``rdp``) and in the privacy-loss distribution
@@ -38,7 +41,7 @@ from typing import Any
 
 from ...privacy import PrivacyLedger
 
-ONE_WAY, SCORE, MEASURE = "one-way", "score", "measure"
+ONE_WAY, SCORE, MEASURE, CODES = "one-way", "score", "measure", "codes"
 
 
 @dataclass(frozen=True)
@@ -51,12 +54,19 @@ class MarginalPlan:
     per_round: int  # marginals measured per round
     one_way_share: float = 0.2
     select_share: float = 0.2
+    code_bound: int = 0  # grouped codes per patient in the code histogram (0: no release)
+    codes_share: float = 0.0  # share of the budget for the code histogram
 
     def __post_init__(self) -> None:
+        if self.code_bound < 0 or not (0 <= self.codes_share < 1) or (
+                (self.code_bound > 0) != (self.codes_share > 0)):
+            raise ValueError("code_bound and codes_share are both 0 (no code histogram) or "
+                             "both positive (codes_share < 1)")
         if self.attributes < 1 or self.rounds < 0 or self.per_round < 1:
             raise ValueError("a marginal plan needs >= 1 attribute, >= 0 rounds, >= 1 per round")
         if not (0 < self.one_way_share < 1 and 0 <= self.select_share < 1
-                and self.one_way_share + self.select_share < 1 or self.rounds == 0):
+                and self.one_way_share + self.select_share + self.codes_share < 1
+                or self.rounds == 0):
             raise ValueError("one_way_share and select_share must be in (0, 1) with sum < 1")
 
     def to_dict(self) -> dict[str, Any]:
@@ -66,6 +76,11 @@ class MarginalPlan:
     def from_dict(cls, raw: dict[str, Any]) -> MarginalPlan:
         return cls(**{k: (float(v) if "share" in k else int(v)) for k, v in raw.items()})
 
+    @property
+    def share_left(self) -> float:
+        """The share of the budget the measurements get (what the others leave)."""
+        return 1.0 - self.one_way_share - self.select_share - self.codes_share
+
 
 @dataclass(frozen=True)
 class NoiseLevels:
@@ -74,15 +89,19 @@ class NoiseLevels:
     one_way: float
     score: float
     measure: float
+    codes: float  # the code histogram's (codes.py); unused without grouped codes
 
     def of(self, kind: str) -> float:
-        return {ONE_WAY: self.one_way, SCORE: self.score, MEASURE: self.measure}[kind]
+        return {ONE_WAY: self.one_way, SCORE: self.score, MEASURE: self.measure,
+                CODES: self.codes}[kind]
 
 
 def planned_ledger(plan: MarginalPlan, noise: NoiseLevels, mechanism: str = "rdp") -> PrivacyLedger:
     """The ledger a site holds after following ``plan`` to the end."""
     ledger = PrivacyLedger(mechanism)
     ledger.record(noise.one_way, 1.0, plan.attributes)
+    if plan.code_bound:
+        ledger.record(noise.codes, 1.0, plan.code_bound)
     for _ in range(plan.rounds):
         ledger.record(noise.score, 1.0, plan.candidates)
         ledger.record(noise.measure, 1.0, plan.per_round)
@@ -91,14 +110,17 @@ def planned_ledger(plan: MarginalPlan, noise: NoiseLevels, mechanism: str = "rdp
 
 def _levels(plan: MarginalPlan, rho: float) -> NoiseLevels:
     """Split a total Gaussian budget rho = 1 / (2 sigma_eq^2) by the plan's shares."""
+    codes = (math.sqrt(plan.code_bound / (2 * rho * plan.codes_share))
+             if plan.code_bound else 0.0)
     if plan.rounds == 0:
-        return NoiseLevels(math.sqrt(plan.attributes / (2 * rho)), math.inf, math.inf)
-    measure_share = 1.0 - plan.one_way_share - plan.select_share
+        one = math.sqrt(plan.attributes / (2 * rho * (1.0 - plan.codes_share)))
+        return NoiseLevels(one, math.inf, math.inf, codes)
+    measure_share = plan.share_left
     one = math.sqrt(plan.attributes / (2 * rho * plan.one_way_share))
     score = (math.sqrt(plan.rounds * plan.candidates / (2 * rho * plan.select_share))
              if plan.select_share > 0 else math.inf)
     measure = math.sqrt(plan.rounds * plan.per_round / (2 * rho * measure_share))
-    return NoiseLevels(one, score, measure)
+    return NoiseLevels(one, score, measure, codes)
 
 
 def calibrate(
