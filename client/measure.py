@@ -112,8 +112,8 @@ class _Request:
     cliques: list[tuple[str, ...]]
     names: list[str]
     sizes: dict[str, int]
-    presence: np.ndarray  # the grouped codes, for the code histogram (codes.py)
-    groups: list[str]
+    presence: np.ndarray  # the code histogram's 0/1 entries per row (codes.py)
+    groups: list[str]  # the attributes it covers, in order
 
     def releases(self, kind: str) -> int:
         """Sensitivity-1 Gaussians this release is worth (plan.py explains each)."""
@@ -145,7 +145,7 @@ def answer(
             kind == CODES and ([c[0] for c in request.cliques] != request.groups
                                or not request.plan.code_bound)):
         return _refuse(site, state, f"unknown release kind {kind!r} or a code histogram "
-                       "request that does not name every code group of the schema")
+                       "request that does not name every code attribute of the schema")
     sigma = noise.of(kind)
     if site.dp:
         state.ledger.mechanism = study.accountant
@@ -194,8 +194,7 @@ def _parse_request(
                                       problems=exc.shareable()))
     except (KeyError, ValueError, TypeError) as exc:
         return _refuse(site, state, f"malformed marginal request: {exc}")
-    return _Request(cells, plan, cliques, names, disc.shape, presence,
-                    [g.name for g in disc.groups])
+    return _Request(cells, plan, cliques, names, disc.shape, presence, list(disc.code_attrs))
 
 
 def _measure(request: _Request, sigma: float, rng: np.random.Generator, kind: str,

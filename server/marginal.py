@@ -67,9 +67,9 @@ class FederatedMeasurer:
     def __init__(self, grid: Grid, study: StudyConfig, schema: Schema, plan: MarginalPlan,
                  sizes: dict[str, int], by_site: bool,
                  on_round: Callable[[RoundLog], None] | None = None,
-                 code_count: int = 0) -> None:
+                 code_lengths: dict[str, int] | None = None) -> None:
         self.grid, self.study, self.plan, self.sizes = grid, study, plan, sizes
-        self.code_count = code_count  # grouped codes: the code histogram's length
+        self.code_lengths = code_lengths or {}  # the code histogram's layout (codes.py)
         self.by_site = by_site
         self.secure = study.encrypted
         self.public_ctx = None
@@ -204,13 +204,20 @@ class FederatedMeasurer:
                 return values
         raise NoSiteAnswered("no site decrypted the summed marginals")
 
-    def _split(self, vector: np.ndarray, cliques: Sequence[Clique]) -> list[np.ndarray]:
-        sizes = [math.prod(self.sizes[a] for a in c) for c in cliques]
+    def _length(self, clique: Clique, kind: str) -> int:
+        """Entries of one clique's vector: its cells, or its code histogram entries."""
+        if kind == CODES:
+            return self.code_lengths[clique[0]]
+        return math.prod(self.sizes[a] for a in clique)
+
+    def _split(self, vector: np.ndarray, cliques: Sequence[Clique], kind: str = ""
+               ) -> list[np.ndarray]:
+        sizes = [self._length(c, kind) for c in cliques]
         return np.split(vector, np.cumsum(sizes)[:-1])
 
     # -- the engine's interface ---------------------------------------------------------
     def measure(self, cliques: Sequence[Clique], kind: str) -> list[Measurement]:
-        length = sum(math.prod(self.sizes[a] for a in c) for c in cliques)
+        length = sum(self._length(c, kind) for c in cliques)
         good = self._ask(P.MEASURE_OP, cliques, kind)
         for name, metrics, _ in good:
             self.noise[name] = metrics
@@ -225,14 +232,14 @@ class FederatedMeasurer:
             for i, s in enumerate(self.sites):
                 if s in vectors:
                     stacked[i], sd[i] = vectors[s], sigma[s]
-            parts = self._split(stacked.T, cliques)
+            parts = self._split(stacked.T, cliques, kind)
             return [Measurement(c, p.T, sd, by_site=True, kind=kind)
                     for c, p in zip(cliques, parts, strict=True)]
         total = (np.sum(list(vectors.values()), axis=0) if isinstance(vectors, dict)
                  else vectors)
         sd_total = math.sqrt(sum(sigma[n] ** 2 for n in names))
         return [Measurement(c, p, np.asarray(sd_total), kind=kind)
-                for c, p in zip(cliques, self._split(total, cliques), strict=True)]
+                for c, p in zip(cliques, self._split(total, cliques, kind), strict=True)]
 
     def score(self, cliques: Sequence[Clique], model_marginals: dict[str, list[np.ndarray]]
               ) -> tuple[np.ndarray, float]:
@@ -251,16 +258,6 @@ class FederatedMeasurer:
     def measure_noise(self) -> list[float]:
         return [max(m.get(P.SIGMA_MEASURE, NO_DP_NOISE), NO_DP_NOISE)
                 for m in self.noise.values()]
-
-    def codes(self, groups: Sequence[str]) -> tuple[np.ndarray, float]:
-        """The sites' noisy code histograms, summed (codes.py; post-processing)."""
-        good = self._ask(P.MEASURE_OP, [(g,) for g in groups], CODES)
-        vectors, names = self._vectors(good, self.code_count)
-        sd = math.sqrt(sum(max(m[P.SIGMA_RELEASED], NO_DP_NOISE) ** 2
-                           for n, m, _ in good if n in names))
-        total = (np.sum(list(vectors.values()), axis=0) if isinstance(vectors, dict)
-                 else np.asarray(vectors))
-        return total, sd
 
 
 def run_marginal_study(grid: Grid, study: StudyConfig, schema: Schema,
@@ -285,7 +282,7 @@ def run_marginal_study(grid: Grid, study: StudyConfig, schema: Schema,
     plan = model.plan()
     by_site = bool(model.hparams["site_attribute"]) and not study.encrypted
     measurer = FederatedMeasurer(grid, study, schema, plan, model.sizes, by_site, on_round,
-                                 sum(len(g.members) for g in model.discretizer.groups))
+                                 model.discretizer.code_attrs)
     start = time.perf_counter()
     result = model.run_engine(plan, measurer, sites=measurer.sites)
     model.sites = list(measurer.sites)

@@ -36,7 +36,6 @@ import pandas as pd
 from ...schema import Schema
 
 DEFAULT_CAP = 3  # a group's count cells 0, 1, 2, "3 or more"
-DEFAULT_BOUND = 8  # grouped codes a patient contributes to the code histogram at most
 THRESHOLD = 2.0  # noisy counts below this many noise stds are taken as zero
 
 
@@ -121,6 +120,17 @@ def bounded_histogram(presence: np.ndarray, bound: int, rng: np.random.Generator
     """Per-code counts of :func:`bounded_rows`: L2 sensitivity sqrt(bound), as charged."""
     kept = bounded_rows(presence, bound, rng)
     return kept.sum(axis=0).astype(float) if kept.ndim == 2 else np.zeros(0)
+
+
+def pooled_counts(meas) -> tuple[np.ndarray, float]:  # noqa: ANN001 (a fit.Measurement)
+    """A code histogram measurement added over sites, and the std of the summed noise
+    (sites that did not answer carry a huge std and no counts: left out)."""
+    values = np.asarray(meas.values, dtype=float)
+    sd = np.atleast_1d(np.asarray(meas.stddev, dtype=float))
+    if not meas.by_site:
+        return values, float(sd[0])
+    kept = sd < 1e11
+    return values[kept].sum(axis=0), float(np.sqrt(np.sum(sd[kept] ** 2)))
 
 
 def code_weights(counts: np.ndarray, sd: float, threshold: float = THRESHOLD) -> np.ndarray:

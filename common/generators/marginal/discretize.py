@@ -208,10 +208,35 @@ class Discretizer:
         return np.stack([a.encode_frame(frame) if isinstance(a, CodeGroup)
                          else a.encode(frame[a.name]) for a in self.attributes], axis=1)
 
+    @property
+    def code_attrs(self) -> dict[str, int]:
+        """Attributes the code histogram covers (``codes.py``), in order, with their number
+        of entries: a group its member codes, an ungrouped code column one."""
+        out: dict[str, int] = {}
+        for a in self.attributes:
+            if isinstance(a, CodeGroup):
+                out[a.name] = len(a.members)
+            elif a.column.group:
+                out[a.name] = 1
+        return out
+
+    @property
+    def direct_codes(self) -> list[str]:
+        """Code attributes whose histogram entry is their 1-way marginal's "has it" cell:
+        they need no 1-way release of their own (see ``codes.py``)."""
+        return [a for a, n in self.code_attrs.items() if n == 1 and self.shape[a] == 2]
+
     def code_presence(self, frame: pd.DataFrame) -> np.ndarray:
-        """(n, grouped codes) 0/1 matrix, groups in order: what the code histogram counts."""
-        parts = [g.presence(frame) for g in self.groups]
-        return np.concatenate(parts, axis=1) if parts else np.zeros((len(frame), 0))
+        """(n, histogram entries) 0/1 matrix in :attr:`code_attrs` order."""
+        parts = []
+        for a in self.attributes:
+            if isinstance(a, CodeGroup):
+                parts.append(a.presence(frame))
+            elif a.column.group:
+                v = pd.to_numeric(frame[a.name], errors="coerce").fillna(0).to_numpy(float)
+                parts.append((v > 0).astype(np.int64)[:, None])
+        return (np.concatenate(parts, axis=1) if parts
+                else np.zeros((len(frame), 0), dtype=np.int64))
 
     def decode(
         self,

@@ -28,7 +28,7 @@ import numpy as np
 from . import fit
 from .fit import SITE, Clique, Measurement
 from .measure import marginal
-from .plan import MEASURE, ONE_WAY, MarginalPlan
+from .plan import CODES, MEASURE, ONE_WAY, MarginalPlan
 
 MC_DRAWS = 100_000
 
@@ -52,10 +52,6 @@ class Measurer(Protocol):
     def measure_noise(self) -> list[float]:
         """Each site's noise std for the next ``measure`` release (for the penalty)."""
 
-    def codes(self, groups: Sequence[str]) -> tuple[np.ndarray, float]:
-        """The summed noisy code histogram of the grouped codes of ``groups`` (codes.py)
-        and the std of its summed noise."""
-
 
 @dataclass
 class SelectionLog:
@@ -70,6 +66,7 @@ class EngineResult:
     model: object  # mbi MarkovRandomField
     measurements: list[Measurement]
     log: list[SelectionLog] = field(default_factory=list)
+    codes: list[Measurement] = field(default_factory=list)  # the code histogram (codes.py)
 
 
 def candidates(
@@ -94,10 +91,20 @@ def run(
     names: Sequence[str], sizes: dict[str, int], plan: MarginalPlan, measurer: Measurer,
     *, max_way: int = 2, max_cells: int = 200_000, max_clique_cells: int = 2_000,
     iters: int = 1000, rng: np.random.Generator | None = None,
+    codes: dict[str, int] | None = None, direct: Sequence[str] = (),
 ) -> EngineResult:
-    """Run the whole plan against ``measurer``; returns the fitted model."""
+    """Run the whole plan against ``measurer``; returns the fitted model.
+
+    ``codes`` (attribute -> entries, ``Discretizer.code_attrs``): the attributes the code
+    histogram covers, released once after the 1-way marginals (``codes.py``); the
+    ``direct`` ones among them get no 1-way release: their histogram entry is their
+    "has the code" count, measured in the model as such.
+    """
     rng = rng or np.random.default_rng(0)  # public randomness: which candidates to score
-    measurements = measurer.measure([(a,) for a in names], ONE_WAY)
+    one_way = [(a,) for a in names if a not in set(direct)]
+    measurements = measurer.measure(one_way, ONE_WAY) if one_way else []
+    code_meas = measurer.measure([(a,) for a in codes], CODES) if codes else []
+    measurements += [m for m in code_meas if m.clique[0] in set(direct)]
     sites = list(measurer.sites)  # known once the sites have answered
     model = fit.estimate(sizes, measurements, sites, iters)
     log: list[SelectionLog] = []
@@ -128,7 +135,7 @@ def run(
                                 [float(penalised[pool.index(c)]) for c in chosen]))
         measurements += measurer.measure(chosen, MEASURE)
         model = fit.estimate(sizes, measurements, sites, iters, warm_start=model)
-    return EngineResult(model, measurements, log)
+    return EngineResult(model, measurements, log, code_meas)
 
 
 def _model_marginals(model, pool: Sequence[Clique], sites: Sequence[str],

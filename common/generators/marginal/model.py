@@ -23,11 +23,11 @@ from ...privacy.randomness import DPRandomness
 from ...schema import Schema
 from ..base import ConditionError, Generator
 from . import causal, engine, fit
-from .codes import code_weights, noisy_code_histogram
+from .codes import code_weights, noisy_code_histogram, pooled_counts
 from .discretize import Discretizer
 from .fit import SITE, Clique, Measurement
 from .measure import noisy_marginals, noisy_scores
-from .plan import MarginalPlan, NoiseLevels, calibrate
+from .plan import CODES, ONE_WAY, MarginalPlan, NoiseLevels, calibrate
 
 NO_DP_NOISE = 1e-3  # noise std of a fit without DP: just enough to keep mbi well posed
 
@@ -52,8 +52,10 @@ class MarginalGenerator(Generator):
         # code sets the schema groups (codes.py): one attribute per group, its code count
         "group_codes": True,  # False: one binary attribute per code even when grouped
         "code_cap": 3,  # a group's count cells 0..cap, the last meaning "cap or more"
-        "code_bound": 8,  # grouped codes a patient adds to the code histogram at most
-        "codes_share": 0.1,  # share of the budget for the code histogram (if grouped)
+        # code sets: one bounded histogram release for every code (codes.py); 0: off, one
+        # 1-way marginal per ungrouped code and uniform decoding inside groups
+        "code_bound": 6,  # codes a patient adds to the code histogram at most
+        "codes_share": 0.2,  # share of the budget for the code histogram (if any codes)
     }
 
     # -- Generator plumbing (no networks: nothing here is trained by DP-SGD) -----------
@@ -100,12 +102,14 @@ class MarginalGenerator(Generator):
         if n_candidates is not None:
             m = n_candidates
         rounds = int(self.hparams["rounds"]) if len(pool) else 0
-        grouped = bool(self.discretizer.groups)
-        return MarginalPlan(d, rounds, m, int(self.hparams["per_round"]),
+        codes = bool(self.discretizer.code_attrs) and int(self.hparams["code_bound"]) > 0
+        direct = len(self.discretizer.direct_codes) if codes else 0
+        return MarginalPlan(max(1, d - direct), rounds, m,
+                            int(self.hparams["per_round"]),
                             float(self.hparams["one_way_share"]),
                             float(self.hparams["select_share"]),
-                            int(self.hparams["code_bound"]) if grouped else 0,
-                            float(self.hparams["codes_share"]) if grouped else 0.0)
+                            int(self.hparams["code_bound"]) if codes else 0,
+                            float(self.hparams["codes_share"]) if codes else 0.0)
 
     # -- state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -117,7 +121,8 @@ class MarginalGenerator(Generator):
             out.update(causal.to_arrays(self.mechanisms))
         if self.discretizer.code_weights:
             out["code_weights"] = np.concatenate(
-                [self.discretizer.code_weights[g.name] for g in self.discretizer.groups])
+                [self.discretizer.code_weights.get(g.name, np.ones(len(g.members)))
+                 for g in self.discretizer.groups])
         return out
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
@@ -175,7 +180,8 @@ class MarginalGenerator(Generator):
                                self.sizes, noise, ledger if dp else None,
                                randomness or DPRandomness.secret(),
                                presence=self.discretizer.code_presence(data),
-                               code_bound=plan.code_bound)
+                               code_bound=plan.code_bound,
+                               code_lengths=self.discretizer.code_attrs)
         result = self.run_engine(plan, holder, sites=[])
         self.fit_info = {
             "epsilon": ledger.epsilon(delta) if dp else None,
@@ -204,13 +210,14 @@ class MarginalGenerator(Generator):
             max_way=int(self.hparams["max_way"]), max_cells=int(self.hparams["max_cells"]),
             max_clique_cells=int(self.hparams["max_clique_cells"]),
             iters=int(self.hparams["iters"]), rng=np.random.default_rng(self.seed),
+            codes=self.discretizer.code_attrs if plan.code_bound else None,
+            direct=self.discretizer.direct_codes if plan.code_bound else (),
         )
         self.mrf = result.model
         self.sites = list(sites)
-        if plan.code_bound and self.discretizer.groups:
-            counts, sd = measurer.codes([g.name for g in self.discretizer.groups])
-            self.discretizer.code_weights = split_code_weights(
-                self.discretizer, code_weights(counts, sd))
+        self.discretizer.code_weights = {
+            m.clique[0]: code_weights(*pooled_counts(m)) for m in result.codes
+            if m.clique[0] in {g.name for g in self.discretizer.groups}}
         # Every fit compiles new JAX programs; a long process (a benchmark of many
         # studies) that keeps them all ran out of memory for LLVM's code sections.
         import jax
@@ -358,8 +365,9 @@ class LocalMeasurer:
     def __init__(self, cells: np.ndarray, names: Sequence[str], sizes: dict[str, int],
                  noise: NoiseLevels, ledger: PrivacyLedger | None,
                  randomness: DPRandomness, presence: np.ndarray | None = None,
-                 code_bound: int = 0) -> None:
+                 code_bound: int = 0, code_lengths: dict[str, int] | None = None) -> None:
         self.presence, self.code_bound = presence, code_bound
+        self.code_lengths = code_lengths or {}
         self.cells, self.names, self.sizes = cells, list(names), sizes
         self.noise, self.ledger, self.randomness = noise, ledger, randomness
         self.total: float | None = None
@@ -367,11 +375,18 @@ class LocalMeasurer:
 
     def measure(self, cliques: Sequence[Clique], kind: str) -> list[Measurement]:
         sigma = self.noise.of(kind)
-        values = noisy_marginals(self.cells, self.names, self.sizes, cliques, sigma,
-                                 self.randomness.numpy("measurement"))
+        if kind == CODES:  # the whole code histogram, split by attribute (codes.py)
+            assert [c[0] for c in cliques] == list(self.code_lengths)
+            values = np.split(
+                noisy_code_histogram(self.presence, self.code_bound, sigma,
+                                     self.randomness.numpy("measurement")),
+                np.cumsum(list(self.code_lengths.values()))[:-1])
+        else:
+            values = noisy_marginals(self.cells, self.names, self.sizes, cliques, sigma,
+                                     self.randomness.numpy("measurement"))
         if self.ledger is not None:
-            self.ledger.record(sigma, 1.0, len(cliques))
-        if len(cliques[0]) == 1 and self.total is None:
+            self.ledger.record(sigma, 1.0, self.code_bound if kind == CODES else len(cliques))
+        if kind == ONE_WAY and self.total is None:
             self.total = float(np.mean([v.sum() for v in values]))
         return [Measurement(c, v, np.asarray(sigma), kind=kind)
                 for c, v in zip(cliques, values, strict=True)]
@@ -388,14 +403,3 @@ class LocalMeasurer:
 
     def measure_noise(self) -> list[float]:
         return [self.noise.measure]
-
-    def codes(self, groups: Sequence[str]) -> tuple[np.ndarray, float]:
-        """The noisy bounded code histogram of every grouped code (codes.py)."""
-        sigma = self.noise.codes
-        if self.ledger is not None:
-            self.ledger.record(sigma, 1.0, self.code_bound)
-        assert self.presence is not None
-        return noisy_code_histogram(self.presence, self.code_bound, sigma,
-                                    self.randomness.numpy("measurement")), sigma
-
-
