@@ -218,3 +218,20 @@ def test_central_fit_on_mimic_learns_code_frequencies_within_budget(mimic):
     with pytest.raises(ConditionError, match="group 'dx\\[circulatory\\]'"):
         model.sample(5, conditions={"dx_428": 1})
     assert not math.isnan(float(syn["age"].mean()))
+
+
+# ------------------------------------------------------------------- survival anchoring
+
+
+def test_half_of_a_round_goes_to_pairs_holding_the_survival_columns():
+    from fedsynth.common.generators.marginal.engine import pool_order
+
+    names = [f"x{i}" for i in range(40)] + ["T", "E"]
+    every = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    order = pool_order(every, ["T", "E"], 48, np.random.default_rng(0))
+    assert sorted(order) == list(range(len(every)))  # a permutation: nothing dropped
+    first = [every[i] for i in order[:48]]
+    assert sum(bool({"T", "E"} & set(c)) for c in first[:24]) == 24
+    # without anchors: the plain public random order (heart disease is unchanged)
+    assert pool_order(every, [], 48, np.random.default_rng(0)) == [
+        int(i) for i in np.random.default_rng(0).permutation(len(every))]

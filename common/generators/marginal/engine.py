@@ -92,13 +92,15 @@ def run(
     *, max_way: int = 2, max_cells: int = 200_000, max_clique_cells: int = 2_000,
     iters: int = 1000, rng: np.random.Generator | None = None,
     codes: dict[str, int] | None = None, direct: Sequence[str] = (),
+    anchors: Sequence[str] = (),
 ) -> EngineResult:
     """Run the whole plan against ``measurer``; returns the fitted model.
 
     ``codes`` (attribute -> entries, ``Discretizer.code_attrs``): the attributes the code
     histogram covers, released once after the 1-way marginals (``codes.py``); the
     ``direct`` ones among them get no 1-way release: their histogram entry is their
-    "has the code" count, measured in the model as such.
+    "has the code" count, measured in the model as such. ``anchors`` (a survival
+    outcome's columns, from the schema) reserve half of each round's candidates.
     """
     rng = rng or np.random.default_rng(0)  # public randomness: which candidates to score
     one_way = [(a,) for a in names if a not in set(direct)]
@@ -112,7 +114,7 @@ def run(
         measured = [m.clique for m in measurements]
         every = candidates(names, sizes, measured, max_way, max_clique_cells)
         pool: list[Clique] = []
-        for i in rng.permutation(len(every)):  # a public random subset when there are many
+        for i in pool_order(every, anchors, plan.candidates, rng):
             if fit.model_cells(sizes, [*measured, every[i]], sites) <= max_cells:
                 pool.append(every[i])
                 if len(pool) == plan.candidates:
@@ -136,6 +138,24 @@ def run(
         measurements += measurer.measure(chosen, MEASURE)
         model = fit.estimate(sizes, measurements, sites, iters, warm_start=model)
     return EngineResult(model, measurements, log, code_meas)
+
+
+def pool_order(every: Sequence[Clique], anchors: Sequence[str], size: int,
+               rng: np.random.Generator) -> list[int]:
+    """The order candidates enter a round's pool: a public random order, except that
+    up to half of the pool goes to candidates holding an anchor column.
+
+    Why: with 40-70 attributes a round scores 48 of hundreds or thousands of pairs, so a
+    survival outcome's links to the covariates (what a Cox model on synthetic rows
+    needs) were rarely even scored. Which columns are anchors is public (the schema's
+    survival pair); which anchored pairs get measured is still the noisy scores' choice.
+    """
+    order = [int(i) for i in rng.permutation(len(every))]
+    if not anchors:
+        return order
+    held = [i for i in order if set(every[i]) & set(anchors)]
+    first = held[: size // 2]
+    return first + [i for i in order if i not in set(first)]
 
 
 def _model_marginals(model, pool: Sequence[Clique], sites: Sequence[str],

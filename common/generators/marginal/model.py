@@ -52,6 +52,7 @@ class MarginalGenerator(Generator):
         # code sets the schema groups (codes.py): one attribute per group, its code count
         "group_codes": True,  # False: one binary attribute per code even when grouped
         "code_cap": 3,  # a group's count cells 0..cap, the last meaning "cap or more"
+        "anchor_survival": True,  # half of each round's candidates hold a survival column
         # code sets: one bounded histogram release for every code (codes.py); 0: off, one
         # 1-way marginal per ungrouped code and uniform decoding inside groups
         "code_bound": 6,  # codes a patient adds to the code histogram at most
@@ -212,6 +213,8 @@ class MarginalGenerator(Generator):
             iters=int(self.hparams["iters"]), rng=np.random.default_rng(self.seed),
             codes=self.discretizer.code_attrs if plan.code_bound else None,
             direct=self.discretizer.direct_codes if plan.code_bound else (),
+            anchors=([c for pair in self.schema.survival_pairs for c in pair]
+                     if self.hparams["anchor_survival"] else ()),
         )
         self.mrf = result.model
         self.sites = list(sites)
