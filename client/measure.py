@@ -40,7 +40,6 @@ from ..common.encryption import (
     flood_for_release,
 )
 from ..common.generators.marginal.codes import noisy_code_histogram
-from ..common.generators.marginal.discretize import Discretizer
 from ..common.generators.marginal.measure import noisy_marginals, noisy_scores
 from ..common.generators.marginal.model import discretizer_for
 from ..common.generators.marginal.plan import (
@@ -81,18 +80,24 @@ class MeasureReply:
 _CELLS: dict[tuple[str, float, str, str], tuple[np.ndarray, np.ndarray]] = {}
 
 
-def site_cells(site: SiteConfig, schema: Schema, disc: Discretizer, params: dict[str, Any]
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """The site's rows as cell indices and its grouped codes' 0/1 matrix (``codes.py``),
-    read, checked and cached once per process."""
+def _site_tables(site: SiteConfig, schema: Schema, params: dict[str, Any]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Cells and code-histogram entries of the site's rows (read, checked, cached once)."""
     path = Path(site.data_path)
     mtime = path.stat().st_mtime if path.exists() else -1.0
     key = (str(path.resolve()), mtime, schema_fingerprint(schema),
            json.dumps(params, sort_keys=True, default=str))
     if key not in _CELLS:
+        disc = discretizer_for(schema, params)
         frame = read_table(path, schema)
         _CELLS[key] = (disc.encode(frame), disc.code_presence(frame))
     return _CELLS[key]
+
+
+def site_cells(site: SiteConfig, schema: Schema, bins: int,
+               params: dict[str, Any] | None = None) -> np.ndarray:
+    """The site's rows as cell indices (the study's other marginal parameters: params)."""
+    return _site_tables(site, schema, {**(params or {}), "bins": bins})[0]
 
 
 def noise_levels(site: SiteConfig, study: StudyConfig, plan: MarginalPlan) -> NoiseLevels:
@@ -180,9 +185,12 @@ def _parse_request(
     state: SiteState,
 ) -> _Request | MeasureReply:
     """The site's cells and the plan and cliques asked for, or the refusal."""
+    from ..common.generators.marginal import MarginalGenerator
+
     try:
-        disc = discretizer_for(schema, study.generator_params)
-        cells, presence = site_cells(site, schema, disc, study.generator_params)
+        params = {**MarginalGenerator.defaults, **study.generator_params}
+        disc = discretizer_for(schema, params)
+        cells, presence = _site_tables(site, schema, params)
         plan = MarginalPlan.from_dict(json.loads(str(config[P.PLAN])))
         cliques = [tuple(c) for c in json.loads(str(config[P.CLIQUES]))]
         names = disc.names
