@@ -2,7 +2,8 @@
 
 The coordinator asks (``common/protocol.py``, a ``query.marginal`` message) for one of:
 
-- ``measure``: the site's counts of a list of marginals plus Gaussian noise, its own
+- ``measure``: the site's counts of a list of marginals plus Gaussian noise (on the
+  cells the request's ``BINNING`` names: fine cells for the ``fine`` release), its own
   noise level calibrated from the study's plan and the site's own budget
   (``common/generators/marginal/plan.py``);
 - ``score``: for each candidate marginal, the L1 distance between the site's counts
@@ -23,11 +24,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from ..common import protocol as P
 from ..common.encryption import (
@@ -40,10 +43,12 @@ from ..common.encryption import (
     flood_for_release,
 )
 from ..common.generators.marginal.codes import noisy_code_histogram
+from ..common.generators.marginal.discretize import Discretizer
 from ..common.generators.marginal.measure import noisy_marginals, noisy_scores
-from ..common.generators.marginal.model import discretizer_for
+from ..common.generators.marginal.model import study_discretizer
 from ..common.generators.marginal.plan import (
     CODES,
+    FINE,
     MEASURE,
     ONE_WAY,
     MarginalPlan,
@@ -77,34 +82,38 @@ class MeasureReply:
     layout_json: str = ""
 
 
-_CELLS: dict[tuple[str, float, str, str], tuple[np.ndarray, np.ndarray]] = {}
+_CELLS: dict[tuple[Any, ...], np.ndarray] = {}
 
 
-def _site_tables(site: SiteConfig, schema: Schema, params: dict[str, Any]
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Cells and code-histogram entries of the site's rows (read, checked, cached once)."""
+def _cached(site: SiteConfig, schema: Schema, discretizer: Discretizer, what: str,
+            table: Callable[[pd.DataFrame], np.ndarray], *key: Any) -> np.ndarray:
+    """A table made from the site's rows (read, checked and cached once per process)."""
     path = Path(site.data_path)
     mtime = path.stat().st_mtime if path.exists() else -1.0
-    key = (str(path.resolve()), mtime, schema_fingerprint(schema),
-           json.dumps(params, sort_keys=True, default=str))
-    if key not in _CELLS:
-        disc = discretizer_for(schema, params)
-        frame = read_table(path, schema)
-        _CELLS[key] = (disc.encode(frame), disc.code_presence(frame))
-    return _CELLS[key]
+    full = (str(path.resolve()), mtime, schema_fingerprint(schema), what,
+            tuple(discretizer.shape.items()), *key)
+    if full not in _CELLS:
+        _CELLS[full] = table(read_table(path, schema))
+    return _CELLS[full]
 
 
-def site_cells(site: SiteConfig, schema: Schema, bins: int,
-               params: dict[str, Any] | None = None) -> np.ndarray:
-    """The site's rows as cell indices (the study's other marginal parameters: params)."""
-    return _site_tables(site, schema, {**(params or {}), "bins": bins})[0]
+def site_cells(site: SiteConfig, schema: Schema, discretizer: Discretizer, bins: int,
+               binning: str) -> np.ndarray:
+    """The site's rows as cell indices of ``discretizer`` (the request's cells)."""
+    return _cached(site, schema, discretizer, "cells", discretizer.encode, bins, binning)
+
+
+def site_code_presence(site: SiteConfig, schema: Schema, discretizer: Discretizer
+                       ) -> np.ndarray:
+    """The site's code-histogram entries (0/1 per row and entry, ``codes.py``)."""
+    return _cached(site, schema, discretizer, "codes", discretizer.code_presence)
 
 
 def noise_levels(site: SiteConfig, study: StudyConfig, plan: MarginalPlan) -> NoiseLevels:
     """This site's noise for the plan: from its own budget, or its fixed multiplier."""
     if site.noise_multiplier is not None:
         s = site.noise_multiplier
-        return NoiseLevels(s, s, s, s)
+        return NoiseLevels.flat(s)
     return calibrate(plan, site.epsilon, site.delta, study.accountant)
 
 
@@ -144,9 +153,9 @@ def answer(
     request = _parse_request(site, study, schema, config, state)
     if isinstance(request, MeasureReply):
         return request
-    noise = noise_levels(site, study, request.plan) if site.dp else NoiseLevels(0.0, 0.0, 0.0, 0.0)
+    noise = noise_levels(site, study, request.plan) if site.dp else NoiseLevels.flat(0.0)
     kind = str(config.get(P.RELEASE_KIND, MEASURE)) if op == P.MEASURE_OP else "score"
-    if kind not in (ONE_WAY, MEASURE, "score", CODES) or (
+    if kind not in (ONE_WAY, MEASURE, FINE, "score", CODES) or (
             kind == CODES and ([c[0] for c in request.cliques] != request.groups
                                or not request.plan.code_bound)):
         return _refuse(site, state, f"unknown release kind {kind!r} or a code histogram "
@@ -189,8 +198,11 @@ def _parse_request(
 
     try:
         params = {**MarginalGenerator.defaults, **study.generator_params}
-        disc = discretizer_for(schema, params)
-        cells, presence = _site_tables(site, schema, params)
+        bins = int(params["bins"])
+        binning = str(config.get(P.BINNING, ""))
+        disc = study_discretizer(schema, params, binning)  # public cells, checked
+        cells = site_cells(site, schema, disc, bins, binning)
+        presence = site_code_presence(site, schema, disc)
         plan = MarginalPlan.from_dict(json.loads(str(config[P.PLAN])))
         cliques = [tuple(c) for c in json.loads(str(config[P.CLIQUES]))]
         names = disc.names

@@ -270,10 +270,15 @@ MARGINAL_MESSAGE = f"query.{MARGINAL_ACTION}"
 
 # config keys of a marginal message
 OP = "marginal-op"  # MEASURE_OP | SCORE_OP | DECRYPT_OP
-RELEASE_KIND = "marginal-kind"  # plan.ONE_WAY | plan.MEASURE (what the site charges)
+RELEASE_KIND = "marginal-kind"  # plan.FINE | ONE_WAY | MEASURE (what the site charges)
 CLIQUES = "marginal-cliques"  # JSON list of attribute-name lists
 PLAN = "marginal-plan"  # JSON of MarginalPlan: each site calibrates its own noise from it
 STEP = "marginal-step"  # 1, 2, ...: the release's place in the study (logs, test noise)
+# JSON of the cells to count on (generators/marginal/discretize.binning_to_json):
+# {"fine": F} for the fine 1-way release, {"fine": F, "cuts": {column: [...]}} after it
+# (bins made of fine cells, derived from the summed noisy fine counts: public). Absent:
+# equal-width bins of the public range.
+BINNING = "marginal-binning"
 
 MEASURE_OP = "measure"
 SCORE_OP = "score"

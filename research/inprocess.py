@@ -24,10 +24,11 @@ from fedsynth.simulations.simulate import SimulationOptions, prepare_sites
 
 
 def run_inprocess(
-    opts: SimulationOptions, out: Path
+    opts: SimulationOptions, out: Path, keep_site: bool = False
 ) -> tuple[Generator, pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """Train the study of ``opts`` in process; return the model, the train rows, the
-    holdout (the split ``fedsynth simulate`` makes for the same seed) and info."""
+    holdout (the split ``fedsynth simulate`` makes for the same seed) and info.
+    ``keep_site``: the tables keep their ``site`` column (the hospital of each row)."""
     t0 = time.perf_counter()
     sites, train, hold = prepare_sites(opts, out)
     study = replace(
@@ -44,4 +45,6 @@ def run_inprocess(
     ]
     info = {"seconds": time.perf_counter() - t0, "epsilon_max": max(spent, default=None),
             "rows": len(train)}
+    if keep_site:
+        return model, train, hold, info
     return model, train.drop(columns="site"), hold.drop(columns="site", errors="ignore"), info

@@ -6,12 +6,13 @@ coordinator runs the same engine as a central fit (``common/generators/marginal`
 ``query.marginal`` message to every site (``common/protocol.py``). It never sees a
 row: it adds the sites' noisy vectors and fits the graphical model to the totals.
 
-- In clear, it keeps each site's noisy vector, and (``site_attribute``, the default)
-  fits them as measurements of the marginal extended by a site attribute: the model
-  then knows each hospital's case mix (disease rates from 0.36 to 0.93 in the heart
-  study), a site's selection score compares the site to the model's picture of that
-  site, and ``sample(..., site=...)`` draws one hospital's patients. Summing the same
-  vectors instead is post-processing too; both cost the same privacy.
+- In clear, it keeps each site's noisy vector, and with ``site_attribute`` (off by
+  default, on with a causal graph) fits them as measurements of the marginal
+  extended by a site attribute: the model then knows each hospital's case mix
+  (disease rates from 0.36 to 0.93 in the heart study), a site's selection score
+  compares the site to the model's picture of that site, and
+  ``sample(..., site=...)`` draws one hospital's patients. Summing the same vectors
+  instead is post-processing too; both cost the same privacy.
 - Under ``secure-aggregation = "ckks"`` each site sends its vector encrypted; the
   coordinator adds ciphertexts with its key-less context and asks one site to decrypt
   the sum (flooded, as the final release of an encrypted training study), so it only
@@ -204,6 +205,15 @@ class FederatedMeasurer:
                 return values
         raise NoSiteAnswered("no site decrypted the summed marginals")
 
+    def use(self, discretizer: Any, binning: str) -> None:
+        """Ask for counts on these cells from now on (the sites rebuild them from
+        ``binning``, public post-processing of earlier releases)."""
+        self.sizes = discretizer.shape
+        if binning:
+            self.base[P.BINNING] = binning
+        else:
+            self.base.pop(P.BINNING, None)
+
     def _length(self, clique: Clique, kind: str) -> int:
         """Entries of one clique's vector: its cells, or its code histogram entries."""
         if kind == CODES:
@@ -280,7 +290,7 @@ def run_marginal_study(grid: Grid, study: StudyConfig, schema: Schema,
                     "ledgers keep what they already spent)")
     model = MarginalGenerator(schema, seed=study.seed, **study.generator_params)
     plan = model.plan()
-    by_site = bool(model.hparams["site_attribute"]) and not study.encrypted
+    by_site = model.site_attribute() and not study.encrypted
     measurer = FederatedMeasurer(grid, study, schema, plan, model.sizes, by_site, on_round,
                                  model.discretizer.code_attrs)
     start = time.perf_counter()

@@ -7,6 +7,7 @@ known; everything else runs on the real heart-disease rows and the real mbi fit.
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -196,7 +197,8 @@ def test_federated_graph_study_keeps_each_hospital_and_its_budget(tmp_path):
     result = run_study({name: files[name] for name in ("cleveland", "switzerland", "va")},
                        bundled_schema_path("heart_disease"), generator="marginal",
                        generator_params={"causal": True, "bins": 6, "iters": 100},
-                       epsilon=3.0, seed=0, min_sites=2, out=tmp_path / "study")
+                       epsilon=3.0, seed=0, min_sites=2, out=tmp_path / "study",
+                       reproducible_noise=True)  # what it learns, not the noise's luck
     model = result.model
     spent = [p["epsilon_spent"] for p in result.privacy.values()]
     assert 2.99 <= max(spent) <= 3.0
@@ -208,3 +210,65 @@ def test_federated_graph_study_keeps_each_hospital_and_its_budget(tmp_path):
     sick = model.sample(300, site="cleveland", interventions={"num": 3}, seed=2)
     assert (sick["num"].astype(int) == 3).all()
     assert sick["exang"].astype(float).mean() > cleve["exang"].astype(float).mean()
+
+
+# ------------------------------------------- hospitals' mechanisms, shrunk and calibrated
+
+
+def test_a_small_hospital_follows_the_pooled_mechanism_and_a_large_one_keeps_its_own():
+    """Counts here are made up (two hospitals, a binary parent and child): the rule is
+    arithmetic, so a known truth is easiest to read."""
+    from fedsynth.common.generators.marginal.causal import partial_pool
+
+    pooled = np.array([[0.9, 0.1], [0.2, 0.8]])  # P(child | parent), all hospitals
+    large = np.array([[500.0, 500.0], [500.0, 500.0]])  # its own: child independent
+    small = np.array([[3.0, 0.0], [0.0, 0.0]])  # a few patients, mostly noise
+    noise = np.array([10.0, 10.0])  # each hospital's noise std per cell
+    table = partial_pool(np.stack([large, small]), pooled, noise, 1.0)
+    assert np.allclose(table.sum(axis=-1), 1.0)
+    assert abs(table[0, 0, 0] - 0.5) < 0.05 and abs(table[0, 1, 1] - 0.5) < 0.05
+    assert abs(table[1, 1, 1] - 0.8) < 1e-9  # no counts at all: the pooled mechanism
+    assert abs(table[1, 0, 0] - 0.9) < 0.02  # 3 counts against 14 pseudo-patients
+    alone = partial_pool(np.stack([large, small]), pooled, noise, 0.0)
+    assert alone[1, 0, 0] == 1.0  # pooling 0: the hospital's own counts only
+
+
+def test_calibration_matches_the_measured_marginal_and_keeps_the_mechanism():
+    """A two-node graph a -> b with made-up tables: after calibration b's implied
+    marginal is its measured one and the odds ratio between a and b is unchanged."""
+    from fedsynth.common.generators.marginal.causal import Mechanism, calibrate
+
+    a = Mechanism("a", (), np.array([0.5, 0.5]))
+    b = Mechanism("b", ("a",), np.array([[0.8, 0.2], [0.4, 0.6]]))  # implies b = [.6, .4]
+    target = np.array([0.3, 0.7])
+    out = calibrate([a, b], {"a": a.table, "b": target}, draws=50_000)
+    implied = 0.5 * out[1].table[0] + 0.5 * out[1].table[1]
+    assert np.allclose(implied, target, atol=0.01)
+
+    def odds(t: np.ndarray) -> float:
+        return float(t[0, 0] / t[0, 1] / (t[1, 0] / t[1, 1]))
+
+    assert abs(odds(out[1].table) - odds(b.table)) / odds(b.table) < 1e-6
+    assert np.allclose(out[0].table, a.table)
+
+
+def test_the_causal_area_shows_each_independence_and_fails_reversed_effects(
+        heart_schema, heart_tables):
+    from fedsynth.common.validation import validate
+    from fedsynth.common.validation.verdict import verdict
+
+    train, hold = heart_tables
+    good = validate(train, hold, train.sample(frac=1.0, random_state=1), heart_schema,
+                    areas=("causal",))
+    tests = heart_schema.graph.local_independences(heart_schema.names)
+    per_test = [m for m in good.metrics if m.name == "independence_p"]
+    assert len(per_test) == len(tests) and all(m.reference is not None for m in per_test)
+    agree = next(m for m in good.metrics if m.name == "causal_edge_sign_agreement")
+    assert agree.passed is True and good.headline_values["causal_edge_sign_agreement"] >= 0.8
+    flipped = train.copy()  # the disease now lowers exercise angina: an edge reversed
+    flipped["num"] = flipped["num"].map({0: 3, 1: 0, 2: 0, 3: 0, 4: 0})
+    bad = validate(train, hold, flipped, heart_schema, areas=("causal",))
+    sign = next(m for m in bad.metrics if m.name == "causal_edge_sign_agreement")
+    assert sign.passed is False and sign.value < agree.value
+    area = next(a for a in verdict(bad).areas if a.area == "causal")
+    assert area.passed is False and "causal=true" in area.advice

@@ -21,7 +21,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fedsynth.common import protocol as P
 from fedsynth.common.generators import ConditionError, Generator, get_generator
-from fedsynth.common.generators.marginal.discretize import Discretizer
+from fedsynth.common.generators.marginal.discretize import Discretizer, discretizer_for
 from fedsynth.common.generators.marginal.plan import MarginalPlan, calibrate, planned_ledger
 from fedsynth.common.privacy import PrivacyLedger
 from fedsynth.common.privacy.randomness import DPRandomness
@@ -66,6 +66,110 @@ def test_cells_come_from_the_schema_and_decode_to_valid_values(heart_schema, poo
     assert (decoded["ca"].isna() == pooled["ca"].isna()).all()
 
 
+def test_equal_mass_cuts_read_only_the_noisy_counts():
+    from fedsynth.common.dp_histogram import equal_mass_cuts, monotone_cdf
+
+    rng = np.random.default_rng(0)
+    counts = np.r_[np.zeros(20), rng.poisson(30, 24), np.zeros(20)] + rng.normal(0, 8, 64)
+    cdf = monotone_cdf(counts)
+    assert np.all(np.diff(cdf) >= 0) and cdf[-1] == 1.0
+    cuts = equal_mass_cuts(counts, 8)
+    assert cuts[0] == 0 and cuts[-1] == 64 and np.all(np.diff(cuts) >= 1)
+    # the mass sits in cells 20-43: most bins are cut there, not spread over the range
+    assert np.sum((cuts[1:-1] >= 20) & (cuts[1:-1] <= 44)) >= 6
+    # a histogram that is all noise still gives the public number of bins
+    assert len(equal_mass_cuts(rng.normal(0, 5, 64), 8)) == 9
+    assert list(equal_mass_cuts(np.ones(4), 8)) == [0, 1, 2, 3, 4]
+    # noise far above the counts: the cuts fall back to (about) equal width
+    noisy = np.r_[np.zeros(32), np.full(32, 3.0)] + rng.normal(0, 60, 64)
+    assert np.abs(equal_mass_cuts(noisy, 8, noise_std=60.0) - np.arange(9) * 8).max() <= 2
+
+
+class _Releases:
+    """A stand-in for the sites: hands back given noisy fine vectors (and zeros for the
+    1-way release on the bins), never sees a row."""
+
+    def __init__(self, vectors: dict[str, np.ndarray]) -> None:
+        self.vectors, self.sites, self.binnings, self.kinds = vectors, [], [], []
+
+    def use(self, discretizer, binning: str) -> None:
+        self.binnings.append(binning)
+        self.shape = discretizer.shape
+
+    def measure(self, cliques, kind):
+        from fedsynth.common.generators.marginal.fit import Measurement
+
+        self.kinds.append((kind, [c[0] for c in cliques]))
+        return [Measurement(c, self.vectors[c[0]] if kind == "fine" else
+                            np.zeros(self.shape[c[0]]), np.asarray(5.0), kind=kind)
+                for c in cliques]
+
+
+def test_bins_are_a_function_of_the_summed_noisy_fine_counts(heart_schema):
+    from fedsynth.common.dp_histogram import equal_mass_cuts
+
+    model = get_generator("marginal")(heart_schema, **SMALL)
+    fine = Discretizer(heart_schema, model.hparams["fine_bins"])
+    rng = np.random.default_rng(1)
+    noisy = {a.name: rng.normal(10, 5, a.size) for a in fine.attributes}
+    releases = _Releases(noisy)
+    ones = model._fine_one_way(releases)
+    numeric = [a.name for a in fine.attributes if a.numeric]
+    assert releases.kinds == [("fine", numeric), ("one-way", fine.names)]
+    # what the sites are told: first the fine cells, then the cuts (no weights: public
+    # cuts are all a site needs)
+    assert json.loads(releases.binnings[0]) == {"fine": model.hparams["fine_bins"]}
+    sent = json.loads(releases.binnings[1])
+    chol = model.discretizer.attribute("chol")
+    expected = equal_mass_cuts(noisy["chol"][: fine.attribute("chol").bins], SMALL["bins"],
+                               5.0)  # the stand-in's noise std
+    assert sent["cuts"]["chol"] == list(expected) == list(chol.fine.cuts)
+    assert "weights" not in sent and "weights" in json.loads(model.binning)
+    # the model's 1-way of chol: sums of the fine noisy cells, noise std sqrt(width)
+    meas = next(m for m in ones if m.clique == ("chol",) and m.kind == "fine")
+    widths = np.diff(expected)
+    assert np.allclose(meas.values[:-1], np.add.reduceat(noisy["chol"][:-1], expected[:-1]))
+    assert meas.values[-1] == noisy["chol"][-1]  # the missing cell as released
+    assert np.allclose(meas.cell_scale, np.r_[np.sqrt(widths), 1.0])
+    # same releases, same bins: nothing else (no row) enters
+    again = get_generator("marginal")(heart_schema, **SMALL)
+    again._fine_one_way(_Releases(noisy))
+    assert again.binning == model.binning
+    assert model.sizes == get_generator("marginal")(heart_schema, **SMALL).sizes
+
+
+def test_decoded_values_stay_in_their_bin_and_on_the_grid(heart_schema, pooled):
+    from fedsynth.common.generators.marginal.discretize import FineCells
+
+    fine = Discretizer(heart_schema, 64)
+    rng = np.random.default_rng(2)
+    cells = {}
+    for a in fine.attributes:
+        if a.numeric and a.bins > 6:
+            inner = np.sort(rng.choice(np.arange(1, a.bins), 5, replace=False))
+            w = np.clip(rng.normal(1, 1, a.bins), 0, None)
+            cells[a.name] = FineCells(a.bins, (0, *map(int, inner), a.bins), tuple(w))
+    disc = fine.refined(cells)
+    assert disc.attribute("chol").size == 7  # 6 bins + missing
+    codes = np.stack([rng.integers(0, a.size, 3000) for a in disc.attributes], axis=1)
+    decoded = disc.decode(codes, np.random.default_rng(3))
+    conform(decoded, heart_schema)
+    assert np.array_equal(disc.encode(decoded), codes)  # every value back in its bin
+    assert decoded["chol"].dtype == "Int64"
+    op = decoded["oldpeak"].dropna().to_numpy(dtype=float)
+    assert np.allclose(op * 10, np.round(op * 10))  # on the 0.1 grid
+    # a fine cell with no weight is never drawn (unless its whole bin has none)
+    chol = disc.attribute("chol")
+    fine_of = fine.attribute("chol").value_cell(decoded["chol"].dropna().to_numpy(float))
+    weights = np.asarray(chol.fine.weights)
+    bin_of = np.searchsorted(np.asarray(chol.fine.cuts), fine_of, side="right") - 1
+    lone = [np.asarray(chol.fine.weights)[chol.fine.cuts[b]:chol.fine.cuts[b + 1]].sum() == 0
+            for b in bin_of]
+    assert np.all((weights[fine_of] > 0) | np.asarray(lone))
+    with pytest.raises(ValueError, match="rise strictly"):
+        FineCells(10, (0, 5, 5, 10), tuple([1.0] * 10))
+
+
 # ------------------------------------------------------------------- privacy accounting
 
 
@@ -97,9 +201,15 @@ def test_reported_epsilon_equals_an_independent_accountant(fitted, heart_schema,
                        info["ledger"]["count"], strict=True))
     d = len(heart_schema.columns)
     # the sequence: d one-way histograms, then per round the scores and the measurements
-    assert history[0][2] == d
-    assert len(history) == 1 + 2 * SMALL["rounds"]
-    assert all(count == SMALL["per_round"] for _, _, count in history[2::2])
+    numeric = [c.name for c in heart_schema.columns if c.is_numeric]
+    assert history[0][2] == len(numeric) and history[1][2] == d
+    assert len(history) == 2 + 2 * SMALL["rounds"]
+    assert all(count == SMALL["per_round"] for _, _, count in history[3::2])
+    # exactly the planned releases: the fine histograms, the 1-way marginals on the
+    # bins cut from them, and per round the scores (the first round's against the
+    # independent model) and the measurements
+    noise = calibrate(fitted.plan(), 3.0, 1e-5)
+    assert history == [tuple(h) for h in planned_ledger(fitted.plan(), noise).history]
     assert abs(info["epsilon"] - _independent(history, 1e-5, "rdp")) < 1e-6
     assert info["epsilon"] <= 3.0
     # rate-1 Gaussians compose into one Gaussian: closed-form RDP as a third opinion
@@ -228,7 +338,8 @@ class RecordingGrid:
         return replies
 
 
-def _federated(tmp_path: Path, secure: bool, seeds: dict[str, int] | None = None):
+def _federated(tmp_path: Path, secure: bool, seeds: dict[str, int] | None = None,
+               **params: Any):
     """A study through the real ServerApp code and ClientApp, in this process."""
     from fedsynth.client.app import make_client_app
     from fedsynth.server.app import resolve_schema, run_study
@@ -239,7 +350,8 @@ def _federated(tmp_path: Path, secure: bool, seeds: dict[str, int] | None = None
         setup_simulation_keys,
     )
 
-    study = StudyConfig(generator="marginal", generator_params=SMALL, min_sites=2,
+    study = StudyConfig(generator="marginal", generator_params={**SMALL, **params},
+                        min_sites=2,
                         output_dir=str(tmp_path / "study"), n_synthetic=200,
                         secure_aggregation="ckks" if secure else "none",
                         study_id="marginal-test")
@@ -264,7 +376,7 @@ def _federated(tmp_path: Path, secure: bool, seeds: dict[str, int] | None = None
 
 @pytest.mark.slow
 def test_federated_study_through_the_real_apps(tmp_path, heart_schema):
-    outcome, grid, sites, _ = _federated(tmp_path, secure=False)
+    outcome, grid, sites, _ = _federated(tmp_path, secure=False, site_attribute=True)
     out = Path(outcome.output_dir)
     summary = json.loads((out / "summary.json").read_text())
     assert {m.metadata.message_type for m in grid.sent} == {P.MARGINAL_MESSAGE}
@@ -308,13 +420,21 @@ def test_ckks_coordinator_sees_only_sums(tmp_path, heart_schema):
         else:
             clear_values.append((cfg, np.asarray(reply.content[P.COUNTS_RECORD][P.VALUES].numpy())))
     assert clear_values
-    # the first decrypted vector is the sum of the sites' noisy 1-way marginals: close to
-    # the exact pooled counts, and far from any one site's counts
-    first_cfg, total = clear_values[0]
-    disc = Discretizer(heart_schema, SMALL["bins"])
+    # the first decrypted vector is the sum of the sites' noisy fine histograms of the
+    # numeric columns (fine cells, no cuts yet); the second, the sum of their noisy
+    # 1-way marginals on the bins cut from it: close to the exact pooled counts, and
+    # far from any one site's counts
+    first_cfg, first = clear_values[0]
+    assert "cuts" not in json.loads(first_cfg[P.BINNING])
+    fine = discretizer_for(heart_schema, SMALL["bins"], first_cfg[P.BINNING])
+    assert first.size == sum(a.size for a in fine.attributes if a.numeric)
+    cfg, total = clear_values[1]
+    binning = cfg[P.BINNING]
+    assert json.loads(binning)["cuts"].keys() == set(fine.numeric_names())
+    disc = discretizer_for(heart_schema, SMALL["bins"], binning)
     exact_sites = []
     for s in sites:
-        cells = site_cells(s, heart_schema, SMALL["bins"])
+        cells = site_cells(s, heart_schema, disc, SMALL["bins"], binning)
         exact_sites.append(np.concatenate([np.bincount(cells[:, j], minlength=n)
                                            for j, n in enumerate(disc.shape.values())]))
     pooled = np.sum(exact_sites, axis=0)

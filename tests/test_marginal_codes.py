@@ -24,7 +24,7 @@ from fedsynth.common.generators.marginal.codes import (
     bounded_rows,
     code_weights,
 )
-from fedsynth.common.generators.marginal.model import discretizer_for
+from fedsynth.common.generators.marginal.model import study_discretizer
 from fedsynth.common.generators.marginal.plan import (
     CODES,
     MarginalPlan,
@@ -96,7 +96,7 @@ def test_bundled_mimic_schema_groups_every_code_by_its_chapter(mimic):
 
 def test_a_group_is_one_attribute_counting_its_codes_and_decodes_inside_it(mimic):
     schema, frame = mimic
-    disc = discretizer_for(schema, {"code_cap": 3})
+    disc = study_discretizer(schema, {"code_cap": 3})
     assert len(disc.names) == 5 + 19  # five columns and one attribute per chapter
     cells = disc.encode(frame)
     circ = disc.names.index("dx[circulatory]")
@@ -123,7 +123,7 @@ def test_a_group_is_one_attribute_counting_its_codes_and_decodes_inside_it(mimic
 
 def test_grouping_off_keeps_one_binary_attribute_per_code(mimic):
     schema, _ = mimic
-    disc = discretizer_for(schema, {"group_codes": False})
+    disc = study_discretizer(schema, {"group_codes": False})
     assert len(disc.names) == 5 + len(schema.codesets["dx"])
     assert disc.groups == []
 
@@ -133,7 +133,7 @@ def test_grouping_off_keeps_one_binary_attribute_per_code(mimic):
 
 def test_bounded_histogram_has_the_sensitivity_the_plan_charges(mimic):
     schema, frame = mimic
-    disc = discretizer_for(schema, {})
+    disc = study_discretizer(schema, {})
     presence = disc.code_presence(frame)
     assert presence.sum(axis=1).max() > 8  # MIMIC patients carry up to 50 categories
     rng = np.random.default_rng(0)
@@ -207,7 +207,8 @@ def test_central_fit_on_mimic_learns_code_frequencies_within_budget(mimic):
     assert info["epsilon"] <= 3.0
     counts = [c for _, _, c in zip(*[info["ledger"][k] for k in ("noise", "rate", "count")],
                                    strict=True)]
-    assert counts[:2] == [24, 6]  # the 1-way marginals, then the code histogram
+    # the fine histograms of the 3 numeric columns, the 1-way marginals, the code histogram
+    assert counts[:3] == [3, 24, 6]
     codes = schema.codesets["dx"]
     real_f = frame[codes].astype(float).mean().to_numpy()
 

@@ -33,6 +33,9 @@ import pandas as pd
 from ..causal import CausalGraph
 from ..generators.marginal.discretize import Discretizer
 from ..schema import Schema
+from .context import Context
+from .data import MISSING
+from .metric import MetricValue, metric
 
 
 @dataclass
@@ -77,12 +80,28 @@ def _pvalues(cells: np.ndarray, names: list[str],
 
 
 def independences(real: pd.DataFrame, synthetic: pd.DataFrame, schema: Schema,
-                  graph: CausalGraph, bins: int = 5) -> list[IndependenceResult]:
-    """Every local-Markov independence tested on both tables (see the module doc)."""
+                  graph: CausalGraph, bins: int = 5,
+                  site_column: str | None = None) -> list[IndependenceResult]:
+    """Every local-Markov independence tested on both tables (see the module doc).
+
+    With ``site_column`` (present in both tables) every test also conditions on the
+    hospital: the graph's statements are about patients within one hospital, and
+    pooling hospitals that differ in case mix adds a common cause of every column that
+    the graph leaves out.
+    """
     disc = Discretizer(schema, bins)
     tests = graph.local_independences(schema.names)
-    pr = _pvalues(disc.encode(real), disc.names, tests)
-    ps = _pvalues(disc.encode(synthetic), disc.names, tests)
+    names = list(disc.names)
+    cells = [disc.encode(real), disc.encode(synthetic)]
+    if site_column is not None:
+        codes = {s: i for i, s in enumerate(sorted(
+            set(real[site_column].astype(str)) | set(synthetic[site_column].astype(str))))}
+        cells = [np.column_stack([c, f[site_column].astype(str).map(codes).to_numpy()])
+                 for c, f in zip(cells, (real, synthetic), strict=True)]
+        names.append(site_column)
+        tests = [(x, y, (*z, site_column)) for x, y, z in tests]
+    pr = _pvalues(cells[0], names, tests)
+    ps = _pvalues(cells[1], names, tests)
     return [IndependenceResult(x, y, z, a, b)
             for (x, y, z), a, b in zip(tests, pr, ps, strict=True)]
 
@@ -127,12 +146,13 @@ def edge_signs(real: pd.DataFrame, synthetic: pd.DataFrame, schema: Schema,
 
 def causal_report(real: pd.DataFrame, synthetic: pd.DataFrame, schema: Schema,
                   graph: CausalGraph | None = None, alpha: float = 0.05,
-                  bins: int = 5) -> dict[str, Any]:
-    """Shares of independences that hold, their agreement, and edge-sign agreement."""
+                  bins: int = 5, site_column: str | None = None) -> dict[str, Any]:
+    """Shares of independences that hold, their agreement, and edge-sign agreement
+    (independences within hospitals when ``site_column`` names one in both tables)."""
     graph = graph or schema.graph
     if graph is None:
         raise ValueError(f"schema {schema.name!r} publishes no causal graph")
-    ind = independences(real, synthetic, schema, graph, bins)
+    ind = independences(real, synthetic, schema, graph, bins, site_column)
     held = [r.holds(alpha) for r in ind]
     signs = edge_signs(real, synthetic, schema, graph)
     sig = [s for s in signs if s.p_real < alpha]
@@ -144,6 +164,7 @@ def causal_report(real: pd.DataFrame, synthetic: pd.DataFrame, schema: Schema,
         "independence_agreement": (float(np.mean([a == b for a, b in held]))
                                    if held else float("nan")),
         "disagreements": [asdict(r) for r, h in zip(ind, held, strict=True) if h[0] != h[1]],
+        "independences": [asdict(r) for r in ind],
         "edges_tested": len(signs),
         "edges_significant_real": len(sig),
         "edge_sign_agreement": (float(np.mean([s.agrees for s in sig])) if sig
@@ -161,3 +182,66 @@ def ate(treated: pd.Series, control: pd.Series) -> tuple[float, float, float]:
     d = float(a.mean() - b.mean())
     se = float(np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)))
     return d, d - 1.96 * se, d + 1.96 * se
+
+
+AREA = "causal"
+#: Share of the significant real edge effects whose sign the synthetic table must keep.
+EDGE_SIGN_THRESHOLD = 0.8
+
+
+def _frame(ctx: Context, name: str, rows: int) -> pd.DataFrame:
+    """A table as the discretizer reads it (missing as NaN), cut to ``rows`` rows: the
+    tests' power grows with rows, so every table is compared at the holdout's size."""
+    frame = ctx.table(name).frame(ctx.schema).iloc[:rows]
+    return frame.replace(MISSING, np.nan)
+
+
+def run(ctx: Context) -> list[MetricValue]:
+    """The causal area: does the synthetic table keep what the schema's graph says?
+
+    Runs only when the schema publishes a graph. The real holdout is the reference
+    table; the same figures for the real training rows (at the holdout's size) say what
+    new real patients score. Each implied independence and each edge is listed as a
+    per-pair figure (p-values, coefficients), so the report shows where they disagree.
+    """
+    graph = ctx.schema.graph
+    n = min(ctx.holdout.n, ctx.synthetic.n, ctx.train.n)
+    if graph is None or n < 30:
+        return []
+    hold = _frame(ctx, "holdout", n)
+    syn, train = _frame(ctx, "synthetic", n), _frame(ctx, "train", n)
+    try:
+        rep = causal_report(hold, syn, ctx.schema, graph)
+        ref = causal_report(hold, train, ctx.schema, graph)
+    except (KeyError, ValueError):  # a value off the schema: the fidelity area says so
+        return []
+    out = [
+        metric("causal_independence_agreement", AREA, rep["independence_agreement"],
+               "higher", "share of the graph's implied conditional independences on which "
+               "the synthetic table and the real holdout agree (G-squared test, alpha "
+               f"{rep['alpha']}, tables of {n} rows)",
+               reference=ref["independence_agreement"],
+               details={k: rep[k] for k in ("implied_independences", "hold_real",
+                                            "hold_synthetic")}),
+        metric("causal_edge_sign_agreement", AREA, rep["edge_sign_agreement"], "higher",
+               "share of the graph's edges with a significant effect in the real holdout "
+               "whose sign the synthetic table keeps (regression of each column on its "
+               "causes)", reference=ref["edge_sign_agreement"],
+               threshold=EDGE_SIGN_THRESHOLD,
+               details={"edges_significant_real": rep["edges_significant_real"],
+                        "edges_tested": rep["edges_tested"]}),
+    ]
+    for r in rep["independences"]:
+        given = ", ".join(r["given"]) or "nothing"
+        out.append(metric(
+            "independence_p", AREA, r["p_synthetic"], "higher",
+            f"p-value of '{r['x']} independent of {r['y']} given {given}' (reference: on "
+            "the real holdout)", columns=(r["x"], r["y"], *r["given"]),
+            reference=r["p_real"]))
+    for e in rep["edges"]:
+        out.append(metric(
+            "edge_coefficient", AREA, e["coef_synthetic"], "higher",
+            f"effect of {e['parent']} on {e['child']} adjusted for its other causes "
+            f"(reference: real holdout, p = {e['p_real']:.3g})",
+            columns=(e["parent"], e["child"]), reference=e["coef_real"]))
+    return out

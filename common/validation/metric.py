@@ -26,6 +26,7 @@ AREAS: tuple[str, ...] = (
     "diversity",
     "utility",
     "survival",
+    "causal",
     "clustering",
     "detection",
     "privacy",

@@ -49,6 +49,7 @@ AREA_TITLES = {
     "diversity": "Diversity and coverage: is all of the real population there, and no more?",
     "utility": "Utility: does a model trained on synthetic data work on real patients?",
     "survival": "Survival: does a survival analysis reach the same conclusions?",
+    "causal": "Causal: does the synthetic table follow the study's causal graph?",
     "clustering": "Clustering: do the same patient groups appear?",
     "detection": "Detection: can a classifier tell synthetic from real patients?",
     "privacy": "Privacy: is a synthetic patient closer to a training patient than a new one is?",

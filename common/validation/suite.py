@@ -14,7 +14,7 @@ import pandas as pd
 from threadpoolctl import threadpool_limits
 
 from ..schema import Schema
-from . import clustering, detection, diversity, fidelity, privacy, survival, utility
+from . import causal, clustering, detection, diversity, fidelity, privacy, survival, utility
 from .context import Context, Target
 from .data import Table
 from .metric import MetricValue, ValidationResult
@@ -27,6 +27,7 @@ AREA_RUNNERS: dict[str, AreaRunner] = {
     "diversity": diversity.run,
     "utility": utility.run,
     "survival": survival.run,
+    "causal": causal.run,
     "clustering": clustering.run,
     "detection": detection.run,
     "privacy": privacy.run,
@@ -45,6 +46,7 @@ HEADLINE: dict[str, tuple[str, bool]] = {
     "kmeans_ari": ("kmeans_ari", False),
     "cox_c_index": ("cox_c_index", False),
     "km_max_gap": ("km_max_gap", False),
+    "causal_edge_sign_agreement": ("causal_edge_sign_agreement", False),
     "membership_inference_auroc": ("membership_inference_auroc", False),
 }
 

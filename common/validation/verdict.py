@@ -31,6 +31,10 @@ ADVICE: dict[str, str] = {
     "check that --target is the label you care about",
     "survival": "survival curves or the Cox model differ from the real ones: train longer, "
     "give the sites a larger budget, or check the survival columns' bounds in the schema",
+    "causal": "effects along the causal graph's edges point the other way in the synthetic "
+    "rows: fit the marginal generator with causal=true (it measures each column with its "
+    "causes, docs/causal.md), or give the sites a larger budget; the section lists each "
+    "edge's effect on real and synthetic rows",
     "clustering": "the synthetic rows do not form the same patient groups: train longer "
     "or with a larger budget",
     "detection": "a classifier tells synthetic from real patients: the generator has not "

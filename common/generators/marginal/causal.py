@@ -86,41 +86,137 @@ class Mechanism:
 
 
 def from_measurements(measurements: Sequence[Measurement], graph: CausalGraph,
-                      order: Sequence[str], sizes: dict[str, int], sites: Sequence[str]
-                      ) -> list[Mechanism]:
+                      order: Sequence[str], sizes: dict[str, int], sites: Sequence[str],
+                      pooling: float = 1.0) -> list[Mechanism]:
     """Every node's conditional from its family's noisy counts (see the module doc).
 
     With ``sites`` (per-site vectors in clear) each conditional is the site's own, the
     site a root parent; a first pseudo-mechanism ``SITE`` holds the sites' weights.
+    A site's conditional is shrunk toward the pooled one (:func:`partial_pool`), with
+    ``pooling`` scaling the prior's weight (0: each site on its own counts only).
     """
     by_clique = {tuple(m.clique): m for m in measurements}
     out: list[Mechanism] = []
 
-    def counts(clique: Clique) -> np.ndarray:
+    def counts(clique: Clique) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """Projected counts (per site when the model has sites), each site's noise std,
+        and the pooled projected counts."""
         m = by_clique[tuple(clique)]
         shape = [sizes[a] for a in clique]
         values = np.asarray(m.values, dtype=float)
+        pooled = values.sum(axis=0) if m.by_site else values
+        pooled = simplex(pooled.ravel()).reshape(shape)
         if m.by_site and sites:
-            return np.stack([simplex(v) for v in values]).reshape([len(sites), *shape])
-        if m.by_site:
-            values = values.sum(axis=0)
-        return simplex(values.ravel()).reshape(shape)
+            per_site = np.stack([simplex(v) for v in values]).reshape([len(sites), *shape])
+            return per_site, np.asarray(m.stddev, dtype=float).reshape(-1), pooled
+        return pooled, None, pooled
 
     if sites:
-        first = counts((order[0],))
+        first, _, _ = counts((order[0],))
         w = first.reshape(len(sites), -1).sum(axis=1)
         out.append(Mechanism(SITE, (), w / max(w.sum(), 1e-12)))
     prefix = (SITE,) if sites else ()
+    targets: dict[str, np.ndarray] = {}
     for node in order:
-        joint = counts(graph.family(node))
-        marg = counts((node,))
-        marg = marg / np.maximum(marg.sum(axis=-1, keepdims=True), 1e-12)
-        if sites and graph.parents_of(node):  # broadcast the site's marginal over parents
-            marg = marg.reshape([len(sites)] + [1] * len(graph.parents_of(node)) + [-1])
-        norm = joint.sum(axis=-1, keepdims=True)
-        table = np.where(norm > 1e-12, joint / np.maximum(norm, 1e-12), marg)
+        joint, noise, pooled = counts(graph.family(node))
+        one, one_noise, one_pooled = counts((node,))
+        fallback = _conditional(one_pooled, None)  # the pooled 1-way marginal
+        table = _conditional(pooled, fallback)
+        targets[node] = fallback
+        if noise is not None:
+            table = partial_pool(joint, table, noise, pooling)
+            # a hospital's own case mix: its 1-way counts cover all its patients, so
+            # they are shrunk by one cell's noise only (a hospital that never measures
+            # a lab keeps it missing)
+            targets[node] = partial_pool(one, fallback, one_noise, pooling, per_cell=False)
         out.append(Mechanism(node, prefix + graph.parents_of(node), table))
+    return calibrate(out, targets)
+
+
+def calibrate(mechs: Sequence[Mechanism], targets: dict[str, np.ndarray],
+              draws: int = 20_000, steps: int = 5, seed: int = 0) -> list[Mechanism]:
+    """Rescale each conditional so the 1-way marginal it implies is the measured one.
+
+    Sampling parents from upstream mechanisms and each child from its family's own
+    counts lets the small errors of every family add up along the graph, so a deep
+    node's marginal drifts from its (more precise) noisy 1-way measurement. In
+    topological order, each node's table is multiplied by ratio = target / implied
+    marginal (per site when the site is a parent) and renormalised, a few times
+    (iterative proportional fitting on one margin): that keeps every odds ratio
+    between a node and its parents, i.e. the mechanism's shape, and matches its
+    marginal. The implied marginal is the mean conditional over ``draws`` ancestral
+    rows; those draws use public randomness (this is post-processing of the release).
+    """
+    rng = np.random.default_rng(seed)
+    drawn: dict[str, np.ndarray] = {}
+    out: list[Mechanism] = []
+    for m in mechs:
+        if m.node == SITE:
+            drawn[SITE] = _draw(np.broadcast_to(m.table, (draws, len(m.table))), rng)
+            out.append(m)
+            continue
+        table = np.array(m.table, dtype=float)
+        target = targets[m.node]
+        by_site = bool(m.parents) and m.parents[0] == SITE
+        for _ in range(steps):
+            probs = _rows(table, m.parents, drawn, draws)
+            if by_site:
+                site = drawn[SITE]
+                implied = np.stack([probs[site == s].mean(axis=0) if np.any(site == s)
+                                    else target[s] for s in range(target.shape[0])])
+                shape = [target.shape[0]] + [1] * (table.ndim - 2) + [table.shape[-1]]
+            else:
+                implied = probs.mean(axis=0)
+                shape = [1] * (table.ndim - 1) + [table.shape[-1]]
+            ratio = np.where(implied > 1e-12, target / np.maximum(implied, 1e-12), 1.0)
+            table = table * ratio.reshape(shape)
+            norm = table.sum(axis=-1, keepdims=True)
+            table = np.where(norm > 1e-12, table / np.maximum(norm, 1e-12),
+                             np.broadcast_to(target.reshape(shape), table.shape))
+        out.append(Mechanism(m.node, m.parents, table))
+        drawn[m.node] = _draw(_rows(table, m.parents, drawn, draws), rng)
     return out
+
+
+def _rows(table: np.ndarray, parents: tuple[str, ...], drawn: dict[str, np.ndarray],
+          n: int) -> np.ndarray:
+    """Each drawn row's conditional distribution of the node, (n, node cells)."""
+    if not parents:
+        return np.broadcast_to(table, (n, table.shape[-1]))
+    return table[tuple(drawn[p] for p in parents)]
+
+
+def _conditional(joint: np.ndarray, fallback: np.ndarray | None) -> np.ndarray:
+    """Normalise the last axis; a parent configuration without mass takes ``fallback``
+    (uniform when there is none)."""
+    norm = joint.sum(axis=-1, keepdims=True)
+    if fallback is None:
+        fallback = np.full(joint.shape[-1], 1.0 / joint.shape[-1])
+    return np.where(norm > 1e-12, joint / np.maximum(norm, 1e-12), fallback)
+
+
+def partial_pool(site_joint: np.ndarray, pooled: np.ndarray, noise: np.ndarray,
+                 pooling: float, per_cell: bool = True) -> np.ndarray:
+    """Each site's P(node | parents), shrunk toward the pooled conditional.
+
+    A site's conditional in one parent configuration is (c + k p) / (n + k): its own
+    projected counts ``c`` (total ``n``) plus ``k`` pseudo-patients distributed as the
+    pooled conditional ``p`` (all sites' counts added, so far less noisy). ``k`` is the
+    site's noise std per cell times the square root of the node's cells, times
+    ``pooling``: about the number of patients the noise in one configuration's counts
+    is worth, so a stratum whose counts are mostly noise follows the pooled mechanism
+    and a large one keeps its own. Without it, small hospitals' noisy conditionals make
+    the hospitals look more different than they are, and a pooled synthetic table then
+    breaks independences the graph implies (the hospital acting as a spurious common
+    cause). ``per_cell=False`` drops the square root (``k`` = one cell's noise), for
+    a table whose counts are not split over parent configurations. Post-processing of
+    the DP counts.
+    """
+    k = pooling * noise * (math.sqrt(site_joint.shape[-1]) if per_cell else 1.0)
+    k = k.reshape([-1] + [1] * (site_joint.ndim - 1))
+    n = site_joint.sum(axis=-1, keepdims=True)
+    mixed = (site_joint + k * pooled[None]) / np.maximum(n + k, 1e-12)
+    return np.where(n + k > 1e-12, mixed, pooled[None])
 
 
 def simplex(noisy: np.ndarray) -> np.ndarray:

@@ -11,6 +11,13 @@ Each schema column becomes one discrete attribute of the model:
   ``bins`` keeps one cell per value;
 - a missing value is one more cell of its column when the schema says it may be missing.
 
+Numeric columns can instead be binned from a DP release (``FineCells``,
+:meth:`Discretizer.refined`): the column's noisy 1-way histogram over ``fine`` equal-width
+cells of the public range is released first; the model's bins are then runs of those
+fine cells of about equal mass (``common/dp_histogram.py``), and a value is decoded by
+drawing a fine cell of its bin by the clipped noisy fine counts, then a grid value in
+it. The fine cells nest in the bins, so decoded values still fall in their own bin.
+
 Decoding draws a value inside the cell. An integer column draws on its integer grid
 (uniform over the integers of the bin, so no value is ever off the grid and no
 rounding piles mass on bin edges); a continuous column
@@ -20,8 +27,10 @@ bin). Either way a decoded value falls back into its own cell.
 
 from __future__ import annotations
 
+import copy
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -34,11 +43,34 @@ DEFAULT_BINS = 10
 
 
 @dataclass(frozen=True)
+class FineCells:
+    """A numeric column's bins as runs of fine equal-width cells (from a DP release).
+
+    ``cuts[j] .. cuts[j+1]`` are the fine cells of bin j (``cuts[0] = 0``,
+    ``cuts[-1] = count``); ``weights`` are the clipped noisy fine counts, used only to
+    place a decoded value inside its bin. Both are post-processing of noisy counts."""
+
+    count: int
+    cuts: tuple[int, ...]
+    weights: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        cuts = np.asarray(self.cuts)
+        if (len(cuts) < 2 or cuts[0] != 0 or cuts[-1] != self.count
+                or np.any(np.diff(cuts) < 1)):
+            raise ValueError(f"bin cuts {list(self.cuts)} must rise strictly from 0 to "
+                             f"{self.count} (the number of fine cells)")
+        if len(self.weights) != self.count:
+            raise ValueError(f"{len(self.weights)} fine weights for {self.count} cells")
+
+
+@dataclass(frozen=True)
 class Attribute:
     """One column as the model sees it: its cells and how to map values to them."""
 
     column: Column
     bins: int  # numeric: number of value bins (missing cell excluded)
+    fine: FineCells | None = None  # numeric: bins made of fine cells (DP-derived)
 
     @property
     def name(self) -> str:
@@ -73,6 +105,9 @@ class Attribute:
 
     def value_cell(self, values: np.ndarray) -> np.ndarray:
         """Bin of each (non-missing) numeric value; values are clipped to the domain."""
+        if self.fine is not None:
+            fine = self._fine_attribute().value_cell(values)
+            return np.searchsorted(np.asarray(self.fine.cuts), fine, side="right") - 1
         lo, hi = self._bounds()
         v = np.log1p(np.maximum(values, 0.0)) if self._log else values
         if self._integer_grid() and not self._log:
@@ -104,6 +139,8 @@ class Attribute:
 
     def edges(self) -> np.ndarray:
         """The bins' edges on the encoding scale (log scale for survival times)."""
+        if self.fine is not None:
+            return self._fine_attribute().edges()[np.asarray(self.fine.cuts)]
         lo, hi = self._bounds()
         if self._integer_grid() and not self._log:
             return lo + np.arange(self.bins + 1) * (hi - lo + 1) / self.bins
@@ -146,6 +183,8 @@ class Attribute:
     def _draw_in_bins(self, bins: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """A value in each bin: uniform over the bin's recordable values (its grid), so a
         decoded value always falls back into its own bin and never between grid points."""
+        if self.fine is not None:
+            return self._draw_fine(bins, rng)
         grid = self.grid()
         grid_cells = self.value_cell(grid) if grid is not None else None
         edges = self.edges()
@@ -160,6 +199,26 @@ class Attribute:
             v = rng.uniform(edges[b], edges[b + 1], size=len(rows))
             out[rows] = np.expm1(v) if self._log else v
         return out
+
+
+    # -- bins made of fine cells (numeric path) -----------------------------------------
+    def _fine_attribute(self) -> Attribute:
+        """The same column cut into the fine equal-width cells its bins are made of."""
+        assert self.fine is not None
+        return Attribute(self.column, self.fine.count)
+
+    def _draw_fine(self, bins: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """A fine cell of each bin, drawn by the clipped noisy fine counts (uniform over
+        the bin's cells if they are all zero), then a grid value inside that cell."""
+        assert self.fine is not None
+        cuts, weights = np.asarray(self.fine.cuts), np.asarray(self.fine.weights, float)
+        fine = np.empty(len(bins), dtype=np.int64)
+        for b in np.unique(bins):
+            rows = np.flatnonzero(bins == b)
+            w = weights[cuts[b]:cuts[b + 1]]
+            p = w / w.sum() if w.sum() > 0 else np.full(len(w), 1.0 / len(w))
+            fine[rows] = cuts[b] + rng.choice(len(w), size=len(rows), p=p)
+        return self._fine_attribute()._draw_in_bins(fine, rng)
 
 
 class Discretizer:
@@ -188,6 +247,28 @@ class Discretizer:
     @property
     def names(self) -> list[str]:
         return [a.name for a in self.attributes]
+
+    def refined(self, fine: dict[str, FineCells]) -> Discretizer:
+        """A copy whose named numeric columns use bins made of fine cells.
+
+        ``self`` must cut those columns into the fine cells (``Discretizer(schema,
+        fine_bins)``): each ``FineCells.count`` must match, so a site and the
+        coordinator cannot disagree on what a cut means."""
+        out = copy.copy(self)
+        out.attributes, out.code_weights = [], dict(self.code_weights)
+        for a in self.attributes:
+            f = fine.get(a.name)
+            if f is not None:
+                if (not isinstance(a, Attribute) or not a.numeric or a.fine is not None
+                        or a.bins != f.count):
+                    raise ValueError(f"column {a.name!r}: cuts over {f.count} fine cells do "
+                                     f"not fit its {getattr(a, 'bins', a.size)} cells")
+                a = replace(a, bins=len(f.cuts) - 1, fine=f)
+            out.attributes.append(a)
+        return out
+
+    def numeric_names(self) -> list[str]:
+        return [a.name for a in self.attributes if a.numeric]
 
     @property
     def shape(self) -> dict[str, int]:
@@ -258,3 +339,34 @@ class Discretizer:
                 col = pd.Series([fixed[a.name]] * len(cells), dtype=col.dtype)
             data[a.name] = col
         return pd.DataFrame(data)[self.schema.names]
+
+
+# -- a study's binning as it travels (coordinator -> sites) and is saved ----------------
+def binning_to_json(fine_bins: int, fine: dict[str, FineCells], weights: bool = False) -> str:
+    """The public description of the cells: the fine resolution and each column's cuts
+    (and, for a saved model, the decoding weights; the sites need only the cuts)."""
+    raw: dict[str, object] = {"fine": fine_bins,
+                              "cuts": {k: list(map(int, f.cuts)) for k, f in fine.items()}}
+    if weights:
+        raw["weights"] = {k: [float(w) for w in f.weights] for k, f in fine.items()}
+    return json.dumps(raw)
+
+
+def discretizer_for(schema: Schema, bins: int, binning: str | None, *,
+                    group_codes: bool = True, code_cap: int = DEFAULT_CAP) -> Discretizer:
+    """The cells a request or a saved model names: equal-width ``bins`` when no binning
+    is given; the fine cells when only ``fine`` is (the fine 1-way release); bins made
+    of fine cells when cuts are given too. Malformed cuts are a ValueError.
+    ``group_codes``/``code_cap``: how code sets become attributes (``codes.py``)."""
+    if not binning:
+        return Discretizer(schema, bins, group_codes=group_codes, code_cap=code_cap)
+    raw = json.loads(binning)
+    fine = Discretizer(schema, int(raw["fine"]), group_codes=group_codes, code_cap=code_cap)
+    cuts = raw.get("cuts") or {}
+    weights = raw.get("weights") or {}
+    cells = {}
+    for name, c in cuts.items():
+        count = fine.attribute(name).bins
+        w = weights.get(name) or [0.0] * count
+        cells[name] = FineCells(count, tuple(int(x) for x in c), tuple(float(x) for x in w))
+    return fine.refined(cells) if cells else fine

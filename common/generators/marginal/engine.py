@@ -26,6 +26,7 @@ from typing import Protocol
 import numpy as np
 
 from . import fit
+from .discretize import Discretizer
 from .fit import SITE, Clique, Measurement
 from .measure import marginal
 from .plan import CODES, MEASURE, ONE_WAY, MarginalPlan
@@ -51,6 +52,10 @@ class Measurer(Protocol):
 
     def measure_noise(self) -> list[float]:
         """Each site's noise std for the next ``measure`` release (for the penalty)."""
+
+    def use(self, discretizer: Discretizer, binning: str) -> None:
+        """Measure on ``discretizer``'s cells from now on; ``binning`` is their public
+        description (``discretize.binning_to_json``) that a site rebuilds them from."""
 
 
 @dataclass
@@ -91,41 +96,54 @@ def run(
     names: Sequence[str], sizes: dict[str, int], plan: MarginalPlan, measurer: Measurer,
     *, max_way: int = 2, max_cells: int = 200_000, max_clique_cells: int = 2_000,
     iters: int = 1000, rng: np.random.Generator | None = None,
-    codes: dict[str, int] | None = None, direct: Sequence[str] = (),
-    anchors: Sequence[str] = (),
+    first: list[Measurement] | None = None, focus: str | None = None,
+    focus_weight: float = 1.0, codes: dict[str, int] | None = None,
+    direct: Sequence[str] = (), anchors: Sequence[str] = (),
 ) -> EngineResult:
     """Run the whole plan against ``measurer``; returns the fitted model.
 
+    ``first``: the 1-way measurements when the caller already released them (the fine
+    1-way release of ``MarginalGenerator``; without the ``direct`` codes); else they are
+    measured here.
     ``codes`` (attribute -> entries, ``Discretizer.code_attrs``): the attributes the code
     histogram covers, released once after the 1-way marginals (``codes.py``); the
     ``direct`` ones among them get no 1-way release: their histogram entry is their
-    "has the code" count, measured in the model as such. ``anchors`` (a survival
-    outcome's columns, from the schema) reserve half of each round's candidates.
-    """
+    "has the code" count, measured in the model as such.
+    ``focus`` (the schema's outcome): its candidates are always scored, and their
+    penalised scores are multiplied by ``focus_weight`` (AIM's workload weights: a
+    public choice applied to noisy scores, so post-processing). ``anchors`` (a survival
+    outcome's columns, from the schema) reserve half of each round's other candidates.
+
+    Before any pair is measured the model is the product of the 1-way marginals, so
+    the first round scores against that product directly (``_independent``) instead
+    of fitting and sampling a model: each mbi fit compiles new JAX programs, which is
+    nearly all of a study's wall time."""
     rng = rng or np.random.default_rng(0)  # public randomness: which candidates to score
-    one_way = [(a,) for a in names if a not in set(direct)]
-    measurements = measurer.measure(one_way, ONE_WAY) if one_way else []
+    if first is not None:
+        measurements = list(first)
+    else:
+        one_way = [(a,) for a in names if a not in set(direct)]
+        measurements = measurer.measure(one_way, ONE_WAY) if one_way else []
     code_meas = measurer.measure([(a,) for a in codes], CODES) if codes else []
     measurements += [m for m in code_meas if m.clique[0] in set(direct)]
     sites = list(measurer.sites)  # known once the sites have answered
-    model = fit.estimate(sizes, measurements, sites, iters)
+    model = None
     log: list[SelectionLog] = []
     for t in range(plan.rounds):
         measured = [m.clique for m in measurements]
-        every = candidates(names, sizes, measured, max_way, max_clique_cells)
-        pool: list[Clique] = []
-        for i in pool_order(every, anchors, plan.candidates, rng):
-            if fit.model_cells(sizes, [*measured, every[i]], sites) <= max_cells:
-                pool.append(every[i])
-                if len(pool) == plan.candidates:
-                    break
+        pool = _pool(candidates(names, sizes, measured, max_way, max_clique_cells),
+                     sizes, measured, sites, plan.candidates, max_cells, rng, focus,
+                     anchors)
         if not pool:
             break
-        scores, _ = measurer.score(pool, _model_marginals(model, pool, sites, rng))
+        marginals = (_model_marginals(model, pool, sites, rng) if model is not None
+                     else _independent(measurements, pool, sites))
+        scores, _ = measurer.score(pool, marginals)
         noise = measurer.measure_noise()
         cells = np.array([math.prod(sizes[a] for a in c) for c in pool], dtype=float)
         spread = (sum(noise) if sites else math.sqrt(sum(s * s for s in noise)))
         penalised = scores - math.sqrt(2 / math.pi) * spread * cells
+        penalised *= np.array([focus_weight if focus in c else 1.0 for c in pool])
         chosen: list[Clique] = []
         for i in np.argsort(-penalised):
             if len(chosen) == plan.per_round:
@@ -137,6 +155,8 @@ def run(
                                 [float(penalised[pool.index(c)]) for c in chosen]))
         measurements += measurer.measure(chosen, MEASURE)
         model = fit.estimate(sizes, measurements, sites, iters, warm_start=model)
+    if model is None:
+        model = fit.estimate(sizes, measurements, sites, iters)
     return EngineResult(model, measurements, log, code_meas)
 
 
@@ -156,6 +176,51 @@ def pool_order(every: Sequence[Clique], anchors: Sequence[str], size: int,
     held = [i for i in order if set(every[i]) & set(anchors)]
     first = held[: size // 2]
     return first + [i for i in order if i not in set(first)]
+
+
+def _pool(every: list[Clique], sizes: dict[str, int], measured: list[Clique],
+          sites: Sequence[str], size: int, max_cells: int, rng: np.random.Generator,
+          focus: str | None, anchors: Sequence[str] = ()) -> list[Clique]:
+    """Up to ``size`` candidates that keep the model within ``max_cells``: those with
+    ``focus`` first, then the others in ``pool_order`` (anchored ones up to half, then a
+    public random subset)."""
+    order = [every[i] for i in pool_order(every, anchors, size, rng)]
+    order.sort(key=lambda c: focus not in c)  # stable: pool_order within each group
+    pool: list[Clique] = []
+    for c in order:
+        if fit.model_cells(sizes, [*measured, c], sites) <= max_cells:
+            pool.append(c)
+            if len(pool) == size:
+                break
+    return pool
+
+
+def _independent(measurements: Sequence[Measurement], pool: Sequence[Clique],
+                 sites: Sequence[str]) -> dict[str, list[np.ndarray]]:
+    """Each candidate's marginal under independence: the outer product of its
+    attributes' noisy 1-way marginals (clipped at 0, normalised), per site when the
+    1-way measurements come per site. Post-processing of the 1-way release."""
+    one: dict[str, np.ndarray] = {}
+    for m in measurements:  # the first 1-way measurement of each attribute
+        if len(m.clique) == 1 and m.kind != CODES:
+            one.setdefault(m.clique[0], np.clip(np.asarray(m.values, dtype=float), 0, None))
+    total = (next(iter(one.values())).sum(axis=-1) if one else np.ones(len(sites) or 1))
+    for m in measurements:  # a direct code: its "has it" count of the noisy total
+        if m.kind == CODES and m.clique[0] not in one:
+            has = np.clip(np.asarray(m.values, dtype=float).reshape(*np.shape(total), -1)
+                          [..., 0], 0, total)
+            one[m.clique[0]] = np.stack([total - has, has], axis=-1)
+
+    def product(parts: list[np.ndarray]) -> np.ndarray:
+        out = np.ones(1)
+        for p in parts:
+            out = np.outer(out, p / max(p.sum(), 1e-12)).ravel()
+        return out
+
+    if not sites:
+        return {"": [product([one[a].reshape(-1, one[a].shape[-1]).sum(axis=0) for a in c])
+                     for c in pool]}
+    return {s: [product([one[a][i] for a in c]) for c in pool] for i, s in enumerate(sites)}
 
 
 def _model_marginals(model, pool: Sequence[Clique], sites: Sequence[str],

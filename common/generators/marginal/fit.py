@@ -35,6 +35,9 @@ class Measurement:
     stddev: np.ndarray  # pooled: scalar std of the sum; by site: std of each site's noise
     by_site: bool = False
     kind: str = "measure"
+    # per-cell noise relative to ``stddev`` (None: 1 everywhere). A bin made of w fine
+    # cells is the sum of w noisy fine counts, so its noise std is sqrt(w) * stddev.
+    cell_scale: np.ndarray | None = None
 
     def cells(self, sizes: dict[str, int]) -> int:
         return int(np.prod([sizes[a] for a in self.clique]))
@@ -60,20 +63,27 @@ def linear_measurements(measurements: Sequence[Measurement], sites: Sequence[str
     for meas in measurements:
         if meas.kind == CODES:
             out.append(_code_count(meas, sites))
-        elif meas.by_site and sites:
+            continue
+        scale = (np.ones(meas.values.shape[-1]) if meas.cell_scale is None
+                 else np.asarray(meas.cell_scale, dtype=float))
+        if meas.by_site and sites:
             values = np.asarray(meas.values, dtype=float)  # [S, cells]
-            sd = np.asarray(meas.stddev, dtype=float).reshape(-1, 1)
+            sd = np.asarray(meas.stddev, dtype=float).reshape(-1, 1) * scale[None, :]
             weights = np.broadcast_to(1.0 / sd, values.shape).ravel()
             out.append(m.LinearMeasurement(
                 (values / sd).ravel(), (SITE, *meas.clique), stddev=1.0,
                 query=m.WeightedQuery(weights)))
-        elif meas.by_site:  # per-site vectors but a pooled model: sum them
+            continue
+        if meas.by_site:  # per-site vectors but a pooled model: sum them
             values = np.asarray(meas.values, dtype=float).sum(axis=0)
             sd = float(np.sqrt(np.sum(np.square(meas.stddev))))
+        else:
+            values, sd = np.asarray(meas.values, dtype=float), float(meas.stddev)
+        if meas.cell_scale is None:
             out.append(m.LinearMeasurement(values, meas.clique, stddev=sd))
         else:
-            out.append(m.LinearMeasurement(np.asarray(meas.values, dtype=float), meas.clique,
-                                           stddev=float(meas.stddev)))
+            out.append(m.LinearMeasurement(values / scale, meas.clique, stddev=sd,
+                                           query=m.WeightedQuery(1.0 / scale)))
     return out
 
 

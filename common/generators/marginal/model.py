@@ -18,16 +18,17 @@ import pandas as pd
 from torch import nn
 
 from ...causal import CausalError
+from ...dp_histogram import cell_weights, equal_mass_cuts
 from ...privacy import PrivacyLedger
 from ...privacy.randomness import DPRandomness
 from ...schema import Schema
 from ..base import ConditionError, Generator
 from . import causal, engine, fit
 from .codes import code_weights, noisy_code_histogram, pooled_counts
-from .discretize import Discretizer
+from .discretize import Discretizer, FineCells, binning_to_json, discretizer_for
 from .fit import SITE, Clique, Measurement
 from .measure import noisy_marginals, noisy_scores
-from .plan import CODES, ONE_WAY, MarginalPlan, NoiseLevels, calibrate
+from .plan import CODES, FINE, ONE_WAY, MarginalPlan, NoiseLevels, calibrate
 
 NO_DP_NOISE = 1e-3  # noise std of a fit without DP: just enough to keep mbi well posed
 
@@ -37,18 +38,30 @@ class MarginalGenerator(Generator):
 
     name = "marginal"
     defaults: dict[str, Any] = {
-        "bins": 10,  # equal-width bins of a numeric column's public range
-        "rounds": 4,  # selection rounds after the 1-way marginals
-        "per_round": 4,  # marginals measured per round (top-k of one noisy score vector)
+        "bins": 6,  # bins of a numeric column (the model's cells)
+        # fine equal-width cells of a numeric column's public range: their noisy
+        # histogram is released first, the bins are runs of them of about equal noisy
+        # mass. 0: equal-width bins of the public range (no fine release; always so
+        # with a causal graph)
+        "fine_bins": 64,
+        "rounds": 2,  # selection rounds after the 1-way marginals (one mbi fit each)
+        "per_round": 8,  # marginals measured per round (top-k of one noisy score vector)
         "candidates": 48,  # candidates scored per round at most (the plan's bound)
-        "one_way_share": 0.25,  # share of the privacy budget for the 1-way marginals
+        "one_way_share": 0.2,  # share of the privacy budget for the 1-way marginals
+        "fine_share": 0.1,  # share for the fine histograms of the numeric columns
         "select_share": 0.15,  # share for the selection scores (the rest: measurements)
+        # the schema's outcome: its candidates are always scored, their scores weighted
+        # by this (public workload weight); 1: no preference
+        "outcome_weight": 2.0,
         "max_way": 2,  # 2: pairs only; 3: also triples that extend a measured pair
         "max_cells": 200_000,  # cap on the junction tree's cells (inference cost)
         "max_clique_cells": 2_000,  # largest marginal a round may measure
         "iters": 1000,  # mirror-descent iterations per fit
-        "site_attribute": True,  # federated in clear: model the site as an attribute
+        # federated in clear: model the site as an attribute (site-conditional
+        # sampling). None: on with a causal graph (per-site mechanisms), else off
+        "site_attribute": None,
         "causal": False,  # True: follow the schema's causal graph (causal.py, docs/causal.md)
+        "site_pooling": 1.0,  # causal: weight of the pooled mechanism in a site's (0: none)
         # code sets the schema groups (codes.py): one attribute per group, its code count
         "group_codes": True,  # False: one binary attribute per code even when grouped
         "code_cap": 3,  # a group's count cells 0..cap, the last meaning "cap or more"
@@ -61,7 +74,8 @@ class MarginalGenerator(Generator):
 
     # -- Generator plumbing (no networks: nothing here is trained by DP-SGD) -----------
     def build(self) -> None:
-        self.discretizer = discretizer_for(self.schema, self.hparams)
+        self.discretizer = study_discretizer(self.schema, self.hparams)
+        self.binning = ""  # JSON of the DP-derived cells (discretize.binning_to_json)
         self.mrf: Any = None
         self.sites: list[str] = []
         self.fit_info: dict[str, Any] = {}
@@ -73,6 +87,11 @@ class MarginalGenerator(Generator):
         self.order = (self.graph.topological_order(self.discretizer.names)
                       if self.graph is not None else [])
         self.mechanisms: list[causal.Mechanism] | None = None
+
+    def site_attribute(self) -> bool:
+        """Whether a federated study in clear models the site (see ``defaults``)."""
+        chosen = self.hparams["site_attribute"]
+        return bool(self.graph is not None if chosen is None else chosen)
 
     def networks(self) -> dict[str, nn.Module]:
         return {}
@@ -105,10 +124,12 @@ class MarginalGenerator(Generator):
         rounds = int(self.hparams["rounds"]) if len(pool) else 0
         codes = bool(self.discretizer.code_attrs) and int(self.hparams["code_bound"]) > 0
         direct = len(self.discretizer.direct_codes) if codes else 0
-        return MarginalPlan(max(1, d - direct), rounds, m,
-                            int(self.hparams["per_round"]),
+        fine = (len(self.discretizer.numeric_names())
+                if int(self.hparams["fine_bins"]) > 0 else 0)
+        return MarginalPlan(max(1, d - direct), rounds, m, int(self.hparams["per_round"]),
                             float(self.hparams["one_way_share"]),
                             float(self.hparams["select_share"]),
+                            fine, float(self.hparams["fine_share"]) if fine else 0.0,
                             int(self.hparams["code_bound"]) if codes else 0,
                             float(self.hparams["codes_share"]) if codes else 0.0)
 
@@ -118,6 +139,8 @@ class MarginalGenerator(Generator):
             return {}
         out = fit.model_to_arrays(self.mrf, self._attrs())
         out["sites_json"] = np.frombuffer(json.dumps(self.sites).encode(), dtype=np.uint8)
+        if self.binning:
+            out["binning_json"] = np.frombuffer(self.binning.encode(), dtype=np.uint8)
         if self.mechanisms is not None:
             out.update(causal.to_arrays(self.mechanisms))
         if self.discretizer.code_weights:
@@ -134,6 +157,8 @@ class MarginalGenerator(Generator):
             if key not in state:
                 raise ValueError(f"state does not fit a marginal model: missing {key!r}")
         self.sites = list(json.loads(bytes(np.asarray(state["sites_json"], dtype=np.uint8))))
+        self._use_binning(bytes(np.asarray(state["binning_json"], dtype=np.uint8)).decode()
+                          if "binning_json" in state else "")
         attrs = self._attrs()
         expected = [len(self.sites)] if self.sites else []
         expected += [self.sizes[a] for a in self.discretizer.names]
@@ -146,7 +171,8 @@ class MarginalGenerator(Generator):
         self.discretizer.code_weights = split_code_weights(
             self.discretizer, state.get("code_weights"))
         self.mrf = fit.model_from_arrays(
-            {k: v for k, v in state.items() if k not in ("sites_json", "code_weights")}, attrs)
+            {k: v for k, v in state.items()
+             if k not in ("sites_json", "binning_json", "code_weights")}, attrs)
         self.mechanisms = (causal.from_arrays(state, self.graph, self.order, self.sites)
                            if self.graph is not None else None)
 
@@ -175,20 +201,18 @@ class MarginalGenerator(Generator):
         plan = self.plan()
         dp = epsilon is not None
         noise = (calibrate(plan, epsilon, delta, accountant) if dp else
-                 NoiseLevels(NO_DP_NOISE, NO_DP_NOISE, NO_DP_NOISE, NO_DP_NOISE))
+                 NoiseLevels.flat(NO_DP_NOISE))
         ledger = PrivacyLedger(accountant)
-        holder = LocalMeasurer(self.discretizer.encode(data), self.discretizer.names,
-                               self.sizes, noise, ledger if dp else None,
+        holder = LocalMeasurer(data, self.discretizer, noise, ledger if dp else None,
                                randomness or DPRandomness.secret(),
-                               presence=self.discretizer.code_presence(data),
-                               code_bound=plan.code_bound,
-                               code_lengths=self.discretizer.code_attrs)
+                               code_bound=plan.code_bound)
         result = self.run_engine(plan, holder, sites=[])
         self.fit_info = {
             "epsilon": ledger.epsilon(delta) if dp else None,
             "delta": delta if dp else None,
             "ledger": ledger.to_record() if dp else None,
-            "noise": {"one_way": noise.one_way, "score": noise.score, "measure": noise.measure},
+            "noise": {"one_way": noise.one_way, "score": noise.score, "measure": noise.measure,
+                      "fine": noise.fine},
             "selected": [list(c) for lg in result.log for c in lg.chosen],
             "reproducible_noise": (randomness or DPRandomness.secret()).is_reproducible,
         }
@@ -204,17 +228,22 @@ class MarginalGenerator(Generator):
             self.mrf, self.sites = result.model, list(sites)
             self.mechanisms = causal.from_measurements(
                 result.measurements, self.graph, self.order, self.sizes,
-                list(getattr(measurer, "sites", [])))
+                list(getattr(measurer, "sites", [])), float(self.hparams["site_pooling"]))
             return result
+        direct = self.discretizer.direct_codes if plan.code_bound else []
+        first = (self._fine_one_way(measurer, direct) if int(self.hparams["fine_bins"]) > 0
+                 else None)
         result = engine.run(
-            self.discretizer.names, self.sizes, plan, measurer,
+            self.discretizer.names, self.sizes, plan, measurer, first=first,
             max_way=int(self.hparams["max_way"]), max_cells=int(self.hparams["max_cells"]),
             max_clique_cells=int(self.hparams["max_clique_cells"]),
             iters=int(self.hparams["iters"]), rng=np.random.default_rng(self.seed),
             codes=self.discretizer.code_attrs if plan.code_bound else None,
-            direct=self.discretizer.direct_codes if plan.code_bound else (),
+            direct=direct,
             anchors=([c for pair in self.schema.survival_pairs for c in pair]
                      if self.hparams["anchor_survival"] else ()),
+            focus=self.schema.outcome.column if self.schema.outcome is not None else None,
+            focus_weight=float(self.hparams["outcome_weight"]),
         )
         self.mrf = result.model
         self.sites = list(sites)
@@ -227,6 +256,47 @@ class MarginalGenerator(Generator):
 
         jax.clear_caches()
         return result
+
+    # -- bins from the fine 1-way release -------------------------------------------
+    def _use_binning(self, binning: str) -> None:
+        self.binning = binning
+        self.discretizer = study_discretizer(self.schema, self.hparams, binning)
+
+    def _fine_one_way(self, measurer: engine.Measurer, direct: Sequence[str] = ()
+                      ) -> list[Measurement]:
+        """The 1-way releases with bins cut from the data's DP picture.
+
+        1. ``fine``: each numeric column's histogram over fine equal-width cells of its
+           public range (``plan.FINE``);
+        2. each numeric column's bins: runs of fine cells of about equal mass in the
+           summed noisy fine counts, and the clipped counts as decoding weights
+           (post-processing, ``common/dp_histogram.py``); the sites are told the cuts;
+        3. ``one-way``: every column's 1-way marginal on those bins (but the ``direct``
+           codes: the code histogram measures them, ``engine.run``).
+
+        Returns the model's 1-way measurements: the ``one-way`` release and, for each
+        numeric column, its fine histogram summed into the bins (a second, independent
+        measurement of the same marginal, noise std sqrt(width) x the fine one's).
+        """
+        fine_bins, bins = int(self.hparams["fine_bins"]), int(self.hparams["bins"])
+        fine = study_discretizer(self.schema, {**self.hparams, "bins": fine_bins})
+        numeric = [a for a in fine.attributes if a.numeric]
+        measurer.use(fine, json.dumps({"fine": fine_bins}))
+        raw = measurer.measure([(a.name,) for a in numeric], FINE) if numeric else []
+        cells: dict[str, FineCells] = {}
+        for meas, attr in zip(raw, numeric, strict=True):
+            noisy = np.asarray(meas.values, dtype=float)
+            pooled = (noisy.sum(axis=0) if noisy.ndim == 2 else noisy)[: attr.bins]
+            sd = float(np.sqrt(np.sum(np.square(meas.stddev))))  # of the summed noise
+            cuts = equal_mass_cuts(pooled, min(bins, attr.bins), sd)
+            cells[attr.name] = FineCells(attr.bins, tuple(int(c) for c in cuts),
+                                         tuple(cell_weights(pooled, sd)))
+        self.discretizer = fine.refined(cells)
+        self.binning = binning_to_json(fine_bins, cells, weights=True)
+        measurer.use(self.discretizer, binning_to_json(fine_bins, cells))
+        ones = measurer.measure([(a,) for a in self.discretizer.names if a not in direct],
+                                ONE_WAY)
+        return ones + [coarsen(m, self.discretizer.attribute(m.clique[0])) for m in raw]
 
     # -- sampling ---------------------------------------------------------------------
     def sample(  # type: ignore[override]
@@ -341,11 +411,13 @@ class MarginalGenerator(Generator):
         return self.discretizer.decode(cells, rng, fixed={**wanted, **done})
 
 
-def discretizer_for(schema: Schema, params: dict[str, Any]) -> Discretizer:
-    """The cells of a marginal study from its parameters: coordinator and sites alike."""
+def study_discretizer(schema: Schema, params: dict[str, Any], binning: str | None = None
+                      ) -> Discretizer:
+    """The cells of a marginal study from its parameters and (``discretize.
+    discretizer_for``) its public binning: coordinator and sites alike."""
     p = {**MarginalGenerator.defaults, **params}
-    return Discretizer(schema, int(p["bins"]), group_codes=bool(p["group_codes"]),
-                       code_cap=int(p["code_cap"]))
+    return discretizer_for(schema, int(p["bins"]), binning,
+                           group_codes=bool(p["group_codes"]), code_cap=int(p["code_cap"]))
 
 
 def split_code_weights(disc: Discretizer, vector: np.ndarray | None
@@ -365,16 +437,23 @@ def split_code_weights(disc: Discretizer, vector: np.ndarray | None
 class LocalMeasurer:
     """The data holder of a central fit: this process, its rows and one ledger."""
 
-    def __init__(self, cells: np.ndarray, names: Sequence[str], sizes: dict[str, int],
-                 noise: NoiseLevels, ledger: PrivacyLedger | None,
-                 randomness: DPRandomness, presence: np.ndarray | None = None,
-                 code_bound: int = 0, code_lengths: dict[str, int] | None = None) -> None:
-        self.presence, self.code_bound = presence, code_bound
-        self.code_lengths = code_lengths or {}
-        self.cells, self.names, self.sizes = cells, list(names), sizes
+    def __init__(self, data: pd.DataFrame, discretizer: Discretizer, noise: NoiseLevels,
+                 ledger: PrivacyLedger | None, randomness: DPRandomness,
+                 code_bound: int = 0) -> None:
+        self.data = data
+        # the code histogram (codes.py): its 0/1 entries per row, and each attribute's
+        # number of entries (code sets do not depend on the numeric binning)
+        self.presence, self.code_bound = discretizer.code_presence(data), code_bound
+        self.code_lengths = discretizer.code_attrs
         self.noise, self.ledger, self.randomness = noise, ledger, randomness
         self.total: float | None = None
         self.sites: list[str] = []  # one holder, no site attribute
+        self.use(discretizer, "")
+
+    def use(self, discretizer: Discretizer, binning: str) -> None:
+        """Measure on these cells from now on (``binning``: what a site would be sent)."""
+        self.cells = discretizer.encode(self.data)
+        self.names, self.sizes = discretizer.names, discretizer.shape
 
     def measure(self, cliques: Sequence[Clique], kind: str) -> list[Measurement]:
         sigma = self.noise.of(kind)
@@ -389,7 +468,7 @@ class LocalMeasurer:
                                      self.randomness.numpy("measurement"))
         if self.ledger is not None:
             self.ledger.record(sigma, 1.0, self.code_bound if kind == CODES else len(cliques))
-        if kind == ONE_WAY and self.total is None:
+        if len(cliques[0]) == 1 and kind != CODES and self.total is None:
             self.total = float(np.mean([v.sum() for v in values]))
         return [Measurement(c, v, np.asarray(sigma), kind=kind)
                 for c, v in zip(cliques, values, strict=True)]
@@ -406,3 +485,22 @@ class LocalMeasurer:
 
     def measure_noise(self) -> list[float]:
         return [self.noise.measure]
+
+
+
+
+def coarsen(meas: Measurement, attr: Any) -> Measurement:
+    """A fine 1-way measurement summed into ``attr``'s bins (the missing cell kept).
+
+    A bin of w fine cells carries the sum of w independent noises: its std is
+    sqrt(w) times the fine cells' (``Measurement.cell_scale``)."""
+    fine = getattr(attr, "fine", None)
+    if fine is None:
+        return meas
+    values = np.asarray(meas.values, dtype=float)
+    cuts = np.asarray(fine.cuts)
+    value_part, rest = values[..., : fine.count], values[..., fine.count:]
+    summed = np.add.reduceat(value_part, cuts[:-1], axis=-1)
+    scale = np.concatenate([np.sqrt(np.diff(cuts)), np.ones(rest.shape[-1])])
+    return Measurement(meas.clique, np.concatenate([summed, rest], axis=-1), meas.stddev,
+                       by_site=meas.by_site, kind=meas.kind, cell_scale=scale)
