@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from ..common import protocol as P
 from ..common.encryption import (
@@ -40,9 +42,12 @@ from ..common.encryption import (
     encrypt_state,
     flood_for_release,
 )
-from ..common.generators.marginal.discretize import Discretizer, discretizer_for
+from ..common.generators.marginal.codes import noisy_code_histogram
+from ..common.generators.marginal.discretize import Discretizer
 from ..common.generators.marginal.measure import noisy_marginals, noisy_scores
+from ..common.generators.marginal.model import study_discretizer
 from ..common.generators.marginal.plan import (
+    CODES,
     FINE,
     MEASURE,
     ONE_WAY,
@@ -77,25 +82,38 @@ class MeasureReply:
     layout_json: str = ""
 
 
-_CELLS: dict[tuple[str, float, str, int, str], np.ndarray] = {}
+_CELLS: dict[tuple[Any, ...], np.ndarray] = {}
+
+
+def _cached(site: SiteConfig, schema: Schema, discretizer: Discretizer, what: str,
+            table: Callable[[pd.DataFrame], np.ndarray], *key: Any) -> np.ndarray:
+    """A table made from the site's rows (read, checked and cached once per process)."""
+    path = Path(site.data_path)
+    mtime = path.stat().st_mtime if path.exists() else -1.0
+    full = (str(path.resolve()), mtime, schema_fingerprint(schema), what,
+            tuple(discretizer.shape.items()), *key)
+    if full not in _CELLS:
+        _CELLS[full] = table(read_table(path, schema))
+    return _CELLS[full]
 
 
 def site_cells(site: SiteConfig, schema: Schema, discretizer: Discretizer, bins: int,
                binning: str) -> np.ndarray:
-    """The site's rows as cell indices (read, checked and cached once per process)."""
-    path = Path(site.data_path)
-    mtime = path.stat().st_mtime if path.exists() else -1.0
-    key = (str(path.resolve()), mtime, schema_fingerprint(schema), bins, binning)
-    if key not in _CELLS:
-        _CELLS[key] = discretizer.encode(read_table(path, schema))
-    return _CELLS[key]
+    """The site's rows as cell indices of ``discretizer`` (the request's cells)."""
+    return _cached(site, schema, discretizer, "cells", discretizer.encode, bins, binning)
+
+
+def site_code_presence(site: SiteConfig, schema: Schema, discretizer: Discretizer
+                       ) -> np.ndarray:
+    """The site's code-histogram entries (0/1 per row and entry, ``codes.py``)."""
+    return _cached(site, schema, discretizer, "codes", discretizer.code_presence)
 
 
 def noise_levels(site: SiteConfig, study: StudyConfig, plan: MarginalPlan) -> NoiseLevels:
     """This site's noise for the plan: from its own budget, or its fixed multiplier."""
     if site.noise_multiplier is not None:
         s = site.noise_multiplier
-        return NoiseLevels(s, s, s, s)
+        return NoiseLevels.flat(s)
     return calibrate(plan, site.epsilon, site.delta, study.accountant)
 
 
@@ -108,6 +126,12 @@ class _Request:
     cliques: list[tuple[str, ...]]
     names: list[str]
     sizes: dict[str, int]
+    presence: np.ndarray  # the code histogram's 0/1 entries per row (codes.py)
+    groups: list[str]  # the attributes it covers, in order
+
+    def releases(self, kind: str) -> int:
+        """Sensitivity-1 Gaussians this release is worth (plan.py explains each)."""
+        return self.plan.code_bound if kind == CODES else len(self.cliques)
 
 
 def answer(
@@ -129,15 +153,18 @@ def answer(
     request = _parse_request(site, study, schema, config, state)
     if isinstance(request, MeasureReply):
         return request
-    noise = noise_levels(site, study, request.plan) if site.dp else NoiseLevels(0.0, 0.0, 0.0, 0.0)
+    noise = noise_levels(site, study, request.plan) if site.dp else NoiseLevels.flat(0.0)
     kind = str(config.get(P.RELEASE_KIND, MEASURE)) if op == P.MEASURE_OP else "score"
-    if kind not in (ONE_WAY, MEASURE, FINE, "score"):
-        return _refuse(site, state, f"unknown release kind {kind!r}")
+    if kind not in (ONE_WAY, MEASURE, FINE, "score", CODES) or (
+            kind == CODES and ([c[0] for c in request.cliques] != request.groups
+                               or not request.plan.code_bound)):
+        return _refuse(site, state, f"unknown release kind {kind!r} or a code histogram "
+                       "request that does not name every code attribute of the schema")
     sigma = noise.of(kind)
     if site.dp:
         state.ledger.mechanism = study.accountant
         nxt = state.ledger.copy()
-        nxt.record(sigma, 1.0, len(request.cliques))
+        nxt.record(sigma, 1.0, request.releases(kind))
         if nxt.epsilon(site.delta) > site.epsilon * (1 + 1e-9):
             return MeasureReply(SiteReply(BUDGET_EXHAUSTED, status_metrics(site, state)))
     rng = site.randomness(f"{study.study_id}:marginal:{config.get(P.STEP, 0)}").numpy(
@@ -149,7 +176,7 @@ def answer(
         if isinstance(values, MeasureReply):
             return values
     if site.dp:
-        state.ledger.record(sigma, 1.0, len(request.cliques))
+        state.ledger.record(sigma, 1.0, request.releases(kind))
     metrics = {
         **status_metrics(site, state),
         P.SIGMA_ONE_WAY: noise.one_way, P.SIGMA_SCORE: noise.score,
@@ -169,11 +196,13 @@ def _parse_request(
     """The site's cells and the plan and cliques asked for, or the refusal."""
     from ..common.generators.marginal import MarginalGenerator
 
-    bins = int({**MarginalGenerator.defaults, **study.generator_params}["bins"])
     try:
+        params = {**MarginalGenerator.defaults, **study.generator_params}
+        bins = int(params["bins"])
         binning = str(config.get(P.BINNING, ""))
-        disc = discretizer_for(schema, bins, binning)  # public cells, checked
+        disc = study_discretizer(schema, params, binning)  # public cells, checked
         cells = site_cells(site, schema, disc, bins, binning)
+        presence = site_code_presence(site, schema, disc)
         plan = MarginalPlan.from_dict(json.loads(str(config[P.PLAN])))
         cliques = [tuple(c) for c in json.loads(str(config[P.CLIQUES]))]
         names = disc.names
@@ -185,12 +214,14 @@ def _parse_request(
                                       problems=exc.shareable()))
     except (KeyError, ValueError, TypeError) as exc:
         return _refuse(site, state, f"malformed marginal request: {exc}")
-    return _Request(cells, plan, cliques, names, disc.shape)
+    return _Request(cells, plan, cliques, names, disc.shape, presence, list(disc.code_attrs))
 
 
 def _measure(request: _Request, sigma: float, rng: np.random.Generator, kind: str,
              state: SiteState) -> np.ndarray:
     """The noisy marginals of the cliques; the 1-way release also sets the noisy count."""
+    if kind == CODES:
+        return noisy_code_histogram(request.presence, request.plan.code_bound, sigma, rng)
     parts = noisy_marginals(request.cells, request.names, request.sizes, request.cliques,
                             sigma, rng)
     if kind == ONE_WAY:

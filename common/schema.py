@@ -43,6 +43,12 @@ Survival outcomes and code sets::
         kind: codeset
         prefix: "dx_"          # the table has one 0/1 column per code: dx_4019, ...
         codes: ["4019", "4280", "42731"]   # the public code list
+        groups: {prefix: 3}    # optional: codes sharing their first 3 characters form a
+                               # group (the marginal generator models a group's count)
+
+``groups`` may instead name each group with its codes or inclusive ranges of codes
+(``{circulatory: ["390..459"], infections: ["001..139"]}``); every code then belongs to
+exactly one group. Groups are public (a code hierarchy), never fitted on rows.
 
 Every kind declares its domain here so the encoder never has to look at private
 values.
@@ -179,6 +185,16 @@ class Schema:
                 groups.setdefault(c.group, []).append(c.name)
         return groups
 
+    def code_groups(self, codeset: str) -> dict[str, list[str]]:
+        """The public groups of a code set as member column names ({} when it has none)."""
+        spec = self.extra.get("_codesets", {}).get(codeset, {})
+        if "groups" not in spec:
+            return {}
+        prefix = spec.get("prefix", f"{codeset}_")
+        codes = [m[len(prefix):] for m in self.codesets[codeset]]
+        groups, _ = resolve_code_groups(codes, spec["groups"])
+        return {g: [prefix + c for c in members] for g, members in groups.items()}
+
     @property
     def survival_pairs(self) -> list[tuple[str, str]]:
         """(time column, event column) of every survival outcome."""
@@ -218,6 +234,7 @@ class Schema:
                         "kind": "codeset",
                         "prefix": prefix,
                         "codes": [m.name[len(prefix):] for m in members],
+                        **({"groups": spec["groups"]} if "groups" in spec else {}),
                     }
                 )
         out["columns"] = cols
@@ -323,10 +340,10 @@ def _parse_format(fmt: Any, problems: list[str]) -> tuple[bool, tuple[str, ...]]
 
 def _parse_columns(
     raw_cols: Any, problems: list[str]
-) -> tuple[list[Column], dict[str, dict[str, str]]]:
+) -> tuple[list[Column], dict[str, dict[str, Any]]]:
     """``columns``: every column (a code set expands to one binary column per code)."""
     columns: list[Column] = []
-    codesets: dict[str, dict[str, str]] = {}
+    codesets: dict[str, dict[str, Any]] = {}
     if not isinstance(raw_cols, list) or not raw_cols:
         problems.append("'columns' must be a non-empty list")
         raw_cols = []
@@ -356,6 +373,11 @@ def _parse_columns(
             members = _parse_codeset(rc, cname, where, seen, problems)
             if members is not None:
                 codesets[cname] = {"prefix": str(rc.get("prefix", f"{cname}_"))}
+                if rc.get("groups") is not None:
+                    codes = [str(c) for c in rc["codes"]]
+                    _, group_problems = resolve_code_groups(codes, rc["groups"])
+                    problems += [f"{where}: {p}" for p in group_problems]
+                    codesets[cname]["groups"] = rc["groups"]
                 columns += members
         else:
             columns.append(_parse_column(rc, cname, kind, where, problems))
@@ -382,6 +404,52 @@ def _parse_codeset(
         members.append(Column(name=member, kind="binary", categories=(0, 1), nullable=False,
                               group=cname))
     return members
+
+
+def resolve_code_groups(codes: list[str], spec: Any) -> tuple[dict[str, list[str]], list[str]]:
+    """A code set's groups (name -> codes, in code-list order) and the problems found.
+
+    ``{prefix: N}``: codes sharing their first N characters form one group, named by
+    them. Otherwise a mapping of group name to codes and inclusive ranges ``"lo..hi"``
+    (compared as strings of the same length as ``lo``), covering every code once.
+    """
+    if not isinstance(spec, dict) or not spec:
+        return {}, ["'groups' must be {prefix: N} or a mapping of group name to a list of "
+                    "codes and 'lo..hi' ranges"]
+    if set(spec) == {"prefix"}:
+        n = spec["prefix"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            return {}, [f"'groups.prefix' must be a positive whole number of characters, "
+                        f"got {n!r}"]
+        out: dict[str, list[str]] = {}
+        for c in codes:
+            out.setdefault(c[:n], []).append(c)
+        return out, []
+    problems: list[str] = []
+    owner: dict[str, str] = {}
+    for name, items in spec.items():
+        if not isinstance(items, list) or not items:
+            problems.append(f"group {name!r} needs a non-empty list of codes or 'lo..hi' ranges")
+            continue
+        for item in map(str, items):
+            lo, sep, hi = item.partition("..")
+            hits = ([c for c in codes if len(c) == len(lo) and lo <= c <= hi] if sep
+                    else [c for c in codes if c == item])
+            if not hits:
+                problems.append(f"group {name!r}: {item!r} matches no code of the list")
+            for c in hits:
+                if c in owner and owner[c] != str(name):
+                    problems.append(f"code {c!r} is in groups {owner[c]!r} and {name!r}")
+                owner[c] = str(name)
+    missing = [c for c in codes if c not in owner]
+    if missing and not problems:
+        problems.append(f"{len(missing)} code(s) belong to no group (first: {missing[:5]}); "
+                        "add them to a group or use {prefix: N}")
+    out = {}
+    for c in codes:
+        if c in owner:
+            out.setdefault(owner[c], []).append(c)
+    return out, problems
 
 
 def _parse_domain(

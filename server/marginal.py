@@ -49,7 +49,7 @@ from ..common.encryption import (
 from ..common.generators.marginal import MarginalGenerator
 from ..common.generators.marginal.fit import Clique, Measurement, noisy_total
 from ..common.generators.marginal.model import NO_DP_NOISE
-from ..common.generators.marginal.plan import MarginalPlan
+from ..common.generators.marginal.plan import CODES, MarginalPlan
 from ..common.schema import Schema
 from ..common.study import ConfigError, StudyConfig, schema_fingerprint
 from .strategy import RoundLog, SiteRound
@@ -67,8 +67,10 @@ class FederatedMeasurer:
 
     def __init__(self, grid: Grid, study: StudyConfig, schema: Schema, plan: MarginalPlan,
                  sizes: dict[str, int], by_site: bool,
-                 on_round: Callable[[RoundLog], None] | None = None) -> None:
+                 on_round: Callable[[RoundLog], None] | None = None,
+                 code_lengths: dict[str, int] | None = None) -> None:
         self.grid, self.study, self.plan, self.sizes = grid, study, plan, sizes
+        self.code_lengths = code_lengths or {}  # the code histogram's layout (codes.py)
         self.by_site = by_site
         self.secure = study.encrypted
         self.public_ctx = None
@@ -212,13 +214,20 @@ class FederatedMeasurer:
         else:
             self.base.pop(P.BINNING, None)
 
-    def _split(self, vector: np.ndarray, cliques: Sequence[Clique]) -> list[np.ndarray]:
-        sizes = [math.prod(self.sizes[a] for a in c) for c in cliques]
+    def _length(self, clique: Clique, kind: str) -> int:
+        """Entries of one clique's vector: its cells, or its code histogram entries."""
+        if kind == CODES:
+            return self.code_lengths[clique[0]]
+        return math.prod(self.sizes[a] for a in clique)
+
+    def _split(self, vector: np.ndarray, cliques: Sequence[Clique], kind: str = ""
+               ) -> list[np.ndarray]:
+        sizes = [self._length(c, kind) for c in cliques]
         return np.split(vector, np.cumsum(sizes)[:-1])
 
     # -- the engine's interface ---------------------------------------------------------
     def measure(self, cliques: Sequence[Clique], kind: str) -> list[Measurement]:
-        length = sum(math.prod(self.sizes[a] for a in c) for c in cliques)
+        length = sum(self._length(c, kind) for c in cliques)
         good = self._ask(P.MEASURE_OP, cliques, kind)
         for name, metrics, _ in good:
             self.noise[name] = metrics
@@ -233,14 +242,14 @@ class FederatedMeasurer:
             for i, s in enumerate(self.sites):
                 if s in vectors:
                     stacked[i], sd[i] = vectors[s], sigma[s]
-            parts = self._split(stacked.T, cliques)
+            parts = self._split(stacked.T, cliques, kind)
             return [Measurement(c, p.T, sd, by_site=True, kind=kind)
                     for c, p in zip(cliques, parts, strict=True)]
         total = (np.sum(list(vectors.values()), axis=0) if isinstance(vectors, dict)
                  else vectors)
         sd_total = math.sqrt(sum(sigma[n] ** 2 for n in names))
         return [Measurement(c, p, np.asarray(sd_total), kind=kind)
-                for c, p in zip(cliques, self._split(total, cliques), strict=True)]
+                for c, p in zip(cliques, self._split(total, cliques, kind), strict=True)]
 
     def score(self, cliques: Sequence[Clique], model_marginals: dict[str, list[np.ndarray]]
               ) -> tuple[np.ndarray, float]:
@@ -282,7 +291,8 @@ def run_marginal_study(grid: Grid, study: StudyConfig, schema: Schema,
     model = MarginalGenerator(schema, seed=study.seed, **study.generator_params)
     plan = model.plan()
     by_site = model.site_attribute() and not study.encrypted
-    measurer = FederatedMeasurer(grid, study, schema, plan, model.sizes, by_site, on_round)
+    measurer = FederatedMeasurer(grid, study, schema, plan, model.sizes, by_site, on_round,
+                                 model.discretizer.code_attrs)
     start = time.perf_counter()
     result = model.run_engine(plan, measurer, sites=measurer.sites)
     model.sites = list(measurer.sites)

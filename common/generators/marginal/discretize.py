@@ -3,7 +3,8 @@
 Each schema column becomes one discrete attribute of the model:
 
 - categorical and binary columns keep their categories, a code set's codes are one
-  binary attribute each (that is how the schema already expands them);
+  binary attribute each (that is how the schema already expands them), unless the
+  schema groups them: then one attribute per group (``codes.py``);
 - integer, continuous and survival-time columns are cut into ``bins`` equal-width bins
   of the public range [min, max] (survival times on log(1 + t), as the encoder does,
   because follow-up is heavy-tailed); an integer column with no more values than
@@ -36,6 +37,7 @@ import pandas as pd
 
 from ...schema import Column, Schema
 from ...table import _match_category
+from .codes import DEFAULT_CAP, CodeGroup, code_groups
 
 DEFAULT_BINS = 10
 
@@ -222,12 +224,21 @@ class Attribute:
 class Discretizer:
     """Every column of the schema as a model attribute (see the module docstring)."""
 
-    def __init__(self, schema: Schema, bins: int = DEFAULT_BINS) -> None:
+    def __init__(self, schema: Schema, bins: int = DEFAULT_BINS, *, group_codes: bool = True,
+                 code_cap: int = DEFAULT_CAP) -> None:
         if bins < 2:
             raise ValueError("bins must be >= 2")
         self.schema = schema
-        self.attributes: list[Attribute] = []
+        self.attributes: list[Attribute | CodeGroup] = []
+        self.groups = code_groups(schema, code_cap) if group_codes else []
+        # the code histogram's noisy counts per group (codes.py); None: uniform in group
+        self.code_weights: dict[str, np.ndarray] = {}
+        grouped = {m: g for g in self.groups for m in g.members}
         for column in schema.columns:
+            if column.name in grouped:
+                if column.name == grouped[column.name].members[0]:
+                    self.attributes.append(grouped[column.name])
+                continue
             n = bins
             if column.kind == "integer":
                 n = min(bins, int(column.max - column.min) + 1)  # type: ignore[operator]
@@ -244,13 +255,14 @@ class Discretizer:
         fine_bins)``): each ``FineCells.count`` must match, so a site and the
         coordinator cannot disagree on what a cut means."""
         out = copy.copy(self)
-        out.attributes = []
+        out.attributes, out.code_weights = [], dict(self.code_weights)
         for a in self.attributes:
             f = fine.get(a.name)
             if f is not None:
-                if not a.numeric or a.fine is not None or a.bins != f.count:
+                if (not isinstance(a, Attribute) or not a.numeric or a.fine is not None
+                        or a.bins != f.count):
                     raise ValueError(f"column {a.name!r}: cuts over {f.count} fine cells do "
-                                     f"not fit its {a.bins} cells")
+                                     f"not fit its {getattr(a, 'bins', a.size)} cells")
                 a = replace(a, bins=len(f.cuts) - 1, fine=f)
             out.attributes.append(a)
         return out
@@ -264,13 +276,48 @@ class Discretizer:
 
     def attribute(self, name: str) -> Attribute:
         for a in self.attributes:
-            if a.name == name:
+            if a.name == name and isinstance(a, Attribute):
                 return a
+        grouped = next((g.name for g in self.groups if name in g.members), None)
+        if grouped is not None:
+            raise KeyError(f"code column {name!r} is modelled as part of group {grouped!r} "
+                           "(the schema groups its code set): it has no cells of its own")
         raise KeyError(f"no attribute {name!r}")
 
     def encode(self, frame: pd.DataFrame) -> np.ndarray:
         """An (n, d) matrix of cell indices, columns in schema order."""
-        return np.stack([a.encode(frame[a.name]) for a in self.attributes], axis=1)
+        return np.stack([a.encode_frame(frame) if isinstance(a, CodeGroup)
+                         else a.encode(frame[a.name]) for a in self.attributes], axis=1)
+
+    @property
+    def code_attrs(self) -> dict[str, int]:
+        """Attributes the code histogram covers (``codes.py``), in order, with their number
+        of entries: a group its member codes, an ungrouped code column one."""
+        out: dict[str, int] = {}
+        for a in self.attributes:
+            if isinstance(a, CodeGroup):
+                out[a.name] = len(a.members)
+            elif a.column.group:
+                out[a.name] = 1
+        return out
+
+    @property
+    def direct_codes(self) -> list[str]:
+        """Code attributes whose histogram entry is their 1-way marginal's "has it" cell:
+        they need no 1-way release of their own (see ``codes.py``)."""
+        return [a for a, n in self.code_attrs.items() if n == 1 and self.shape[a] == 2]
+
+    def code_presence(self, frame: pd.DataFrame) -> np.ndarray:
+        """(n, histogram entries) 0/1 matrix in :attr:`code_attrs` order."""
+        parts = []
+        for a in self.attributes:
+            if isinstance(a, CodeGroup):
+                parts.append(a.presence(frame))
+            elif a.column.group:
+                v = pd.to_numeric(frame[a.name], errors="coerce").fillna(0).to_numpy(float)
+                parts.append((v > 0).astype(np.int64)[:, None])
+        return (np.concatenate(parts, axis=1) if parts
+                else np.zeros((len(frame), 0), dtype=np.int64))
 
     def decode(
         self,
@@ -282,11 +329,16 @@ class Discretizer:
         fixed = fixed or {}
         data = {}
         for j, a in enumerate(self.attributes):
+            if isinstance(a, CodeGroup):
+                codes = a.decode(cells[:, j], self.code_weights.get(a.name), rng)
+                for k, member in enumerate(a.members):
+                    data[member] = pd.Series(codes[:, k].tolist(), dtype=object)
+                continue
             col = a.decode(cells[:, j], rng)
             if a.name in fixed and fixed[a.name] is not None and a.numeric:
                 col = pd.Series([fixed[a.name]] * len(cells), dtype=col.dtype)
             data[a.name] = col
-        return pd.DataFrame(data)
+        return pd.DataFrame(data)[self.schema.names]
 
 
 # -- a study's binning as it travels (coordinator -> sites) and is saved ----------------
@@ -300,14 +352,16 @@ def binning_to_json(fine_bins: int, fine: dict[str, FineCells], weights: bool = 
     return json.dumps(raw)
 
 
-def discretizer_for(schema: Schema, bins: int, binning: str | None) -> Discretizer:
+def discretizer_for(schema: Schema, bins: int, binning: str | None, *,
+                    group_codes: bool = True, code_cap: int = DEFAULT_CAP) -> Discretizer:
     """The cells a request or a saved model names: equal-width ``bins`` when no binning
     is given; the fine cells when only ``fine`` is (the fine 1-way release); bins made
-    of fine cells when cuts are given too. Malformed cuts are a ValueError."""
+    of fine cells when cuts are given too. Malformed cuts are a ValueError.
+    ``group_codes``/``code_cap``: how code sets become attributes (``codes.py``)."""
     if not binning:
-        return Discretizer(schema, bins)
+        return Discretizer(schema, bins, group_codes=group_codes, code_cap=code_cap)
     raw = json.loads(binning)
-    fine = Discretizer(schema, int(raw["fine"]))
+    fine = Discretizer(schema, int(raw["fine"]), group_codes=group_codes, code_cap=code_cap)
     cuts = raw.get("cuts") or {}
     weights = raw.get("weights") or {}
     cells = {}

@@ -29,7 +29,7 @@ from . import fit
 from .discretize import Discretizer
 from .fit import SITE, Clique, Measurement
 from .measure import marginal
-from .plan import MEASURE, ONE_WAY, MarginalPlan
+from .plan import CODES, MEASURE, ONE_WAY, MarginalPlan
 
 MC_DRAWS = 100_000
 
@@ -71,6 +71,7 @@ class EngineResult:
     model: object  # mbi MarkovRandomField
     measurements: list[Measurement]
     log: list[SelectionLog] = field(default_factory=list)
+    codes: list[Measurement] = field(default_factory=list)  # the code histogram (codes.py)
 
 
 def candidates(
@@ -96,30 +97,43 @@ def run(
     *, max_way: int = 2, max_cells: int = 200_000, max_clique_cells: int = 2_000,
     iters: int = 1000, rng: np.random.Generator | None = None,
     first: list[Measurement] | None = None, focus: str | None = None,
-    focus_weight: float = 1.0,
+    focus_weight: float = 1.0, codes: dict[str, int] | None = None,
+    direct: Sequence[str] = (), anchors: Sequence[str] = (),
 ) -> EngineResult:
     """Run the whole plan against ``measurer``; returns the fitted model.
 
     ``first``: the 1-way measurements when the caller already released them (the fine
-    1-way release of ``MarginalGenerator``); else they are measured here.
+    1-way release of ``MarginalGenerator``; without the ``direct`` codes); else they are
+    measured here.
+    ``codes`` (attribute -> entries, ``Discretizer.code_attrs``): the attributes the code
+    histogram covers, released once after the 1-way marginals (``codes.py``); the
+    ``direct`` ones among them get no 1-way release: their histogram entry is their
+    "has the code" count, measured in the model as such.
     ``focus`` (the schema's outcome): its candidates are always scored, and their
     penalised scores are multiplied by ``focus_weight`` (AIM's workload weights: a
-    public choice applied to noisy scores, so post-processing).
+    public choice applied to noisy scores, so post-processing). ``anchors`` (a survival
+    outcome's columns, from the schema) reserve half of each round's other candidates.
 
     Before any pair is measured the model is the product of the 1-way marginals, so
     the first round scores against that product directly (``_independent``) instead
     of fitting and sampling a model: each mbi fit compiles new JAX programs, which is
     nearly all of a study's wall time."""
     rng = rng or np.random.default_rng(0)  # public randomness: which candidates to score
-    measurements = (list(first) if first is not None
-                    else measurer.measure([(a,) for a in names], ONE_WAY))
+    if first is not None:
+        measurements = list(first)
+    else:
+        one_way = [(a,) for a in names if a not in set(direct)]
+        measurements = measurer.measure(one_way, ONE_WAY) if one_way else []
+    code_meas = measurer.measure([(a,) for a in codes], CODES) if codes else []
+    measurements += [m for m in code_meas if m.clique[0] in set(direct)]
     sites = list(measurer.sites)  # known once the sites have answered
     model = None
     log: list[SelectionLog] = []
     for t in range(plan.rounds):
         measured = [m.clique for m in measurements]
         pool = _pool(candidates(names, sizes, measured, max_way, max_clique_cells),
-                     sizes, measured, sites, plan.candidates, max_cells, rng, focus)
+                     sizes, measured, sites, plan.candidates, max_cells, rng, focus,
+                     anchors)
         if not pool:
             break
         marginals = (_model_marginals(model, pool, sites, rng) if model is not None
@@ -143,16 +157,35 @@ def run(
         model = fit.estimate(sizes, measurements, sites, iters, warm_start=model)
     if model is None:
         model = fit.estimate(sizes, measurements, sites, iters)
-    return EngineResult(model, measurements, log)
+    return EngineResult(model, measurements, log, code_meas)
+
+
+def pool_order(every: Sequence[Clique], anchors: Sequence[str], size: int,
+               rng: np.random.Generator) -> list[int]:
+    """The order candidates enter a round's pool: a public random order, except that
+    up to half of the pool goes to candidates holding an anchor column.
+
+    Why: with 40-70 attributes a round scores 48 of hundreds or thousands of pairs, so a
+    survival outcome's links to the covariates (what a Cox model on synthetic rows
+    needs) were rarely even scored. Which columns are anchors is public (the schema's
+    survival pair); which anchored pairs get measured is still the noisy scores' choice.
+    """
+    order = [int(i) for i in rng.permutation(len(every))]
+    if not anchors:
+        return order
+    held = [i for i in order if set(every[i]) & set(anchors)]
+    first = held[: size // 2]
+    return first + [i for i in order if i not in set(first)]
 
 
 def _pool(every: list[Clique], sizes: dict[str, int], measured: list[Clique],
           sites: Sequence[str], size: int, max_cells: int, rng: np.random.Generator,
-          focus: str | None) -> list[Clique]:
+          focus: str | None, anchors: Sequence[str] = ()) -> list[Clique]:
     """Up to ``size`` candidates that keep the model within ``max_cells``: those with
-    ``focus`` first, then a public random subset of the others."""
-    order = [every[i] for i in rng.permutation(len(every))]
-    order.sort(key=lambda c: focus not in c)  # stable: random within each group
+    ``focus`` first, then the others in ``pool_order`` (anchored ones up to half, then a
+    public random subset)."""
+    order = [every[i] for i in pool_order(every, anchors, size, rng)]
+    order.sort(key=lambda c: focus not in c)  # stable: pool_order within each group
     pool: list[Clique] = []
     for c in order:
         if fit.model_cells(sizes, [*measured, c], sites) <= max_cells:
@@ -169,8 +202,14 @@ def _independent(measurements: Sequence[Measurement], pool: Sequence[Clique],
     1-way measurements come per site. Post-processing of the 1-way release."""
     one: dict[str, np.ndarray] = {}
     for m in measurements:  # the first 1-way measurement of each attribute
-        if len(m.clique) == 1:
+        if len(m.clique) == 1 and m.kind != CODES:
             one.setdefault(m.clique[0], np.clip(np.asarray(m.values, dtype=float), 0, None))
+    total = (next(iter(one.values())).sum(axis=-1) if one else np.ones(len(sites) or 1))
+    for m in measurements:  # a direct code: its "has it" count of the noisy total
+        if m.kind == CODES and m.clique[0] not in one:
+            has = np.clip(np.asarray(m.values, dtype=float).reshape(*np.shape(total), -1)
+                          [..., 0], 0, total)
+            one[m.clique[0]] = np.stack([total - has, has], axis=-1)
 
     def product(parts: list[np.ndarray]) -> np.ndarray:
         out = np.ones(1)

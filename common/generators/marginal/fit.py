@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._jax import mbi
+from .plan import CODES
 
 SITE = "__site__"
 Clique = tuple[str, ...]
@@ -60,6 +61,9 @@ def linear_measurements(measurements: Sequence[Measurement], sites: Sequence[str
     m = mbi()
     out = []
     for meas in measurements:
+        if meas.kind == CODES:
+            out.append(_code_count(meas, sites))
+            continue
         scale = (np.ones(meas.values.shape[-1]) if meas.cell_scale is None
                  else np.asarray(meas.cell_scale, dtype=float))
         if meas.by_site and sites:
@@ -83,6 +87,26 @@ def linear_measurements(measurements: Sequence[Measurement], sites: Sequence[str
     return out
 
 
+def _code_count(meas: Measurement, sites: Sequence[str]):  # noqa: ANN202 (an mbi type)
+    """A code histogram entry as a measurement of its binary attribute's cell 1 only."""
+    m = mbi()
+    values = np.asarray(meas.values, dtype=float)
+    if meas.by_site and sites:
+        sd = np.asarray(meas.stddev, dtype=float).reshape(-1)
+        y = np.zeros((len(sites), 2))
+        w = np.zeros((len(sites), 2))
+        y[:, 1], w[:, 1] = values.reshape(len(sites), -1)[:, 0] / sd, 1.0 / sd
+        return m.LinearMeasurement(y.ravel(), (SITE, *meas.clique), stddev=1.0,
+                                   query=m.WeightedQuery(w.ravel()))
+    if meas.by_site:
+        values = values.sum(axis=0)
+        sd = float(np.sqrt(np.sum(np.square(meas.stddev))))
+    else:
+        sd = float(meas.stddev)
+    return m.LinearMeasurement(values.reshape(-1)[:1], meas.clique, stddev=sd,
+                               query=m.SlicedQuery(1))
+
+
 def estimate(
     sizes: dict[str, int], measurements: Sequence[Measurement], sites: Sequence[str],
     iters: int, warm_start=None,  # noqa: ANN001 (an mbi model)
@@ -97,7 +121,8 @@ def estimate(
 
 def noisy_total(measurements: Sequence[Measurement]) -> float:
     """The number of rows, as the mean of the 1-way measurements' sums (post-processing)."""
-    sums = [float(np.sum(m.values)) for m in measurements if len(m.clique) == 1]
+    sums = [float(np.sum(m.values)) for m in measurements
+            if len(m.clique) == 1 and m.kind != CODES]
     sums = sums or [float(np.sum(m.values)) for m in measurements]
     return max(1.0, float(np.mean(sums)) if sums else 1.0)
 

@@ -21,12 +21,14 @@ from ...causal import CausalError
 from ...dp_histogram import cell_weights, equal_mass_cuts
 from ...privacy import PrivacyLedger
 from ...privacy.randomness import DPRandomness
+from ...schema import Schema
 from ..base import ConditionError, Generator
 from . import causal, engine, fit
+from .codes import code_weights, noisy_code_histogram, pooled_counts
 from .discretize import Discretizer, FineCells, binning_to_json, discretizer_for
 from .fit import SITE, Clique, Measurement
 from .measure import noisy_marginals, noisy_scores
-from .plan import FINE, ONE_WAY, MarginalPlan, NoiseLevels, calibrate
+from .plan import CODES, FINE, ONE_WAY, MarginalPlan, NoiseLevels, calibrate
 
 NO_DP_NOISE = 1e-3  # noise std of a fit without DP: just enough to keep mbi well posed
 
@@ -60,11 +62,19 @@ class MarginalGenerator(Generator):
         "site_attribute": None,
         "causal": False,  # True: follow the schema's causal graph (causal.py, docs/causal.md)
         "site_pooling": 1.0,  # causal: weight of the pooled mechanism in a site's (0: none)
+        # code sets the schema groups (codes.py): one attribute per group, its code count
+        "group_codes": True,  # False: one binary attribute per code even when grouped
+        "code_cap": 3,  # a group's count cells 0..cap, the last meaning "cap or more"
+        "anchor_survival": True,  # half of each round's candidates hold a survival column
+        # code sets: one bounded histogram release for every code (codes.py); 0: off, one
+        # 1-way marginal per ungrouped code and uniform decoding inside groups
+        "code_bound": 6,  # codes a patient adds to the code histogram at most
+        "codes_share": 0.2,  # share of the budget for the code histogram (if any codes)
     }
 
     # -- Generator plumbing (no networks: nothing here is trained by DP-SGD) -----------
     def build(self) -> None:
-        self.discretizer = Discretizer(self.schema, int(self.hparams["bins"]))
+        self.discretizer = study_discretizer(self.schema, self.hparams)
         self.binning = ""  # JSON of the DP-derived cells (discretize.binning_to_json)
         self.mrf: Any = None
         self.sites: list[str] = []
@@ -112,12 +122,16 @@ class MarginalGenerator(Generator):
         if n_candidates is not None:
             m = n_candidates
         rounds = int(self.hparams["rounds"]) if len(pool) else 0
+        codes = bool(self.discretizer.code_attrs) and int(self.hparams["code_bound"]) > 0
+        direct = len(self.discretizer.direct_codes) if codes else 0
         fine = (len(self.discretizer.numeric_names())
                 if int(self.hparams["fine_bins"]) > 0 else 0)
-        return MarginalPlan(d, rounds, m, int(self.hparams["per_round"]),
+        return MarginalPlan(max(1, d - direct), rounds, m, int(self.hparams["per_round"]),
                             float(self.hparams["one_way_share"]),
                             float(self.hparams["select_share"]),
-                            fine, float(self.hparams["fine_share"]) if fine else 0.0)
+                            fine, float(self.hparams["fine_share"]) if fine else 0.0,
+                            int(self.hparams["code_bound"]) if codes else 0,
+                            float(self.hparams["codes_share"]) if codes else 0.0)
 
     # -- state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -129,6 +143,10 @@ class MarginalGenerator(Generator):
             out["binning_json"] = np.frombuffer(self.binning.encode(), dtype=np.uint8)
         if self.mechanisms is not None:
             out.update(causal.to_arrays(self.mechanisms))
+        if self.discretizer.code_weights:
+            out["code_weights"] = np.concatenate(
+                [self.discretizer.code_weights.get(g.name, np.ones(len(g.members)))
+                 for g in self.discretizer.groups])
         return out
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
@@ -150,9 +168,11 @@ class MarginalGenerator(Generator):
         for k, v in state.items():
             if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.all(np.isfinite(v)):
                 raise ValueError(f"state key {k!r} holds NaN or infinite values")
+        self.discretizer.code_weights = split_code_weights(
+            self.discretizer, state.get("code_weights"))
         self.mrf = fit.model_from_arrays(
-            {k: v for k, v in state.items() if k not in ("sites_json", "binning_json")},
-            attrs)
+            {k: v for k, v in state.items()
+             if k not in ("sites_json", "binning_json", "code_weights")}, attrs)
         self.mechanisms = (causal.from_arrays(state, self.graph, self.order, self.sites)
                            if self.graph is not None else None)
 
@@ -181,10 +201,11 @@ class MarginalGenerator(Generator):
         plan = self.plan()
         dp = epsilon is not None
         noise = (calibrate(plan, epsilon, delta, accountant) if dp else
-                 NoiseLevels(NO_DP_NOISE, NO_DP_NOISE, NO_DP_NOISE, NO_DP_NOISE))
+                 NoiseLevels.flat(NO_DP_NOISE))
         ledger = PrivacyLedger(accountant)
         holder = LocalMeasurer(data, self.discretizer, noise, ledger if dp else None,
-                               randomness or DPRandomness.secret())
+                               randomness or DPRandomness.secret(),
+                               code_bound=plan.code_bound)
         result = self.run_engine(plan, holder, sites=[])
         self.fit_info = {
             "epsilon": ledger.epsilon(delta) if dp else None,
@@ -209,17 +230,26 @@ class MarginalGenerator(Generator):
                 result.measurements, self.graph, self.order, self.sizes,
                 list(getattr(measurer, "sites", [])), float(self.hparams["site_pooling"]))
             return result
-        first = self._fine_one_way(measurer) if int(self.hparams["fine_bins"]) > 0 else None
+        direct = self.discretizer.direct_codes if plan.code_bound else []
+        first = (self._fine_one_way(measurer, direct) if int(self.hparams["fine_bins"]) > 0
+                 else None)
         result = engine.run(
             self.discretizer.names, self.sizes, plan, measurer, first=first,
             max_way=int(self.hparams["max_way"]), max_cells=int(self.hparams["max_cells"]),
             max_clique_cells=int(self.hparams["max_clique_cells"]),
             iters=int(self.hparams["iters"]), rng=np.random.default_rng(self.seed),
+            codes=self.discretizer.code_attrs if plan.code_bound else None,
+            direct=direct,
+            anchors=([c for pair in self.schema.survival_pairs for c in pair]
+                     if self.hparams["anchor_survival"] else ()),
             focus=self.schema.outcome.column if self.schema.outcome is not None else None,
             focus_weight=float(self.hparams["outcome_weight"]),
         )
         self.mrf = result.model
         self.sites = list(sites)
+        self.discretizer.code_weights = {
+            m.clique[0]: code_weights(*pooled_counts(m)) for m in result.codes
+            if m.clique[0] in {g.name for g in self.discretizer.groups}}
         # Every fit compiles new JAX programs; a long process (a benchmark of many
         # studies) that keeps them all ran out of memory for LLVM's code sections.
         import jax
@@ -230,9 +260,10 @@ class MarginalGenerator(Generator):
     # -- bins from the fine 1-way release -------------------------------------------
     def _use_binning(self, binning: str) -> None:
         self.binning = binning
-        self.discretizer = discretizer_for(self.schema, int(self.hparams["bins"]), binning)
+        self.discretizer = study_discretizer(self.schema, self.hparams, binning)
 
-    def _fine_one_way(self, measurer: engine.Measurer) -> list[Measurement]:
+    def _fine_one_way(self, measurer: engine.Measurer, direct: Sequence[str] = ()
+                      ) -> list[Measurement]:
         """The 1-way releases with bins cut from the data's DP picture.
 
         1. ``fine``: each numeric column's histogram over fine equal-width cells of its
@@ -240,14 +271,15 @@ class MarginalGenerator(Generator):
         2. each numeric column's bins: runs of fine cells of about equal mass in the
            summed noisy fine counts, and the clipped counts as decoding weights
            (post-processing, ``common/dp_histogram.py``); the sites are told the cuts;
-        3. ``one-way``: every column's 1-way marginal on those bins.
+        3. ``one-way``: every column's 1-way marginal on those bins (but the ``direct``
+           codes: the code histogram measures them, ``engine.run``).
 
         Returns the model's 1-way measurements: the ``one-way`` release and, for each
         numeric column, its fine histogram summed into the bins (a second, independent
         measurement of the same marginal, noise std sqrt(width) x the fine one's).
         """
         fine_bins, bins = int(self.hparams["fine_bins"]), int(self.hparams["bins"])
-        fine = Discretizer(self.schema, fine_bins)
+        fine = study_discretizer(self.schema, {**self.hparams, "bins": fine_bins})
         numeric = [a for a in fine.attributes if a.numeric]
         measurer.use(fine, json.dumps({"fine": fine_bins}))
         raw = measurer.measure([(a.name,) for a in numeric], FINE) if numeric else []
@@ -262,7 +294,8 @@ class MarginalGenerator(Generator):
         self.discretizer = fine.refined(cells)
         self.binning = binning_to_json(fine_bins, cells, weights=True)
         measurer.use(self.discretizer, binning_to_json(fine_bins, cells))
-        ones = measurer.measure([(a,) for a in self.discretizer.names], ONE_WAY)
+        ones = measurer.measure([(a,) for a in self.discretizer.names if a not in direct],
+                                ONE_WAY)
         return ones + [coarsen(m, self.discretizer.attribute(m.clique[0])) for m in raw]
 
     # -- sampling ---------------------------------------------------------------------
@@ -325,7 +358,10 @@ class MarginalGenerator(Generator):
         """The model cell of each parsed column value."""
         evidence: dict[str, int] = {}
         for col, value in wanted.items():
-            attr = self.discretizer.attribute(col)
+            try:
+                attr = self.discretizer.attribute(col)
+            except KeyError as exc:
+                raise ConditionError(str(exc).strip('"')) from None
             if value is None:
                 evidence[col] = int(attr.missing_cell)  # type: ignore[arg-type]
             elif attr.numeric:
@@ -375,12 +411,40 @@ class MarginalGenerator(Generator):
         return self.discretizer.decode(cells, rng, fixed={**wanted, **done})
 
 
+def study_discretizer(schema: Schema, params: dict[str, Any], binning: str | None = None
+                      ) -> Discretizer:
+    """The cells of a marginal study from its parameters and (``discretize.
+    discretizer_for``) its public binning: coordinator and sites alike."""
+    p = {**MarginalGenerator.defaults, **params}
+    return discretizer_for(schema, int(p["bins"]), binning,
+                           group_codes=bool(p["group_codes"]), code_cap=int(p["code_cap"]))
+
+
+def split_code_weights(disc: Discretizer, vector: np.ndarray | None
+                       ) -> dict[str, np.ndarray]:
+    """The code histogram's noisy counts, one array per group ({} when there are none)."""
+    if vector is None or not disc.groups:
+        return {}
+    sizes = [len(g.members) for g in disc.groups]
+    vector = np.asarray(vector, dtype=float).ravel()
+    if vector.size != sum(sizes) or not np.all(np.isfinite(vector)):
+        raise ValueError(f"code weights of size {vector.size} do not fit the schema's "
+                         f"{sum(sizes)} grouped codes")
+    parts = np.split(vector, np.cumsum(sizes)[:-1])
+    return {g.name: p for g, p in zip(disc.groups, parts, strict=True)}
+
+
 class LocalMeasurer:
     """The data holder of a central fit: this process, its rows and one ledger."""
 
     def __init__(self, data: pd.DataFrame, discretizer: Discretizer, noise: NoiseLevels,
-                 ledger: PrivacyLedger | None, randomness: DPRandomness) -> None:
+                 ledger: PrivacyLedger | None, randomness: DPRandomness,
+                 code_bound: int = 0) -> None:
         self.data = data
+        # the code histogram (codes.py): its 0/1 entries per row, and each attribute's
+        # number of entries (code sets do not depend on the numeric binning)
+        self.presence, self.code_bound = discretizer.code_presence(data), code_bound
+        self.code_lengths = discretizer.code_attrs
         self.noise, self.ledger, self.randomness = noise, ledger, randomness
         self.total: float | None = None
         self.sites: list[str] = []  # one holder, no site attribute
@@ -393,11 +457,18 @@ class LocalMeasurer:
 
     def measure(self, cliques: Sequence[Clique], kind: str) -> list[Measurement]:
         sigma = self.noise.of(kind)
-        values = noisy_marginals(self.cells, self.names, self.sizes, cliques, sigma,
-                                 self.randomness.numpy("measurement"))
+        if kind == CODES:  # the whole code histogram, split by attribute (codes.py)
+            assert [c[0] for c in cliques] == list(self.code_lengths)
+            values = np.split(
+                noisy_code_histogram(self.presence, self.code_bound, sigma,
+                                     self.randomness.numpy("measurement")),
+                np.cumsum(list(self.code_lengths.values()))[:-1])
+        else:
+            values = noisy_marginals(self.cells, self.names, self.sizes, cliques, sigma,
+                                     self.randomness.numpy("measurement"))
         if self.ledger is not None:
-            self.ledger.record(sigma, 1.0, len(cliques))
-        if len(cliques[0]) == 1 and self.total is None:
+            self.ledger.record(sigma, 1.0, self.code_bound if kind == CODES else len(cliques))
+        if len(cliques[0]) == 1 and kind != CODES and self.total is None:
             self.total = float(np.mean([v.sum() for v in values]))
         return [Measurement(c, v, np.asarray(sigma), kind=kind)
                 for c, v in zip(cliques, values, strict=True)]

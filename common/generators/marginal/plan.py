@@ -1,7 +1,7 @@
 """The privacy plan of a marginal study: every release, calibrated up front.
 
-A site releases up to four kinds of Gaussian vectors, all at sampling rate 1 (no
-subsampling: every row of the site counts):
+A site releases up to five kinds of Gaussian vectors, in this order, all at sampling
+rate 1 (no subsampling: every row of the site counts):
 
 - ``fine`` (when the plan has ``fine`` > 0): the noisy 1-way histogram of each of the
   ``fine`` numeric columns over fine equal-width cells of its public range, once; one
@@ -13,6 +13,10 @@ subsampling: every row of the site counts):
   L2 sensitivity is sqrt(d). With noise std ``sigma`` per cell this is exactly ``d``
   compositions of a sensitivity-1 Gaussian mechanism at noise multiplier ``sigma``;
   the ledger records it as ``record(sigma, 1.0, d)``.
+- ``codes`` (once, after the 1-way marginals, when the schema has code sets and
+  ``code_bound`` > 0, ``codes.py``): the per-code counts of the codes, each patient
+  contributing at most ``code_bound`` codes,
+  so L2 sensitivity sqrt(code_bound): ``record(sigma_codes, 1.0, code_bound)``.
 - ``score`` (one per selection round): for each of ``m`` candidate marginals the L1
   distance between the site's marginal and the current model's, scaled to the site's
   noisy total. One patient moves one count of each candidate marginal by one, so each
@@ -28,11 +32,11 @@ subsampling: every row of the site counts):
 Gaussian mechanisms at rate 1 compose exactly into one Gaussian: ``sum_i c_i / sigma_i^2``
 = ``1 / sigma_eq^2``, in RDP (Opacus' ``rdp``) and in the privacy-loss distribution
 (``prv``) alike. So the plan fixes the share of that total each kind gets
-(``one_way_share``, ``select_share``, the rest for measurements), finds the largest
-total (smallest ``sigma_eq``) whose epsilon at ``delta`` fits the budget with the
-site's own accountant, and splits it. A site that follows the plan ends within its
-budget; the candidate count per round is the plan's upper bound, so a round with fewer
-candidates spends less.
+(``fine_share``, ``one_way_share``, ``codes_share``, ``select_share``, the rest for
+measurements), finds the largest total (smallest ``sigma_eq``) whose epsilon at
+``delta`` fits the budget with the site's own accountant, and splits it. A site that
+follows the plan ends within its budget; the candidate count per round is the plan's
+upper bound, so a round with fewer candidates spends less.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from typing import Any
 
 from ...privacy import PrivacyLedger
 
-ONE_WAY, SCORE, MEASURE, FINE = "one-way", "score", "measure", "fine"
+ONE_WAY, SCORE, MEASURE, FINE, CODES = "one-way", "score", "measure", "fine", "codes"
 
 
 @dataclass(frozen=True)
@@ -58,18 +62,28 @@ class MarginalPlan:
     select_share: float = 0.2
     fine: int = 0  # numeric columns whose fine histogram is released first (0: none)
     fine_share: float = 0.0  # its share of the budget
+    code_bound: int = 0  # grouped codes per patient in the code histogram (0: no release)
+    codes_share: float = 0.0  # share of the budget for the code histogram
 
     def __post_init__(self) -> None:
+        if self.code_bound < 0 or not (0 <= self.codes_share < 1) or (
+                (self.code_bound > 0) != (self.codes_share > 0)):
+            raise ValueError("code_bound and codes_share are both 0 (no code histogram) or "
+                             "both positive (codes_share < 1)")
         if self.attributes < 1 or self.rounds < 0 or self.per_round < 1 or self.fine < 0:
             raise ValueError("a marginal plan needs >= 1 attribute, >= 0 rounds, >= 1 per round")
         if not (0 < self.one_way_share < 1 and 0 <= self.select_share < 1
-                and self.one_way_share + self.select_share + self.fine_share < 1
+                and self.one_way_share + self.select_share + self.fine_share
+                + self.codes_share < 1
                 or self.rounds == 0):
-            raise ValueError("one_way_share, select_share and fine_share must be in [0, 1) "
-                             "with sum < 1 (the rest is for the measurements)")
+            raise ValueError("one_way_share, select_share, fine_share and codes_share must be "
+                             "in [0, 1) with sum < 1 (the rest is for the measurements)")
         if (self.fine > 0) != (self.fine_share > 0) or self.fine_share >= 1:
             raise ValueError("fine histograms need a fine_share in (0, 1), and a fine_share "
                              "needs fine histograms")
+        if self.rounds == 0 and self.fine_share + self.codes_share >= 1:
+            raise ValueError("fine_share + codes_share must be < 1 (the rest is for the "
+                             "1-way marginals)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,6 +91,12 @@ class MarginalPlan:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> MarginalPlan:
         return cls(**{k: (float(v) if "share" in k else int(v)) for k, v in raw.items()})
+
+    @property
+    def share_left(self) -> float:
+        """The share of the budget the measurements get (what the others leave)."""
+        return (1.0 - self.one_way_share - self.select_share - self.fine_share
+                - self.codes_share)
 
     def one_way_total(self) -> float:
         """The share of the 1-way releases (the fine one included)."""
@@ -90,11 +110,17 @@ class NoiseLevels:
     one_way: float
     score: float
     measure: float
-    fine: float = math.inf
+    fine: float = math.inf  # the fine histograms'; unused without numeric columns
+    codes: float = math.inf  # the code histogram's (codes.py); unused without grouped codes
+
+    @classmethod
+    def flat(cls, sigma: float) -> NoiseLevels:
+        """The same noise for every kind (a fixed multiplier, or a fit without DP)."""
+        return cls(sigma, sigma, sigma, sigma, sigma)
 
     def of(self, kind: str) -> float:
         return {ONE_WAY: self.one_way, SCORE: self.score, MEASURE: self.measure,
-                FINE: self.fine}[kind]
+                FINE: self.fine, CODES: self.codes}[kind]
 
 
 def planned_ledger(plan: MarginalPlan, noise: NoiseLevels, mechanism: str = "rdp") -> PrivacyLedger:
@@ -103,6 +129,8 @@ def planned_ledger(plan: MarginalPlan, noise: NoiseLevels, mechanism: str = "rdp
     if plan.fine:
         ledger.record(noise.fine, 1.0, plan.fine)
     ledger.record(noise.one_way, 1.0, plan.attributes)
+    if plan.code_bound:
+        ledger.record(noise.codes, 1.0, plan.code_bound)
     for _ in range(plan.rounds):
         ledger.record(noise.score, 1.0, plan.candidates)
         ledger.record(noise.measure, 1.0, plan.per_round)
@@ -112,16 +140,18 @@ def planned_ledger(plan: MarginalPlan, noise: NoiseLevels, mechanism: str = "rdp
 def _levels(plan: MarginalPlan, rho: float) -> NoiseLevels:
     """Split a total Gaussian budget rho = 1 / (2 sigma_eq^2) by the plan's shares."""
     fine = (math.sqrt(plan.fine / (2 * rho * plan.fine_share)) if plan.fine else math.inf)
+    codes = (math.sqrt(plan.code_bound / (2 * rho * plan.codes_share))
+             if plan.code_bound else math.inf)
     if plan.rounds == 0:
-        one_share = 1.0 - plan.fine_share
+        one_share = 1.0 - plan.fine_share - plan.codes_share
         return NoiseLevels(math.sqrt(plan.attributes / (2 * rho * one_share)), math.inf,
-                           math.inf, fine)
-    measure_share = 1.0 - plan.one_way_share - plan.select_share - plan.fine_share
+                           math.inf, fine, codes)
+    measure_share = plan.share_left
     one = math.sqrt(plan.attributes / (2 * rho * plan.one_way_share))
     score = (math.sqrt(plan.rounds * plan.candidates / (2 * rho * plan.select_share))
              if plan.select_share > 0 else math.inf)
     measure = math.sqrt(plan.rounds * plan.per_round / (2 * rho * measure_share))
-    return NoiseLevels(one, score, measure, fine)
+    return NoiseLevels(one, score, measure, fine, codes)
 
 
 def calibrate(
