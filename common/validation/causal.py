@@ -89,7 +89,7 @@ def independences(real: pd.DataFrame, synthetic: pd.DataFrame, schema: Schema,
     pooling hospitals that differ in case mix adds a common cause of every column that
     the graph leaves out.
     """
-    disc = Discretizer(schema, bins)
+    disc = Discretizer(schema, bins, group_codes=False)  # the graph names columns, not groups
     tests = graph.local_independences(schema.names)
     names = list(disc.names)
     cells = [disc.encode(real), disc.encode(synthetic)]
