@@ -36,7 +36,6 @@ and measured with its own user; making one estimator serve both is left to do.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.isotonic import isotonic_regression
 
 #: Cells of a released histogram over the public bounds of a numeric column.
 BINS = 32
@@ -164,6 +163,8 @@ def isotonic_cdf(noisy_counts: np.ndarray, noise_std: float = 0.0) -> np.ndarray
     counts = np.asarray(noisy_counts, dtype=float).ravel()
     if counts.size == 0:
         raise ValueError("a histogram needs at least one cell")
+    from sklearn.isotonic import isotonic_regression  # here: a site's round needs no sklearn
+
     uniform = np.arange(1, counts.size + 1) / counts.size
     running = isotonic_regression(np.cumsum(counts), increasing=True)
     total = float(running[-1])

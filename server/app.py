@@ -127,6 +127,8 @@ def run_study(
     """Run (or resume) a study on ``grid`` and write its outputs to ``study.output_dir``:
     resume from the checkpoint, train the remaining rounds, release the final model
     (an encrypted study's sites decrypt it), publish the model, samples and summary."""
+    if study.record_messages:  # every message of the study, the grid query included
+        grid = RecordingGrid(grid, Path(study.record_messages))
     if study.generator == "marginal":  # measured, not trained: its own message kind
         from .marginal import run_marginal_study
 
@@ -138,8 +140,6 @@ def run_study(
     model = get_generator(study.generator)(schema, seed=study.seed, **study.generator_params)
     resumed = resume(study, ckpt, model)
     strategy = build_strategy(study, schema, model, resumed, out, on_round)
-    if study.record_messages:
-        grid = RecordingGrid(grid, Path(study.record_messages))
     start = time.perf_counter()
     train(grid, study, model, strategy, resumed.done, ckpt, out)
     secure_summary = None

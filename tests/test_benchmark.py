@@ -122,9 +122,11 @@ def test_tiny_benchmark_writes_a_consistent_table(tiny_run):
         assert int(row["rounds"]) == 2 and 0 <= float(row["fidelity"]) <= 1
         assert float(row["peak_rss_mb"]) > 0 and float(row["wall_s"]) > 0
     plain, sealed = rows[FED], rows[FED_CKKS]
-    # ciphertexts are several times the float32 weights; the model is the same FedAvg
+    # ciphertexts are several times the float32 weights
     assert float(sealed["bytes_per_round"]) > 3 * float(plain["bytes_per_round"])
-    assert abs(float(sealed["fidelity"]) - float(plain["fidelity"])) < 0.02
+    # the study in clear encodes on the sites' DP quantile grid, the encrypted one on
+    # the public bounds (no grid under CKKS yet, docs/privacy.md): the grid's gain shows
+    assert float(plain["fidelity"]) > float(sealed["fidelity"]) - 0.02
     md = (out / "results.md").read_text()
     assert "pytest tiny run" in md and f"`{FED}`" in md and f"`{FED_CKKS}`" in md
     for png in ("quality_vs_epsilon.png", "wall_time.png"):

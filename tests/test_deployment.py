@@ -42,7 +42,10 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from fedsynth.client.preflight import parse_node_config, preflight_command
 from fedsynth.common.certs import certs_command
+from fedsynth.common.dp_histogram import BINS, LEVELS
 from fedsynth.common.generators import Generator
+from fedsynth.common.protocol import GRID_MESSAGE
+from fedsynth.common.quantile_grid import numeric_columns
 from fedsynth.common.schema import Schema
 from fedsynth.simulations.datasets import bundled_schema_path, bundled_site_files
 from fedsynth.simulations.deploy import (
@@ -355,6 +358,21 @@ def test_no_row_leaves_a_site(
     sent = [m for m in messages if m["direction"] == "sent"]
     received = [m for m in messages if m["direction"] == "received"]
     sites = len(SITES) + 1
+    # before round 1, one quantile-grid query each way per site (the sites' DP release
+    # of where their numeric columns lie, docs/privacy.md); then one train message each
+    grid_cells = BINS * len(numeric_columns(schema))
+    queries = [m for m in messages if m["message_type"] == GRID_MESSAGE]
+    messages = [m for m in messages if m["message_type"] != GRID_MESSAGE]
+    assert len(queries) == 2 * sites and all("error" not in m for m in queries)
+    for m in queries:
+        if m["direction"] == "sent":
+            assert set(m["records"]) == {"config"}
+        elif "arrays" in m["records"]:  # a release: one vector of noisy counts, no row
+            got = {k: e["shape"] for k, e in m["records"]["arrays"]["entries"].items()}
+            assert got == {"values": [grid_cells]}
+    assert sum("arrays" in m["records"] for m in queries) == len(SITES)  # not the broken one
+    sent = [m for m in sent if m["message_type"] != GRID_MESSAGE]
+    received = [m for m in received if m["message_type"] != GRID_MESSAGE]
     assert len(sent) == len(received) == ROUNDS * sites  # one train message each way
     assert all(m["message_type"] == "train" and "error" not in m for m in messages)
     for m in sent:
@@ -373,7 +391,11 @@ def test_no_row_leaves_a_site(
                 for key, entry in record["entries"].items():
                     assert entry["type"] in ("float", "int", "str", "bool", "list"), key
                     length = entry.get("length", 0)
-                    assert length < 1000 and entry.get("max_item_length", 0) < 1000, key
+                    # generator-params carries the public grid: (LEVELS + 1) edges per
+                    # numeric column, as text, derived from the summed DP releases
+                    limit = (20 * (LEVELS + 1) * len(numeric_columns(schema))
+                             if key == "generator-params" else 1000)
+                    assert length < limit and entry.get("max_item_length", 0) < 1000, key
                     if entry["type"] == "list":  # a site's problems, never a column
                         assert entry["items"] in ([], ["str"]), (key, entry)
                         assert length not in rows.values() and length not in cells, key

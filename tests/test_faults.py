@@ -445,6 +445,11 @@ def _checkpoint_round(output_dir: Path) -> int:
         return 0
 
 
+def _grid_released(dep: LocalDeployment, name: str, study_id: str) -> bool:
+    state = _site_state(dep, name, study_id)
+    return state is not None and state.grid_counts is not None
+
+
 def _site_state(dep: LocalDeployment, name: str, study_id: str) -> SiteState | None:
     path = dep.sites[name].folder / "state" / "site-ledger.json"
     if not path.is_file():
@@ -487,6 +492,9 @@ def test_site_crash_mid_round_then_rejoins(deployment: LocalDeployment) -> None:
     dep, crashed = deployment, "va"
     run = {**RUN, "study-id": "crash", "min-sites": 2}
     handle = dep.start_run(run, name="crash")
+    # the study's first message is the quantile-grid query; crash in round 1's training
+    _wait(lambda: _grid_released(dep, crashed, "crash"), 240, f"{crashed}'s grid release")
+    _wait(lambda: not _training(dep, crashed), 120, f"{crashed}'s grid reply to finish")
     _wait(lambda: _training(dep, crashed), 240, f"{crashed} to start training round 1")
     dep.crash_supernode(crashed)  # SIGKILL, mid-round
     crashed_at = time.monotonic()
