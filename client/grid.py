@@ -22,14 +22,11 @@ from ..common import quantile_grid
 from ..common.encoding import TabularEncoder
 from ..common.protocol import GRID_CELL_STD, VALUES, SiteReply, Status
 from ..common.study import SiteConfig, StudyConfig
-from ..common.table import TableCheckError
 from .site import (
     BUDGET_EXHAUSTED,
-    INVALID_DATA,
     SiteState,
-    load_encoded,
     noise_for,
-    site_schema,
+    site_table,
     status_metrics,
 )
 
@@ -43,14 +40,10 @@ def grid_reply(site: SiteConfig, study: StudyConfig, schema_fp: str,
         return SiteReply(Status.UNSUPPORTED_QUERY, status_metrics(site, state), problems=[
             "this site answers the quantile-grid request only in a deep generator's study "
             "in clear with grid-share > 0 (its histograms would travel in clear)"])
-    schema = site_schema(site, state, schema_fp)
-    if isinstance(schema, SiteReply):
-        return schema
-    try:
-        data = load_encoded(site, schema)
-    except TableCheckError as exc:
-        log.warning("site %s: %s", site.name, exc)
-        return SiteReply(INVALID_DATA, status_metrics(site, state), problems=exc.shareable())
+    table = site_table(site, state, schema_fp)
+    if isinstance(table, SiteReply):
+        return table
+    schema, data = table
     noise = (quantile_grid.grid_noise_for(site.epsilon, site.delta, study.grid_share)
              if site.dp else None)
     if state.grid_counts is None:

@@ -345,6 +345,20 @@ def round_randomness(site: SiteConfig, study: StudyConfig, server_round: int) ->
     return site.randomness(f"{study.study_id}:{server_round}")
 
 
+def site_table(site: SiteConfig, state: SiteState, schema_fp: str
+               ) -> tuple[Schema, np.ndarray] | SiteReply:
+    """The study's schema and the site's encoded table, or the reply that refuses the
+    request (another schema, or a table that fails its check)."""
+    schema = site_schema(site, state, schema_fp)
+    if isinstance(schema, SiteReply):
+        return schema
+    try:
+        return schema, load_encoded(site, schema)
+    except TableCheckError as exc:
+        log.warning("site %s: %s", site.name, exc)  # full detail stays in the site's log
+        return SiteReply(INVALID_DATA, status_metrics(site, state), problems=exc.shareable())
+
+
 def site_schema(site: SiteConfig, state: SiteState, schema_fp: str) -> Schema | SiteReply:
     """The site's schema, or the reply that refuses the round because it is not the study's."""
     try:
@@ -372,14 +386,10 @@ def train_site(
     server_round: int,
 ) -> SiteReply:
     """Run one round at a site; mutates ``state`` only when something was released."""
-    schema = site_schema(site, state, schema_fp)
-    if isinstance(schema, SiteReply):
-        return schema
-    try:
-        data = load_encoded(site, schema)
-    except TableCheckError as exc:
-        log.warning("site %s: %s", site.name, exc)  # full detail stays in the site's log
-        return SiteReply(INVALID_DATA, status_metrics(site, state), problems=exc.shareable())
+    table = site_table(site, state, schema_fp)
+    if isinstance(table, SiteReply):
+        return table
+    schema, data = table
 
     plan = RoundPlan(study.sample_rate, study.local_epochs, study.loss_report)
     rand = round_randomness(site, study, server_round)

@@ -45,7 +45,7 @@ from torch.nn import functional as F
 
 from ..encoding import _Z as GRID_Z
 from .base import Generator
-from .tvae import _CondPrior, frequencies
+from .tvae import OutcomeConditioned, _CondPrior
 
 _LOG_EPS = 1e-12
 
@@ -110,7 +110,7 @@ def _linear_alpha_bar(steps: int) -> torch.Tensor:
     return torch.cumprod(1 - betas.clamp(max=0.999), dim=0)
 
 
-class TabDDPM(Generator):
+class TabDDPM(OutcomeConditioned, Generator):
     """Gaussian + multinomial diffusion over encoded rows, with an MLP denoiser."""
 
     name: ClassVar[str] = "ddpm"
@@ -260,16 +260,6 @@ class TabDDPM(Generator):
             return None
         column = self.schema.column(self.schema.outcome.column)
         return column.name if column.is_categorical and not column.group else None
-
-    def statistics_column(self) -> str | None:
-        return self.cond_column
-
-    def set_statistics(self, histogram: np.ndarray) -> None:
-        """Keep the site's noisy outcome histogram as frequencies (uniform if empty)."""
-        if self.cond_column is None:
-            return
-        self.cond_prior.freq.copy_(torch.as_tensor(
-            frequencies(histogram, self._cond[1] - self._cond[0], self.name)))
 
     def _condition(self, batch: torch.Tensor) -> torch.Tensor:
         return batch[:, self._cond[0] : self._cond[1]]

@@ -81,6 +81,29 @@ def frequencies(histogram: np.ndarray, size: int, who: str) -> np.ndarray:
     return (hist / total if total > 0 else np.full(size, 1.0 / size)).astype(np.float32)
 
 
+class OutcomeConditioned:
+    """The DP statistics of a generator conditioned on the outcome column (TVAE, ddpm):
+    the site's one noisy histogram of ``cond_column`` (``Generator.statistics_column``)
+    kept as frequencies in ``cond_prior``, from which conditions are drawn. Mixed in
+    before ``Generator``; the class sets ``cond_column``, ``cond_prior`` and ``_cond``
+    (the column's slots in the encoded row)."""
+
+    name: ClassVar[str]
+    cond_column: str | None
+    cond_prior: _CondPrior
+    _cond: tuple[int, int]
+
+    def statistics_column(self) -> str | None:
+        return self.cond_column
+
+    def set_statistics(self, histogram: np.ndarray) -> None:
+        """Keep the site's noisy histogram as frequencies (uniform if it has no mass)."""
+        if self.cond_column is None:
+            return
+        self.cond_prior.freq.copy_(torch.as_tensor(
+            frequencies(histogram, self._cond[1] - self._cond[0], self.name)))
+
+
 class _LogScale(nn.Module):
     """Per-column log output scales, as a Linear on a column of ones (see module doc).
 
@@ -159,7 +182,7 @@ class _VAENet(nn.Module):
         return out
 
 
-class TVAE(Generator):
+class TVAE(OutcomeConditioned, Generator):
     """Tabular VAE; the default generator (robust under DP noise, fast on a CPU)."""
 
     name: ClassVar[str] = "tvae"
@@ -262,17 +285,6 @@ class TVAE(Generator):
         if self.cond_column is None:
             return {"vae": self.net}
         return {"vae": self.net, "cond": self.cond_prior}
-
-    # -- the DP statistics of the conditioning column ----------------------------------
-    def statistics_column(self) -> str | None:
-        return self.cond_column
-
-    def set_statistics(self, histogram: np.ndarray) -> None:
-        """Keep the site's noisy histogram as frequencies (uniform if it has no mass)."""
-        if self.cond_column is None:
-            return
-        self.cond_prior.freq.copy_(torch.as_tensor(
-            frequencies(histogram, self._cond[1] - self._cond[0], self.name)))
 
     def _draw_condition(self, n: int, rng: torch.Generator) -> torch.Tensor:
         size = self._cond[1] - self._cond[0]
