@@ -35,6 +35,8 @@ and measured with its own user; making one estimator serve both is left to do.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 #: Cells of a released histogram over the public bounds of a numeric column.
@@ -196,6 +198,37 @@ def equal_mass_cuts(noisy_counts: np.ndarray, bins: int, noise_std: float = 0.0
     for j in range(1, bins):  # strictly increasing, leaving room for the bins after j
         cuts[j] = min(max(cuts[j], cuts[j - 1] + 1), cells - (bins - j))
     return cuts
+
+
+def mass_and_width_cuts(noisy_counts: np.ndarray, bins: int, noise_std: float = 0.0,
+                        tail: float = 0.01) -> np.ndarray:
+    """Equal-mass cuts, with every bin split that is wider than 1/``bins`` of the
+    data's noisy support.
+
+    Equal-mass bins are narrow where patients are and wide in the tails; a bin's value
+    is then decoded from the pooled within-bin histogram, which blurs whatever differs
+    between patients in one wide tail bin (on the simulated SCM of the causal tests the
+    treatment's effect lives there: its interventional ATE fell from 2.35 to 2.05).
+    The support is the cells between the monotone CDF's ``tail`` and ``1 - tail``, so
+    the empty stretch of a wide public range is not split; a bin's part inside it that
+    is wider than the cap is cut into equal parts. At most ``2 * bins`` bins.
+    Post-processing of the noisy counts.
+    """
+    cells = np.asarray(noisy_counts).size
+    mass = equal_mass_cuts(noisy_counts, bins, noise_std)
+    if cells <= bins:
+        return mass
+    cdf = isotonic_cdf(noisy_counts, noise_std)
+    lo = int(np.searchsorted(cdf, tail, side="right"))
+    hi = max(int(np.searchsorted(cdf, 1.0 - tail, side="left")) + 1, lo + 1)
+    cap = max(1, math.ceil((min(hi, cells) - lo) / bins))
+    extra: list[int] = []
+    for start, end in zip(mass[:-1], mass[1:], strict=True):
+        a, b = max(int(start), lo), min(int(end), hi)
+        if b - a > cap:
+            parts = math.ceil((b - a) / cap)
+            extra += [int(round(a + k * (b - a) / parts)) for k in range(parts + 1)]
+    return np.unique(np.concatenate([mass, np.asarray(extra, dtype=np.int64)]))
 
 
 def cell_weights(noisy_counts: np.ndarray, noise_std: float = 0.0) -> np.ndarray:

@@ -105,9 +105,9 @@ def score(model, train: pd.DataFrame, hold: pd.DataFrame, graph, seed: int  # no
 
 
 def one(dataset: str, seed: int, causal: bool, epsilon: float, out: Path,
-        poolings: list[float]) -> list[dict[str, Any]]:
+        poolings: list[float], params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     study = replace(StudyConfig(), generator="marginal", seed=seed,
-                    generator_params={"causal": causal}, min_sites=2)
+                    generator_params={**(params or {}), "causal": causal}, min_sites=2)
     # reproducible noise (benchmark only, labelled in the output): the arms of one seed
     # then see the same sites' noise draws where their releases coincide
     opts = SimulationOptions(dataset=dataset, epsilon=epsilon, study=study,
@@ -143,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="causal-bench")
     p.add_argument("--pooling", type=float, nargs="+", default=[1.0],
                    help="site_pooling values scored on the graph arm's one release")
+    p.add_argument("--arms", choices=["both", "graph", "no-graph"], default="both")
+    p.add_argument("--params", default="{}",
+                   help="extra generator hyperparameters (JSON), "
+                   "e.g. '{\"site_attribute\": false}'")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
@@ -152,8 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for seed in args.seeds:
-        for causal in (True, False):
-            for row in one(args.dataset, seed, causal, args.epsilon, out, args.pooling):
+        arms = {"both": (True, False), "graph": (True,), "no-graph": (False,)}[args.arms]
+        for causal in arms:
+            for row in one(args.dataset, seed, causal, args.epsilon, out, args.pooling,
+                           json.loads(args.params)):
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     frame = pd.DataFrame(rows)

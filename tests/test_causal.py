@@ -7,6 +7,8 @@ known; everything else runs on the real heart-disease rows and the real mbi fit.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -272,3 +274,70 @@ def test_the_causal_area_shows_each_independence_and_fails_reversed_effects(
     assert sign.passed is False and sign.value < agree.value
     area = next(a for a in verdict(bad).areas if a.area == "causal")
     assert area.passed is False and "causal=true" in area.advice
+
+
+# ------------------------------------------------- bins and code sets on the graph path
+
+
+def test_graph_bins_keep_equal_mass_cuts_and_cap_their_width_in_the_support():
+    from fedsynth.common.dp_histogram import equal_mass_cuts, mass_and_width_cuts
+
+    rng = np.random.default_rng(0)
+    # a skewed lab over a wide public range (AMLSG's wbc is bounded 0-600): most
+    # patients in the first cells, a long tail, the top of the range empty
+    counts, _ = np.histogram(np.clip(rng.lognormal(3.0, 1.0, 3000), 0, 600), 64, (0, 600))
+    noisy = counts + rng.normal(0.0, 5.0, 64)
+    mass = equal_mass_cuts(noisy, 6, 5.0)
+    cuts = mass_and_width_cuts(noisy, 6, 5.0)
+    assert set(mass) <= set(cuts) and len(cuts) - 1 <= 12
+    assert cuts[0] == 0 and cuts[-1] == 64 and np.all(np.diff(cuts) >= 1)
+    # the tail where 98% of patients lie is cut into bins no wider than a sixth of it
+    cdf = np.cumsum(counts) / counts.sum()
+    lo, hi = int(np.argmax(cdf > 0.01)), int(np.argmax(cdf >= 0.99)) + 1
+    inside = [(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if a >= lo and b <= hi]
+    assert inside and max(b - a for a, b in inside) <= int(np.ceil((hi - lo) / 6)) + 2
+    # the empty top of the range stays one bin: no cells spent where nobody is
+    assert cuts[-2] < 40
+
+
+@pytest.mark.slow
+def test_graph_fit_on_a_code_set_charges_its_plan_and_keeps_gene_frequencies():
+    """Real AMLSG rows (../shared/data/amlsg): with the schema's graph the genes' 1-way
+    marginals come from the bounded code histogram (one patient adds to few codes) and
+    the numeric bins from the fine release; the ledger is exactly the plan's releases
+    and an independent accountant agrees with the reported epsilon."""
+    from opacus.accountants import RDPAccountant
+
+    from fedsynth.common.generators.marginal.plan import calibrate
+    from fedsynth.simulations.datasets import load_site_frames
+
+    if not (Path(__file__).resolve().parents[1].parent / "shared" / "data" / "amlsg").is_dir():
+        pytest.skip("AMLSG data not found in ../shared/data/amlsg")
+    schema, sites = load_site_frames("amlsg")
+    frame = pd.concat(list(sites.values()), ignore_index=True)
+    model = get_generator("marginal")(schema, seed=0, causal=True, iters=200)
+    model.fit(frame, epsilon=3.0, randomness=DPRandomness.reproducible(4))
+    plan = model.plan()
+    assert plan.code_bound > 0 and plan.fine > 0
+    ledger = model.fit_info["ledger"]
+    history = list(zip(ledger["noise"], ledger["rate"], ledger["count"], strict=True))
+    noise = calibrate(plan, 3.0, 1e-5)
+    # the plan's releases that cost anything (it lists an unspent score release of
+    # infinite noise: a graph plan selects nothing)
+    planned = [tuple(h) for h in planned_ledger(plan, noise).history if np.isfinite(h[0])]
+    assert history == planned
+    assert [count for _, _, count in history] == [plan.fine, plan.attributes,
+                                                  plan.code_bound, plan.per_round]
+    acc = RDPAccountant()
+    for sigma, rate, count in history:
+        for _ in range(count):
+            acc.step(noise_multiplier=sigma, sample_rate=rate)
+    assert abs(acc.get_epsilon(delta=1e-5) - model.fit_info["epsilon"]) < 1e-6
+    genes = schema.codesets["mut"]
+    syn = model.sample(len(frame), seed=0)
+    real_freq = frame[genes].astype(float).mean().to_numpy()
+    syn_freq = syn[genes].astype(float).mean().to_numpy()
+    assert np.corrcoef(real_freq, syn_freq)[0, 1] >= 0.95
+    # the skewed labs get bins where the patients are, not six equal slices of 0-600
+    assert model.sizes["wbc"] > 6
+    assert abs(syn["wbc"].median() - frame["wbc"].median()) < 0.5 * frame["wbc"].std()

@@ -39,7 +39,7 @@ from ...causal import CausalError, CausalGraph
 from . import fit
 from .engine import EngineResult, Measurer, SelectionLog
 from .fit import SITE, Clique, Measurement
-from .plan import MEASURE, ONE_WAY, MarginalPlan
+from .plan import CODES, MEASURE, ONE_WAY, MarginalPlan
 
 
 def families(graph: CausalGraph, order: Sequence[str]) -> list[Clique]:
@@ -58,22 +58,35 @@ def check_families(fams: Sequence[Clique], sizes: dict[str, int], max_cells: int
                 "parents in the graph, use fewer bins, or raise max_clique_cells")
 
 
-def plan(d: int, fams: Sequence[Clique], one_way_share: float) -> MarginalPlan:
-    """1-way marginals, then one measurement release of every family; no selection."""
-    if not fams:
-        return MarginalPlan(d, 0, 1, 1, one_way_share, 0.0)
-    return MarginalPlan(d, 1, 1, len(fams), one_way_share, 0.0)
+def plan(d: int, fams: Sequence[Clique], one_way_share: float, fine: int = 0,
+         fine_share: float = 0.0, code_bound: int = 0, codes_share: float = 0.0
+         ) -> MarginalPlan:
+    """The numeric columns' fine histograms (``fine`` of them, when the bins are cut
+    from them), the 1-way marginals of the ``d`` attributes the code histogram does not
+    cover, the code histogram (``code_bound`` > 0), then one measurement release of
+    every family; no selection."""
+    rounds, per_round = (1, len(fams)) if fams else (0, 1)
+    return MarginalPlan(d, rounds, 1, per_round, one_way_share, 0.0, fine, fine_share,
+                        code_bound, codes_share)
 
 
 def run(names: Sequence[str], sizes: dict[str, int], fams: Sequence[Clique],
-        measurer: Measurer, iters: int) -> EngineResult:
-    """Measure the 1-way marginals and the families, fit once."""
-    measurements = measurer.measure([(a,) for a in names], ONE_WAY)
+        measurer: Measurer, iters: int, first: list[Measurement] | None = None,
+        codes: dict[str, int] | None = None, direct: Sequence[str] = ()
+        ) -> EngineResult:
+    """Measure the 1-way marginals (unless ``first`` holds them), the code histogram
+    (whose entries are the ``direct`` codes' 1-way marginals, as in ``engine.run``) and
+    the families; fit once."""
+    measurements = (list(first) if first is not None else
+                    measurer.measure([(a,) for a in names if a not in set(direct)], ONE_WAY))
+    code_meas = measurer.measure([(a,) for a in codes], CODES) if codes else []
+    measurements += [m for m in code_meas if m.clique[0] in set(direct)]
     if fams:
         measurements += measurer.measure(list(fams), MEASURE)
     sites = list(measurer.sites)
     model = fit.estimate(sizes, measurements, sites, iters)
-    return EngineResult(model, measurements, [SelectionLog(1, 0, list(fams), [])])
+    return EngineResult(model, measurements, [SelectionLog(1, 0, list(fams), [])],
+                        code_meas)
 
 
 @dataclass
@@ -95,7 +108,10 @@ def from_measurements(measurements: Sequence[Measurement], graph: CausalGraph,
     A site's conditional is shrunk toward the pooled one (:func:`partial_pool`), with
     ``pooling`` scaling the prior's weight (0: each site on its own counts only).
     """
-    by_clique = {tuple(m.clique): m for m in measurements}
+    grouped = _by_clique(measurements)
+    totals = _site_totals(measurements)
+    by_clique = {clique: _combined([_code_one_way(m, totals) for m in same])
+                 for clique, same in grouped.items()}
     out: list[Mechanism] = []
 
     def counts(clique: Clique) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
@@ -131,6 +147,54 @@ def from_measurements(measurements: Sequence[Measurement], graph: CausalGraph,
             targets[node] = partial_pool(one, fallback, one_noise, pooling, per_cell=False)
         out.append(Mechanism(node, prefix + graph.parents_of(node), table))
     return calibrate(out, targets)
+
+
+def _by_clique(measurements: Sequence[Measurement]) -> dict[Clique, list[Measurement]]:
+    out: dict[Clique, list[Measurement]] = {}
+    for m in measurements:
+        out.setdefault(tuple(m.clique), []).append(m)
+    return out
+
+
+def _site_totals(measurements: Sequence[Measurement]) -> np.ndarray:
+    """Each site's (or the pool's) number of patients: the mean total of its noisy
+    1-way releases other than the code histogram (post-processing)."""
+    sums = [np.asarray(m.values, dtype=float).sum(axis=-1) for m in measurements
+            if len(m.clique) == 1 and m.kind != CODES]
+    return np.maximum(np.mean(sums, axis=0), 1.0) if sums else np.ones(1)
+
+
+def _code_one_way(meas: Measurement, totals: np.ndarray) -> Measurement:
+    """A code histogram entry (how many patients have the code) as its binary
+    attribute's 1-way counts: [patients without it, with it]."""
+    if meas.kind != CODES:
+        return meas
+    has = np.asarray(meas.values, dtype=float)[..., :1]
+    values = np.concatenate([totals.reshape(has.shape) - has, has], axis=-1)
+    return Measurement(meas.clique, values, meas.stddev, by_site=meas.by_site,
+                       kind=ONE_WAY)
+
+
+def _combined(same: Sequence[Measurement]) -> Measurement:
+    """One measurement of a marginal measured more than once (a numeric column's
+    1-way release and its fine histogram summed into the bins): the inverse-variance
+    weighted mean, cell by cell and site by site, with the std of that mean (per site,
+    the root mean square over cells). Post-processing."""
+    if len(same) == 1:
+        return same[0]
+    values, variances = [], []
+    for m in same:
+        v = np.asarray(m.values, dtype=float)
+        scale = np.ones(v.shape[-1]) if m.cell_scale is None else np.asarray(m.cell_scale)
+        sd = np.asarray(m.stddev, dtype=float).reshape(-1, *([1] * (v.ndim - 1)))
+        values.append(v)
+        variances.append(np.broadcast_to(np.square(sd * scale), v.shape))
+    weights = [1.0 / np.maximum(var, 1e-12) for var in variances]
+    total = np.sum(weights, axis=0)
+    mean = np.sum([w * v for w, v in zip(weights, values, strict=True)], axis=0) / total
+    sd = np.sqrt(np.mean(1.0 / total, axis=-1))
+    return Measurement(same[0].clique, mean, sd if same[0].by_site else np.float64(sd),
+                       by_site=same[0].by_site, kind=same[0].kind)
 
 
 def calibrate(mechs: Sequence[Mechanism], targets: dict[str, np.ndarray],

@@ -18,7 +18,7 @@ import pandas as pd
 from torch import nn
 
 from ...causal import CausalError
-from ...dp_histogram import cell_weights, equal_mass_cuts
+from ...dp_histogram import cell_weights, equal_mass_cuts, mass_and_width_cuts
 from ...privacy import PrivacyLedger
 from ...privacy.randomness import DPRandomness
 from ...schema import Schema
@@ -41,8 +41,9 @@ class MarginalGenerator(Generator):
         "bins": 6,  # bins of a numeric column (the model's cells)
         # fine equal-width cells of a numeric column's public range: their noisy
         # histogram is released first, the bins are runs of them of about equal noisy
-        # mass. 0: equal-width bins of the public range (no fine release; always so
-        # with a causal graph)
+        # mass (with a causal graph, joined with equal-width cuts of the noisy support:
+        # dp_histogram.mass_and_width_cuts). 0: equal-width bins of the public range
+        # (no fine release)
         "fine_bins": 64,
         "rounds": 2,  # selection rounds after the 1-way marginals (one mbi fit each)
         "per_round": 8,  # marginals measured per round (top-k of one noisy score vector)
@@ -109,29 +110,42 @@ class MarginalGenerator(Generator):
     def sizes(self) -> dict[str, int]:
         return self.discretizer.shape
 
+    def _causal_sizes(self) -> dict[str, int]:
+        """Cells per attribute at most, before the fine release cuts the bins: a
+        numeric column gets up to twice ``bins`` (``mass_and_width_cuts``), so a family
+        is refused before any budget is spent rather than after."""
+        fine_bins, bins = int(self.hparams["fine_bins"]), int(self.hparams["bins"])
+        if fine_bins <= 0:
+            return self.sizes
+        return study_discretizer(self.schema, {**self.hparams,
+                                               "bins": min(2 * bins, fine_bins)}).shape
+
     def plan(self, n_candidates: int | None = None) -> MarginalPlan:
         """The study's privacy plan from the hyperparameters (no row is read)."""
         d = len(self.discretizer.attributes)
+        fine = (len(self.discretizer.numeric_names())
+                if int(self.hparams["fine_bins"]) > 0 else 0)
+        fine_share = float(self.hparams["fine_share"]) if fine else 0.0
+        codes = bool(self.discretizer.code_attrs) and int(self.hparams["code_bound"]) > 0
+        direct = len(self.discretizer.direct_codes) if codes else 0
+        code_bound = int(self.hparams["code_bound"]) if codes else 0
+        codes_share = float(self.hparams["codes_share"]) if codes else 0.0
         if self.graph is not None:  # the graph's families, no selection
             fams = causal.families(self.graph, self.order)
-            causal.check_families(fams, self.sizes, int(self.hparams["max_clique_cells"]))
-            return causal.plan(d, fams, float(self.hparams["one_way_share"]))
+            causal.check_families(fams, self._causal_sizes(),
+                                  int(self.hparams["max_clique_cells"]))
+            return causal.plan(max(1, d - direct), fams, float(self.hparams["one_way_share"]),
+                               fine, fine_share, code_bound, codes_share)
         pool = engine.candidates(self.discretizer.names, self.sizes, [], 2,
                                  int(self.hparams["max_clique_cells"]))
         m = min(int(self.hparams["candidates"]), max(len(pool), 1))
         if n_candidates is not None:
             m = n_candidates
         rounds = int(self.hparams["rounds"]) if len(pool) else 0
-        codes = bool(self.discretizer.code_attrs) and int(self.hparams["code_bound"]) > 0
-        direct = len(self.discretizer.direct_codes) if codes else 0
-        fine = (len(self.discretizer.numeric_names())
-                if int(self.hparams["fine_bins"]) > 0 else 0)
         return MarginalPlan(max(1, d - direct), rounds, m, int(self.hparams["per_round"]),
                             float(self.hparams["one_way_share"]),
-                            float(self.hparams["select_share"]),
-                            fine, float(self.hparams["fine_share"]) if fine else 0.0,
-                            int(self.hparams["code_bound"]) if codes else 0,
-                            float(self.hparams["codes_share"]) if codes else 0.0)
+                            float(self.hparams["select_share"]), fine, fine_share,
+                            code_bound, codes_share)
 
     # -- state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -221,32 +235,21 @@ class MarginalGenerator(Generator):
     def run_engine(self, plan: MarginalPlan, measurer: engine.Measurer,
                    sites: Sequence[str]) -> engine.EngineResult:
         """Run the selection/measurement plan and keep the fitted model."""
-        if self.graph is not None:
-            result = causal.run(self.discretizer.names, self.sizes,
-                                causal.families(self.graph, self.order), measurer,
-                                int(self.hparams["iters"]))
-            self.mrf, self.sites = result.model, list(sites)
-            self.mechanisms = causal.from_measurements(
-                result.measurements, self.graph, self.order, self.sizes,
-                list(getattr(measurer, "sites", [])), float(self.hparams["site_pooling"]))
-            return result
         direct = self.discretizer.direct_codes if plan.code_bound else []
         first = (self._fine_one_way(measurer, direct) if int(self.hparams["fine_bins"]) > 0
                  else None)
-        result = engine.run(
-            self.discretizer.names, self.sizes, plan, measurer, first=first,
-            max_way=int(self.hparams["max_way"]), max_cells=int(self.hparams["max_cells"]),
-            max_clique_cells=int(self.hparams["max_clique_cells"]),
-            iters=int(self.hparams["iters"]), rng=np.random.default_rng(self.seed),
-            codes=self.discretizer.code_attrs if plan.code_bound else None,
-            direct=direct,
-            anchors=([c for pair in self.schema.survival_pairs for c in pair]
-                     if self.hparams["anchor_survival"] else ()),
-            focus=self.schema.outcome.column if self.schema.outcome is not None else None,
-            focus_weight=float(self.hparams["outcome_weight"]),
-        )
-        self.mrf = result.model
-        self.sites = list(sites)
+        codes = self.discretizer.code_attrs if plan.code_bound else None
+        if self.graph is not None:
+            result = causal.run(self.discretizer.names, self.sizes,
+                                causal.families(self.graph, self.order), measurer,
+                                int(self.hparams["iters"]), first=first, codes=codes,
+                                direct=direct)
+            self.mechanisms = causal.from_measurements(
+                result.measurements, self.graph, self.order, self.sizes,
+                list(getattr(measurer, "sites", [])), float(self.hparams["site_pooling"]))
+        else:
+            result = self._select(plan, measurer, first, codes, direct)
+        self.mrf, self.sites = result.model, list(sites)
         self.discretizer.code_weights = {
             m.clique[0]: code_weights(*pooled_counts(m)) for m in result.codes
             if m.clique[0] in {g.name for g in self.discretizer.groups}}
@@ -256,6 +259,22 @@ class MarginalGenerator(Generator):
 
         jax.clear_caches()
         return result
+
+    def _select(self, plan: MarginalPlan, measurer: engine.Measurer,
+                first: list[Measurement] | None, codes: dict[str, int] | None,
+                direct: Sequence[str]) -> engine.EngineResult:
+        """AIM-style selection of the marginals to measure (no graph)."""
+        return engine.run(
+            self.discretizer.names, self.sizes, plan, measurer, first=first,
+            max_way=int(self.hparams["max_way"]), max_cells=int(self.hparams["max_cells"]),
+            max_clique_cells=int(self.hparams["max_clique_cells"]),
+            iters=int(self.hparams["iters"]), rng=np.random.default_rng(self.seed),
+            codes=codes, direct=direct,
+            anchors=([c for pair in self.schema.survival_pairs for c in pair]
+                     if self.hparams["anchor_survival"] else ()),
+            focus=self.schema.outcome.column if self.schema.outcome is not None else None,
+            focus_weight=float(self.hparams["outcome_weight"]),
+        )
 
     # -- bins from the fine 1-way release -------------------------------------------
     def _use_binning(self, binning: str) -> None:
@@ -279,6 +298,8 @@ class MarginalGenerator(Generator):
         measurement of the same marginal, noise std sqrt(width) x the fine one's).
         """
         fine_bins, bins = int(self.hparams["fine_bins"]), int(self.hparams["bins"])
+        # a graph's mechanisms need resolution in the tails too (mass_and_width_cuts)
+        cut = mass_and_width_cuts if self.graph is not None else equal_mass_cuts
         fine = study_discretizer(self.schema, {**self.hparams, "bins": fine_bins})
         numeric = [a for a in fine.attributes if a.numeric]
         measurer.use(fine, json.dumps({"fine": fine_bins}))
@@ -288,7 +309,7 @@ class MarginalGenerator(Generator):
             noisy = np.asarray(meas.values, dtype=float)
             pooled = (noisy.sum(axis=0) if noisy.ndim == 2 else noisy)[: attr.bins]
             sd = float(np.sqrt(np.sum(np.square(meas.stddev))))  # of the summed noise
-            cuts = equal_mass_cuts(pooled, min(bins, attr.bins), sd)
+            cuts = cut(pooled, min(bins, attr.bins), sd)
             cells[attr.name] = FineCells(attr.bins, tuple(int(c) for c in cuts),
                                          tuple(cell_weights(pooled, sd)))
         self.discretizer = fine.refined(cells)
