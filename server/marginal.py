@@ -7,7 +7,7 @@ coordinator runs the same engine as a central fit (``common/generators/marginal`
 row: it adds the sites' noisy vectors and fits the graphical model to the totals.
 
 - In clear, it keeps each site's noisy vector, and with ``site_attribute`` (off by
-  default, on with a causal graph) fits them as measurements of the marginal
+  default, on with a causal graph and at most 8 sites) fits them as measurements of the marginal
   extended by a site attribute: the model then knows each hospital's case mix
   (disease rates from 0.36 to 0.93 in the heart study), a site's selection score
   compares the site to the model's picture of that site, and
@@ -66,12 +66,12 @@ class FederatedMeasurer:
     """The sites, as the marginal engine sees them: ask, check, add."""
 
     def __init__(self, grid: Grid, study: StudyConfig, schema: Schema, plan: MarginalPlan,
-                 sizes: dict[str, int], by_site: bool,
+                 sizes: dict[str, int], by_site: Callable[[int], bool],
                  on_round: Callable[[RoundLog], None] | None = None,
                  code_lengths: dict[str, int] | None = None) -> None:
         self.grid, self.study, self.plan, self.sizes = grid, study, plan, sizes
         self.code_lengths = code_lengths or {}  # the code histogram's layout (codes.py)
-        self.by_site = by_site
+        self.by_site = by_site  # the answering sites' count -> model the site?
         self.secure = study.encrypted
         self.public_ctx = None
         if self.secure:
@@ -233,7 +233,7 @@ class FederatedMeasurer:
             self.noise[name] = metrics
         sigma = {name: max(m[P.SIGMA_RELEASED], NO_DP_NOISE) for name, m, _ in good}
         vectors, names = self._vectors(good, length)
-        if not self.sites and self.by_site and not self.secure:
+        if not self.sites and not self.secure and self.by_site(len(names)):
             self.sites = sorted(names)
         if self.sites:
             assert isinstance(vectors, dict)
@@ -290,8 +290,8 @@ def run_marginal_study(grid: Grid, study: StudyConfig, schema: Schema,
                     "ledgers keep what they already spent)")
     model = MarginalGenerator(schema, seed=study.seed, **study.generator_params)
     plan = model.plan()
-    by_site = model.site_attribute() and not study.encrypted
-    measurer = FederatedMeasurer(grid, study, schema, plan, model.sizes, by_site, on_round,
+    measurer = FederatedMeasurer(grid, study, schema, plan, model.sizes,
+                                 model.site_attribute, on_round,
                                  model.discretizer.code_attrs)
     start = time.perf_counter()
     result = model.run_engine(plan, measurer, sites=measurer.sites)

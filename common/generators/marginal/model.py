@@ -33,6 +33,10 @@ from .plan import CODES, FINE, ONE_WAY, MarginalPlan, NoiseLevels, calibrate
 NO_DP_NOISE = 1e-3  # noise std of a fit without DP: just enough to keep mbi well posed
 
 
+# a graph-following model left to its default models the site up to this many sites
+SITE_MECHANISMS_MAX_SITES = 8
+
+
 class MarginalGenerator(Generator):
     """Marginal-based DP generator (AIM-style selection, Private-PGM inference)."""
 
@@ -59,7 +63,8 @@ class MarginalGenerator(Generator):
         "max_clique_cells": 2_000,  # largest marginal a round may measure
         "iters": 1000,  # mirror-descent iterations per fit
         # federated in clear: model the site as an attribute (site-conditional
-        # sampling). None: on with a causal graph (per-site mechanisms), else off
+        # sampling). None: on with a causal graph and at most 8 sites (per-site
+        # mechanisms; see site_attribute), else off
         "site_attribute": None,
         "causal": False,  # True: follow the schema's causal graph (causal.py, docs/causal.md)
         "site_pooling": 1.0,  # causal: weight of the pooled mechanism in a site's (0: none)
@@ -89,10 +94,23 @@ class MarginalGenerator(Generator):
                       if self.graph is not None else [])
         self.mechanisms: list[causal.Mechanism] | None = None
 
-    def site_attribute(self) -> bool:
-        """Whether a federated study in clear models the site (see ``defaults``)."""
+    def site_attribute(self, n_sites: int) -> bool:
+        """Whether a federated study in clear with ``n_sites`` answering sites models
+        the site (see ``defaults``).
+
+        Left to the default, a graph-following model gives each hospital its own
+        mechanisms when there are at most ``SITE_MECHANISMS_MAX_SITES`` of them. Measured
+        (docs/causal.md, federated, epsilon 3, 3 seeds): heart disease's 4 hospitals,
+        whose case mixes differ most, gain pairwise fidelity (correlation gap 0.125 vs
+        0.164), TSTR (0.875 vs 0.832) and the graph's independences (the pooled table
+        holds 0.63 of them against 0.65 in real data; 0.93 without, the hospital being
+        a common cause the model lacks); AMLSG's 18 small hospitals lose column
+        fidelity (0.907 vs 0.966 on seed 0): each one's families are mostly noise.
+        """
         chosen = self.hparams["site_attribute"]
-        return bool(self.graph is not None if chosen is None else chosen)
+        if chosen is None:
+            return self.graph is not None and n_sites <= SITE_MECHANISMS_MAX_SITES
+        return bool(chosen)
 
     def networks(self) -> dict[str, nn.Module]:
         return {}
