@@ -215,6 +215,9 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epsilons", default="1,3,10", help="per-site budgets of the DP runs")
     p.add_argument("--rounds", type=int, default=None, help="default 10; --quick 5")
     p.add_argument("--local-epochs", type=int, default=None, help="default 20; --quick 10")
+    p.add_argument("--alone-sites", type=int, default=None,
+                   help="site-alone settings for this many sites spread over the sizes "
+                   "(default: every site; --quick 3)")
     p.add_argument("--baselines", default="independent,sdv_ctgan,sdv_tvae,sdv_gaussian_copula")
     p.add_argument("--baseline-epochs", type=int, default=None,
                    help="epochs of the ctgan package's models (default: theirs; --quick 50)")

@@ -71,10 +71,13 @@ def options_from_args(args: argparse.Namespace) -> BenchmarkOptions:
         "command": _command(),
         "only": tuple(x for x in args.only.split(",") if x.strip()),
     }
-    for key in ("seeds", "rounds", "local_epochs", "baseline_epochs", "ray_check"):
+    for key in ("seeds", "rounds", "local_epochs", "baseline_epochs", "ray_check",
+                "alone_sites"):
         value = getattr(args, key)
         if value is not None:
             chosen[key] = value
+    if args.alone_sites is not None and args.alone_sites < 0:
+        raise ConfigError("--alone-sites must be 0 (every site) or more")
     if args.baseline_epochs is not None and args.baseline_epochs < 1:
         raise ConfigError("--baseline-epochs must be at least 1")
     opts = BenchmarkOptions.quick_defaults(**chosen) if args.quick else BenchmarkOptions(

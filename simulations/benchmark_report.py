@@ -205,13 +205,17 @@ def _describe(info: dict[str, Any]) -> str:
     if o.get("baseline_batch") == "rows":
         epochs += ("; the ctgan package's CTGAN with batches of at most the training rows "
                    "(--quick), not its default 500")
+    alone = (f"at most {o['alone_sites']} sites alone, spread over the sizes (the "
+             "smallest and the largest first). " if o.get("alone_sites")
+             else "every site alone. ")
     return (
         f"Dataset {o['dataset']}, {split}: training rows per site {sites}; "
         f"{info['holdout_rows']} held-out rows score every setting. "
         f"{over}"
         f" (seeds {o['seed']}..{o['seed'] + seeds - 1}). Federated: {o['rounds']} rounds x "
         f"{o['local_epochs']} local epochs at sample rate {o['sample_rate']}; central and "
-        f"site-alone runs: the same number of epochs ({o['rounds'] * o['local_epochs']}). "
+        f"site-alone runs: the same number of epochs ({o['rounds'] * o['local_epochs']}); "
+        f"{alone}"
         f"DP delta {o['delta']}; central DP and site-alone epsilon {o['central_epsilon']}. "
         f"Baselines: {', '.join(o['baselines'])}"
         f" ({epochs}). "

@@ -142,6 +142,7 @@ def test_tiny_benchmark_writes_a_consistent_table(tiny_run):
         (["--epsilons", "3,-1"], "--epsilons"),
         (["--dataset", "nowhere"], "nowhere"),
         (["--only", "tvae/federated/eps7"], "--only"),
+        (["--alone-sites", "-1"], "--alone-sites"),
     ],
 )
 def test_bad_options_exit_2_and_write_nothing(tmp_path, capsys, argv, words):
@@ -185,6 +186,23 @@ def test_without_sdv_only_the_sdv_baselines_are_skipped(tmp_path, monkeypatch):
     with (out / "results.csv").open() as fh:
         assert [r["setting"] for r in csv.DictReader(fh)] == ["baseline/independent"]
     assert "sdv not installed: skipped" in (out / "results.md").read_text()
+
+
+def test_quick_trains_three_sites_alone_spread_over_the_sizes():
+    """AMLSG's 18 centres: --quick runs the smallest, a middle and the largest alone,
+    the full run every one; federated settings always use every site."""
+    from fedsynth.simulations.benchmark import plan_settings
+
+    rows = {f"centre_{i}": n for i, n in enumerate([71, 70, 34, 27, 42, 26, 46, 70, 38,
+                                                    57, 56, 35, 48, 53, 90, 30, 155, 284])}
+    quick = plan_settings(BenchmarkOptions.quick_defaults(generators=("tvae",)),
+                          list(rows), rows)
+    alone = [s.site for s in quick if s.kind == "local"]
+    assert alone == ["centre_5", "centre_12", "centre_17"]  # 26, 48 (the middle), 284 rows
+    full = plan_settings(BenchmarkOptions(generators=("tvae",)), list(rows), rows)
+    assert sorted(s.site for s in full if s.kind == "local") == sorted(rows)
+    assert [s.key for s in quick if s.kind == "federated"] == \
+        [s.key for s in full if s.kind == "federated"]
 
 
 def test_quick_runs_ctgan_package_on_batches_of_at_most_the_rows(monkeypatch, pooled,
