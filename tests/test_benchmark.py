@@ -189,8 +189,9 @@ def test_without_sdv_only_the_sdv_baselines_are_skipped(tmp_path, monkeypatch):
 
 
 def test_quick_trains_three_sites_alone_spread_over_the_sizes():
-    """AMLSG's 18 centres: --quick runs the smallest, a middle and the largest alone,
-    the full run every one; federated settings always use every site."""
+    """AMLSG's 18 centres: --quick runs 4 alone spread over the sizes, the full run every
+    one; heart disease's 4 hospitals all train alone either way; federated settings
+    always use every site."""
     from fedsynth.simulations.benchmark import plan_settings
 
     rows = {f"centre_{i}": n for i, n in enumerate([71, 70, 34, 27, 42, 26, 46, 70, 38,
@@ -198,7 +199,10 @@ def test_quick_trains_three_sites_alone_spread_over_the_sizes():
     quick = plan_settings(BenchmarkOptions.quick_defaults(generators=("tvae",)),
                           list(rows), rows)
     alone = [s.site for s in quick if s.kind == "local"]
-    assert alone == ["centre_5", "centre_12", "centre_17"]  # 26, 48 (the middle), 284 rows
+    assert alone == ["centre_5", "centre_4", "centre_9", "centre_17"]  # 26, 42, 57, 284 rows
+    four = {"a": 10, "b": 20, "c": 30, "d": 40}
+    assert [s.site for s in plan_settings(BenchmarkOptions.quick_defaults(
+        generators=("tvae",)), list(four), four) if s.kind == "local"] == list(four)
     full = plan_settings(BenchmarkOptions(generators=("tvae",)), list(rows), rows)
     assert sorted(s.site for s in full if s.kind == "local") == sorted(rows)
     assert [s.key for s in quick if s.kind == "federated"] == \
