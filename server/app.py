@@ -40,6 +40,7 @@ from ..common.study import ConfigError, StudyConfig, schema_fingerprint
 from .grid import with_grid
 from .guards import clear_guards, update_bounds
 from .optimizer import ServerMomentum, buffer_keys, load_velocity, save_velocity
+from .prompt_grid import PromptGrid
 from .recording import RecordingGrid
 from .rounds import RoundLog, SiteRound
 from .secure import (
@@ -458,7 +459,9 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = study or StudyConfig.from_flat(dict(context.run_config))
-        run_study(grid, cfg, resolve_schema(cfg.schema), on_round)
+        # Every ask of the study waits for replies in one prompt loop (a deployment's
+        # Flower grid would look only every 3 s): server/prompt_grid.py.
+        run_study(PromptGrid(grid), cfg, resolve_schema(cfg.schema), on_round)
 
     return app
 
