@@ -79,7 +79,10 @@ def main():
                          "start `fedsynth site-runtime` (docs/deployment.md)\\n" % exc)
         return 1
     request = (json.dumps({{"argv": sys.argv[1:]}}) + "\\n").encode()
-    socket.send_fds(sock, [request], [0, 1, 2])
+    try:
+        socket.send_fds(sock, [request], [0, 1, 2])
+    except OSError:
+        pass  # refused before it read the request: its reason is still to be read
     reader = sock.makefile("rb")
     first = reader.readline().decode().strip()
     if not first.isdigit():
@@ -114,6 +117,9 @@ class RuntimeOptions:
     state_dir: Path
     insecure: bool = True
     root_certificates: str | None = None
+    # Flower's SuperExec authentication: the SuperNode then hands tasks only to a
+    # SuperExec holding the same secret (flower-supernode --superexec-auth-secret-file).
+    superexec_secret: str | None = None
 
     @property
     def folder(self) -> Path:
@@ -313,9 +319,12 @@ def dispatch(conn: socket.socket, listener: socket.socket, opts: RuntimeOptions)
 def superexec_command(opts: RuntimeOptions) -> list[str]:
     """Flower's own SuperExec, pointed at this site's SuperNode; it dies with us."""
     exe = Path(sys.executable).parent / "flower-superexec"
-    return [str(exe) if exe.is_file() else "flower-superexec",
-            "--runtime-api-address", opts.runtime_api_address, *opts.tls_args(),
-            "--parent-pid", str(os.getpid())]
+    cmd = [str(exe) if exe.is_file() else "flower-superexec",
+           "--runtime-api-address", opts.runtime_api_address, *opts.tls_args(),
+           "--parent-pid", str(os.getpid())]
+    if opts.superexec_secret:
+        cmd += ["--superexec-auth-secret-file", opts.superexec_secret]
+    return cmd
 
 
 def serve(opts: RuntimeOptions) -> int:
@@ -376,10 +385,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     tls.add_argument("--root-certificates",
                      help="CA of the Runtime API's certificate (flower-supernode "
                      "--ssl-certfile)")
+    parser.add_argument("--superexec-auth-secret-file",
+                        help="the secret file the SuperNode was given with the same "
+                        "option: only a SuperExec holding it gets the site's tasks")
     args = parser.parse_args(argv)
+    secret = args.superexec_auth_secret_file
     opts = RuntimeOptions(args.runtime_api_address, args.state_dir.resolve(),
                           insecure=bool(args.insecure),
-                          root_certificates=args.root_certificates)
+                          root_certificates=args.root_certificates,
+                          superexec_secret=str(Path(secret).resolve()) if secret else None)
     try:
         return serve(opts)
     except RuntimeRefusal as exc:

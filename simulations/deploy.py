@@ -625,7 +625,8 @@ class LocalDeployment:
         if site.private_key is not None:
             args += ["--auth-supernode-private-key", str(site.private_key)]
         if site.runtime is not None:  # the site runs its own ClientApp runtime
-            args += ["--isolation", "process"]
+            args += ["--isolation", "process",
+                     "--superexec-auth-secret-file", str(self.superexec_secret(site))]
         args += [
             "--port", str(site.runtime_port),
             "--node-config", node_config_arg(site.spec.node_config(site.folder / "state")),
@@ -633,12 +634,23 @@ class LocalDeployment:
         return args
 
     @staticmethod
-    def runtime_args(site: Site) -> list[str]:
+    def superexec_secret(site: Site) -> Path:
+        """The site's SuperExec secret (random, 0600): its SuperNode hands tasks only to
+        the SuperExec of its own runtime."""
+        path = site.folder / "superexec.secret"
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(os.urandom(32).hex().encode())
+        return path
+
+    def runtime_args(self, site: Site) -> list[str]:
         """``fedsynth site-runtime`` for the site: its SuperNode's Runtime API is local
         and without TLS (Flower's default for the SuperNode's ``--port``)."""
         return [sys.executable, "-m", "fedsynth.client.runtime",
                 "--state-dir", str((site.folder / "state").resolve()),
-                "--runtime-api-address", f"127.0.0.1:{site.runtime_port}", "--insecure"]
+                "--runtime-api-address", f"127.0.0.1:{site.runtime_port}", "--insecure",
+                "--superexec-auth-secret-file", str(self.superexec_secret(site))]
 
     def add_site(self, spec: SiteSpec, *, register: bool = True, start: bool = True) -> Site:
         """Add one site (see ``add_sites``)."""
