@@ -391,9 +391,10 @@ def supernode_command(inp: PreflightInput) -> list[str]:
 
 def runtime_command(inp: PreflightInput) -> list[str]:
     """The ``fedsynth site-runtime`` command line beside the SuperNode's (same user)."""
-    state = absolute_node_config(inp.node).get("state-dir", "STATE-DIR")
+    state = absolute_node_config(inp.node).get("state-dir")
+    folder = Path(str(state)).parent if state else Path.cwd()
     port = inp.runtime_port if inp.runtime_port is not None else FLOWER_RUNTIME_PORT
-    return ["fedsynth", "site-runtime", "--state-dir", str(state),
+    return ["fedsynth", "site-runtime", "--runtime-dir", str(folder / "clientapp-runtime"),
             "--runtime-api-address", f"127.0.0.1:{port}", "--insecure"]
 
 

@@ -11,7 +11,7 @@ This module is the site's ClientApp runtime for ``flower-supernode --isolation
 process``, in which the site, not the SuperNode, runs the SuperExec. It
 
 1. imports torch, Opacus, Flower's ClientApp runner and fedsynth's ClientApp once;
-2. listens on a Unix socket in the site's ``state-dir`` (folder 0700, socket 0600, and
+2. listens on a Unix socket in its own folder (``--runtime-dir``, 0700; socket 0600;
    every caller's user id checked with ``SO_PEERCRED``): nothing listens on a network
    port, and only processes of the site's own user can reach it;
 3. starts Flower's own ``flower-superexec`` against the site's SuperNode, with a
@@ -33,7 +33,7 @@ SuperExec and ClientApp code that runs is Flower's, started through its public c
 Run it next to the SuperNode, as the same user::
 
     flower-supernode ... --isolation process --port 9101
-    fedsynth site-runtime --state-dir STATE --runtime-api-address 127.0.0.1:9101 --insecure
+    fedsynth site-runtime --runtime-dir DIR --runtime-api-address 127.0.0.1:9101 --insecure
 """
 
 from __future__ import annotations
@@ -55,7 +55,6 @@ from pathlib import Path
 from ..common.errors import FedsynthError
 from ..common.protocol import SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S
 
-FOLDER = "clientapp-runtime"  # inside the site's state-dir
 SOCKET = "runtime.sock"
 HANDOVER = "flwr-clientapp"  # the name Flower's SuperExec starts a ClientApp task by
 ERROR_PREFIX = "error: "
@@ -114,16 +113,12 @@ class RuntimeOptions:
     """Where the site's SuperNode is and how to reach it; where the runtime lives."""
 
     runtime_api_address: str
-    state_dir: Path
+    folder: Path  # owner-only: the socket and the hand-over script
     insecure: bool = True
     root_certificates: str | None = None
     # Flower's SuperExec authentication: the SuperNode then hands tasks only to a
     # SuperExec holding the same secret (flower-supernode --superexec-auth-secret-file).
     superexec_secret: str | None = None
-
-    @property
-    def folder(self) -> Path:
-        return self.state_dir / FOLDER
 
     @property
     def socket_path(self) -> Path:
@@ -153,9 +148,9 @@ def preload() -> None:
 
 def prepare(opts: RuntimeOptions) -> Path:
     """The runtime's owner-only folder with a fresh hand-over script; returns its bin."""
-    if not opts.state_dir.is_dir():
-        raise RuntimeRefusal(f"state-dir {opts.state_dir} does not exist: create it (0700) "
-                            "or give the SuperNode's state-dir")
+    if not opts.folder.parent.is_dir():
+        raise RuntimeRefusal(f"--runtime-dir {opts.folder}: its parent folder does not "
+                             "exist; give a folder in one of the site's own folders")
     opts.folder.mkdir(mode=0o700, exist_ok=True)
     os.chmod(opts.folder, 0o700)
     with contextlib.suppress(FileNotFoundError):
@@ -374,8 +369,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="A site's long-lived ClientApp runtime for `flower-supernode "
         "--isolation process`: imports torch, Opacus and the ClientApp once and runs "
         "each task in a fork of itself (docs/deployment.md).")
-    parser.add_argument("--state-dir", required=True, type=Path,
-                        help="the site's state-dir (the same as in its node config)")
+    parser.add_argument("--runtime-dir", required=True, type=Path,
+                        help="the runtime's own folder (made owner-only, 0700): its socket "
+                        "and hand-over script, e.g. beside the site's state-dir")
     parser.add_argument("--runtime-api-address", required=True,
                         help="the SuperNode's Runtime API, e.g. 127.0.0.1:9101 "
                         "(flower-supernode --port)")
@@ -390,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "option: only a SuperExec holding it gets the site's tasks")
     args = parser.parse_args(argv)
     secret = args.superexec_auth_secret_file
-    opts = RuntimeOptions(args.runtime_api_address, args.state_dir.resolve(),
+    opts = RuntimeOptions(args.runtime_api_address, args.runtime_dir.resolve(),
                           insecure=bool(args.insecure),
                           root_certificates=args.root_certificates,
                           superexec_secret=str(Path(secret).resolve()) if secret else None)

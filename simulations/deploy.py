@@ -648,7 +648,7 @@ class LocalDeployment:
         """``fedsynth site-runtime`` for the site: its SuperNode's Runtime API is local
         and without TLS (Flower's default for the SuperNode's ``--port``)."""
         return [sys.executable, "-m", "fedsynth.client.runtime",
-                "--state-dir", str((site.folder / "state").resolve()),
+                "--runtime-dir", str((site.folder / "runtime").resolve()),
                 "--runtime-api-address", f"127.0.0.1:{site.runtime_port}", "--insecure",
                 "--superexec-auth-secret-file", str(self.superexec_secret(site))]
 

@@ -264,6 +264,7 @@ def test_unregistered_supernode_is_refused(deployment: LocalDeployment) -> None:
     nodes = deployment.list_nodes()
     assert {int(n["node-id"]) for n in nodes} == known  # no node was created for it
     assert all(n["status"] == "online" for n in nodes)
+    deployment.stop_supernode("rogue")  # its ClientApp runtime too
     del deployment.sites["rogue"]
 
 
@@ -429,7 +430,7 @@ def test_each_site_runs_a_warm_runtime_reachable_only_by_its_user(
         assert site.runtime is not None and site.runtime.running(), site.spec.name
         assert "--isolation" in site.process.args
         assert site.process.args[site.process.args.index("--isolation") + 1] == "process"
-        folder = site.folder / "state" / "clientapp-runtime"
+        folder = site.folder / "runtime"
         sock = folder / "runtime.sock"
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700
         assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600

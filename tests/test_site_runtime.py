@@ -33,9 +33,7 @@ ADDRESS = "127.0.0.1:9101"
 
 
 def _opts(tmp_path: Path) -> RuntimeOptions:
-    state = tmp_path / "state"
-    state.mkdir(mode=0o700, exist_ok=True)
-    return RuntimeOptions(ADDRESS, state)
+    return RuntimeOptions(ADDRESS, tmp_path / "runtime")
 
 
 # --------------------------------------------------------------------------- requests
@@ -48,7 +46,7 @@ def test_a_task_runs_against_the_sites_own_supernode_only(tmp_path: Path) -> Non
     assert task_argv(flower, opts) == ["flwr-clientapp", "--runtime-api-address", ADDRESS,
                                        "--token", "t0k", "--insecure", "--parent-pid", "123"]
     # TLS is the runtime's setting, never the caller's
-    tls = RuntimeOptions(ADDRESS, opts.state_dir, insecure=False, root_certificates="/ca.crt")
+    tls = RuntimeOptions(ADDRESS, opts.folder, insecure=False, root_certificates="/ca.crt")
     assert task_argv(flower, tls)[-4:] == ["--root-certificates", "/ca.crt",
                                            "--parent-pid", "123"]
     refused = {
@@ -69,7 +67,7 @@ _SERVER = textwrap.dedent("""
     import os, sys
     from pathlib import Path
     from fedsynth.client import runtime
-    opts = runtime.RuntimeOptions({address!r}, Path({state!r}))
+    opts = runtime.RuntimeOptions({address!r}, Path({folder!r}))
     def fake_task(argv, fds):  # stands for Flower's flwr-clientapp in the fork
         for target, fd in enumerate(fds[:3]):
             os.dup2(fd, target)
@@ -93,7 +91,7 @@ _SERVER = textwrap.dedent("""
 
 def _serve(tmp_path: Path, tasks: int, **env: str) -> tuple[subprocess.Popen[str], Path]:
     opts = _opts(tmp_path)
-    script = _SERVER.format(address=ADDRESS, state=str(opts.state_dir))
+    script = _SERVER.format(address=ADDRESS, folder=str(opts.folder))
     server = subprocess.Popen([sys.executable, "-c", script, str(tasks)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, **env})
@@ -140,13 +138,13 @@ def test_a_caller_of_another_user_is_refused(tmp_path: Path) -> None:
         server.wait(timeout=60)
 
 
-def test_a_missing_state_dir_is_one_clear_error(tmp_path: Path) -> None:
+def test_a_runtime_dir_without_parent_is_one_clear_error(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "fedsynth.client.runtime", "--state-dir",
-         str(tmp_path / "nope"), "--runtime-api-address", ADDRESS, "--insecure"],
+        [sys.executable, "-m", "fedsynth.client.runtime", "--runtime-dir",
+         str(tmp_path / "nope" / "runtime"), "--runtime-api-address", ADDRESS, "--insecure"],
         capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert "state-dir" in done.stderr and "does not exist" in done.stderr
+    assert "--runtime-dir" in done.stderr and "does not exist" in done.stderr
     assert not (tmp_path / "nope").exists()
 
 
