@@ -276,7 +276,8 @@ def supervise(conn: socket.socket, argv: list[str], fds: list[int]) -> None:
         os._exit(code)
     for fd in fds:
         os.close(fd)
-    conn.sendall(f"{pid}\n".encode())
+    with contextlib.suppress(OSError):  # the hand-over may be gone; the task runs on
+        conn.sendall(f"{pid}\n".encode())
     _, status = os.waitpid(pid, 0)
     with contextlib.suppress(OSError):
         conn.sendall(f"{os.waitstatus_to_exitcode(status)}\n".encode())
@@ -301,10 +302,13 @@ def dispatch(conn: socket.socket, listener: socket.socket, opts: RuntimeOptions)
         print(f"fedsynth site runtime: refused a task: {exc}", file=sys.stderr, flush=True)
         return None
     pid = os.fork()
-    if pid == 0:
-        listener.close()
-        conn.settimeout(None)
-        supervise(conn, argv, fds)
+    if pid == 0:  # never returns: a supervisor must not fall back into the accept loop
+        try:
+            listener.close()
+            conn.settimeout(None)
+            supervise(conn, argv, fds)
+        finally:
+            os._exit(1)
     for fd in fds:
         os.close(fd)
     conn.close()
