@@ -8,12 +8,13 @@
 # before = main 50157ef, after = branch s3-16; "cold" = the after code with Flower's
 # default isolation (a cold ClientApp process per message, --flower-isolation).
 # Usage: drill.sh BEFORE_COPY AFTER_COPY OUT   (run with the project's venv python on PATH)
+# (The recorded session ran the cold arm for i = 0 and 1 only.)
 set -u
 BEFORE=$1 AFTER=$2 OUT=$3
 export OMP_NUM_THREADS=1
 PY=${PY:-python}
 mkdir -p "$OUT"
-for i in 0 1; do
+for i in 0 1 2; do
   for tree in before after; do
     COPY=$BEFORE; [ $tree = after ] && COPY=$AFTER
     echo "== $tree $i $(date +%T) load $(cut -d' ' -f1 /proc/loadavg)"
