@@ -153,8 +153,11 @@ def prepare(opts: RuntimeOptions) -> Path:
                              "exist; give a folder in one of the site's own folders")
     opts.folder.mkdir(mode=0o700, exist_ok=True)
     os.chmod(opts.folder, 0o700)
+    if serving(opts.folder):
+        raise RuntimeRefusal(f"--runtime-dir {opts.folder}: another runtime serves it; "
+                             "stop that one first, or give each SuperNode its own folder")
     with contextlib.suppress(FileNotFoundError):
-        opts.socket_path.unlink()  # a runtime that died left it; nothing can be using it
+        opts.socket_path.unlink()  # a runtime that died left it; nothing is using it
     bin_dir = opts.folder / "bin"
     bin_dir.mkdir(mode=0o700, exist_ok=True)
     script = bin_dir / HANDOVER
@@ -163,6 +166,22 @@ def prepare(opts: RuntimeOptions) -> Path:
         folder=str(opts.folder), name=SOCKET))
     os.chmod(script, 0o700)
     return bin_dir
+
+
+def serving(folder: Path) -> bool:
+    """Whether a runtime answers on the socket in ``folder`` (then it must not be taken)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    cwd = os.getcwd()
+    try:
+        os.chdir(folder)
+        probe.connect(SOCKET)
+    except OSError:
+        return False
+    else:
+        return True
+    finally:
+        os.chdir(cwd)
+        probe.close()
 
 
 def listen(path: Path) -> socket.socket:

@@ -103,7 +103,7 @@ def _serve(tmp_path: Path, tasks: int, **env: str) -> tuple[subprocess.Popen[str
 def test_handover_passes_streams_and_exit_code_through_an_owner_only_socket(
     tmp_path: Path,
 ) -> None:
-    server, handover = _serve(tmp_path, 2)
+    server, handover = _serve(tmp_path, 3)
     try:
         folder = handover.parent.parent
         sock = folder / runtime.SOCKET
@@ -123,6 +123,10 @@ def test_handover_passes_streams_and_exit_code_through_an_owner_only_socket(
                                "--token", "abc"], capture_output=True, text=True, timeout=60)
         assert done.returncode == 1 and "task:" not in done.stdout
         assert f"serves {ADDRESS!r} only" in done.stderr
+        # a second runtime may not take over a folder that is being served
+        with pytest.raises(RuntimeRefusal, match="another runtime serves it"):
+            runtime.prepare(_opts(tmp_path))
+        assert sock.exists()
     finally:
         server.wait(timeout=60)
 
