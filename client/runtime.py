@@ -57,6 +57,7 @@ from ..common.protocol import SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S
 
 SOCKET = "runtime.sock"
 HANDOVER = "flwr-clientapp"  # the name Flower's SuperExec starts a ClientApp task by
+THREADS_ENV = "OMP_NUM_THREADS"  # numpy/scikit-learn thread pools: 1 unless the site sets it
 ERROR_PREFIX = "error: "
 
 # The hand-over script Flower's SuperExec starts instead of a cold ``flwr-clientapp``.
@@ -357,8 +358,8 @@ def serve(opts: RuntimeOptions) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: stopping.append(signum))
     superexec = subprocess.Popen(superexec_command(opts), env=env, stdin=subprocess.DEVNULL)
-    print(f"fedsynth site runtime ready: {opts.socket_path} (SuperExec pid {superexec.pid})",
-          flush=True)
+    print(f"fedsynth site runtime ready: {opts.socket_path} (SuperExec pid {superexec.pid}, "
+          f"{THREADS_ENV}={os.environ.get(THREADS_ENV, '')})", flush=True)
     children: set[int] = set()
     try:
         while not stopping and superexec.poll() is None:
@@ -408,6 +409,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the secret file the SuperNode was given with the same "
                         "option: only a SuperExec holding it gets the site's tasks")
     args = parser.parse_args(argv)
+    if THREADS_ENV not in os.environ:
+        # numpy's BLAS sizes its thread pool when it is first imported (already done by
+        # now) and every task is a fork of this process: start again with one thread,
+        # unless the site chose otherwise (docs/deployment.md, "Threads").
+        os.environ[THREADS_ENV] = "1"
+        cli = list(sys.argv[1:] if argv is None else argv)
+        os.execv(sys.executable, [sys.executable, "-m", "fedsynth.client.runtime", *cli])
     secret = args.superexec_auth_secret_file
     opts = RuntimeOptions(args.runtime_api_address, args.runtime_dir.resolve(),
                           insecure=bool(args.insecure),

@@ -442,6 +442,7 @@ def test_each_site_runs_a_warm_runtime_reachable_only_by_its_user(
     # the runtime served the rounds: its log shows Flower's ClientApp ran in it
     log = (deployment.sites[SITES[0]].folder / "runtime.log").read_text()
     assert "fedsynth site runtime ready" in log and "Loading ClientApp" in log
+    assert "OMP_NUM_THREADS=" in log  # the runtime's thread setting, 1 unless the site chose
 
 
 def test_shutdown_leaves_no_process(deployment: LocalDeployment) -> None:
