@@ -11,8 +11,9 @@ context, so it checkpoints the summed ciphertexts (``checkpoint.ckks``) instead 
 model, and after the last round one site releases the decrypted, flooded final model,
 which is then saved and sampled as usual.
 
-Each round waits at most ``round-timeout`` seconds for the sites; with
-``record-messages`` set, every message's layout is logged (``server/recording.py``).
+Each round waits at most ``round-timeout`` seconds for the sites, every ask through
+one prompt reply loop (``server/prompt_grid.py``); with ``record-messages`` set,
+every message's layout is logged (``server/recording.py``).
 """
 
 from __future__ import annotations
