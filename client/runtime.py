@@ -348,6 +348,9 @@ def superexec_command(opts: RuntimeOptions) -> list[str]:
 
 def serve(opts: RuntimeOptions) -> int:
     """Run the runtime until SIGTERM/SIGINT, or until its SuperExec ends."""
+    if opts.superexec_secret and not Path(opts.superexec_secret).is_file():
+        raise RuntimeRefusal(f"--superexec-auth-secret-file {opts.superexec_secret} is not "
+                             "a file: give the file the SuperNode was started with")
     bin_dir = prepare(opts)
     preload()
     listener = listen(opts.socket_path)
