@@ -15,7 +15,8 @@ and is told every problem at once:
   encrypted studies, the X25519 key and wrapped CKKS context; each must exist, be
   readable and parse, and secret ones must be readable by this user only.
 
-When nothing is wrong it prints the exact ``flower-supernode`` command line, with the
+When nothing is wrong it prints the exact ``fedsynth site-runtime`` and ``flower-supernode``
+command lines (the site's warm ClientApp runtime, client/runtime.py), with the
 node config quoted the way Flower parses it, so what was checked is what runs.
 """
 
@@ -39,6 +40,8 @@ ConfigValue = str | int | float | bool
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
+#: The SuperNode's Runtime API port when ``--port`` is not given (Flower 1.41's default).
+FLOWER_RUNTIME_PORT = 9094
 
 # Node config keys a fedsynth SuperNode reads: common/study.py, SiteConfig.
 ENCRYPTION_KEYS = ("key-dir", "holder-public-key", "wrapped-context")
@@ -377,10 +380,22 @@ def supernode_command(inp: PreflightInput) -> list[str]:
         cmd += ["--root-certificates", str(Path(inp.ca_cert).resolve())]
     if inp.auth_key:
         cmd += ["--auth-supernode-private-key", str(Path(inp.auth_key).resolve())]
+    # The site runs its own warm ClientApp runtime (client/runtime.py), not a cold
+    # ClientApp process per message.
+    cmd += ["--isolation", "process"]
     if inp.runtime_port is not None:
         cmd += ["--port", str(inp.runtime_port)]
     cmd += ["--node-config", node_config_arg(absolute_node_config(inp.node))]
     return cmd
+
+
+def runtime_command(inp: PreflightInput) -> list[str]:
+    """The ``fedsynth site-runtime`` command line beside the SuperNode's (same user)."""
+    state = absolute_node_config(inp.node).get("state-dir")
+    folder = Path(str(state)).parent if state else Path.cwd()
+    port = inp.runtime_port if inp.runtime_port is not None else FLOWER_RUNTIME_PORT
+    return ["fedsynth", "site-runtime", "--runtime-dir", str(folder / "clientapp-runtime"),
+            "--runtime-api-address", f"127.0.0.1:{port}", "--insecure"]
 
 
 def run_preflight(inp: PreflightInput) -> Report:
@@ -507,10 +522,13 @@ def preflight_command(argv: Sequence[str]) -> int:
         return EXIT_PROBLEMS
     try:
         command = supernode_command(inp)
+        runtime = runtime_command(inp)
     except ValueError as exc:
         print(f"  PROBLEM  {exc}")
         return EXIT_PROBLEMS
-    print("All checks passed. Start this site's SuperNode with:")
+    print("All checks passed. Start this site's ClientApp runtime and its SuperNode, as "
+          "this user (docs/deployment.md):")
+    print(f"  {shlex.join(runtime)}")
     print(f"  {shlex.join(command)}")
     return EXIT_OK
 

@@ -313,3 +313,20 @@ SIGMA_RELEASED = "sigma"  # the noise std of this reply's vector
 GRID_ACTION = "grid"
 GRID_MESSAGE = f"query.{GRID_ACTION}"
 GRID_CELL_STD = "grid-cell-std"
+
+
+# ---------------------------------------------------------------- waiting for replies
+# How often the coordinator asks the SuperLink for the replies of a message it sent
+# (``server/prompt_grid.py``): the first look comes this soon after sending, each later
+# one waits half as long again, never more than the last figure. Flower 1.41's own
+# ``send_and_receive`` waits a fixed 3 s between looks in a deployment (0.1 s in its
+# simulation), which alone made a deployed round several times a simulated one.
+REPLY_POLL_FIRST_S = 0.05
+REPLY_POLL_GROWTH = 1.5
+REPLY_POLL_MAX_S = 0.5
+
+# Flower 1.41's setting for how often a SuperExec asks its SuperNode (or SuperLink) for
+# a new task, in seconds (Flower's default 1.0): a documented environment variable. A
+# site's runtime (client/runtime.py) and the local deployment harness use 0.2.
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+SUPEREXEC_POLL_S = "0.2"

@@ -6,7 +6,8 @@ own tables), ``benchmark`` (settings, baselines and costs side by side;
 (a first schema from a table, to review), ``sample`` (draw rows from a saved
 generator), ``validate`` (score synthetic data against real data), ``keys`` (encryption
 keys of a study), ``certs`` (TLS and SuperNode authentication material), ``preflight``
-(a site's checks before it joins a deployed study).
+(a site's checks before it joins a deployed study), ``site-runtime`` (a site's
+long-lived ClientApp runtime beside its SuperNode).
 
 Errors a user can fix (bad input, a missing file, a corrupt model) end with one
 message naming the problem and what to do, and exit code 2; nothing is written. A
@@ -417,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("preflight", help="a site's checks before its SuperNode joins a study",
                    add_help=False)
+    sub.add_parser("site-runtime", help="a site's long-lived ClientApp runtime, beside "
+                   "its SuperNode (docs/deployment.md)", add_help=False)
     return parser
 
 
@@ -439,6 +442,10 @@ def main(argv: list[str] | None = None) -> int:
         from .client.preflight import preflight_command
 
         return preflight_command(argv[1:])
+    if argv and argv[0] == "site-runtime":
+        from .client.runtime import main as site_runtime
+
+        return site_runtime(argv[1:])
     args = build_parser().parse_args(argv)
     handlers = {
         "simulate": _run_simulate,

@@ -11,8 +11,9 @@ context, so it checkpoints the summed ciphertexts (``checkpoint.ckks``) instead 
 model, and after the last round one site releases the decrypted, flooded final model,
 which is then saved and sampled as usual.
 
-Each round waits at most ``round-timeout`` seconds for the sites; with
-``record-messages`` set, every message's layout is logged (``server/recording.py``).
+Each round waits at most ``round-timeout`` seconds for the sites, every ask through
+one prompt reply loop (``server/prompt_grid.py``); with ``record-messages`` set,
+every message's layout is logged (``server/recording.py``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from ..common.study import ConfigError, StudyConfig, schema_fingerprint
 from .grid import with_grid
 from .guards import clear_guards, update_bounds
 from .optimizer import ServerMomentum, buffer_keys, load_velocity, save_velocity
+from .prompt_grid import PromptGrid
 from .recording import RecordingGrid
 from .rounds import RoundLog, SiteRound
 from .secure import (
@@ -458,7 +460,9 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = study or StudyConfig.from_flat(dict(context.run_config))
-        run_study(grid, cfg, resolve_schema(cfg.schema), on_round)
+        # Every ask of the study waits for replies in one prompt loop (a deployment's
+        # Flower grid would look only every 3 s): server/prompt_grid.py.
+        run_study(PromptGrid(grid), cfg, resolve_schema(cfg.schema), on_round)
 
     return app
 

@@ -18,10 +18,10 @@ checkout's or an older copy's), and the two can be compared in one session::
 - ``validation``: ``validate_and_report`` of a finished ``fedsynth simulate`` study.
 - ``drill``: the deployment drill of docs/deployment.md (heart's cleveland, hungarian
   and va, 2 rounds, TVAE ``{"hidden":16,"latent":4}``) deployed on loopback
-  (``python -m fedsynth.simulations.deploy``: TLS, SuperLink, a SuperNode per site,
-  ``flwr run``) and the same study simulated (``fedsynth simulate``, its default
-  in-process engine), alternating, each as a fresh command; federated seconds from each
-  ``summary.json`` and the wall time of each command.
+  (``python -m fedsynth.simulations.deploy``: TLS, SuperLink, a SuperNode per site
+  with its ClientApp runtime, ``flwr run``) and the same study simulated (``fedsynth
+  simulate``, its default in-process engine), alternating, each as a fresh command;
+  federated seconds from each ``summary.json`` and the wall time of each command.
 
 Each figure is the median of ``--repeats`` (3) runs, interleaved so that a change in
 the machine's load hits every variant alike; the machine this was written on was

@@ -69,14 +69,12 @@ from ..common.certs import (
     generate_site_auth_keys,
 )
 from ..common.errors import FedsynthError
+from ..common.protocol import SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S
 from ..common.study import DEFAULT_DELTA, DEFAULT_EPSILON, StudyConfig
 
 CONNECTION = "fedsynth-local"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ("model.fsg", "synthetic.csv", "summary.json")
-#: Flower 1.41's setting for its SuperExec's polling, and the value this harness and
-#: docs/deployment.md use (a documented environment variable, not a patch).
-TASK_POLL_ENV, TASK_POLL_SECONDS = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2"
 # What a SuperNode logs when the SuperLink refuses to activate it (a key never registered).
 ACTIVATION_REFUSED = "Failed to activate SuperNode"
 
@@ -341,6 +339,13 @@ class Site:
     runtime_port: int
     process: FlowerProcess
     node_id: int | None = None
+    # The site's warm ClientApp runtime (client/runtime.py), None with Flower's default
+    # isolation (a cold ClientApp process per message).
+    runtime: FlowerProcess | None = None
+
+    def processes(self) -> list[FlowerProcess]:
+        """The SuperNode and, when there is one, the site's ClientApp runtime."""
+        return [self.process, *([self.runtime] if self.runtime is not None else [])]
 
 
 @dataclass
@@ -398,6 +403,7 @@ class LocalDeployment:
         auth: bool = True,
         project: Path = REPO_ROOT,
         study_id: str = "fedsynth-local",
+        site_runtime: bool = True,
     ) -> None:
         if auth and not tls:
             raise ValueError("SuperNode authentication needs TLS (Flower refuses it without)")
@@ -406,6 +412,10 @@ class LocalDeployment:
         self.tls, self.auth = tls, auth
         self.project = project
         self.study_id = study_id
+        # Each site runs its SuperNode with `--isolation process` and its own warm
+        # ClientApp runtime (docs/deployment.md); False: Flower's default subprocess
+        # isolation, a cold ClientApp process per message (kept to compare the two).
+        self.site_runtime = site_runtime
         self.certs = self.workdir / "certs"
         self.port = 0
         self.sites: dict[str, Site] = {}
@@ -436,7 +446,7 @@ class LocalDeployment:
         # How often the SuperExec that a SuperNode (or the SuperLink) starts looks for a
         # new message to start an app process for: Flower's default is 1 s; 0.2 s takes
         # 0.4 s of waiting off each message on average (docs/deployment.md).
-        env.setdefault(TASK_POLL_ENV, TASK_POLL_SECONDS)
+        env.setdefault(SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S)
         return env
 
     @property
@@ -614,11 +624,33 @@ class LocalDeployment:
             args.append("--insecure")
         if site.private_key is not None:
             args += ["--auth-supernode-private-key", str(site.private_key)]
+        if site.runtime is not None:  # the site runs its own ClientApp runtime
+            args += ["--isolation", "process",
+                     "--superexec-auth-secret-file", str(self.superexec_secret(site))]
         args += [
             "--port", str(site.runtime_port),
             "--node-config", node_config_arg(site.spec.node_config(site.folder / "state")),
         ]
         return args
+
+    @staticmethod
+    def superexec_secret(site: Site) -> Path:
+        """The site's SuperExec secret (random, 0600): its SuperNode hands tasks only to
+        the SuperExec of its own runtime."""
+        path = site.folder / "superexec.secret"
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(os.urandom(32).hex().encode())
+        return path
+
+    def runtime_args(self, site: Site) -> list[str]:
+        """``fedsynth site-runtime`` for the site: its SuperNode's Runtime API is local
+        and without TLS (Flower's default for the SuperNode's ``--port``)."""
+        return [sys.executable, "-m", "fedsynth.client.runtime",
+                "--runtime-dir", str((site.folder / "runtime").resolve()),
+                "--runtime-api-address", f"127.0.0.1:{site.runtime_port}", "--insecure",
+                "--superexec-auth-secret-file", str(self.superexec_secret(site))]
 
     def add_site(self, spec: SiteSpec, *, register: bool = True, start: bool = True) -> Site:
         """Add one site (see ``add_sites``)."""
@@ -648,6 +680,12 @@ class LocalDeployment:
                 folder / "supernode.log",
             )
             site = Site(spec, folder, private, public, free_port(), process)
+            if self.site_runtime:
+                site.runtime = FlowerProcess(
+                    f"runtime-{spec.name}", [], self._env(folder / "home"),
+                    folder / "runtime.log",
+                )
+                site.runtime.args = self.runtime_args(site)
             process.args = self.supernode_args(site)
             self.sites[spec.name] = site
             added.append(site)
@@ -661,26 +699,29 @@ class LocalDeployment:
         return added
 
     def start_supernode(self, name: str) -> None:
-        site = self.sites[name]
-        if site.process.running():
-            return
-        self.commands.append(shlex.join(site.process.args))
-        site.process.start()
+        """Start the site's SuperNode and, when it has one, its ClientApp runtime."""
+        for process in self.sites[name].processes():
+            if not process.running():
+                self.commands.append(shlex.join(process.args))
+                process.start()
 
     def stop_supernode(self, name: str) -> None:
         """A site shut down in order (SIGTERM): it tells the SuperLink it leaves."""
-        self.sites[name].process.stop()
+        stop_processes(self.sites[name].processes())
 
     def crash_supernode(self, name: str) -> None:
-        """A site whose host dies: SIGKILL to the SuperNode and every process under it."""
-        self.sites[name].process.stop(crash=True, grace=5.0)
+        """A site whose host dies: SIGKILL to the SuperNode, its runtime and every
+        process under them."""
+        stop_processes(self.sites[name].processes(), crash=True, grace=5.0)
 
     def restart_supernode(self, name: str) -> None:
         """Bring a stopped or crashed site back with the same key, config and state folder."""
         site = self.sites[name]
-        site.process.stop()
+        stop_processes(site.processes())
         site.runtime_port = free_port()
         site.process.args = self.supernode_args(site)
+        if site.runtime is not None:
+            site.runtime.args = self.runtime_args(site)
         self.start_supernode(name)
 
     def wait_supernode_exit(self, name: str, timeout: float = 60.0) -> int | None:
@@ -806,7 +847,7 @@ class LocalDeployment:
 
     def close(self) -> None:
         """Stop every SuperNode, then the SuperLink; nothing started here outlives this."""
-        stop_processes([site.process for site in self.sites.values()])
+        stop_processes([p for site in self.sites.values() for p in site.processes()])
         if self.superlink is not None:
             self.superlink.stop()
 
@@ -838,6 +879,7 @@ def heart_disease_deployment(
     tls: bool = True,
     auth: bool = True,
     timeout: float = 180.0,
+    site_runtime: bool = True,
 ) -> Iterator[LocalDeployment]:
     """A running deployment of the bundled heart-disease hospitals (whole files)."""
     from .datasets import bundled_schema_path, bundled_site_files
@@ -847,7 +889,7 @@ def heart_disease_deployment(
     if unknown:
         raise ValueError(f"unknown heart-disease site(s): {sorted(unknown)}")
     schema = bundled_schema_path("heart_disease")
-    with LocalDeployment(workdir, tls=tls, auth=auth) as dep:
+    with LocalDeployment(workdir, tls=tls, auth=auth, site_runtime=site_runtime) as dep:
         dep.start_superlink()
         dep.add_sites(
             [SiteSpec(name, str(files[name]), str(schema), epsilon=epsilon) for name in sites]
@@ -911,13 +953,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="kill the SuperLink once ROUND is checkpointed, restart it and "
                         "resume the study (the coordinator-restart drill)")
     parser.add_argument("--insecure", action="store_true", help="no TLS, no authentication")
+    parser.add_argument("--flower-isolation", action="store_true",
+                        help="Flower's default subprocess isolation (a cold ClientApp "
+                        "process per message) instead of each site's warm runtime")
     parser.add_argument("--timeout", type=float, default=1800.0)
     args = parser.parse_args(None if argv is None else list(argv))
     sites = [s for s in args.sites.split(",") if s]
     tls = not args.insecure
     start = time.monotonic()
     with heart_disease_deployment(args.out.resolve(), sites, epsilon=args.epsilon,
-                                  tls=tls, auth=tls) as dep:
+                                  tls=tls, auth=tls,
+                                  site_runtime=not args.flower_isolation) as dep:
         ready = time.monotonic() - start
         study = {
             "num-server-rounds": args.rounds,

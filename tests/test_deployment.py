@@ -24,8 +24,10 @@ Flower's own loaders accept, owner-only and never over existing ones, and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import shlex
 import shutil
 import socket
@@ -262,6 +264,7 @@ def test_unregistered_supernode_is_refused(deployment: LocalDeployment) -> None:
     nodes = deployment.list_nodes()
     assert {int(n["node-id"]) for n in nodes} == known  # no node was created for it
     assert all(n["status"] == "online" for n in nodes)
+    deployment.stop_supernode("rogue")  # its ClientApp runtime too
     del deployment.sites["rogue"]
 
 
@@ -404,8 +407,47 @@ def test_no_row_leaves_a_site(
     assert len(trained) == ROUNDS * len(SITES)
 
 
+def _listening_inodes() -> set[str]:
+    """Socket inodes of every TCP socket listening on this machine (IPv4 and IPv6)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A":  # LISTEN
+                    inodes.add(fields[9])
+    return inodes
+
+
+def test_each_site_runs_a_warm_runtime_reachable_only_by_its_user(
+    deployment: LocalDeployment, study: RunResult
+) -> None:
+    """Every site ran its rounds through its own ClientApp runtime (``--isolation
+    process``), which listens on no network port: only an owner-only Unix socket."""
+    assert study.completed
+    listening = _listening_inodes()
+    for site in deployment.sites.values():
+        assert site.runtime is not None and site.runtime.running(), site.spec.name
+        assert "--isolation" in site.process.args
+        assert site.process.args[site.process.args.index("--isolation") + 1] == "process"
+        folder = site.folder / "runtime"
+        sock = folder / "runtime.sock"
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
+        assert site.runtime.popen is not None
+        pid = site.runtime.popen.pid
+        fds = [os.readlink(f) for f in Path(f"/proc/{pid}/fd").iterdir()]
+        inodes = {f[len("socket:["):-1] for f in fds if f.startswith("socket:[")}
+        assert inodes and not inodes & listening, site.spec.name
+    # the runtime served the rounds: its log shows Flower's ClientApp ran in it
+    log = (deployment.sites[SITES[0]].folder / "runtime.log").read_text()
+    assert "fedsynth site runtime ready" in log and "Loading ClientApp" in log
+    assert "OMP_NUM_THREADS=" in log  # the runtime's thread setting, 1 unless the site chose
+
+
 def test_shutdown_leaves_no_process(deployment: LocalDeployment) -> None:
-    processes = [deployment.superlink, *(s.process for s in deployment.sites.values())]
+    processes = [deployment.superlink,
+                 *(p for s in deployment.sites.values() for p in s.processes())]
     roots = [p.pid for p in processes if p is not None and p.pid is not None]
     ports = [deployment.port, *(s.runtime_port for s in deployment.sites.values())]
     deployment.close()

@@ -421,11 +421,10 @@ def _wait(condition: Any, timeout: float, what: str, step: float = 0.2) -> None:
 
 
 def _training(dep: LocalDeployment, name: str) -> bool:
-    """Whether the site's SuperNode has a ClientApp process running (a round under way)."""
-    popen = dep.sites[name].process.popen
-    if popen is None:
-        return False
-    for pid, _ in _descendants(popen.pid):
+    """Whether the site has a ClientApp process running (a round under way): under its
+    SuperNode, or under its ClientApp runtime (the hand-over Flower's SuperExec starts)."""
+    roots = [p.popen.pid for p in dep.sites[name].processes() if p.popen is not None]
+    for pid, _ in (c for root in roots for c in _descendants(root)):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
