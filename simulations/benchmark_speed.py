@@ -56,7 +56,12 @@ def modes(repeats: int, datasets: list[str], generators: list[str], rates: list[
     from fedsynth.common.generators import get_generator
     from fedsynth.common.privacy import DPSettings, PrivacyLedger, train_round
     from fedsynth.common.privacy.randomness import DPRandomness
-    from fedsynth.common.privacy.trainer import pick_mode, private_parameters, samples_per_step
+    from fedsynth.common.privacy.trainer import (
+        MODES,
+        pick_mode,
+        private_parameters,
+        samples_per_step,
+    )
     from fedsynth.simulations.datasets import load_site_frames
 
     rows = []
@@ -79,8 +84,8 @@ def modes(repeats: int, datasets: list[str], generators: list[str], rates: list[
                         **({"mode": mode} if mode else {}))
                     return stats.seconds / stats.steps
 
-                t = _median_times({"plain": lambda: run(None), "hooks": lambda: run("hooks"),
-                                   "ghost": lambda: run("ghost")}, repeats)
+                t = _median_times({"plain": lambda: run(None),
+                                   **{m: (lambda m=m: run(m)) for m in MODES}}, repeats)
                 model = get_generator(name)(schema, seed=0)
                 module = model.private_module()
                 batch = samples_per_step(model, data.shape[1], max(1.0, q * len(data)))
@@ -89,10 +94,9 @@ def modes(repeats: int, datasets: list[str], generators: list[str], rates: list[
                        "samples_per_step": batch,
                        "samples_x_params": batch * private_parameters(module),
                        "picked": pick_mode(module, batch),
-                       "plain_s": t["plain"], "hooks_s": t["hooks"], "ghost_s": t["ghost"],
-                       "hooks_over_plain": t["hooks"] / t["plain"],
-                       "ghost_over_plain": t["ghost"] / t["plain"],
-                       "ghost_speedup": t["hooks"] / t["ghost"]}
+                       "plain_s": t["plain"],
+                       **{f"{m}_s": t[m] for m in MODES},
+                       **{f"{m}_over_plain": t[m] / t["plain"] for m in MODES}}
                 row["picked_over_plain"] = row[f"{row['picked']}_over_plain"]
                 row["noise_s"] = _noise_seconds(row["private_params"])
                 row["noise_over_plain"] = row["noise_s"] / t["plain"]
