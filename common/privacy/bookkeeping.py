@@ -109,7 +109,8 @@ class BookKeeping:
         batch = int(losses.shape[0])
         layers = list(self._records)
         outputs = [out for layer in layers for _, out in self._records[layer]]
-        grads = list(torch.autograd.grad(losses.sum(), outputs, allow_unused=True))
+        grads = (list(torch.autograd.grad(losses.sum(), outputs, allow_unused=True))
+                 if outputs else [])
         squared = torch.zeros(batch, dtype=losses.dtype, device=losses.device)
         pending = []  # per layer: (layer, activations, output gradients)
         for layer in layers:
@@ -180,11 +181,15 @@ def _clipped_sums(layer: nn.Module, acts: list[torch.Tensor], backs: list[torch.
     if not _is_linear(layer):
         return {p: torch.einsum("i,i...->...", factor, g)
                 for p, g in _per_sample(layer, acts, backs).items() if p.requires_grad}
-    a, g = _as_sequence(acts), _as_sequence(backs)
-    scaled = (g * factor[:, None, None]).reshape(-1, g.shape[-1])
+    if len(acts) == 1 and acts[0].dim() == 2:  # one input per sample
+        a, scaled = acts[0], backs[0] * factor[:, None]
+    else:  # T inputs per sample: every (sample, t) row weighted by its sample's factor
+        a, g = _as_sequence(acts), _as_sequence(backs)
+        a = a.reshape(-1, a.shape[-1])
+        scaled = (g * factor[:, None, None]).reshape(-1, g.shape[-1])
     sums: dict[nn.Parameter, torch.Tensor] = {}
     if layer.weight.requires_grad:
-        sums[layer.weight] = scaled.T @ a.reshape(-1, a.shape[-1])
+        sums[layer.weight] = scaled.T @ a
     if layer.bias is not None and layer.bias.requires_grad:
         sums[layer.bias] = scaled.sum(0)
     return sums

@@ -63,7 +63,8 @@ class _OneDrawNoise:
         offset = 0
         for p, s in zip(self.params, summed, strict=True):
             n = s.numel()
-            p.grad = (s + noise[offset:offset + n].view_as(s)).view_as(p)
+            # the step's fresh noise buffer holds the noisy gradient: no new tensor per parameter
+            p.grad = noise[offset:offset + n].view_as(s).add_(s).view_as(p)
             offset += n
             _mark_as_processed(s)
 
