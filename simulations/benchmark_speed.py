@@ -8,11 +8,13 @@ checkout's or an older copy's), and the two can be compared in one session::
     python simulations/benchmark_speed.py validation --study-dir OUT
     python simulations/benchmark_speed.py drill --study-dir OUT
 
-- ``modes``: seconds per DP-SGD step in each Opacus mode (hooks, ghost) and per
-  no-DP step, through the trainer, for tvae, ctgan and ddpm (default sizes) on the
-  pooled rows of heart and the MIMIC-III demo, at q = 1 and 0.1; with the expected
-  batch x private parameters that ``trainer.pick_mode`` compares to its crossover,
-  and the seconds of the step's secure-mode noise alone (``noise_s``).
+- ``modes``: seconds per DP-SGD step in each clipping mode (``trainer.MODES``: hooks,
+  ghost, and book-keeping where the tree has it) and per no-DP step, through the
+  trainer, for tvae, ctgan and ddpm (default sizes) on the pooled rows of heart and
+  the MIMIC-III demo, at q = 1 (5 steps a round) and 0.1 (20 steps); wall time
+  (``*_over_plain``) and the thread's CPU time (``*_cpu_over_plain``, which a shared
+  machine's preemption does not inflate); the mode ``trainer.pick_mode`` takes, and
+  the CPU seconds of the step's secure-mode noise alone (``noise_cpu_s``).
 - ``threads``: one site's round of the default study (``client.site.train_site``)
   with 2 torch threads and with 1.
 - ``validation``: ``validate_and_report`` of a finished ``fedsynth simulate`` study.
@@ -31,6 +33,7 @@ shared, so only ratios within one run are comparable.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import time
@@ -71,21 +74,27 @@ def modes(repeats: int, datasets: list[str], generators: list[str], rates: list[
             __import__("pandas").concat(frames.values(), ignore_index=True))
         for name in generators:
             for q in rates:
-                epochs = 3 if q == 1.0 else 1  # 3 or 10 steps per timed round
+                epochs = 5 if q == 1.0 else 2  # 5 or 20 steps per timed round
+                cpu: dict[str, list[float]] = {}
 
                 def run(mode: str | None, q: float = q, epochs: int = epochs,
-                        name: str = name, schema: Any = schema, data: Any = data) -> float:
+                        name: str = name, schema: Any = schema, data: Any = data,
+                        cpu: dict[str, list[float]] = cpu) -> float:
                     model = get_generator(name)(schema, seed=0)
                     dp = DPSettings(1.0, 1.0) if mode else None
+                    t0 = time.thread_time()
                     stats = train_round(
                         model, data, epochs=epochs, sample_rate=q, dp=dp,
                         ledger=PrivacyLedger() if mode else None,
                         randomness=DPRandomness.reproducible(0, "speed"),
                         **({"mode": mode} if mode else {}))
+                    cpu.setdefault(mode or "plain", []).append(
+                        (time.thread_time() - t0) / stats.steps)
                     return stats.seconds / stats.steps
 
                 t = _median_times({"plain": lambda: run(None),
                                    **{m: (lambda m=m: run(m)) for m in MODES}}, repeats)
+                c = {k: statistics.median(v) for k, v in cpu.items()}
                 model = get_generator(name)(schema, seed=0)
                 module = model.private_module()
                 batch = samples_per_step(model, data.shape[1], max(1.0, q * len(data)))
@@ -96,26 +105,35 @@ def modes(repeats: int, datasets: list[str], generators: list[str], rates: list[
                        "picked": pick_mode(module, batch),
                        "plain_s": t["plain"],
                        **{f"{m}_s": t[m] for m in MODES},
-                       **{f"{m}_over_plain": t[m] / t["plain"] for m in MODES}}
+                       **{f"{m}_over_plain": t[m] / t["plain"] for m in MODES},
+                       "plain_cpu_s": c["plain"],
+                       **{f"{m}_cpu_over_plain": c[m] / c["plain"] for m in MODES}}
                 row["picked_over_plain"] = row[f"{row['picked']}_over_plain"]
-                row["noise_s"] = _noise_seconds(row["private_params"])
-                row["noise_over_plain"] = row["noise_s"] / t["plain"]
+                row["picked_cpu_over_plain"] = row[f"{row['picked']}_cpu_over_plain"]
+                row["noise_cpu_s"] = _noise_seconds(row["private_params"])
+                row["noise_over_plain"] = row["noise_cpu_s"] / c["plain"]
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     return rows
 
 
 def _noise_seconds(params: int, calls: int = 20) -> float:
-    """Seconds of one step's secure-mode noise alone (four Gaussians per parameter):
-    the floor under a DP step that no clipping mode removes."""
-    from fedsynth.common.privacy.secure_noise import secure_gaussian
+    """CPU seconds of one step's secure-mode noise alone (four Gaussians per
+    parameter, drawn as the trainer draws them): the floor under a DP step that no
+    clipping mode removes."""
+    from fedsynth.common.privacy import secure_noise
 
     gen = torch.Generator().manual_seed(0)
+    draws = (torch.empty(secure_noise.DRAWS, params)
+             if "draws" in inspect.signature(secure_noise.secure_gaussian).parameters else None)
     times = []
     for _ in range(calls):
-        t0 = time.perf_counter()
-        secure_gaussian(1.0, params, gen)
-        times.append(time.perf_counter() - t0)
+        t0 = time.thread_time()
+        if draws is None:  # an older tree: a new buffer per call
+            secure_noise.secure_gaussian(1.0, params, gen)
+        else:
+            secure_noise.secure_gaussian(1.0, params, gen, draws)
+        times.append(time.thread_time() - t0)
     return statistics.median(times)
 
 

@@ -84,6 +84,7 @@ class BookKeeping:
                 "train with mode='hooks' or 'ghost', or replace the layer")
         self.max_grad_norm = float(max_grad_norm)
         self.layers = [m for m in module.modules() if _own_trainable(m)]
+        self.params = [p for m in self.layers for p in _own_trainable(m)]
         # per layer and forward call: the call's inputs (detached) and its output
         self._records: dict[nn.Module, list[tuple[list[torch.Tensor], torch.Tensor]]] = {}
         self._on = False
@@ -133,10 +134,9 @@ class BookKeeping:
             for p, g in _clipped_sums(layer, acts, backs, factor).items():
                 p.grad = g
                 done.add(id(p))
-        for layer in self.layers:  # a layer the loss did not reach: its clipped sum is 0
-            for p in _own_trainable(layer):
-                if id(p) not in done:
-                    p.grad = torch.zeros_like(p)
+        for p in self.params:  # a layer the loss did not reach: its clipped sum is 0
+            if id(p) not in done:
+                p.grad = torch.zeros_like(p)
 
     def remove_hooks(self) -> None:
         for handle in self._handles:
@@ -157,21 +157,18 @@ def _squared_norms(layer: nn.Module, acts: list[torch.Tensor], backs: list[torch
     out = torch.zeros(backs[0].shape[0], dtype=backs[0].dtype)
     if not _is_linear(layer):
         for g in _per_sample(layer, acts, backs).values():
-            out += g.reshape(g.shape[0], -1).pow(2).sum(1)
+            out += g.reshape(g.shape[0], -1).square().sum(1)
         return out
+    bias = layer.bias is not None and layer.bias.requires_grad
     if len(acts) == 1 and acts[0].dim() == 2:  # one input per sample: ghost norm
-        a, g = acts[0], backs[0]
-        g2 = g.pow(2).sum(1)
-        if layer.weight.requires_grad:
-            out += a.pow(2).sum(1) * g2
-        if layer.bias is not None and layer.bias.requires_grad:
-            out += g2
-        return out
+        a2 = acts[0].square().sum(1) if layer.weight.requires_grad else torch.zeros(())
+        # |a|^2 |g|^2 for the weight, plus |g|^2 for the bias
+        return (a2 + 1.0 if bias else a2) * backs[0].square().sum(1)
     a, g = _as_sequence(acts), _as_sequence(backs)  # T inputs per sample: Gram matrices
     if layer.weight.requires_grad:
         out += ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).sum((1, 2))
-    if layer.bias is not None and layer.bias.requires_grad:
-        out += g.sum(1).pow(2).sum(1)
+    if bias:
+        out += g.sum(1).square().sum(1)
     return out
 
 

@@ -35,13 +35,22 @@ from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGr
 DRAWS = 4
 
 
-def secure_gaussian(std: float, numel: int, generator: torch.Generator | None) -> torch.Tensor:
+def secure_gaussian(std: float, numel: int, generator: torch.Generator | None,
+                    draws: torch.Tensor | None = None) -> torch.Tensor:
     """``numel`` noise values of std ``std``, each the sum of ``DRAWS`` N(0, std^2)
-    draws halved (flat float32 tensor); one throw-away draw first, as Opacus makes."""
+    draws halved (flat float32 tensor); one throw-away draw first, as Opacus makes.
+
+    ``draws`` is an optional (DRAWS, numel) float32 buffer to draw into, kept by the
+    caller from step to step: a new one of that size every step made the allocator
+    hand memory back to the system and fault it in again, which on MIMIC's networks
+    cost more than the draws themselves (docs/benchmark.md, "Speed, third pass").
+    """
     if std == 0:
         return torch.zeros(numel)
     torch.normal(0.0, std, (1, 1), generator=generator)  # thrown away, as Opacus does
-    draws = torch.normal(0.0, std, (DRAWS, numel), generator=generator)
+    if draws is None or draws.shape != (DRAWS, numel):
+        draws = torch.empty(DRAWS, numel)
+    draws.normal_(0.0, std, generator=generator)
     return draws.sum(dim=0).div_(2.0)
 
 
@@ -52,14 +61,18 @@ class _OneDrawNoise:
     noise_multiplier: float
     max_grad_norm: float
     generator: torch.Generator | None
+    _draws: torch.Tensor | None
 
     def add_noise(self) -> None:
         multiplier = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
         summed = [p.summed_grad for p in self.params]  # type: ignore[attr-defined]
         for s in summed:
             _check_processed_flag(s)
-        noise = secure_gaussian(multiplier * self.max_grad_norm,
-                                sum(s.numel() for s in summed), self.generator)
+        numel = sum(s.numel() for s in summed)
+        if getattr(self, "_draws", None) is None or self._draws.shape[1] != numel:
+            self._draws = torch.empty(DRAWS, numel)  # reused every step (secure_gaussian)
+        noise = secure_gaussian(multiplier * self.max_grad_norm, numel, self.generator,
+                                self._draws)
         offset = 0
         for p, s in zip(self.params, summed, strict=True):
             n = s.numel()
@@ -77,8 +90,9 @@ class SecureNoiseGhostOptimizer(_OneDrawNoise, DPOptimizerFastGradientClipping):
     """Opacus' ghost-clipping optimizer with the noise drawn by ``secure_gaussian``.
 
     ``accumulate`` keeps Opacus' arithmetic (the first backward's clipped sum is
-    ``summed_grad``, later ones are added to it) but copies with ``clone`` where Opacus
-    calls ``copy.deepcopy`` per tensor, which cost more than the copy itself.
+    ``summed_grad``, later ones are added to it) but takes the first one as it is where
+    Opacus calls ``copy.deepcopy`` per tensor (which cost more than the copy itself):
+    ``add_noise`` replaces ``p.grad`` right after, so nothing else holds that tensor.
     """
 
     def accumulate(self) -> None:
@@ -86,4 +100,5 @@ class SecureNoiseGhostOptimizer(_OneDrawNoise, DPOptimizerFastGradientClipping):
             if p.summed_grad is not None:  # type: ignore[attr-defined]
                 p.summed_grad.add_(p.grad.data)  # type: ignore[attr-defined,union-attr]
             else:
-                p.summed_grad = p.grad.data.clone()  # type: ignore[attr-defined,union-attr]
+                # no copy: ``add_noise`` then gives ``p.grad`` a tensor of its own
+                p.summed_grad = p.grad.data  # type: ignore[attr-defined,union-attr]
