@@ -124,8 +124,8 @@ def _noise_seconds(params: int, calls: int = 20) -> float:
     from fedsynth.common.privacy import secure_noise
 
     gen = torch.Generator().manual_seed(0)
-    draws = (torch.empty(secure_noise.DRAWS, params)
-             if "draws" in inspect.signature(secure_noise.secure_gaussian).parameters else None)
+    draws = (torch.empty(secure_noise.DRAWS + 1, params)
+             if "buffer" in inspect.signature(secure_noise.secure_gaussian).parameters else None)
     times = []
     for _ in range(calls):
         t0 = time.thread_time()

@@ -112,7 +112,7 @@ class BookKeeping:
         outputs = [out for layer in layers for _, out in self._records[layer]]
         grads = (list(torch.autograd.grad(losses.sum(), outputs, allow_unused=True))
                  if outputs else [])
-        squared = torch.zeros(batch, dtype=losses.dtype, device=losses.device)
+        squared = [torch.zeros(batch, dtype=losses.dtype, device=losses.device)]
         pending = []  # per layer: (layer, activations, output gradients)
         for layer in layers:
             calls = self._records[layer]
@@ -125,10 +125,11 @@ class BookKeeping:
                 raise ValueError(f"book-keeping clipping: {type(layer).__name__} saw batches of "
                                  f"{rows} rows for {batch} losses; every forward of the private "
                                  "module must see the step's samples, one per loss")
-            squared += _squared_norms(layer, acts, backs)
+            squared.append(_squared_norms(layer, acts, backs))
             pending.append((layer, acts, backs))
         self._records.clear()
-        factor = (self.max_grad_norm / (squared.sqrt() + NORM_EPS)).clamp(max=1.0)
+        norms = torch.stack(squared).sum(0).sqrt()
+        factor = (self.max_grad_norm / (norms + NORM_EPS)).clamp(max=1.0)
         done: set[int] = set()
         for layer, acts, backs in pending:
             for p, g in _clipped_sums(layer, acts, backs, factor).items():
@@ -154,16 +155,16 @@ def _as_sequence(parts: list[torch.Tensor]) -> torch.Tensor:
 def _squared_norms(layer: nn.Module, acts: list[torch.Tensor], backs: list[torch.Tensor]
                    ) -> torch.Tensor:
     """Each sample's squared gradient norm over the layer's trainable parameters."""
+    bias = _is_linear(layer) and layer.bias is not None and layer.bias.requires_grad
+    if _is_linear(layer) and len(acts) == 1 and acts[0].dim() == 2:  # one input per sample
+        a2 = acts[0].square().sum(1) if layer.weight.requires_grad else torch.zeros(())
+        # ghost norm: |a|^2 |g|^2 for the weight, plus |g|^2 for the bias
+        return (a2 + 1.0 if bias else a2) * backs[0].square().sum(1)
     out = torch.zeros(backs[0].shape[0], dtype=backs[0].dtype)
     if not _is_linear(layer):
         for g in _per_sample(layer, acts, backs).values():
             out += g.reshape(g.shape[0], -1).square().sum(1)
         return out
-    bias = layer.bias is not None and layer.bias.requires_grad
-    if len(acts) == 1 and acts[0].dim() == 2:  # one input per sample: ghost norm
-        a2 = acts[0].square().sum(1) if layer.weight.requires_grad else torch.zeros(())
-        # |a|^2 |g|^2 for the weight, plus |g|^2 for the bias
-        return (a2 + 1.0 if bias else a2) * backs[0].square().sum(1)
     a, g = _as_sequence(acts), _as_sequence(backs)  # T inputs per sample: Gram matrices
     if layer.weight.requires_grad:
         out += ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).sum((1, 2))

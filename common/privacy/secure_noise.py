@@ -36,22 +36,24 @@ DRAWS = 4
 
 
 def secure_gaussian(std: float, numel: int, generator: torch.Generator | None,
-                    draws: torch.Tensor | None = None) -> torch.Tensor:
+                    buffer: torch.Tensor | None = None) -> torch.Tensor:
     """``numel`` noise values of std ``std``, each the sum of ``DRAWS`` N(0, std^2)
     draws halved (flat float32 tensor); one throw-away draw first, as Opacus makes.
 
-    ``draws`` is an optional (DRAWS, numel) float32 buffer to draw into, kept by the
-    caller from step to step: a new one of that size every step made the allocator
-    hand memory back to the system and fault it in again, which on MIMIC's networks
-    cost more than the draws themselves (docs/benchmark.md, "Speed, third pass").
+    ``buffer`` is an optional (DRAWS + 1, numel) float32 tensor the caller keeps from
+    step to step: the draws go in its first DRAWS rows and the result in the last (the
+    returned tensor is that row). Multi-megabyte tensors made anew every step had the
+    allocator hand memory back to the system and fault it in again, which on MIMIC's
+    networks cost more than the draws themselves (docs/benchmark.md, "Speed, third pass").
     """
     if std == 0:
         return torch.zeros(numel)
     torch.normal(0.0, std, (1, 1), generator=generator)  # thrown away, as Opacus does
-    if draws is None or draws.shape != (DRAWS, numel):
-        draws = torch.empty(DRAWS, numel)
+    if buffer is None or buffer.shape != (DRAWS + 1, numel):
+        buffer = torch.empty(DRAWS + 1, numel)
+    draws, out = buffer[:DRAWS], buffer[DRAWS]
     draws.normal_(0.0, std, generator=generator)
-    return draws.sum(dim=0).div_(2.0)
+    return torch.sum(draws, dim=0, out=out).div_(2.0)
 
 
 class _OneDrawNoise:
@@ -61,7 +63,7 @@ class _OneDrawNoise:
     noise_multiplier: float
     max_grad_norm: float
     generator: torch.Generator | None
-    _draws: torch.Tensor | None
+    _buffer: torch.Tensor | None
 
     def add_noise(self) -> None:
         multiplier = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
@@ -69,15 +71,14 @@ class _OneDrawNoise:
         for s in summed:
             _check_processed_flag(s)
         numel = sum(s.numel() for s in summed)
-        if getattr(self, "_draws", None) is None or self._draws.shape[1] != numel:
-            self._draws = torch.empty(DRAWS, numel)  # reused every step (secure_gaussian)
+        if getattr(self, "_buffer", None) is None or self._buffer.shape[1] != numel:
+            self._buffer = torch.empty(DRAWS + 1, numel)  # kept for every step (secure_gaussian)
         noise = secure_gaussian(multiplier * self.max_grad_norm, numel, self.generator,
-                                self._draws)
+                                self._buffer)
         offset = 0
         for p, s in zip(self.params, summed, strict=True):
             n = s.numel()
-            # the step's fresh noise buffer holds the noisy gradient: no new tensor per parameter
-            p.grad = noise[offset:offset + n].view_as(s).add_(s).view_as(p)
+            p.grad = (s + noise[offset:offset + n].view_as(s)).view_as(p)
             offset += n
             _mark_as_processed(s)
 
