@@ -53,7 +53,8 @@ def _median_times(variants: dict[str, Any], repeats: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def modes(repeats: int, datasets: list[str], generators: list[str], rates: list[float]
+def modes(repeats: int, datasets: list[str], generators: list[str], rates: list[float],
+          params: dict[str, dict[str, Any]] | None = None, site: str | None = None
           ) -> list[dict[str, Any]]:
     from fedsynth.common.encoding import TabularEncoder
     from fedsynth.common.generators import get_generator
@@ -70,8 +71,9 @@ def modes(repeats: int, datasets: list[str], generators: list[str], rates: list[
     rows = []
     for dataset in datasets:
         schema, frames = load_site_frames(dataset)
+        rows_of = [frames[site]] if site else list(frames.values())
         data = TabularEncoder(schema).encode(
-            __import__("pandas").concat(frames.values(), ignore_index=True))
+            __import__("pandas").concat(rows_of, ignore_index=True))
         for name in generators:
             for q in rates:
                 epochs = 5 if q == 1.0 else 2  # 5 or 20 steps per timed round
@@ -80,7 +82,7 @@ def modes(repeats: int, datasets: list[str], generators: list[str], rates: list[
                 def run(mode: str | None, q: float = q, epochs: int = epochs,
                         name: str = name, schema: Any = schema, data: Any = data,
                         cpu: dict[str, list[float]] = cpu) -> float:
-                    model = get_generator(name)(schema, seed=0)
+                    model = get_generator(name)(schema, seed=0, **(params or {}).get(name, {}))
                     dp = DPSettings(1.0, 1.0) if mode else None
                     t0 = time.thread_time()
                     stats = train_round(
@@ -95,10 +97,11 @@ def modes(repeats: int, datasets: list[str], generators: list[str], rates: list[
                 t = _median_times({"plain": lambda: run(None),
                                    **{m: (lambda m=m: run(m)) for m in MODES}}, repeats)
                 c = {k: statistics.median(v) for k, v in cpu.items()}
-                model = get_generator(name)(schema, seed=0)
+                model = get_generator(name)(schema, seed=0, **(params or {}).get(name, {}))
                 module = model.private_module()
                 batch = samples_per_step(model, data.shape[1], max(1.0, q * len(data)))
-                row = {"dataset": dataset, "generator": name, "q": q, "rows": len(data),
+                row = {"dataset": dataset, "site": site or "pooled", "generator": name, "q": q,
+                       "params": (params or {}).get(name, {}), "rows": len(data),
                        "width": data.shape[1], "private_params": private_parameters(module),
                        "samples_per_step": batch,
                        "samples_x_params": batch * private_parameters(module),
@@ -248,6 +251,10 @@ def main() -> None:
     ap.add_argument("--datasets", default="heart_disease,mimic3_demo")
     ap.add_argument("--generators", default="tvae,ctgan,ddpm")
     ap.add_argument("--rates", default="1.0,0.1")
+    ap.add_argument("--generator-params", type=json.loads, default=None,
+                    help='modes: JSON of hyperparameters per generator, e.g. '
+                         '\'{"tvae": {"hidden": 16, "latent": 4}}\' (default sizes otherwise)')
+    ap.add_argument("--site", help="modes: one site's rows instead of the pooled table")
     ap.add_argument("--study-dir", type=Path)
     ap.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = ap.parse_args()
@@ -256,7 +263,8 @@ def main() -> None:
     np.set_printoptions(precision=3)
     if args.what == "modes":
         result: Any = modes(args.repeats, args.datasets.split(","), args.generators.split(","),
-                            [float(r) for r in args.rates.split(",")])
+                            [float(r) for r in args.rates.split(",")], args.generator_params,
+                            args.site)
     elif args.what == "drill":
         if args.study_dir is None:
             ap.error("drill needs --study-dir (a folder for the runs' outputs)")
