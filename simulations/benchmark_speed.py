@@ -4,6 +4,7 @@ Run it as a script so that ``PYTHONPATH`` decides which fedsynth it measures (th
 checkout's or an older copy's), and the two can be compared in one session::
 
     OMP_NUM_THREADS=1 python simulations/benchmark_speed.py modes
+    OMP_NUM_THREADS=1 python simulations/benchmark_speed.py noise
     python simulations/benchmark_speed.py threads
     python simulations/benchmark_speed.py validation --study-dir OUT
     python simulations/benchmark_speed.py drill --study-dir OUT
@@ -15,6 +16,8 @@ checkout's or an older copy's), and the two can be compared in one session::
   (``*_over_plain``) and the thread's CPU time (``*_cpu_over_plain``, which a shared
   machine's preemption does not inflate); the mode ``trainer.pick_mode`` takes, and
   the CPU seconds of the step's secure-mode noise alone (``noise_cpu_s``).
+- ``noise``: CPU nanoseconds per value of the secure-mode noise and of the other ways
+  to draw Gaussians on this machine (where the noise's time goes).
 - ``threads``: one site's round of the default study (``client.site.train_site``)
   with 2 torch threads and with 1.
 - ``validation``: ``validate_and_report`` of a finished ``fedsynth simulate`` study.
@@ -33,7 +36,6 @@ shared, so only ratios within one run are comparable.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import statistics
 import time
@@ -127,17 +129,58 @@ def _noise_seconds(params: int, calls: int = 20) -> float:
     from fedsynth.common.privacy import secure_noise
 
     gen = torch.Generator().manual_seed(0)
-    draws = (torch.empty(secure_noise.DRAWS + 1, params)
-             if "buffer" in inspect.signature(secure_noise.secure_gaussian).parameters else None)
     times = []
     for _ in range(calls):
         t0 = time.thread_time()
-        if draws is None:  # an older tree: a new buffer per call
-            secure_noise.secure_gaussian(1.0, params, gen)
-        else:
-            secure_noise.secure_gaussian(1.0, params, gen, draws)
+        secure_noise.secure_gaussian(1.0, params, gen)
         times.append(time.thread_time() - t0)
     return statistics.median(times)
+
+
+def noise(repeats: int, params: int = 333_931) -> dict[str, float]:
+    """Where the secure-mode noise's time goes: CPU nanoseconds per value of each way to
+    draw ``DRAWS x params`` Gaussians (MIMIC ddpm's 334k parameters by default).
+
+    ``secure_gaussian`` (the four draws, summed and halved); torch's ``normal_``
+    (Box-Muller on Mersenne Twister uniforms) and its uniform draw alone; numpy's
+    PCG64 uniforms and its ziggurat normals; and Box-Muller written with torch
+    operations on PCG64 uniforms (a faster generator, same transform).
+    """
+    import math
+
+    from fedsynth.common.privacy.secure_noise import DRAWS, secure_gaussian
+
+    n = DRAWS * params
+    gen = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+    buf = torch.empty(n)
+
+    def box_muller() -> torch.Tensor:
+        u = torch.from_numpy(rng.random((2, n // 2), dtype=np.float32))
+        radius = u[0].neg_().log1p_().mul_(-2.0).sqrt_()
+        theta = u[1].mul_(2.0 * math.pi)
+        cos = torch.cos(theta)
+        return torch.cat([radius * cos, theta.sin_().mul_(radius)])
+
+    ways = {
+        "secure_gaussian": lambda: secure_gaussian(1.0, params, gen),
+        "torch normal_": lambda: buf.normal_(0.0, 1.0, generator=gen),
+        "torch uniform_ (its uniforms alone)": lambda: buf.uniform_(0.0, 1.0, generator=gen),
+        "numpy PCG64 uniforms (float32)": lambda: rng.random(n, dtype=np.float32),
+        "numpy PCG64 ziggurat normals (float32)": lambda: rng.standard_normal(n, dtype=np.float32),
+        "Box-Muller in torch ops on PCG64 uniforms": box_muller,
+    }
+    out = {}
+    for name, draw in ways.items():
+        draw()
+        times = []
+        for _ in range(max(repeats, 5)):
+            t0 = time.thread_time()
+            draw()
+            times.append(time.thread_time() - t0)
+        out[name] = 1e9 * statistics.median(times) / n
+        print(json.dumps({"way": name, "ns_per_value": out[name]}), flush=True)
+    return out
 
 
 def threads(repeats: int, dataset: str) -> dict[str, float]:
@@ -246,7 +289,7 @@ def drill(repeats: int, out: Path) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("modes", "threads", "validation", "drill"))
+    ap.add_argument("what", choices=("modes", "noise", "threads", "validation", "drill"))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--datasets", default="heart_disease,mimic3_demo")
     ap.add_argument("--generators", default="tvae,ctgan,ddpm")
@@ -265,6 +308,8 @@ def main() -> None:
         result: Any = modes(args.repeats, args.datasets.split(","), args.generators.split(","),
                             [float(r) for r in args.rates.split(",")], args.generator_params,
                             args.site)
+    elif args.what == "noise":
+        result = noise(args.repeats)
     elif args.what == "drill":
         if args.study_dir is None:
             ap.error("drill needs --study-dir (a folder for the runs' outputs)")

@@ -35,25 +35,21 @@ from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGr
 DRAWS = 4
 
 
-def secure_gaussian(std: float, numel: int, generator: torch.Generator | None,
-                    buffer: torch.Tensor | None = None) -> torch.Tensor:
+def secure_gaussian(std: float, numel: int, generator: torch.Generator | None) -> torch.Tensor:
     """``numel`` noise values of std ``std``, each the sum of ``DRAWS`` N(0, std^2)
     draws halved (flat float32 tensor); one throw-away draw first, as Opacus makes.
 
-    ``buffer`` is an optional (DRAWS + 1, numel) float32 tensor the caller keeps from
-    step to step: the draws go in its first DRAWS rows and the result in the last (the
-    returned tensor is that row). Multi-megabyte tensors made anew every step had the
-    allocator hand memory back to the system and fault it in again, which on MIMIC's
-    networks cost more than the draws themselves (docs/benchmark.md, "Speed, third pass").
+    torch's ``normal`` (Box-Muller on Mersenne Twister uniforms, 2.4 ns a value here)
+    is the fastest Gaussian draw this machine's libraries offer: numpy's PCG64
+    uniforms are faster (1.3 ns) but Box-Muller on them written with torch operations
+    is not (3.5 ns), and numpy's ziggurat is slower (7.7 ns); a kept buffer instead of
+    a new one per step made no difference (``benchmark_speed.py noise``).
     """
     if std == 0:
         return torch.zeros(numel)
     torch.normal(0.0, std, (1, 1), generator=generator)  # thrown away, as Opacus does
-    if buffer is None or buffer.shape != (DRAWS + 1, numel):
-        buffer = torch.empty(DRAWS + 1, numel)
-    draws, out = buffer[:DRAWS], buffer[DRAWS]
-    draws.normal_(0.0, std, generator=generator)
-    return torch.sum(draws, dim=0, out=out).div_(2.0)
+    draws = torch.normal(0.0, std, (DRAWS, numel), generator=generator)
+    return draws.sum(dim=0).div_(2.0)
 
 
 class _OneDrawNoise:
@@ -63,18 +59,14 @@ class _OneDrawNoise:
     noise_multiplier: float
     max_grad_norm: float
     generator: torch.Generator | None
-    _buffer: torch.Tensor | None
 
     def add_noise(self) -> None:
         multiplier = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
         summed = [p.summed_grad for p in self.params]  # type: ignore[attr-defined]
         for s in summed:
             _check_processed_flag(s)
-        numel = sum(s.numel() for s in summed)
-        if getattr(self, "_buffer", None) is None or self._buffer.shape[1] != numel:
-            self._buffer = torch.empty(DRAWS + 1, numel)  # kept for every step (secure_gaussian)
-        noise = secure_gaussian(multiplier * self.max_grad_norm, numel, self.generator,
-                                self._buffer)
+        noise = secure_gaussian(multiplier * self.max_grad_norm,
+                                sum(s.numel() for s in summed), self.generator)
         offset = 0
         for p, s in zip(self.params, summed, strict=True):
             n = s.numel()
