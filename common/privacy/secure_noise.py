@@ -83,9 +83,8 @@ class SecureNoiseGhostOptimizer(_OneDrawNoise, DPOptimizerFastGradientClipping):
     """Opacus' ghost-clipping optimizer with the noise drawn by ``secure_gaussian``.
 
     ``accumulate`` keeps Opacus' arithmetic (the first backward's clipped sum is
-    ``summed_grad``, later ones are added to it) but takes the first one as it is where
-    Opacus calls ``copy.deepcopy`` per tensor (which cost more than the copy itself):
-    ``add_noise`` replaces ``p.grad`` right after, so nothing else holds that tensor.
+    ``summed_grad``, later ones are added to it) but copies with ``clone`` where Opacus
+    calls ``copy.deepcopy`` per tensor, which cost more than the copy itself.
     """
 
     def accumulate(self) -> None:
@@ -93,5 +92,4 @@ class SecureNoiseGhostOptimizer(_OneDrawNoise, DPOptimizerFastGradientClipping):
             if p.summed_grad is not None:  # type: ignore[attr-defined]
                 p.summed_grad.add_(p.grad.data)  # type: ignore[attr-defined,union-attr]
             else:
-                # no copy: ``add_noise`` then gives ``p.grad`` a tensor of its own
-                p.summed_grad = p.grad.data  # type: ignore[attr-defined,union-attr]
+                p.summed_grad = p.grad.data.clone()  # type: ignore[attr-defined,union-attr]
