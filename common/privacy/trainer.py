@@ -102,10 +102,12 @@ def pick_mode(module: torch.nn.Module, samples_per_step: float) -> str:
     """The fastest exact mode for this module and batch.
 
     Book-keeping clipping wherever every trainable layer is ``nn.Linear`` or has an
-    Opacus grad sampler: it is a plain backward plus the clipped products, and it was
-    the fastest mode in every cell measured (12 of ``benchmark_speed.py modes``, tvae,
-    ctgan and ddpm at 0.6M to 33M samples x parameters, and the drill's small networks
-    at 1-60 rows per step; benchmarks/speed-s3). Otherwise ghost clipping once the
+    Opacus grad sampler: it is a plain backward plus the clipped products, and it took
+    the least CPU time in every cell measured (``benchmark_speed.py modes``: tvae,
+    ctgan and ddpm on heart and MIMIC at 0.6M to 33M samples x parameters, and the
+    drill's small networks at 6-62 rows a step; benchmarks/speed-s3), and the least
+    wall time in all but one (small ctgan at 6 rows: 1.51 against hooks' 1.41 of a
+    no-DP step, CPU 1.22 against 1.41). Otherwise ghost clipping once the
     per-sample gradients (samples per step x private parameters) pass
     ``GHOST_CROSSOVER``, else hooks.
     """
