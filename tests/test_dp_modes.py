@@ -213,3 +213,8 @@ def test_bookkeeping_refuses_layers_it_cannot_clip():
     for odd, name in ((torch.nn.PReLU(), "PReLU"), (torch.nn.BatchNorm1d(4), "BatchNorm1d")):
         with pytest.raises(ValueError, match=rf"1 \({name}\).*mode='hooks'"):
             BookKeeping(torch.nn.Sequential(torch.nn.Linear(4, 4), odd), 1.0)
+    tied = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    tied[1].weight = tied[0].weight  # one parameter in two layers
+    with pytest.raises(ValueError, match=r"0 \(Linear\), 1 \(Linear\)"):
+        BookKeeping(tied, 1.0)
+    assert pick_mode(tied, 10) == "hooks"

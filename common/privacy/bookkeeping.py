@@ -56,14 +56,26 @@ def _is_linear(layer: nn.Module) -> bool:
 
 def unsupported_layers(module: nn.Module) -> list[str]:
     """Trainable layers of ``module`` that book-keeping clipping cannot clip exactly:
-    neither ``nn.Linear`` nor a layer with an Opacus grad sampler, or a trainable layer
-    with buffers (BatchNorm mixes samples; Opacus refuses it too)."""
+    neither ``nn.Linear`` nor a layer with an Opacus grad sampler, a trainable layer
+    with buffers (BatchNorm mixes samples; Opacus refuses it too), or a layer sharing a
+    parameter with another (a tied weight's per-sample gradient is the sum over its
+    layers, whose norm is not the sum of theirs).
+
+    As with Opacus' hooks, a layer's parameters must reach the loss only through that
+    layer's forward: a parameter read directly by another module's code has a gradient
+    that no layer sees.
+    """
     samplers = GradSampleModule.GRAD_SAMPLERS
+    owners: dict[int, int] = {}
+    for layer in module.modules():
+        for p in _own_trainable(layer):
+            owners[id(p)] = owners.get(id(p), 0) + 1
     return [f"{name or 'module'} ({type(layer).__name__})"
-            for name, layer in module.named_modules()
+            for name, layer in module.named_modules(remove_duplicate=False)
             if _own_trainable(layer)
             and ((not _is_linear(layer) and type(layer) not in samplers)
-                 or any(True for _ in layer.buffers(recurse=False)))]
+                 or any(True for _ in layer.buffers(recurse=False))
+                 or any(owners[id(p)] > 1 for p in _own_trainable(layer)))]
 
 
 class BookKeeping:
