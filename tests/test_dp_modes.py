@@ -218,3 +218,22 @@ def test_bookkeeping_refuses_layers_it_cannot_clip():
     with pytest.raises(ValueError, match=r"0 \(Linear\), 1 \(Linear\)"):
         BookKeeping(tied, 1.0)
     assert pick_mode(tied, 10) == "hooks"
+
+
+def test_bookkeeping_refuses_an_output_changed_in_place():
+    """A ReLU(inplace=True) after a linear layer overwrites the output it kept: its
+    gradient would not be the layer's, so the clip would be wrong; refused, not run."""
+    from fedsynth.common.privacy.bookkeeping import BookKeeping
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(inplace=True),
+                              torch.nn.Linear(4, 1))
+    keeper = BookKeeping(net, 1.0)
+    with keeper.recording():
+        losses = net(torch.randn(5, 4)).squeeze(1)
+    with pytest.raises(ValueError, match="modified in place.*inplace=False"):
+        keeper.clip_into_grad(losses)
+    net[1].inplace = False
+    with keeper.recording():
+        losses = net(torch.randn(5, 4)).squeeze(1)
+    keeper.clip_into_grad(losses)
+    assert all(p.grad is not None for p in net.parameters())

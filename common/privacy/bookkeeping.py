@@ -97,15 +97,19 @@ class BookKeeping:
         self.max_grad_norm = float(max_grad_norm)
         self.layers = [m for m in module.modules() if _own_trainable(m)]
         self.params = [p for m in self.layers for p in _own_trainable(m)]
-        # per layer and forward call: the call's inputs (detached) and its output
-        self._records: dict[nn.Module, list[tuple[list[torch.Tensor], torch.Tensor]]] = {}
+        # per layer and forward call: the call's inputs (detached), its output, and their
+        # versions (an in-place change after the layer ran, a ReLU(inplace=True) on its
+        # output, would make the kept tensors not the layer's: refused at the clip)
+        self._records: dict[nn.Module, list[tuple[list[torch.Tensor], torch.Tensor,
+                                                   list[int]]]] = {}
         self._on = False
         self._handles = [layer.register_forward_hook(self._keep) for layer in self.layers]
 
     def _keep(self, layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
               ) -> None:
         if self._on and torch.is_grad_enabled():
-            self._records.setdefault(layer, []).append(([t.detach() for t in inputs], output))
+            self._records.setdefault(layer, []).append(
+                ([t.detach() for t in inputs], output, _versions(*inputs, output)))
 
     @contextmanager
     def recording(self) -> Iterator[None]:
@@ -121,16 +125,23 @@ class BookKeeping:
         """``.grad`` of every trainable parameter := sum_i clip(grad of losses[i])."""
         batch = int(losses.shape[0])
         layers = list(self._records)
-        outputs = [out for layer in layers for _, out in self._records[layer]]
+        for layer in layers:
+            if any(_versions(*acts, out) != kept for acts, out, kept in self._records[layer]):
+                raise ValueError(
+                    f"book-keeping clipping: the input or output of {type(layer).__name__} "
+                    "was modified in place after the layer ran (an inplace=True activation?); "
+                    "its per-sample gradients would be wrong. Use inplace=False or "
+                    "mode='hooks'")
+        outputs = [out for layer in layers for _, out, _ in self._records[layer]]
         grads = (list(torch.autograd.grad(losses.sum(), outputs, allow_unused=True))
                  if outputs else [])
         squared = [torch.zeros(batch, dtype=losses.dtype, device=losses.device)]
         pending = []  # per layer: (layer, activations, output gradients)
         for layer in layers:
             calls = self._records[layer]
-            acts = [a[0] if _is_linear(layer) else a for a, _ in calls]
+            acts = [a[0] if _is_linear(layer) else a for a, _, _ in calls]
             backs = [torch.zeros_like(out) if g is None else g
-                     for (_, out), g in zip(calls, grads[:len(calls)], strict=True)]
+                     for (_, out, _), g in zip(calls, grads[:len(calls)], strict=True)]
             del grads[:len(calls)]
             rows = [int(g.shape[0]) for g in backs]
             if any(r != batch for r in rows):
@@ -156,6 +167,11 @@ class BookKeeping:
             handle.remove()
         self._handles = []
         self._records.clear()
+
+
+def _versions(*tensors: torch.Tensor) -> list[int]:
+    """Autograd's in-place counters of the tensors (a detached view shares its base's)."""
+    return [t._version for t in tensors]
 
 
 def _as_sequence(parts: list[torch.Tensor]) -> torch.Tensor:
