@@ -1,4 +1,5 @@
-"""The tables of results.md from the JSON rows of ``benchmark_speed.py modes``.
+"""The tables of results.md from the JSON rows of ``benchmark_speed.py modes``:
+each cell the median over the before/after pairs, with the range.
 
     python benchmarks/speed-s3/tables.py   (prints Markdown, writes results.csv)
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -45,10 +47,12 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(out)
 
-    def pair(row: dict, field: str, bold: bool = False) -> str:
-        vals = [row[f"{field}_{r}"] for r in runs]
-        text = " / ".join(f"{v:.2f}" for v in vals)
-        return f"**{text}**" if bold and max(vals) <= 2.0 else text
+    def cell(row: dict, field: str, bold: bool = False) -> str:
+        """Median over the runs (range); bold when the median is at most 2x."""
+        vals = sorted(row[f"{field}_{r}"] for r in runs)
+        mid = statistics.median(vals)
+        text = f"{mid:.2f} ({vals[0]:.2f}-{vals[-1]:.2f})"
+        return f"**{text}**" if bold and mid <= 2.0 else text
 
     print("| dataset | generator | q | samples x params | before: mode "
           "| before: DP / no-DP, wall | before: CPU | after: mode | after: DP / no-DP, wall "
@@ -58,10 +62,11 @@ def main() -> None:
         dataset = row["dataset"].replace("_disease", "").replace("3_demo", "")
         print(f"| {dataset} | {row['generator']} "
               f"| {row['q']:g} | {row['samples_x_params'] / 1e6:.2f}M | {row['before_picked']} "
-              f"| {pair(row, 'before_wall')} | {pair(row, 'before_cpu')} | {row['after_picked']} "
-              f"| {pair(row, 'after_wall', True)} | {pair(row, 'after_cpu', True)} "
-              f"| {pair(row, 'after_hooks_wall')} | {pair(row, 'after_ghost_wall')} "
-              f"| {pair(row, 'noise')} |")
+              f"| {cell(row, 'before_wall', True)} | {cell(row, 'before_cpu', True)} "
+              f"| {row['after_picked']} "
+              f"| {cell(row, 'after_wall', True)} | {cell(row, 'after_cpu', True)} "
+              f"| {cell(row, 'after_hooks_wall')} | {cell(row, 'after_ghost_wall')} "
+              f"| {cell(row, 'noise')} |")
 
 
 if __name__ == "__main__":
