@@ -5,8 +5,9 @@ rows of the dataset:
 
 - rows per second of each generator through the project's trainer
   (``privacy.trainer.train_round``), without DP and with DP-SGD, and their ratio;
-- Opacus' per-sample-gradient modes (``hooks``, the trainer's; ``functorch``; ``ew``,
-  expanded weights; ``ghost``, ghost clipping) timed on one clipped step of each
+- the per-sample clipping modes (Opacus' ``hooks``; ``functorch``; ``ew``, expanded
+  weights; ``ghost``, ghost clipping; and ``bookkeeping``, book-keeping clipping, the
+  trainer's choice for every bundled generator) timed on one clipped step of each
   generator's private module, each checked against ``hooks`` for exactness (the
   clipped gradient sum, noise off, must agree to 1e-4 relative); a mode that cannot
   run a model is reported with the reason;
@@ -45,11 +46,12 @@ from rich.console import Console
 
 from ..common.generators import Generator, get_generator
 from ..common.privacy import DPSettings, PrivacyLedger, train_round
+from ..common.privacy.bookkeeping import BookKeeping
 from ..common.privacy.randomness import DPRandomness
 from .benchmark import BenchmarkOptions, Setting, prepare_seed, run_federated
 from .benchmark_measure import machine, measured
 
-MODES = ("hooks", "functorch", "ew", "ghost")
+MODES = ("hooks", "functorch", "ew", "ghost", "bookkeeping")
 EXACT_TOLERANCE = 1e-4
 PACKAGE_BATCH = 500  # the ctgan package's default batch size
 
@@ -72,6 +74,14 @@ def _clipped_step(model: Generator, batch: torch.Tensor, mode: str) -> tuple[lis
     module = model.private_module()
     params = [p for p in module.parameters() if p.requires_grad]
     start = time.perf_counter()
+    if mode == "bookkeeping":
+        keeper = BookKeeping(module, 1.0)
+        with keeper.recording():
+            losses = model.per_sample_loss(module, batch)
+        keeper.clip_into_grad(losses)
+        seconds = time.perf_counter() - start
+        keeper.remove_hooks()
+        return [p.grad.detach().clone() for p in params], seconds
     if mode == "ghost":
         gsm = GradSampleModuleFastGradientClipping(module, loss_reduction="sum",
                                                    max_grad_norm=1.0, use_ghost_clipping=True)

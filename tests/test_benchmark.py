@@ -162,7 +162,7 @@ def test_every_opacus_mode_is_checked_against_hooks(pooled, heart_schema):
     by_mode = {r["mode"]: r for r in rows}
     assert set(by_mode) == set(MODES)
     assert by_mode["hooks"]["max_relative_error_vs_hooks"] == 0.0
-    for mode in ("ew", "ghost"):  # the modes that apply to a plain MLP
+    for mode in ("ew", "ghost", "bookkeeping"):  # the modes that apply to a plain MLP
         assert by_mode[mode]["ok"] and by_mode[mode]["exact"], by_mode[mode]
         assert by_mode[mode]["max_relative_error_vs_hooks"] < 1e-4
 

@@ -80,22 +80,30 @@ def test_every_mode_releases_the_same_step(encoded, generator, dataset):
 
 
 def test_modes_agree_on_empty_and_sampled_batches(encoded):
-    """Poisson batches (q = 0.05 of 25 rows: many steps have 0-2 rows) in both modes:
+    """Poisson batches (q = 0.05 of 40 rows: many steps have 0-2 rows) in every mode:
     same steps, same ledger, same weights at the end of the round."""
     schema, data = encoded["mimic3_demo"]
     runs = {mode: one_step("tvae", schema, data, mode, 0.05) for mode in MODES}
     (_, ref_state, ref_ledger, ref_steps, expected) = runs["hooks"]
     assert ref_steps == expected == 20 and ref_ledger == [(0.7, 0.05, 20)]
-    _, state, ledger, steps, _ = runs["ghost"]
-    assert ledger == ref_ledger and steps == ref_steps
-    for key, value in state.items():
-        assert torch.allclose(value, ref_state[key], rtol=0, atol=1e-5), key
+    for mode in MODES:
+        _, state, ledger, steps, _ = runs[mode]
+        assert ledger == ref_ledger and steps == ref_steps, mode
+        for key, value in state.items():
+            assert torch.allclose(value, ref_state[key], rtol=0, atol=1e-5), (mode, key)
 
 
-def test_pick_mode_follows_the_crossover():
+def test_pick_mode_takes_bookkeeping_where_it_applies():
+    """Book-keeping wherever every trainable layer has an exact per-sample formula (all
+    bundled generators); the ghost/hooks crossover only for a module it cannot clip."""
     small = torch.nn.Linear(10, 10)  # 110 parameters
-    assert pick_mode(small, 10) == "hooks"
-    assert pick_mode(small, GHOST_CROSSOVER / 110 + 1) == "ghost"
+    assert pick_mode(small, 10) == pick_mode(small, 1e9) == "bookkeeping"
+    for name in GENERATORS:
+        schema = load_site_frames("heart_disease")[0]
+        assert pick_mode(get_generator(name)(schema).private_module(), 1) == "bookkeeping"
+    odd = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.PReLU())  # 111 parameters
+    assert pick_mode(odd, 10) == "hooks"
+    assert pick_mode(odd, GHOST_CROSSOVER / 111 + 1) == "ghost"
     with pytest.raises(ValueError, match="mode must be"):
         train_round(get_generator("tvae").__new__(get_generator("tvae")), np.zeros((2, 2)),
                     epochs=1, sample_rate=1.0, dp=None, ledger=None,
@@ -132,3 +140,100 @@ def test_a_sites_accounting_does_not_depend_on_the_mode(monkeypatch, heart_schem
             assert g.metrics[key] == h.metrics[key], key
         for key, value in h.arrays.items():
             np.testing.assert_allclose(g.arrays[key], value, rtol=0, atol=1e-4, err_msg=key)
+
+
+# ------------------------------------------------- book-keeping beyond the generators
+
+class _Mixed(torch.nn.Module):
+    """Layers the bundled generators do not have: a LayerNorm (Opacus' grad sampler), a
+    linear layer called twice per sample, one on a sequence, and a frozen bias."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(width, 12)
+        self.norm = torch.nn.LayerNorm(12)
+        self.shared = torch.nn.Linear(12, 12)
+        self.seq = torch.nn.Linear(4, 3)
+        self.out = torch.nn.Linear(12 + 9, 1)
+        self.out.bias.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.norm(self.inp(x)))
+        h = torch.tanh(self.shared(torch.tanh(self.shared(h))))  # the same layer twice
+        s = self.seq(h[:, :12].reshape(-1, 3, 4)).reshape(len(x), 9)  # 3 steps per sample
+        return self.out(torch.cat([h, s], 1)).squeeze(1)
+
+
+def test_bookkeeping_clips_like_opacus_hooks_beyond_linear_layers(encoded):
+    """On real heart rows, a module with a LayerNorm, a layer used twice, a sequence
+    input and a frozen parameter: book-keeping's clipped sum equals Opacus' per-sample
+    clipping (GradSampleModule + DPOptimizer without noise), whichever samples clip."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    from fedsynth.common.privacy.bookkeeping import BookKeeping
+
+    _, data = encoded["heart_disease"]
+    x = torch.as_tensor(data[:50], dtype=torch.float32)
+    clip = 4.5  # per-sample norms here are 3.8-5.6
+    torch.manual_seed(0)
+    net = _Mixed(x.shape[1])
+
+    def losses(module: torch.nn.Module) -> torch.Tensor:
+        return (module(x) - 1.0).pow(2)
+
+    wrapped = GradSampleModule(net, loss_reduction="sum", strict=True)
+    opt = DPOptimizer(torch.optim.SGD(wrapped.parameters(), lr=0.0), noise_multiplier=0.0,
+                      max_grad_norm=clip, expected_batch_size=1, loss_reduction="sum")
+    losses(wrapped).sum().backward()
+    norms = torch.stack([p.grad_sample.flatten(1).norm(dim=1)
+                         for p in net.parameters() if p.requires_grad]).norm(dim=0)
+    assert (norms > clip).any() and (norms < clip).any()  # some samples clipped, some not
+    opt.pre_step()
+    reference = {n: p.grad.clone() for n, p in net.named_parameters() if p.requires_grad}
+    wrapped._close()
+    for p in net.parameters():
+        p.grad = None
+
+    keeper = BookKeeping(net, clip)
+    with keeper.recording():
+        loss = losses(net)
+    net(x)  # a forward outside recording does not enter the clip
+    keeper.clip_into_grad(loss)
+    keeper.remove_hooks()
+    assert net.out.bias.grad is None  # frozen: untouched
+    for name, p in net.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(p.grad, reference[name], rtol=1e-5, atol=1e-6), name
+
+
+def test_bookkeeping_refuses_layers_it_cannot_clip():
+    from fedsynth.common.privacy.bookkeeping import BookKeeping
+
+    for odd, name in ((torch.nn.PReLU(), "PReLU"), (torch.nn.BatchNorm1d(4), "BatchNorm1d")):
+        with pytest.raises(ValueError, match=rf"1 \({name}\).*mode='hooks'"):
+            BookKeeping(torch.nn.Sequential(torch.nn.Linear(4, 4), odd), 1.0)
+    tied = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    tied[1].weight = tied[0].weight  # one parameter in two layers
+    with pytest.raises(ValueError, match=r"0 \(Linear\), 1 \(Linear\)"):
+        BookKeeping(tied, 1.0)
+    assert pick_mode(tied, 10) == "hooks"
+
+
+def test_bookkeeping_refuses_an_output_changed_in_place():
+    """A ReLU(inplace=True) after a linear layer overwrites the output it kept: its
+    gradient would not be the layer's, so the clip would be wrong; refused, not run."""
+    from fedsynth.common.privacy.bookkeeping import BookKeeping
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(inplace=True),
+                              torch.nn.Linear(4, 1))
+    keeper = BookKeeping(net, 1.0)
+    with keeper.recording():
+        losses = net(torch.randn(5, 4)).squeeze(1)
+    with pytest.raises(ValueError, match="modified in place.*inplace=False"):
+        keeper.clip_into_grad(losses)
+    net[1].inplace = False
+    with keeper.recording():
+        losses = net(torch.randn(5, 4)).squeeze(1)
+    keeper.clip_into_grad(losses)
+    assert all(p.grad is not None for p in net.parameters())

@@ -123,13 +123,14 @@ def test_secure_noise_has_the_calibrated_spread():
 
 
 @pytest.mark.parametrize("generator", ["tvae", "ctgan", "ddpm"])
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bookkeeping"])
 def test_a_dp_step_adds_secure_noise_to_opacus_clipped_sum(mode, generator, heart_schema,
                                                            heart_files):
     """One trainer step on real heart rows: the update is Opacus' own clipped sum (its
     optimizer with no noise, after its own ``loss.backward()`` or
-    ``DPTensorFastGradientClipping.backward()``) plus ``secure_gaussian`` of the
-    gradient-noise generator, parameter by parameter in order; nothing else changed."""
+    ``DPTensorFastGradientClipping.backward()``; for book-keeping, Opacus' per-sample
+    clipping in hooks mode) plus ``secure_gaussian`` of the gradient-noise generator,
+    parameter by parameter in order; nothing else changed."""
     from opacus.optimizers import DPOptimizer
     from opacus.optimizers.optimizer_fast_gradient_clipping import (
         DPOptimizerFastGradientClipping,
@@ -147,7 +148,7 @@ def test_a_dp_step_adds_secure_noise_to_opacus_clipped_sum(mode, generator, hear
         read_table(heart_files["cleveland"], heart_schema).head(60))
     sigma, clip = 0.9, 0.5
 
-    def step(noise: float, opacus_noise: bool) -> torch.Tensor:
+    def step(noise: float, opacus_noise: bool, mode: str = mode) -> torch.Tensor:
         torch.set_num_threads(1)
         model = get_generator(generator)(heart_schema, seed=1, **SMALL[generator])
         grads: list[torch.Tensor] = []
@@ -169,7 +170,8 @@ def test_a_dp_step_adds_secure_noise_to_opacus_clipped_sum(mode, generator, hear
             patch.undo()
         return torch.cat(grads) * len(data)  # undo the division by the expected batch
 
-    clipped = step(0.0, opacus_noise=True)  # Opacus' clipping, no noise at all
+    # Opacus' clipping, no noise at all
+    clipped = step(0.0, opacus_noise=True, mode="hooks" if mode == "bookkeeping" else mode)
     noisy = step(sigma, opacus_noise=False)
     generator = DPRandomness.reproducible(3, "noise-test").torch("gradient-noise")
     expected = secure_gaussian(sigma * clip, clipped.numel(), generator)

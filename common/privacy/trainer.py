@@ -15,15 +15,19 @@ Two details matter for the guarantee:
 - The generator decides what else happens after each private step (a GAN's generator
   update); that code sees only the privatised module, so it is post-processing.
 
-Opacus computes the same clipped sum in more than one way; the trainer picks the faster
-of two exact ones (``pick_mode``): ``hooks`` (per-sample gradients materialised, then
-clipped) and ``ghost`` (ghost clipping: per-sample gradient *norms* from activations and
-backprops, then a second backward of the loss re-weighted by the clipping factors; no
-per-sample gradient is ever stored). Both add the same noise to the same clipped sum,
-so the mechanism, and what the ledger records, does not depend on the mode
+The same clipped sum can be computed in more than one way; the trainer picks the
+fastest of three exact ones (``pick_mode``): Opacus' ``hooks`` (per-sample gradients
+materialised, then clipped) and ``ghost`` (ghost clipping: per-sample gradient *norms*
+from activations and backprops, then a second backward of the loss re-weighted by the
+clipping factors), and ``bookkeeping`` (book-keeping clipping, ``bookkeeping.py``: the
+norms as ghost clipping takes them, then the clipped sum as a product of the kept
+activations and re-weighted output gradients, with no second backward), which it
+takes wherever the module's layers allow it. All add the same noise to the same clipped
+sum, so the mechanism, and what the ledger records, does not depend on the mode
 (``tests/test_dp_modes.py`` checks one step of every generator noise for noise, and a
-site's rounds with its ledger). The mode depends on the expected batch, hence on the
-row count, but only the round's duration shows it, and a site sends no timings.
+site's rounds with its ledger). Under ghost/hooks the mode depends on the expected
+batch, hence on the row count, but only the round's duration shows it, and a site
+sends no timings.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -45,6 +50,7 @@ from torch.utils.data import TensorDataset
 
 from .accountant import PrivacyLedger
 from .backward import ghost_backward, gradient_anchors, hooks_backward
+from .bookkeeping import BookKeeping, unsupported_layers
 from .randomness import DPRandomness
 from .secure_noise import SecureNoiseDPOptimizer, SecureNoiseGhostOptimizer
 
@@ -72,18 +78,18 @@ class RoundStats:
         return self.rows_seen / self.seconds if self.seconds > 0 else math.inf
 
 
-#: Opacus' exact per-sample clipping modes the trainer chooses between.
-MODES = ("hooks", "ghost")
-#: Samples per step x private parameters above which ghost clipping is the faster mode.
+#: The exact per-sample clipping modes the trainer chooses between: Opacus' ``hooks``
+#: and ``ghost``, and ``bookkeeping`` (``bookkeeping.py``), the one ``pick_mode`` takes
+#: wherever it applies.
+MODES = ("hooks", "ghost", "bookkeeping")
+#: Samples per step x private parameters above which ghost clipping is faster than
+#: hooks, for a module book-keeping cannot clip (none of the bundled generators).
 #: Measured on this project's generators (tvae, ctgan, ddpm; heart and the MIMIC-III
 #: demo; q = 1, 0.5, 0.3, 0.2 and 0.1) by ``simulations/benchmark_speed.py modes``:
 #: hooks pay for materialising samples x parameters per-sample gradients, ghost
 #: clipping for a second backward pass, so ghost wins once the per-sample gradients
-#: are large. First set at 1.5M (ghost slower in 3 of 4 runs below 1M); since ghost's
-#: first pass skips the weight gradients and its optimizer copies with ``clone``
-#: (``backward.py``, ``secure_noise.py``), ghost was faster in all four same-session
-#: comparisons at 0.84M (MIMIC TVAE, q = 0.1: 0.64-0.90 of hooks' time) and a tie at
-#: 0.59M (heart TVAE, q = 0.1: 0.98 and 1.13), which stays with hooks; see docs/benchmark.md.
+#: are large (ghost faster in all four same-session comparisons at 0.84M, a tie at
+#: 0.59M); see docs/benchmark.md.
 GHOST_CROSSOVER = 750_000
 
 
@@ -93,9 +99,20 @@ def private_parameters(module: torch.nn.Module) -> int:
 
 
 def pick_mode(module: torch.nn.Module, samples_per_step: float) -> str:
-    """The faster exact mode for this module and batch: ghost clipping once the
+    """The fastest exact mode for this module and batch.
+
+    Book-keeping clipping wherever every trainable layer is ``nn.Linear`` or has an
+    Opacus grad sampler: it is a plain backward plus the clipped products, and it took
+    the least CPU time in every cell measured (``benchmark_speed.py modes``: tvae,
+    ctgan and ddpm on heart and MIMIC at 0.6M to 33M samples x parameters, and the
+    drill's small networks at 6-62 rows a step; benchmarks/speed-s3), and the least
+    wall time in all but one (small ctgan at 6 rows: 1.51 against hooks' 1.41 of a
+    no-DP step, CPU 1.22 against 1.41). Otherwise ghost clipping once the
     per-sample gradients (samples per step x private parameters) pass
-    ``GHOST_CROSSOVER``."""
+    ``GHOST_CROSSOVER``, else hooks.
+    """
+    if not unsupported_layers(module):
+        return "bookkeeping"
     size = samples_per_step * private_parameters(module)
     return "ghost" if size >= GHOST_CROSSOVER else "hooks"
 
@@ -124,6 +141,62 @@ def poisson_loader(
     """
     dataset = TensorDataset(torch.as_tensor(data, dtype=torch.float32))
     return DPDataLoader(dataset, sample_rate=sample_rate, generator=generator)
+
+
+class _DPStep:
+    """One DP-SGD step's machinery in one of ``MODES``: what the loss runs through, the
+    backward that leaves the clipped sum, and Opacus' optimizer that noises it.
+
+    Every mode hands the same optimizer arguments (noise multiplier, clipping bound,
+    expected batch, the site's ``gradient-noise`` stream): the ghost and book-keeping
+    modes put the clipped sum in ``.grad`` themselves, and the ghost optimizer then only
+    adds the noise and divides, exactly as the hooks optimizer does after clipping.
+    """
+
+    def __init__(self, mode: str, module: torch.nn.Module, dp: DPSettings, lr: float,
+                 expected_batch: float, randomness: DPRandomness) -> None:
+        self.mode = mode
+        self.wanted = gradient_anchors(module)  # what Opacus' backward passes need (backward.py)
+        self.keeper: BookKeeping | None = None
+        self.wrapped: GradSampleModule | None = None
+        if mode == "bookkeeping":
+            self.keeper = BookKeeping(module, dp.max_grad_norm)
+            self.forward = module
+        elif mode == "ghost":
+            self.wrapped = GradSampleModuleFastGradientClipping(
+                module, loss_reduction="sum", strict=True, max_grad_norm=dp.max_grad_norm,
+                use_ghost_clipping=True)
+        else:
+            self.wrapped = GradSampleModule(module, loss_reduction="sum", strict=True)
+        if self.wrapped is not None:
+            self.forward = self.wrapped
+        # DPOptimizer scales by expected_batch_size (an int), as Opacus' own loop does.
+        self.optimizer = (SecureNoiseDPOptimizer if mode == "hooks" else SecureNoiseGhostOptimizer)(
+            torch.optim.Adam(module.parameters(), lr=lr),
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            expected_batch_size=int(round(expected_batch)),
+            loss_reduction="mean",
+            generator=randomness.torch("gradient-noise"),
+            secure_mode=True,
+        )
+
+    def recording(self) -> AbstractContextManager[None]:
+        """Around the private forward pass: book-keeping keeps its layers' inputs."""
+        return self.keeper.recording() if self.keeper is not None else nullcontext()
+
+    def backward(self, losses: torch.Tensor) -> bool:
+        """Clipped sum, then Opacus' noise and scaling; False if Opacus skips the step."""
+        if self.keeper is not None:
+            self.keeper.clip_into_grad(losses)
+        elif self.mode == "ghost":
+            ghost_backward(self.wrapped, self.optimizer, losses, self.wanted)  # type: ignore[arg-type]
+        else:
+            hooks_backward(losses, self.wanted)
+        return bool(self.optimizer.pre_step())
+
+    def remove_hooks(self) -> None:
+        (self.keeper or self.wrapped).remove_hooks()  # type: ignore[union-attr]
 
 
 def train_round(
@@ -161,8 +234,8 @@ def train_round(
     the floating-point attacks on a single Gaussian draw; ``secure_noise`` draws it for
     all parameters in one call per step instead of five calls per parameter tensor.
 
-    ``mode`` is Opacus' clipping mode (``"hooks"`` or ``"ghost"``); ``"auto"`` (the
-    default) picks the faster with :func:`pick_mode`. The mode changes the time a step
+    ``mode`` is the clipping mode (one of ``MODES``); ``"auto"`` (the default) picks the
+    fastest with :func:`pick_mode`. The mode changes the time a step
     takes, never the noise, the clipping or the ledger.
     """
     if not 0 < sample_rate <= 1:
@@ -184,29 +257,11 @@ def train_round(
     if dp is not None:
         if ledger is None:
             raise ValueError("DP training needs the site's privacy ledger")
-        ghost = mode == "ghost"
-        if ghost:
-            wrapped = GradSampleModuleFastGradientClipping(
-                module, loss_reduction="sum", strict=True, max_grad_norm=dp.max_grad_norm,
-                use_ghost_clipping=True,
-            )
-        else:
-            wrapped = GradSampleModule(module, loss_reduction="sum", strict=True)
-        # Same arguments in both modes: the ghost optimizer only skips the clipping that
-        # its module already did, then adds the same noise and divides the same way.
-        optimizer = (SecureNoiseGhostOptimizer if ghost else SecureNoiseDPOptimizer)(
-            torch.optim.Adam(wrapped.parameters(), lr=lr),
-            noise_multiplier=dp.noise_multiplier,
-            max_grad_norm=dp.max_grad_norm,
-            expected_batch_size=int(round(expected_batch)),
-            loss_reduction="mean",
-            generator=randomness.torch("gradient-noise"),
-            secure_mode=True,
-        )
-        # DPOptimizer scales by expected_batch_size (an int); keep the exact rate here.
-        forward: torch.nn.Module = wrapped
+        step = _DPStep(mode, module, dp, lr, expected_batch, randomness)
+        optimizer: torch.optim.Optimizer = step.optimizer
+        forward: torch.nn.Module = step.forward
     else:
-        ghost = False
+        step = None
         optimizer = torch.optim.Adam(module.parameters(), lr=lr)
         forward = module
     anchors = [p.detach().clone() for p in module.parameters()] if proximal_mu > 0 else []
@@ -218,7 +273,6 @@ def train_round(
             if p.grad is not None:
                 p.grad.add_(p.detach() - anchor, alpha=proximal_mu)
 
-    wanted = gradient_anchors(module)  # what the DP backward passes take gradients of (backward.py)
     ema_decay = spec.iterate_ema
     params = list(module.parameters())
     ema = [p.detach().clone() for p in params] if ema_decay > 0 else []
@@ -230,21 +284,17 @@ def train_round(
         for _ in range(epochs):
             for (batch,) in loader:
                 optimizer.zero_grad(set_to_none=True)
-                losses = generator.per_sample_loss(forward, batch)
-                if dp is None:
+                if step is None:
+                    losses = generator.per_sample_loss(forward, batch)
                     (losses.sum() / expected_batch).backward()
-                elif ghost:
-                    # Opacus' ghost-clipping loss: a backward for the per-sample norms,
-                    # then one of the loss re-weighted by each sample's clipping factor.
-                    ghost_backward(wrapped, optimizer, losses, wanted)  # type: ignore[arg-type]
-                else:
-                    hooks_backward(losses, wanted)
-                if dp is None:
                     add_proximal()
                     optimizer.step()
-                elif optimizer.pre_step():  # type: ignore[union-attr]
-                    add_proximal()
-                    optimizer.original_optimizer.step()  # type: ignore[union-attr]
+                else:
+                    with step.recording():
+                        losses = generator.per_sample_loss(forward, batch)
+                    if step.backward(losses):
+                        add_proximal()
+                        optimizer.original_optimizer.step()  # type: ignore[attr-defined]
                 steps += 1
                 if dp is not None:
                     ledger.record(dp.noise_multiplier, sample_rate, 1)  # type: ignore[union-attr]
@@ -260,8 +310,8 @@ def train_round(
                 for avg, p in zip(ema, params, strict=True):
                     p.copy_(avg)
     finally:
-        if dp is not None:
-            wrapped.remove_hooks()
+        if step is not None:
+            step.remove_hooks()
     seconds = time.perf_counter() - start
     return RoundStats(
         steps=steps,
