@@ -66,6 +66,10 @@ class MarginalGenerator(Generator):
         "group_codes": True,  # False: one binary attribute per code even when grouped
         "code_cap": 3,  # a group's count cells 0..cap, the last meaning "cap or more"
         "anchor_survival": True,  # half of each round's candidates hold a survival column
+        # the pool of candidates in a public workload order (survival pairs, code
+        # co-occurrences, the rest; engine.workload_order) instead of a random one; with
+        # select_share 0 no scores are released and that order alone picks the pairs
+        "workload": False,
         # code sets: one bounded histogram release for every code (codes.py); 0: off, one
         # 1-way marginal per ungrouped code and uniform decoding inside groups
         "code_bound": 6,  # codes a patient adds to the code histogram at most
@@ -244,6 +248,7 @@ class MarginalGenerator(Generator):
                      if self.hparams["anchor_survival"] else ()),
             focus=self.schema.outcome.column if self.schema.outcome is not None else None,
             focus_weight=float(self.hparams["outcome_weight"]),
+            workload=bool(self.hparams["workload"]),
         )
         self.mrf = result.model
         self.sites = list(sites)
