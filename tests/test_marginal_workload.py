@@ -24,7 +24,20 @@ from fedsynth.common.study import SiteConfig, StudyConfig, schema_fingerprint
 from fedsynth.common.table import read_table
 
 NO_SCORES = {"bins": 6, "rounds": 2, "per_round": 3, "candidates": 10, "iters": 150,
-             "workload": True, "select_share": 0.0}
+             "workload": True}
+
+
+def test_wide_tables_get_the_workload_and_no_score_share_by_default(heart_schema):
+    from fedsynth.simulations.datasets import load_site_frames
+
+    heart = get_generator("marginal")(heart_schema)
+    assert not heart.workload() and heart.plan().select_share == 0.15  # 91 pairs
+    tcga, _ = load_site_frames("tcga_brca")  # 41 attributes, 820 pairs
+    wide = get_generator("marginal")(tcga)
+    assert wide.workload() and wide.plan().select_share == 0.0
+    # an explicit choice wins either way
+    assert get_generator("marginal")(tcga, workload=False).plan().select_share == 0.15
+    assert get_generator("marginal")(heart_schema, workload=True).plan().select_share == 0
 
 
 def test_workload_order_puts_survival_then_codes_then_the_rest_by_variation():
@@ -36,9 +49,9 @@ def test_workload_order_puts_survival_then_codes_then_the_rest_by_variation():
                                               {"c_a": 1, "c_b": 1, "c_c": 1})]
     assert sorted(order) == sorted(every)  # a permutation: nothing dropped
     # taken in turn: the survival pair itself, the most varied code pair, the most
-    # varied other pair; then the survival column with the most varied covariate...
+    # varied other pair; then the most varied covariate with the event, later the time
     assert order[:3] == [("T", "E"), ("c_a", "c_b"), ("age", "sex")]
-    assert order[3] in {("age", "E"), ("sex", "E"), ("age", "T"), ("sex", "T")}
+    assert order[3] == ("age", "E") and order[6] == ("age", "T")  # event, then time
     codes = [c for c in order if all(a.startswith("c_") for a in c)]
     assert codes == [("c_a", "c_b"), ("c_a", "c_c"), ("c_b", "c_c")]  # rarest last
     # a table without survival or codes: one queue, most varied pairs first
@@ -76,7 +89,8 @@ def test_a_plan_without_scores_releases_only_counts_and_accounts_exactly(
     assert len(chosen) == NO_SCORES["rounds"] * NO_SCORES["per_round"]
     assert all(outcome in c for c in chosen[: NO_SCORES["per_round"]])
     # without the score share, the measurements get more of the budget
-    scored = get_generator("marginal")(heart_schema, **{**NO_SCORES, "select_share": 0.15})
+    scored = get_generator("marginal")(heart_schema, **{**NO_SCORES, "workload": False,
+                                                         "select_share": 0.15})
     assert calibrate(plan, 3.0, 1e-5).measure < calibrate(scored.plan(), 3.0, 1e-5).measure
     syn = model.sample(300, seed=1)
     assert len(syn) == 300 and set(syn.columns) == set(pooled.columns)

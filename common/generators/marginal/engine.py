@@ -237,10 +237,15 @@ def workload_order(every: Sequence[Clique], spread: dict[str, float],
     attributes (the co-occurrences a clinician reads), and every other pair. Within a
     queue, a pair ranks by the smaller ``variation`` of its attributes: with many
     sites each adding noise, only pairs with enough patients in their rarer cells can
-    show an association above it. Everything here is public or post-processing."""
-    def rank(i: int) -> tuple[int, float]:
+    show an association above it. A survival pair ranks by its covariate alone, the
+    event's pair before the time's (fewer cells, and the event carries the hazard's
+    direction), so each covariate gets both links in turn. Everything here is public
+    or post-processing."""
+    def rank(i: int) -> tuple[int, float, int]:
         c = every[i]
-        return (-sum(a in anchors for a in c), -min(spread.get(a, 0.0) for a in c))
+        own = [a for a in c if a not in anchors] or list(c)
+        times = sum(a == anchors[0] for a in c) if anchors else 0
+        return (-sum(a in anchors for a in c), -min(spread.get(a, 0.0) for a in own), times)
 
     queues: list[list[int]] = [[], [], []]
     for i, c in enumerate(every):

@@ -30,6 +30,15 @@ from .fit import SITE, Clique, Measurement
 from .measure import noisy_marginals, noisy_scores
 from .plan import CODES, FINE, ONE_WAY, MarginalPlan, NoiseLevels, calibrate
 
+# a table with more candidate pairs than this (8 times the 48 a round scores by
+# default) gets the public workload order without scores (MarginalGenerator.workload)
+WORKLOAD_PAIRS = 384
+# (code_bound, codes_share) by default. A wide table's plan has no score share, so its
+# code histogram gets more, and AMLSG's patients (93% with 4 mutations or fewer) lose
+# little to a bound of 4: with 18 sites' noise, gene-frequency correlation 0.946 ->
+# 0.972 and co-occurrence sign agreement 0.46 -> 0.80 (docs/generators.md). MIMIC's
+# patients carry about 13 codes each, so the scored (narrower) tables keep 6.
+WIDE_CODES, SCORED_CODES = (4, 0.45), (6, 0.2)
 NO_DP_NOISE = 1e-3  # noise std of a fit without DP: just enough to keep mbi well posed
 
 
@@ -66,14 +75,18 @@ class MarginalGenerator(Generator):
         "group_codes": True,  # False: one binary attribute per code even when grouped
         "code_cap": 3,  # a group's count cells 0..cap, the last meaning "cap or more"
         "anchor_survival": True,  # half of each round's candidates hold a survival column
-        # the pool of candidates in a public workload order (survival pairs, code
-        # co-occurrences, the rest; engine.workload_order) instead of a random one; with
-        # select_share 0 no scores are released and that order alone picks the pairs
-        "workload": False,
+        # wide tables: no score release (select_share unused); each round measures the
+        # next pairs of a public workload order (survival pairs, code co-occurrences,
+        # the rest, ranked by the noisy 1-way releases; engine.workload_order). None:
+        # on when the table has more than WORKLOAD_PAIRS candidate pairs
+        "workload": None,
         # code sets: one bounded histogram release for every code (codes.py); 0: off, one
         # 1-way marginal per ungrouped code and uniform decoding inside groups
-        "code_bound": 6,  # codes a patient adds to the code histogram at most
-        "codes_share": 0.2,  # share of the budget for the code histogram (if any codes)
+        # codes a patient adds to the code histogram at most, and the histogram's share
+        # of the budget (if the schema has code sets). None: WIDE_CODES with the
+        # workload (no score share), SCORED_CODES with scores
+        "code_bound": None,
+        "codes_share": None,
     }
 
     # -- Generator plumbing (no networks: nothing here is trained by DP-SGD) -----------
@@ -113,6 +126,23 @@ class MarginalGenerator(Generator):
     def sizes(self) -> dict[str, int]:
         return self.discretizer.shape
 
+    def workload(self, pairs: int | None = None) -> bool:
+        """Whether pairs are picked by the public workload order, without scores.
+
+        Why automatic on wide tables: a round scores at most ``candidates`` pairs, so
+        on AMLSG (2,278 pairs) the noisy scores chose among a random 2% of them and the
+        pairs that matter (NPM1-FLT3, death with age) were rarely even scored; with 18
+        sites the summed score noise also exceeds those pairs' signal. No score release
+        leaves the measurements a larger share. Heart disease (91 pairs) keeps AIM's
+        scores (docs/generators.md has the figures of both)."""
+        chosen = self.hparams["workload"]
+        if chosen is not None:
+            return bool(chosen)
+        if pairs is None:
+            pairs = len(engine.candidates(self.discretizer.names, self.sizes, [], 2,
+                                          int(self.hparams["max_clique_cells"])))
+        return pairs > WORKLOAD_PAIRS
+
     def plan(self, n_candidates: int | None = None) -> MarginalPlan:
         """The study's privacy plan from the hyperparameters (no row is read)."""
         d = len(self.discretizer.attributes)
@@ -126,16 +156,20 @@ class MarginalGenerator(Generator):
         if n_candidates is not None:
             m = n_candidates
         rounds = int(self.hparams["rounds"]) if len(pool) else 0
-        codes = bool(self.discretizer.code_attrs) and int(self.hparams["code_bound"]) > 0
+        wide = self.workload(len(pool))
+        select = 0.0 if wide else float(self.hparams["select_share"])
+        bound, share = (WIDE_CODES if wide else SCORED_CODES)
+        bound = bound if self.hparams["code_bound"] is None else int(self.hparams["code_bound"])
+        share = (share if self.hparams["codes_share"] is None
+                 else float(self.hparams["codes_share"]))
+        codes = bool(self.discretizer.code_attrs) and bound > 0
         direct = len(self.discretizer.direct_codes) if codes else 0
         fine = (len(self.discretizer.numeric_names())
                 if int(self.hparams["fine_bins"]) > 0 else 0)
         return MarginalPlan(max(1, d - direct), rounds, m, int(self.hparams["per_round"]),
                             float(self.hparams["one_way_share"]),
-                            float(self.hparams["select_share"]),
-                            fine, float(self.hparams["fine_share"]) if fine else 0.0,
-                            int(self.hparams["code_bound"]) if codes else 0,
-                            float(self.hparams["codes_share"]) if codes else 0.0)
+                            select, fine, float(self.hparams["fine_share"]) if fine else 0.0,
+                            bound if codes else 0, share if codes else 0.0)
 
     # -- state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -248,7 +282,7 @@ class MarginalGenerator(Generator):
                      if self.hparams["anchor_survival"] else ()),
             focus=self.schema.outcome.column if self.schema.outcome is not None else None,
             focus_weight=float(self.hparams["outcome_weight"]),
-            workload=bool(self.hparams["workload"]),
+            workload=self.workload(),
         )
         self.mrf = result.model
         self.sites = list(sites)
