@@ -8,6 +8,7 @@ Real heart-disease rows, real mbi, the real site code; small settings.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -120,3 +121,22 @@ def test_a_site_refuses_scores_the_plan_has_no_share_for(
     assert reply.reply.status == P.Status.REFUSED and reply.values is None
     assert "no share for 'score'" in reply.reply.problems[0]
     assert state.ledger.epsilon(site.delta) == spent  # nothing charged, nothing sent
+
+
+@pytest.mark.slow
+def test_a_federated_workload_study_sends_no_score_request(tmp_path, heart_schema):
+    from fedsynth.client.site import SiteState
+    from tests.test_marginal import _federated
+
+    outcome, grid, _, _ = _federated(tmp_path, secure=False, workload=True)
+    ops = [dict(m.content[P.CONFIG])[P.OP] for m in grid.sent]
+    assert P.SCORE_OP not in ops and set(ops) == {P.MEASURE_OP}
+    plan = MarginalPlan.from_dict(json.loads(dict(grid.sent[0].content[P.CONFIG])[P.PLAN]))
+    assert plan.select_share == 0.0
+    planned = planned_ledger(plan, calibrate(plan, 3.0, 1e-5))
+    for ctx in grid._grid.contexts.values():  # each site's own ledger: the plan, all of it
+        ledger = SiteState.from_record(dict(ctx.state["fedsynth-site"])).ledger
+        assert [tuple(h) for h in ledger.history] == [tuple(h) for h in planned.history]
+        assert 2.99 <= ledger.epsilon(1e-5) <= 3.0
+    summary = json.loads((Path(outcome.output_dir) / "summary.json").read_text())
+    assert len(summary["marginal"]["selected"]) == plan.rounds * plan.per_round
