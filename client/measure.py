@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,6 +162,8 @@ def answer(
         return _refuse(site, state, f"unknown release kind {kind!r} or a code histogram "
                        "request that does not name every code attribute of the schema")
     sigma = noise.of(kind)
+    if site.dp and not math.isfinite(sigma):
+        return _refuse(site, state, f"the study's plan has no share for {kind!r} releases")
     if site.dp:
         state.ledger.mechanism = study.accountant
         nxt = state.ledger.copy()

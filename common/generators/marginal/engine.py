@@ -98,7 +98,7 @@ def run(
     iters: int = 1000, rng: np.random.Generator | None = None,
     first: list[Measurement] | None = None, focus: str | None = None,
     focus_weight: float = 1.0, codes: dict[str, int] | None = None,
-    direct: Sequence[str] = (), anchors: Sequence[str] = (),
+    direct: Sequence[str] = (), anchors: Sequence[str] = (), workload: bool = False,
 ) -> EngineResult:
     """Run the whole plan against ``measurer``; returns the fitted model.
 
@@ -113,6 +113,11 @@ def run(
     penalised scores are multiplied by ``focus_weight`` (AIM's workload weights: a
     public choice applied to noisy scores, so post-processing). ``anchors`` (a survival
     outcome's columns, from the schema) reserve half of each round's other candidates.
+    ``workload``: candidates enter the pool in ``workload_order`` (public choices and
+    post-processing of the 1-way releases) instead of a public random order. A plan
+    without a score share (``select_share`` 0) releases no scores at all: each round
+    measures the first ``per_round`` candidates of that order, and the model is fitted
+    once at the end.
 
     Before any pair is measured the model is the product of the 1-way marginals, so
     the first round scores against that product directly (``_independent``) instead
@@ -129,21 +134,21 @@ def run(
     sites = list(measurer.sites)  # known once the sites have answered
     model = None
     log: list[SelectionLog] = []
+    scored = plan.select_share > 0
     for t in range(plan.rounds):
         measured = [m.clique for m in measurements]
-        pool = _pool(candidates(names, sizes, measured, max_way, max_clique_cells),
-                     sizes, measured, sites, plan.candidates, max_cells, rng, focus,
-                     anchors)
+        every = candidates(names, sizes, measured, max_way, max_clique_cells)
+        order = (workload_order(every, variation(measurements), anchors, codes or {})
+                 if workload else pool_order(every, anchors, plan.candidates, rng))
+        pool = _pool([every[i] for i in order], sizes, measured, sites,
+                     plan.candidates if scored else plan.per_round, max_cells, focus)
         if not pool:
             break
-        marginals = (_model_marginals(model, pool, sites, rng) if model is not None
-                     else _independent(measurements, pool, sites))
-        scores, _ = measurer.score(pool, marginals)
-        noise = measurer.measure_noise()
-        cells = np.array([math.prod(sizes[a] for a in c) for c in pool], dtype=float)
-        spread = (sum(noise) if sites else math.sqrt(sum(s * s for s in noise)))
-        penalised = scores - math.sqrt(2 / math.pi) * spread * cells
-        penalised *= np.array([focus_weight if focus in c else 1.0 for c in pool])
+        if scored:
+            penalised = _penalised(pool, measurements, model, sizes, measurer, sites, rng,
+                                   focus, focus_weight)
+        else:  # no score release: the public workload order decides (free)
+            penalised = -np.arange(len(pool), dtype=float)
         chosen: list[Clique] = []
         for i in np.argsort(-penalised):
             if len(chosen) == plan.per_round:
@@ -154,7 +159,8 @@ def run(
         log.append(SelectionLog(t + 1, len(pool), chosen,
                                 [float(penalised[pool.index(c)]) for c in chosen]))
         measurements += measurer.measure(chosen, MEASURE)
-        model = fit.estimate(sizes, measurements, sites, iters, warm_start=model)
+        if scored:  # the next round scores against this fit; unscored rounds need none
+            model = fit.estimate(sizes, measurements, sites, iters, warm_start=model)
     if model is None:
         model = fit.estimate(sizes, measurements, sites, iters)
     return EngineResult(model, measurements, log, code_meas)
@@ -178,14 +184,12 @@ def pool_order(every: Sequence[Clique], anchors: Sequence[str], size: int,
     return first + [i for i in order if i not in set(first)]
 
 
-def _pool(every: list[Clique], sizes: dict[str, int], measured: list[Clique],
-          sites: Sequence[str], size: int, max_cells: int, rng: np.random.Generator,
-          focus: str | None, anchors: Sequence[str] = ()) -> list[Clique]:
+def _pool(order: list[Clique], sizes: dict[str, int], measured: list[Clique],
+          sites: Sequence[str], size: int, max_cells: int, focus: str | None
+          ) -> list[Clique]:
     """Up to ``size`` candidates that keep the model within ``max_cells``: those with
-    ``focus`` first, then the others in ``pool_order`` (anchored ones up to half, then a
-    public random subset)."""
-    order = [every[i] for i in pool_order(every, anchors, size, rng)]
-    order.sort(key=lambda c: focus not in c)  # stable: pool_order within each group
+    ``focus`` first, then the others in ``order``."""
+    order = sorted(order, key=lambda c: focus not in c)  # stable: order within groups
     pool: list[Clique] = []
     for c in order:
         if fit.model_cells(sizes, [*measured, c], sites) <= max_cells:
@@ -195,21 +199,87 @@ def _pool(every: list[Clique], sizes: dict[str, int], measured: list[Clique],
     return pool
 
 
-def _independent(measurements: Sequence[Measurement], pool: Sequence[Clique],
-                 sites: Sequence[str]) -> dict[str, list[np.ndarray]]:
-    """Each candidate's marginal under independence: the outer product of its
-    attributes' noisy 1-way marginals (clipped at 0, normalised), per site when the
-    1-way measurements come per site. Post-processing of the 1-way release."""
+def _penalised(pool: list[Clique], measurements: list[Measurement], model: object,
+               sizes: dict[str, int], measurer: Measurer, sites: Sequence[str],
+               rng: np.random.Generator, focus: str | None, focus_weight: float
+               ) -> np.ndarray:
+    """AIM's selection scores of ``pool``: the sites' summed noisy L1 errors against the
+    current model (one ``score`` release), less each candidate's expected measurement
+    error, times the outcome's public workload weight."""
+    marginals = (_model_marginals(model, pool, sites, rng) if model is not None
+                 else _independent(measurements, pool, sites))
+    scores, _ = measurer.score(pool, marginals)
+    noise = measurer.measure_noise()
+    cells = np.array([math.prod(sizes[a] for a in c) for c in pool], dtype=float)
+    spread = (sum(noise) if sites else math.sqrt(sum(s * s for s in noise)))
+    penalised = scores - math.sqrt(2 / math.pi) * spread * cells
+    return penalised * np.array([focus_weight if focus in c else 1.0 for c in pool])
+
+
+def variation(measurements: Sequence[Measurement]) -> dict[str, float]:
+    """Each attribute's noisy count of patients outside its most common cell (its noisy
+    1-way marginal, clipped at 0; post-processing): how many patients a pair holding
+    it can show an association on."""
+    one = _one_way(measurements)
+    out = {}
+    for a, v in one.items():
+        pooled = v.reshape(-1, v.shape[-1]).sum(axis=0)
+        out[a] = float(pooled.sum() - pooled.max())
+    return out
+
+
+def workload_order(every: Sequence[Clique], spread: dict[str, float],
+                   anchors: Sequence[str], codes: dict[str, int]) -> list[int]:
+    """The order of a public workload: survival pairs, code co-occurrences, the rest.
+
+    Three queues, taken in turn: the pairs holding an ``anchors`` column (what a Cox
+    model on synthetic rows reads; the anchors' own pair first), the pairs of two code
+    attributes (the co-occurrences a clinician reads), and every other pair. Within a
+    queue, a pair ranks by the smaller ``variation`` of its attributes: with many
+    sites each adding noise, only pairs with enough patients in their rarer cells can
+    show an association above it. A survival pair ranks by its covariate alone, the
+    event's pair before the time's (fewer cells, and the event carries the hazard's
+    direction), so each covariate gets both links in turn. Everything here is public
+    or post-processing."""
+    def rank(i: int) -> tuple[int, float, int]:
+        c = every[i]
+        own = [a for a in c if a not in anchors] or list(c)
+        times = sum(a == anchors[0] for a in c) if anchors else 0
+        return (-sum(a in anchors for a in c), -min(spread.get(a, 0.0) for a in own), times)
+
+    queues: list[list[int]] = [[], [], []]
+    for i, c in enumerate(every):
+        q = 0 if set(c) & set(anchors) else 1 if all(a in codes for a in c) else 2
+        queues[q].append(i)
+    ranked = [sorted(q, key=rank) for q in queues if q]
+    out: list[int] = []
+    for k in range(max(len(q) for q in ranked)):
+        out += [q[k] for q in ranked if k < len(q)]
+    return out
+
+
+def _one_way(measurements: Sequence[Measurement]) -> dict[str, np.ndarray]:
+    """Each attribute's first noisy 1-way marginal, clipped at 0 (per site when measured
+    so); a direct code's from its code-histogram count of the noisy total."""
     one: dict[str, np.ndarray] = {}
     for m in measurements:  # the first 1-way measurement of each attribute
         if len(m.clique) == 1 and m.kind != CODES:
             one.setdefault(m.clique[0], np.clip(np.asarray(m.values, dtype=float), 0, None))
-    total = (next(iter(one.values())).sum(axis=-1) if one else np.ones(len(sites) or 1))
+    total = (next(iter(one.values())).sum(axis=-1) if one else np.ones(1))
     for m in measurements:  # a direct code: its "has it" count of the noisy total
         if m.kind == CODES and m.clique[0] not in one:
             has = np.clip(np.asarray(m.values, dtype=float).reshape(*np.shape(total), -1)
                           [..., 0], 0, total)
             one[m.clique[0]] = np.stack([total - has, has], axis=-1)
+    return one
+
+
+def _independent(measurements: Sequence[Measurement], pool: Sequence[Clique],
+                 sites: Sequence[str]) -> dict[str, list[np.ndarray]]:
+    """Each candidate's marginal under independence: the outer product of its
+    attributes' noisy 1-way marginals (clipped at 0, normalised), per site when the
+    1-way measurements come per site. Post-processing of the 1-way release."""
+    one = _one_way(measurements)
 
     def product(parts: list[np.ndarray]) -> np.ndarray:
         out = np.ones(1)

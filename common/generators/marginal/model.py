@@ -30,6 +30,15 @@ from .fit import SITE, Clique, Measurement
 from .measure import noisy_marginals, noisy_scores
 from .plan import CODES, FINE, ONE_WAY, MarginalPlan, NoiseLevels, calibrate
 
+# a table with more candidate pairs than this (8 times the 48 a round scores by
+# default) gets the public workload order without scores (MarginalGenerator.workload)
+WORKLOAD_PAIRS = 384
+# (code_bound, codes_share) by default. A wide table's plan has no score share, so its
+# code histogram gets more, and AMLSG's patients (93% with 4 mutations or fewer) lose
+# little to a bound of 4: with 18 sites' noise, gene-frequency correlation 0.946 ->
+# 0.972 and co-occurrence sign agreement 0.46 -> 0.80 (docs/generators.md). MIMIC's
+# patients carry about 13 codes each, so the scored (narrower) tables keep 6.
+WIDE_CODES, SCORED_CODES = (4, 0.45), (6, 0.2)
 NO_DP_NOISE = 1e-3  # noise std of a fit without DP: just enough to keep mbi well posed
 
 
@@ -72,10 +81,18 @@ class MarginalGenerator(Generator):
         "group_codes": True,  # False: one binary attribute per code even when grouped
         "code_cap": 3,  # a group's count cells 0..cap, the last meaning "cap or more"
         "anchor_survival": True,  # half of each round's candidates hold a survival column
+        # wide tables: no score release (select_share unused); each round measures the
+        # next pairs of a public workload order (survival pairs, code co-occurrences,
+        # the rest, ranked by the noisy 1-way releases; engine.workload_order). None:
+        # on when the table has more than WORKLOAD_PAIRS candidate pairs
+        "workload": None,
         # code sets: one bounded histogram release for every code (codes.py); 0: off, one
         # 1-way marginal per ungrouped code and uniform decoding inside groups
-        "code_bound": 6,  # codes a patient adds to the code histogram at most
-        "codes_share": 0.2,  # share of the budget for the code histogram (if any codes)
+        # codes a patient adds to the code histogram at most, and the histogram's share
+        # of the budget (if the schema has code sets). None: WIDE_CODES with the
+        # workload (no score share), SCORED_CODES with scores
+        "code_bound": None,
+        "codes_share": None,
     }
 
     # -- Generator plumbing (no networks: nothing here is trained by DP-SGD) -----------
@@ -138,31 +155,53 @@ class MarginalGenerator(Generator):
         return study_discretizer(self.schema, {**self.hparams,
                                                "bins": min(2 * bins, fine_bins)}).shape
 
+    def workload(self, pairs: int | None = None) -> bool:
+        """Whether pairs are picked by the public workload order, without scores.
+
+        Why automatic on wide tables: a round scores at most ``candidates`` pairs, so
+        on AMLSG (2,278 pairs) the noisy scores chose among a random 2% of them and the
+        pairs that matter (NPM1-FLT3, death with age) were rarely even scored; with 18
+        sites the summed score noise also exceeds those pairs' signal. No score release
+        leaves the measurements a larger share. Heart disease (91 pairs) keeps AIM's
+        scores (docs/generators.md has the figures of both)."""
+        chosen = self.hparams["workload"]
+        if chosen is not None:
+            return bool(chosen)
+        if pairs is None:
+            pairs = len(engine.candidates(self.discretizer.names, self.sizes, [], 2,
+                                          int(self.hparams["max_clique_cells"])))
+        return pairs > WORKLOAD_PAIRS
+
     def plan(self, n_candidates: int | None = None) -> MarginalPlan:
         """The study's privacy plan from the hyperparameters (no row is read)."""
         d = len(self.discretizer.attributes)
         fine = (len(self.discretizer.numeric_names())
                 if int(self.hparams["fine_bins"]) > 0 else 0)
         fine_share = float(self.hparams["fine_share"]) if fine else 0.0
-        codes = bool(self.discretizer.code_attrs) and int(self.hparams["code_bound"]) > 0
+        pool = engine.candidates(self.discretizer.names, self.sizes, [], 2,
+                                 int(self.hparams["max_clique_cells"]))
+        # a graph names its families: no selection, so no workload order either
+        wide = self.graph is None and self.workload(len(pool))
+        bound, share = (WIDE_CODES if wide else SCORED_CODES)
+        bound = bound if self.hparams["code_bound"] is None else int(self.hparams["code_bound"])
+        share = (share if self.hparams["codes_share"] is None
+                 else float(self.hparams["codes_share"]))
+        codes = bool(self.discretizer.code_attrs) and bound > 0
         direct = len(self.discretizer.direct_codes) if codes else 0
-        code_bound = int(self.hparams["code_bound"]) if codes else 0
-        codes_share = float(self.hparams["codes_share"]) if codes else 0.0
+        code_bound, codes_share = (bound, share) if codes else (0, 0.0)
         if self.graph is not None:  # the graph's families, no selection
             fams = causal.families(self.graph, self.order)
             causal.check_families(fams, self._causal_sizes(),
                                   int(self.hparams["max_clique_cells"]))
             return causal.plan(max(1, d - direct), fams, float(self.hparams["one_way_share"]),
                                fine, fine_share, code_bound, codes_share)
-        pool = engine.candidates(self.discretizer.names, self.sizes, [], 2,
-                                 int(self.hparams["max_clique_cells"]))
         m = min(int(self.hparams["candidates"]), max(len(pool), 1))
         if n_candidates is not None:
             m = n_candidates
         rounds = int(self.hparams["rounds"]) if len(pool) else 0
+        select = 0.0 if wide else float(self.hparams["select_share"])
         return MarginalPlan(max(1, d - direct), rounds, m, int(self.hparams["per_round"]),
-                            float(self.hparams["one_way_share"]),
-                            float(self.hparams["select_share"]), fine, fine_share,
+                            float(self.hparams["one_way_share"]), select, fine, fine_share,
                             code_bound, codes_share)
 
     # -- state ----------------------------------------------------------------------
@@ -281,7 +320,8 @@ class MarginalGenerator(Generator):
     def _select(self, plan: MarginalPlan, measurer: engine.Measurer,
                 first: list[Measurement] | None, codes: dict[str, int] | None,
                 direct: Sequence[str]) -> engine.EngineResult:
-        """AIM-style selection of the marginals to measure (no graph)."""
+        """AIM-style selection of the marginals to measure, or the public workload
+        order on wide tables (no graph)."""
         return engine.run(
             self.discretizer.names, self.sizes, plan, measurer, first=first,
             max_way=int(self.hparams["max_way"]), max_cells=int(self.hparams["max_cells"]),
@@ -292,6 +332,7 @@ class MarginalGenerator(Generator):
                      if self.hparams["anchor_survival"] else ()),
             focus=self.schema.outcome.column if self.schema.outcome is not None else None,
             focus_weight=float(self.hparams["outcome_weight"]),
+            workload=self.workload(),
         )
 
     # -- bins from the fine 1-way release -------------------------------------------

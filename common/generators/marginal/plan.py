@@ -26,6 +26,8 @@ rate 1 (no subsampling: every row of the site counts):
   with Gaussian noise, charged as if every noisy score were published (it is, to the
   coordinator), so no separate exponential-mechanism analysis is needed and the ledger's
   Gaussian composition is exact for it.
+  A plan with ``select_share`` 0 has no score release: the rounds measure a public
+  workload in an order that post-processes the 1-way releases (``engine.workload_order``).
 - ``measure`` (one per selection round): the ``k`` chosen marginals at ``sigma_measure``:
   ``record(sigma_measure, 1.0, k)``.
 
@@ -132,7 +134,8 @@ def planned_ledger(plan: MarginalPlan, noise: NoiseLevels, mechanism: str = "rdp
     if plan.code_bound:
         ledger.record(noise.codes, 1.0, plan.code_bound)
     for _ in range(plan.rounds):
-        ledger.record(noise.score, 1.0, plan.candidates)
+        if plan.select_share > 0:  # 0: no score release (engine.workload_order decides)
+            ledger.record(noise.score, 1.0, plan.candidates)
         ledger.record(noise.measure, 1.0, plan.per_round)
     return ledger
 
