@@ -93,6 +93,9 @@ def test_tvae_on_a_survival_table_reads_the_event_and_hides_the_time():
     time_skip = model.net.time_skip
     assert time_skip is not None
     assert any(p is time_skip.weight for p in model.private_module().parameters())
+    # one map per event value, each reading every column but the time
+    assert time_skip.weight.shape == (1, 2 * len(model.net.time_inputs))
+    assert model.encoder.block("T", "numeric").start not in model.net.time_inputs.tolist()
     rows = torch.tensor(model.encoder.encode(next(iter(frames.values())).head(8)))
     slot = model.encoder.block("T", "numeric").start
     moved = rows.clone()
@@ -120,7 +123,9 @@ def test_tvae_time_path_is_trained_under_dp_and_read_at_sampling():
         model.net.time_skip.weight.zero_()
         age = list(model.net.time_inputs.tolist()).index(
             model.encoder.block("age_at_index", "numeric").start)
-        model.net.time_skip.weight[0, age] = 2.0
+        inputs = len(model.net.time_inputs)
+        model.net.time_skip.weight[0, age] = 2.0  # the censored rows' map
+        model.net.time_skip.weight[0, inputs + age] = 2.0  # the deaths' map
     synthetic = model.sample(600, seed=3)
     corr = np.corrcoef(synthetic["age_at_index"].astype(float),
                        np.log1p(synthetic["T"].astype(float)))[0, 1]

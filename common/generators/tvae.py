@@ -43,6 +43,19 @@ Why it is shaped this way:
   has a few hundred that each row's gradient moves directly. TSTR AUROC of the
   federated study at epsilon 3 rose from 0.71 / 0.74 / 0.73 to 0.88 / 0.81 / 0.84
   (seeds 0-2, issue 14).
+- On a survival table the time gets the same kind of direct path (``survival_skip``):
+  a linear map from the row's other columns (one per event value,
+  ``survival_by_event``: a death's time and a censoring time follow different
+  covariates, TCGA's censoring being administrative) added to the time's output, and
+  the encoder does not read the time. Otherwise the VAE reconstructs the time from a
+  latent code that encoded the time itself, so no gradient asks the time to follow
+  the covariates, and under DP the sampled time kept the covariates' link but not the
+  event's: a Cox model fitted on those rows ranked real patients backwards (TCGA-BRCA
+  C-index 0.40). The map's output is multiplied by the gain ``survival_skip``, which
+  raises its share of each clipped per-row gradient (gain 5: C-index median 0.59-0.60;
+  gain 2: 0.55). At sampling the time is drawn last, from the sampled other columns.
+  A schema without a categorical outcome but with a survival outcome is conditioned
+  on the event.
 """
 
 from __future__ import annotations
@@ -142,16 +155,19 @@ class _VAENet(nn.Module):
         self, dim: int, hidden: int, latent: int, cond: tuple[int, int] = (0, 0),
         numeric: int = 0, init_sigma: float = 0.5, skip: bool = False,
         time_slots: tuple[int, ...] = (), time_inputs: tuple[int, ...] = (),
-        time_gain: float = 1.0,
+        time_gain: float = 1.0, time_split: tuple[int, int] = (0, 0),
     ) -> None:
         super().__init__()
         self.cond = cond
         self.time_gain = time_gain
+        # the event's one-hot slots: one time map per event value (empty: one map)
+        self.time_split = time_split
+        copies = max(time_split[1] - time_split[0], 1)
         # survival times' direct path from the row's other columns (see TVAE's
         # docstring): zero at the start, like the condition's
         self.time_skip: nn.Linear | None = None
         if time_slots and time_inputs:
-            self.time_skip = nn.Linear(len(time_inputs), len(time_slots), bias=False)
+            self.time_skip = nn.Linear(copies * len(time_inputs), len(time_slots), bias=False)
             nn.init.zeros_(self.time_skip.weight)
         self.register_buffer("time_slots", torch.tensor(time_slots, dtype=torch.long),
                              persistent=False)
@@ -192,8 +208,12 @@ class _VAENet(nn.Module):
         (real ones in training, the sampled ones at sampling)."""
         if self.time_skip is None:
             return out
-        return out.index_add(1, self.time_slots,
-                             self.time_gain * self.time_skip(row[:, self.time_inputs]))
+        feats = row[:, self.time_inputs]
+        if self.time_split[1] > self.time_split[0]:
+            c = row[:, self.time_split[0] : self.time_split[1]]
+            feats = (feats[:, None, :] * c[:, :, None]).reshape(
+                row.shape[0], c.shape[1] * feats.shape[1])
+        return out.index_add(1, self.time_slots, self.time_gain * self.time_skip(feats))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Decoder output for latent codes with the condition's one-hot appended."""
@@ -229,7 +249,9 @@ class TVAE(OutcomeConditioned, Generator):
     #   standard deviations 1.3-2.4 times the real ones at weight 0.1-0.25);
     #   None picks it by encoding: 0.15 on the public-bounds scale, ``GRID_SIGMA`` on a
     #   quantile grid's normal scores, where each column's marginal std is 0.43;
-    # - condition_skip: the condition's direct path to the outputs (module docstring).
+    # - condition_skip: the condition's direct path to the outputs (module docstring);
+    # - survival_skip (gain, 0 = off) and survival_by_event: the survival time's direct
+    #   path (module docstring); no effect on a table without a survival time.
     defaults: ClassVar[dict[str, Any]] = {
         "hidden": 32,
         "latent": 8,
@@ -242,6 +264,7 @@ class TVAE(OutcomeConditioned, Generator):
         "condition": "outcome",
         "condition_skip": True,
         "survival_skip": 5.0,
+        "survival_by_event": True,
     }
 
     def build(self) -> None:
@@ -260,7 +283,7 @@ class TVAE(OutcomeConditioned, Generator):
             numeric=len(numeric), init_sigma=self._init_sigma(),
             skip=bool(self.hparams["condition_skip"]),
             time_slots=time_slots, time_inputs=time_inputs,
-            time_gain=gain,
+            time_gain=gain, time_split=self._event_slots() if time_slots else (0, 0),
         )
         self.cond_prior = _CondPrior(max(cond[1] - cond[0], 1))
 
@@ -285,6 +308,14 @@ class TVAE(OutcomeConditioned, Generator):
         inputs = tuple(i for b in self.encoder.blocks if b.column not in times
                        for i in range(b.start, b.stop))
         return slots, inputs
+
+    def _event_slots(self) -> tuple[int, int]:
+        """The first survival pair's event slots, if its time maps are split by event."""
+        event = self._survival_event()
+        if not self.hparams["survival_by_event"] or event is None:
+            return (0, 0)
+        block = self.encoder.block(event, "onehot")
+        return (block.start, block.stop)
 
     def _init_sigma(self) -> float:
         """The learned scales' start (see ``defaults``)."""
