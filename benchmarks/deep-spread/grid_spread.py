@@ -5,9 +5,10 @@ histogram per numeric column plus Gaussian noise at the benchmark's level (epsil
 grid share 0.2: multiplier 3.8 per site, times sqrt(5) because one patient moves one
 cell of each of the 5 columns, 4 sites summed: std 17 per cell), 200 draws; the std of
 the distribution the grid's edges describe over the real std (5th, 50th, 95th
-percentile). ``current`` is `dp_histogram.support_cdf`; ``gap G`` the support as the
-run of above-floor cells through the highest count, at most G cells below the floor in
-a row (tried in run F with G = 1, reverted).
+percentile). Rules: ``before`` the support from the first to the last cell whose
+smoothed count clears 2 noise stds (session 2); ``gap G, S sd`` the run of cells over
+S noise stds through the highest count, at most G cells below the floor in a row
+(gap 1 at 2 sd: run F, reverted; gap 1 at 1 sd: `dp_histogram.support_cdf` now).
 
     .venv/bin/python benchmarks/deep-spread/grid_spread.py
 """
@@ -33,20 +34,23 @@ def connected(above: np.ndarray, peak: int, gap: int) -> tuple[int, int]:
     return first, last
 
 
-def cdf(noisy: np.ndarray, std: float, gap: int | None) -> np.ndarray:
-    if gap is None:
-        return dh.support_cdf(noisy, std)
+def cdf(noisy: np.ndarray, std: float, gap: int | None, sigmas: float) -> np.ndarray:
     smooth, shrink = dh._smooth(noisy, dh.SMOOTH_CELLS)
-    above = smooth > dh.SUPPORT_SIGMAS * std * shrink
+    above = smooth > sigmas * std * shrink
     mass = np.zeros_like(noisy)
     if above.any():
-        f, last = connected(above, int(np.argmax(np.where(above, smooth, -np.inf))), gap)
+        idx = np.flatnonzero(above)
+        f, last = (idx[0], idx[-1]) if gap is None else connected(
+            above, int(np.argmax(np.where(above, smooth, -np.inf))), gap)
         mass[f:last + 1] = np.clip(smooth[f:last + 1], 0, None)
     else:
         mass[:] = 1.0
     c = np.concatenate([[0.0], np.cumsum(mass)])
     return c / c[-1]
 
+
+RULES = {"before": (None, 2.0), "gap 1, 2 sd": (1, 2.0), "gap 3, 2 sd": (3, 2.0),
+         "gap 1, 1 sd (now)": (1, 1.0), "gap 1, 1.5 sd": (1, 1.5)}
 
 schema, frames = load_site_frames("heart_disease")
 rows = pd.concat(frames.values(), ignore_index=True)
@@ -60,12 +64,12 @@ for col in ("age", "trestbps", "chol", "thalach", "oldpeak"):
     lo, hi = float(column.min), float(column.max)
     counts = dh.histogram(v, lo, hi)
     out = {}
-    for gap in (None, 1, 3):
+    for name, (gap, sigmas) in RULES.items():
         ratios = []
         for _ in range(DRAWS):
-            c = cdf(counts + rng.normal(0, std, counts.shape), std, gap)
+            c = cdf(counts + rng.normal(0, std, counts.shape), std, gap, sigmas)
             edges = dh._inverse(c, np.linspace(lo, hi, len(c)), np.linspace(0, 1, 1001))
             ratios.append(np.std(edges) / np.std(v))
-        out["current" if gap is None else f"gap {gap}"] = np.percentile(
+        out[name] = np.percentile(
             ratios, [5, 50, 95]).round(2).tolist()
     print(col, out)
