@@ -51,13 +51,13 @@ _LOG_EPS = 1e-12
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of (float) timesteps, shape [n, dim]; no parameters."""
+    """Sinusoidal embedding of (float) timesteps, shape [*t.shape, dim]; no parameters."""
     half = dim // 2
     freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None, :]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    args = t.float()[..., None] * freqs
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
-        emb = torch.cat([emb, torch.zeros(t.shape[0], 1)], dim=1)
+        emb = torch.cat([emb, torch.zeros(*t.shape, 1)], dim=-1)
     return emb
 
 
@@ -88,12 +88,14 @@ class _Denoiser(nn.Module):
             nn.init.zeros_(self.skip.weight)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(network output, the condition's direct offset), both [n, dim]."""
+        """(network output, the condition's direct offset), both [n, dim] (or [n, k,
+        dim] for an input of k noisy copies of each row: one row's gradient still comes
+        from its own slice, which is what per-sample clipping needs)."""
         h = self.inp(x) + self.time(timestep_embedding(t, self.t_dim))
         out = self.out(self.body(h))
         if self.skip is None:
             return out, torch.zeros_like(out)
-        return out, self.skip(x[:, x.shape[1] - self.cond :])
+        return out, self.skip(x[..., x.shape[-1] - self.cond :])
 
 
 def _cosine_alpha_bar(steps: int, s: float = 0.008) -> torch.Tensor:
@@ -145,6 +147,12 @@ class TabDDPM(OutcomeConditioned, Generator):
     #   agreement did not move (mean 0.58 over five draws either way); 6.0 was no
     #   better. Tables without codes are unaffected (docs/generators.md, "Code sets");
     # - steps 100, cosine: see the module docstring (speed of sampling, short chain).
+    # - multiplicity 8: each row's loss is the mean over 8 draws of its timestep and
+    #   noise (the copies enter the denoiser as [rows, 8, features], so one row's
+    #   gradient is still its own, clipped once). One draw per row made the clipped
+    #   per-row gradient mostly the noise of that draw; at epsilon 3 (heart, 4 sites,
+    #   seeds 0-2) the worst seed's TSTR AUROC rose from 0.69 to 0.83 (1 -> 8), at 2x
+    #   the training time; the run-to-run spread of the median stays about 0.04;
     # - numeric_scale: the numeric part is diffused as ``scale * encoded``; None picks
     #   it by encoding: 1 on the public-bounds scale, ``encoding._Z`` (2.33) on a
     #   quantile grid, whose normal scores then have unit variance, as the chain's
@@ -163,6 +171,7 @@ class TabDDPM(OutcomeConditioned, Generator):
         "loss_bound": 50.0,
         "numeric_scale": None,
         "condition": "outcome",
+        "multiplicity": 8,
     }
 
     def build(self) -> None:
@@ -310,6 +319,10 @@ class TabDDPM(OutcomeConditioned, Generator):
 
     # -- training -----------------------------------------------------------------------
     def per_sample_loss(self, module: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        """Each row's loss, averaged over ``multiplicity`` draws of its timestep and
+        noise (see defaults); the denoiser reads the copies as [n, k, features]."""
+        rows, k = batch.shape[0], int(self.hparams["multiplicity"])
+        batch = batch.repeat_interleave(k, dim=0)
         n = batch.shape[0]
         t = torch.randint(0, self._T, (n,))
         x_num, x_cat = self._split(batch)
@@ -327,8 +340,10 @@ class TabDDPM(OutcomeConditioned, Generator):
         num_t = ab.sqrt() * x_num + (1 - ab).sqrt() * noise
         x0 = self._padded(x_cat)
         xt = self._sample_groups(self._q_xt(x0, t), None) * self._gmask
-        out, offset = module(torch.cat([num_t, self._flat(xt), self._condition(batch)], 1),
-                             t.float())
+        inputs = torch.cat([num_t, self._flat(xt), self._condition(batch)], 1)
+        out, offset = module(inputs.reshape(rows, k, inputs.shape[1]),
+                             t.float().reshape(rows, k))
+        out, offset = out.reshape(n, out.shape[-1]), offset.reshape(n, offset.shape[-1])
         out = self._with_offset(out, offset)
         loss = (self._eps_hat(out, offset, num_t, t) - noise).pow(2).sum(dim=1)
         if self._n_cat:
@@ -341,7 +356,7 @@ class TabDDPM(OutcomeConditioned, Generator):
             ce = -((x0 * torch.log(x0_hat.clamp_min(_LOG_EPS))).sum(dim=2)
                    * self._gweight).sum(dim=1)
             loss = loss + kl + float(self.hparams["ce_weight"]) * ce
-        return loss
+        return loss.reshape(rows, k).mean(dim=1)
 
     def _with_offset(self, out: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """The categorical logits get the condition's offset directly."""

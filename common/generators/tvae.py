@@ -43,6 +43,19 @@ Why it is shaped this way:
   has a few hundred that each row's gradient moves directly. TSTR AUROC of the
   federated study at epsilon 3 rose from 0.71 / 0.74 / 0.73 to 0.88 / 0.81 / 0.84
   (seeds 0-2, issue 14).
+- On a survival table the time gets the same kind of direct path (``survival_skip``):
+  a linear map from the row's other columns (one per event value,
+  ``survival_by_event``: a death's time and a censoring time follow different
+  covariates, TCGA's censoring being administrative) added to the time's output, and
+  the encoder does not read the time. Otherwise the VAE reconstructs the time from a
+  latent code that encoded the time itself, so no gradient asks the time to follow
+  the covariates, and under DP the sampled time kept the covariates' link but not the
+  event's: a Cox model fitted on those rows ranked real patients backwards (TCGA-BRCA
+  C-index 0.40). The map's output is multiplied by the gain ``survival_skip``, which
+  raises its share of each clipped per-row gradient (gain 5: C-index median 0.59-0.60;
+  gain 2: 0.55). At sampling the time is drawn last, from the sampled other columns.
+  A schema without a categorical outcome but with a survival outcome is conditioned
+  on the event.
 """
 
 from __future__ import annotations
@@ -141,9 +154,25 @@ class _VAENet(nn.Module):
     def __init__(
         self, dim: int, hidden: int, latent: int, cond: tuple[int, int] = (0, 0),
         numeric: int = 0, init_sigma: float = 0.5, skip: bool = False,
+        time_slots: tuple[int, ...] = (), time_inputs: tuple[int, ...] = (),
+        time_gain: float = 1.0, time_split: tuple[int, int] = (0, 0),
     ) -> None:
         super().__init__()
         self.cond = cond
+        self.time_gain = time_gain
+        # the event's one-hot slots: one time map per event value (empty: one map)
+        self.time_split = time_split
+        copies = max(time_split[1] - time_split[0], 1)
+        # survival times' direct path from the row's other columns (see TVAE's
+        # docstring): zero at the start, like the condition's
+        self.time_skip: nn.Linear | None = None
+        if time_slots and time_inputs:
+            self.time_skip = nn.Linear(copies * len(time_inputs), len(time_slots), bias=False)
+            nn.init.zeros_(self.time_skip.weight)
+        self.register_buffer("time_slots", torch.tensor(time_slots, dtype=torch.long),
+                             persistent=False)
+        self.register_buffer("time_inputs", torch.tensor(time_inputs, dtype=torch.long),
+                             persistent=False)
         # the condition's direct path to every output (see TVAE's docstring); zero at
         # the start, so an untrained model is the plain decoder
         self.skip: nn.Linear | None = None
@@ -167,12 +196,24 @@ class _VAENet(nn.Module):
     def forward(
         self, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        h = self.encoder(x)
+        h = self.encoder(x if self.time_skip is None else x.index_fill(1, self.time_slots, 0.0))
         mu, logvar = self.mu(h), self.logvar(h).clamp(-10.0, 10.0)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         if self.cond[1] > self.cond[0]:
             z = torch.cat([z, x[:, self.cond[0] : self.cond[1]]], dim=1)
-        return self.decode(z), mu, logvar, self.log_sigma(x)
+        return self.with_times(self.decode(z), x), mu, logvar, self.log_sigma(x)
+
+    def with_times(self, out: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        """Add to each survival time's output the linear map of the row's other columns
+        (real ones in training, the sampled ones at sampling)."""
+        if self.time_skip is None:
+            return out
+        feats = row[:, self.time_inputs]
+        if self.time_split[1] > self.time_split[0]:
+            c = row[:, self.time_split[0] : self.time_split[1]]
+            feats = (feats[:, None, :] * c[:, :, None]).reshape(
+                row.shape[0], c.shape[1] * feats.shape[1])
+        return out.index_add(1, self.time_slots, self.time_gain * self.time_skip(feats))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Decoder output for latent codes with the condition's one-hot appended."""
@@ -208,7 +249,9 @@ class TVAE(OutcomeConditioned, Generator):
     #   standard deviations 1.3-2.4 times the real ones at weight 0.1-0.25);
     #   None picks it by encoding: 0.15 on the public-bounds scale, ``GRID_SIGMA`` on a
     #   quantile grid's normal scores, where each column's marginal std is 0.43;
-    # - condition_skip: the condition's direct path to the outputs (module docstring).
+    # - condition_skip: the condition's direct path to the outputs (module docstring);
+    # - survival_skip (gain, 0 = off) and survival_by_event: the survival time's direct
+    #   path (module docstring); no effect on a table without a survival time.
     defaults: ClassVar[dict[str, Any]] = {
         "hidden": 32,
         "latent": 8,
@@ -220,6 +263,8 @@ class TVAE(OutcomeConditioned, Generator):
         "loss_bound": 100.0,
         "condition": "outcome",
         "condition_skip": True,
+        "survival_skip": 5.0,
+        "survival_by_event": True,
     }
 
     def build(self) -> None:
@@ -231,10 +276,14 @@ class TVAE(OutcomeConditioned, Generator):
             cond = (block.start, block.stop)
         self._cond = cond
         numeric = enc.numeric_blocks
+        gain = float(self.hparams["survival_skip"])
+        time_slots, time_inputs = self._time_path() if gain > 0 else ((), ())
         self.net = _VAENet(
             enc.dim, int(self.hparams["hidden"]), int(self.hparams["latent"]), cond,
             numeric=len(numeric), init_sigma=self._init_sigma(),
             skip=bool(self.hparams["condition_skip"]),
+            time_slots=time_slots, time_inputs=time_inputs,
+            time_gain=gain, time_split=self._event_slots() if time_slots else (0, 0),
         )
         self.cond_prior = _CondPrior(max(cond[1] - cond[0], 1))
 
@@ -251,6 +300,23 @@ class TVAE(OutcomeConditioned, Generator):
                             if (b.start, b.stop) != cond]
         self._multi_blocks = [(b.start, b.stop) for b in enc.multihot_blocks]
 
+    def _time_path(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(the survival times' value slots, the slots of every other column): what
+        the times' direct path reads and writes. A time's missing slots are neither."""
+        times = {t for t, _ in self.schema.survival_pairs}
+        slots = tuple(b.start for b in self.encoder.numeric_blocks if b.column in times)
+        inputs = tuple(i for b in self.encoder.blocks if b.column not in times
+                       for i in range(b.start, b.stop))
+        return slots, inputs
+
+    def _event_slots(self) -> tuple[int, int]:
+        """The first survival pair's event slots, if its time maps are split by event."""
+        event = self._survival_event()
+        if not self.hparams["survival_by_event"] or event is None:
+            return (0, 0)
+        block = self.encoder.block(event, "onehot")
+        return (block.start, block.stop)
+
     def _init_sigma(self) -> float:
         """The learned scales' start (see ``defaults``)."""
         if self.hparams["numeric_sigma"] is not None:
@@ -264,7 +330,7 @@ class TVAE(OutcomeConditioned, Generator):
         if wanted == "outcome":
             outcome = self.schema.outcome
             if outcome is None:
-                return None
+                return self._survival_event()
             column = self.schema.column(outcome.column)
             return column.name if column.is_categorical and not column.group else None
         try:
@@ -280,6 +346,15 @@ class TVAE(OutcomeConditioned, Generator):
                 "(not numeric, not a code of a code set)"
             )
         return column.name
+
+    def _survival_event(self) -> str | None:
+        """A schema without a label but with a survival outcome: its event column (the
+        first pair's), the outcome a survival analysis reads."""
+        for _, event in self.schema.survival_pairs:
+            column = self.schema.column(event)
+            if column.is_categorical and not column.group:
+                return column.name
+        return None
 
     def networks(self) -> dict[str, nn.Module]:
         if self.cond_column is None:
@@ -334,6 +409,7 @@ class TVAE(OutcomeConditioned, Generator):
         result = torch.zeros_like(out)
         if cond is not None:
             result[:, self._cond[0] : self._cond[1]] = cond
+        noise = torch.zeros(n, len(self._num_idx))
         if len(self._num_idx):
             sigma = torch.exp(self.net.log_sigma.value())
             noise = torch.randn(n, len(self._num_idx), generator=rng) * sigma
@@ -346,4 +422,8 @@ class TVAE(OutcomeConditioned, Generator):
         for start, stop in self._multi_blocks:
             result[:, start:stop] = torch.bernoulli(torch.sigmoid(out[:, start:stop]),
                                                     generator=rng)
+        if len(self._num_idx) and self.net.time_skip is not None:
+            # the times last: their direct path reads the row's sampled other columns
+            out = self.net.with_times(out, result)
+            result[:, self._num_idx] = torch.tanh(out[:, self._num_idx]) + noise
         return result.numpy()

@@ -1,0 +1,47 @@
+"""Probe one federated setting with chosen generator hyperparameters, seed by seed, through
+the benchmark's own code (`run_setting`: real ServerApp + ClientApp in process, the
+validation suite). For trying a change before a full `fedsynth benchmark`.
+
+Usage: python probe.py --dataset tcga_brca --setting tvae/federated/eps3 --seeds 0,1,2 \
+          --params '{"condition": "E"}' [--areas survival,fidelity,detection]
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+import warnings
+from pathlib import Path
+
+from fedsynth.simulations.benchmark import (
+    BenchmarkOptions,
+    plan_settings,
+    prepare_seed,
+    run_setting,
+)
+
+warnings.simplefilter("ignore")
+p = argparse.ArgumentParser()
+p.add_argument("--dataset", default="heart_disease")
+p.add_argument("--setting", default="tvae/federated/eps3")
+p.add_argument("--seeds", default="0,1,2")
+p.add_argument("--params", default="{}")
+p.add_argument("--areas", default="")
+a = p.parse_args()
+gen = a.setting.split("/")[0]
+opts = BenchmarkOptions(dataset=a.dataset, only=(a.setting,),
+                        generator_params={gen: json.loads(a.params)},
+                        areas=tuple(a.areas.split(",")) if a.areas else None)
+keys = ("fidelity", "tstr_auroc", "detection_auroc", "cox_c_index", "wall_s")
+rows = []
+with tempfile.TemporaryDirectory() as tmp:
+    for seed in (int(s) for s in a.seeds.split(",")):
+        data = prepare_seed(opts, seed, Path(tmp) / f"s{seed}")
+        setting = plan_settings(opts, [s.name for s in data.sites])[0]
+        row = run_setting(opts, setting, data, seed, Path(tmp) / f"w{seed}")
+        rows.append(row)
+        print(f"seed {seed}: " + "  ".join(
+            f"{k} {row[k]:.3f}" for k in keys if row.get(k) is not None), flush=True)
+print("median: " + "  ".join(
+    f"{k} {statistics.median(r[k] for r in rows):.3f}" for k in keys
+    if all(r.get(k) is not None for r in rows)))
