@@ -61,9 +61,12 @@ class ServerMomentum:
 
 
 def buffer_keys(networks: dict[str, torch.nn.Module]) -> set[str]:
-    """The flat-state keys of a generator's buffers (``Generator.networks()``)."""
+    """The flat-state keys of a generator's buffers (``Generator.networks()``): the
+    persistent ones, those in its state; a non-persistent buffer (TVAE's time-path
+    column indices) is rebuilt from the schema and never sent."""
     return {
-        f"{prefix}.{name}" for prefix, net in networks.items() for name, _ in net.named_buffers()
+        f"{prefix}.{name}" for prefix, net in networks.items()
+        for name in set(dict(net.named_buffers())) & set(net.state_dict())
     }
 
 
