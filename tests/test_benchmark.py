@@ -188,7 +188,7 @@ def test_without_sdv_only_the_sdv_baselines_are_skipped(tmp_path, monkeypatch):
     assert "sdv not installed: skipped" in (out / "results.md").read_text()
 
 
-def test_quick_trains_three_sites_alone_spread_over_the_sizes():
+def test_quick_trains_four_sites_alone_spread_over_the_sizes():
     """AMLSG's 18 centres: --quick runs 4 alone spread over the sizes, the full run every
     one; heart disease's 4 hospitals all train alone either way; federated settings
     always use every site."""
