@@ -22,11 +22,11 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from flwr.app import Message, RecordDict
+from flwr.app import Message
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 from ..common.protocol import REPLY_POLL_FIRST_S, REPLY_POLL_GROWTH, REPLY_POLL_MAX_S
+from .wrapped_grid import WrappedGrid
 
 
 def ask(grid: Grid, messages: Iterable[Message], timeout: float | None) -> list[Message]:
@@ -50,38 +50,9 @@ def ask(grid: Grid, messages: Iterable[Message], timeout: float | None) -> list[
     return replies
 
 
-class PromptGrid(Grid):
+class PromptGrid(WrappedGrid):
     """A Grid that passes everything to Flower's and answers ``send_and_receive`` with
     :func:`ask`."""
-
-    def __init__(self, inner: Grid) -> None:
-        self.inner = inner
-
-    def set_run(self, run: Run) -> None:
-        self.inner.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.inner.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.inner.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

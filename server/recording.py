@@ -19,7 +19,8 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
+
+from .wrapped_grid import WrappedGrid
 
 
 def _value_layout(value: Any) -> dict[str, Any]:
@@ -70,11 +71,11 @@ def describe(message: Message, direction: str) -> dict[str, Any]:
     return entry
 
 
-class RecordingGrid(Grid):
+class RecordingGrid(WrappedGrid):
     """A Grid that passes everything to the real one and logs each message's layout."""
 
     def __init__(self, inner: Grid, path: Path) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.path = path
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,26 +86,6 @@ class RecordingGrid(Grid):
             return
         with self._lock, self.path.open("a") as fh:
             fh.write("\n".join(lines) + "\n")
-
-    def set_run(self, run: Run) -> None:
-        self.inner.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.inner.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.inner.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)

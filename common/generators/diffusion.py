@@ -213,12 +213,8 @@ class TabDDPM(OutcomeConditioned, Generator):
             except KeyError:
                 missing.append(-1)
         self._missing_idx = torch.tensor(missing, dtype=torch.long)
-        self.cond_column = self._pick_condition(self.hparams["condition"])
-        cond = (0, 0)
-        if self.cond_column is not None:
-            block = enc.block(self.cond_column, "onehot")
-            cond = (block.start, block.stop)
-        self._cond = cond
+        self._use_condition(self.hparams["condition"])
+        cond = self._cond
         self.cond_prior = _CondPrior(max(cond[1] - cond[0], 1))
         # the condition is an input, not diffused
         self._onehot = [(b.start, b.size) for b in enc.onehot_blocks

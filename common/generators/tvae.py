@@ -98,13 +98,22 @@ class OutcomeConditioned:
     """The DP statistics of a generator conditioned on the outcome column (TVAE, ddpm):
     the site's one noisy histogram of ``cond_column`` (``Generator.statistics_column``)
     kept as frequencies in ``cond_prior``, from which conditions are drawn. Mixed in
-    before ``Generator``; the class sets ``cond_column``, ``cond_prior`` and ``_cond``
-    (the column's slots in the encoded row)."""
+    before ``Generator``; the class calls ``_use_condition`` (which sets ``cond_column``
+    and ``_cond``, the column's slots in the encoded row) and sets ``cond_prior``."""
 
     name: ClassVar[str]
     cond_column: str | None
     cond_prior: _CondPrior
     _cond: tuple[int, int]
+
+    def _use_condition(self, wanted: str | None) -> None:
+        """Set ``cond_column`` (the family's own ``_pick_condition``) and ``_cond``, its
+        slots in the encoded row ((0, 0) without a condition)."""
+        self.cond_column = self._pick_condition(wanted)  # type: ignore[attr-defined]
+        self._cond = (0, 0)
+        if self.cond_column is not None:
+            block = self.encoder.block(self.cond_column, "onehot")  # type: ignore[attr-defined]
+            self._cond = (block.start, block.stop)
 
     def statistics_column(self) -> str | None:
         return self.cond_column
@@ -269,12 +278,8 @@ class TVAE(OutcomeConditioned, Generator):
 
     def build(self) -> None:
         enc = self.encoder
-        self.cond_column = self._pick_condition(self.hparams["condition"])
-        cond = (0, 0)
-        if self.cond_column is not None:
-            block = enc.block(self.cond_column, "onehot")
-            cond = (block.start, block.stop)
-        self._cond = cond
+        self._use_condition(self.hparams["condition"])
+        cond = self._cond
         numeric = enc.numeric_blocks
         gain = float(self.hparams["survival_skip"])
         time_slots, time_inputs = self._time_path() if gain > 0 else ((), ())
