@@ -47,6 +47,8 @@ from ..common.protocol import (
     Status,
     TrainRequest,
     ValidationRequest,
+    pack_content,
+    unpack_content,
 )
 from ..common.study import ConfigError, SiteConfig, StudyConfig
 from ..common.threads import site_threads, torch_threads
@@ -281,21 +283,41 @@ def handle_evaluate(msg: Message, context: Context, sites: list[SiteConfig] | No
     return Message(reply_content(site, reply), reply_to=msg)
 
 
+def on_the_wire(handler: Callable[[Message, Context], Message]
+                ) -> Callable[[Message, Context], Message]:
+    """The site's side of the wire format (``common/protocol.py``, "on the wire"): the
+    handler reads the request's array records as named arrays and its reply's records
+    are packed, each into one array, as the coordinator's are (``server/packed_grid.py``).
+    """
+    @functools.wraps(handler)
+    def run(msg: Message, context: Context) -> Message:
+        msg.content = unpack_content(msg.content)
+        reply = handler(msg, context)
+        if reply.has_content():
+            reply.content = pack_content(reply.content)
+        return reply
+
+    return run
+
+
 def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
     """A ClientApp; ``sites`` fixes the simulation's site list (else read from configs)."""
     app = ClientApp()
 
     @app.train()
+    @on_the_wire
     @site_threaded
     def train(msg: Message, context: Context) -> Message:
         return handle_train(msg, context, sites)
 
     @app.query()
+    @on_the_wire
     @site_threaded
     def query(msg: Message, context: Context) -> Message:
         return handle_query(msg, context, sites)
 
     @app.query(MARGINAL_ACTION)
+    @on_the_wire
     @site_threaded
     def marginal(msg: Message, context: Context) -> Message:
         """A measured study's request: noisy marginal counts or scores (client/measure.py)."""
@@ -307,6 +329,7 @@ def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
         return Message(content, reply_to=msg)
 
     @app.query(GRID_ACTION)
+    @on_the_wire
     @site_threaded
     def grid(msg: Message, context: Context) -> Message:
         """A deep generator's quantile-grid request, before round 1 (client/grid.py)."""
@@ -319,6 +342,7 @@ def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
         return Message(reply_content(site, reply), reply_to=msg)
 
     @app.evaluate()
+    @on_the_wire
     @site_threaded
     def evaluate(msg: Message, context: Context) -> Message:
         return handle_evaluate(msg, context, sites)

@@ -25,6 +25,7 @@ What each key may contain, privacy-wise, is the threat-model table of docs/priva
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -313,6 +314,106 @@ SIGMA_RELEASED = "sigma"  # the noise std of this reply's vector
 GRID_ACTION = "grid"
 GRID_MESSAGE = f"query.{GRID_ACTION}"
 GRID_CELL_STD = "grid-cell-std"
+
+
+# ---------------------------------------------------------------- on the wire
+# Flower 1.41 moves every Array of a message as objects of their own (the array and its
+# chunk), and on a deployment each object is a request of its own at every hop
+# (coordinator -> SuperLink -> SuperNode -> ClientApp, and back); the SuperNode pulls a
+# message's objects two at a time and offers the message to its ClientApp before they
+# are all in. The drill's TVAE (30 tensors) made a message of about 70 objects, which
+# cost seconds per round on a loaded machine (docs/deployment.md). So every ArrayRecord
+# of a message crosses the network as ONE array under ``PACKED`` (a record of one array
+# is left as it is): a uint8 vector holding
+# a 4-byte little-endian header length, a JSON header listing each entry's key, dtype
+# and shape in order, then the entries' bytes in C order. The coordinator packs what it
+# sends and unpacks what it receives in one Grid wrapper (``server/packed_grid.py``), a
+# site in one wrapper of its handlers (``client/app.py``); everything else sees the
+# named arrays. The packing is lossless and adds nothing: the same arrays, the same
+# bytes, in another envelope.
+
+PACKED = "packed"
+_PACKABLE_KINDS = "biuf"  # bool, signed and unsigned integers, floats: no objects, no text
+
+
+class WireFormatError(ValueError):
+    """A packed record that does not decode to exactly the arrays its header lists."""
+
+
+def pack_arrays(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """Named arrays as one uint8 vector (header, then each array's bytes)."""
+    entries = [np.ascontiguousarray(a) for a in arrays.values()]
+    header = json.dumps([[k, a.dtype.str, list(a.shape)]
+                         for k, a in zip(arrays, entries, strict=True)]).encode()
+    parts = [len(header).to_bytes(4, "little"), header, *(a.tobytes() for a in entries)]
+    return np.frombuffer(b"".join(parts), dtype=np.uint8)
+
+
+def unpack_arrays(packed: np.ndarray) -> dict[str, np.ndarray]:
+    """The named arrays of ``pack_arrays``; a header that does not match the bytes, or
+    a dtype that is not a number, is refused."""
+    raw = np.ascontiguousarray(packed, dtype=np.uint8).tobytes()
+    try:
+        size = int.from_bytes(raw[:4], "little")
+        header = json.loads(raw[4 : 4 + size])
+        out: dict[str, np.ndarray] = {}
+        offset = 4 + size
+        for key, dtype_str, shape in header:
+            dtype = np.dtype(dtype_str)
+            if dtype.kind not in _PACKABLE_KINDS or str(key) in out:
+                raise WireFormatError(f"entry {key!r}: dtype {dtype_str} or a repeated key")
+            count = int(np.prod(shape, dtype=np.int64))
+            end = offset + count * dtype.itemsize
+            if count < 0 or end > len(raw):
+                raise WireFormatError(f"entry {key!r} runs past the packed bytes")
+            out[str(key)] = np.frombuffer(raw, dtype, count, offset).reshape(shape).copy()
+            offset = end
+    except (ValueError, TypeError) as exc:
+        raise WireFormatError(f"a packed array record does not decode: {exc}") from None
+    if offset != len(raw):
+        raise WireFormatError(f"{len(raw) - offset} packed bytes belong to no entry")
+    return out
+
+
+def _worth_packing(record: Any) -> bool:
+    """An ArrayRecord of several arrays (one array is one array already). ``PACKED`` is
+    the envelope's name, which no array of a message may have."""
+    if not isinstance(record, ArrayRecord) or len(record) < 2:
+        return False
+    if PACKED in record:
+        raise WireFormatError(f"an array may not be named {PACKED!r} (the wire's envelope)")
+    return True
+
+
+def pack_content(content: RecordDict) -> RecordDict:
+    """``content`` with every ArrayRecord of several arrays as one packed array (a
+    packed record is one array: packing twice changes nothing)."""
+    return RecordDict({
+        name: ArrayRecord({PACKED: Array(pack_arrays(_arrays(record) or {}))})
+        if _worth_packing(record) else record
+        for name, record in content.items()
+    })
+
+
+def is_packed(record: Any) -> bool:
+    return isinstance(record, ArrayRecord) and list(record.keys()) == [PACKED]
+
+
+def unpack_content(content: RecordDict, *, drop_bad: bool = False) -> RecordDict:
+    """``content`` with every packed record as its named arrays again. A record that
+    does not decode raises ``WireFormatError``, or with ``drop_bad`` (the coordinator
+    reading a site's reply) is left out, as if the site had sent none."""
+    out = RecordDict()
+    for name, record in content.items():
+        if is_packed(record):
+            try:
+                record = _array_record(unpack_arrays(record[PACKED].numpy()))
+            except WireFormatError:
+                if not drop_bad:
+                    raise
+                continue
+        out[name] = record
+    return out
 
 
 # ---------------------------------------------------------------- waiting for replies

@@ -12,8 +12,9 @@ model, and after the last round one site releases the decrypted, flooded final m
 which is then saved and sampled as usual.
 
 Each round waits at most ``round-timeout`` seconds for the sites, every ask through
-one prompt reply loop (``server/prompt_grid.py``); with ``record-messages`` set,
-every message's layout is logged (``server/recording.py``).
+one prompt reply loop (``server/prompt_grid.py``), every array record packed into one
+array on the wire (``server/packed_grid.py``); with ``record-messages`` set, every
+message's layout is logged as it crosses the network (``server/recording.py``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from ..common.study import ConfigError, StudyConfig, schema_fingerprint
 from .grid import with_grid
 from .guards import clear_guards, update_bounds
 from .optimizer import ServerMomentum, buffer_keys, load_velocity, save_velocity
+from .packed_grid import PackedGrid
 from .prompt_grid import PromptGrid
 from .recording import RecordingGrid
 from .rounds import RoundLog, SiteRound
@@ -129,8 +131,9 @@ def run_study(
     """Run (or resume) a study on ``grid`` and write its outputs to ``study.output_dir``:
     resume from the checkpoint, train the remaining rounds, release the final model
     (an encrypted study's sites decrypt it), publish the model, samples and summary."""
-    if study.record_messages:  # every message of the study, the grid query included
+    if study.record_messages:  # every message of the study, as it crosses the network
         grid = RecordingGrid(grid, Path(study.record_messages))
+    grid = PackedGrid(grid)  # each array record travels as one array (common/protocol.py)
     if study.generator == "marginal":  # measured, not trained: its own message kind
         from .marginal import run_marginal_study
 

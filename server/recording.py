@@ -3,7 +3,10 @@
 With ``record-messages`` set in the run config, the ServerApp's Grid is wrapped so each
 message the coordinator sends and each reply it receives is described in one JSON line:
 direction, message type, node, round, and for every record its kind and, per key, the
-array shape and dtype or the value's type and length. Values are never written: the
+array shape and dtype or the value's type and length. It sits below the coordinator's
+packing (``packed_grid.py``), so it sees each message as it crosses the network: an
+array record as one packed array, which it describes by its size and by the key, shape
+and dtype of every array the packed bytes decode to. Values are never written: the
 file is evidence of *what kind* of data travelled (model arrays, counts, metrics), kept
 on the coordinator's disk, and must not become a copy of what it describes.
 """
@@ -20,6 +23,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from ..common.protocol import PACKED, WireFormatError, is_packed, unpack_arrays
 from .wrapped_grid import WrappedGrid
 
 
@@ -39,7 +43,20 @@ def describe_content(content: RecordDict) -> dict[str, Any]:
     """Every record of a message: its kind and the layout of each entry."""
     out: dict[str, Any] = {}
     for name, record in content.items():
-        if isinstance(record, ArrayRecord):
+        if is_packed(record):  # one array on the wire: described by what it holds
+            blob = record[PACKED].numpy()
+            try:
+                arrays, decodes = unpack_arrays(blob), True
+            except WireFormatError:
+                arrays, decodes = {}, False
+            out[name] = {
+                "kind": "arrays",
+                "packed_bytes": int(blob.size),
+                "decodes": decodes,
+                "entries": {k: {"shape": list(a.shape), "dtype": str(a.dtype)}
+                            for k, a in arrays.items()},
+            }
+        elif isinstance(record, ArrayRecord):
             out[name] = {
                 "kind": "arrays",
                 "entries": {k: {"shape": list(a.shape), "dtype": str(a.dtype)}

@@ -77,6 +77,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ("model.fsg", "synthetic.csv", "summary.json")
 # What a SuperNode logs when the SuperLink refuses to activate it (a key never registered).
 ACTIVATION_REFUSED = "Failed to activate SuperNode"
+# What a SuperNode logs once the SuperLink has activated it (Flower 1.41's start loop).
+ACTIVATED = "SuperNode ID: "
+# Seconds each process gets to stop when a deployment closes, before SIGKILL. A Flower
+# 1.41 SuperNode says goodbye to the SuperLink within a fraction of a second of SIGTERM,
+# then lingers until its 5 s force-exit timer (``FORCE_EXIT_TIMEOUT_SECONDS``) ends it:
+# time no study uses. (Stopping one site, ``stop_supernode``, still waits the full grace.)
+CLOSE_GRACE = 1.0
 
 
 class DeploymentError(FedsynthError, RuntimeError):
@@ -689,6 +696,9 @@ class LocalDeployment:
             process.args = self.supernode_args(site)
             self.sites[spec.name] = site
             added.append(site)
+        if start:  # a runtime needs no SuperLink: its imports overlap the registrations
+            for site in added:
+                self._start(site.runtime)
         if self.auth and register:
             ids = self.register(*(s.public_key for s in added if s.public_key is not None))
             for site, node_id in zip(added, ids, strict=True):
@@ -698,12 +708,15 @@ class LocalDeployment:
                 self.start_supernode(site.spec.name)
         return added
 
+    def _start(self, process: FlowerProcess | None) -> None:
+        if process is not None and not process.running():
+            self.commands.append(shlex.join(process.args))
+            process.start()
+
     def start_supernode(self, name: str) -> None:
         """Start the site's SuperNode and, when it has one, its ClientApp runtime."""
         for process in self.sites[name].processes():
-            if not process.running():
-                self.commands.append(shlex.join(process.args))
-                process.start()
+            self._start(process)
 
     def stop_supernode(self, name: str) -> None:
         """A site shut down in order (SIGTERM): it tells the SuperLink it leaves."""
@@ -733,6 +746,32 @@ class LocalDeployment:
             return popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             return None
+
+    def wait_for_activation(self, names: Sequence[str], timeout: float = 120.0) -> None:
+        """Wait until each named SuperNode, since its last start, has been activated by
+        the SuperLink (it logs its node id once ``ActivateNode`` succeeds: the SuperLink
+        then lists it online).
+
+        Reads the SuperNodes' own logs, where ``wait_for_nodes`` asks the SuperLink with
+        the ``flwr`` CLI, a process that spends seconds importing Flower at each look.
+        Use it right after starting SuperNodes; after stopping some, ``wait_for_nodes``
+        with ``exact`` says how many the SuperLink still counts.
+        """
+        deadline = time.monotonic() + timeout
+        waiting = list(names)
+        while waiting:
+            for name in list(waiting):
+                process = self.sites[name].process
+                since_start = process.log_path.read_text(errors="replace").rsplit("\n$ ", 1)[-1]
+                if ACTIVATED in since_start:
+                    waiting.remove(name)
+                elif not process.running():
+                    raise DeploymentError(f"SuperNode {name} exited:\n{process.log()}")
+            if waiting and time.monotonic() > deadline:
+                raise DeploymentTimeout(f"SuperNode(s) {', '.join(waiting)} not activated "
+                                        f"after {timeout} s")
+            if waiting:
+                time.sleep(0.1)
 
     def list_nodes(self) -> list[dict[str, Any]]:
         """``flwr supernode ls``: every node the SuperLink knows, with its status."""
@@ -847,9 +886,10 @@ class LocalDeployment:
 
     def close(self) -> None:
         """Stop every SuperNode, then the SuperLink; nothing started here outlives this."""
-        stop_processes([p for site in self.sites.values() for p in site.processes()])
+        stop_processes([p for site in self.sites.values() for p in site.processes()],
+                       grace=CLOSE_GRACE)
         if self.superlink is not None:
-            self.superlink.stop()
+            self.superlink.stop(grace=CLOSE_GRACE)
 
     def __enter__(self) -> LocalDeployment:
         return self
@@ -882,6 +922,17 @@ def heart_disease_deployment(
     site_runtime: bool = True,
 ) -> Iterator[LocalDeployment]:
     """A running deployment of the bundled heart-disease hospitals (whole files)."""
+
+    specs = heart_site_specs(sites, epsilon)
+    with LocalDeployment(workdir, tls=tls, auth=auth, site_runtime=site_runtime) as dep:
+        dep.start_superlink()
+        dep.add_sites(specs)
+        dep.wait_for_activation(sites, timeout=timeout)
+        yield dep
+
+
+def heart_site_specs(sites: Sequence[str], epsilon: float) -> list[SiteSpec]:
+    """The bundled heart-disease hospitals named in ``sites`` (whole files)."""
     from .datasets import bundled_schema_path, bundled_site_files
 
     files = bundled_site_files("heart_disease")
@@ -889,13 +940,7 @@ def heart_disease_deployment(
     if unknown:
         raise ValueError(f"unknown heart-disease site(s): {sorted(unknown)}")
     schema = bundled_schema_path("heart_disease")
-    with LocalDeployment(workdir, tls=tls, auth=auth, site_runtime=site_runtime) as dep:
-        dep.start_superlink()
-        dep.add_sites(
-            [SiteSpec(name, str(files[name]), str(schema), epsilon=epsilon) for name in sites]
-        )
-        dep.wait_for_nodes(len(sites), timeout=timeout)
-        yield dep
+    return [SiteSpec(name, str(files[name]), str(schema), epsilon=epsilon) for name in sites]
 
 
 # --------------------------------------------------------------------------- CLI
@@ -961,21 +1006,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     sites = [s for s in args.sites.split(",") if s]
     tls = not args.insecure
     start = time.monotonic()
-    with heart_disease_deployment(args.out.resolve(), sites, epsilon=args.epsilon,
-                                  tls=tls, auth=tls,
-                                  site_runtime=not args.flower_isolation) as dep:
+    study: dict[str, ConfigValue] = {
+        "num-server-rounds": args.rounds,
+        "local-epochs": args.local_epochs,
+        "generator-params": json.dumps(json.loads(args.generator_params)),
+        "min-sites": args.min_sites or len(sites),
+        "round-timeout": args.round_timeout,
+    }
+    specs = heart_site_specs(sites, args.epsilon)
+    with LocalDeployment(args.out.resolve(), tls=tls, auth=tls,
+                         site_runtime=not args.flower_isolation) as dep:
+        dep.start_superlink()
+        # The study is submitted as soon as the SuperLink listens, while the sites are
+        # registered and start: the ServerApp's own start (a process importing torch) is
+        # the longest step before round 1, and it waits for min-sites SuperNodes before
+        # its first question anyway.
+        handle = None if args.stop_coordinator_after else dep.start_run(study)
+        dep.add_sites(specs)
+        dep.wait_for_activation(sites, timeout=180.0)
         ready = time.monotonic() - start
-        study = {
-            "num-server-rounds": args.rounds,
-            "local-epochs": args.local_epochs,
-            "generator-params": json.dumps(json.loads(args.generator_params)),
-            "min-sites": args.min_sites or len(sites),
-            "round-timeout": args.round_timeout,
-        }
-        if args.stop_coordinator_after:
-            result = _stop_and_resume(dep, study, args.stop_coordinator_after, args.timeout)
+        if handle is not None:
+            result = dep.wait_run(handle, timeout=args.timeout)
         else:
-            result = dep.run_study(study, timeout=args.timeout)
+            result = _stop_and_resume(dep, study, args.stop_coordinator_after, args.timeout)
         print("Commands run:")
         for cmd in dep.commands:
             print(f"  {cmd}")

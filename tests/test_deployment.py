@@ -386,6 +386,9 @@ def test_no_row_leaves_a_site(
     for m in messages:
         for name, record in m["records"].items():
             if record["kind"] == "arrays":
+                # on the wire the model is one packed array (common/protocol.py), whose
+                # bytes decode to exactly the model's arrays
+                assert record["decodes"] and record["packed_bytes"] > 0, name
                 got = {k: e["shape"] for k, e in record["entries"].items()}
                 assert got == shapes, (name, m["direction"])
                 assert all(e["dtype"] == "float32" for e in record["entries"].values())

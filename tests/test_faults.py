@@ -42,6 +42,7 @@ from fedsynth.common.privacy import PrivacyLedger, RoundPlan, round_cost
 from fedsynth.common.schema import Schema
 from fedsynth.common.study import SiteConfig, StudyConfig, schema_fingerprint
 from fedsynth.server.guards import clear_guards, update_bounds
+from fedsynth.server.packed_grid import unpacked
 from fedsynth.server.strategy import RoundLog, SiteRound, make_strategy
 from fedsynth.simulations.datasets import bundled_schema_path, bundled_site_files
 from fedsynth.simulations.deploy import LocalDeployment, SiteSpec, _descendants
@@ -314,7 +315,8 @@ def test_round_timeout_must_be_positive_seconds(value: Any) -> None:
 
 def _ask(app: Any, site: SiteConfig, study: StudyConfig, arrays: dict[str, np.ndarray],
          server_round: int, fingerprint: str) -> Message:
-    """One train message through the site's real ClientApp, in a fresh run (new context)."""
+    """One train message through the site's real ClientApp, in a fresh run (new context);
+    the reply as the coordinator reads it (its array records unpacked)."""
     config = ConfigRecord({**study.to_flat(), "server-round": server_round,
                            "schema-fingerprint": fingerprint})
     content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
@@ -323,7 +325,7 @@ def _ask(app: Any, site: SiteConfig, study: StudyConfig, arrays: dict[str, np.nd
     context = Context(run_id=7, node_id=1, node_config={**site.to_dict(), "site-name": site.name},
                       state=RecordDict(),
                       run_config={})
-    return app(message, context)
+    return unpacked(app(message, context))
 
 
 def _ledger(site: SiteConfig, study: StudyConfig) -> SiteState:
