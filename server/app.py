@@ -54,7 +54,6 @@ from .secure import (
     write_encrypted_checkpoint,
 )
 from .strategy import SiteAware, make_strategy
-from .validation import run_federated_validation, write_federated
 
 log = logging.getLogger("fedsynth.coordinator")
 # Flower's own logger: what `flwr run --stream` and `flwr log` show the coordinator at
@@ -327,6 +326,10 @@ def validate_at_sites(
     """Federated validation of the released synthetic table: every site samples it from
     the released model (so it is synthetic.csv), scores it against its own rows and
     sends back scores only; the coordinator combines them."""
+    # Imported here: the validation suite (scikit-learn, the report's matplotlib) costs
+    # a second of every ServerApp's start, and only a study that validates needs it.
+    from .validation import run_federated_validation, write_federated
+
     config = {**study.to_flat(), SCHEMA_FINGERPRINT: schema_fingerprint(schema)}
     result, skipped = run_federated_validation(
         grid, model.state_dict(), rows, study.seed, config, min_sites=1, wait=60.0,

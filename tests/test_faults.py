@@ -514,7 +514,7 @@ def test_site_crash_mid_round_then_rejoins(deployment: LocalDeployment) -> None:
     assert {n for n, s in first.items() if s["status"] == "trained"} == {"cleveland",
                                                                          "hungarian"}
     # The crashed site is listed as failed, under its name once it answered again.
-    assert first[crashed]["status"] == "failed", first
+    assert crashed in first and first[crashed]["status"] == "failed", first
     assert len(first) == len(SITES)
     assert all(r["aggregated"] for r in rounds)
     # It rejoined and was included again by the last round.
