@@ -922,7 +922,6 @@ def heart_disease_deployment(
     site_runtime: bool = True,
 ) -> Iterator[LocalDeployment]:
     """A running deployment of the bundled heart-disease hospitals (whole files)."""
-
     specs = heart_site_specs(sites, epsilon)
     with LocalDeployment(workdir, tls=tls, auth=auth, site_runtime=site_runtime) as dep:
         dep.start_superlink()
