@@ -321,12 +321,12 @@ GRID_CELL_STD = "grid-cell-std"
 # chunk), and on a deployment each object is a request of its own at every hop
 # (coordinator -> SuperLink -> SuperNode -> ClientApp, and back); the SuperNode pulls a
 # message's objects two at a time and offers the message to its ClientApp before they
-# are all in. The drill's TVAE (30 tensors) made a message of about 70 objects, which
+# are all in. The drill's TVAE (17 tensors) made a training message of 38 objects, which
 # cost seconds per round on a loaded machine (docs/deployment.md). So every ArrayRecord
-# of a message crosses the network as ONE array under ``PACKED`` (a record of one array
-# is left as it is): a uint8 vector holding
-# a 4-byte little-endian header length, a JSON header listing each entry's key, dtype
-# and shape in order, then the entries' bytes in C order. The coordinator packs what it
+# of several arrays crosses the network as ONE array under ``PACKED`` (6 objects for the
+# whole message): a uint8 vector holding a 4-byte little-endian header length, a JSON
+# header listing each entry's key, dtype and shape in order, then the entries' bytes in
+# C order. The coordinator packs what it
 # sends and unpacks what it receives in one Grid wrapper (``server/packed_grid.py``), a
 # site in one wrapper of its handlers (``client/app.py``); everything else sees the
 # named arrays. The packing is lossless and adds nothing: the same arrays, the same

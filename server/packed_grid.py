@@ -1,11 +1,12 @@
 """The coordinator's side of the wire format: each ArrayRecord as one packed array.
 
 Flower 1.41 moves every array of a message as objects of their own, one request each
-at every hop of a deployment; a model of 30 tensors made messages of about 70 objects
-(``common/protocol.py``, "on the wire"). :class:`PackedGrid` packs every message the
-coordinator sends (``protocol.pack_content``) and unpacks every reply it receives, so
-the strategy, guards, checkpoints, momentum, encryption and validation all see the named
-arrays, and a site's ClientApp does the same on its side (``client/app.py``). A reply
+at every hop of a deployment; the drill's TVAE (17 tensors) made training messages of
+38 objects, 6 packed (``common/protocol.py``, "on the wire"). :class:`PackedGrid`
+packs every message the coordinator sends (``protocol.pack_content``) and unpacks every
+reply it receives, so the strategy, guards, checkpoints, momentum, encryption and
+validation all see the named arrays, and a site's ClientApp does the same on its side
+(``client/app.py``). A reply
 whose packed record does not decode loses that record, as if the site had sent none:
 the guards then refuse it like any reply without weights.
 """

@@ -2,7 +2,7 @@
 
 Flower 1.41 moves each array of a message as objects of their own, one request each at
 every hop of a deployment; packing a model's tensors into one array is what makes a
-deployed round wait for a handful of objects instead of about seventy. These tests
+deployed round wait for 6 objects instead of 38 (the drill's TVAE). These tests
 check that the packing is exact (same keys, order, shapes, dtypes and bytes, for every
 generator's real state), that it changes what Flower sends into few objects, that a
 packed record that does not decode is refused (by a site) or dropped and then refused by
