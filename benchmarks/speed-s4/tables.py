@@ -1,9 +1,10 @@
 """Tables of the fourth-pass drill session (drill.sh): medians, ratios and the timeline.
 
-    python benchmarks/speed-s4/tables.py SESSION_OUT > benchmarks/speed-s4/tables.md
+    python benchmarks/speed-s4/tables.py SESSION_OUT [CSV_NAME]
 
 Reads SESSION_OUT/{before,after}-{simulated,deployed}-{0,1,2}/milestones.json (timeline.py)
-and each run's summary.json; writes results.csv next to this file and prints markdown.
+and each run's summary.json; writes CSV_NAME (results.csv) next to this file and prints
+the tables as markdown.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def simulated_phases(m: dict[str, float]) -> dict[str, float]:
 
 def main() -> None:
     out = Path(sys.argv[1])
+    csv_name = sys.argv[2] if len(sys.argv) > 2 else "results.csv"
     rows = []
     phases: dict[tuple[str, str], list[dict[str, float]]] = {}
     for run in sorted(out.glob("*-*-[0-9]")):
@@ -82,7 +84,7 @@ def main() -> None:
                      "epsilon_max": round(eps, 4)})
         ph = deployed_phases(marks) if kind == "deployed" else simulated_phases(marks)
         phases.setdefault((tree, kind), []).append(ph)
-    with (HERE / "results.csv").open("w", newline="") as fh:
+    with (HERE / csv_name).open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
