@@ -326,11 +326,10 @@ GRID_CELL_STD = "grid-cell-std"
 # of several arrays crosses the network as ONE array under ``PACKED`` (6 objects for the
 # whole message): a uint8 vector holding a 4-byte little-endian header length, a JSON
 # header listing each entry's key, dtype and shape in order, then the entries' bytes in
-# C order. The coordinator packs what it
-# sends and unpacks what it receives in one Grid wrapper (``server/packed_grid.py``), a
-# site in one wrapper of its handlers (``client/app.py``); everything else sees the
-# named arrays. The packing is lossless and adds nothing: the same arrays, the same
-# bytes, in another envelope.
+# C order. The coordinator packs what it sends and unpacks what it receives in one Grid
+# wrapper (``server/packed_grid.py``), a site in one wrapper of its handlers
+# (``client/app.py``); everything else sees the named arrays. The packing is lossless
+# and adds nothing: the same arrays, the same bytes, in another envelope.
 
 PACKED = "packed"
 _PACKABLE_KINDS = "biuf"  # bool, signed and unsigned integers, floats: no objects, no text
@@ -396,6 +395,7 @@ def pack_content(content: RecordDict) -> RecordDict:
 
 
 def is_packed(record: Any) -> bool:
+    """Whether ``record`` is a packed ArrayRecord (its one entry is the envelope)."""
     return isinstance(record, ArrayRecord) and list(record.keys()) == [PACKED]
 
 
