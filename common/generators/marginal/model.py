@@ -45,10 +45,10 @@ WIDE_CODES, SCORED_CODES = (4, 0.45), (6, 0.2)
 SHARES = {"one_way_share": 0.2, "fine_share": 0.1, "pairs_share": 0.0}
 # the pair release (code_pairs.py), on by default on a table with two or more binary
 # codes and a code histogram (AMLSG): a patient's pairs weigh at most those of 3 codes
-# (3 Gaussians; 79% of AMLSG's patients have 3 genes or fewer), and the shares move to
-# the pairs from the code histogram, the 1-way and the fine releases. Measured with 18
-# sites' noise (docs/generators.md "Pairs of codes"): co-occurrence sign agreement
-# 0.75 -> 0.86-1.0 for about 0.005 of gene-frequency correlation
+# (3 Gaussians; 79% of AMLSG's patients have 3 genes or fewer), the code histogram
+# keeps 3 codes a patient too, and the shares move to the pairs from the code
+# histogram, the 1-way and the fine releases. Chosen with 18 sites' noise
+# (docs/generators.md "Pairs of codes", benchmarks/marginal-datasets/results.md)
 PAIR_BOUND = 3
 PAIR_SHARES = {"one_way_share": 0.15, "fine_share": 0.05, "codes_share": 0.35,
                "pairs_share": 0.25}
@@ -209,6 +209,8 @@ class MarginalGenerator(Generator):
         codes = bool(self.discretizer.code_attrs) and bound > 0
         direct = len(self.discretizer.direct_codes) if codes else 0
         pair_bound, pair_codes = self._pair_release(codes, direct)
+        if pair_bound and self.hparams["code_bound"] is None:
+            bound = PAIR_BOUND  # with the pair release, both code releases bound alike
         shares = self._shares(wide, pair_bound > 0)
         fine_share = shares["fine_share"] if fine else 0.0
         code_bound, codes_share = (bound, shares["codes_share"]) if codes else (0, 0.0)
