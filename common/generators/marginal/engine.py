@@ -1,9 +1,11 @@
 """The marginal method itself (AIM-style), for one data holder or many.
 
-1. Measure every 1-way marginal; fit.
+1. Measure every 1-way marginal, the code histogram and (``code_pairs.py``) every pair
+   of the frequent binary codes in one release; fit.
 2. For each selection round: score candidate 2-way (and, if allowed, 3-way) marginals
    under DP (``plan.py``), take the top ``per_round`` whose addition keeps the model
-   within ``max_cells``, measure them, refit (warm start).
+   within ``max_cells``, measure them, refit (warm start). The released code pairs
+   join the model at the end, most dependent first, in what the junction tree has left.
 
 Who holds the rows is hidden behind :class:`Measurer`: a central fit measures the
 pooled table in this process; a federated study asks the sites through Flower and adds
