@@ -205,22 +205,28 @@ def test_central_fit_accounts_every_release_and_reads_the_pairs(amlsg):
     assert not [c for c in info["selected"] if all(a.startswith("mut_") for a in c)]
 
 
-@pytest.mark.slow
-def test_a_federated_study_sends_the_pair_release(tmp_path, amlsg):
+def _amlsg_study(tmp_path: Path, secure: bool) -> tuple:
+    """A 3-centre AMLSG study through the real ServerApp code and ClientApp."""
     from fedsynth.client.app import make_client_app
-    from fedsynth.client.site import SiteState
     from fedsynth.server.app import resolve_schema, run_study
     from fedsynth.simulations.benchmark_inprocess import InProcessGrid
-    from fedsynth.simulations.simulate import SimulationOptions, prepare_sites
+    from fedsynth.simulations.simulate import (
+        SimulationOptions,
+        prepare_sites,
+        setup_simulation_keys,
+    )
     from tests.test_marginal import RecordingGrid
 
     params = {**SMALL, "pair_bound": 3, "pairs_share": 0.2}
     study = StudyConfig(generator="marginal", generator_params=params, min_sites=3,
                         output_dir=str(tmp_path / "study"), n_synthetic=300,
+                        secure_aggregation="ckks" if secure else "none",
                         study_id="pairs-test")
     opts = SimulationOptions(dataset="amlsg", sites=("centre_43", "centre_34", "centre_2"),
                              epsilon=3.0, study=study)
     sites, _, _ = prepare_sites(opts, tmp_path)
+    if secure:
+        study, sites = setup_simulation_keys(tmp_path, study, sites)
     grid = RecordingGrid(InProcessGrid(make_client_app(sites), len(sites), study.to_flat()))
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
@@ -231,6 +237,14 @@ def test_a_federated_study_sends_the_pair_release(tmp_path, amlsg):
         outcome = run_study(grid, study, resolve_schema("amlsg"))
     finally:
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    return outcome, grid, sites
+
+
+@pytest.mark.slow
+def test_a_federated_study_sends_the_pair_release(tmp_path, amlsg):
+    from fedsynth.client.site import SiteState
+
+    outcome, grid, sites = _amlsg_study(tmp_path, secure=False)
     configs = [dict(m.content[P.CONFIG]) for m in grid.sent]
     asked = [json.loads(c[P.CLIQUES]) for c in configs if c.get(P.RELEASE_KIND) == PAIRS]
     # one pair message to each site, every pair of the chosen genes in it
@@ -249,3 +263,33 @@ def test_a_federated_study_sends_the_pair_release(tmp_path, amlsg):
     assert all(len(c) == 2 for c in summary["marginal"]["pairs_in_model"])
     synthetic = pd.read_csv(Path(outcome.output_dir) / "synthetic.csv")
     assert len(synthetic) == 300 and set(codes) <= set(synthetic.columns)
+
+
+@pytest.mark.slow
+def test_under_ckks_the_coordinator_sees_only_the_sum_of_the_pair_counts(tmp_path, amlsg):
+    schema, _ = amlsg
+    outcome, grid, sites = _amlsg_study(tmp_path, secure=True)
+    asked, total = None, None
+    for msg in grid.sent:
+        cfg = dict(msg.content[P.CONFIG])
+        reply = next(r for r in grid.received
+                     if r.metadata.reply_to_message_id == msg.metadata.message_id)
+        if cfg.get(P.RELEASE_KIND) == PAIRS and cfg[P.OP] == P.MEASURE_OP:
+            assert P.COUNTS_RECORD not in reply.content  # a site sends ciphertexts only
+            assert P.CKKS_COUNTS in reply.content
+            asked = [tuple(c) for c in json.loads(cfg[P.CLIQUES])]
+        elif cfg[P.OP] == P.DECRYPT_OP and asked is not None and total is None:
+            total = np.asarray(reply.content[P.COUNTS_RECORD][P.VALUES].numpy())
+    assert asked and total is not None and total.shape == (len(asked),)
+    # the decrypted vector is the sum of the three sites' weighted pair counts plus
+    # their noise: close to the pooled counts
+    from fedsynth.common.table import read_table
+
+    pooled = pd.concat([read_table(Path(s.data_path), schema) for s in sites],
+                       ignore_index=True)  # the sites' training rows (holdout kept out)
+    presence, columns, _ = _presence(schema, pooled)
+    exact = bounded_pair_counts(presence, columns, asked, 3)
+    model = get_generator("marginal")(schema, **{**SMALL, "pair_bound": 3, "pairs_share": 0.2})
+    sigma = math.sqrt(len(sites)) * calibrate(model.plan(), 3.0, 1e-5).pairs
+    assert np.abs(total - exact).max() < 5 * sigma
+    assert Path(outcome.output_dir, "synthetic.csv").exists()
