@@ -205,7 +205,7 @@ def test_central_fit_accounts_every_release_and_reads_the_pairs(amlsg):
     assert not [c for c in info["selected"] if all(a.startswith("mut_") for a in c)]
 
 
-def _amlsg_study(tmp_path: Path, secure: bool) -> tuple:
+def _amlsg_study(tmp_path: Path, secure: bool, **extra) -> tuple:
     """A 3-centre AMLSG study through the real ServerApp code and ClientApp."""
     from fedsynth.client.app import make_client_app
     from fedsynth.server.app import resolve_schema, run_study
@@ -217,7 +217,7 @@ def _amlsg_study(tmp_path: Path, secure: bool) -> tuple:
     )
     from tests.test_marginal import RecordingGrid
 
-    params = {**SMALL, "pair_bound": 3, "pairs_share": 0.2}
+    params = {**SMALL, "pair_bound": 3, "pairs_share": 0.2, **extra}
     study = StudyConfig(generator="marginal", generator_params=params, min_sites=3,
                         output_dir=str(tmp_path / "study"), n_synthetic=300,
                         secure_aggregation="ckks" if secure else "none",
@@ -241,10 +241,11 @@ def _amlsg_study(tmp_path: Path, secure: bool) -> tuple:
 
 
 @pytest.mark.slow
-def test_a_federated_study_sends_the_pair_release(tmp_path, amlsg):
+@pytest.mark.parametrize("by_site", [False, True])
+def test_a_federated_study_sends_the_pair_release(tmp_path, amlsg, by_site):
     from fedsynth.client.site import SiteState
 
-    outcome, grid, sites = _amlsg_study(tmp_path, secure=False)
+    outcome, grid, sites = _amlsg_study(tmp_path, secure=False, site_attribute=by_site)
     configs = [dict(m.content[P.CONFIG]) for m in grid.sent]
     asked = [json.loads(c[P.CLIQUES]) for c in configs if c.get(P.RELEASE_KIND) == PAIRS]
     # one pair message to each site, every pair of the chosen genes in it
@@ -263,6 +264,9 @@ def test_a_federated_study_sends_the_pair_release(tmp_path, amlsg):
     assert all(len(c) == 2 for c in summary["marginal"]["pairs_in_model"])
     synthetic = pd.read_csv(Path(outcome.output_dir) / "synthetic.csv")
     assert len(synthetic) == 300 and set(codes) <= set(synthetic.columns)
+    # with the site attribute each site's pair counts are read on (site, gene, gene)
+    assert summary["marginal"]["site_attribute"] == (sorted(s.name for s in sites)
+                                                     if by_site else [])
 
 
 @pytest.mark.slow
