@@ -6,6 +6,10 @@ The coordinator asks (``common/protocol.py``, a ``query.marginal`` message) for 
   cells the request's ``BINNING`` names: fine cells for the ``fine`` release), its own
   noise level calibrated from the study's plan and the site's own budget
   (``common/generators/marginal/plan.py``);
+  The ``pairs`` release (``common/generators/marginal/code_pairs.py``) counts, for
+  each asked pair of binary codes, the patients with both, each patient keeping at
+  most the plan's ``pair_bound`` of the codes named; the site draws which codes a
+  patient keeps with its own secret randomness and charges C(pair_bound, 2);
 - ``score``: for each candidate marginal, the L1 distance between the site's counts
   and the model's marginal the coordinator sent, plus Gaussian noise;
 - ``decrypt`` (encrypted studies): decrypt a sum of the sites' ciphertexts and return
@@ -43,6 +47,12 @@ from ..common.encryption import (
     encrypt_state,
     flood_for_release,
 )
+from ..common.generators.marginal.code_pairs import (
+    entry_columns,
+    noisy_pair_counts,
+    pair_request_problem,
+    pair_units,
+)
 from ..common.generators.marginal.codes import noisy_code_histogram
 from ..common.generators.marginal.discretize import Discretizer
 from ..common.generators.marginal.measure import noisy_marginals, noisy_scores
@@ -52,6 +62,7 @@ from ..common.generators.marginal.plan import (
     FINE,
     MEASURE,
     ONE_WAY,
+    PAIRS,
     MarginalPlan,
     NoiseLevels,
     calibrate,
@@ -129,10 +140,27 @@ class _Request:
     sizes: dict[str, int]
     presence: np.ndarray  # the code histogram's 0/1 entries per row (codes.py)
     groups: list[str]  # the attributes it covers, in order
+    direct: list[str]  # the binary codes among them (each one histogram entry)
+    columns: dict[str, int]  # each code attribute's first column in ``presence``
 
     def releases(self, kind: str) -> int:
         """Sensitivity-1 Gaussians this release is worth (plan.py explains each)."""
-        return self.plan.code_bound if kind == CODES else len(self.cliques)
+        if kind == CODES:
+            return self.plan.code_bound
+        return pair_units(self.plan.pair_bound) if kind == PAIRS else len(self.cliques)
+
+    def problem(self, kind: str) -> str:
+        """Why this request cannot be answered as a ``kind`` release ('' if it can)."""
+        if kind not in (ONE_WAY, MEASURE, FINE, "score", CODES, PAIRS):
+            return f"unknown release kind {kind!r}"
+        if kind == CODES and ([c[0] for c in self.cliques] != self.groups
+                              or not self.plan.code_bound):
+            return "a code histogram request must name every code attribute of the schema"
+        if kind == PAIRS and not self.plan.pair_bound:
+            return "the study's plan has no share for 'pairs' releases"
+        if kind == PAIRS:
+            return pair_request_problem(self.cliques, self.direct, self.plan.pair_codes)
+        return ""
 
 
 def answer(
@@ -156,11 +184,8 @@ def answer(
         return request
     noise = noise_levels(site, study, request.plan) if site.dp else NoiseLevels.flat(0.0)
     kind = str(config.get(P.RELEASE_KIND, MEASURE)) if op == P.MEASURE_OP else "score"
-    if kind not in (ONE_WAY, MEASURE, FINE, "score", CODES) or (
-            kind == CODES and ([c[0] for c in request.cliques] != request.groups
-                               or not request.plan.code_bound)):
-        return _refuse(site, state, f"unknown release kind {kind!r} or a code histogram "
-                       "request that does not name every code attribute of the schema")
+    if problem := request.problem(kind):
+        return _refuse(site, state, problem)
     sigma = noise.of(kind)
     if site.dp and not math.isfinite(sigma):
         return _refuse(site, state, f"the study's plan has no share for {kind!r} releases")
@@ -217,7 +242,8 @@ def _parse_request(
                                       problems=exc.shareable()))
     except (KeyError, ValueError, TypeError) as exc:
         return _refuse(site, state, f"malformed marginal request: {exc}")
-    return _Request(cells, plan, cliques, names, disc.shape, presence, list(disc.code_attrs))
+    return _Request(cells, plan, cliques, names, disc.shape, presence, list(disc.code_attrs),
+                    disc.direct_codes, entry_columns(disc.code_attrs))
 
 
 def _measure(request: _Request, sigma: float, rng: np.random.Generator, kind: str,
@@ -225,6 +251,9 @@ def _measure(request: _Request, sigma: float, rng: np.random.Generator, kind: st
     """The noisy marginals of the cliques; the 1-way release also sets the noisy count."""
     if kind == CODES:
         return noisy_code_histogram(request.presence, request.plan.code_bound, sigma, rng)
+    if kind == PAIRS:
+        return noisy_pair_counts(request.presence, request.columns, request.cliques,
+                                 request.plan.pair_bound, sigma, rng)
     parts = noisy_marginals(request.cells, request.names, request.sizes, request.cliques,
                             sigma, rng)
     if kind == ONE_WAY:

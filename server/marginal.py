@@ -49,7 +49,7 @@ from ..common.encryption import (
 from ..common.generators.marginal import MarginalGenerator
 from ..common.generators.marginal.fit import Clique, Measurement, noisy_total
 from ..common.generators.marginal.model import NO_DP_NOISE
-from ..common.generators.marginal.plan import CODES, MarginalPlan
+from ..common.generators.marginal.plan import CODES, PAIRS, MarginalPlan
 from ..common.schema import Schema
 from ..common.study import ConfigError, StudyConfig, schema_fingerprint
 from .strategy import RoundLog, SiteRound
@@ -218,6 +218,8 @@ class FederatedMeasurer:
         """Entries of one clique's vector: its cells, or its code histogram entries."""
         if kind == CODES:
             return self.code_lengths[clique[0]]
+        if kind == PAIRS:  # one count per pair (code_pairs.py)
+            return 1
         return math.prod(self.sizes[a] for a in clique)
 
     def _split(self, vector: np.ndarray, cliques: Sequence[Clique], kind: str = ""
@@ -317,6 +319,8 @@ def run_marginal_study(grid: Grid, study: StudyConfig, schema: Schema,
             "plan": plan.to_dict(),
             "site_attribute": measurer.sites,
             "selected": [list(c) for lg in result.log for c in lg.chosen],
+            "pairs_released": len(result.pairs),
+            "pairs_in_model": [list(c) for c in result.pairs_in_model],
             "measurements": len(result.measurements),
             "noise": measurer.noise,
         },

@@ -1,9 +1,11 @@
 """The marginal method itself (AIM-style), for one data holder or many.
 
-1. Measure every 1-way marginal; fit.
+1. Measure every 1-way marginal, the code histogram and (``code_pairs.py``) every pair
+   of the frequent binary codes in one release; fit.
 2. For each selection round: score candidate 2-way (and, if allowed, 3-way) marginals
    under DP (``plan.py``), take the top ``per_round`` whose addition keeps the model
-   within ``max_cells``, measure them, refit (warm start).
+   within ``max_cells``, measure them, refit (warm start). The released code pairs
+   join the model at the end, most dependent first, in what the junction tree has left.
 
 Who holds the rows is hidden behind :class:`Measurer`: a central fit measures the
 pooled table in this process; a federated study asks the sites through Flower and adds
@@ -25,11 +27,11 @@ from typing import Protocol
 
 import numpy as np
 
-from . import fit
+from . import code_pairs, fit
 from .discretize import Discretizer
 from .fit import SITE, Clique, Measurement
 from .measure import marginal
-from .plan import CODES, MEASURE, ONE_WAY, MarginalPlan
+from .plan import CODES, MEASURE, ONE_WAY, PAIRS, MarginalPlan
 
 MC_DRAWS = 100_000
 
@@ -72,6 +74,8 @@ class EngineResult:
     measurements: list[Measurement]
     log: list[SelectionLog] = field(default_factory=list)
     codes: list[Measurement] = field(default_factory=list)  # the code histogram (codes.py)
+    pairs: list[Measurement] = field(default_factory=list)  # the pair release (code_pairs.py)
+    pairs_in_model: list[Clique] = field(default_factory=list)  # those the model reads
 
 
 def candidates(
@@ -131,13 +135,17 @@ def run(
         measurements = measurer.measure(one_way, ONE_WAY) if one_way else []
     code_meas = measurer.measure([(a,) for a in codes], CODES) if codes else []
     measurements += [m for m in code_meas if m.clique[0] in set(direct)]
+    pair_meas = _code_pairs(plan, measurer, code_meas, direct)
+    # with the pair release, no round measures a pair of two codes again: the frequent
+    # codes' pairs are all released, the rarer codes' show no association above noise
+    released = ([c for c in combinations(direct, 2)] if pair_meas else [])
     sites = list(measurer.sites)  # known once the sites have answered
     model = None
     log: list[SelectionLog] = []
     scored = plan.select_share > 0
     for t in range(plan.rounds):
         measured = [m.clique for m in measurements]
-        every = candidates(names, sizes, measured, max_way, max_clique_cells)
+        every = candidates(names, sizes, measured + released, max_way, max_clique_cells)
         order = (workload_order(every, variation(measurements), anchors, codes or {})
                  if workload else pool_order(every, anchors, plan.candidates, rng))
         pool = _pool([every[i] for i in order], sizes, measured, sites,
@@ -161,9 +169,36 @@ def run(
         measurements += measurer.measure(chosen, MEASURE)
         if scored:  # the next round scores against this fit; unscored rounds need none
             model = fit.estimate(sizes, measurements, sites, iters, warm_start=model)
-    if model is None:
-        model = fit.estimate(sizes, measurements, sites, iters)
-    return EngineResult(model, measurements, log, code_meas)
+    chosen = _model_pairs(pair_meas, code_meas, measurements, sizes, sites, max_cells)
+    if chosen:
+        measurements += [m for m in pair_meas if m.clique in set(chosen)]
+    if model is None or chosen:
+        model = fit.estimate(sizes, measurements, sites, iters, warm_start=model)
+    return EngineResult(model, measurements, log, code_meas, pair_meas, chosen)
+
+
+def _code_pairs(plan: MarginalPlan, measurer: Measurer, code_meas: list[Measurement],
+                direct: Sequence[str]) -> list[Measurement]:
+    """The pair release (``code_pairs.py``): every pair of the frequent direct codes,
+    which the noisy code histogram names (post-processing); none without a pair share."""
+    if not plan.pair_bound or not code_meas:
+        return []
+    top = code_pairs.frequent_codes(code_meas, direct, plan.pair_codes)
+    return measurer.measure(code_pairs.pair_cliques(top), PAIRS) if len(top) > 1 else []
+
+
+def _model_pairs(pair_meas: list[Measurement], code_meas: list[Measurement],
+                 measurements: list[Measurement], sizes: dict[str, int],
+                 sites: Sequence[str], max_cells: int) -> list[Clique]:
+    """The released pairs the model reads: furthest from independence first, within
+    the junction tree's cap beside what the rounds measured (post-processing)."""
+    if not pair_meas:
+        return []
+    z = code_pairs.independence_z(pair_meas, code_meas, fit.noisy_total(measurements))
+    cliques = [m.clique for m in measurements]
+    return code_pairs.model_pairs(
+        z, lambda chosen: fit.model_cells(sizes, cliques + chosen, sites) <= max_cells,
+        code_pairs.MIN_Z)
 
 
 def pool_order(every: Sequence[Clique], anchors: Sequence[str], size: int,

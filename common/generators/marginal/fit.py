@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._jax import mbi
-from .plan import CODES
+from .plan import CODES, PAIRS
 
 SITE = "__site__"
 Clique = tuple[str, ...]
@@ -61,8 +61,8 @@ def linear_measurements(measurements: Sequence[Measurement], sites: Sequence[str
     m = mbi()
     out = []
     for meas in measurements:
-        if meas.kind == CODES:
-            out.append(_code_count(meas, sites))
+        if meas.kind in (CODES, PAIRS):  # one count: a code's, or a pair's "both" cell
+            out.append(_last_cell(meas, sites, 2 if meas.kind == CODES else 4))
             continue
         scale = (np.ones(meas.values.shape[-1]) if meas.cell_scale is None
                  else np.asarray(meas.cell_scale, dtype=float))
@@ -87,15 +87,17 @@ def linear_measurements(measurements: Sequence[Measurement], sites: Sequence[str
     return out
 
 
-def _code_count(meas: Measurement, sites: Sequence[str]):  # noqa: ANN202 (an mbi type)
-    """A code histogram entry as a measurement of its binary attribute's cell 1 only."""
+def _last_cell(meas: Measurement, sites: Sequence[str], cells: int):  # noqa: ANN202
+    """One count as a measurement of the last of its clique's ``cells`` cells only: a
+    code histogram entry is its binary attribute's cell 1 ("has it"), a pair count
+    (``code_pairs.py``) its two codes' cell (1, 1) ("has both")."""
     m = mbi()
     values = np.asarray(meas.values, dtype=float)
     if meas.by_site and sites:
         sd = np.asarray(meas.stddev, dtype=float).reshape(-1)
-        y = np.zeros((len(sites), 2))
-        w = np.zeros((len(sites), 2))
-        y[:, 1], w[:, 1] = values.reshape(len(sites), -1)[:, 0] / sd, 1.0 / sd
+        y = np.zeros((len(sites), cells))
+        w = np.zeros((len(sites), cells))
+        y[:, -1], w[:, -1] = values.reshape(len(sites), -1)[:, 0] / sd, 1.0 / sd
         return m.LinearMeasurement(y.ravel(), (SITE, *meas.clique), stddev=1.0,
                                    query=m.WeightedQuery(w.ravel()))
     if meas.by_site:
@@ -104,7 +106,7 @@ def _code_count(meas: Measurement, sites: Sequence[str]):  # noqa: ANN202 (an mb
     else:
         sd = float(meas.stddev)
     return m.LinearMeasurement(values.reshape(-1)[:1], meas.clique, stddev=sd,
-                               query=m.SlicedQuery(1))
+                               query=m.SlicedQuery(cells - 1))
 
 
 def estimate(
@@ -122,7 +124,7 @@ def estimate(
 def noisy_total(measurements: Sequence[Measurement]) -> float:
     """The number of rows, as the mean of the 1-way measurements' sums (post-processing)."""
     sums = [float(np.sum(m.values)) for m in measurements
-            if len(m.clique) == 1 and m.kind != CODES]
+            if len(m.clique) == 1 and m.kind not in (CODES, PAIRS)]
     sums = sums or [float(np.sum(m.values)) for m in measurements]
     return max(1.0, float(np.mean(sums)) if sums else 1.0)
 

@@ -10,6 +10,7 @@ saves, loads and samples like every other generator (``fedsynth sample``).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,11 +25,12 @@ from ...privacy.randomness import DPRandomness
 from ...schema import Schema
 from ..base import ConditionError, Generator
 from . import causal, engine, fit
+from .code_pairs import entry_columns, noisy_pair_counts
 from .codes import code_weights, noisy_code_histogram, pooled_counts
 from .discretize import Discretizer, FineCells, binning_to_json, discretizer_for
 from .fit import SITE, Clique, Measurement
 from .measure import noisy_marginals, noisy_scores
-from .plan import CODES, FINE, ONE_WAY, MarginalPlan, NoiseLevels, calibrate
+from .plan import CODES, FINE, ONE_WAY, PAIRS, MarginalPlan, NoiseLevels, calibrate
 
 # a table with more candidate pairs than this (8 times the 48 a round scores by
 # default) gets the public workload order without scores (MarginalGenerator.workload)
@@ -39,6 +41,17 @@ WORKLOAD_PAIRS = 384
 # 0.972 and co-occurrence sign agreement 0.46 -> 0.80 (docs/generators.md). MIMIC's
 # patients carry about 13 codes each, so the scored (narrower) tables keep 6.
 WIDE_CODES, SCORED_CODES = (4, 0.45), (6, 0.2)
+# the budget's shares by default (a hyperparameter set to a number wins)
+SHARES = {"one_way_share": 0.2, "fine_share": 0.1, "pairs_share": 0.0}
+# the pair release (code_pairs.py), on by default on a table with two or more binary
+# codes and a code histogram (AMLSG): a patient's pairs weigh at most those of 3 codes
+# (3 Gaussians; 79% of AMLSG's patients have 3 genes or fewer), the code histogram
+# keeps 3 codes a patient too, and the shares move to the pairs from the code
+# histogram, the 1-way and the fine releases. Chosen with 18 sites' noise
+# (docs/generators.md "Pairs of codes", benchmarks/marginal-datasets/results.md)
+PAIR_BOUND = 3
+PAIR_SHARES = {"one_way_share": 0.15, "fine_share": 0.05, "codes_share": 0.35,
+               "pairs_share": 0.25}
 NO_DP_NOISE = 1e-3  # noise std of a fit without DP: just enough to keep mbi well posed
 
 
@@ -61,8 +74,10 @@ class MarginalGenerator(Generator):
         "rounds": 2,  # selection rounds after the 1-way marginals (one mbi fit each)
         "per_round": 8,  # marginals measured per round (top-k of one noisy score vector)
         "candidates": 48,  # candidates scored per round at most (the plan's bound)
-        "one_way_share": 0.2,  # share of the privacy budget for the 1-way marginals
-        "fine_share": 0.1,  # share for the fine histograms of the numeric columns
+        # shares of the privacy budget for the 1-way marginals and for the fine
+        # histograms of the numeric columns; None: SHARES (PAIR_SHARES with pairs)
+        "one_way_share": None,
+        "fine_share": None,
         "select_share": 0.15,  # share for the selection scores (the rest: measurements)
         # the schema's outcome: its candidates are always scored, their scores weighted
         # by this (public workload weight); 1: no preference
@@ -93,6 +108,14 @@ class MarginalGenerator(Generator):
         # workload (no score share), SCORED_CODES with scores
         "code_bound": None,
         "codes_share": None,
+        # pairs of codes: one bounded release of the co-occurrence counts of every pair
+        # of the (at most pair_codes) most frequent binary codes (code_pairs.py); each
+        # patient's pairs weigh at most those of pair_bound codes. None: PAIR_BOUND and
+        # PAIR_SHARES when the table has two or more binary codes and a code
+        # histogram; pair_bound or pairs_share 0: off
+        "pair_bound": None,
+        "pairs_share": None,
+        "pair_codes": 24,
     }
 
     # -- Generator plumbing (no networks: nothing here is trained by DP-SGD) -----------
@@ -177,23 +200,26 @@ class MarginalGenerator(Generator):
         d = len(self.discretizer.attributes)
         fine = (len(self.discretizer.numeric_names())
                 if int(self.hparams["fine_bins"]) > 0 else 0)
-        fine_share = float(self.hparams["fine_share"]) if fine else 0.0
         pool = engine.candidates(self.discretizer.names, self.sizes, [], 2,
                                  int(self.hparams["max_clique_cells"]))
         # a graph names its families: no selection, so no workload order either
         wide = self.graph is None and self.workload(len(pool))
-        bound, share = (WIDE_CODES if wide else SCORED_CODES)
+        bound = (WIDE_CODES if wide else SCORED_CODES)[0]
         bound = bound if self.hparams["code_bound"] is None else int(self.hparams["code_bound"])
-        share = (share if self.hparams["codes_share"] is None
-                 else float(self.hparams["codes_share"]))
         codes = bool(self.discretizer.code_attrs) and bound > 0
         direct = len(self.discretizer.direct_codes) if codes else 0
-        code_bound, codes_share = (bound, share) if codes else (0, 0.0)
+        pair_bound, pair_codes = self._pair_release(codes, direct)
+        if pair_bound and self.hparams["code_bound"] is None:
+            bound = PAIR_BOUND  # with the pair release, both code releases bound alike
+        shares = self._shares(wide, pair_bound > 0)
+        fine_share = shares["fine_share"] if fine else 0.0
+        code_bound, codes_share = (bound, shares["codes_share"]) if codes else (0, 0.0)
+        pairs_share = shares["pairs_share"] if pair_bound else 0.0
         if self.graph is not None:  # the graph's families, no selection
             fams = causal.families(self.graph, self.order)
             causal.check_families(fams, self._causal_sizes(),
                                   int(self.hparams["max_clique_cells"]))
-            return causal.plan(max(1, d - direct), fams, float(self.hparams["one_way_share"]),
+            return causal.plan(max(1, d - direct), fams, shares["one_way_share"],
                                fine, fine_share, code_bound, codes_share)
         m = min(int(self.hparams["candidates"]), max(len(pool), 1))
         if n_candidates is not None:
@@ -201,8 +227,28 @@ class MarginalGenerator(Generator):
         rounds = int(self.hparams["rounds"]) if len(pool) else 0
         select = 0.0 if wide else float(self.hparams["select_share"])
         return MarginalPlan(max(1, d - direct), rounds, m, int(self.hparams["per_round"]),
-                            float(self.hparams["one_way_share"]), select, fine, fine_share,
-                            code_bound, codes_share)
+                            shares["one_way_share"], select, fine, fine_share,
+                            code_bound, codes_share, pair_bound, pair_codes, pairs_share)
+
+    def _pair_release(self, codes: bool, direct: int) -> tuple[int, int]:
+        """(pair_bound, pair_codes) of the plan, (0, 0) for none: the pair release needs
+        the code histogram (which picks its codes) and two binary codes; no graph."""
+        bound = (PAIR_BOUND if self.hparams["pair_bound"] is None
+                 else int(self.hparams["pair_bound"]))
+        cap = int(self.hparams["pair_codes"])
+        if not (codes and direct >= 2 and bound > 0 and cap >= 2 and self.graph is None
+                and self.hparams["pairs_share"] != 0):
+            return 0, 0
+        return bound, min(cap, direct)
+
+    def _shares(self, wide: bool, pairs: bool) -> dict[str, float]:
+        """Each release's share of the budget: the hyperparameter where it is set, else
+        the table's default (``SHARES``; ``WIDE_CODES`` / ``SCORED_CODES``' code share;
+        ``PAIR_SHARES`` when the pair release is on)."""
+        base = {**SHARES, "codes_share": (WIDE_CODES if wide else SCORED_CODES)[1],
+                **(PAIR_SHARES if pairs else {})}
+        return {k: v if self.hparams[k] is None else float(self.hparams[k])
+                for k, v in base.items()}
 
     # -- state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -276,15 +322,17 @@ class MarginalGenerator(Generator):
         ledger = PrivacyLedger(accountant)
         holder = LocalMeasurer(data, self.discretizer, noise, ledger if dp else None,
                                randomness or DPRandomness.secret(),
-                               code_bound=plan.code_bound)
+                               code_bound=plan.code_bound, pair_bound=plan.pair_bound)
         result = self.run_engine(plan, holder, sites=[])
         self.fit_info = {
             "epsilon": ledger.epsilon(delta) if dp else None,
             "delta": delta if dp else None,
             "ledger": ledger.to_record() if dp else None,
             "noise": {"one_way": noise.one_way, "score": noise.score, "measure": noise.measure,
-                      "fine": noise.fine},
+                      "fine": noise.fine, "codes": noise.codes, "pairs": noise.pairs},
             "selected": [list(c) for lg in result.log for c in lg.chosen],
+            "pairs_released": len(result.pairs),
+            "pairs_in_model": [list(c) for c in result.pairs_in_model],
             "reproducible_noise": (randomness or DPRandomness.secret()).is_reproducible,
         }
         return self
@@ -519,12 +567,14 @@ class LocalMeasurer:
 
     def __init__(self, data: pd.DataFrame, discretizer: Discretizer, noise: NoiseLevels,
                  ledger: PrivacyLedger | None, randomness: DPRandomness,
-                 code_bound: int = 0) -> None:
+                 code_bound: int = 0, pair_bound: int = 0) -> None:
         self.data = data
+        self.pair_bound = pair_bound
         # the code histogram (codes.py): its 0/1 entries per row, and each attribute's
         # number of entries (code sets do not depend on the numeric binning)
         self.presence, self.code_bound = discretizer.code_presence(data), code_bound
         self.code_lengths = discretizer.code_attrs
+        self.code_columns = entry_columns(self.code_lengths)
         self.noise, self.ledger, self.randomness = noise, ledger, randomness
         self.total: float | None = None
         self.sites: list[str] = []  # one holder, no site attribute
@@ -543,11 +593,16 @@ class LocalMeasurer:
                 noisy_code_histogram(self.presence, self.code_bound, sigma,
                                      self.randomness.numpy("measurement")),
                 np.cumsum(list(self.code_lengths.values()))[:-1])
+        elif kind == PAIRS:  # every asked pair's count, one entry each (code_pairs.py)
+            values = np.split(noisy_pair_counts(
+                self.presence, self.code_columns, cliques, self.pair_bound, sigma,
+                self.randomness.numpy("measurement")), len(cliques))
         else:
             values = noisy_marginals(self.cells, self.names, self.sizes, cliques, sigma,
                                      self.randomness.numpy("measurement"))
         if self.ledger is not None:
-            self.ledger.record(sigma, 1.0, self.code_bound if kind == CODES else len(cliques))
+            self.ledger.record(sigma, 1.0, self.code_bound if kind == CODES else
+                               math.comb(self.pair_bound, 2) if kind == PAIRS else len(cliques))
         if len(cliques[0]) == 1 and kind != CODES and self.total is None:
             self.total = float(np.mean([v.sum() for v in values]))
         return [Measurement(c, v, np.asarray(sigma), kind=kind)

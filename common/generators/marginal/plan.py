@@ -17,6 +17,11 @@ rate 1 (no subsampling: every row of the site counts):
   ``code_bound`` > 0, ``codes.py``): the per-code counts of the codes, each patient
   contributing at most ``code_bound`` codes,
   so L2 sensitivity sqrt(code_bound): ``record(sigma_codes, 1.0, code_bound)``.
+- ``pairs`` (once, after the code histogram, when ``pair_bound`` > 0,
+  ``code_pairs.py``): the co-occurrence counts of pairs among at most ``pair_codes``
+  frequent codes, each patient keeping at most ``pair_bound`` of them, so one patient
+  moves at most C(pair_bound, 2) counts by one: L2 sensitivity sqrt(C(pair_bound, 2)),
+  ``record(sigma_pairs, 1.0, C(pair_bound, 2))``.
 - ``score`` (one per selection round): for each of ``m`` candidate marginals the L1
   distance between the site's marginal and the current model's, scaled to the site's
   noisy total. One patient moves one count of each candidate marginal by one, so each
@@ -34,8 +39,8 @@ rate 1 (no subsampling: every row of the site counts):
 Gaussian mechanisms at rate 1 compose exactly into one Gaussian: ``sum_i c_i / sigma_i^2``
 = ``1 / sigma_eq^2``, in RDP (Opacus' ``rdp``) and in the privacy-loss distribution
 (``prv``) alike. So the plan fixes the share of that total each kind gets
-(``fine_share``, ``one_way_share``, ``codes_share``, ``select_share``, the rest for
-measurements), finds the largest total (smallest ``sigma_eq``) whose epsilon at
+(``fine_share``, ``one_way_share``, ``codes_share``, ``pairs_share``, ``select_share``,
+the rest for measurements), finds the largest total (smallest ``sigma_eq``) whose epsilon at
 ``delta`` fits the budget with the site's own accountant, and splits it. A site that
 follows the plan ends within its budget; the candidate count per round is the plan's
 upper bound, so a round with fewer candidates spends less.
@@ -50,6 +55,7 @@ from typing import Any
 from ...privacy import PrivacyLedger
 
 ONE_WAY, SCORE, MEASURE, FINE, CODES = "one-way", "score", "measure", "fine", "codes"
+PAIRS = "pairs"
 
 
 @dataclass(frozen=True)
@@ -66,26 +72,34 @@ class MarginalPlan:
     fine_share: float = 0.0  # its share of the budget
     code_bound: int = 0  # grouped codes per patient in the code histogram (0: no release)
     codes_share: float = 0.0  # share of the budget for the code histogram
+    pair_bound: int = 0  # codes per patient in the pair release (0: no pair release)
+    pair_codes: int = 0  # at most this many codes form the released pairs (public cap)
+    pairs_share: float = 0.0  # share of the budget for the pair release
 
     def __post_init__(self) -> None:
         if self.code_bound < 0 or not (0 <= self.codes_share < 1) or (
                 (self.code_bound > 0) != (self.codes_share > 0)):
             raise ValueError("code_bound and codes_share are both 0 (no code histogram) or "
                              "both positive (codes_share < 1)")
+        if (self.pair_bound > 0) != (self.pairs_share > 0) or self.pair_bound == 1 or (
+                self.pair_bound and self.pair_codes < 2) or not 0 <= self.pairs_share < 1:
+            raise ValueError("pair_bound, pair_codes and pairs_share are all 0 (no pair "
+                             "release) or pair_bound >= 2, pair_codes >= 2 and 0 < "
+                             "pairs_share < 1")
         if self.attributes < 1 or self.rounds < 0 or self.per_round < 1 or self.fine < 0:
             raise ValueError("a marginal plan needs >= 1 attribute, >= 0 rounds, >= 1 per round")
         if not (0 < self.one_way_share < 1 and 0 <= self.select_share < 1
                 and self.one_way_share + self.select_share + self.fine_share
-                + self.codes_share < 1
+                + self.codes_share + self.pairs_share < 1
                 or self.rounds == 0):
             raise ValueError("one_way_share, select_share, fine_share and codes_share must be "
                              "in [0, 1) with sum < 1 (the rest is for the measurements)")
         if (self.fine > 0) != (self.fine_share > 0) or self.fine_share >= 1:
             raise ValueError("fine histograms need a fine_share in (0, 1), and a fine_share "
                              "needs fine histograms")
-        if self.rounds == 0 and self.fine_share + self.codes_share >= 1:
-            raise ValueError("fine_share + codes_share must be < 1 (the rest is for the "
-                             "1-way marginals)")
+        if self.rounds == 0 and self.fine_share + self.codes_share + self.pairs_share >= 1:
+            raise ValueError("fine_share + codes_share + pairs_share must be < 1 (the rest "
+                             "is for the 1-way marginals)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,7 +112,7 @@ class MarginalPlan:
     def share_left(self) -> float:
         """The share of the budget the measurements get (what the others leave)."""
         return (1.0 - self.one_way_share - self.select_share - self.fine_share
-                - self.codes_share)
+                - self.codes_share - self.pairs_share)
 
     def one_way_total(self) -> float:
         """The share of the 1-way releases (the fine one included)."""
@@ -114,15 +128,16 @@ class NoiseLevels:
     measure: float
     fine: float = math.inf  # the fine histograms'; unused without numeric columns
     codes: float = math.inf  # the code histogram's (codes.py); unused without grouped codes
+    pairs: float = math.inf  # the pair release's (code_pairs.py); unused without it
 
     @classmethod
     def flat(cls, sigma: float) -> NoiseLevels:
         """The same noise for every kind (a fixed multiplier, or a fit without DP)."""
-        return cls(sigma, sigma, sigma, sigma, sigma)
+        return cls(sigma, sigma, sigma, sigma, sigma, sigma)
 
     def of(self, kind: str) -> float:
         return {ONE_WAY: self.one_way, SCORE: self.score, MEASURE: self.measure,
-                FINE: self.fine, CODES: self.codes}[kind]
+                FINE: self.fine, CODES: self.codes, PAIRS: self.pairs}[kind]
 
 
 def planned_ledger(plan: MarginalPlan, noise: NoiseLevels, mechanism: str = "rdp") -> PrivacyLedger:
@@ -133,6 +148,8 @@ def planned_ledger(plan: MarginalPlan, noise: NoiseLevels, mechanism: str = "rdp
     ledger.record(noise.one_way, 1.0, plan.attributes)
     if plan.code_bound:
         ledger.record(noise.codes, 1.0, plan.code_bound)
+    if plan.pair_bound:
+        ledger.record(noise.pairs, 1.0, math.comb(plan.pair_bound, 2))
     for _ in range(plan.rounds):
         if plan.select_share > 0:  # 0: no score release (engine.workload_order decides)
             ledger.record(noise.score, 1.0, plan.candidates)
@@ -145,16 +162,18 @@ def _levels(plan: MarginalPlan, rho: float) -> NoiseLevels:
     fine = (math.sqrt(plan.fine / (2 * rho * plan.fine_share)) if plan.fine else math.inf)
     codes = (math.sqrt(plan.code_bound / (2 * rho * plan.codes_share))
              if plan.code_bound else math.inf)
+    pairs = (math.sqrt(math.comb(plan.pair_bound, 2) / (2 * rho * plan.pairs_share))
+             if plan.pair_bound else math.inf)
     if plan.rounds == 0:
-        one_share = 1.0 - plan.fine_share - plan.codes_share
+        one_share = 1.0 - plan.fine_share - plan.codes_share - plan.pairs_share
         return NoiseLevels(math.sqrt(plan.attributes / (2 * rho * one_share)), math.inf,
-                           math.inf, fine, codes)
+                           math.inf, fine, codes, pairs)
     measure_share = plan.share_left
     one = math.sqrt(plan.attributes / (2 * rho * plan.one_way_share))
     score = (math.sqrt(plan.rounds * plan.candidates / (2 * rho * plan.select_share))
              if plan.select_share > 0 else math.inf)
     measure = math.sqrt(plan.rounds * plan.per_round / (2 * rho * measure_share))
-    return NoiseLevels(one, score, measure, fine, codes)
+    return NoiseLevels(one, score, measure, fine, codes, pairs)
 
 
 def calibrate(
