@@ -172,6 +172,7 @@ class TabDDPM(OutcomeConditioned, Generator):
         "numeric_scale": None,
         "condition": "outcome",
         "multiplicity": 8,
+        "condition_gain": 1.0,
     }
 
     def build(self) -> None:
@@ -356,8 +357,9 @@ class TabDDPM(OutcomeConditioned, Generator):
 
     def _with_offset(self, out: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """The categorical logits get the condition's offset directly."""
+        gain = self.automatic_gain(self.hparams["condition_gain"])
         return torch.cat([out[:, : self._n_num], out[:, self._n_num :]
-                          + offset[:, self._n_num :]], dim=1)
+                          + gain * offset[:, self._n_num :]], dim=1)
 
     def _eps_hat(self, out: torch.Tensor, offset: torch.Tensor, num_t: torch.Tensor,
                  t: torch.Tensor) -> torch.Tensor:

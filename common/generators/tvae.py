@@ -77,6 +77,9 @@ from torch.nn import functional as F
 
 from .base import Generator
 
+#: Largest automatic gain of the condition's direct map (the largest measured: TCGA-BRCA's
+#: 38 binary columns; docs/generators.md).
+MAX_CONDITION_GAIN = 20.0
 
 class _CondPrior(nn.Module):
     """The DP frequencies of the conditioning column, a buffer (no parameters).
@@ -126,6 +129,19 @@ class OutcomeConditioned:
     def statistics_column(self) -> str | None:
         return self.cond_column
 
+    def automatic_gain(self, chosen: bool | float) -> float:
+        """The gain of the condition's direct map on the categorical outputs: ``chosen``
+        if a number, else (True) half the number of categorical columns the map feeds,
+        between 1 and ``MAX_CONDITION_GAIN``. A row's loss sums one term per column, so
+        the more columns, the larger its gradient and the smaller each weight's share
+        after clipping, while the DP noise per weight stays: the gain gives the map's
+        weights their share back (docs/generators.md)."""
+        if chosen is not True:
+            return float(chosen)
+        fed = sum(1 for c in self.schema.columns  # type: ignore[attr-defined]
+                  if c.is_categorical and not c.group and c.name != self.cond_column)
+        return float(min(MAX_CONDITION_GAIN, max(1.0, fed / 2)))
+
     def set_statistics(self, histogram: np.ndarray) -> None:
         """Keep the site's noisy histogram as frequencies (uniform if it has no mass)."""
         if self.cond_column is None:
@@ -159,10 +175,6 @@ class _LogScale(nn.Module):
 #: Starting scales (``numeric_sigma: None``): on the public-bounds scale, and on a
 #: quantile grid's normal scores (marginal std 0.43 there).
 BOUNDS_SIGMA, GRID_SIGMA = 0.15, 0.4
-
-#: Largest automatic gain of the condition's direct map (the largest measured: TCGA-BRCA's
-#: 38 binary columns; docs/generators.md).
-MAX_CONDITION_GAIN = 20.0
 
 #: Bounds of a learned numeric scale on the [-1, 1] axis: 0.01 (TVAE's floor) to 1 (a
 #: column spread over its whole public range).
@@ -324,15 +336,9 @@ class TVAE(OutcomeConditioned, Generator):
         self._multi_blocks = [(b.start, b.stop) for b in enc.multihot_blocks]
 
     def condition_gain(self) -> float:
-        """The condition's direct map's gain on the categorical outputs (see
-        ``defaults``): ``condition_skip`` if a number, else (True, the default) half the
-        number of categorical columns it feeds, between 1 and ``MAX_CONDITION_GAIN``."""
-        chosen = self.hparams["condition_skip"]
-        if chosen is not True:
-            return float(chosen)
-        fed = sum(1 for c in self.schema.columns if c.is_categorical and not c.group
-                  and c.name != self.cond_column)
-        return float(min(MAX_CONDITION_GAIN, max(1.0, fed / 2)))
+        """The condition's direct map's gain on the categorical outputs (``condition_skip``:
+        True the automatic gain, a number that gain)."""
+        return self.automatic_gain(self.hparams["condition_skip"])
 
     def _cond_gain(self) -> torch.Tensor:
         """The gain per output slot: ``condition_gain`` on the categorical and code
