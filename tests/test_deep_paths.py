@@ -186,3 +186,28 @@ def test_condition_gain_keeps_the_event_link_of_a_small_site_under_dp(tmp_path: 
             scores[name].append(concordance_index(hold["T"], -risk, hold["E"]))
     plain, gained = (float(np.median(scores[k])) for k in ("gain 1", "automatic"))
     assert gained >= 0.60 and gained - plain >= 0.04, scores
+
+
+def test_tvae_time_path_noise_does_not_set_the_times_level():
+    """The time map reads each input's deviation from what the decoder expects for the
+    event value, so a shift common to its weights (what DP noise on weights that act as
+    a bias does) leaves the synthetic times' level in place; read raw, the same shift
+    moves the deaths' median time by years."""
+    schema, _ = load_site_frames("tcga_brca")
+
+    def medians(model: TVAE) -> np.ndarray:
+        rows = model.sample(2000, seed=1).astype(float)
+        return np.array([rows["T"][rows["E"] == e].median() for e in (0, 1)])
+
+    def shift_moves(model: TVAE) -> np.ndarray:
+        before = medians(model)
+        with torch.no_grad():
+            model.net.time_skip.weight.add_(0.05)
+        return np.abs(medians(model) - before)
+
+    centred = shift_moves(TVAE(schema, seed=0))
+    raw = TVAE(schema, seed=0)
+    raw.centre_time_path = lambda: None  # the map reads the raw row, as before
+    moved = shift_moves(raw)
+    assert np.all(centred < 100), centred  # days
+    assert np.all(moved > 1000), moved

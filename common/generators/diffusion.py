@@ -158,6 +158,11 @@ class TabDDPM(OutcomeConditioned, Generator):
     #   quantile grid, whose normal scores then have unit variance, as the chain's
     #   terminal N(0, 1) has; there the denoiser predicts the noise beyond the prior's
     #   (``_eps_hat``; see "Spread" in docs/generators.md).
+    # - condition_gain True: the condition's offsets on the categorical logits are
+    #   multiplied by the TVAE's automatic gain (``OutcomeConditioned.automatic_gain``:
+    #   half the categorical columns they feed, 1-20; a number sets it). Heart, 4
+    #   sites, epsilon 3, reproducible noise, seeds 0-5: fidelity 0.901 -> 0.912, TSTR
+    #   0.863 -> 0.885, detection 0.905 -> 0.887 (gain 1 -> 4).
     defaults: ClassVar[dict[str, Any]] = {
         "hidden": 64,
         "depth": 2,
@@ -172,7 +177,7 @@ class TabDDPM(OutcomeConditioned, Generator):
         "numeric_scale": None,
         "condition": "outcome",
         "multiplicity": 8,
-        "condition_gain": 1.0,
+        "condition_gain": True,
     }
 
     def build(self) -> None:

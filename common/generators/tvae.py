@@ -62,6 +62,8 @@ Why it is shaped this way:
   C-index 0.40). The map's output is multiplied by the gain ``survival_skip``, which
   raises its share of each clipped per-row gradient (gain 5: C-index median 0.59-0.60;
   gain 2: 0.55). At sampling the time is drawn last, from the sampled other columns.
+  The map reads each input's deviation from what the decoder expects for the row's
+  event value (``centre_time_path``), so its noisy weights do not set the times' level.
   A schema without a categorical outcome but with a survival outcome is conditioned
   on the event.
 """
