@@ -234,6 +234,9 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated setting keys to run (e.g. tvae/federated/eps3)")
     p.add_argument("--keep-work", action="store_true",
                    help="keep OUT/work (site files with real rows, models) for inspection")
+    p.add_argument("--reproducible-noise", action="store_true",
+                   help="derive every site's DP noise and training draws from the seed, so a "
+                   "run repeats byte for byte; its outputs are not a DP release")
     p.add_argument("--out", default="benchmark-output", help="output folder")
 
 

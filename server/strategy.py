@@ -166,7 +166,9 @@ class SiteAware:
                 )
             record.aggregated = False
             return None
-        return usable
+        # In node order, not arrival order (Flower samples the nodes of a round in a
+        # random order): the float sums of the average then repeat run to run.
+        return sorted(usable, key=lambda m: m.metadata.src_node_id)
 
     def check(self, msg: Message, site: str, ctx: RoundContext) -> str:
         """The first guard's reason to refuse a trained reply, or ''."""

@@ -41,6 +41,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..common.generators import get_generator
+from ..common.privacy.randomness import DPRandomness
 from ..common.schema import Schema
 from ..common.study import DEFAULT_DELTA, DEFAULT_EPSILON, ConfigError, SiteConfig, StudyConfig
 from ..common.table import read_table
@@ -144,6 +145,11 @@ class BenchmarkOptions:
     command: str = ""
     only: tuple[str, ...] = ()  # run only these setting keys (e.g. "tvae/federated/eps3")
     generator_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # False (default): every site draws its DP noise, batches and training draws from
+    # secret randomness, as a real site does, so two runs of the same seeds differ.
+    # True: all of them derive from the seed (DPRandomness.reproducible), the run repeats
+    # byte for byte, and nothing it produces is a DP release (results.md says so).
+    reproducible_noise: bool = False
 
     @classmethod
     def quick_defaults(cls, **kw: Any) -> BenchmarkOptions:
@@ -245,7 +251,7 @@ def prepare_seed(opts: BenchmarkOptions, seed: int, folder: Path) -> SeedData:
         # exactly the split `fedsynth simulate` makes, so --ray-check compares like with like
         sim = SimulationOptions(
             dataset=opts.dataset, holdout=opts.holdout, delta=opts.delta,
-            study=StudyConfig(seed=seed),
+            study=StudyConfig(seed=seed), reproducible_noise=opts.reproducible_noise,
         )
         sites, train, hold = prepare_sites(sim, folder)
         return SeedData(Schema.load(schema_path), schema_path, sites, train, hold)
@@ -259,8 +265,9 @@ def prepare_seed(opts: BenchmarkOptions, seed: int, folder: Path) -> SeedData:
         train, hold = holdout_split(frame, schema, opts.holdout, seed=seed + i)
         path = real / f"site-{name}.csv"
         write_site_table(train, schema, str(path))
-        sites.append(SiteConfig(name=name, data_path=str(path), schema_path=str(schema_path),
-                                delta=opts.delta))
+        sites.append(SiteConfig(
+            name=name, data_path=str(path), schema_path=str(schema_path), delta=opts.delta,
+            reproducible_noise_seed=seed * 1000 + i if opts.reproducible_noise else None))
         trains.append(train.assign(site=name))
         holds.append(hold.assign(site=name))
     return SeedData(schema, schema_path, sites, pd.concat(trains, ignore_index=True),
@@ -339,8 +346,11 @@ def run_central(opts: BenchmarkOptions, setting: Setting, data: SeedData, seed: 
         data.schema, seed=seed, **opts.generator_params.get(setting.generator, {})
     )
     epochs = opts.rounds * opts.local_epochs
+    randomness = (DPRandomness.reproducible(seed, "central") if opts.reproducible_noise
+                  else DPRandomness.secret())
     model.fit(train, epochs=epochs, sample_rate=opts.sample_rate,
-              epsilon=setting.epsilon if setting.dp else None, delta=opts.delta)
+              epsilon=setting.epsilon if setting.dp else None, delta=opts.delta,
+              randomness=randomness)
     eps = model.fit_info["epsilon"]
     return Produced(
         synthetic=model.sample(len(train), seed=seed + 1),

@@ -68,6 +68,7 @@ def options_from_args(args: argparse.Namespace) -> BenchmarkOptions:
         "anonymeter_python": anonymeter if use_anon else "",
         "out": Path(args.out),
         "keep_work": args.keep_work,
+        "reproducible_noise": args.reproducible_noise,
         "command": _command(),
         "only": tuple(x for x in args.only.split(",") if x.strip()),
     }

@@ -222,7 +222,12 @@ def _describe(info: dict[str, Any]) -> str:
         f"Validation areas: {areas}; anonymeter {anon}. "
         f"SDV: {info.get('sdv')}. Federated and site-alone settings ran in process "
         "(real ServerApp and ClientApp code, no Ray); peak memory is the process's peak "
-        "RSS during training and sampling."
+        "RSS during training and sampling. "
+        + ("DP noise: reproducible from the seed (--reproducible-noise): "
+           "reproducible noise: not a DP release; the run repeats byte for byte."
+           if o.get("reproducible_noise") else
+           "DP noise: secret (the OS CSPRNG, as a real site draws it): two runs of the "
+           "same seeds differ by the DP noise and the draws of training.")
     )
 
 

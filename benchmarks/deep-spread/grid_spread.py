@@ -50,6 +50,7 @@ def cdf(noisy: np.ndarray, std: float, gap: int | None, sigmas: float) -> np.nda
 
 
 RULES = {"before": (None, 2.0), "gap 1, 2 sd": (1, 2.0), "gap 3, 2 sd": (3, 2.0),
+         "gap 2, 1 sd": (2, 1.0), "gap 3, 1 sd": (3, 1.0), "gap 1, 0.75 sd": (1, 0.75),
          "gap 1, 1 sd (now)": (1, 1.0), "gap 1, 1.5 sd": (1, 1.5)}
 
 schema, frames = load_site_frames("heart_disease")

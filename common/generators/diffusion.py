@@ -158,6 +158,11 @@ class TabDDPM(OutcomeConditioned, Generator):
     #   quantile grid, whose normal scores then have unit variance, as the chain's
     #   terminal N(0, 1) has; there the denoiser predicts the noise beyond the prior's
     #   (``_eps_hat``; see "Spread" in docs/generators.md).
+    # - condition_gain True: the condition's offsets on the categorical logits are
+    #   multiplied by the TVAE's automatic gain (``OutcomeConditioned.automatic_gain``:
+    #   half the categorical columns they feed, 1-20; a number sets it). Heart, 4
+    #   sites, epsilon 3, reproducible noise, seeds 0-5: fidelity 0.901 -> 0.912, TSTR
+    #   0.863 -> 0.885, detection 0.905 -> 0.887 (gain 1 -> 4).
     defaults: ClassVar[dict[str, Any]] = {
         "hidden": 64,
         "depth": 2,
@@ -172,6 +177,7 @@ class TabDDPM(OutcomeConditioned, Generator):
         "numeric_scale": None,
         "condition": "outcome",
         "multiplicity": 8,
+        "condition_gain": True,
     }
 
     def build(self) -> None:
@@ -356,8 +362,9 @@ class TabDDPM(OutcomeConditioned, Generator):
 
     def _with_offset(self, out: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """The categorical logits get the condition's offset directly."""
+        gain = self.automatic_gain(self.hparams["condition_gain"])
         return torch.cat([out[:, : self._n_num], out[:, self._n_num :]
-                          + offset[:, self._n_num :]], dim=1)
+                          + gain * offset[:, self._n_num :]], dim=1)
 
     def _eps_hat(self, out: torch.Tensor, offset: torch.Tensor, num_t: torch.Tensor,
                  t: torch.Tensor) -> torch.Tensor:
