@@ -18,7 +18,7 @@ import pandas as pd
 from torch import nn
 
 from ...causal import CausalError
-from ...dp_histogram import cell_weights, equal_mass_cuts, mass_and_width_cuts
+from ...dp_histogram import bin_weights, cell_weights, equal_mass_cuts, mass_and_width_cuts
 from ...privacy import PrivacyLedger
 from ...privacy.randomness import DPRandomness
 from ...schema import Schema
@@ -57,7 +57,11 @@ class MarginalGenerator(Generator):
         # mass (with a causal graph, joined with equal-width cuts of the noisy support:
         # dp_histogram.mass_and_width_cuts). 0: equal-width bins of the public range
         # (no fine release)
-        "fine_bins": 64,
+        "fine_bins": 256,
+        # decoding inside a bin: a fine cell is drawn by its summed noisy count less
+        # this many noise stds, clipped at 0 (dp_histogram.bin_weights); 0: the
+        # clipped counts shrunk towards uniform (dp_histogram.cell_weights)
+        "decode_threshold": 2.0,
         "rounds": 2,  # selection rounds after the 1-way marginals (one mbi fit each)
         "per_round": 8,  # marginals measured per round (top-k of one noisy score vector)
         "candidates": 48,  # candidates scored per round at most (the plan's bound)
@@ -369,8 +373,11 @@ class MarginalGenerator(Generator):
             pooled = (noisy.sum(axis=0) if noisy.ndim == 2 else noisy)[: attr.bins]
             sd = float(np.sqrt(np.sum(np.square(meas.stddev))))  # of the summed noise
             cuts = cut(pooled, min(bins, attr.bins), sd)
+            threshold = float(self.hparams["decode_threshold"])
+            weights = (bin_weights(pooled, sd, cuts, threshold) if threshold > 0
+                       else cell_weights(pooled, sd))
             cells[attr.name] = FineCells(attr.bins, tuple(int(c) for c in cuts),
-                                         tuple(cell_weights(pooled, sd)))
+                                         tuple(weights))
         self.discretizer = fine.refined(cells)
         self.binning = binning_to_json(fine_bins, cells, weights=True)
         measurer.use(self.discretizer, binning_to_json(fine_bins, cells))
