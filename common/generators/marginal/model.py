@@ -56,11 +56,13 @@ class MarginalGenerator(Generator):
         # histogram is released first, the bins are runs of them of about equal noisy
         # mass (with a causal graph, joined with equal-width cuts of the noisy support:
         # dp_histogram.mass_and_width_cuts). 0: equal-width bins of the public range
-        # (no fine release)
+        # (no fine release). Never more cells than grid values (discretize.grid_cells),
+        # so a heaped value (0.0 mm ST depression) has a cell of its own
         "fine_bins": 256,
-        # decoding inside a bin: a fine cell is drawn by its summed noisy count less
-        # this many noise stds, clipped at 0 (dp_histogram.bin_weights); 0: the
-        # clipped counts shrunk towards uniform (dp_histogram.cell_weights)
+        # decoding inside a bin: per bin, a blend of the noisy counts less this many
+        # noise stds (clipped at 0) and the smooth estimate, by the share of the bin's
+        # mass above that threshold (dp_histogram.bin_weights); 0: the smooth estimate
+        # alone (clipped counts shrunk towards uniform, dp_histogram.cell_weights)
         "decode_threshold": 2.0,
         "rounds": 2,  # selection rounds after the 1-way marginals (one mbi fit each)
         "per_round": 8,  # marginals measured per round (top-k of one noisy score vector)
