@@ -106,3 +106,23 @@ def test_weighted_fine_cells_decode_on_the_grid_inside_their_bin(heart_schema):
     # the bin's only weighted cell is 0.0: every value drawn in that bin is 0.0
     assert np.all(v == 0.0)
     assert list(attr.value_cell(np.array([0.0, 0.1]))) == [0, 1]  # 0.1 is the next bin
+
+
+def test_wide_tables_keep_the_smooth_decoding(heart_schema):
+    """Heart disease (91 pairs, scored) gets 256 fine cells and the heap-keeping
+    weights; TCGA-BRCA and AMLSG (the public workload, many sites) keep 64 cells and
+    the smooth weights, where the finer release cut worse bins and noise alone passed
+    the threshold; ``fine_bins`` / ``decode_threshold`` set them explicitly."""
+    from fedsynth.common.generators.marginal import MarginalGenerator
+    from fedsynth.common.schema import Schema
+    from fedsynth.simulations.benchmark import bundled_schema_path
+
+    heart = MarginalGenerator(heart_schema)
+    assert (heart.fine_cells(), heart.decode_threshold()) == (256, 2.0)
+    for wide in ("tcga_brca", "amlsg"):
+        schema = Schema.load(bundled_schema_path(wide))
+        model = MarginalGenerator(schema)
+        assert (model.fine_cells(), model.decode_threshold()) == (64, 0.0)
+        chosen = MarginalGenerator(schema, fine_bins=128, decode_threshold=3)
+        assert (chosen.fine_cells(), chosen.decode_threshold()) == (128, 3.0)
+    assert MarginalGenerator(heart_schema, fine_bins=0).fine_cells() == 0

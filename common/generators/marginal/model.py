@@ -39,8 +39,9 @@ WORKLOAD_PAIRS = 384
 # 0.972 and co-occurrence sign agreement 0.46 -> 0.80 (docs/generators.md). MIMIC's
 # patients carry about 13 codes each, so the scored (narrower) tables keep 6.
 WIDE_CODES, SCORED_CODES = (4, 0.45), (6, 0.2)
-# fine cells of a numeric column by default: (wide tables, scored ones); see fine_cells
-WIDE_FINE, SCORED_FINE = 64, 256
+# (fine cells of a numeric column, decode_threshold) by default: wide tables keep the
+# third pass's decoding, scored ones get the heap-keeping one; see fine_cells
+WIDE_DECODING, SCORED_DECODING = (64, 0.0), (256, 2.0)
 NO_DP_NOISE = 1e-3  # noise std of a fit without DP: just enough to keep mbi well posed
 
 
@@ -60,13 +61,14 @@ class MarginalGenerator(Generator):
         # dp_histogram.mass_and_width_cuts). 0: equal-width bins of the public range
         # (no fine release). Never more cells than grid values (discretize.grid_cells),
         # so a heaped value (0.0 mm ST depression) has a cell of its own. None:
-        # FINE_CELLS by the table's width (MarginalGenerator.fine_cells)
+        # by the table's width (WIDE_DECODING, SCORED_DECODING; fine_cells)
         "fine_bins": None,
         # decoding inside a bin: per bin, a blend of the noisy counts less this many
         # noise stds (clipped at 0) and the smooth estimate, by the share of the bin's
         # mass above that threshold (dp_histogram.bin_weights); 0: the smooth estimate
-        # alone (clipped counts shrunk towards uniform, dp_histogram.cell_weights)
-        "decode_threshold": 2.0,
+        # alone (clipped counts shrunk towards uniform, dp_histogram.cell_weights).
+        # None: by the table's width (WIDE_DECODING, SCORED_DECODING)
+        "decode_threshold": None,
         "rounds": 2,  # selection rounds after the 1-way marginals (one mbi fit each)
         "per_round": 8,  # marginals measured per round (top-k of one noisy score vector)
         "candidates": 48,  # candidates scored per round at most (the plan's bound)
@@ -185,16 +187,25 @@ class MarginalGenerator(Generator):
         """Fine cells per numeric column in the fine release (0: no fine release).
 
         Why two defaults: a finer release keeps heaped values apart (heart disease, 4
-        sites: 64 -> 256 cells raised federated fidelity from 0.910 to 0.931) but its
-        running sum, from which the bins are cut, adds one noise per cell, so at many
-        sites' noise it cuts worse bins (AMLSG, 18 sites emulated: fidelity 0.971 at
-        64 cells, 0.969 at 128, 0.966 at 256). The plan does not know the number of
-        sites, so, as for the code histogram, the table's width stands in for it:
-        wide tables (the public workload, AMLSG's 18 and TCGA's 6 sites) keep 64."""
+        sites: 64 -> 256 cells and ``bin_weights`` raised federated fidelity from 0.910
+        to 0.931) but its running sum, from which the bins are cut, adds one noise per
+        cell, so at many sites' noise it cuts worse bins (AMLSG, 18 sites emulated:
+        fidelity 0.971 at 64 cells, 0.969 at 128, 0.966 at 256), and noise alone then
+        lifts cells over the decoding threshold (AMLSG federated, 64 cells: detection
+        0.887 at threshold 0, 0.919 at 2). The plan does not know the number of sites,
+        so, as for the code histogram, the table's width stands in for it: wide tables
+        (the public workload; AMLSG's 18 and TCGA's 6 sites) keep 64 cells and the
+        smooth decoding."""
         chosen = self.hparams["fine_bins"]
-        if chosen is not None:
-            return int(chosen)
-        return WIDE_FINE if self.graph is None and self.workload() else SCORED_FINE
+        return int(chosen) if chosen is not None else self._decoding()[0]
+
+    def decode_threshold(self) -> float:
+        """``decode_threshold`` as set, or its default by the table's width (fine_cells)."""
+        chosen = self.hparams["decode_threshold"]
+        return float(chosen) if chosen is not None else self._decoding()[1]
+
+    def _decoding(self) -> tuple[int, float]:
+        return WIDE_DECODING if self.graph is None and self.workload() else SCORED_DECODING
 
     def plan(self, n_candidates: int | None = None) -> MarginalPlan:
         """The study's privacy plan from the hyperparameters (no row is read)."""
@@ -393,7 +404,7 @@ class MarginalGenerator(Generator):
             pooled = (noisy.sum(axis=0) if noisy.ndim == 2 else noisy)[: attr.bins]
             sd = float(np.sqrt(np.sum(np.square(meas.stddev))))  # of the summed noise
             cuts = cut(pooled, min(bins, attr.bins), sd)
-            threshold = float(self.hparams["decode_threshold"])
+            threshold = self.decode_threshold()
             weights = (bin_weights(pooled, sd, cuts, threshold) if threshold > 0
                        else cell_weights(pooled, sd))
             cells[attr.name] = FineCells(attr.bins, tuple(int(c) for c in cuts),
