@@ -269,3 +269,39 @@ def cell_weights(noisy_counts: np.ndarray, noise_std: float = 0.0) -> np.ndarray
         return uniform
     a = reliability(counts, noise_std)
     return a * clipped / clipped.sum() + (1 - a) * uniform
+
+
+
+
+def bin_weights(noisy_counts: np.ndarray, noise_std: float, cuts: np.ndarray,
+                threshold: float) -> np.ndarray:
+    """Cell weights for decoding inside the bins ``cuts`` (runs of cells), per bin a
+    blend of two estimates by how much of the bin stands above the noise.
+
+    In bin b, ``kept`` is its counts less ``threshold`` noise stds, clipped at 0
+    and f = sum(kept) / sum(clipped counts) the share of
+    the bin's mass that survives; the weights are f x kept (normalised) + (1 - f) x
+    :func:`cell_weights` (clipped counts shrunk towards uniform). Post-processing.
+
+    Why: clinical values are heaped (an ST depression of exactly 0.0 in 40% of the
+    heart patients, blood pressures at multiples of 10) and the bin holding a heap often
+    spans empty cells (the rare negative ST depressions); the smooth estimate gave each
+    empty cell its clipped noise plus a uniform share, and with 4 sites' noise the 0.0
+    kept 0.23 of the mass instead of 0.42. Thresholding every cell fixed that but made
+    smooth columns (age, cholesterol: about 9 patients a cell against a noise std of
+    about 21) spiky; their bins keep little above the threshold, so they keep the smooth
+    estimate."""
+    counts = np.asarray(noisy_counts, dtype=float).ravel()
+    smooth = cell_weights(counts, noise_std)
+    out = np.zeros(counts.size)
+    cuts = np.asarray(cuts, dtype=np.int64)
+    for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
+        y = counts[lo:hi]
+        mass = float(np.clip(y, 0, None).sum())
+        kept = np.clip(y - threshold * max(noise_std, 0.0), 0.0, None)
+        share = min(1.0, float(kept.sum()) / mass) if mass > 0 else 0.0
+        part = smooth[lo:hi] / max(float(smooth[lo:hi].sum()), 1e-300)
+        if share > 0:
+            part = share * kept / kept.sum() + (1 - share) * part
+        out[lo:hi] = part * max(mass, 1e-12)
+    return out / out.sum()

@@ -109,7 +109,7 @@ def test_bins_are_a_function_of_the_summed_noisy_fine_counts(heart_schema):
     from fedsynth.common.dp_histogram import equal_mass_cuts
 
     model = get_generator("marginal")(heart_schema, **SMALL)
-    fine = Discretizer(heart_schema, model.hparams["fine_bins"])
+    fine = Discretizer(heart_schema, model.fine_cells())
     rng = np.random.default_rng(1)
     noisy = {a.name: rng.normal(10, 5, a.size) for a in fine.attributes}
     releases = _Releases(noisy)
@@ -118,7 +118,7 @@ def test_bins_are_a_function_of_the_summed_noisy_fine_counts(heart_schema):
     assert releases.kinds == [("fine", numeric), ("one-way", fine.names)]
     # what the sites are told: first the fine cells, then the cuts (no weights: public
     # cuts are all a site needs)
-    assert json.loads(releases.binnings[0]) == {"fine": model.hparams["fine_bins"]}
+    assert json.loads(releases.binnings[0]) == {"fine": model.fine_cells()}
     sent = json.loads(releases.binnings[1])
     chol = model.discretizer.attribute("chol")
     expected = equal_mass_cuts(noisy["chol"][: fine.attribute("chol").bins], SMALL["bins"],

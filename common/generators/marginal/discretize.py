@@ -221,6 +221,23 @@ class Attribute:
         return self._fine_attribute()._draw_in_bins(fine, rng)
 
 
+def grid_cells(column: Column, bins: int) -> int:
+    """Cells of a column cut into ``bins`` equal-width cells, but never more cells than
+    the values it can be recorded as (the integers of an integer column, the multiples
+    of 10^-decimals of a continuous one): with as many cells as grid values each value
+    has a cell of its own, so a heaped value (an ST depression of 0.0 mm, 40% of the
+    heart patients) is not split with its neighbour when decoded. The grid of a
+    continuous column then maps value j to cell j (cell width (hi - lo) / count, just
+    under one step)."""
+    if column.kind == "integer":
+        return min(bins, int(column.max - column.min) + 1)  # type: ignore[operator]
+    if column.kind == "continuous" and column.decimals is not None:
+        step = 10.0 ** -column.decimals
+        count = int(math.floor((float(column.max) - float(column.min)) / step + 1e-9)) + 1  # type: ignore[arg-type]
+        return max(2, min(bins, count))
+    return bins
+
+
 class Discretizer:
     """Every column of the schema as a model attribute (see the module docstring)."""
 
@@ -239,10 +256,7 @@ class Discretizer:
                 if column.name == grouped[column.name].members[0]:
                     self.attributes.append(grouped[column.name])
                 continue
-            n = bins
-            if column.kind == "integer":
-                n = min(bins, int(column.max - column.min) + 1)  # type: ignore[operator]
-            self.attributes.append(Attribute(column, n))
+            self.attributes.append(Attribute(column, grid_cells(column, bins)))
 
     @property
     def names(self) -> list[str]:

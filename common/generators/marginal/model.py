@@ -19,7 +19,7 @@ import pandas as pd
 from torch import nn
 
 from ...causal import CausalError
-from ...dp_histogram import cell_weights, equal_mass_cuts, mass_and_width_cuts
+from ...dp_histogram import bin_weights, cell_weights, equal_mass_cuts, mass_and_width_cuts
 from ...privacy import PrivacyLedger
 from ...privacy.randomness import DPRandomness
 from ...schema import Schema
@@ -52,6 +52,9 @@ SHARES = {"one_way_share": 0.2, "fine_share": 0.1, "pairs_share": 0.0}
 PAIR_BOUND = 3
 PAIR_SHARES = {"one_way_share": 0.15, "fine_share": 0.05, "codes_share": 0.35,
                "pairs_share": 0.25}
+# (fine cells of a numeric column, decode_threshold) by default: wide tables keep the
+# third pass's decoding, scored ones get the heap-keeping one; see fine_cells
+WIDE_DECODING, SCORED_DECODING = (64, 0.0), (256, 2.0)
 NO_DP_NOISE = 1e-3  # noise std of a fit without DP: just enough to keep mbi well posed
 
 
@@ -69,8 +72,16 @@ class MarginalGenerator(Generator):
         # histogram is released first, the bins are runs of them of about equal noisy
         # mass (with a causal graph, joined with equal-width cuts of the noisy support:
         # dp_histogram.mass_and_width_cuts). 0: equal-width bins of the public range
-        # (no fine release)
-        "fine_bins": 64,
+        # (no fine release). Never more cells than grid values (discretize.grid_cells),
+        # so a heaped value (0.0 mm ST depression) has a cell of its own. None:
+        # by the table's width (WIDE_DECODING, SCORED_DECODING; fine_cells)
+        "fine_bins": None,
+        # decoding inside a bin: per bin, a blend of the noisy counts less this many
+        # noise stds (clipped at 0) and the smooth estimate, by the share of the bin's
+        # mass above that threshold (dp_histogram.bin_weights); 0: the smooth estimate
+        # alone (clipped counts shrunk towards uniform, dp_histogram.cell_weights).
+        # None: by the table's width (WIDE_DECODING, SCORED_DECODING)
+        "decode_threshold": None,
         "rounds": 2,  # selection rounds after the 1-way marginals (one mbi fit each)
         "per_round": 8,  # marginals measured per round (top-k of one noisy score vector)
         "candidates": 48,  # candidates scored per round at most (the plan's bound)
@@ -172,7 +183,7 @@ class MarginalGenerator(Generator):
         """Cells per attribute at most, before the fine release cuts the bins: a
         numeric column gets up to twice ``bins`` (``mass_and_width_cuts``), so a family
         is refused before any budget is spent rather than after."""
-        fine_bins, bins = int(self.hparams["fine_bins"]), int(self.hparams["bins"])
+        fine_bins, bins = self.fine_cells(), int(self.hparams["bins"])
         if fine_bins <= 0:
             return self.sizes
         return study_discretizer(self.schema, {**self.hparams,
@@ -195,11 +206,35 @@ class MarginalGenerator(Generator):
                                           int(self.hparams["max_clique_cells"])))
         return pairs > WORKLOAD_PAIRS
 
+    def fine_cells(self) -> int:
+        """Fine cells per numeric column in the fine release (0: no fine release).
+
+        Why two defaults: a finer release keeps heaped values apart (heart disease, 4
+        sites: 64 -> 256 cells and ``bin_weights`` raised federated fidelity from 0.910
+        to 0.931) but its running sum, from which the bins are cut, adds one noise per
+        cell, so at many sites' noise it cuts worse bins (AMLSG, 18 sites emulated:
+        fidelity 0.971 at 64 cells, 0.969 at 128, 0.966 at 256), and noise alone then
+        lifts cells over the decoding threshold (AMLSG federated, 64 cells: detection
+        0.887 at threshold 0, 0.919 at 2). The plan does not know the number of sites,
+        so, as for the code histogram, the table's width stands in for it: wide tables
+        (the public workload; AMLSG's 18 and TCGA's 6 sites) keep 64 cells and the
+        smooth decoding."""
+        chosen = self.hparams["fine_bins"]
+        return int(chosen) if chosen is not None else self._decoding()[0]
+
+    def decode_threshold(self) -> float:
+        """``decode_threshold`` as set, or its default by the table's width (fine_cells)."""
+        chosen = self.hparams["decode_threshold"]
+        return float(chosen) if chosen is not None else self._decoding()[1]
+
+    def _decoding(self) -> tuple[int, float]:
+        return WIDE_DECODING if self.graph is None and self.workload() else SCORED_DECODING
+
     def plan(self, n_candidates: int | None = None) -> MarginalPlan:
         """The study's privacy plan from the hyperparameters (no row is read)."""
         d = len(self.discretizer.attributes)
         fine = (len(self.discretizer.numeric_names())
-                if int(self.hparams["fine_bins"]) > 0 else 0)
+                if self.fine_cells() > 0 else 0)
         pool = engine.candidates(self.discretizer.names, self.sizes, [], 2,
                                  int(self.hparams["max_clique_cells"]))
         # a graph names its families: no selection, so no workload order either
@@ -341,7 +376,7 @@ class MarginalGenerator(Generator):
                    sites: Sequence[str]) -> engine.EngineResult:
         """Run the selection/measurement plan and keep the fitted model."""
         direct = self.discretizer.direct_codes if plan.code_bound else []
-        first = (self._fine_one_way(measurer, direct) if int(self.hparams["fine_bins"]) > 0
+        first = (self._fine_one_way(measurer, direct) if self.fine_cells() > 0
                  else None)
         codes = self.discretizer.code_attrs if plan.code_bound else None
         if self.graph is not None:
@@ -404,7 +439,7 @@ class MarginalGenerator(Generator):
         numeric column, its fine histogram summed into the bins (a second, independent
         measurement of the same marginal, noise std sqrt(width) x the fine one's).
         """
-        fine_bins, bins = int(self.hparams["fine_bins"]), int(self.hparams["bins"])
+        fine_bins, bins = self.fine_cells(), int(self.hparams["bins"])
         # a graph's mechanisms need resolution in the tails too (mass_and_width_cuts)
         cut = mass_and_width_cuts if self.graph is not None else equal_mass_cuts
         fine = study_discretizer(self.schema, {**self.hparams, "bins": fine_bins})
@@ -417,8 +452,11 @@ class MarginalGenerator(Generator):
             pooled = (noisy.sum(axis=0) if noisy.ndim == 2 else noisy)[: attr.bins]
             sd = float(np.sqrt(np.sum(np.square(meas.stddev))))  # of the summed noise
             cuts = cut(pooled, min(bins, attr.bins), sd)
+            threshold = self.decode_threshold()
+            weights = (bin_weights(pooled, sd, cuts, threshold) if threshold > 0
+                       else cell_weights(pooled, sd))
             cells[attr.name] = FineCells(attr.bins, tuple(int(c) for c in cuts),
-                                         tuple(cell_weights(pooled, sd)))
+                                         tuple(weights))
         self.discretizer = fine.refined(cells)
         self.binning = binning_to_json(fine_bins, cells, weights=True)
         measurer.use(self.discretizer, binning_to_json(fine_bins, cells))
