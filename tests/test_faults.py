@@ -395,6 +395,12 @@ RUN = {
     "n-synthetic": 100,
     "round-timeout": 120.0,
 }
+# Local epochs of the two drills that must act inside a round (crash a site mid-round,
+# kill the coordinator between a site's reply and the checkpoint): at 1 epoch a site's
+# task and reply take well under a second now that the model travels packed, and the
+# tests' polls (tens of ms) could miss the window under a loaded CI machine; 60 epochs
+# of the tiny model keep each site's task at a second or more.
+WINDOW_EPOCHS = 60
 
 
 @pytest.fixture(scope="module")
@@ -496,12 +502,14 @@ def test_site_crash_mid_round_then_rejoins(deployment: LocalDeployment) -> None:
     # model sent as one packed array a round of this study takes about 5 s; with two
     # rounds left the study once ended before the site rejoined.
     rounds = ROUNDS + 2
-    run = {**RUN, "study-id": "crash", "min-sites": 2, "num-server-rounds": rounds}
+    run = {**RUN, "study-id": "crash", "min-sites": 2, "num-server-rounds": rounds,
+           "local-epochs": WINDOW_EPOCHS}
     handle = dep.start_run(run, name="crash")
     # the study's first message is the quantile-grid query; crash in round 1's training
     _wait(lambda: _grid_released(dep, crashed, "crash"), 240, f"{crashed}'s grid release")
     _wait(lambda: not _training(dep, crashed), 120, f"{crashed}'s grid reply to finish")
-    _wait(lambda: _training(dep, crashed), 240, f"{crashed} to start training round 1")
+    _wait(lambda: _training(dep, crashed), 240, f"{crashed} to start training round 1",
+          step=0.02)
     dep.crash_supernode(crashed)  # SIGKILL, mid-round
     crashed_at = time.monotonic()
     _wait(lambda: _checkpoint_round(handle.output_dir) >= 1, 300, "round 1 to end")
@@ -548,7 +556,7 @@ def test_coordinator_restart_resumes_without_double_spending(
 ) -> None:
     dep, study_id = deployment, "restart"
     _fresh_ledgers(dep)
-    run = {**RUN, "study-id": study_id, "min-sites": len(SITES)}
+    run = {**RUN, "study-id": study_id, "min-sites": len(SITES), "local-epochs": WINDOW_EPOCHS}
     handle = dep.start_run(run, name="restart")
     out = handle.output_dir
 
