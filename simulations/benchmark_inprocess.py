@@ -15,7 +15,8 @@ own protobuf serde, as on the wire, to count the bytes it would take.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from uuid import uuid4
 
@@ -149,6 +150,21 @@ class InProcessResult:
         return self.traffic[: len(self.outcome.history)]
 
 
+@contextmanager
+def coordinator_identity(run_id: int) -> Iterator[None]:
+    """Inside: the process's task identity is the coordinator's, as Flower's own runtime
+    sets it before it runs a ServerApp (messages take their run and source node from
+    it); the identity before is restored on the way out."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = run_id
+    TaskIdentity.node_id = COORDINATOR_NODE
+    try:
+        yield
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
 def run_inprocess(
     study: StudyConfig,
     sites: list[SiteConfig],
@@ -156,14 +172,6 @@ def run_inprocess(
 ) -> InProcessResult:
     """Run a whole study with the real coordinator and site code, in this process."""
     grid = InProcessGrid(make_client_app(sites), len(sites), study.to_flat())
-    # What Flower's own runtime sets before it runs a ServerApp: messages take their
-    # run and source from the task identity of the process.
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id = 1
-    TaskIdentity.run_id = grid.run.run_id
-    TaskIdentity.node_id = COORDINATOR_NODE
-    try:
+    with coordinator_identity(grid.run.run_id):
         outcome = run_study(grid, study, resolve_schema(study.schema), on_round)
-    finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
     return InProcessResult(outcome, grid.traffic, grid.contexts)

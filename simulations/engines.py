@@ -33,23 +33,13 @@ DEFAULT_ENGINE = "inprocess"
 def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_sites: int,
                   run_config: dict) -> None:
     """Call the ServerApp with a grid whose nodes are ClientApps in this process."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    from .benchmark_inprocess import COORDINATOR_NODE, InProcessGrid
+    from .benchmark_inprocess import COORDINATOR_NODE, InProcessGrid, coordinator_identity
 
     grid = InProcessGrid(client_app, num_sites, run_config)
     context = Context(run_id=grid.run.run_id, node_id=COORDINATOR_NODE, node_config={},
                       state=RecordDict(), run_config=run_config)
-    # What Flower's runtime sets before it runs a ServerApp: messages take their run
-    # and source node from the task identity of the process.
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id = 1
-    TaskIdentity.run_id = grid.run.run_id
-    TaskIdentity.node_id = COORDINATOR_NODE
-    try:
+    with coordinator_identity(grid.run.run_id):
         server_app(grid, context)
-    finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 def run_ray(server_app: ServerApp, client_app: ClientApp, num_sites: int,

@@ -209,7 +209,7 @@ def _amlsg_study(tmp_path: Path, secure: bool, **extra) -> tuple:
     """A 3-centre AMLSG study through the real ServerApp code and ClientApp."""
     from fedsynth.client.app import make_client_app
     from fedsynth.server.app import resolve_schema, run_study
-    from fedsynth.simulations.benchmark_inprocess import InProcessGrid
+    from fedsynth.simulations.benchmark_inprocess import InProcessGrid, coordinator_identity
     from fedsynth.simulations.simulate import (
         SimulationOptions,
         prepare_sites,
@@ -228,15 +228,8 @@ def _amlsg_study(tmp_path: Path, secure: bool, **extra) -> tuple:
     if secure:
         study, sites = setup_simulation_keys(tmp_path, study, sites)
     grid = RecordingGrid(InProcessGrid(make_client_app(sites), len(sites), study.to_flat()))
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    try:
+    with coordinator_identity(grid.run.run_id):
         outcome = run_study(grid, study, resolve_schema("amlsg"))
-    finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
     return outcome, grid, sites
 
 
