@@ -7,9 +7,10 @@ The coordinator asks (``common/protocol.py``, a ``query.marginal`` message) for 
   noise level calibrated from the study's plan and the site's own budget
   (``common/generators/marginal/plan.py``);
   The ``pairs`` release (``common/generators/marginal/code_pairs.py``) counts, for
-  each asked pair of binary codes, the patients with both, each patient keeping at
-  most the plan's ``pair_bound`` of the codes named; the site draws which codes a
-  patient keeps with its own secret randomness and charges C(pair_bound, 2);
+  each asked pair of binary codes, the patients with both, a patient with more than
+  the plan's ``pair_bound`` of the codes named weighted down so that their pairs weigh
+  as much, in L2, as ``pair_bound`` codes' pairs (deterministic, no draw); the noise is
+  the site's secret randomness and the release is charged C(pair_bound, 2);
 - ``score``: for each candidate marginal, the L1 distance between the site's counts
   and the model's marginal the coordinator sent, plus Gaussian noise;
 - ``decrypt`` (encrypted studies): decrypt a sum of the sites' ciphertexts and return
