@@ -16,7 +16,10 @@ hierarchical sum of the same release can do), beside the noise of a dedicated
 release of the column's clipped second moment that took the *whole* budget.
 
 Part 2 (tail models, post-processing of the same release): ``now`` is
-``dp_histogram.support_cdf``; ``exp`` continues the support beyond its ends with an
+``dp_histogram.support_cdf``; ``exact inside`` (a diagnostic, not a rule: it reads
+the exact counts) keeps the noisy support but the exact counts inside it, which
+separates the support's truncation from the widening by the noise clipped at zero;
+``exp`` continues the support beyond its ends with an
 exponential fitted by least squares to the noisy counts from 3 cells inside the end
 to the bound; ``logquad S`` fits a quadratic to the log of the smoothed density from
 the mode to the end (weights count / noise, curvature at most 0: at most exponential)
@@ -95,7 +98,7 @@ def logquad_tail(mass: np.ndarray, last: int) -> np.ndarray:
     return np.exp(a + b * k + c * k * k)
 
 
-def cell_mass(noisy: np.ndarray, rule: str) -> np.ndarray:
+def cell_mass(noisy: np.ndarray, rule: str, exact: np.ndarray) -> np.ndarray:
     if rule == "running sum":
         from sklearn.isotonic import isotonic_regression
         return np.diff(np.concatenate([[0.0], np.clip(
@@ -104,6 +107,10 @@ def cell_mass(noisy: np.ndarray, rule: str) -> np.ndarray:
     mass, first, last = support(noisy, sigmas)
     if rule == "now":
         return mass
+    if rule == "exact inside":
+        out = np.zeros_like(mass)
+        out[first:last + 1] = exact[first:last + 1]
+        return out
     flip = len(noisy) - 1 - first
     if rule == "exp":
         mass[last + 1:] = exp_tail(noisy, last)
@@ -141,7 +148,7 @@ def best_moment_release(v: np.ndarray, lo: float, hi: float, share: float) -> fl
     return best
 
 
-RULES = ("now", "exp", "logquad 1", "logquad 2", "running sum")
+RULES = ("now", "exact inside", "exp", "logquad 1", "logquad 2", "running sum")
 rng, u = np.random.default_rng(0), np.random.default_rng(1).uniform(0, 1, 20000)
 ratios: dict[tuple[str, str], list[float]] = {}
 seen: dict[str, list[tuple[float, int, float, float]]] = {c: [] for c in COLUMNS}
@@ -159,7 +166,7 @@ for draw in range(DRAWS):
             for clamp in (False, True):
                 if clamp and rule not in ("now", "exp"):
                     continue
-                d, top = decoded(cell_mass(noisy, rule), lo, hi, clamp, u)
+                d, top = decoded(cell_mass(noisy, rule, counts), lo, hi, clamp, u)
                 ratios.setdefault((col, rule + (" + clamp" if clamp else "")), []).append(
                     float(d.std() / v.std()))
                 if rule == "now" and not clamp:
