@@ -26,7 +26,10 @@ the mode to the end (weights count / noise, curvature at most 0: at most exponen
 on a support cut at S noise stds and continues it; ``running sum`` is the unbiased
 running sum of the noisy counts made monotone (isotonic), no support cut.
 
-    .venv/bin/python benchmarks/deep-spread/tail_limits.py [DRAWS]
+    .venv/bin/python benchmarks/deep-spread/tail_limits.py [DRAWS [GRID_SHARE [RULES]]]
+
+``GRID_SHARE`` (default 0.2, the study's) shows what a larger share of the budget buys;
+``RULES`` a comma-separated subset of the rules.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ from fedsynth.simulations.datasets import load_site_frames
 from fedsynth.simulations.splits import holdout_split
 
 DRAWS = int(sys.argv[1]) if len(sys.argv) > 1 else 200
-SITES, EPS, DELTA, SHARE = 4, 3.0, 1e-5, 0.2
+SITES, EPS, DELTA = 4, 3.0, 1e-5
+SHARE = float(sys.argv[2]) if len(sys.argv) > 2 else 0.2
 schema, frames = load_site_frames("heart_disease")
 COLUMNS = [c.name for c in numeric_columns(schema)]
 NOISE = cell_std(schema, grid_noise_for(EPS, DELTA, SHARE)) * math.sqrt(SITES)
@@ -148,7 +152,8 @@ def best_moment_release(v: np.ndarray, lo: float, hi: float, share: float) -> fl
     return best
 
 
-RULES = ("now", "exact inside", "exp", "logquad 1", "logquad 2", "running sum")
+ALL_RULES = ("now", "exact inside", "exp", "logquad 1", "logquad 2", "running sum")
+RULES = tuple(sys.argv[3].split(",")) if len(sys.argv) > 3 else ALL_RULES
 rng, u = np.random.default_rng(0), np.random.default_rng(1).uniform(0, 1, 20000)
 ratios: dict[tuple[str, str], list[float]] = {}
 seen: dict[str, list[tuple[float, int, float, float]]] = {c: [] for c in COLUMNS}
@@ -175,7 +180,7 @@ for draw in range(DRAWS):
                     seen[col].append((top, above, float(v[v <= top].std() / v.std()),
                                       NOISE * math.sqrt(max(cells, 1))))
 
-print(f"noise std per summed cell {NOISE:.1f}; {DRAWS} draws\n")
+print(f"grid share {SHARE}: noise std per summed cell {NOISE:.1f}; {DRAWS} draws\n")
 print("| column | real std | grid's top edge | patients above (share) | std without them |"
       " noise of their summed cells | dedicated std release: error at share 0.2 / 0.999 |")
 print("|---|---|---|---|---|---|---|")
