@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import FedsynthError
+from .quantile_grid import DEFAULT_GRID_SHARE
 from .schema import Schema
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ class StudyConfig:
     # Share of each site's budget for the quantile-grid release a deep generator's
     # study makes before training (common/quantile_grid.py); 0: no release, the
     # public-bounds encoding.
-    grid_share: float = 0.2
+    grid_share: float = DEFAULT_GRID_SHARE
     loss_report: bool = True
     seed: int = 42
     output_dir: str = "fedsynth-output"
