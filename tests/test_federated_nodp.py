@@ -20,6 +20,7 @@ import torch
 
 from fedsynth.common.generators import TVAE
 from fedsynth.simulations.benchmark import BenchmarkOptions, Setting, prepare_seed, run_federated
+from fedsynth.simulations.datasets import load_site_frames
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,6 +41,12 @@ def _missing_gaps(tmp: Path, params: dict[str, float]) -> pd.Series:
     synthetic = produced.synthetic.isna().mean()
     cols = real.index[real > 0.02]
     return (synthetic[cols] - real[cols]).abs()
+
+
+def test_federated_adam_eps_must_be_positive():
+    schema, _ = load_site_frames("heart_disease")
+    with pytest.raises(ValueError, match="federated_adam_eps must be > 0"):
+        TVAE(schema, federated_adam_eps=0.0)
 
 
 @pytest.mark.slow  # two whole studies: about 15 s of CPU, 30 s on a loaded machine

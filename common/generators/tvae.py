@@ -331,6 +331,9 @@ class TVAE(OutcomeConditioned, Generator):
     }
 
     def build(self) -> None:
+        if not float(self.hparams["federated_adam_eps"]) > 0:
+            raise ValueError("tvae: federated_adam_eps must be > 0 (Adam's epsilon in a "
+                             "site's round without DP; default 0.3)")
         enc = self.encoder
         self._use_condition(self.hparams["condition"])
         cond = self._cond
