@@ -430,6 +430,7 @@ def train_site(
         ledger=state.ledger if dp else None,
         randomness=rand,
         proximal_mu=study.proximal_mu if study.strategy == "fedprox" else 0.0,
+        federated=True,
     )
     if dp is not None and study.loss_report:
         loss = dp_loss_report(

@@ -41,6 +41,9 @@ FORMAT_VERSION = 1
 #: loaded model decodes as it was trained. Absent: the public-bounds encoding.
 GRID_PARAM = "numeric_grid"
 
+#: torch's Adam epsilon: every optimizer's unless a family sets ``federated_adam_eps``.
+TORCH_ADAM_EPS = 1e-8
+
 
 @dataclass(frozen=True)
 class TrainingSpec:
@@ -58,6 +61,11 @@ class TrainingSpec:
     learning_rates: tuple[float, ...] = ()
     # optimizer steps per private step (a GAN's generator steps): the bound scales with it
     steps_per_batch: int = 1
+    # Adam's epsilon in a site's federated round without DP (torch's default unless the
+    # family says otherwise: the TVAE's ``federated_adam_eps``); DP-SGD and a central
+    # fit keep the default. A larger epsilon only shortens Adam's steps, so the
+    # coordinator's update bound still holds.
+    federated_adam_eps: float = TORCH_ADAM_EPS
 
     @property
     def largest_lr(self) -> float:
@@ -123,7 +131,9 @@ class Generator(ABC):
     def training_spec(self) -> TrainingSpec:
         """How this generator trains; a family with more optimizers says so (CTGAN)."""
         lr = float(self.hparams.get("lr", 1e-3))
-        return TrainingSpec(lr=lr, iterate_ema=float(self.hparams.get("iterate_ema", 0.0)))
+        return TrainingSpec(lr=lr, iterate_ema=float(self.hparams.get("iterate_ema", 0.0)),
+                            federated_adam_eps=float(self.hparams.get(
+                                "federated_adam_eps", TORCH_ADAM_EPS)))
 
     @property
     def loss_bound(self) -> float:

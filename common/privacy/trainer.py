@@ -210,6 +210,7 @@ def train_round(
     randomness: DPRandomness,
     proximal_mu: float = 0.0,
     mode: str = "auto",
+    federated: bool = False,
 ) -> RoundStats:
     """Train ``generator`` on encoded rows for ``epochs / sample_rate`` Poisson steps.
 
@@ -262,7 +263,8 @@ def train_round(
         forward: torch.nn.Module = step.forward
     else:
         step = None
-        optimizer = torch.optim.Adam(module.parameters(), lr=lr)
+        optimizer = (torch.optim.Adam(module.parameters(), lr=lr, eps=spec.federated_adam_eps)
+                     if federated else torch.optim.Adam(module.parameters(), lr=lr))
         forward = module
     anchors = [p.detach().clone() for p in module.parameters()] if proximal_mu > 0 else []
 
