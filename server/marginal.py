@@ -1,7 +1,9 @@
 """The coordinator's side of a measured study (``generator = "marginal"``).
 
-``run_study`` hands a marginal study here before it builds any training strategy. The
-coordinator runs the same engine as a central fit (``common/generators/marginal``):
+``run_study`` hands a marginal study here before it builds any training strategy. It
+first asks each site for its budget (one ``status`` request, nothing released) and
+plans for the noise the sums of those sites will carry (``MarginalGenerator.plan``);
+then it runs the same engine as a central fit (``common/generators/marginal``):
 1-way marginals, then rounds of DP selection scores and measurements, each a
 ``query.marginal`` message to every site (``common/protocol.py``). It never sees a
 row: it adds the sites' noisy vectors and fits the graphical model to the totals.

@@ -57,6 +57,8 @@ def test_heart_gets_the_outcome_plan_only_at_high_summed_noise(heart_schema):
     for budgets in (FOUR_AT_3, [(3.0, 1e-5)], [(10.0, 1e-5)] * 4):
         assert summed_noise(budgets) < OUTCOME_PLAN_NOISE
         assert model.plan(noise=summed_noise(budgets)) == default
+    # one central holder at epsilon 1 (4.0) is past it too: both epsilon-1 modes
+    assert model.plan(noise=summed_noise([(1.0, 1e-5)])).select_share == 0
     lean = model.plan(noise=summed_noise(FOUR_AT_1))  # 8.1
     assert summed_noise(FOUR_AT_1) >= OUTCOME_PLAN_NOISE
     outcome = heart_schema.outcome.column

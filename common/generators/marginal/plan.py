@@ -43,7 +43,9 @@ Gaussian mechanisms at rate 1 compose exactly into one Gaussian: ``sum_i c_i / s
 the rest for measurements), finds the largest total (smallest ``sigma_eq``) whose epsilon at
 ``delta`` fits the budget with the site's own accountant, and splits it. A site that
 follows the plan ends within its budget; the candidate count per round is the plan's
-upper bound, so a round with fewer candidates spends less.
+upper bound, so a round with fewer candidates spends less. Which plan a study gets
+depends on the noise scale of the coordinator's sums (``summed_noise``, from the
+sites' budgets: ``MarginalGenerator.plan``), never on a row.
 """
 
 from __future__ import annotations
