@@ -38,6 +38,8 @@ for seed in seeds:
                    areas=["fidelity", "utility"])
     head = res.headline()
     row = {k: round(float(head[k]), 3) for k in ("fidelity", "tstr_auroc")}
+    row.update({m.columns[0]: round(1 - m.value, 3) for m in res.metrics  # per column
+                if m.name in ("ks", "tvd") and len(m.columns) == 1})
     for k, v in row.items():
         found.setdefault(k, []).append(v)
     info = model.fit_info
