@@ -176,6 +176,8 @@ def answer(
         return MeasureReply(SiteReply(NOT_ENCRYPTED, status_metrics(site, state), problems=[
             "this site is set up for encrypted aggregation and answers nothing in clear"]))
     op = str(config.get(P.OP, ""))
+    if op == P.STATUS_OP:  # releases nothing: the budget every reply states
+        return MeasureReply(SiteReply(MEASURED, status_metrics(site, state)))
     if op == P.DECRYPT_OP:
         return _decrypt(site, study, ckks, state)
     if op not in (P.MEASURE_OP, P.SCORE_OP):

@@ -274,7 +274,7 @@ MARGINAL_ACTION = "marginal"
 MARGINAL_MESSAGE = f"query.{MARGINAL_ACTION}"
 
 # config keys of a marginal message
-OP = "marginal-op"  # MEASURE_OP | SCORE_OP | DECRYPT_OP
+OP = "marginal-op"  # MEASURE_OP | SCORE_OP | DECRYPT_OP | STATUS_OP
 RELEASE_KIND = "marginal-kind"  # plan.FINE|ONE_WAY|CODES|PAIRS|MEASURE: what is charged
 CLIQUES = "marginal-cliques"  # JSON list of attribute-name lists
 PLAN = "marginal-plan"  # JSON of MarginalPlan: each site calibrates its own noise from it
@@ -288,6 +288,9 @@ BINNING = "marginal-binning"
 MEASURE_OP = "measure"
 SCORE_OP = "score"
 DECRYPT_OP = "decrypt"
+# no release: the reply's status metrics only (the site's budget and delta, as in every
+# reply), from which the coordinator plans for the noise its sums will carry
+STATUS_OP = "status"
 
 # records
 MODEL_RECORD = "marginal-model"  # coordinator -> site (score): p.<i> arrays

@@ -1,7 +1,9 @@
 """The coordinator's side of a measured study (``generator = "marginal"``).
 
-``run_study`` hands a marginal study here before it builds any training strategy. The
-coordinator runs the same engine as a central fit (``common/generators/marginal``):
+``run_study`` hands a marginal study here before it builds any training strategy. It
+first asks each site for its budget (one ``status`` request, nothing released) and
+plans for the noise the sums of those sites will carry (``MarginalGenerator.plan``);
+then it runs the same engine as a central fit (``common/generators/marginal``):
 1-way marginals, then rounds of DP selection scores and measurements, each a
 ``query.marginal`` message to every site (``common/protocol.py``). It never sees a
 row: it adds the sites' noisy vectors and fits the graphical model to the totals.
@@ -49,7 +51,7 @@ from ..common.encryption import (
 from ..common.generators.marginal import MarginalGenerator
 from ..common.generators.marginal.fit import Clique, Measurement, noisy_total
 from ..common.generators.marginal.model import NO_DP_NOISE
-from ..common.generators.marginal.plan import CODES, PAIRS, MarginalPlan
+from ..common.generators.marginal.plan import CODES, PAIRS, MarginalPlan, summed_noise
 from ..common.schema import Schema
 from ..common.study import ConfigError, StudyConfig, schema_fingerprint
 from .strategy import RoundLog, SiteRound
@@ -91,6 +93,27 @@ class FederatedMeasurer:
         self.on_round = on_round
         self.step = 0
         self.bytes_in = 0
+
+    def use_plan(self, plan: MarginalPlan) -> None:
+        """Send ``plan`` with every request from now on (each site calibrates to it)."""
+        self.plan = plan
+        self.base[P.PLAN] = json.dumps(plan.to_dict())
+
+    def summed_noise(self) -> float | None:
+        """The noise scale the sums will carry (``plan.summed_noise``), from the budget
+        each connected site states: one status message, nothing released, not a round
+        of the study. None if no site states a budget (the plan of one holder then)."""
+        config = {**self.base, P.OP: P.STATUS_OP}
+        messages = [Message(RecordDict({P.CONFIG: ConfigRecord(config)}), dst_node_id=node,
+                            message_type=P.MARGINAL_MESSAGE) for node in self._nodes()]
+        budgets = []
+        for msg in self.grid.send_and_receive(messages, timeout=self.study.round_timeout):
+            if msg.has_error():
+                continue
+            metrics = P.SiteReply.from_content(msg.content)[1].metrics
+            if metrics.get(P.EPSILON_BUDGET, -1.0) > 0 and metrics.get(P.DELTA, 0.0) > 0:
+                budgets.append((metrics[P.EPSILON_BUDGET], metrics[P.DELTA]))
+        return summed_noise(budgets, self.study.accountant) if budgets else None
 
     # -- transport ----------------------------------------------------------------------
     def _nodes(self) -> list[int]:
@@ -291,10 +314,11 @@ def run_marginal_study(grid: Grid, study: StudyConfig, schema: Schema,
         log.warning("marginal studies do not resume: the study starts again (the sites' "
                     "ledgers keep what they already spent)")
     model = MarginalGenerator(schema, seed=study.seed, **study.generator_params)
-    plan = model.plan()
-    measurer = FederatedMeasurer(grid, study, schema, plan, model.sizes,
+    measurer = FederatedMeasurer(grid, study, schema, model.plan(), model.sizes,
                                  model.site_attribute, on_round,
                                  model.discretizer.code_attrs)
+    plan = model.plan(noise=measurer.summed_noise())  # the plan follows the sums' noise
+    measurer.use_plan(plan)
     start = time.perf_counter()
     result = model.run_engine(plan, measurer, sites=measurer.sites)
     model.sites = list(measurer.sites)

@@ -130,7 +130,7 @@ def test_a_federated_workload_study_sends_no_score_request(tmp_path, heart_schem
 
     outcome, grid, _, _ = _federated(tmp_path, secure=False, workload=True)
     ops = [dict(m.content[P.CONFIG])[P.OP] for m in grid.sent]
-    assert P.SCORE_OP not in ops and set(ops) == {P.MEASURE_OP}
+    assert P.SCORE_OP not in ops and set(ops) == {P.STATUS_OP, P.MEASURE_OP}
     plan = MarginalPlan.from_dict(json.loads(dict(grid.sent[0].content[P.CONFIG])[P.PLAN]))
     assert plan.select_share == 0.0
     planned = planned_ledger(plan, calibrate(plan, 3.0, 1e-5))

@@ -9,6 +9,7 @@ saves, loads and samples like every other generator (``fedsynth sample``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -30,7 +31,16 @@ from .codes import code_weights, noisy_code_histogram, pooled_counts
 from .discretize import Discretizer, FineCells, binning_to_json, discretizer_for
 from .fit import SITE, Clique, Measurement
 from .measure import noisy_marginals, noisy_scores
-from .plan import CODES, FINE, ONE_WAY, PAIRS, MarginalPlan, NoiseLevels, calibrate
+from .plan import (
+    CODES,
+    FINE,
+    ONE_WAY,
+    PAIRS,
+    MarginalPlan,
+    NoiseLevels,
+    calibrate,
+    summed_noise,
+)
 
 # a table with more candidate pairs than this (8 times the 48 a round scores by
 # default) gets the public workload order without scores (MarginalGenerator.workload)
@@ -55,6 +65,17 @@ PAIR_SHARES = {"one_way_share": 0.15, "fine_share": 0.05, "codes_share": 0.35,
 # (fine cells of a numeric column, decode_threshold) by default: wide tables keep the
 # third pass's decoding, scored ones get the heap-keeping one; see fine_cells
 WIDE_DECODING, SCORED_DECODING = (64, 0.0), (256, 2.0)
+# The summed noise (plan.summed_noise: the whole-budget noise multiplier of the
+# coordinator's sums) from which a scored table with an outcome gets the outcome plan
+# (MarginalGenerator.outcome_plan): 4 sites at epsilon 1 sum to 8.1, one central
+# holder at epsilon 1 has 4.0, 4 sites at epsilon 3 3.0 (rdp, delta 1e-5). Between
+# the last two: both epsilon-1 modes gain from it (heart disease, emulated), the
+# epsilon-3 and -10 plans, whose figures hold, stay as they were
+# (docs/generators.md "Selection at high summed noise")
+OUTCOME_PLAN_NOISE = 3.5
+# the outcome plan's shares: no score release, so the 1-way and fine releases (the
+# columns' fidelity) take more, the outcome's pairs the rest
+OUTCOME_SHARES = {"one_way_share": 0.3, "fine_share": 0.15}
 NO_DP_NOISE = 1e-3  # noise std of a fit without DP: just enough to keep mbi well posed
 
 
@@ -93,6 +114,10 @@ class MarginalGenerator(Generator):
         # the schema's outcome: its candidates are always scored, their scores weighted
         # by this (public workload weight); 1: no preference
         "outcome_weight": 2.0,
+        # summed noise (plan.summed_noise) at or above which a scored table with an
+        # outcome measures its outcome's pairs only, without scores (outcome_plan);
+        # None: OUTCOME_PLAN_NOISE; 0 or less: never
+        "outcome_plan_noise": None,
         "max_way": 2,  # 2: pairs only; 3: also triples that extend a measured pair
         "max_cells": 200_000,  # cap on the junction tree's cells (inference cost)
         "max_clique_cells": 2_000,  # largest marginal a round may measure
@@ -230,8 +255,14 @@ class MarginalGenerator(Generator):
     def _decoding(self) -> tuple[int, float]:
         return WIDE_DECODING if self.graph is None and self.workload() else SCORED_DECODING
 
-    def plan(self, n_candidates: int | None = None) -> MarginalPlan:
-        """The study's privacy plan from the hyperparameters (no row is read)."""
+    def plan(self, n_candidates: int | None = None, noise: float | None = None
+             ) -> MarginalPlan:
+        """The study's privacy plan from the hyperparameters (no row is read).
+
+        ``noise``: the noise scale the coordinator's sums will carry
+        (``plan.summed_noise`` of the answering sites' budgets; of the budget itself for
+        a central fit); None: unknown, the plan of one holder. Past
+        ``OUTCOME_PLAN_NOISE`` a scored table gets the outcome plan (``outcome_plan``)."""
         d = len(self.discretizer.attributes)
         fine = (len(self.discretizer.numeric_names())
                 if self.fine_cells() > 0 else 0)
@@ -261,9 +292,40 @@ class MarginalGenerator(Generator):
             m = n_candidates
         rounds = int(self.hparams["rounds"]) if len(pool) else 0
         select = 0.0 if wide else float(self.hparams["select_share"])
-        return MarginalPlan(max(1, d - direct), rounds, m, int(self.hparams["per_round"]),
+        plan = MarginalPlan(max(1, d - direct), rounds, m, int(self.hparams["per_round"]),
                             shares["one_way_share"], select, fine, fine_share,
                             code_bound, codes_share, pair_bound, pair_codes, pairs_share)
+        return self.outcome_plan(plan, pool, noise) if not wide else plan
+
+    def outcome_plan(self, plan: MarginalPlan, pool: Sequence[Clique],
+                     noise: float | None) -> MarginalPlan:
+        """``plan``, or at high summed noise one round measuring every pair with the
+        outcome and no score release, the 1-way releases taking ``OUTCOME_SHARES``.
+
+        Why: at 4 sites' summed noise (heart disease, epsilon 1 per site: 8.1, twice
+        one central holder's) a score's noise (std 205 against pair counts of tens)
+        drowns the pairs' signal, the selection picks pairs without the outcome, and
+        measured pairs whose cells hold fewer patients than their noise std can reverse
+        the outcome's associations (TSTR 0.19 on one emulated seed). The outcome's
+        pairs alone (a naive-Bayes-shaped model, what a classifier on synthetic rows
+        reads), each measured with the score share's budget too, keep them
+        (docs/generators.md "Selection", benchmarks/marginal/results.md "Fifth pass").
+        Public inputs only: the schema's outcome, the candidate pairs, the sites'
+        budgets; AIM likewise fits what it measures to the noise its budget leaves."""
+        limit = self.hparams["outcome_plan_noise"]
+        limit = OUTCOME_PLAN_NOISE if limit is None else float(limit)
+        outcome = self.schema.outcome.column if self.schema.outcome is not None else None
+        with_outcome = [c for c in pool if outcome in c]
+        if noise is None or limit <= 0 or noise < limit or not with_outcome or not (
+                plan.rounds and plan.select_share > 0):
+            return plan
+        shares = {k: v if self.hparams[k] is None else float(self.hparams[k])
+                  for k, v in OUTCOME_SHARES.items()}
+        fine_share = shares["fine_share"] if plan.fine else 0.0
+        return dataclasses.replace(plan, rounds=1, per_round=len(with_outcome),
+                                   candidates=len(with_outcome), select_share=0.0,
+                                   one_way_share=shares["one_way_share"],
+                                   fine_share=fine_share)
 
     def _pair_release(self, codes: bool, direct: int) -> tuple[int, int]:
         """(pair_bound, pair_codes) of the plan, (0, 0) for none: the pair release needs
@@ -350,8 +412,8 @@ class MarginalGenerator(Generator):
         (a reference, not a release). Training options of the other generators
         (``epochs``, ``sample_rate``...) mean nothing here and are ignored.
         """
-        plan = self.plan()
         dp = epsilon is not None
+        plan = self.plan(noise=summed_noise([(epsilon, delta)], accountant) if dp else None)
         noise = (calibrate(plan, epsilon, delta, accountant) if dp else
                  NoiseLevels.flat(NO_DP_NOISE))
         ledger = PrivacyLedger(accountant)
@@ -365,6 +427,7 @@ class MarginalGenerator(Generator):
             "ledger": ledger.to_record() if dp else None,
             "noise": {"one_way": noise.one_way, "score": noise.score, "measure": noise.measure,
                       "fine": noise.fine, "codes": noise.codes, "pairs": noise.pairs},
+            "plan": plan.to_dict(),
             "selected": [list(c) for lg in result.log for c in lg.chosen],
             "pairs_released": len(result.pairs),
             "pairs_in_model": [list(c) for c in result.pairs_in_model],

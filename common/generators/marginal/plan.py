@@ -43,7 +43,9 @@ Gaussian mechanisms at rate 1 compose exactly into one Gaussian: ``sum_i c_i / s
 the rest for measurements), finds the largest total (smallest ``sigma_eq``) whose epsilon at
 ``delta`` fits the budget with the site's own accountant, and splits it. A site that
 follows the plan ends within its budget; the candidate count per round is the plan's
-upper bound, so a round with fewer candidates spends less.
+upper bound, so a round with fewer candidates spends less. Which plan a study gets
+depends on the noise scale of the coordinator's sums (``summed_noise``, from the
+sites' budgets: ``MarginalGenerator.plan``), never on a row.
 """
 
 from __future__ import annotations
@@ -176,16 +178,11 @@ def _levels(plan: MarginalPlan, rho: float) -> NoiseLevels:
     return NoiseLevels(one, score, measure, fine, codes, pairs)
 
 
-def calibrate(
-    plan: MarginalPlan, epsilon: float, delta: float, mechanism: str = "rdp",
-    tolerance: float = 1e-4,
-) -> NoiseLevels:
-    """Smallest noise levels whose whole-plan epsilon stays within ``epsilon``.
-
-    Bisection on the equivalent single Gaussian's noise multiplier, with the same
-    accountant the site's ledger uses; the returned levels are then checked against
-    the planned ledger itself (so a rounding slip shows up here, not at a site).
-    """
+def budget_noise(epsilon: float, delta: float, mechanism: str = "rdp",
+                 tolerance: float = 1e-4) -> float:
+    """The noise multiplier of the one Gaussian (sensitivity 1, rate 1) that spends a
+    whole budget: every plan splits exactly this (``calibrate``), so it is a site's
+    noise scale independent of the plan. Bisection with the site's own accountant."""
     if not (epsilon > 0 and math.isfinite(epsilon)):
         raise ValueError("epsilon must be a positive number")
 
@@ -205,6 +202,28 @@ def calibrate(
             lo = mid
         else:
             hi = mid
+    return hi
+
+
+def summed_noise(budgets: list[tuple[float, float]], mechanism: str = "rdp") -> float:
+    """The noise scale of the coordinator's sums: sites answering with (epsilon, delta)
+    budgets each add their own noise, so a sum carries sqrt(sum of their
+    ``budget_noise`` squared) times what a plan's share makes of one. One central
+    holder: its own ``budget_noise``. A site without DP (epsilon <= 0) adds none."""
+    return math.sqrt(sum(budget_noise(e, d, mechanism) ** 2 for e, d in budgets if e > 0))
+
+
+def calibrate(
+    plan: MarginalPlan, epsilon: float, delta: float, mechanism: str = "rdp",
+    tolerance: float = 1e-4,
+) -> NoiseLevels:
+    """Smallest noise levels whose whole-plan epsilon stays within ``epsilon``.
+
+    Bisection on the equivalent single Gaussian's noise multiplier, with the same
+    accountant the site's ledger uses; the returned levels are then checked against
+    the planned ledger itself (so a rounding slip shows up here, not at a site).
+    """
+    hi = budget_noise(epsilon, delta, mechanism, tolerance)
     levels = _levels(plan, 1.0 / (2 * hi * hi))
     spent = planned_ledger(plan, levels, mechanism).epsilon(delta)
     if spent > epsilon * (1 + 1e-6):
