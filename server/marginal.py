@@ -47,9 +47,10 @@ from ..common.encryption import (
     load_public_context,
 )
 from ..common.generators.marginal import MarginalGenerator
+from ..common.generators.marginal.event_links import slice_length
 from ..common.generators.marginal.fit import Clique, Measurement, noisy_total
 from ..common.generators.marginal.model import NO_DP_NOISE
-from ..common.generators.marginal.plan import CODES, PAIRS, MarginalPlan
+from ..common.generators.marginal.plan import CODES, LINKS, PAIRS, MarginalPlan
 from ..common.schema import Schema
 from ..common.study import ConfigError, StudyConfig, schema_fingerprint
 from .strategy import RoundLog, SiteRound
@@ -220,6 +221,8 @@ class FederatedMeasurer:
             return self.code_lengths[clique[0]]
         if kind == PAIRS:  # one count per pair (code_pairs.py)
             return 1
+        if kind == LINKS:  # a covariate's slice: the tail's cells (event_links.py)
+            return slice_length(clique, self.sizes)
         return math.prod(self.sizes[a] for a in clique)
 
     def _split(self, vector: np.ndarray, cliques: Sequence[Clique], kind: str = ""
@@ -321,6 +324,7 @@ def run_marginal_study(grid: Grid, study: StudyConfig, schema: Schema,
             "selected": [list(c) for lg in result.log for c in lg.chosen],
             "pairs_released": len(result.pairs),
             "pairs_in_model": [list(c) for c in result.pairs_in_model],
+            "links_in_model": [list(c) for c in result.links_in_model],
             "measurements": len(result.measurements),
             "noise": measurer.noise,
         },
