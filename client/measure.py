@@ -65,6 +65,7 @@ from ..common.generators.marginal.event_links import (
     link_request_problem,
     link_tails,
     noisy_link_counts,
+    whole_covariates,
 )
 from ..common.generators.marginal.measure import noisy_marginals, noisy_scores
 from ..common.generators.marginal.model import study_discretizer
@@ -156,6 +157,7 @@ class _Request:
     columns: dict[str, int]  # each code attribute's first column in ``presence``
     linkable: list[str]  # the binary covariates a link release may name (event_links.py)
     tails: list[tuple[str, ...]]  # the survival tails a link release may count in
+    whole: list[str]  # the categorical covariates, counted whole in a link release
 
     def releases(self, kind: str) -> int:
         """Sensitivity-1 Gaussians this release is worth (plan.py explains each)."""
@@ -265,7 +267,8 @@ def _parse_request(
         return _refuse(site, state, f"malformed marginal request: {exc}")
     return _Request(cells, plan, cliques, names, disc.shape, presence, list(disc.code_attrs),
                     disc.direct_codes, entry_columns(disc.code_attrs),
-                    link_covariates(disc, schema), link_tails(schema, disc.shape))
+                    link_covariates(disc, schema), link_tails(schema, disc.shape),
+                    whole_covariates(disc))
 
 
 def _measure(request: _Request, sigma: float, rng: np.random.Generator, kind: str,
@@ -278,7 +281,8 @@ def _measure(request: _Request, sigma: float, rng: np.random.Generator, kind: st
                                  request.plan.pair_bound, sigma, rng)
     if kind == LINKS:
         return noisy_link_counts(request.cells, request.names, request.sizes,
-                                 request.cliques, request.plan.link_bound, sigma, rng)
+                                 request.cliques, request.plan.link_bound, sigma, rng,
+                                 request.whole)
     parts = noisy_marginals(request.cells, request.names, request.sizes, request.cliques,
                             sigma, rng)
     if kind == ONE_WAY:

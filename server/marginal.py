@@ -47,7 +47,7 @@ from ..common.encryption import (
     load_public_context,
 )
 from ..common.generators.marginal import MarginalGenerator
-from ..common.generators.marginal.event_links import slice_length
+from ..common.generators.marginal.event_links import slice_length, whole_covariates
 from ..common.generators.marginal.fit import Clique, Measurement, noisy_total
 from ..common.generators.marginal.model import NO_DP_NOISE
 from ..common.generators.marginal.plan import CODES, LINKS, PAIRS, MarginalPlan
@@ -69,9 +69,11 @@ class FederatedMeasurer:
     def __init__(self, grid: Grid, study: StudyConfig, schema: Schema, plan: MarginalPlan,
                  sizes: dict[str, int], by_site: Callable[[int], bool],
                  on_round: Callable[[RoundLog], None] | None = None,
-                 code_lengths: dict[str, int] | None = None) -> None:
+                 code_lengths: dict[str, int] | None = None,
+                 whole: Sequence[str] = ()) -> None:
         self.grid, self.study, self.plan, self.sizes = grid, study, plan, sizes
         self.code_lengths = code_lengths or {}  # the code histogram's layout (codes.py)
+        self.whole = list(whole)  # categorical covariates: whole link slices (event_links)
         self.by_site = by_site  # the answering sites' count -> model the site?
         self.secure = study.encrypted
         self.public_ctx = None
@@ -222,7 +224,7 @@ class FederatedMeasurer:
         if kind == PAIRS:  # one count per pair (code_pairs.py)
             return 1
         if kind == LINKS:  # a covariate's slice: the tail's cells (event_links.py)
-            return slice_length(clique, self.sizes)
+            return slice_length(clique, self.sizes, self.whole)
         return math.prod(self.sizes[a] for a in clique)
 
     def _split(self, vector: np.ndarray, cliques: Sequence[Clique], kind: str = ""
@@ -297,7 +299,8 @@ def run_marginal_study(grid: Grid, study: StudyConfig, schema: Schema,
     plan = model.plan()
     measurer = FederatedMeasurer(grid, study, schema, plan, model.sizes,
                                  model.site_attribute, on_round,
-                                 model.discretizer.code_attrs)
+                                 model.discretizer.code_attrs,
+                                 whole_covariates(model.discretizer))
     start = time.perf_counter()
     result = model.run_engine(plan, measurer, sites=measurer.sites)
     model.sites = list(measurer.sites)

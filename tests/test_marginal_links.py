@@ -26,6 +26,8 @@ from fedsynth.common.generators.marginal.event_links import (
     bounded_link_counts,
     link_cliques,
     link_covariates,
+    slice_length,
+    whole_covariates,
 )
 from fedsynth.common.generators.marginal.plan import (
     LINKS,
@@ -93,6 +95,36 @@ def test_one_patient_moves_the_link_vector_by_at_most_the_bound(tcga, bound):
     assert np.count_nonzero(moved) == int(has[heavy].sum()) >= 12
 
 
+def test_categorical_covariates_count_whole_and_within_the_bound():
+    from fedsynth.simulations.datasets import load_site_frames
+
+    schema, frames = load_site_frames("amlsg")
+    frame = frames["centre_43"]
+    disc = get_generator("marginal")(schema, **SMALL).discretizer
+    cells, names, sizes = disc.encode(frame), disc.names, disc.shape
+    whole = whole_covariates(disc)
+    assert whole == ["sex", "ecog", "aml_type", "cyto_risk"]
+    cov = ["complex_karyotype", *whole, "mut_NPM1", "mut_FLT3", "mut_DNMT3A", "mut_TP53"]
+    cliques = link_cliques(cov, ("death",))
+    base = bounded_link_counts(cells, names, sizes, cliques, 8, whole)
+    lengths = [slice_length(c, sizes, whole) for c in cliques]
+    assert len(base) == sum(lengths) and lengths[1] == sizes["sex"] * sizes["death"]
+    # a categorical slice is the whole (a, death) marginal: every patient in one cell
+    # (all patients here have at most 8 entries, so none is scaled)
+    parts = np.split(base, np.cumsum(lengths)[:-1])
+    assert parts[1].sum() == pytest.approx(len(frame))
+    col = {a: i for i, a in enumerate(names)}
+    for k_genes in (0, 2, 5):  # 4 categorical entries + 0..5 binary ones
+        row = cells[:1].copy()
+        for a in cov[5:] + ["complex_karyotype"]:
+            row[0, col[a]] = 0
+        for a in (["complex_karyotype"] + cov[5:])[:k_genes]:
+            row[0, col[a]] = PRESENT
+        moved = bounded_link_counts(np.vstack([cells, row]), names, sizes, cliques, 8, whole)
+        assert float(np.linalg.norm(moved - base)) == pytest.approx(
+            math.sqrt(min(4 + k_genes, 8)))
+
+
 def test_the_plan_charges_the_link_release_as_bound_gaussians():
     plan = MarginalPlan(41, 2, 8, 8, 0.2, 0.0, 2, 0.1, link_bound=10, link_covariates=38,
                         links_share=0.3)
@@ -118,7 +150,8 @@ def test_the_release_is_on_only_with_a_binary_event_and_binary_covariates():
 
     tcga, amlsg = plan("tcga_brca"), plan("amlsg")
     assert (tcga.link_bound, tcga.link_covariates) == (10, 38)
-    assert amlsg.link_bound == 4 and amlsg.link_covariates == 40
+    # AMLSG: 4 genes a patient, plus one entry for each of its 4 categorical columns
+    assert amlsg.link_bound == 8 and amlsg.link_covariates == 40
     # heart disease has no survival outcome, MIMIC's codes are grouped (no binary
     # covariate): their plans are what they were
     for name in ("heart_disease", "mimic3_demo"):
@@ -180,8 +213,8 @@ def test_a_site_refuses_an_unplanned_or_malformed_link_release(tmp_path, tcga):
         ({**SMALL, "link_bound": 0}, link_cliques(allowed[:4], ("E",)), "no share for 'links'"),
         (SMALL, [*link_cliques(allowed[:4], ("E",)), (allowed[0], "E")], "asked twice"),
         (few, link_cliques(allowed[:6], ("E",)), "at most 5"),  # the plan's public cap
-        (SMALL, [("age_at_index", "E")], "not a binary covariate"),
-        (SMALL, [("E", "E")], "not a binary covariate"),
+        (SMALL, [("age_at_index", "E")], "not a binary or categorical covariate"),
+        (SMALL, [("E", "E")], "not a binary or categorical covariate"),
         (SMALL, link_cliques(allowed[:2], ("age_at_index",)), "not a survival event"),
         (SMALL, [(allowed[0], "E"), (allowed[1], "E", "T")], "same tail"),
     ]

@@ -56,12 +56,22 @@ PRESENT = 1  # a binary attribute's cell of value 1 (categories (0, 1); missing 
 
 def link_covariates(discretizer: Discretizer, schema: Schema) -> list[str]:
     """Every attribute a link release may name: the binary columns that are not a
-    survival event, then the binary codes (``Discretizer.direct_codes``)."""
+    survival event, the categorical columns (counted whole, ``whole_covariates``), then
+    the binary codes (``Discretizer.direct_codes``)."""
     events = {e for _, e in schema.survival_pairs}
-    binary = [a.name for a in discretizer.attributes
-              if getattr(a, "column", None) is not None and a.column.kind == "binary"
-              and a.name not in events]
-    return binary + [c for c in discretizer.direct_codes if c not in binary]
+    kinds = {a.name: a.column.kind for a in discretizer.attributes
+             if getattr(a, "column", None) is not None and not a.column.group}
+    binary = [a for a, k in kinds.items() if k == "binary" and a not in events]
+    return binary + whole_covariates(discretizer) + [
+        c for c in discretizer.direct_codes if c not in binary]
+
+
+def whole_covariates(discretizer: Discretizer) -> list[str]:
+    """The categorical columns: every patient is in one of their cells, so a link
+    counts all of them (the whole marginal (a, *tail)), one entry per patient."""
+    return [a.name for a in discretizer.attributes
+            if getattr(a, "column", None) is not None and not a.column.group
+            and a.column.kind == "categorical"]
 
 
 def link_tails(schema: Schema, sizes: dict[str, int]) -> list[Clique]:
@@ -78,9 +88,11 @@ def link_cliques(covariates: Sequence[str], tail: Clique) -> list[Clique]:
     return [(c, *tail) for c in covariates]
 
 
-def slice_length(clique: Clique, sizes: dict[str, int]) -> int:
-    """Entries one covariate's slice has: the cells of the tail."""
-    return math.prod(sizes[a] for a in clique[1:])
+def slice_length(clique: Clique, sizes: dict[str, int], whole: Sequence[str] = ()) -> int:
+    """Entries one covariate's slice has: the cells of the tail (times the covariate's
+    cells for a categorical one, counted whole)."""
+    inner = math.prod(sizes[a] for a in clique[1:])
+    return inner * sizes[clique[0]] if clique[0] in set(whole) else inner
 
 
 def link_request_problem(cliques: Sequence[Clique], allowed: Sequence[str],
@@ -99,7 +111,8 @@ def link_request_problem(cliques: Sequence[Clique], allowed: Sequence[str],
         if tuple(c[1:]) != tail:
             return "every clique of a link request must end in the same tail"
         if c[0] not in allowed:
-            return f"{c[0]!r} is not a binary covariate or binary code of the schema"
+            return (f"{c[0]!r} is not a binary or categorical covariate or a binary code "
+                    "of the schema")
         if c[0] in seen:  # counted twice, a patient would move twice as far
             return f"the covariate {c[0]!r} is asked twice"
         seen.add(c[0])
@@ -114,30 +127,41 @@ def link_weights(k: np.ndarray, bound: int) -> np.ndarray:
 
 
 def bounded_link_counts(cells: np.ndarray, names: Sequence[str], sizes: dict[str, int],
-                        cliques: Sequence[Clique], bound: int) -> np.ndarray:
-    """Each covariate's weighted counts of the patients who hold it, in every cell of
-    the tail (``cells``: rows x attributes cell indices in ``names`` order), the
-    slices concatenated in request order."""
+                        cliques: Sequence[Clique], bound: int, whole: Sequence[str] = ()
+                        ) -> np.ndarray:
+    """Each covariate's weighted counts in every cell of the tail: of the patients who
+    hold a binary one, of every patient in each cell of a ``whole`` (categorical) one
+    (``cells``: rows x attributes cell indices in ``names`` order); the slices
+    concatenated in request order. A patient's number of entries k is its binary
+    covariates held plus the categorical ones named, its weight ``link_weights(k)``."""
     cells = np.asarray(cells)
     col = {a: i for i, a in enumerate(names)}
     tail = list(cliques[0][1:])
     tail_sizes = [sizes[a] for a in tail]
     inner = math.prod(tail_sizes)
+    full = set(whole)
     if not len(cells):
-        return np.zeros(len(cliques) * inner)
+        return np.zeros(sum(slice_length(c, sizes, whole) for c in cliques))
     where = (np.ravel_multi_index([cells[:, col[a]] for a in tail], tail_sizes)
              if tail else np.zeros(len(cells), dtype=np.int64))
-    has = np.stack([cells[:, col[c[0]]] == PRESENT for c in cliques], axis=1)
+    has = np.stack([np.ones(len(cells), dtype=bool) if c[0] in full
+                    else cells[:, col[c[0]]] == PRESENT for c in cliques], axis=1)
     weight = link_weights(has.sum(axis=1), bound)
-    parts = [np.bincount(where[h], weights=weight[h], minlength=inner) for h in has.T]
+    parts = []
+    for c, h in zip(cliques, has.T, strict=True):
+        if c[0] in full:
+            at = cells[:, col[c[0]]] * inner + where
+            parts.append(np.bincount(at, weights=weight, minlength=sizes[c[0]] * inner))
+        else:
+            parts.append(np.bincount(where[h], weights=weight[h], minlength=inner))
     return np.concatenate(parts).astype(float)
 
 
 def noisy_link_counts(cells: np.ndarray, names: Sequence[str], sizes: dict[str, int],
                       cliques: Sequence[Clique], bound: int, sigma: float,
-                      rng: np.random.Generator) -> np.ndarray:
+                      rng: np.random.Generator, whole: Sequence[str] = ()) -> np.ndarray:
     """The bounded link counts plus N(0, sigma^2) per entry (Gaussian mechanism)."""
-    counts = bounded_link_counts(cells, names, sizes, cliques, bound)
+    counts = bounded_link_counts(cells, names, sizes, cliques, bound, whole)
     return counts + rng.normal(0.0, sigma, size=counts.shape)
 
 
@@ -149,8 +173,9 @@ def covered(cliques: Sequence[Clique]) -> list[Clique]:
 
 def choose(allowed: Sequence[str], frequent: Sequence[str], direct: Sequence[str],
            cap: int) -> list[str]:
-    """U: the binary columns, then the ``frequent`` codes (the code histogram's, or
-    every binary code when there is none: post-processing or public), at most ``cap``."""
+    """U: the binary and categorical columns, then the ``frequent`` codes (the code
+    histogram's, or every binary code when there is none: post-processing or public),
+    at most ``cap``."""
     binary = [a for a in allowed if a not in set(direct)]
     return (binary + [c for c in frequent if c in set(allowed) and c not in binary])[:cap]
 
@@ -168,6 +193,9 @@ def independence_z(meas: Sequence, one_way: dict[str, np.ndarray], total: float,
         if m.by_site:
             values = values.sum(axis=0)
         event = m.clique[1]
+        if values.size != slice_length(m.clique, sizes):  # a categorical one: always read
+            out[tuple(m.clique)] = np.inf
+            continue
         block = values.reshape(sizes[event], -1)
         e1 = np.clip(one_way[event].reshape(-1, sizes[event]).sum(axis=0), 0, None)
         rate = float(e1[PRESENT] / max(e1.sum(), 1.0))

@@ -116,18 +116,20 @@ def _last_cell(meas: Measurement, sites: Sequence[str], cells: int):  # noqa: AN
 def _slice(meas: Measurement, sites: Sequence[str], sizes: dict[str, int]):  # noqa: ANN202
     """A link slice as a measurement of the covariate's "present" cells of its clique
     (weight 0 on the others): the covariate is the clique's first attribute, so its
-    cell 1 is the second block of ``inner`` entries."""
+    cell 1 is the second block of ``inner`` entries. A categorical covariate's slice is
+    the whole clique (every cell measured)."""
     from .event_links import PRESENT
 
     m = mbi()
     inner = int(np.prod([sizes[a] for a in meas.clique[1:]]))
     full = sizes[meas.clique[0]] * inner
-    at = slice(PRESENT * inner, (PRESENT + 1) * inner)
     values = np.asarray(meas.values, dtype=float)
+    at = (slice(0, full) if values.shape[-1] == full
+          else slice(PRESENT * inner, (PRESENT + 1) * inner))
     if meas.by_site and sites:
         sd = np.asarray(meas.stddev, dtype=float).reshape(-1, 1)
         y, w = np.zeros((len(sites), full)), np.zeros((len(sites), full))
-        y[:, at] = values.reshape(len(sites), inner) / sd
+        y[:, at] = values.reshape(len(sites), -1) / sd
         w[:, at] = 1.0 / sd
         return m.LinearMeasurement(y.ravel(), (SITE, *meas.clique), stddev=1.0,
                                    query=m.WeightedQuery(w.ravel()))

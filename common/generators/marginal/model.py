@@ -28,7 +28,13 @@ from . import causal, engine, fit
 from .code_pairs import entry_columns, noisy_pair_counts
 from .codes import code_weights, noisy_code_histogram, pooled_counts
 from .discretize import Discretizer, FineCells, binning_to_json, discretizer_for
-from .event_links import link_covariates, link_tails, noisy_link_counts
+from .event_links import (
+    link_covariates,
+    link_tails,
+    noisy_link_counts,
+    slice_length,
+    whole_covariates,
+)
 from .fit import SITE, Clique, Measurement
 from .measure import noisy_marginals, noisy_scores
 from .plan import CODES, FINE, LINKS, ONE_WAY, PAIRS, MarginalPlan, NoiseLevels, calibrate
@@ -43,7 +49,7 @@ WORKLOAD_PAIRS = 384
 # patients carry about 13 codes each, so the scored (narrower) tables keep 6.
 WIDE_CODES, SCORED_CODES = (4, 0.45), (6, 0.2)
 # the budget's shares by default (a hyperparameter set to a number wins)
-SHARES = {"one_way_share": 0.2, "fine_share": 0.1, "pairs_share": 0.0, "links_share": 0.2}
+SHARES = {"one_way_share": 0.2, "fine_share": 0.1, "pairs_share": 0.0, "links_share": 0.45}
 # the pair release (code_pairs.py), on by default on a table with two or more binary
 # codes and a code histogram (AMLSG): a patient's pairs weigh at most those of 3 codes
 # (3 Gaussians; 79% of AMLSG's patients have 3 genes or fewer), the code histogram
@@ -294,11 +300,14 @@ class MarginalGenerator(Generator):
         """(link_bound, link_covariates) of the plan, (0, 0) for none: the link release
         needs a survival pair with a binary event, binary covariates and no graph (a
         graph's families are what it measures)."""
-        bound = (LINK_BOUNDS[0 if codes else 1] if self.hparams["link_bound"] is None
+        allowed = link_covariates(self.discretizer, self.schema)
+        # every patient is in one cell of each categorical covariate: one entry each
+        whole = len(whole_covariates(self.discretizer))
+        bound = (LINK_BOUNDS[0 if codes else 1] + whole if self.hparams["link_bound"] is None
                  else int(self.hparams["link_bound"]))
         cap = int(self.hparams["link_covariates"])
-        allowed = link_covariates(self.discretizer, self.schema)
-        if not (bound > 0 and cap > 0 and allowed and self.graph is None
+        binary = [a for a in allowed if a not in whole_covariates(self.discretizer)]
+        if not (bound > 0 and cap > 0 and binary and self.graph is None
                 and self.hparams["links_share"] != 0 and link_tails(self.schema, self.sizes)):
             return 0, 0
         return bound, min(cap, len(allowed))
@@ -673,6 +682,7 @@ class LocalMeasurer:
         """Measure on these cells from now on (``binning``: what a site would be sent)."""
         self.cells = discretizer.encode(self.data)
         self.names, self.sizes = discretizer.names, discretizer.shape
+        self.whole = whole_covariates(discretizer)
 
     def measure(self, cliques: Sequence[Clique], kind: str) -> list[Measurement]:
         sigma = self.noise.of(kind)
@@ -687,9 +697,10 @@ class LocalMeasurer:
                 self.presence, self.code_columns, cliques, self.pair_bound, sigma,
                 self.randomness.numpy("measurement")), len(cliques))
         elif kind == LINKS:  # each covariate's slice over the tail (event_links.py)
+            lengths = [slice_length(c, self.sizes, self.whole) for c in cliques]
             values = np.split(noisy_link_counts(
                 self.cells, self.names, self.sizes, cliques, self.link_bound, sigma,
-                self.randomness.numpy("measurement")), len(cliques))
+                self.randomness.numpy("measurement"), self.whole), np.cumsum(lengths)[:-1])
         else:
             values = noisy_marginals(self.cells, self.names, self.sizes, cliques, sigma,
                                      self.randomness.numpy("measurement"))
