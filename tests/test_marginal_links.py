@@ -148,8 +148,9 @@ def test_the_release_is_on_only_with_a_binary_event_and_binary_covariates():
     def plan(name: str, **kw):
         return get_generator("marginal")(bundled_schema(name), **kw).plan()
 
-    tcga, amlsg = plan("tcga_brca"), plan("amlsg")
+    tcga, amlsg = plan("tcga_brca", links_share=0.45), plan("amlsg")
     assert (tcga.link_bound, tcga.link_covariates) == (10, 38)
+    assert plan("tcga_brca").link_bound == 0  # off by default there (model.SHARES)
     # AMLSG: 4 genes a patient, plus one entry for each of its 4 categorical columns
     assert amlsg.link_bound == 8 and amlsg.link_covariates == 40
     # heart disease has no survival outcome, MIMIC's codes are grouped (no binary
