@@ -1,11 +1,13 @@
 """The marginal method itself (AIM-style), for one data holder or many.
 
-1. Measure every 1-way marginal, the code histogram and (``code_pairs.py``) every pair
-   of the frequent binary codes in one release; fit.
+1. Measure every 1-way marginal, the code histogram, (``code_pairs.py``) every pair
+   of the frequent binary codes in one release and (``event_links.py``) every binary or
+   categorical covariate's counts by survival event in another; fit.
 2. For each selection round: score candidate 2-way (and, if allowed, 3-way) marginals
    under DP (``plan.py``), take the top ``per_round`` whose addition keeps the model
-   within ``max_cells``, measure them, refit (warm start). The released code pairs
-   join the model at the end, most dependent first, in what the junction tree has left.
+   within ``max_cells``, measure them, refit (warm start). The released event links,
+   then the code pairs (most dependent first), join the model at the end, in what the
+   junction tree has left.
 
 Who holds the rows is hidden behind :class:`Measurer`: a central fit measures the
 pooled table in this process; a federated study asks the sites through Flower and adds
