@@ -10,7 +10,11 @@ The coordinator asks (``common/protocol.py``, a ``query.marginal`` message) for 
   each asked pair of binary codes, the patients with both, a patient with more than
   the plan's ``pair_bound`` of the codes named weighted down so that their pairs weigh
   as much, in L2, as ``pair_bound`` codes' pairs (deterministic, no draw); the noise is
-  the site's secret randomness and the release is charged C(pair_bound, 2);
+  the site's secret randomness and the release is charged C(pair_bound, 2).
+  The ``links`` release (``common/generators/marginal/event_links.py``) counts, for
+  each asked binary covariate, the patients holding it in each cell of the survival
+  event (and time), a patient holding more than the plan's ``link_bound`` of them
+  weighted down the same way; charged ``link_bound``;
 - ``score``: for each candidate marginal, the L1 distance between the site's counts
   and the model's marginal the coordinator sent, plus Gaussian noise;
 - ``decrypt`` (encrypted studies): decrypt a sum of the sites' ciphertexts and return
@@ -56,11 +60,19 @@ from ..common.generators.marginal.code_pairs import (
 )
 from ..common.generators.marginal.codes import noisy_code_histogram
 from ..common.generators.marginal.discretize import Discretizer
+from ..common.generators.marginal.event_links import (
+    link_covariates,
+    link_request_problem,
+    link_tails,
+    noisy_link_counts,
+    whole_covariates,
+)
 from ..common.generators.marginal.measure import noisy_marginals, noisy_scores
 from ..common.generators.marginal.model import study_discretizer
 from ..common.generators.marginal.plan import (
     CODES,
     FINE,
+    LINKS,
     MEASURE,
     ONE_WAY,
     PAIRS,
@@ -143,16 +155,21 @@ class _Request:
     groups: list[str]  # the attributes it covers, in order
     direct: list[str]  # the binary codes among them (each one histogram entry)
     columns: dict[str, int]  # each code attribute's first column in ``presence``
+    linkable: list[str]  # the binary covariates a link release may name (event_links.py)
+    tails: list[tuple[str, ...]]  # the survival tails a link release may count in
+    whole: list[str]  # the categorical covariates, counted whole in a link release
 
     def releases(self, kind: str) -> int:
         """Sensitivity-1 Gaussians this release is worth (plan.py explains each)."""
         if kind == CODES:
             return self.plan.code_bound
+        if kind == LINKS:
+            return self.plan.link_bound
         return pair_units(self.plan.pair_bound) if kind == PAIRS else len(self.cliques)
 
     def problem(self, kind: str) -> str:
         """Why this request cannot be answered as a ``kind`` release ('' if it can)."""
-        if kind not in (ONE_WAY, MEASURE, FINE, "score", CODES, PAIRS):
+        if kind not in (ONE_WAY, MEASURE, FINE, "score", CODES, PAIRS, LINKS):
             return f"unknown release kind {kind!r}"
         if kind == CODES and ([c[0] for c in self.cliques] != self.groups
                               or not self.plan.code_bound):
@@ -161,6 +178,11 @@ class _Request:
             return "the study's plan has no share for 'pairs' releases"
         if kind == PAIRS:
             return pair_request_problem(self.cliques, self.direct, self.plan.pair_codes)
+        if kind == LINKS and not self.plan.link_bound:
+            return "the study's plan has no share for 'links' releases"
+        if kind == LINKS:
+            return link_request_problem(self.cliques, self.linkable, self.tails,
+                                        self.plan.link_covariates)
         return ""
 
 
@@ -246,7 +268,9 @@ def _parse_request(
     except (KeyError, ValueError, TypeError) as exc:
         return _refuse(site, state, f"malformed marginal request: {exc}")
     return _Request(cells, plan, cliques, names, disc.shape, presence, list(disc.code_attrs),
-                    disc.direct_codes, entry_columns(disc.code_attrs))
+                    disc.direct_codes, entry_columns(disc.code_attrs),
+                    link_covariates(disc, schema), link_tails(schema, disc.shape),
+                    whole_covariates(disc))
 
 
 def _measure(request: _Request, sigma: float, rng: np.random.Generator, kind: str,
@@ -257,6 +281,10 @@ def _measure(request: _Request, sigma: float, rng: np.random.Generator, kind: st
     if kind == PAIRS:
         return noisy_pair_counts(request.presence, request.columns, request.cliques,
                                  request.plan.pair_bound, sigma, rng)
+    if kind == LINKS:
+        return noisy_link_counts(request.cells, request.names, request.sizes,
+                                 request.cliques, request.plan.link_bound, sigma, rng,
+                                 request.whole)
     parts = noisy_marginals(request.cells, request.names, request.sizes, request.cliques,
                             sigma, rng)
     if kind == ONE_WAY:

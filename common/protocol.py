@@ -275,7 +275,7 @@ MARGINAL_MESSAGE = f"query.{MARGINAL_ACTION}"
 
 # config keys of a marginal message
 OP = "marginal-op"  # MEASURE_OP | SCORE_OP | DECRYPT_OP | STATUS_OP
-RELEASE_KIND = "marginal-kind"  # plan.FINE|ONE_WAY|CODES|PAIRS|MEASURE: what is charged
+RELEASE_KIND = "marginal-kind"  # plan.FINE|ONE_WAY|CODES|PAIRS|LINKS|MEASURE: what is charged
 CLIQUES = "marginal-cliques"  # JSON list of attribute-name lists
 PLAN = "marginal-plan"  # JSON of MarginalPlan: each site calibrates its own noise from it
 STEP = "marginal-step"  # 1, 2, ...: the release's place in the study (logs, test noise)

@@ -49,9 +49,10 @@ from ..common.encryption import (
     load_public_context,
 )
 from ..common.generators.marginal import MarginalGenerator
+from ..common.generators.marginal.event_links import slice_length, whole_covariates
 from ..common.generators.marginal.fit import Clique, Measurement, noisy_total
 from ..common.generators.marginal.model import NO_DP_NOISE
-from ..common.generators.marginal.plan import CODES, PAIRS, MarginalPlan, summed_noise
+from ..common.generators.marginal.plan import CODES, LINKS, PAIRS, MarginalPlan, summed_noise
 from ..common.schema import Schema
 from ..common.study import ConfigError, StudyConfig, schema_fingerprint
 from .strategy import RoundLog, SiteRound
@@ -70,9 +71,11 @@ class FederatedMeasurer:
     def __init__(self, grid: Grid, study: StudyConfig, schema: Schema, plan: MarginalPlan,
                  sizes: dict[str, int], by_site: Callable[[int], bool],
                  on_round: Callable[[RoundLog], None] | None = None,
-                 code_lengths: dict[str, int] | None = None) -> None:
+                 code_lengths: dict[str, int] | None = None,
+                 whole: Sequence[str] = ()) -> None:
         self.grid, self.study, self.plan, self.sizes = grid, study, plan, sizes
         self.code_lengths = code_lengths or {}  # the code histogram's layout (codes.py)
+        self.whole = list(whole)  # categorical covariates: whole link slices (event_links)
         self.by_site = by_site  # the answering sites' count -> model the site?
         self.secure = study.encrypted
         self.public_ctx = None
@@ -243,6 +246,8 @@ class FederatedMeasurer:
             return self.code_lengths[clique[0]]
         if kind == PAIRS:  # one count per pair (code_pairs.py)
             return 1
+        if kind == LINKS:  # a covariate's slice: the tail's cells (event_links.py)
+            return slice_length(clique, self.sizes, self.whole)
         return math.prod(self.sizes[a] for a in clique)
 
     def _split(self, vector: np.ndarray, cliques: Sequence[Clique], kind: str = ""
@@ -316,7 +321,8 @@ def run_marginal_study(grid: Grid, study: StudyConfig, schema: Schema,
     model = MarginalGenerator(schema, seed=study.seed, **study.generator_params)
     measurer = FederatedMeasurer(grid, study, schema, model.plan(), model.sizes,
                                  model.site_attribute, on_round,
-                                 model.discretizer.code_attrs)
+                                 model.discretizer.code_attrs,
+                                 whole_covariates(model.discretizer))
     plan = model.plan(noise=measurer.summed_noise())  # the plan follows the sums' noise
     measurer.use_plan(plan)
     start = time.perf_counter()
@@ -345,6 +351,7 @@ def run_marginal_study(grid: Grid, study: StudyConfig, schema: Schema,
             "selected": [list(c) for lg in result.log for c in lg.chosen],
             "pairs_released": len(result.pairs),
             "pairs_in_model": [list(c) for c in result.pairs_in_model],
+            "links_in_model": [list(c) for c in result.links_in_model],
             "measurements": len(result.measurements),
             "noise": measurer.noise,
         },

@@ -1,11 +1,13 @@
 """The marginal method itself (AIM-style), for one data holder or many.
 
-1. Measure every 1-way marginal, the code histogram and (``code_pairs.py``) every pair
-   of the frequent binary codes in one release; fit.
+1. Measure every 1-way marginal, the code histogram, (``code_pairs.py``) every pair
+   of the frequent binary codes in one release and (``event_links.py``) every binary or
+   categorical covariate's counts by survival event in another; fit.
 2. For each selection round: score candidate 2-way (and, if allowed, 3-way) marginals
    under DP (``plan.py``), take the top ``per_round`` whose addition keeps the model
-   within ``max_cells``, measure them, refit (warm start). The released code pairs
-   join the model at the end, most dependent first, in what the junction tree has left.
+   within ``max_cells``, measure them, refit (warm start). The released event links,
+   then the code pairs (most dependent first), join the model at the end, in what the
+   junction tree has left.
 
 Who holds the rows is hidden behind :class:`Measurer`: a central fit measures the
 pooled table in this process; a federated study asks the sites through Flower and adds
@@ -27,11 +29,11 @@ from typing import Protocol
 
 import numpy as np
 
-from . import code_pairs, fit
+from . import code_pairs, event_links, fit
 from .discretize import Discretizer
 from .fit import SITE, Clique, Measurement
 from .measure import marginal
-from .plan import CODES, MEASURE, ONE_WAY, PAIRS, MarginalPlan
+from .plan import CODES, LINKS, MEASURE, ONE_WAY, PAIRS, MarginalPlan
 
 MC_DRAWS = 100_000
 
@@ -76,6 +78,8 @@ class EngineResult:
     codes: list[Measurement] = field(default_factory=list)  # the code histogram (codes.py)
     pairs: list[Measurement] = field(default_factory=list)  # the pair release (code_pairs.py)
     pairs_in_model: list[Clique] = field(default_factory=list)  # those the model reads
+    links: list[Measurement] = field(default_factory=list)  # the link release (event_links.py)
+    links_in_model: list[Clique] = field(default_factory=list)  # those the model reads
 
 
 def candidates(
@@ -103,6 +107,7 @@ def run(
     first: list[Measurement] | None = None, focus: str | None = None,
     focus_weight: float = 1.0, codes: dict[str, int] | None = None,
     direct: Sequence[str] = (), anchors: Sequence[str] = (), workload: bool = False,
+    links: Sequence[str] = (), link_tail: Clique = (), link_min_z: float = 0.0,
 ) -> EngineResult:
     """Run the whole plan against ``measurer``; returns the fitted model.
 
@@ -139,6 +144,8 @@ def run(
     # with the pair release, no round measures a pair of two codes again: the frequent
     # codes' pairs are all released, the rarer codes' show no association above noise
     released = ([c for c in combinations(direct, 2)] if pair_meas else [])
+    link_meas = _event_links(plan, measurer, code_meas, direct, links, link_tail)
+    released += event_links.covered([m.clique for m in link_meas])
     sites = list(measurer.sites)  # known once the sites have answered
     model = None
     log: list[SelectionLog] = []
@@ -169,12 +176,47 @@ def run(
         measurements += measurer.measure(chosen, MEASURE)
         if scored:  # the next round scores against this fit; unscored rounds need none
             model = fit.estimate(sizes, measurements, sites, iters, warm_start=model)
+    linked = _fitting(link_meas, measurements, sizes, sites, max_cells, link_min_z)
+    measurements += linked
     chosen = _model_pairs(pair_meas, code_meas, measurements, sizes, sites, max_cells)
     if chosen:
         measurements += [m for m in pair_meas if m.clique in set(chosen)]
-    if model is None or chosen:
+    if model is None or chosen or linked:
         model = fit.estimate(sizes, measurements, sites, iters, warm_start=model)
-    return EngineResult(model, measurements, log, code_meas, pair_meas, chosen)
+    return EngineResult(model, measurements, log, code_meas, pair_meas, chosen, link_meas,
+                        [m.clique for m in linked])
+
+
+def _event_links(plan: MarginalPlan, measurer: Measurer, code_meas: list[Measurement],
+                 direct: Sequence[str], allowed: Sequence[str], tail: Clique
+                 ) -> list[Measurement]:
+    """The link release (``event_links.py``): the binary columns and the frequent binary
+    codes (the noisy code histogram's, post-processing), each linked to ``tail``."""
+    if not plan.link_bound or not allowed or not tail:
+        return []
+    frequent = (code_pairs.frequent_codes(code_meas, direct, plan.link_covariates)
+                if code_meas else list(direct))
+    chosen = event_links.choose(allowed, frequent, direct, plan.link_covariates)
+    return measurer.measure(event_links.link_cliques(chosen, tail), LINKS) if chosen else []
+
+
+def _fitting(meas: list[Measurement], measurements: list[Measurement],
+             sizes: dict[str, int], sites: Sequence[str], max_cells: int, min_z: float
+             ) -> list[Measurement]:
+    """The released links the model reads, in release order, while the junction tree
+    stays within ``max_cells`` beside what is already measured, leaving out those whose
+    event count is within ``min_z`` noise stds of independence (post-processing)."""
+    cliques = [m.clique for m in measurements]
+    kept: list[Measurement] = []
+    z = event_links.independence_z(meas, _one_way(measurements), fit.noisy_total(
+        measurements), sizes) if min_z > 0 else {}
+    for m in meas:
+        if min_z > 0 and abs(z[m.clique]) < min_z:
+            continue
+        if fit.model_cells(sizes, [*cliques, m.clique], sites) <= max_cells:
+            cliques.append(m.clique)
+            kept.append(m)
+    return kept
 
 
 def _code_pairs(plan: MarginalPlan, measurer: Measurer, code_meas: list[Measurement],

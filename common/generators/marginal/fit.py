@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._jax import mbi
-from .plan import CODES, PAIRS
+from .plan import CODES, LINKS, PAIRS
 
 SITE = "__site__"
 Clique = tuple[str, ...]
@@ -57,10 +57,14 @@ def domain(sizes: dict[str, int], sites: Sequence[str]):  # noqa: ANN201 (mbi ty
     return m.Domain.fromdict(config)
 
 
-def linear_measurements(measurements: Sequence[Measurement], sites: Sequence[str]) -> list:
+def linear_measurements(measurements: Sequence[Measurement], sites: Sequence[str],
+                        sizes: dict[str, int] | None = None) -> list:
     m = mbi()
     out = []
     for meas in measurements:
+        if meas.kind == LINKS:  # a covariate's c = 1 slice of (c, *tail) (event_links.py)
+            out.append(_slice(meas, sites, sizes or {}))
+            continue
         if meas.kind in (CODES, PAIRS):  # one count: a code's, or a pair's "both" cell
             out.append(_last_cell(meas, sites, 2 if meas.kind == CODES else 4))
             continue
@@ -109,6 +113,36 @@ def _last_cell(meas: Measurement, sites: Sequence[str], cells: int):  # noqa: AN
                                query=m.SlicedQuery(cells - 1))
 
 
+def _slice(meas: Measurement, sites: Sequence[str], sizes: dict[str, int]):  # noqa: ANN202
+    """A link slice as a measurement of the covariate's "present" cells of its clique
+    (weight 0 on the others): the covariate is the clique's first attribute, so its
+    cell 1 is the second block of ``inner`` entries. A categorical covariate's slice is
+    the whole clique (every cell measured)."""
+    from .event_links import PRESENT
+
+    m = mbi()
+    inner = int(np.prod([sizes[a] for a in meas.clique[1:]]))
+    full = sizes[meas.clique[0]] * inner
+    values = np.asarray(meas.values, dtype=float)
+    at = (slice(0, full) if values.shape[-1] == full
+          else slice(PRESENT * inner, (PRESENT + 1) * inner))
+    if meas.by_site and sites:
+        sd = np.asarray(meas.stddev, dtype=float).reshape(-1, 1)
+        y, w = np.zeros((len(sites), full)), np.zeros((len(sites), full))
+        y[:, at] = values.reshape(len(sites), -1) / sd
+        w[:, at] = 1.0 / sd
+        return m.LinearMeasurement(y.ravel(), (SITE, *meas.clique), stddev=1.0,
+                                   query=m.WeightedQuery(w.ravel()))
+    if meas.by_site:
+        values = values.sum(axis=0)
+        sd = float(np.sqrt(np.sum(np.square(meas.stddev))))
+    else:
+        sd = float(meas.stddev)
+    y, w = np.zeros(full), np.zeros(full)
+    y[at], w[at] = values.reshape(-1), 1.0
+    return m.LinearMeasurement(y, meas.clique, stddev=sd, query=m.WeightedQuery(w))
+
+
 def estimate(
     sizes: dict[str, int], measurements: Sequence[Measurement], sites: Sequence[str],
     iters: int, warm_start=None,  # noqa: ANN001 (an mbi model)
@@ -116,7 +150,7 @@ def estimate(
     """Fit the MRF to the measurements (warm-started from the previous fit if given)."""
     m = mbi()
     dom = domain(sizes, sites)
-    lms = linear_measurements(measurements, sites)
+    lms = linear_measurements(measurements, sites, sizes)
     return m.estimation.MirrorDescent().estimate(
         dom, lms, known_total=noisy_total(measurements), iters=iters, warm_start=warm_start)
 
@@ -124,7 +158,7 @@ def estimate(
 def noisy_total(measurements: Sequence[Measurement]) -> float:
     """The number of rows, as the mean of the 1-way measurements' sums (post-processing)."""
     sums = [float(np.sum(m.values)) for m in measurements
-            if len(m.clique) == 1 and m.kind not in (CODES, PAIRS)]
+            if len(m.clique) == 1 and m.kind not in (CODES, PAIRS, LINKS)]
     sums = sums or [float(np.sum(m.values)) for m in measurements]
     return max(1.0, float(np.mean(sums)) if sums else 1.0)
 

@@ -29,11 +29,19 @@ from . import causal, engine, fit
 from .code_pairs import entry_columns, noisy_pair_counts
 from .codes import code_weights, noisy_code_histogram, pooled_counts
 from .discretize import Discretizer, FineCells, binning_to_json, discretizer_for
+from .event_links import (
+    link_covariates,
+    link_tails,
+    noisy_link_counts,
+    slice_length,
+    whole_covariates,
+)
 from .fit import SITE, Clique, Measurement
 from .measure import noisy_marginals, noisy_scores
 from .plan import (
     CODES,
     FINE,
+    LINKS,
     ONE_WAY,
     PAIRS,
     MarginalPlan,
@@ -52,7 +60,10 @@ WORKLOAD_PAIRS = 384
 # patients carry about 13 codes each, so the scored (narrower) tables keep 6.
 WIDE_CODES, SCORED_CODES = (4, 0.45), (6, 0.2)
 # the budget's shares by default (a hyperparameter set to a number wins)
-SHARES = {"one_way_share": 0.2, "fine_share": 0.1, "pairs_share": 0.0}
+# links_share 0 here: on TCGA-BRCA (no code set) the link release gave no reliable gain
+# (emulated 6 regions, C-index 0.638 against 0.617 at links_share 0.45; federated, secret
+# noise, 0.575 [0.570-0.702] against 0.611 [0.601-0.636]) at 8x the study's time
+SHARES = {"one_way_share": 0.2, "fine_share": 0.1, "pairs_share": 0.0, "links_share": 0.0}
 # the pair release (code_pairs.py), on by default on a table with two or more binary
 # codes and a code histogram (AMLSG): a patient's pairs weigh at most those of 3 codes
 # (3 Gaussians; 79% of AMLSG's patients have 3 genes or fewer), the code histogram
@@ -61,7 +72,14 @@ SHARES = {"one_way_share": 0.2, "fine_share": 0.1, "pairs_share": 0.0}
 # (docs/generators.md "Pairs of codes", benchmarks/marginal-datasets/results.md)
 PAIR_BOUND = 3
 PAIR_SHARES = {"one_way_share": 0.15, "fine_share": 0.05, "codes_share": 0.35,
-               "pairs_share": 0.25}
+               "pairs_share": 0.25, "links_share": 0.1}
+# the link release (event_links.py), on by default on a table with a binary survival
+# event and binary covariates (AMLSG, TCGA-BRCA; not heart disease, which has no
+# survival outcome, nor MIMIC, whose codes are grouped): (link_bound with a code set,
+# without). AMLSG's patients hold 2 genes (median; 95% at most 5), TCGA's one-hot
+# indicators 9-14 a patient (median 10). Its share comes from the measurements
+# (docs/generators.md "Event links", benchmarks/marginal-datasets/results.md)
+LINK_BOUNDS = (4, 10)
 # (fine cells of a numeric column, decode_threshold) by default: wide tables keep the
 # third pass's decoding, scored ones get the heap-keeping one; see fine_cells
 WIDE_DECODING, SCORED_DECODING = (64, 0.0), (256, 2.0)
@@ -152,6 +170,20 @@ class MarginalGenerator(Generator):
         "pair_bound": None,
         "pairs_share": None,
         "pair_codes": 24,
+        # event links: one bounded release of every binary covariate's counts in each
+        # cell of the survival event and time (event_links.py). None: LINK_BOUNDS and
+        # SHARES' / PAIR_SHARES' links_share when the schema has a survival pair and
+        # binary covariates; link_bound or links_share 0: off
+        "link_bound": None,
+        "links_share": None,
+        "link_covariates": 40,
+        # the tail: False, the event alone; True: the event and the binned time (6 times
+        # the cells at the same noise each: TCGA, 6 regions emulated, C-index 0.547
+        # against 0.629 with the event alone, medians of 3 seeds)
+        "link_time": False,
+        # the model reads a released link only when its event count is this many noise
+        # stds from independence (post-processing; 0: every link)
+        "link_min_z": 0.0,
     }
 
     # -- Generator plumbing (no networks: nothing here is trained by DP-SGD) -----------
@@ -281,6 +313,9 @@ class MarginalGenerator(Generator):
         fine_share = shares["fine_share"] if fine else 0.0
         code_bound, codes_share = (bound, shares["codes_share"]) if codes else (0, 0.0)
         pairs_share = shares["pairs_share"] if pair_bound else 0.0
+        link_bound, link_cap = (self._link_release(codes) if shares["links_share"] > 0
+                                else (0, 0))
+        links_share = shares["links_share"] if link_bound else 0.0
         if self.graph is not None:  # the graph's families, no selection
             fams = causal.families(self.graph, self.order)
             causal.check_families(fams, self._causal_sizes(),
@@ -294,7 +329,8 @@ class MarginalGenerator(Generator):
         select = 0.0 if wide else float(self.hparams["select_share"])
         plan = MarginalPlan(max(1, d - direct), rounds, m, int(self.hparams["per_round"]),
                             shares["one_way_share"], select, fine, fine_share,
-                            code_bound, codes_share, pair_bound, pair_codes, pairs_share)
+                            code_bound, codes_share, pair_bound, pair_codes, pairs_share,
+                            link_bound, link_cap, links_share)
         return self.outcome_plan(plan, pool, noise) if not wide else plan
 
     def outcome_plan(self, plan: MarginalPlan, pool: Sequence[Clique],
@@ -326,6 +362,22 @@ class MarginalGenerator(Generator):
                                    candidates=len(with_outcome), select_share=0.0,
                                    one_way_share=shares["one_way_share"],
                                    fine_share=fine_share)
+
+    def _link_release(self, codes: bool) -> tuple[int, int]:
+        """(link_bound, link_covariates) of the plan, (0, 0) for none: the link release
+        needs a survival pair with a binary event, binary covariates and no graph (a
+        graph's families are what it measures)."""
+        allowed = link_covariates(self.discretizer, self.schema)
+        # every patient is in one cell of each categorical covariate: one entry each
+        whole = len(whole_covariates(self.discretizer))
+        bound = (LINK_BOUNDS[0 if codes else 1] + whole if self.hparams["link_bound"] is None
+                 else int(self.hparams["link_bound"]))
+        cap = int(self.hparams["link_covariates"])
+        binary = [a for a in allowed if a not in whole_covariates(self.discretizer)]
+        if not (bound > 0 and cap > 0 and binary and self.graph is None
+                and self.hparams["links_share"] != 0 and link_tails(self.schema, self.sizes)):
+            return 0, 0
+        return bound, min(cap, len(allowed))
 
     def _pair_release(self, codes: bool, direct: int) -> tuple[int, int]:
         """(pair_bound, pair_codes) of the plan, (0, 0) for none: the pair release needs
@@ -419,17 +471,20 @@ class MarginalGenerator(Generator):
         ledger = PrivacyLedger(accountant)
         holder = LocalMeasurer(data, self.discretizer, noise, ledger if dp else None,
                                randomness or DPRandomness.secret(),
-                               code_bound=plan.code_bound, pair_bound=plan.pair_bound)
+                               code_bound=plan.code_bound, pair_bound=plan.pair_bound,
+                               link_bound=plan.link_bound)
         result = self.run_engine(plan, holder, sites=[])
         self.fit_info = {
             "epsilon": ledger.epsilon(delta) if dp else None,
             "delta": delta if dp else None,
             "ledger": ledger.to_record() if dp else None,
             "noise": {"one_way": noise.one_way, "score": noise.score, "measure": noise.measure,
-                      "fine": noise.fine, "codes": noise.codes, "pairs": noise.pairs},
+                      "fine": noise.fine, "codes": noise.codes, "pairs": noise.pairs,
+                      "links": noise.links},
             "plan": plan.to_dict(),
             "selected": [list(c) for lg in result.log for c in lg.chosen],
             "pairs_released": len(result.pairs),
+            "links_in_model": [list(c) for c in result.links_in_model],
             "pairs_in_model": [list(c) for c in result.pairs_in_model],
             "reproducible_noise": (randomness or DPRandomness.secret()).is_reproducible,
         }
@@ -479,7 +534,17 @@ class MarginalGenerator(Generator):
             focus=self.schema.outcome.column if self.schema.outcome is not None else None,
             focus_weight=float(self.hparams["outcome_weight"]),
             workload=self.workload(),
+            links=link_covariates(self.discretizer, self.schema) if plan.link_bound else (),
+            link_tail=self.link_tail(), link_min_z=float(self.hparams["link_min_z"]),
         )
+
+    def link_tail(self) -> tuple[str, ...]:
+        """The survival columns each link counts in: (event, time), or (event,) with
+        ``link_time`` False; () without a survival pair."""
+        tails = link_tails(self.schema, self.sizes)
+        if not tails:
+            return ()
+        return tails[1] if bool(self.hparams["link_time"]) else tails[0]
 
     # -- bins from the fine 1-way release -------------------------------------------
     def _use_binning(self, binning: str) -> None:
@@ -668,9 +733,9 @@ class LocalMeasurer:
 
     def __init__(self, data: pd.DataFrame, discretizer: Discretizer, noise: NoiseLevels,
                  ledger: PrivacyLedger | None, randomness: DPRandomness,
-                 code_bound: int = 0, pair_bound: int = 0) -> None:
+                 code_bound: int = 0, pair_bound: int = 0, link_bound: int = 0) -> None:
         self.data = data
-        self.pair_bound = pair_bound
+        self.pair_bound, self.link_bound = pair_bound, link_bound
         # the code histogram (codes.py): its 0/1 entries per row, and each attribute's
         # number of entries (code sets do not depend on the numeric binning)
         self.presence, self.code_bound = discretizer.code_presence(data), code_bound
@@ -685,6 +750,7 @@ class LocalMeasurer:
         """Measure on these cells from now on (``binning``: what a site would be sent)."""
         self.cells = discretizer.encode(self.data)
         self.names, self.sizes = discretizer.names, discretizer.shape
+        self.whole = whole_covariates(discretizer)
 
     def measure(self, cliques: Sequence[Clique], kind: str) -> list[Measurement]:
         sigma = self.noise.of(kind)
@@ -698,12 +764,18 @@ class LocalMeasurer:
             values = np.split(noisy_pair_counts(
                 self.presence, self.code_columns, cliques, self.pair_bound, sigma,
                 self.randomness.numpy("measurement")), len(cliques))
+        elif kind == LINKS:  # each covariate's slice over the tail (event_links.py)
+            lengths = [slice_length(c, self.sizes, self.whole) for c in cliques]
+            values = np.split(noisy_link_counts(
+                self.cells, self.names, self.sizes, cliques, self.link_bound, sigma,
+                self.randomness.numpy("measurement"), self.whole), np.cumsum(lengths)[:-1])
         else:
             values = noisy_marginals(self.cells, self.names, self.sizes, cliques, sigma,
                                      self.randomness.numpy("measurement"))
         if self.ledger is not None:
             self.ledger.record(sigma, 1.0, self.code_bound if kind == CODES else
-                               math.comb(self.pair_bound, 2) if kind == PAIRS else len(cliques))
+                               math.comb(self.pair_bound, 2) if kind == PAIRS else
+                               self.link_bound if kind == LINKS else len(cliques))
         if len(cliques[0]) == 1 and kind != CODES and self.total is None:
             self.total = float(np.mean([v.sum() for v in values]))
         return [Measurement(c, v, np.asarray(sigma), kind=kind)

@@ -22,6 +22,11 @@ rate 1 (no subsampling: every row of the site counts):
   frequent codes, each patient keeping at most ``pair_bound`` of them, so one patient
   moves at most C(pair_bound, 2) counts by one: L2 sensitivity sqrt(C(pair_bound, 2)),
   ``record(sigma_pairs, 1.0, C(pair_bound, 2))``.
+- ``links`` (once, after the pairs, when ``link_bound`` > 0, ``event_links.py``): for
+  each of at most ``link_covariates`` binary covariates, the counts of the patients
+  holding it in each cell of the survival event (and time), each patient's slices
+  weighted so that it moves the vector by at most sqrt(link_bound) in L2:
+  ``record(sigma_links, 1.0, link_bound)``.
 - ``score`` (one per selection round): for each of ``m`` candidate marginals the L1
   distance between the site's marginal and the current model's, scaled to the site's
   noisy total. One patient moves one count of each candidate marginal by one, so each
@@ -39,7 +44,8 @@ rate 1 (no subsampling: every row of the site counts):
 Gaussian mechanisms at rate 1 compose exactly into one Gaussian: ``sum_i c_i / sigma_i^2``
 = ``1 / sigma_eq^2``, in RDP (Opacus' ``rdp``) and in the privacy-loss distribution
 (``prv``) alike. So the plan fixes the share of that total each kind gets
-(``fine_share``, ``one_way_share``, ``codes_share``, ``pairs_share``, ``select_share``,
+(``fine_share``, ``one_way_share``, ``codes_share``, ``pairs_share``, ``links_share``,
+``select_share``,
 the rest for measurements), finds the largest total (smallest ``sigma_eq``) whose epsilon at
 ``delta`` fits the budget with the site's own accountant, and splits it. A site that
 follows the plan ends within its budget; the candidate count per round is the plan's
@@ -57,7 +63,7 @@ from typing import Any
 from ...privacy import PrivacyLedger
 
 ONE_WAY, SCORE, MEASURE, FINE, CODES = "one-way", "score", "measure", "fine", "codes"
-PAIRS = "pairs"
+PAIRS, LINKS = "pairs", "links"
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,9 @@ class MarginalPlan:
     pair_bound: int = 0  # codes per patient in the pair release (0: no pair release)
     pair_codes: int = 0  # at most this many codes form the released pairs (public cap)
     pairs_share: float = 0.0  # share of the budget for the pair release
+    link_bound: int = 0  # covariates per patient at full weight in the link release (0: none)
+    link_covariates: int = 0  # at most this many covariates are linked (public cap)
+    links_share: float = 0.0  # share of the budget for the link release (event_links.py)
 
     def __post_init__(self) -> None:
         if self.code_bound < 0 or not (0 <= self.codes_share < 1) or (
@@ -88,20 +97,26 @@ class MarginalPlan:
             raise ValueError("pair_bound, pair_codes and pairs_share are all 0 (no pair "
                              "release) or pair_bound >= 2, pair_codes >= 2 and 0 < "
                              "pairs_share < 1")
+        if (self.link_bound > 0) != (self.links_share > 0) or not 0 <= self.links_share < 1 or (
+                self.link_bound and self.link_covariates < 1):
+            raise ValueError("link_bound, link_covariates and links_share are all 0 (no link "
+                             "release) or all positive (links_share < 1)")
         if self.attributes < 1 or self.rounds < 0 or self.per_round < 1 or self.fine < 0:
             raise ValueError("a marginal plan needs >= 1 attribute, >= 0 rounds, >= 1 per round")
         if not (0 < self.one_way_share < 1 and 0 <= self.select_share < 1
                 and self.one_way_share + self.select_share + self.fine_share
-                + self.codes_share + self.pairs_share < 1
+                + self.codes_share + self.pairs_share + self.links_share < 1
                 or self.rounds == 0):
-            raise ValueError("one_way_share, select_share, fine_share and codes_share must be "
-                             "in [0, 1) with sum < 1 (the rest is for the measurements)")
+            raise ValueError("one_way_share, select_share, fine_share, codes_share, "
+                             "pairs_share and links_share must be in [0, 1) with sum < 1 "
+                             "(the rest is for the measurements)")
         if (self.fine > 0) != (self.fine_share > 0) or self.fine_share >= 1:
             raise ValueError("fine histograms need a fine_share in (0, 1), and a fine_share "
                              "needs fine histograms")
-        if self.rounds == 0 and self.fine_share + self.codes_share + self.pairs_share >= 1:
-            raise ValueError("fine_share + codes_share + pairs_share must be < 1 (the rest "
-                             "is for the 1-way marginals)")
+        if self.rounds == 0 and (self.fine_share + self.codes_share + self.pairs_share
+                                 + self.links_share) >= 1:
+            raise ValueError("fine_share + codes_share + pairs_share + links_share must be "
+                             "< 1 (the rest is for the 1-way marginals)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,7 +129,7 @@ class MarginalPlan:
     def share_left(self) -> float:
         """The share of the budget the measurements get (what the others leave)."""
         return (1.0 - self.one_way_share - self.select_share - self.fine_share
-                - self.codes_share - self.pairs_share)
+                - self.codes_share - self.pairs_share - self.links_share)
 
     def one_way_total(self) -> float:
         """The share of the 1-way releases (the fine one included)."""
@@ -131,15 +146,17 @@ class NoiseLevels:
     fine: float = math.inf  # the fine histograms'; unused without numeric columns
     codes: float = math.inf  # the code histogram's (codes.py); unused without grouped codes
     pairs: float = math.inf  # the pair release's (code_pairs.py); unused without it
+    links: float = math.inf  # the link release's (event_links.py); unused without it
 
     @classmethod
     def flat(cls, sigma: float) -> NoiseLevels:
         """The same noise for every kind (a fixed multiplier, or a fit without DP)."""
-        return cls(sigma, sigma, sigma, sigma, sigma, sigma)
+        return cls(sigma, sigma, sigma, sigma, sigma, sigma, sigma)
 
     def of(self, kind: str) -> float:
         return {ONE_WAY: self.one_way, SCORE: self.score, MEASURE: self.measure,
-                FINE: self.fine, CODES: self.codes, PAIRS: self.pairs}[kind]
+                FINE: self.fine, CODES: self.codes, PAIRS: self.pairs,
+                LINKS: self.links}[kind]
 
 
 def planned_ledger(plan: MarginalPlan, noise: NoiseLevels, mechanism: str = "rdp") -> PrivacyLedger:
@@ -152,6 +169,8 @@ def planned_ledger(plan: MarginalPlan, noise: NoiseLevels, mechanism: str = "rdp
         ledger.record(noise.codes, 1.0, plan.code_bound)
     if plan.pair_bound:
         ledger.record(noise.pairs, 1.0, math.comb(plan.pair_bound, 2))
+    if plan.link_bound:
+        ledger.record(noise.links, 1.0, plan.link_bound)
     for _ in range(plan.rounds):
         if plan.select_share > 0:  # 0: no score release (engine.workload_order decides)
             ledger.record(noise.score, 1.0, plan.candidates)
@@ -166,16 +185,19 @@ def _levels(plan: MarginalPlan, rho: float) -> NoiseLevels:
              if plan.code_bound else math.inf)
     pairs = (math.sqrt(math.comb(plan.pair_bound, 2) / (2 * rho * plan.pairs_share))
              if plan.pair_bound else math.inf)
+    links = (math.sqrt(plan.link_bound / (2 * rho * plan.links_share))
+             if plan.link_bound else math.inf)
     if plan.rounds == 0:
-        one_share = 1.0 - plan.fine_share - plan.codes_share - plan.pairs_share
+        one_share = (1.0 - plan.fine_share - plan.codes_share - plan.pairs_share
+                     - plan.links_share)
         return NoiseLevels(math.sqrt(plan.attributes / (2 * rho * one_share)), math.inf,
-                           math.inf, fine, codes, pairs)
+                           math.inf, fine, codes, pairs, links)
     measure_share = plan.share_left
     one = math.sqrt(plan.attributes / (2 * rho * plan.one_way_share))
     score = (math.sqrt(plan.rounds * plan.candidates / (2 * rho * plan.select_share))
              if plan.select_share > 0 else math.inf)
     measure = math.sqrt(plan.rounds * plan.per_round / (2 * rho * measure_share))
-    return NoiseLevels(one, score, measure, fine, codes, pairs)
+    return NoiseLevels(one, score, measure, fine, codes, pairs, links)
 
 
 def budget_noise(epsilon: float, delta: float, mechanism: str = "rdp",
