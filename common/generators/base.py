@@ -64,7 +64,12 @@ class TrainingSpec:
     # Adam's epsilon in a site's federated round without DP (torch's default unless the
     # family says otherwise: the TVAE's ``federated_adam_eps``); DP-SGD and a central
     # fit keep the default. A larger epsilon only shortens Adam's steps, so the
-    # coordinator's update bound still holds.
+    # coordinator's update bound still holds. Not every family's default, measured
+    # (benchmarks/deep-spread/results-nodp.md, "ddpm and ctgan"): 0.3 undid the sign
+    # vote of ddpm on heart disease too but cost it its survival fit on TCGA-BRCA
+    # (C-index 0.709 -> 0.453, detection 0.648 -> 0.953), and on CTGAN's discriminator
+    # (the optimizer this field sets; its generator's Adam is built in ``begin_round``)
+    # it stalled the game: heart fidelity 0.902 -> 0.489, 0.716 with both at 0.3.
     federated_adam_eps: float = TORCH_ADAM_EPS
 
     @property
