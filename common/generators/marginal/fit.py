@@ -57,6 +57,14 @@ def domain(sizes: dict[str, int], sites: Sequence[str]):  # noqa: ANN201 (mbi ty
     return m.Domain.fromdict(config)
 
 
+def _pooled(meas: Measurement, values: np.ndarray) -> tuple[np.ndarray, float]:
+    """A measurement's values and noise std as one release: the sites' vectors summed
+    and their independent noises' variances added when it came per site."""
+    if meas.by_site:
+        return values.sum(axis=0), float(np.sqrt(np.sum(np.square(meas.stddev))))
+    return values, float(meas.stddev)
+
+
 def linear_measurements(measurements: Sequence[Measurement], sites: Sequence[str],
                         sizes: dict[str, int] | None = None) -> list:
     m = mbi()
@@ -78,11 +86,8 @@ def linear_measurements(measurements: Sequence[Measurement], sites: Sequence[str
                 (values / sd).ravel(), (SITE, *meas.clique), stddev=1.0,
                 query=m.WeightedQuery(weights)))
             continue
-        if meas.by_site:  # per-site vectors but a pooled model: sum them
-            values = np.asarray(meas.values, dtype=float).sum(axis=0)
-            sd = float(np.sqrt(np.sum(np.square(meas.stddev))))
-        else:
-            values, sd = np.asarray(meas.values, dtype=float), float(meas.stddev)
+        # per-site vectors but a pooled model: sum them
+        values, sd = _pooled(meas, np.asarray(meas.values, dtype=float))
         if meas.cell_scale is None:
             out.append(m.LinearMeasurement(values, meas.clique, stddev=sd))
         else:
@@ -104,11 +109,7 @@ def _last_cell(meas: Measurement, sites: Sequence[str], cells: int):  # noqa: AN
         y[:, -1], w[:, -1] = values.reshape(len(sites), -1)[:, 0] / sd, 1.0 / sd
         return m.LinearMeasurement(y.ravel(), (SITE, *meas.clique), stddev=1.0,
                                    query=m.WeightedQuery(w.ravel()))
-    if meas.by_site:
-        values = values.sum(axis=0)
-        sd = float(np.sqrt(np.sum(np.square(meas.stddev))))
-    else:
-        sd = float(meas.stddev)
+    values, sd = _pooled(meas, values)
     return m.LinearMeasurement(values.reshape(-1)[:1], meas.clique, stddev=sd,
                                query=m.SlicedQuery(cells - 1))
 
@@ -133,11 +134,7 @@ def _slice(meas: Measurement, sites: Sequence[str], sizes: dict[str, int]):  # n
         w[:, at] = 1.0 / sd
         return m.LinearMeasurement(y.ravel(), (SITE, *meas.clique), stddev=1.0,
                                    query=m.WeightedQuery(w.ravel()))
-    if meas.by_site:
-        values = values.sum(axis=0)
-        sd = float(np.sqrt(np.sum(np.square(meas.stddev))))
-    else:
-        sd = float(meas.stddev)
+    values, sd = _pooled(meas, values)
     y, w = np.zeros(full), np.zeros(full)
     y[at], w[at] = values.reshape(-1), 1.0
     return m.LinearMeasurement(y, meas.clique, stddev=sd, query=m.WeightedQuery(w))
