@@ -67,8 +67,9 @@ from ..common.generators.marginal.event_links import (
     noisy_link_counts,
     whole_covariates,
 )
-from ..common.generators.marginal.measure import noisy_marginals, noisy_scores
+from ..common.generators.marginal.measure import noisy_marginals, noisy_scores, noisy_split
 from ..common.generators.marginal.model import study_discretizer
+from ..common.generators.marginal.outcome_split import Split, outcome_split
 from ..common.generators.marginal.plan import (
     CODES,
     FINE,
@@ -76,6 +77,7 @@ from ..common.generators.marginal.plan import (
     MEASURE,
     ONE_WAY,
     PAIRS,
+    SPLIT,
     MarginalPlan,
     NoiseLevels,
     calibrate,
@@ -158,6 +160,7 @@ class _Request:
     linkable: list[str]  # the binary covariates a link release may name (event_links.py)
     tails: list[tuple[str, ...]]  # the survival tails a link release may count in
     whole: list[str]  # the categorical covariates, counted whole in a link release
+    split: Split | None  # the schema's outcome split (outcome_split.py), if it has one
 
     def releases(self, kind: str) -> int:
         """Sensitivity-1 Gaussians this release is worth (plan.py explains each)."""
@@ -169,8 +172,12 @@ class _Request:
 
     def problem(self, kind: str) -> str:
         """Why this request cannot be answered as a ``kind`` release ('' if it can)."""
-        if kind not in (ONE_WAY, MEASURE, FINE, "score", CODES, PAIRS, LINKS):
+        if kind not in (ONE_WAY, MEASURE, FINE, "score", CODES, PAIRS, LINKS, SPLIT):
             return f"unknown release kind {kind!r}"
+        if kind == SPLIT and not (self.plan.outcome_split and self.split is not None):
+            return "the study's plan has no collapsed-outcome ('split') releases"
+        if kind == SPLIT:
+            return self.split.problem(self.cliques)
         if kind == CODES and ([c[0] for c in self.cliques] != self.groups
                               or not self.plan.code_bound):
             return "a code histogram request must name every code attribute of the schema"
@@ -270,7 +277,7 @@ def _parse_request(
     return _Request(cells, plan, cliques, names, disc.shape, presence, list(disc.code_attrs),
                     disc.direct_codes, entry_columns(disc.code_attrs),
                     link_covariates(disc, schema), link_tails(schema, disc.shape),
-                    whole_covariates(disc))
+                    whole_covariates(disc), outcome_split(schema, disc))
 
 
 def _measure(request: _Request, sigma: float, rng: np.random.Generator, kind: str,
@@ -285,6 +292,9 @@ def _measure(request: _Request, sigma: float, rng: np.random.Generator, kind: st
         return noisy_link_counts(request.cells, request.names, request.sizes,
                                  request.cliques, request.plan.link_bound, sigma, rng,
                                  request.whole)
+    if kind == SPLIT:
+        return np.concatenate(noisy_split(request.cells, request.names, request.sizes,
+                                          request.cliques, request.split, sigma, rng))
     parts = noisy_marginals(request.cells, request.names, request.sizes, request.cliques,
                             sigma, rng)
     if kind == ONE_WAY:

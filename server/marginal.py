@@ -52,7 +52,15 @@ from ..common.generators.marginal import MarginalGenerator
 from ..common.generators.marginal.event_links import slice_length, whole_covariates
 from ..common.generators.marginal.fit import Clique, Measurement, noisy_total
 from ..common.generators.marginal.model import NO_DP_NOISE
-from ..common.generators.marginal.plan import CODES, LINKS, PAIRS, MarginalPlan, summed_noise
+from ..common.generators.marginal.outcome_split import Split, outcome_split
+from ..common.generators.marginal.plan import (
+    CODES,
+    LINKS,
+    PAIRS,
+    SPLIT,
+    MarginalPlan,
+    summed_noise,
+)
 from ..common.schema import Schema
 from ..common.study import ConfigError, StudyConfig, schema_fingerprint
 from .strategy import RoundLog, SiteRound
@@ -72,8 +80,9 @@ class FederatedMeasurer:
                  sizes: dict[str, int], by_site: Callable[[int], bool],
                  on_round: Callable[[RoundLog], None] | None = None,
                  code_lengths: dict[str, int] | None = None,
-                 whole: Sequence[str] = ()) -> None:
+                 whole: Sequence[str] = (), split: Split | None = None) -> None:
         self.grid, self.study, self.plan, self.sizes = grid, study, plan, sizes
+        self.split = split  # the outcome's public split: a SPLIT vector's layout
         self.code_lengths = code_lengths or {}  # the code histogram's layout (codes.py)
         self.whole = list(whole)  # categorical covariates: whole link slices (event_links)
         self.by_site = by_site  # the answering sites' count -> model the site?
@@ -248,6 +257,9 @@ class FederatedMeasurer:
             return 1
         if kind == LINKS:  # a covariate's slice: the tail's cells (event_links.py)
             return slice_length(clique, self.sizes, self.whole)
+        if kind == SPLIT:  # features' cells by outcome group (outcome_split.py)
+            assert self.split is not None
+            return self.split.length(clique, self.sizes)
         return math.prod(self.sizes[a] for a in clique)
 
     def _split(self, vector: np.ndarray, cliques: Sequence[Clique], kind: str = ""
@@ -322,7 +334,8 @@ def run_marginal_study(grid: Grid, study: StudyConfig, schema: Schema,
     measurer = FederatedMeasurer(grid, study, schema, model.plan(), model.sizes,
                                  model.site_attribute, on_round,
                                  model.discretizer.code_attrs,
-                                 whole_covariates(model.discretizer))
+                                 whole_covariates(model.discretizer),
+                                 outcome_split(schema, model.discretizer))
     plan = model.plan(noise=measurer.summed_noise())  # the plan follows the sums' noise
     measurer.use_plan(plan)
     start = time.perf_counter()

@@ -23,6 +23,7 @@ from fedsynth.common import protocol as P
 from fedsynth.common.generators import get_generator
 from fedsynth.common.generators.marginal.model import OUTCOME_PLAN_NOISE
 from fedsynth.common.generators.marginal.plan import (
+    SPLIT,
     MarginalPlan,
     budget_noise,
     calibrate,
@@ -109,6 +110,7 @@ def test_a_central_fit_at_high_noise_releases_the_outcome_plan_exactly(heart_sch
     info = model.fit_info
     plan = MarginalPlan.from_dict(info["plan"])
     assert plan == model.plan(noise=budget_noise(0.45, 1e-5)) and plan.select_share == 0
+    assert plan.outcome_split == 1  # the outcome pairs collapsed (outcome_split.py)
     history = [tuple(h) for h in zip(info["ledger"]["noise"], info["ledger"]["rate"],
                                      info["ledger"]["count"], strict=True)]
     assert history == [tuple(h) for h in planned_ledger(plan, calibrate(
@@ -168,6 +170,9 @@ def test_a_federated_study_plans_for_its_sites_summed_noise(tmp_path):
         noise=summed_noise([(0.6, s.delta) for s in sites]))
     assert expected.select_share == 0 and expected.rounds == 1
     asked = {c[P.PLAN] for c in configs[len(sites):]}
+    # the round's outcome pairs were asked collapsed (outcome_split.py)
+    assert expected.outcome_split == 1
+    assert SPLIT in {c.get(P.RELEASE_KIND) for c in configs}
     assert asked == {json.dumps(expected.to_dict())}
     planned = planned_ledger(expected, calibrate(expected, 0.6, 1e-5))
     for ctx in grid._grid.contexts.values():  # nothing charged for the status request

@@ -21,6 +21,7 @@ is picked only when the model is far enough off to be worth its noise.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,7 +34,8 @@ from . import code_pairs, event_links, fit
 from .discretize import Discretizer
 from .fit import SITE, Clique, Measurement
 from .measure import marginal
-from .plan import CODES, LINKS, MEASURE, ONE_WAY, PAIRS, MarginalPlan
+from .outcome_split import Split, ordered
+from .plan import CODES, LINKS, MEASURE, ONE_WAY, PAIRS, SPLIT, MarginalPlan
 
 MC_DRAWS = 100_000
 
@@ -108,6 +110,7 @@ def run(
     focus_weight: float = 1.0, codes: dict[str, int] | None = None,
     direct: Sequence[str] = (), anchors: Sequence[str] = (), workload: bool = False,
     links: Sequence[str] = (), link_tail: Clique = (), link_min_z: float = 0.0,
+    split: Split | None = None,
 ) -> EngineResult:
     """Run the whole plan against ``measurer``; returns the fitted model.
 
@@ -173,7 +176,7 @@ def run(
                 chosen.append(pool[i])
         log.append(SelectionLog(t + 1, len(pool), chosen,
                                 [float(penalised[pool.index(c)]) for c in chosen]))
-        measurements += measurer.measure(chosen, MEASURE)
+        measurements += _measure_round(measurer, chosen, split if plan.outcome_split else None)
         if scored:  # the next round scores against this fit; unscored rounds need none
             model = fit.estimate(sizes, measurements, sites, iters, warm_start=model)
     linked = _fitting(link_meas, measurements, sizes, sites, max_cells, link_min_z)
@@ -185,6 +188,21 @@ def run(
         model = fit.estimate(sizes, measurements, sites, iters, warm_start=model)
     return EngineResult(model, measurements, log, code_meas, pair_meas, chosen, link_meas,
                         [m.clique for m in linked])
+
+
+def _measure_round(measurer: Measurer, chosen: list[Clique], split: Split | None
+                   ) -> list[Measurement]:
+    """A round's measurements: with ``split``, its pairs holding the outcome as one
+    ``SPLIT`` release (outcome last, ``outcome_split.py``), the others plainly."""
+    if split is None:
+        return measurer.measure(chosen, MEASURE)
+    collapsed = [ordered(c, split.outcome) for c in chosen if split.outcome in c]
+    plain = [c for c in chosen if split.outcome not in c]
+    out = measurer.measure(plain, MEASURE) if plain else []
+    if collapsed:
+        out += [dataclasses.replace(m, split=split)
+                for m in measurer.measure(collapsed, SPLIT)]
+    return out
 
 
 def _event_links(plan: MarginalPlan, measurer: Measurer, code_meas: list[Measurement],

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._jax import mbi
-from .plan import CODES, LINKS, PAIRS
+from .outcome_split import Split
+from .plan import CODES, LINKS, PAIRS, SPLIT
 
 SITE = "__site__"
 Clique = tuple[str, ...]
@@ -38,6 +39,8 @@ class Measurement:
     # per-cell noise relative to ``stddev`` (None: 1 everywhere). A bin made of w fine
     # cells is the sum of w noisy fine counts, so its noise std is sqrt(w) * stddev.
     cell_scale: np.ndarray | None = None
+    # a ``SPLIT`` release: the outcome's cells summed into groups (outcome_split.py)
+    split: Split | None = None
 
     def cells(self, sizes: dict[str, int]) -> int:
         return int(np.prod([sizes[a] for a in self.clique]))
@@ -72,6 +75,9 @@ def linear_measurements(measurements: Sequence[Measurement], sites: Sequence[str
     for meas in measurements:
         if meas.kind == LINKS:  # a covariate's c = 1 slice of (c, *tail) (event_links.py)
             out.append(_slice(meas, sites, sizes or {}))
+            continue
+        if meas.kind == SPLIT:  # (*features, outcome) with the outcome collapsed
+            out.append(_collapsed(meas, sites, sizes or {}))
             continue
         if meas.kind in (CODES, PAIRS):  # one count: a code's, or a pair's "both" cell
             out.append(_last_cell(meas, sites, 2 if meas.kind == CODES else 4))
@@ -112,6 +118,42 @@ def _last_cell(meas: Measurement, sites: Sequence[str], cells: int):  # noqa: AN
     values, sd = _pooled(meas, values)
     return m.LinearMeasurement(values.reshape(-1)[:1], meas.clique, stddev=sd,
                                query=m.SlicedQuery(cells - 1))
+
+
+@dataclass(frozen=True, eq=False)
+class MatrixQuery:
+    """A fixed linear map of a clique's flat marginal (``matrix @ datavector``)."""
+
+    matrix: np.ndarray
+
+    def __call__(self, factor):  # noqa: ANN001, ANN204 (mbi Factor -> jax Array)
+        import jax.numpy as jnp
+
+        return jnp.asarray(self.matrix) @ factor.datavector()
+
+    def op_norm_sq(self) -> float:
+        return float(np.linalg.norm(self.matrix, 2) ** 2)
+
+    def __hash__(self) -> int:  # identity, as mbi's WeightedQuery (JAX static tracing)
+        return id(self)
+
+
+def _collapsed(meas: Measurement, sites: Sequence[str], sizes: dict[str, int]):  # noqa: ANN202
+    """A collapsed release (``outcome_split.py``) as a measurement of its whole clique
+    through the split's summing matrix; per site, one block per site scaled by 1 / sigma."""
+    m = mbi()
+    assert meas.split is not None, "a SPLIT measurement carries its split"
+    features = int(np.prod([sizes[a] for a in meas.clique[:-1]]))
+    q = meas.split.matrix(features)
+    values = np.asarray(meas.values, dtype=float)
+    if meas.by_site and sites:
+        sd = np.asarray(meas.stddev, dtype=float).reshape(-1)
+        y = (values.reshape(len(sites), -1) / sd[:, None]).ravel()
+        return m.LinearMeasurement(y, (SITE, *meas.clique), stddev=1.0,
+                                   query=MatrixQuery(np.kron(np.diag(1.0 / sd), q)))
+    values, sd = _pooled(meas, values)
+    return m.LinearMeasurement(values.reshape(-1), meas.clique, stddev=sd,
+                               query=MatrixQuery(q))
 
 
 def _slice(meas: Measurement, sites: Sequence[str], sizes: dict[str, int]):  # noqa: ANN202
@@ -155,7 +197,7 @@ def estimate(
 def noisy_total(measurements: Sequence[Measurement]) -> float:
     """The number of rows, as the mean of the 1-way measurements' sums (post-processing)."""
     sums = [float(np.sum(m.values)) for m in measurements
-            if len(m.clique) == 1 and m.kind not in (CODES, PAIRS, LINKS)]
+            if len(m.clique) == 1 and m.kind not in (CODES, PAIRS, LINKS, SPLIT)]
     sums = sums or [float(np.sum(m.values)) for m in measurements]
     return max(1.0, float(np.mean(sums)) if sums else 1.0)
 

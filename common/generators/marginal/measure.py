@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .outcome_split import Split
+
 Clique = tuple[str, ...]
 
 
@@ -34,6 +36,20 @@ def noisy_marginals(
     out = []
     for clique in cliques:
         exact = marginal(cells, names, sizes, clique)
+        out.append(exact + rng.normal(0.0, sigma, size=exact.shape))
+    return out
+
+
+def noisy_split(
+    cells: np.ndarray, names: Sequence[str], sizes: dict[str, int],
+    cliques: Sequence[Clique], split: Split, sigma: float, rng: np.random.Generator,
+) -> list[np.ndarray]:
+    """Every ``(*features, outcome)`` marginal with the outcome collapsed to the
+    split's groups (``outcome_split.py``), plus N(0, sigma^2) per entry: one patient is
+    in one entry, so each is a sensitivity-1 Gaussian, as a plain marginal."""
+    out = []
+    for clique in cliques:
+        exact = split.collapse(marginal(cells, names, sizes, clique))
         out.append(exact + rng.normal(0.0, sigma, size=exact.shape))
     return out
 

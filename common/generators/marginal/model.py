@@ -37,13 +37,15 @@ from .event_links import (
     whole_covariates,
 )
 from .fit import SITE, Clique, Measurement
-from .measure import noisy_marginals, noisy_scores
+from .measure import noisy_marginals, noisy_scores, noisy_split
+from .outcome_split import Split, outcome_split
 from .plan import (
     CODES,
     FINE,
     LINKS,
     ONE_WAY,
     PAIRS,
+    SPLIT,
     MarginalPlan,
     NoiseLevels,
     calibrate,
@@ -136,6 +138,9 @@ class MarginalGenerator(Generator):
         # outcome measures its outcome's pairs only, without scores (outcome_plan);
         # None: OUTCOME_PLAN_NOISE; 0 or less: never
         "outcome_plan_noise": None,
+        # the outcome plan measures each pair with the outcome collapsed to the schema's
+        # {absent, present} (outcome_split.py), when the outcome has such a split
+        "outcome_split": True,
         "max_way": 2,  # 2: pairs only; 3: also triples that extend a measured pair
         "max_cells": 200_000,  # cap on the junction tree's cells (inference cost)
         "max_clique_cells": 2_000,  # largest marginal a round may measure
@@ -358,10 +363,12 @@ class MarginalGenerator(Generator):
         shares = {k: v if self.hparams[k] is None else float(self.hparams[k])
                   for k, v in OUTCOME_SHARES.items()}
         fine_share = shares["fine_share"] if plan.fine else 0.0
+        split = bool(self.hparams["outcome_split"]) and outcome_split(
+            self.schema, self.discretizer) is not None
         return dataclasses.replace(plan, rounds=1, per_round=len(with_outcome),
                                    candidates=len(with_outcome), select_share=0.0,
                                    one_way_share=shares["one_way_share"],
-                                   fine_share=fine_share)
+                                   fine_share=fine_share, outcome_split=int(split))
 
     def _link_release(self, codes: bool) -> tuple[int, int]:
         """(link_bound, link_covariates) of the plan, (0, 0) for none: the link release
@@ -472,7 +479,8 @@ class MarginalGenerator(Generator):
         holder = LocalMeasurer(data, self.discretizer, noise, ledger if dp else None,
                                randomness or DPRandomness.secret(),
                                code_bound=plan.code_bound, pair_bound=plan.pair_bound,
-                               link_bound=plan.link_bound)
+                               link_bound=plan.link_bound,
+                               split=outcome_split(self.schema, self.discretizer))
         result = self.run_engine(plan, holder, sites=[])
         self.fit_info = {
             "epsilon": ledger.epsilon(delta) if dp else None,
@@ -536,6 +544,7 @@ class MarginalGenerator(Generator):
             workload=self.workload(),
             links=link_covariates(self.discretizer, self.schema) if plan.link_bound else (),
             link_tail=self.link_tail(), link_min_z=float(self.hparams["link_min_z"]),
+            split=outcome_split(self.schema, self.discretizer),
         )
 
     def link_tail(self) -> tuple[str, ...]:
@@ -733,8 +742,10 @@ class LocalMeasurer:
 
     def __init__(self, data: pd.DataFrame, discretizer: Discretizer, noise: NoiseLevels,
                  ledger: PrivacyLedger | None, randomness: DPRandomness,
-                 code_bound: int = 0, pair_bound: int = 0, link_bound: int = 0) -> None:
+                 code_bound: int = 0, pair_bound: int = 0, link_bound: int = 0,
+                 split: Split | None = None) -> None:
         self.data = data
+        self.split = split  # the outcome's public split (outcome_split.py)
         self.pair_bound, self.link_bound = pair_bound, link_bound
         # the code histogram (codes.py): its 0/1 entries per row, and each attribute's
         # number of entries (code sets do not depend on the numeric binning)
@@ -769,6 +780,10 @@ class LocalMeasurer:
             values = np.split(noisy_link_counts(
                 self.cells, self.names, self.sizes, cliques, self.link_bound, sigma,
                 self.randomness.numpy("measurement"), self.whole), np.cumsum(lengths)[:-1])
+        elif kind == SPLIT:  # pairs with the outcome collapsed (outcome_split.py)
+            assert self.split is not None and not self.split.problem(cliques)
+            values = noisy_split(self.cells, self.names, self.sizes, cliques, self.split,
+                                 sigma, self.randomness.numpy("measurement"))
         else:
             values = noisy_marginals(self.cells, self.names, self.sizes, cliques, sigma,
                                      self.randomness.numpy("measurement"))

@@ -64,6 +64,10 @@ from ...privacy import PrivacyLedger
 
 ONE_WAY, SCORE, MEASURE, FINE, CODES = "one-way", "score", "measure", "fine", "codes"
 PAIRS, LINKS = "pairs", "links"
+# a round's pairs with the outcome, the outcome collapsed to the schema's {absent,
+# present} (outcome_split.py): measured and charged as ``measure`` (same noise, one
+# sensitivity-1 Gaussian per pair), asked only when the plan's ``outcome_split`` is 1
+SPLIT = "split"
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,8 @@ class MarginalPlan:
     link_bound: int = 0  # covariates per patient at full weight in the link release (0: none)
     link_covariates: int = 0  # at most this many covariates are linked (public cap)
     links_share: float = 0.0  # share of the budget for the link release (event_links.py)
+    # 1: the rounds measure pairs with the outcome collapsed (``SPLIT``, outcome_split.py)
+    outcome_split: int = 0
 
     def __post_init__(self) -> None:
         if self.code_bound < 0 or not (0 <= self.codes_share < 1) or (
@@ -101,6 +107,8 @@ class MarginalPlan:
                 self.link_bound and self.link_covariates < 1):
             raise ValueError("link_bound, link_covariates and links_share are all 0 (no link "
                              "release) or all positive (links_share < 1)")
+        if self.outcome_split not in (0, 1) or (self.outcome_split and not self.rounds):
+            raise ValueError("outcome_split is 0, or 1 in a plan with rounds")
         if self.attributes < 1 or self.rounds < 0 or self.per_round < 1 or self.fine < 0:
             raise ValueError("a marginal plan needs >= 1 attribute, >= 0 rounds, >= 1 per round")
         if not (0 < self.one_way_share < 1 and 0 <= self.select_share < 1
@@ -155,6 +163,7 @@ class NoiseLevels:
 
     def of(self, kind: str) -> float:
         return {ONE_WAY: self.one_way, SCORE: self.score, MEASURE: self.measure,
+                SPLIT: self.measure,
                 FINE: self.fine, CODES: self.codes, PAIRS: self.pairs,
                 LINKS: self.links}[kind]
 
