@@ -40,6 +40,10 @@ rate 1 (no subsampling: every row of the site counts):
   workload in an order that post-processes the 1-way releases (``engine.workload_order``).
 - ``measure`` (one per selection round): the ``k`` chosen marginals at ``sigma_measure``:
   ``record(sigma_measure, 1.0, k)``.
+  With ``outcome_split`` 1 (the outcome plan) the round's pairs with the outcome come as
+  ``split`` releases (``outcome_split.py``): the outcome's cells summed into its public
+  {absent, present} split before the noise; one patient is still in one entry of each,
+  so the same ``record(sigma_measure, 1.0, k)``.
 
 Gaussian mechanisms at rate 1 compose exactly into one Gaussian: ``sum_i c_i / sigma_i^2``
 = ``1 / sigma_eq^2``, in RDP (Opacus' ``rdp``) and in the privacy-loss distribution
