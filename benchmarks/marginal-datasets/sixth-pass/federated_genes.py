@@ -41,6 +41,7 @@ engine = MarginalGenerator.run_engine
 
 def keeping(self, plan, measurer, sites):  # noqa: ANN001, ANN201
     result = engine(self, plan, measurer, sites)
+    kept.setdefault("calls", []).append(type(measurer).__name__)
     kept["hist"] = {m.clique[0]: float(np.ravel(pooled_counts(m)[0])[0]) for m in result.codes}
     kept["model"] = self.mrf
     return result
@@ -70,5 +71,7 @@ print(json.dumps({
     "epsilon_max_site": max(produced.epsilon_sites.values()),
     "histogram": round(float(stats.pearsonr(real, np.clip(
         [kept["hist"][g] for g in genes], 0, None))[0]), 4),
-    "model_marginals": round(float(stats.pearsonr(real, marg)[0]), 4), **figures}),
+    "model_marginals": round(float(stats.pearsonr(real, marg)[0]), 4),
+    "engine_calls": kept["calls"], "first_counts": [round(kept["hist"][g], 2) for g in genes[:3]],
+    **figures}),
     flush=True)

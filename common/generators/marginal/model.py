@@ -178,10 +178,12 @@ class MarginalGenerator(Generator):
         "pair_codes": 24,
         # the model reads a released pair only when both its codes' noisy histogram
         # counts are at least this many of the pair count's noise stds (post-processing,
-        # code_pairs.above_floor; 0: every pair)
+        # code_pairs.above_floor; 0: every pair). Off: it lets the model's gene
+        # frequencies reach the histogram's but costs co-occurrence signs (AMLSG)
         "pair_floor": 0.0,
         # the model reads each pooled pair count capped at the smaller of its codes'
-        # noisy histogram counts (post-processing, code_pairs.capped)
+        # noisy histogram counts (post-processing, code_pairs.capped). Off: no measured
+        # gain (AMLSG; benchmarks/marginal-datasets/results.md "Sixth pass")
         "pair_cap": False,
         # event links: one bounded release of every binary covariate's counts in each
         # cell of the survival event and time (event_links.py). None: LINK_BOUNDS and
