@@ -21,12 +21,16 @@ from fedsynth.common import protocol as P
 from fedsynth.common.bundled import bundled_schema_path
 from fedsynth.common.generators import get_generator
 from fedsynth.common.generators.marginal.code_pairs import (
+    above_floor,
     bounded_pair_counts,
+    capped,
     entry_columns,
     pair_cliques,
     pair_units,
 )
+from fedsynth.common.generators.marginal.fit import Measurement
 from fedsynth.common.generators.marginal.plan import (
+    CODES,
     PAIRS,
     MarginalPlan,
     calibrate,
@@ -290,3 +294,72 @@ def test_under_ckks_the_coordinator_sees_only_the_sum_of_the_pair_counts(tmp_pat
     sigma = math.sqrt(len(sites)) * calibrate(model.plan(), 3.0, 1e-5).pairs
     assert np.abs(total - exact).max() < 5 * sigma
     assert Path(outcome.output_dir, "synthetic.csv").exists()
+
+
+def test_pair_floor_keeps_the_pairs_of_codes_clear_of_the_pair_noise(amlsg):
+    """``pair_floor``: the model reads a released pair only when both codes' noisy
+    histogram counts are at least ``floor`` pair-noise stds, a choice made from the code
+    histogram alone (so it selects no pair noise). Real AMLSG rows, their 8 most
+    frequent genes' 28 pairs."""
+    schema, frames = amlsg
+    frame = frames["other_centres"]
+    presence, columns, frequent = _presence(schema, frame)
+    codes, sd = frequent[:8], 20.0
+    counts = {a: float(presence[:, columns[a]].sum()) for a in codes}
+    code_meas = [Measurement((a,), np.array([counts[a]]), np.asarray(5.0), kind=CODES)
+                 for a in codes]
+    cliques = pair_cliques(codes)
+    pairs = bounded_pair_counts(presence, columns, cliques, 3)
+    pair_meas = [Measurement(c, np.array([v]), np.asarray(sd), kind=PAIRS)
+                 for c, v in zip(cliques, pairs, strict=True)]
+    assert above_floor(pair_meas, code_meas, 0.0) == set(cliques)
+    floor = float(np.median(list(counts.values()))) / sd  # half the codes clear it
+    kept = above_floor(pair_meas, code_meas, floor)
+    clear = {a for a in codes if counts[a] >= floor * sd}
+    assert 0 < len(clear) < len(codes)
+    assert kept == {c for c in cliques if set(c) <= clear}
+    # the pair counts themselves play no part
+    moved = [Measurement(m.clique, m.values + 1000.0, m.stddev, kind=PAIRS) for m in pair_meas]
+    assert above_floor(moved, code_meas, floor) == kept
+    # in a fit: a floor no code clears leaves every released pair out of the model
+    pooled = pd.concat([frames[s] for s in ("centre_43", "other_centres")],
+                       ignore_index=True)
+    params = {**SMALL, "pair_bound": 3, "pairs_share": 0.25, "codes_share": 0.3,
+              "pair_floor": 1e6}
+    model = get_generator("marginal")(schema, seed=1, **params)
+    model.fit(pooled, epsilon=3.0, randomness=DPRandomness.reproducible(3, "test"))
+    assert model.fit_info["pairs_released"] == 28 and model.fit_info["pairs_in_model"] == []
+
+
+def test_pair_cap_reads_no_more_patients_with_both_codes_than_with_either(amlsg):
+    """``pair_cap``: a pooled pair count is read capped at the smaller of its codes'
+    noisy histogram counts (clipped at 0), so a rare code's pair cannot drag its 1-way
+    count up; the cap is never below what independence predicts, so no pair's sign
+    against independence changes. Real AMLSG rows at 18 sites' summed noise stds."""
+    schema, frames = amlsg
+    frame = frames["other_centres"]
+    presence, columns, frequent = _presence(schema, frame)
+    codes, n = frequent[:12], len(frame)
+    rng = np.random.default_rng(0)  # test noise, not a release
+    hist = {a: float(presence[:, columns[a]].sum()) + rng.normal(0, 18.5) for a in codes}
+    code_meas = [Measurement((a,), np.array([hist[a]]), np.asarray(18.5), kind=CODES)
+                 for a in codes]
+    cliques = pair_cliques(codes)
+    noisy = bounded_pair_counts(presence, columns, cliques, 3) + rng.normal(0, 22, len(cliques))
+    pair_meas = [Measurement(c, np.array([v]), np.asarray(22.0), kind=PAIRS)
+                 for c, v in zip(cliques, noisy, strict=True)]
+    read = capped(pair_meas, code_meas)
+    ones = {a: max(v, 0.0) for a, v in hist.items()}
+    lowered = 0
+    for m, r in zip(pair_meas, read, strict=True):
+        a, b = m.clique
+        top = min(ones[a], ones[b])
+        assert float(r.values[0]) == min(float(m.values[0]), top)
+        expected = ones[a] * ones[b] / n
+        assert np.sign(float(r.values[0]) - expected) == np.sign(float(m.values[0]) - expected)
+        lowered += float(r.values[0]) < float(m.values[0])
+    assert lowered > 0  # the noise does put some pairs above a code's count
+    per_site = [Measurement(m.clique, np.array([[5e3], [5e3]]), np.array([1.0, 1.0]),
+                            by_site=True, kind=PAIRS) for m in pair_meas[:3]]
+    assert all(np.array_equal(r.values, m.values)
+               for m, r in zip(per_site, capped(per_site, code_meas), strict=True))

@@ -111,6 +111,7 @@ def run(
     direct: Sequence[str] = (), anchors: Sequence[str] = (), workload: bool = False,
     links: Sequence[str] = (), link_tail: Clique = (), link_min_z: float = 0.0,
     split: Split | None = None,
+    pair_floor: float = 0.0, pair_cap: bool = False,
 ) -> EngineResult:
     """Run the whole plan against ``measurer``; returns the fitted model.
 
@@ -181,9 +182,11 @@ def run(
             model = fit.estimate(sizes, measurements, sites, iters, warm_start=model)
     linked = _fitting(link_meas, measurements, sizes, sites, max_cells, link_min_z)
     measurements += linked
-    chosen = _model_pairs(pair_meas, code_meas, measurements, sizes, sites, max_cells)
+    chosen = _model_pairs(pair_meas, code_meas, measurements, sizes, sites, max_cells,
+                          pair_floor)
     if chosen:
-        measurements += [m for m in pair_meas if m.clique in set(chosen)]
+        read = [m for m in pair_meas if m.clique in set(chosen)]
+        measurements += code_pairs.capped(read, code_meas) if pair_cap else read
     if model is None or chosen or linked:
         model = fit.estimate(sizes, measurements, sites, iters, warm_start=model)
     return EngineResult(model, measurements, log, code_meas, pair_meas, chosen, link_meas,
@@ -249,12 +252,17 @@ def _code_pairs(plan: MarginalPlan, measurer: Measurer, code_meas: list[Measurem
 
 def _model_pairs(pair_meas: list[Measurement], code_meas: list[Measurement],
                  measurements: list[Measurement], sizes: dict[str, int],
-                 sites: Sequence[str], max_cells: int) -> list[Clique]:
-    """The released pairs the model reads: furthest from independence first, within
-    the junction tree's cap beside what the rounds measured (post-processing)."""
+                 sites: Sequence[str], max_cells: int, floor: float = 0.0
+                 ) -> list[Clique]:
+    """The released pairs the model reads: of those whose codes clear ``floor``
+    (``code_pairs.above_floor``), furthest from independence first, within the junction
+    tree's cap beside what the rounds measured (post-processing)."""
     if not pair_meas:
         return []
     z = code_pairs.independence_z(pair_meas, code_meas, fit.noisy_total(measurements))
+    if floor > 0:
+        kept = code_pairs.above_floor(pair_meas, code_meas, floor)
+        z = {pair: v for pair, v in z.items() if pair in kept}
     cliques = [m.clique for m in measurements]
     return code_pairs.model_pairs(
         z, lambda chosen: fit.model_cells(sizes, cliques + chosen, sites) <= max_cells,

@@ -97,6 +97,12 @@ OUTCOME_PLAN_NOISE = 3.5
 # columns' fidelity) take more, the outcome's pairs the rest
 OUTCOME_SHARES = {"one_way_share": 0.3, "fine_share": 0.15}
 NO_DP_NOISE = 1e-3  # noise std of a fit without DP: just enough to keep mbi well posed
+# the ways of drawing rows from the fitted model (mbi's synthetic_data methods). "round"
+# takes away the scatter of independent draws (on AMLSG's genes at 18 sites, five draws
+# of one model spread 0.936-0.955 in gene-frequency correlation, rounded ones
+# 0.951-0.952) but not their median (0.951 both): "sample" stays the default
+# (benchmarks/marginal-datasets/results.md "Sixth pass")
+SAMPLERS = ("sample", "round")
 
 
 # a graph-following model left to its default models the site up to this many sites
@@ -175,6 +181,15 @@ class MarginalGenerator(Generator):
         "pair_bound": None,
         "pairs_share": None,
         "pair_codes": 24,
+        # the model reads a released pair only when both its codes' noisy histogram
+        # counts are at least this many of the pair count's noise stds (post-processing,
+        # code_pairs.above_floor; 0: every pair). Off: it lets the model's gene
+        # frequencies reach the histogram's but costs co-occurrence signs (AMLSG)
+        "pair_floor": 0.0,
+        # the model reads each pooled pair count capped at the smaller of its codes'
+        # noisy histogram counts (post-processing, code_pairs.capped). Off: no measured
+        # gain (AMLSG; benchmarks/marginal-datasets/results.md "Sixth pass")
+        "pair_cap": False,
         # event links: one bounded release of every binary covariate's counts in each
         # cell of the survival event and time (event_links.py). None: LINK_BOUNDS and
         # SHARES' / PAIR_SHARES' links_share when the schema has a survival pair and
@@ -189,10 +204,18 @@ class MarginalGenerator(Generator):
         # the model reads a released link only when its event count is this many noise
         # stds from independence (post-processing; 0: every link)
         "link_min_z": 0.0,
+        # how rows are drawn from the fitted model (post-processing, no privacy cost):
+        # "sample", each row independently; "round", mbi's randomized rounding, which
+        # keeps each column's drawn counts within the rounding of the model's (the
+        # conditionals of each junction-tree group rounded). See SAMPLERS.
+        "sampler": "sample",
     }
 
     # -- Generator plumbing (no networks: nothing here is trained by DP-SGD) -----------
     def build(self) -> None:
+        if self.hparams["sampler"] not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, not "
+                             f"{self.hparams['sampler']!r}")
         self.discretizer = study_discretizer(self.schema, self.hparams)
         self.binning = ""  # JSON of the DP-derived cells (discretize.binning_to_json)
         self.mrf: Any = None
@@ -545,6 +568,8 @@ class MarginalGenerator(Generator):
             links=link_covariates(self.discretizer, self.schema) if plan.link_bound else (),
             link_tail=self.link_tail(), link_min_z=float(self.hparams["link_min_z"]),
             split=outcome_split(self.schema, self.discretizer),
+            pair_floor=float(self.hparams["pair_floor"]),
+            pair_cap=bool(self.hparams["pair_cap"]),
         )
 
     def link_tail(self) -> tuple[str, ...]:
@@ -646,7 +671,7 @@ class MarginalGenerator(Generator):
         state = np.random.get_state()
         np.random.seed(base % 2**32)  # mbi draws from numpy's global generator
         try:
-            data = model.synthetic_data(n, method="sample").to_dict()
+            data = model.synthetic_data(n, method=self.hparams["sampler"]).to_dict()
         finally:
             np.random.set_state(state)
         cells = np.stack([np.asarray(data[a], dtype=np.int64) for a in self.discretizer.names],
