@@ -20,7 +20,7 @@ from fedsynth.client.site import TRAINED, SiteState, train_site
 from fedsynth.common import quantile_grid
 from fedsynth.common.encoding import TAIL, TabularEncoder
 from fedsynth.common.generators import TabDDPM, get_generator
-from fedsynth.common.generators.base import GRID_PARAM
+from fedsynth.common.generators.base import GRID_PARAM, HEAPS_PARAM
 from fedsynth.common.privacy.plan import PrivacyPlan
 from fedsynth.common.privacy.randomness import DPRandomness
 from fedsynth.common.protocol import GRID_CELL_STD, VALUES, SiteReply, Status
@@ -59,7 +59,10 @@ def test_grid_is_the_summed_releases_and_is_paid_for(heart_schema, heart_schema_
     sites = _sites(heart_schema_path, heart_files)
     states = [SiteState().for_study(study.study_id) for _ in sites]
     replies = [grid_reply(s, study, fp, st) for s, st in zip(sites, states, strict=True)]
-    cells = quantile_grid.dp_histogram.BINS * len(quantile_grid.numeric_columns(heart_schema))
+    cells = quantile_grid.release_cells(heart_schema)
+    # 32 cells per numeric column, then one per recorded value of the heap columns
+    # (age 83, trestbps 181, thalach 181, oldpeak 101; cholesterol's 621 are too many)
+    assert cells == 32 * 5 + 83 + 181 + 181 + 101
     assert all(r.status == Status.GRID_RELEASED and accepted(r, cells) == "" for r in replies)
 
     # each release is noisy (not the site's exact counts) and recorded once in its ledger
@@ -69,26 +72,28 @@ def test_grid_is_the_summed_releases_and_is_paid_for(heart_schema, heart_schema_
             TabularEncoder(heart_schema).encode(read_table(site.data_path, heart_schema)))
         assert not np.allclose(reply.arrays[VALUES], exact)
         assert state.ledger.history == [(GRID_NOISE, 1.0, 1)]
-        assert reply.metrics[GRID_CELL_STD] == pytest.approx(GRID_NOISE * np.sqrt(5))
+        # a patient changes one cell of each of 5 coarse and 4 heap histograms
+        assert reply.metrics[GRID_CELL_STD] == pytest.approx(GRID_NOISE * np.sqrt(9))
         # asked again: the same vector, nothing more charged
         again = grid_reply(site, study, fp, state)
         np.testing.assert_array_equal(again.arrays[VALUES], reply.arrays[VALUES])
         assert state.ledger.history == [(GRID_NOISE, 1.0, 1)]
 
     # playing the coordinator: the grid is a function of the summed releases only
-    grid = combine(heart_schema, replies)
+    params = combine(heart_schema, replies)
+    grid = params[GRID_PARAM]
     summed = np.sum([r.arrays[VALUES] for r in replies], axis=0)
-    expected = quantile_grid.grid_from_counts(heart_schema, summed,
-                                              GRID_NOISE * np.sqrt(5) * np.sqrt(4))
-    assert grid == expected
+    total = GRID_NOISE * np.sqrt(9) * np.sqrt(4)
+    assert grid == quantile_grid.grid_from_counts(heart_schema, summed, total)
+    assert params[HEAPS_PARAM] == quantile_grid.heaps_from_counts(heart_schema, summed, total)
     shuffled = [SiteReply(r.status, r.metrics, arrays={VALUES: v}) for r, v in zip(
         replies, [summed, *[np.zeros_like(summed)] * 3], strict=True)]
-    assert combine(heart_schema, shuffled) == grid  # same sum, same grid
+    assert combine(heart_schema, shuffled) == params  # same sum, same grid and heaps
     assert set(grid) == {"age", "trestbps", "chol", "thalach", "oldpeak"}
 
     # then training: the reported epsilon is an independent accountant over grid +
     # count + DP-SGD + loss reports, and stays within the budget
-    trained = replace(study, generator_params={**study.generator_params, GRID_PARAM: grid})
+    trained = replace(study, generator_params={**study.generator_params, **params})
     model = get_generator("tvae")(heart_schema, seed=0, **trained.generator_params)
     state = states[0]
     sigma = state.noise_multiplier
@@ -228,7 +233,9 @@ def test_cholesterols_tail_is_below_the_grid_releases_noise(heart_schema: Schema
     keeps the other columns' median std ratio near 1 and cholesterol's above 0.8."""
     from fedsynth.common import dp_histogram
 
-    noise = quantile_grid.cell_std(heart_schema, GRID_NOISE) * np.sqrt(4)
+    default = quantile_grid.grid_noise_for(3.0, 1e-5, quantile_grid.DEFAULT_GRID_SHARE)
+    noise = quantile_grid.cell_std(heart_schema, default) * np.sqrt(4)
+    assert 16 < noise < 18  # the study's default share keeps the coarse cells' noise at 17
     rng = np.random.default_rng(0)
     u = np.clip(np.linspace(0.0, 1.0, 4001), TAIL, 1 - TAIL)
     for name in ("age", "trestbps", "chol", "thalach", "oldpeak"):
