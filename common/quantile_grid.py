@@ -44,10 +44,11 @@ from .schema import Column, Schema
 #: ratios 0.88-1.02 (medians of 5 draws) at noise multiplier 3, 0.85-1.02 at 4,
 #: 0.79-1.06 at 6; a share of 0.2 gave 3.8 at epsilon 3 (benchmarks/deep-spread).
 #: With the heap histograms in the same vector a patient changes 9 cells on heart
-#: disease, not 5: 0.35 keeps the coarse cells' noise where 0.2 had it (multiplier
-#: 2.9 x 3 against 3.8 x 2.24), and the generators' figures at 0.2 and 0.35 without
-#: heaps were level (16 runs each, benchmarks/deep-spread/results.md "Sixth pass").
-DEFAULT_GRID_SHARE = 0.35
+#: disease, not 5: at 0.35 the coarse cells' noise was 0.2's again (multiplier 2.9 x 3
+#: against 3.8 x 2.24) and ddpm's cholesterol spread fell below 0.8 in 4 runs of 8; at
+#: 0.5 (2.4 x 3, per summed cell 14.4 against 17.0) in 1 of 8, at the same detection
+#: and fidelity (benchmarks/deep-spread/results.md "Sixth pass").
+DEFAULT_GRID_SHARE = 0.5
 
 
 def grid_noise_for(epsilon: float, delta: float, share: float) -> float:

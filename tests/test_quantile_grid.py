@@ -208,7 +208,7 @@ def test_a_lone_noise_spike_does_not_stretch_the_grid(heart: pd.DataFrame) -> No
 
     chol = pd.to_numeric(heart["chol"], errors="coerce").to_numpy(dtype=float)
     counts = dp_histogram.histogram(chol, 80.0, 700.0)
-    std = 17.0  # the summed noise per cell of 4 sites at epsilon 3 (benchmark's level)
+    std = 17.0  # summed noise per cell, 4 sites at epsilon 3 (the 0.2 share's level)
     noisy = counts + np.random.default_rng(0).normal(0.0, std, counts.shape)
     spiked = noisy.copy()
     spiked[-3] = 80.0  # a cell near 650 mg/dl, far over the floor
@@ -221,7 +221,7 @@ def test_cholesterols_tail_is_below_the_grid_releases_noise(heart_schema: Schema
                                                             heart: pd.DataFrame) -> None:
     """Why cholesterol's spread is the one the grid loses (issue 14, fifth pass), and
     what the grid keeps. Real rows of the four hospitals, their exact histograms plus
-    simulated noise at the benchmark's level (epsilon 3, 4 sites: std 17 per summed
+    simulated noise at the benchmark's level (epsilon 3, 4 sites: std 14.4 per summed
     cell; a test's numpy draws, not a site's release), 40 draws.
 
     Cholesterol's patients above the grid's top edge are a few percent of the rows
@@ -235,7 +235,7 @@ def test_cholesterols_tail_is_below_the_grid_releases_noise(heart_schema: Schema
 
     default = quantile_grid.grid_noise_for(3.0, 1e-5, quantile_grid.DEFAULT_GRID_SHARE)
     noise = quantile_grid.cell_std(heart_schema, default) * np.sqrt(4)
-    assert 16 < noise < 18  # the study's default share keeps the coarse cells' noise at 17
+    assert 14 < noise < 15  # the study's default share: below the 17 the 0.2 share had
     rng = np.random.default_rng(0)
     u = np.clip(np.linspace(0.0, 1.0, 4001), TAIL, 1 - TAIL)
     for name in ("age", "trestbps", "chol", "thalach", "oldpeak"):
@@ -256,7 +256,7 @@ def test_cholesterols_tail_is_below_the_grid_releases_noise(heart_schema: Schema
                                                   / (column.max - column.min) * dp_histogram.BINS)
             assert 0.01 < above.mean() < 0.05  # 1-5% of the patients ...
             assert v[~above].std() / v.std() < 0.85  # ... carry over 15% of the std ...
-            assert noise * np.sqrt(cells_above) > 3 * above.sum()  # ... under the noise
+            assert noise * np.sqrt(cells_above) > 2.5 * above.sum()  # ... under the noise
             assert 0.8 < ratio < 1.0
         else:
             assert 0.9 < ratio < 1.1, (name, ratio)
