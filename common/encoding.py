@@ -27,6 +27,7 @@ missing slot wins. Generators that need to *sample* categories do so before deco
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -59,9 +60,11 @@ class Block:
 class TabularEncoder:
     """Encode a typed frame (see ``table.read_table``) for the generators, and back."""
 
-    def __init__(self, schema: Schema, grid: dict[str, list[float]] | None = None) -> None:
+    def __init__(self, schema: Schema, grid: dict[str, list[float]] | None = None,
+                 heaps: dict[str, list[list[float]]] | None = None) -> None:
         self.schema = schema
         self.grid = _check_grid(schema, grid or {})
+        self.heaps = _check_heaps(schema, heaps or {})
         blocks: list[Block] = []
         pos = 0
         self.codesets = schema.codesets
@@ -220,6 +223,8 @@ class TabularEncoder:
                     values = lo + (scaled + 1.0) / 2.0 * (hi - lo)
                 else:
                     values = grid_values(scaled, edges)
+                if column.name in self.heaps:
+                    values = snap_heaps(values, self.heaps[column.name], _output_rng(matrix))
                 values = np.clip(values, lo, hi)
                 if column.kind == "survival_time":
                     values = np.expm1(values)
@@ -301,6 +306,45 @@ def _ndtri(u: np.ndarray) -> np.ndarray:
     from scipy.special import ndtri
 
     return np.asarray(ndtri(u), dtype=float)
+
+
+def snap_heaps(values: np.ndarray, heaps: list[list[float]],
+               rng: np.random.Generator) -> np.ndarray:
+    """Decoded values moved onto the released heaps (``quantile_grid.heaps_from_counts``):
+    each value in a heap's window ``[lo, hi)`` becomes the heap's value with the heap's
+    share. The grid spreads a cell's mass evenly; real clinical values pile on a few
+    recorded ones (blood pressure on multiples of 10), and this puts them back."""
+    out = np.array(values, dtype=float, copy=True)
+    for value, lo, hi, share in heaps:
+        inside = (out >= lo) & (out < hi) & (out != value)
+        out[inside & (rng.random(out.shape) < share)] = value
+    return out
+
+
+def _output_rng(matrix: np.ndarray) -> np.random.Generator:
+    """Decoding's own draws, seeded by the generator's output: sampling stays
+    reproducible under a seeded generator, and it is post-processing (no secret)."""
+    digest = hashlib.blake2b(np.ascontiguousarray(matrix).tobytes(), digest_size=8)
+    return np.random.default_rng(int.from_bytes(digest.digest(), "little"))
+
+
+def _check_heaps(schema: Schema, heaps: dict[str, list[list[float]]]
+                 ) -> dict[str, list[list[float]]]:
+    """The heaps after checking they fit the schema (a model file or a study config)."""
+    out: dict[str, list[list[float]]] = {}
+    for name, items in heaps.items():
+        try:
+            column = schema.column(name)
+        except KeyError:
+            raise ValueError(f"heaps name column {name!r}, not in the schema") from None
+        rows = [[float(x) for x in item] for item in items]
+        if not column.is_numeric or any(
+                len(r) != 4 or not (r[1] <= r[0] < r[2]) or not 0 <= r[3] <= 1
+                or not column.min <= r[0] <= column.max for r in rows):  # type: ignore[operator]
+            raise ValueError(f"heaps of {name!r} must be [value, lo, hi, share] rows with "
+                             "lo <= value < hi inside the public bounds and 0 <= share <= 1")
+        out[name] = rows
+    return out
 
 
 def _check_grid(schema: Schema, grid: dict[str, list[float]]) -> dict[str, np.ndarray]:

@@ -24,9 +24,9 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from ..common import dp_histogram, quantile_grid
+from ..common import quantile_grid
 from ..common.generators import Generator
-from ..common.generators.base import GRID_PARAM
+from ..common.generators.base import GRID_PARAM, HEAPS_PARAM
 from ..common.protocol import (
     CONFIG,
     EPSILON,
@@ -68,20 +68,22 @@ def accepted(reply: SiteReply, cells: int) -> str:
     return ""
 
 
-def combine(schema: Schema, replies: list[SiteReply]) -> dict[str, list[float]]:
-    """The grid from accepted replies: the summed counts and the summed noise variance."""
+def combine(schema: Schema, replies: list[SiteReply]) -> dict[str, dict]:
+    """The grid and the heaps (``generator-params`` entries) from accepted replies: the
+    summed counts and the summed noise variance."""
     summed = np.sum([np.asarray(r.arrays[VALUES], dtype=float)  # type: ignore[index]
                      for r in replies], axis=0)
     total_std = math.sqrt(sum(r.metrics[GRID_CELL_STD] ** 2 for r in replies))
-    return quantile_grid.grid_from_counts(schema, summed, total_std)
+    return {GRID_PARAM: quantile_grid.grid_from_counts(schema, summed, total_std),
+            HEAPS_PARAM: quantile_grid.heaps_from_counts(schema, summed, total_std)}
 
 
-def ask_sites(grid: Grid, study: StudyConfig, schema: Schema) -> dict[str, list[float]]:
-    """One grid request per site; the grid from the accepted releases."""
+def ask_sites(grid: Grid, study: StudyConfig, schema: Schema) -> dict[str, dict]:
+    """One grid request per site; the grid and heaps from the accepted releases."""
     config = {**study.to_flat(), SCHEMA_FINGERPRINT: schema_fingerprint(schema)}
     messages = [Message(RecordDict({CONFIG: ConfigRecord(config)}), dst_node_id=node,
                         message_type=GRID_MESSAGE) for node in _nodes(grid, study)]
-    cells = dp_histogram.BINS * len(quantile_grid.numeric_columns(schema))
+    cells = quantile_grid.release_cells(schema)
     good: list[SiteReply] = []
     refused: list[str] = []
     for msg in grid.send_and_receive(messages, timeout=study.round_timeout):
@@ -110,7 +112,9 @@ def with_grid(grid: Grid, study: StudyConfig, schema: Schema, ckpt: Path) -> Stu
         return study
     found = None
     if study.resume and ckpt.exists():
-        found = Generator.read_meta(ckpt).get("hparams", {}).get(GRID_PARAM)
+        saved = Generator.read_meta(ckpt).get("hparams", {})
+        if saved.get(GRID_PARAM) is not None:
+            found = {GRID_PARAM: saved[GRID_PARAM], HEAPS_PARAM: saved.get(HEAPS_PARAM) or {}}
     if found is None:
         found = ask_sites(grid, study, schema)
-    return replace(study, generator_params={**study.generator_params, GRID_PARAM: found})
+    return replace(study, generator_params={**study.generator_params, **found})

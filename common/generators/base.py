@@ -40,6 +40,9 @@ FORMAT_VERSION = 1
 #: release (``server/grid.py``) or by a central ``fit``; saved with the model, so a
 #: loaded model decodes as it was trained. Absent: the public-bounds encoding.
 GRID_PARAM = "numeric_grid"
+#: Its companion: the heaps found in the same release (``quantile_grid.heaps_from_counts``),
+#: which decoding puts back (``encoding.snap_heaps``). Absent: no heaps.
+HEAPS_PARAM = "numeric_heaps"
 
 #: torch's Adam epsilon: every optimizer's unless a family sets ``federated_adam_eps``.
 TORCH_ADAM_EPS = 1e-8
@@ -96,7 +99,7 @@ class Generator(ABC):
     server_momentum: ClassVar[bool] = True
 
     def __init__(self, schema: Schema, seed: int = 0, **hparams: Any) -> None:
-        unknown = set(hparams) - set(self.defaults) - {GRID_PARAM}
+        unknown = set(hparams) - set(self.defaults) - {GRID_PARAM, HEAPS_PARAM}
         if unknown:
             raise ValueError(
                 f"{self.name} has no hyperparameter(s) {sorted(unknown)}; "
@@ -105,7 +108,8 @@ class Generator(ABC):
         self.schema = schema
         self.hparams: dict[str, Any] = {**self.defaults, **hparams}
         try:
-            self.encoder = TabularEncoder(schema, grid=self.hparams.get(GRID_PARAM))
+            self.encoder = TabularEncoder(schema, grid=self.hparams.get(GRID_PARAM),
+                                          heaps=self.hparams.get(HEAPS_PARAM))
         except ValueError as exc:
             raise ValueError(f"{self.name}: {exc}") from None
         self.seed = seed
@@ -288,17 +292,21 @@ class Generator(ABC):
 
         counts = quantile_grid.release(bounds, encoded, noise, rand.numpy("grid-release"))
         total_std = 0.0 if noise is None else quantile_grid.cell_std(self.schema, noise)
-        self.set_grid(quantile_grid.grid_from_counts(self.schema, counts, total_std))
+        self.set_grid(quantile_grid.grid_from_counts(self.schema, counts, total_std),
+                      quantile_grid.heaps_from_counts(self.schema, counts, total_std))
         if ledger is not None and noise is not None:
             ledger.record(noise, 1.0, 1)
         return self.encoder.reencode(encoded, bounds)
 
-    def set_grid(self, grid: dict[str, list[float]] | None) -> None:
-        """Use ``grid`` (public: derived from DP releases) to encode numeric columns; it
-        is kept in ``hparams`` so the saved model and the sites' copies decode alike.
-        Untrained weights are reset: call it before training."""
+    def set_grid(self, grid: dict[str, list[float]] | None,
+                 heaps: dict[str, list[list[float]]] | None = None) -> None:
+        """Use ``grid`` (public: derived from DP releases) to encode numeric columns, and
+        ``heaps`` to decode them; both are kept in ``hparams`` so the saved model and the
+        sites' copies decode alike. Untrained weights are reset: call it before
+        training."""
         self.hparams[GRID_PARAM] = grid
-        self.encoder = TabularEncoder(self.schema, grid=grid)
+        self.hparams[HEAPS_PARAM] = heaps or {}
+        self.encoder = TabularEncoder(self.schema, grid=grid, heaps=heaps)
         # rebuilt, as if constructed with the grid: a family's networks may depend on
         # the encoding (the TVAE's starting scales, ddpm's numeric scale)
         torch.manual_seed(self.seed)
