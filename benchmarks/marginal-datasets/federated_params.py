@@ -22,25 +22,35 @@ warnings.simplefilter("ignore")
 WANTED = ("code_frequency_correlation", "codeset_sign_agreement", "cox_hr_sign_agreement",
           "cox_c_index")
 
-ds, seed = sys.argv[1], int(sys.argv[2])
-params = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
-tag = sys.argv[4] if len(sys.argv) > 4 else "run"
-work = Path(f"/tmp/marginal-datasets/{ds}{seed}")
-opts = BenchmarkOptions(dataset=ds, generators=("marginal",),
-                        generator_params={"marginal": params})
-data = prepare_seed(opts, seed, work / "data")
-start = time.time()
-produced = run_federated(opts, Setting("federated", "marginal", dp=True, epsilon=3.0), data,
-                         seed, work / f"study-{tag}")
-seconds = time.time() - start
-train, hold = data.train.drop(columns="site"), data.holdout.drop(columns="site")
-pairs = data.schema.survival_pairs
-result = validate(train, hold, produced.synthetic, data.schema, seed=seed,
-                  areas=["fidelity", "survival"], survival=pairs[0] if pairs else None)
-figures: dict[str, float] = {}
-for m in result.metrics:
-    if m.name in WANTED and m.name not in figures:
-        figures[m.name] = round(float(m.value), 3)
-print(json.dumps({"dataset": ds, "seed": seed, "params": params, "seconds": round(seconds),
-                  "epsilon_max_site": max(produced.epsilon_sites.values()), **figures}),
-      flush=True)
+
+def study(ds: str, seed: int, params: dict, tag: str):  # noqa: ANN201
+    """Run one study and score it: (the seed's prepared split, the study's output, its
+    seconds, the WANTED figures). Shared with sixth-pass/federated_genes.py."""
+    work = Path(f"/tmp/marginal-datasets/{ds}{seed}")
+    opts = BenchmarkOptions(dataset=ds, generators=("marginal",),
+                            generator_params={"marginal": params})
+    data = prepare_seed(opts, seed, work / "data")
+    start = time.time()
+    produced = run_federated(opts, Setting("federated", "marginal", dp=True, epsilon=3.0),
+                             data, seed, work / f"study-{tag}")
+    seconds = time.time() - start
+    train, hold = data.train.drop(columns="site"), data.holdout.drop(columns="site")
+    pairs = data.schema.survival_pairs
+    result = validate(train, hold, produced.synthetic, data.schema, seed=seed,
+                      areas=["fidelity", "survival"], survival=pairs[0] if pairs else None)
+    figures: dict[str, float] = {}
+    for m in result.metrics:
+        if m.name in WANTED and m.name not in figures:
+            figures[m.name] = round(float(m.value), 3)
+    return data, produced, seconds, figures
+
+
+if __name__ == "__main__":
+    ds, seed = sys.argv[1], int(sys.argv[2])
+    params = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+    tag = sys.argv[4] if len(sys.argv) > 4 else "run"
+    _, produced, seconds, figures = study(ds, seed, params, tag)
+    print(json.dumps({"dataset": ds, "seed": seed, "params": params,
+                      "seconds": round(seconds),
+                      "epsilon_max_site": max(produced.epsilon_sites.values()), **figures}),
+          flush=True)

@@ -12,7 +12,6 @@ Usage: python federated_genes.py SEED [JSON_HYPERPARAMETERS] [TAG]
 
 import json
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -21,17 +20,11 @@ from scipy import stats
 
 from fedsynth.common.generators.marginal import MarginalGenerator
 from fedsynth.common.generators.marginal.codes import pooled_counts
-from fedsynth.common.validation import validate
-from fedsynth.simulations.benchmark import (
-    BenchmarkOptions,
-    Setting,
-    prepare_seed,
-    run_federated,
-)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from federated_params import study  # noqa: E402  (the study and its scoring, shared)
 
 warnings.simplefilter("ignore")
-WANTED = ("code_frequency_correlation", "codeset_sign_agreement", "cox_hr_sign_agreement",
-          "cox_c_index")
 seed = int(sys.argv[1])
 params = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
 tag = sys.argv[3] if len(sys.argv) > 3 else "run"
@@ -48,24 +41,11 @@ def keeping(self, plan, measurer, sites):  # noqa: ANN001, ANN201
 
 
 MarginalGenerator.run_engine = keeping
-work = Path(f"/tmp/marginal-datasets/amlsg{seed}")
-opts = BenchmarkOptions(dataset="amlsg", generators=("marginal",),
-                        generator_params={"marginal": params})
-data = prepare_seed(opts, seed, work / "data")
-start = time.time()
-produced = run_federated(opts, Setting("federated", "marginal", dp=True, epsilon=3.0), data,
-                         seed, work / f"study-{tag}")
-seconds = time.time() - start
-train, hold = data.train.drop(columns="site"), data.holdout.drop(columns="site")
+data, produced, seconds, figures = study("amlsg", seed, params, tag)
+hold = data.holdout.drop(columns="site")
 genes = list(data.schema.codesets.values())[0]
 real = hold[genes].to_numpy(float).clip(0, 1).mean(0)
 marg = [float(np.asarray(kept["model"].project((g,)).datavector())[1]) for g in genes]
-result = validate(train, hold, produced.synthetic, data.schema, seed=seed,
-                  areas=["fidelity", "survival"], survival=data.schema.survival_pairs[0])
-figures: dict[str, float] = {}
-for m in result.metrics:
-    if m.name in WANTED and m.name not in figures:
-        figures[m.name] = round(float(m.value), 3)
 print(json.dumps({
     "seed": seed, "params": params, "seconds": round(seconds),
     "epsilon_max_site": max(produced.epsilon_sites.values()),
