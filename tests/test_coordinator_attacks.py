@@ -418,3 +418,77 @@ def test_the_final_release_is_answered_once(
     assert dict(first["site"])["status"] == "released" and "arrays" in first
     second = _send(ready, content, "query")
     assert dict(second["site"])["status"] == "already-released" and "arrays" not in second
+
+
+# ------------------------------------------------- a model that overflows on one patient
+
+
+def _overflow_model(schema: Schema, data: np.ndarray, row: int, study: StudyConfig
+                    ) -> tuple[dict[str, np.ndarray], int]:
+    """The coordinator's crafted TVAE: its first layer reads one column and is zero
+    below a threshold that only ``row`` passes; above it, its activations reach 1e58,
+    past float32, so that row's loss and gradient are inf or NaN and no other's is. The
+    coordinator needs no data for this, only the public encoding and a guess."""
+    model = get_generator(study.generator)(schema, seed=study.seed, **study.generator_params)
+    column = next(c for c in range(data.shape[1])
+                  if int(np.argmax(data[:, c])) == row
+                  and int(np.sum(data[:, c] == data[:, c].max())) == 1)
+    top = np.sort(data[:, column])
+    threshold = float(top[-1] + top[-2]) / 2.0
+    state = model.state_dict()
+    first, second = state["vae.encoder.0.weight"], state["vae.encoder.2.weight"]
+    first[:] = 0.0
+    first[:, column] = 1e30
+    state["vae.encoder.0.bias"][:] = -1e30 * threshold
+    second[:] = 1e30
+    return state, column
+
+
+@pytest.mark.parametrize("mode", ["auto", "hooks", "ghost"])
+def test_a_model_that_overflows_on_one_patient_does_not_reveal_them(
+    tmp_path: Path, heart_files: dict[str, Path], heart_schema_path: Path, heart_schema: Schema,
+    mode: str,
+) -> None:
+    """Neighbouring tables: cleveland, and cleveland without its oldest patient (77, the
+    only one). The coordinator sends a model that overflows on that patient's row alone.
+    On the old code a NaN per-sample gradient made the clipped sum, hence every weight of
+    the reply, NaN, and the DP loss report NaN (sent as -1): the reply told the two
+    tables apart with certainty, whatever the noise. A row whose gradient norm is not
+    finite now contributes zero (a clipped contribution like any other), in every
+    clipping mode, and its loss counts as the bound."""
+    from fedsynth.common.encoding import TabularEncoder
+    from fedsynth.common.privacy import DPSettings, PrivacyLedger, train_round
+    from fedsynth.common.privacy.randomness import DPRandomness
+
+    study = StudyConfig(study_id="overflow", num_server_rounds=3, local_epochs=1,
+                        sample_rate=1.0, generator_params=TINY, seed=42, grid_share=0.0)
+    lines = Path(heart_files["cleveland"]).read_text().splitlines(keepends=True)
+    rows = read_table(heart_files["cleveland"], heart_schema)
+    oldest = int(np.argmax(rows["age"].to_numpy()))
+    assert int((rows["age"] == rows["age"].max()).sum()) == 1
+    tables = {"with": tmp_path / "with.data", "without": tmp_path / "without.data"}
+    tables["with"].write_text("".join(lines))
+    tables["without"].write_text("".join(lines[:oldest] + lines[oldest + 1:]))
+    probe = get_generator(study.generator)(heart_schema, seed=study.seed, **TINY)
+    encoded = probe.encoder.reencode(TabularEncoder(heart_schema).encode(rows),
+                                     TabularEncoder(heart_schema))
+    crafted, _ = _overflow_model(heart_schema, encoded, oldest, study)
+    fp = schema_fingerprint(heart_schema)
+    for name, path in tables.items():
+        site = SiteConfig("cleveland", str(path), str(heart_schema_path), epsilon=3.0)
+        if mode == "auto":  # the site's real round: book-keeping clipping, loss report
+            reply = train_site(site, study, fp, crafted, SiteState(), 1)
+            assert reply.status == TRAINED and reply.arrays is not None
+            weights, loss = reply.arrays, reply.metrics["loss"]
+            assert loss > 0, (name, loss)  # -1: the report was NaN
+        else:
+            model = get_generator(study.generator)(heart_schema, seed=study.seed, **TINY)
+            model.load_state_dict(crafted)
+            data = model.encoder.reencode(
+                TabularEncoder(heart_schema).encode(read_table(path, heart_schema)),
+                TabularEncoder(heart_schema))
+            train_round(model, data, epochs=1, sample_rate=1.0, dp=DPSettings(1.0, 1.0),
+                        ledger=PrivacyLedger(), randomness=DPRandomness.secret(), mode=mode)
+            weights = model.state_dict()
+        broken = [k for k, v in weights.items() if not np.all(np.isfinite(v))]
+        assert not broken, (name, mode, broken)

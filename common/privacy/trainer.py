@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -185,15 +186,33 @@ class _DPStep:
         """Around the private forward pass: book-keeping keeps its layers' inputs."""
         return self.keeper.recording() if self.keeper is not None else nullcontext()
 
-    def backward(self, losses: torch.Tensor) -> bool:
-        """Clipped sum, then Opacus' noise and scaling; False if Opacus skips the step."""
+    def take(self, loss_of: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor
+             ) -> tuple[torch.Tensor, bool]:
+        """The step's per-sample losses, their clipped sum, then Opacus' noise and
+        scaling; the bool is False if Opacus skips the step.
+
+        A sample whose gradient norm is not finite contributes zero in every mode
+        (``bookkeeping.finite_rows``); ghost clipping cannot zero it in its second pass,
+        so there the step is taken again on the batch without those rows, and a sample
+        that is still not finite (a GAN's fake row, drawn without data) leaves a zero
+        clipped sum: the update is then the noise alone."""
+        with self.recording():
+            losses = loss_of(batch)
         if self.keeper is not None:
             self.keeper.clip_into_grad(losses)
         elif self.mode == "ghost":
-            ghost_backward(self.wrapped, self.optimizer, losses, self.wanted)  # type: ignore[arg-type]
+            wrapped = self.wrapped
+            bad = ghost_backward(wrapped, self.optimizer, losses, self.wanted)  # type: ignore[arg-type]
+            if bad is not None:
+                batch = batch[~bad[: batch.shape[0]]]
+                losses = loss_of(batch)
+                if ghost_backward(wrapped, self.optimizer, losses,  # type: ignore[arg-type]
+                                  self.wanted) is not None:
+                    for p in self.optimizer.params:
+                        p.grad = torch.zeros_like(p)
         else:
             hooks_backward(losses, self.wanted)
-        return bool(self.optimizer.pre_step())
+        return losses, bool(self.optimizer.pre_step())
 
     def remove_hooks(self) -> None:
         (self.keeper or self.wrapped).remove_hooks()  # type: ignore[union-attr]
@@ -292,9 +311,9 @@ def train_round(
                     add_proximal()
                     optimizer.step()
                 else:
-                    with step.recording():
-                        losses = generator.per_sample_loss(forward, batch)
-                    if step.backward(losses):
+                    losses, stepped = step.take(
+                        lambda rows: generator.per_sample_loss(forward, rows), batch)
+                    if stepped:
                         add_proximal()
                         optimizer.original_optimizer.step()  # type: ignore[attr-defined]
                 steps += 1
@@ -345,7 +364,10 @@ def dp_loss_report(
     module = generator.private_module()
     batch = next(iter(loader))[0]
     with torch.no_grad():
-        losses = generator.per_sample_loss(module, batch).clamp(0.0, bound) / bound
+        # a loss that is not finite counts as the bound: a NaN here would make the
+        # report NaN, a bit telling whether any sampled row overflows the model
+        losses = torch.nan_to_num(generator.per_sample_loss(module, batch), nan=bound,
+                                  posinf=bound, neginf=0.0).clamp(0.0, bound) / bound
     std = noise_multiplier * math.sqrt(2.0)
     noisy_sum = float(losses.sum()) + float(torch.normal(0.0, std, (1,), generator=gen))
     noisy_count = float(batch.shape[0]) + float(torch.normal(0.0, std, (1,), generator=gen))
