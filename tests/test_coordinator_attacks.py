@@ -297,6 +297,11 @@ def test_federated_validation_scores_no_crafted_table_and_answers_once(
                       "evaluate")
     assert dict(too_small["site"])["status"] != "evaluated"
 
+    # the site scores only a study it took part in: it trains round 1 first
+    trained = _send(opted, _train_message(PLAN, _initial(heart_schema), 1,
+                                          schema_fingerprint(heart_schema)), "train")
+    assert dict(trained["site"])["status"] == TRAINED
+
     honest = _send(opted, _evaluate_message(PLAN, heart_schema, _initial(heart_schema), 300),
                    "evaluate")
     assert dict(honest["site"])["status"] == "evaluated"
@@ -331,6 +336,9 @@ def test_encrypted_validation_refuses_a_model_that_is_not_the_release(
     assert path is not None
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **released)
+    took_part = load_site_state(site, encrypted.study_id)  # as if it trained round 1
+    took_part.rounds_trained, took_part.noisy_count = 1, 303.0
+    took_part.save(Path(site.state_dir) / "site-ledger.json")
     crafted = _send(opted, _evaluate_message(encrypted, heart_schema, _initial(heart_schema),
                                              300), "evaluate")
     assert dict(crafted["site"])["status"] == "not-the-release"
@@ -492,3 +500,24 @@ def test_a_model_that_overflows_on_one_patient_does_not_reveal_them(
             weights = model.state_dict()
         broken = [k for k, v in weights.items() if not np.all(np.isfinite(v))]
         assert not broken, (name, mode, broken)
+
+
+def test_federated_validation_answers_no_study_the_site_took_no_part_in(
+    site: SiteConfig, heart_schema: Schema
+) -> None:
+    """Study ids are the coordinator's to pick, so "once per study" alone was no limit: on
+    the old code a coordinator named a fresh study for each question and got scores every
+    time, with no release charged (here: three fresh studies, three answers). A site
+    now scores only a study in which it made a DP release, charged to its ledger."""
+    from dataclasses import replace
+
+    opted = replace(site, validation_scores="quality")
+    answered = []
+    for i in range(3):
+        study = replace(PLAN, study_id=f"fresh-{i}")
+        reply = _send(opted, _evaluate_message(study, heart_schema, _initial(heart_schema),
+                                               300), "evaluate")
+        answered.append(dict(reply["site"])["status"])
+        assert not any(k.startswith(("tvd", "ks", "tstr")) for k in dict(reply["metrics"]))
+    assert answered == ["not-the-release"] * 3
+    assert load_site_state(opted, "fresh-0").ledger.epsilon(opted.delta) == 0.0
