@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -47,6 +48,7 @@ from ..common.protocol import (
     Status,
     TrainRequest,
     ValidationRequest,
+    WireFormatError,
     pack_content,
     unpack_content,
 )
@@ -66,6 +68,8 @@ from .site import (
 )
 
 STATE_KEY = "fedsynth-site"
+
+log = logging.getLogger("fedsynth.site")
 
 
 def load_sites_file(ref: str) -> list[SiteConfig]:
@@ -283,6 +287,39 @@ def handle_evaluate(msg: Message, context: Context, sites: list[SiteConfig] | No
     return Message(reply_content(site, reply), reply_to=msg)
 
 
+class SiteFailure(RuntimeError):
+    """What the coordinator learns of a request the site failed on: a fixed text.
+
+    Flower sends a handler's exception text to the coordinator as the error reply's
+    reason; an exception raised on the site's rows may quote them (a value, a batch's
+    size, a row count), and its text is no DP release. The full exception stays in the
+    site's log; the coordinator sees that the request failed (a fact this reply cannot
+    hide, stated in docs/privacy.md) and this text. Errors of the settings (``ConfigError``,
+    the node's or the coordinator's own config) and of the message's envelope
+    (``WireFormatError``) name no row and pass through as they are.
+    """
+
+
+def private_errors(handler: Callable[[Message, Context], Message]
+                   ) -> Callable[[Message, Context], Message]:
+    """Run a handler so that no exception text computed on the site's rows leaves it."""
+
+    @functools.wraps(handler)
+    def run(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except (ConfigError, WireFormatError):
+            raise
+        except Exception:
+            log.exception("the %s request failed at this site", msg.metadata.message_type)
+            raise SiteFailure(
+                "the site could not answer this request; the details are in the site's own "
+                "log (its exception text is not sent: it may quote the site's rows)"
+            ) from None
+
+    return run
+
+
 def on_the_wire(handler: Callable[[Message, Context], Message]
                 ) -> Callable[[Message, Context], Message]:
     """The site's side of the wire format (``common/protocol.py``, "on the wire"): the
@@ -305,18 +342,21 @@ def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
     app = ClientApp()
 
     @app.train()
+    @private_errors
     @on_the_wire
     @site_threaded
     def train(msg: Message, context: Context) -> Message:
         return handle_train(msg, context, sites)
 
     @app.query()
+    @private_errors
     @on_the_wire
     @site_threaded
     def query(msg: Message, context: Context) -> Message:
         return handle_query(msg, context, sites)
 
     @app.query(MARGINAL_ACTION)
+    @private_errors
     @on_the_wire
     @site_threaded
     def marginal(msg: Message, context: Context) -> Message:
@@ -329,6 +369,7 @@ def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
         return Message(content, reply_to=msg)
 
     @app.query(GRID_ACTION)
+    @private_errors
     @on_the_wire
     @site_threaded
     def grid(msg: Message, context: Context) -> Message:
@@ -342,6 +383,7 @@ def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
         return Message(reply_content(site, reply), reply_to=msg)
 
     @app.evaluate()
+    @private_errors
     @on_the_wire
     @site_threaded
     def evaluate(msg: Message, context: Context) -> Message:

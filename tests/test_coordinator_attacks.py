@@ -521,3 +521,70 @@ def test_federated_validation_answers_no_study_the_site_took_no_part_in(
         assert not any(k.startswith(("tvd", "ks", "tstr")) for k in dict(reply["metrics"]))
     assert answered == ["not-the-release"] * 3
     assert load_site_state(opted, "fresh-0").ledger.epsilon(opted.delta) == 0.0
+
+
+def test_an_exception_on_the_sites_rows_reaches_the_coordinator_as_a_fixed_text(
+    site: SiteConfig, heart_schema: Schema, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Flower sends a handler's exception text to the coordinator as the error reply's
+    reason (``str(exc)``). An exception raised while the site works on its rows may
+    quote them; here one names the table's row count, as a shape error would. On the
+    old code that text reached the coordinator as it was; now the coordinator gets a
+    fixed text and the site's log keeps the detail."""
+    import fedsynth.client.site as site_module
+
+    def failing(model: Any, data: np.ndarray, **_: Any) -> Any:
+        raise ValueError(f"a batch does not fit: {len(data)} rows against 64")
+
+    monkeypatch.setattr(site_module, "train_round", failing)
+    rows = len(read_table(site.data_path, heart_schema))
+    with caplog.at_level("ERROR", logger="fedsynth.site"), pytest.raises(Exception) as failed:
+        _send(site, _train_message(PLAN, _initial(heart_schema), 1,
+                                   schema_fingerprint(heart_schema)), "train")
+    reason = str(type(failed.value)) + ":<'" + str(failed.value) + "'>"  # as Flower sends it
+    assert str(rows) not in reason and "rows against" not in reason, reason
+    assert "site's own log" in reason
+    assert f"{rows} rows against 64" in caplog.text  # the site keeps the detail
+    # an error of the coordinator's own settings still says what is wrong
+    bad = {**PLAN.to_flat(), "sample-rate": 2.0}
+    content = _train_message(PLAN, _initial(heart_schema), 1, schema_fingerprint(heart_schema))
+    content["config"] = ConfigRecord({**bad, "server-round": 1,
+                                      "schema-fingerprint": schema_fingerprint(heart_schema)})
+    with pytest.raises(ConfigError, match="sample-rate"):
+        _send(site, content, "train")
+
+
+def test_a_marginal_release_under_the_same_study_id_does_not_skip_the_count_check(
+    site: SiteConfig, heart_schema: Schema
+) -> None:
+    """A site that fixes its own noise multiplier (its policy) and a coordinator that
+    first asks a marginal 1-way release under study id S, then a training round under
+    the same S with a count noise of 0.01. The 1-way release set the site's noisy count
+    but made no histogram, and the round's budget check counted the count release only
+    when no noisy count was set: on the old code the site trained, released its
+    outcome histogram with std 0.01 (exact to the patient) and only then charged it,
+    far past its budget. The check now follows the release it guards."""
+    from dataclasses import replace
+
+    from fedsynth.common import protocol as P
+    from fedsynth.common.generators.marginal import MarginalGenerator
+
+    fixed = replace(site, noise_multiplier=10.0)
+    fp = schema_fingerprint(heart_schema)
+    small = {"bins": 6, "rounds": 2, "per_round": 2, "candidates": 10, "iters": 150}
+    measured = StudyConfig(study_id="shared-id", generator="marginal", generator_params=small)
+    model = MarginalGenerator(heart_schema, **small)
+    config = {**measured.to_flat(), "schema-fingerprint": fp,
+              P.PLAN: json.dumps(model.plan().to_dict()), P.OP: P.MEASURE_OP,
+              P.RELEASE_KIND: "one-way", P.STEP: 1,
+              P.CLIQUES: json.dumps([[a] for a in model.discretizer.names])}
+    one_way = _send(fixed, RecordDict({"config": ConfigRecord(config)}), P.MARGINAL_MESSAGE)
+    assert dict(one_way["site"])["status"] == TRAINED  # a measured release, charged
+
+    sharp = replace(PLAN, study_id="shared-id", count_noise=0.01, grid_share=0.0)
+    reply = _send(fixed, _train_message(sharp, _initial(heart_schema, sharp), 1, fp), "train")
+    status = dict(reply["site"])["status"]
+    spent = float(dict(reply["metrics"])["epsilon"])
+    assert spent <= fixed.epsilon * (1 + 1e-9), (status, spent)
+    assert status == BUDGET_EXHAUSTED and "arrays" not in reply
