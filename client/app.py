@@ -10,7 +10,8 @@ The privacy ledger lives in the node's ``context.state`` for the whole run, and 
 ``state-dir`` when one is configured, so a coordinator restart (a new run) does not
 reset a site's accounting. A round asked again with the same model (a coordinator that
 resumed before checkpointing it) gets the site's stored reply, not a second training
-(``client/replay.py``).
+(``client/replay.py``). A site answers one request at a time (``one_request_at_a_time``),
+so two requests at once cannot both spend against the same ledger.
 
 When the study says ``secure-aggregation = "ckks"``, the train handler decrypts the
 relayed aggregate and replies with ciphertexts only (``client/secure.py``); the query
@@ -23,10 +24,13 @@ Every message's records and keys are those of ``common/protocol.py``.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -337,28 +341,69 @@ def on_the_wire(handler: Callable[[Message, Context], Message]
     return run
 
 
+#: A site's lock file in its state-dir (``one_request_at_a_time``).
+LOCK_FILE = "site.lock"
+
+
+@contextmanager
+def one_request_at_a_time(site: SiteConfig) -> Iterator[None]:
+    """Hold the site's lock (an exclusive ``flock`` on ``state-dir/site.lock``) while a
+    request reads its ledger, releases and writes the ledger back.
+
+    Flower's SuperExec starts a ClientApp process for each message without waiting for
+    the last one, so two requests (two studies, two runs) can be at a site at once. Each
+    would check its budget against the same ledger and the second write would drop the
+    first's releases: a site that released two studies, each calibrated to the whole
+    budget, with a ledger showing one. Without a state-dir (a simulated site) there is
+    no file to share and nothing to lock.
+    """
+    if not site.state_dir:
+        yield
+        return
+    folder = Path(site.state_dir)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with os.fdopen(os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600), "r+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def site_handler(sites: list[SiteConfig] | None
+                 ) -> Callable[[Callable[[Message, Context], Message]],
+                               Callable[[Message, Context], Message]]:
+    """Every handler's wrapping, outermost first: ``private_errors``, ``on_the_wire``,
+    ``site_threaded``, and the site's lock around the handler itself."""
+
+    def wrap(handler: Callable[[Message, Context], Message]
+             ) -> Callable[[Message, Context], Message]:
+        @functools.wraps(handler)
+        def locked(msg: Message, context: Context) -> Message:
+            with one_request_at_a_time(resolve_site(context, sites)):
+                return handler(msg, context)
+
+        return private_errors(on_the_wire(site_threaded(locked)))
+
+    return wrap
+
+
 def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
     """A ClientApp; ``sites`` fixes the simulation's site list (else read from configs)."""
     app = ClientApp()
 
     @app.train()
-    @private_errors
-    @on_the_wire
-    @site_threaded
+    @site_handler(sites)
     def train(msg: Message, context: Context) -> Message:
         return handle_train(msg, context, sites)
 
     @app.query()
-    @private_errors
-    @on_the_wire
-    @site_threaded
+    @site_handler(sites)
     def query(msg: Message, context: Context) -> Message:
         return handle_query(msg, context, sites)
 
     @app.query(MARGINAL_ACTION)
-    @private_errors
-    @on_the_wire
-    @site_threaded
+    @site_handler(sites)
     def marginal(msg: Message, context: Context) -> Message:
         """A measured study's request: noisy marginal counts or scores (client/measure.py)."""
         site = resolve_site(context, sites)
@@ -369,9 +414,7 @@ def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
         return Message(content, reply_to=msg)
 
     @app.query(GRID_ACTION)
-    @private_errors
-    @on_the_wire
-    @site_threaded
+    @site_handler(sites)
     def grid(msg: Message, context: Context) -> Message:
         """A deep generator's quantile-grid request, before round 1 (client/grid.py)."""
         site = resolve_site(context, sites)
@@ -383,9 +426,7 @@ def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
         return Message(reply_content(site, reply), reply_to=msg)
 
     @app.evaluate()
-    @private_errors
-    @on_the_wire
-    @site_threaded
+    @site_handler(sites)
     def evaluate(msg: Message, context: Context) -> Message:
         return handle_evaluate(msg, context, sites)
 

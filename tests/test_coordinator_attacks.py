@@ -588,3 +588,36 @@ def test_a_marginal_release_under_the_same_study_id_does_not_skip_the_count_chec
     spent = float(dict(reply["metrics"])["epsilon"])
     assert spent <= fixed.epsilon * (1 + 1e-9), (status, spent)
     assert status == BUDGET_EXHAUSTED and "arrays" not in reply
+
+
+def test_concurrent_requests_are_all_in_the_ledger(
+    site: SiteConfig, heart_schema: Schema
+) -> None:
+    """Flower's SuperExec starts a ClientApp process per message without waiting for the
+    last, so a coordinator can have two requests at a site at once (two studies, two
+    runs). Each read the ledger, checked its budget against it, released and wrote it
+    back: on the old code the second write dropped the first's releases, so the site had
+    released two studies, each calibrated to the whole budget, and its ledger showed
+    one. A site now answers one request at a time (a lock in its state-dir), so every
+    release it sends is in its ledger."""
+    import threading
+
+    fp = schema_fingerprint(heart_schema)
+    replies: dict[str, RecordDict] = {}
+
+    def ask(study_id: str) -> None:
+        study = StudyConfig(**{**PLAN.__dict__, "study_id": study_id, "grid_share": 0.0})
+        replies[study_id] = _send(site, _train_message(study, _initial(heart_schema), 1, fp),
+                                  "train")
+
+    threads = [threading.Thread(target=ask, args=(s,)) for s in ("first", "second")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    trained = [s for s, r in replies.items() if dict(r["site"])["status"] == TRAINED]
+    assert trained, {s: dict(r["site"])["status"] for s, r in replies.items()}
+    ledger = load_site_state(site, "first").ledger
+    count_releases = [r for r in ledger.history if r[1] == 1.0 and r[0] == PLAN.count_noise]
+    assert len(count_releases) == len(trained), (trained, ledger.history)
+    assert ledger.epsilon(site.delta) <= site.epsilon * (1 + 1e-9)
