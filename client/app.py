@@ -268,6 +268,12 @@ def handle_evaluate(msg: Message, context: Context, sites: list[SiteConfig] | No
     request = ValidationRequest.from_content(msg.content)
     study = StudyConfig.from_flat(request.config)
     state = _load_state(context, site, study)
+    if site.requires_encryption and not study.encrypted:
+        # A study "in clear" would skip the check that the model is the release and send
+        # the count encryption hid: the site's node config decides, as for training.
+        reply = SiteReply(Status.ENCRYPTION_REQUIRED, status_metrics(site, state), problems=[
+            "this site is set up for encrypted aggregation and scores nothing in clear"])
+        return Message(reply_content(site, reply), reply_to=msg)
     schema_fp = str(request.config[SCHEMA_FINGERPRINT])
     table = released_table(
         site, study, schema_fp, request.arrays, request.rows, request.seed, state

@@ -621,3 +621,26 @@ def test_concurrent_requests_are_all_in_the_ledger(
     count_releases = [r for r in ledger.history if r[1] == 1.0 and r[0] == PLAN.count_noise]
     assert len(count_releases) == len(trained), (trained, ledger.history)
     assert ledger.epsilon(site.delta) <= site.epsilon * (1 + 1e-9)
+
+
+def test_an_encryption_ready_site_scores_nothing_in_clear(
+    site: SiteConfig, heart_schema: Schema, tmp_path: Path
+) -> None:
+    """The site took part in encrypted study "attack" (its ledger says so), then the
+    coordinator asks for validation under the same study id with the study config saying
+    ``secure-aggregation = "none"``. On the old code the site took the study for one in
+    clear: it skipped its check that the model is the one it released, scored the
+    coordinator's model and sent its DP count in clear, which encryption had hidden.
+    Encryption is the site's decision: it refuses, as it refuses a round in clear."""
+    from dataclasses import replace
+
+    ready, _ = _encryption_ready(site, tmp_path / "keys")
+    ready = replace(ready, validation_scores="quality")
+    took_part = load_site_state(ready, PLAN.study_id)
+    took_part.rounds_trained, took_part.noisy_count = 1, 303.0
+    took_part.save(Path(ready.state_dir) / "site-ledger.json")
+    reply = _send(ready, _evaluate_message(PLAN, heart_schema, _initial(heart_schema), 300),
+                  "evaluate")
+    assert dict(reply["site"])["status"] == ENCRYPTION_REQUIRED
+    metrics = dict(reply["metrics"])
+    assert "n-rows-dp" not in metrics and not any(k.startswith(("ks", "tvd")) for k in metrics)
