@@ -433,6 +433,7 @@ def train_site(
         randomness=rand,
         proximal_mu=study.proximal_mu if study.strategy == "fedprox" else 0.0,
         federated=True,
+        rows=state.noisy_count if dp is not None else None,  # the DP count, not len(data)
     )
     if dp is not None and study.loss_report:
         loss = dp_loss_report(

@@ -644,3 +644,32 @@ def test_an_encryption_ready_site_scores_nothing_in_clear(
     assert dict(reply["site"])["status"] == ENCRYPTION_REQUIRED
     metrics = dict(reply["metrics"])
     assert "n-rows-dp" not in metrics and not any(k.startswith(("ks", "tvd")) for k in metrics)
+
+
+def test_the_update_is_divided_by_the_dp_count_not_the_row_count(
+    site: SiteConfig, heart_schema: Schema, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DP-SGD divides the noisy sum by the expected batch, q x rows. With the exact row
+    count (the old code) the released weights were a function of a private statistic
+    the analysis does not cover; the site divides by its DP count, released before."""
+    from dataclasses import replace
+
+    from fedsynth.common.privacy import trainer
+
+    seen: list[float] = []
+    original = trainer._DPStep.__init__
+
+    def spy(self: Any, mode: str, module: Any, dp: Any, lr: float, expected_batch: float,
+            randomness: Any) -> None:
+        seen.append(expected_batch)
+        original(self, mode, module, dp, lr, expected_batch, randomness)
+
+    monkeypatch.setattr(trainer._DPStep, "__init__", spy)
+    seeded = replace(site, state_dir="", reproducible_noise_seed=3)  # a count != 303
+    state = SiteState()
+    reply = train_site(seeded, PLAN, schema_fingerprint(heart_schema), _initial(heart_schema),
+                       state, 1)
+    assert reply.status == TRAINED and state.noisy_count is not None
+    rows = len(read_table(site.data_path, heart_schema))
+    assert state.noisy_count != rows
+    assert seen == [PLAN.sample_rate * state.noisy_count]

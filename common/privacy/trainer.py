@@ -230,6 +230,7 @@ def train_round(
     proximal_mu: float = 0.0,
     mode: str = "auto",
     federated: bool = False,
+    rows: float | None = None,
 ) -> RoundStats:
     """Train ``generator`` on encoded rows for ``epochs / sample_rate`` Poisson steps.
 
@@ -257,6 +258,13 @@ def train_round(
     ``mode`` is the clipping mode (one of ``MODES``); ``"auto"`` (the default) picks the
     fastest with :func:`pick_mode`. The mode changes the time a step
     takes, never the noise, the clipping or the ledger.
+
+    ``rows`` is the row count the noisy sum is divided by (``q * rows``, Opacus'
+    expected batch); default ``len(data)``. A site passes its DP count: the row count
+    is a private statistic, and dividing by the exact one would make the update a
+    function of it that the DP analysis does not cover (with Adam almost nothing shows,
+    through its epsilon only, but the released weights must be a function of DP
+    outputs alone).
     """
     if not 0 < sample_rate <= 1:
         raise ValueError("sample_rate must be in (0, 1]")
@@ -268,7 +276,7 @@ def train_round(
                          samples_per_step(generator, data.shape[1], batch_rows))
     torch.manual_seed(randomness.int_seed("model"))
     module = generator.private_module()
-    expected_batch = max(1.0, sample_rate * len(data))
+    expected_batch = max(1.0, sample_rate * (len(data) if rows is None else rows))
     loader = poisson_loader(data, sample_rate, randomness.torch("sampler"))
     spec = generator.training_spec()
     lr = spec.lr
