@@ -673,3 +673,25 @@ def test_the_update_is_divided_by_the_dp_count_not_the_row_count(
     rows = len(read_table(site.data_path, heart_schema))
     assert state.noisy_count != rows
     assert seen == [PLAN.sample_rate * state.noisy_count]
+
+
+def test_the_coordinator_cannot_name_an_accountant_the_site_does_not_trust(
+    site: SiteConfig, heart_schema: Schema
+) -> None:
+    """The study config names the accountant the site composes its releases with, and
+    Opacus also has ``gdp``, a central-limit approximation that is no upper bound (on
+    (1.0, q 0.02, 5 steps) it says epsilon 0.19 where PRV says 0.66). On the old code the
+    study config was not checked: a grid request with ``accountant = "gdp"`` set it on
+    the site's ledger, which the site saved, and every later request failed on a ledger
+    it could no longer read. The site now refuses the config, with a clear error, and
+    its ledger is untouched."""
+    from fedsynth.common.protocol import GRID_MESSAGE
+
+    fp = schema_fingerprint(heart_schema)
+    gdp = {**PLAN.to_flat(), "accountant": "gdp", "schema-fingerprint": fp}
+    with pytest.raises(ConfigError, match="accountant"):
+        _send(site, RecordDict({"config": ConfigRecord(gdp)}), GRID_MESSAGE)
+    ledger = Path(site.state_dir) / "site-ledger.json"
+    assert not ledger.exists() or json.loads(ledger.read_text())["mechanism"] in ("rdp", "prv")
+    honest = _send(site, _train_message(PLAN, _initial(heart_schema), 1, fp), "train")
+    assert dict(honest["site"])["status"] == TRAINED
