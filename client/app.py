@@ -10,7 +10,8 @@ The privacy ledger lives in the node's ``context.state`` for the whole run, and 
 ``state-dir`` when one is configured, so a coordinator restart (a new run) does not
 reset a site's accounting. A round asked again with the same model (a coordinator that
 resumed before checkpointing it) gets the site's stored reply, not a second training
-(``client/replay.py``).
+(``client/replay.py``). A site answers one request at a time (``one_request_at_a_time``),
+so two requests at once cannot both spend against the same ledger.
 
 When the study says ``secure-aggregation = "ckks"``, the train handler decrypts the
 relayed aggregate and replies with ciphertexts only (``client/secure.py``); the query
@@ -23,9 +24,13 @@ Every message's records and keys are those of ``common/protocol.py``.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
-from collections.abc import Callable
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -47,6 +52,7 @@ from ..common.protocol import (
     Status,
     TrainRequest,
     ValidationRequest,
+    WireFormatError,
     pack_content,
     unpack_content,
 )
@@ -66,6 +72,8 @@ from .site import (
 )
 
 STATE_KEY = "fedsynth-site"
+
+log = logging.getLogger("fedsynth.site")
 
 
 def load_sites_file(ref: str) -> list[SiteConfig]:
@@ -260,6 +268,12 @@ def handle_evaluate(msg: Message, context: Context, sites: list[SiteConfig] | No
     request = ValidationRequest.from_content(msg.content)
     study = StudyConfig.from_flat(request.config)
     state = _load_state(context, site, study)
+    if site.requires_encryption and not study.encrypted:
+        # A study "in clear" would skip the check that the model is the release and send
+        # the count encryption hid: the site's node config decides, as for training.
+        reply = SiteReply(Status.ENCRYPTION_REQUIRED, status_metrics(site, state), problems=[
+            "this site is set up for encrypted aggregation and scores nothing in clear"])
+        return Message(reply_content(site, reply), reply_to=msg)
     schema_fp = str(request.config[SCHEMA_FINGERPRINT])
     table = released_table(
         site, study, schema_fp, request.arrays, request.rows, request.seed, state
@@ -283,6 +297,39 @@ def handle_evaluate(msg: Message, context: Context, sites: list[SiteConfig] | No
     return Message(reply_content(site, reply), reply_to=msg)
 
 
+class SiteFailure(RuntimeError):
+    """What the coordinator learns of a request the site failed on: a fixed text.
+
+    Flower sends a handler's exception text to the coordinator as the error reply's
+    reason; an exception raised on the site's rows may quote them (a value, a batch's
+    size, a row count), and its text is no DP release. The full exception stays in the
+    site's log; the coordinator sees that the request failed (a fact this reply cannot
+    hide, stated in docs/privacy.md) and this text. Errors of the settings (``ConfigError``,
+    the node's or the coordinator's own config) and of the message's envelope
+    (``WireFormatError``) name no row and pass through as they are.
+    """
+
+
+def private_errors(handler: Callable[[Message, Context], Message]
+                   ) -> Callable[[Message, Context], Message]:
+    """Run a handler so that no exception text computed on the site's rows leaves it."""
+
+    @functools.wraps(handler)
+    def run(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except (ConfigError, WireFormatError):
+            raise
+        except Exception:
+            log.exception("the %s request failed at this site", msg.metadata.message_type)
+            raise SiteFailure(
+                "the site could not answer this request; the details are in the site's own "
+                "log (its exception text is not sent: it may quote the site's rows)"
+            ) from None
+
+    return run
+
+
 def on_the_wire(handler: Callable[[Message, Context], Message]
                 ) -> Callable[[Message, Context], Message]:
     """The site's side of the wire format (``common/protocol.py``, "on the wire"): the
@@ -300,25 +347,69 @@ def on_the_wire(handler: Callable[[Message, Context], Message]
     return run
 
 
+#: A site's lock file in its state-dir (``one_request_at_a_time``).
+LOCK_FILE = "site.lock"
+
+
+@contextmanager
+def one_request_at_a_time(site: SiteConfig) -> Iterator[None]:
+    """Hold the site's lock (an exclusive ``flock`` on ``state-dir/site.lock``) while a
+    request reads its ledger, releases and writes the ledger back.
+
+    Flower's SuperExec starts a ClientApp process for each message without waiting for
+    the last one, so two requests (two studies, two runs) can be at a site at once. Each
+    would check its budget against the same ledger and the second write would drop the
+    first's releases: a site that released two studies, each calibrated to the whole
+    budget, with a ledger showing one. Without a state-dir (a simulated site) there is
+    no file to share and nothing to lock.
+    """
+    if not site.state_dir:
+        yield
+        return
+    folder = Path(site.state_dir)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with os.fdopen(os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600), "r+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def site_handler(sites: list[SiteConfig] | None
+                 ) -> Callable[[Callable[[Message, Context], Message]],
+                               Callable[[Message, Context], Message]]:
+    """Every handler's wrapping, outermost first: ``private_errors``, ``on_the_wire``,
+    ``site_threaded``, and the site's lock around the handler itself."""
+
+    def wrap(handler: Callable[[Message, Context], Message]
+             ) -> Callable[[Message, Context], Message]:
+        @functools.wraps(handler)
+        def locked(msg: Message, context: Context) -> Message:
+            with one_request_at_a_time(resolve_site(context, sites)):
+                return handler(msg, context)
+
+        return private_errors(on_the_wire(site_threaded(locked)))
+
+    return wrap
+
+
 def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
     """A ClientApp; ``sites`` fixes the simulation's site list (else read from configs)."""
     app = ClientApp()
 
     @app.train()
-    @on_the_wire
-    @site_threaded
+    @site_handler(sites)
     def train(msg: Message, context: Context) -> Message:
         return handle_train(msg, context, sites)
 
     @app.query()
-    @on_the_wire
-    @site_threaded
+    @site_handler(sites)
     def query(msg: Message, context: Context) -> Message:
         return handle_query(msg, context, sites)
 
     @app.query(MARGINAL_ACTION)
-    @on_the_wire
-    @site_threaded
+    @site_handler(sites)
     def marginal(msg: Message, context: Context) -> Message:
         """A measured study's request: noisy marginal counts or scores (client/measure.py)."""
         site = resolve_site(context, sites)
@@ -329,8 +420,7 @@ def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
         return Message(content, reply_to=msg)
 
     @app.query(GRID_ACTION)
-    @on_the_wire
-    @site_threaded
+    @site_handler(sites)
     def grid(msg: Message, context: Context) -> Message:
         """A deep generator's quantile-grid request, before round 1 (client/grid.py)."""
         site = resolve_site(context, sites)
@@ -342,8 +432,7 @@ def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
         return Message(reply_content(site, reply), reply_to=msg)
 
     @app.evaluate()
-    @on_the_wire
-    @site_threaded
+    @site_handler(sites)
     def evaluate(msg: Message, context: Context) -> Message:
         return handle_evaluate(msg, context, sites)
 

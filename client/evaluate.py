@@ -8,18 +8,18 @@ The scores are statistics of the site's rows, not DP releases, so the site limit
 coordinator can ask (``released_table``): it scores only a table it samples itself from
 the study's released model, which the coordinator sends with the sample size and seed
 (so the table is synthetic.csv, row for row); at least ``MIN_VALIDATION_ROWS`` rows; once
-per study. In an encrypted study the site also checks that the model is the one it
-decrypted and released, so a crafted model is refused; in a study in clear it cannot
-check that, and the privacy screens that hinge on single patients (``exact_copies``,
-``dcr_min``) are then never sent. docs/privacy.md states what a deviating coordinator
-can still learn. The site reads its own table, computes
-``common.validation.federated.site_scores`` and replies with a flat dict of floats
-(one Flower MetricRecord). Besides the scores the reply carries the
-row count the site already released under DP for its FedAvg weight: re-sending a DP
-release is post-processing and costs no budget. A site that never released a count (it
-never trained) sends none, and the coordinator leaves it out of the row-weighted
-figures rather than spend budget on a new count here. With ``dp = false`` (benchmark
-baseline) the exact count is sent, as in training.
+per study, and only a study in which the site made a DP release (it trained a round, or
+made a marginal study's 1-way release): study ids are the coordinator's to pick. In an
+encrypted study the site also checks that the model is the one it decrypted and
+released (a coordinator can still encrypt a crafted model and send it to the release
+step: docs/privacy.md); in a study in clear it cannot check that, and the privacy
+screens that hinge on single patients (``exact_copies``, ``dcr_min``) are then never
+sent. docs/privacy.md states what a deviating coordinator can still learn. The site
+reads its own table, computes ``common.validation.federated.site_scores`` and replies
+with a flat dict of floats (one Flower MetricRecord). Besides the scores the reply
+carries the row count the site already released under DP for its FedAvg weight:
+re-sending a DP release is post-processing and costs no budget. With ``dp = false``
+(benchmark baseline) the exact count is sent, as in training.
 
 Nothing else leaves the site: no frequency table, no quantile, no per-row figure.
 """
@@ -180,6 +180,14 @@ def released_table(
     if state.validated:
         return SiteReply(ALREADY_VALIDATED, refuse, problems=[
             "this site scored this study's release once already; it answers once per study"])
+    if site.dp and state.rounds_trained == 0 and state.noisy_count is None:
+        # Study ids are the coordinator's to pick: "once per study" alone would let it
+        # name a new study for every question. A study the site took part in made a DP
+        # release here first, charged to the table's lifetime ledger. (A site without
+        # DP, the benchmarks' baseline, sends exact counts in training anyway.)
+        return SiteReply(NOT_THE_RELEASE, refuse, problems=[
+            f"this site made no release in study {study.study_id!r}, so there is no "
+            "release of it to score; it scores only a study it took part in"])
     schema = site_schema(site, state, schema_fp)
     if isinstance(schema, SiteReply):
         return schema

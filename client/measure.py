@@ -256,24 +256,25 @@ def _parse_request(
     """The site's cells and the plan and cliques asked for, or the refusal."""
     from ..common.generators.marginal import MarginalGenerator
 
-    try:
+    try:  # the request's public parts: a problem here may be quoted back
         params = {**MarginalGenerator.defaults, **study.generator_params}
         bins = int(params["bins"])
         binning = str(config.get(P.BINNING, ""))
         disc = study_discretizer(schema, params, binning)  # public cells, checked
-        cells = site_cells(site, schema, disc, bins, binning)
-        presence = site_code_presence(site, schema, disc)
         plan = MarginalPlan.from_dict(json.loads(str(config[P.PLAN])))
         cliques = [tuple(c) for c in json.loads(str(config[P.CLIQUES]))]
         names = disc.names
         if not cliques or any(a not in names for c in cliques for a in c):
             raise ValueError("the request names attributes that are not in the schema")
+    except (KeyError, ValueError, TypeError) as exc:
+        return _refuse(site, state, f"malformed marginal request: {exc}")
+    try:  # the site's rows: no exception text of theirs is quoted to the coordinator
+        cells = site_cells(site, schema, disc, bins, binning)
+        presence = site_code_presence(site, schema, disc)
     except TableCheckError as exc:
         log.warning("site %s: %s", site.name, exc)
         return MeasureReply(SiteReply(INVALID_DATA, status_metrics(site, state),
                                       problems=exc.shareable()))
-    except (KeyError, ValueError, TypeError) as exc:
-        return _refuse(site, state, f"malformed marginal request: {exc}")
     return _Request(cells, plan, cliques, names, disc.shape, presence, list(disc.code_attrs),
                     disc.direct_codes, entry_columns(disc.code_attrs),
                     link_covariates(disc, schema), link_tails(schema, disc.shape),

@@ -403,7 +403,9 @@ def train_site(
                 log.warning("site %s: %s", site.name, exc)
                 return SiteReply(BUDGET_EXHAUSTED, status_metrics(site, state))
         sigma = state.noise_multiplier
-        count_pending = study.count_noise if state.noisy_count is None else None
+        # pending exactly when the release below will be made (a marginal 1-way release
+        # under the same study id sets the noisy count but makes no histogram)
+        count_pending = study.count_noise if state.histogram is None else None
         nxt = round_cost(state.ledger, sigma, plan, count_pending)
         if nxt.epsilon(site.delta) > site.epsilon * (1 + 1e-9):
             return SiteReply(BUDGET_EXHAUSTED, status_metrics(site, state))
@@ -431,6 +433,7 @@ def train_site(
         randomness=rand,
         proximal_mu=study.proximal_mu if study.strategy == "fedprox" else 0.0,
         federated=True,
+        rows=state.noisy_count if dp is not None else None,  # the DP count, not len(data)
     )
     if dp is not None and study.loss_report:
         loss = dp_loss_report(

@@ -26,6 +26,10 @@ if TYPE_CHECKING:
     from .privacy.randomness import DPRandomness
 
 STRATEGIES = ("fedavg", "fedprox")
+#: The accountants a site composes its releases with: Opacus' RDP and PRV, both upper
+#: bounds. (Opacus' ``gdp`` is a central-limit approximation, not a bound: a study may
+#: not name it.)
+ACCOUNTANTS = ("rdp", "prv")
 SECURE_AGGREGATION = ("none", "ckks")
 # Flower strategies whose aggregate is not a weighted sum of the updates, with what the
 # coordinator would need in clear to compute it. Under CKKS it holds ciphertexts it can
@@ -139,6 +143,8 @@ class StudyConfig:
             problems.append("max-grad-norm must be > 0")
         if not 0 <= self.grid_share < 1:
             problems.append("grid-share must be in [0, 1) (0: no quantile-grid release)")
+        if self.accountant not in ACCOUNTANTS:
+            problems.append(f"accountant must be one of {', '.join(ACCOUNTANTS)}")
         if self.count_noise <= 0:
             problems.append("count-noise must be > 0 (the row count is released with DP)")
         if problems:

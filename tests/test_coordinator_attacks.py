@@ -297,6 +297,11 @@ def test_federated_validation_scores_no_crafted_table_and_answers_once(
                       "evaluate")
     assert dict(too_small["site"])["status"] != "evaluated"
 
+    # the site scores only a study it took part in: it trains round 1 first
+    trained = _send(opted, _train_message(PLAN, _initial(heart_schema), 1,
+                                          schema_fingerprint(heart_schema)), "train")
+    assert dict(trained["site"])["status"] == TRAINED
+
     honest = _send(opted, _evaluate_message(PLAN, heart_schema, _initial(heart_schema), 300),
                    "evaluate")
     assert dict(honest["site"])["status"] == "evaluated"
@@ -331,6 +336,9 @@ def test_encrypted_validation_refuses_a_model_that_is_not_the_release(
     assert path is not None
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **released)
+    took_part = load_site_state(site, encrypted.study_id)  # as if it trained round 1
+    took_part.rounds_trained, took_part.noisy_count = 1, 303.0
+    took_part.save(Path(site.state_dir) / "site-ledger.json")
     crafted = _send(opted, _evaluate_message(encrypted, heart_schema, _initial(heart_schema),
                                              300), "evaluate")
     assert dict(crafted["site"])["status"] == "not-the-release"
@@ -418,3 +426,272 @@ def test_the_final_release_is_answered_once(
     assert dict(first["site"])["status"] == "released" and "arrays" in first
     second = _send(ready, content, "query")
     assert dict(second["site"])["status"] == "already-released" and "arrays" not in second
+
+
+# ------------------------------------------------- a model that overflows on one patient
+
+
+def _overflow_model(schema: Schema, data: np.ndarray, row: int, study: StudyConfig
+                    ) -> tuple[dict[str, np.ndarray], int]:
+    """The coordinator's crafted TVAE: its first layer reads one column and is zero
+    below a threshold that only ``row`` passes; above it, its activations reach 1e58,
+    past float32, so that row's loss and gradient are inf or NaN and no other's is. The
+    coordinator needs no data for this, only the public encoding and a guess."""
+    model = get_generator(study.generator)(schema, seed=study.seed, **study.generator_params)
+    column = next(c for c in range(data.shape[1])
+                  if int(np.argmax(data[:, c])) == row
+                  and int(np.sum(data[:, c] == data[:, c].max())) == 1)
+    top = np.sort(data[:, column])
+    threshold = float(top[-1] + top[-2]) / 2.0
+    state = model.state_dict()
+    first, second = state["vae.encoder.0.weight"], state["vae.encoder.2.weight"]
+    first[:] = 0.0
+    first[:, column] = 1e30
+    state["vae.encoder.0.bias"][:] = -1e30 * threshold
+    second[:] = 1e30
+    return state, column
+
+
+@pytest.mark.parametrize("mode", ["auto", "hooks", "ghost"])
+def test_a_model_that_overflows_on_one_patient_does_not_reveal_them(
+    tmp_path: Path, heart_files: dict[str, Path], heart_schema_path: Path, heart_schema: Schema,
+    mode: str,
+) -> None:
+    """Neighbouring tables: cleveland, and cleveland without its oldest patient (77, the
+    only one). The coordinator sends a model that overflows on that patient's row alone.
+    On the old code a NaN per-sample gradient made the clipped sum, hence every weight of
+    the reply, NaN, and the DP loss report NaN (sent as -1): the reply told the two
+    tables apart with certainty, whatever the noise. A row whose gradient norm is not
+    finite now contributes zero (a clipped contribution like any other), in every
+    clipping mode, and its loss counts as the bound."""
+    from fedsynth.common.encoding import TabularEncoder
+    from fedsynth.common.privacy import DPSettings, PrivacyLedger, train_round
+    from fedsynth.common.privacy.randomness import DPRandomness
+
+    study = StudyConfig(study_id="overflow", num_server_rounds=3, local_epochs=1,
+                        sample_rate=1.0, generator_params=TINY, seed=42, grid_share=0.0)
+    lines = Path(heart_files["cleveland"]).read_text().splitlines(keepends=True)
+    rows = read_table(heart_files["cleveland"], heart_schema)
+    oldest = int(np.argmax(rows["age"].to_numpy()))
+    assert int((rows["age"] == rows["age"].max()).sum()) == 1
+    tables = {"with": tmp_path / "with.data", "without": tmp_path / "without.data"}
+    tables["with"].write_text("".join(lines))
+    tables["without"].write_text("".join(lines[:oldest] + lines[oldest + 1:]))
+    probe = get_generator(study.generator)(heart_schema, seed=study.seed, **TINY)
+    encoded = probe.encoder.reencode(TabularEncoder(heart_schema).encode(rows),
+                                     TabularEncoder(heart_schema))
+    crafted, _ = _overflow_model(heart_schema, encoded, oldest, study)
+    fp = schema_fingerprint(heart_schema)
+    for name, path in tables.items():
+        site = SiteConfig("cleveland", str(path), str(heart_schema_path), epsilon=3.0)
+        if mode == "auto":  # the site's real round: book-keeping clipping, loss report
+            reply = train_site(site, study, fp, crafted, SiteState(), 1)
+            assert reply.status == TRAINED and reply.arrays is not None
+            weights, loss = reply.arrays, reply.metrics["loss"]
+            assert loss > 0, (name, loss)  # -1: the report was NaN
+        else:
+            model = get_generator(study.generator)(heart_schema, seed=study.seed, **TINY)
+            model.load_state_dict(crafted)
+            data = model.encoder.reencode(
+                TabularEncoder(heart_schema).encode(read_table(path, heart_schema)),
+                TabularEncoder(heart_schema))
+            train_round(model, data, epochs=1, sample_rate=1.0, dp=DPSettings(1.0, 1.0),
+                        ledger=PrivacyLedger(), randomness=DPRandomness.secret(), mode=mode)
+            weights = model.state_dict()
+        broken = [k for k, v in weights.items() if not np.all(np.isfinite(v))]
+        assert not broken, (name, mode, broken)
+
+
+def test_federated_validation_answers_no_study_the_site_took_no_part_in(
+    site: SiteConfig, heart_schema: Schema
+) -> None:
+    """Study ids are the coordinator's to pick, so "once per study" alone was no limit: on
+    the old code a coordinator named a fresh study for each question and got scores every
+    time, with no release charged (here: three fresh studies, three answers). A site
+    now scores only a study in which it made a DP release, charged to its ledger."""
+    from dataclasses import replace
+
+    opted = replace(site, validation_scores="quality")
+    answered = []
+    for i in range(3):
+        study = replace(PLAN, study_id=f"fresh-{i}")
+        reply = _send(opted, _evaluate_message(study, heart_schema, _initial(heart_schema),
+                                               300), "evaluate")
+        answered.append(dict(reply["site"])["status"])
+        assert not any(k.startswith(("tvd", "ks", "tstr")) for k in dict(reply["metrics"]))
+    assert answered == ["not-the-release"] * 3
+    assert load_site_state(opted, "fresh-0").ledger.epsilon(opted.delta) == 0.0
+
+
+def test_an_exception_on_the_sites_rows_reaches_the_coordinator_as_a_fixed_text(
+    site: SiteConfig, heart_schema: Schema, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Flower sends a handler's exception text to the coordinator as the error reply's
+    reason (``str(exc)``). An exception raised while the site works on its rows may
+    quote them; here one names the table's row count, as a shape error would. On the
+    old code that text reached the coordinator as it was; now the coordinator gets a
+    fixed text and the site's log keeps the detail."""
+    import fedsynth.client.site as site_module
+
+    def failing(model: Any, data: np.ndarray, **_: Any) -> Any:
+        raise ValueError(f"a batch does not fit: {len(data)} rows against 64")
+
+    monkeypatch.setattr(site_module, "train_round", failing)
+    rows = len(read_table(site.data_path, heart_schema))
+    with caplog.at_level("ERROR", logger="fedsynth.site"), pytest.raises(Exception) as failed:
+        _send(site, _train_message(PLAN, _initial(heart_schema), 1,
+                                   schema_fingerprint(heart_schema)), "train")
+    reason = str(type(failed.value)) + ":<'" + str(failed.value) + "'>"  # as Flower sends it
+    assert str(rows) not in reason and "rows against" not in reason, reason
+    assert "site's own log" in reason
+    assert f"{rows} rows against 64" in caplog.text  # the site keeps the detail
+    # an error of the coordinator's own settings still says what is wrong
+    bad = {**PLAN.to_flat(), "sample-rate": 2.0}
+    content = _train_message(PLAN, _initial(heart_schema), 1, schema_fingerprint(heart_schema))
+    content["config"] = ConfigRecord({**bad, "server-round": 1,
+                                      "schema-fingerprint": schema_fingerprint(heart_schema)})
+    with pytest.raises(ConfigError, match="sample-rate"):
+        _send(site, content, "train")
+
+
+def test_a_marginal_release_under_the_same_study_id_does_not_skip_the_count_check(
+    site: SiteConfig, heart_schema: Schema
+) -> None:
+    """A site that fixes its own noise multiplier (its policy) and a coordinator that
+    first asks a marginal 1-way release under study id S, then a training round under
+    the same S with a count noise of 0.01. The 1-way release set the site's noisy count
+    but made no histogram, and the round's budget check counted the count release only
+    when no noisy count was set: on the old code the site trained, released its
+    outcome histogram with std 0.01 (exact to the patient) and only then charged it,
+    far past its budget. The check now follows the release it guards."""
+    from dataclasses import replace
+
+    from fedsynth.common import protocol as P
+    from fedsynth.common.generators.marginal import MarginalGenerator
+
+    fixed = replace(site, noise_multiplier=10.0)
+    fp = schema_fingerprint(heart_schema)
+    small = {"bins": 6, "rounds": 2, "per_round": 2, "candidates": 10, "iters": 150}
+    measured = StudyConfig(study_id="shared-id", generator="marginal", generator_params=small)
+    model = MarginalGenerator(heart_schema, **small)
+    config = {**measured.to_flat(), "schema-fingerprint": fp,
+              P.PLAN: json.dumps(model.plan().to_dict()), P.OP: P.MEASURE_OP,
+              P.RELEASE_KIND: "one-way", P.STEP: 1,
+              P.CLIQUES: json.dumps([[a] for a in model.discretizer.names])}
+    one_way = _send(fixed, RecordDict({"config": ConfigRecord(config)}), P.MARGINAL_MESSAGE)
+    assert dict(one_way["site"])["status"] == TRAINED  # a measured release, charged
+
+    sharp = replace(PLAN, study_id="shared-id", count_noise=0.01, grid_share=0.0)
+    reply = _send(fixed, _train_message(sharp, _initial(heart_schema, sharp), 1, fp), "train")
+    status = dict(reply["site"])["status"]
+    spent = float(dict(reply["metrics"])["epsilon"])
+    assert spent <= fixed.epsilon * (1 + 1e-9), (status, spent)
+    assert status == BUDGET_EXHAUSTED and "arrays" not in reply
+
+
+def test_concurrent_requests_are_all_in_the_ledger(
+    site: SiteConfig, heart_schema: Schema
+) -> None:
+    """Flower's SuperExec starts a ClientApp process per message without waiting for the
+    last, so a coordinator can have two requests at a site at once (two studies, two
+    runs). Each read the ledger, checked its budget against it, released and wrote it
+    back: on the old code the second write dropped the first's releases, so the site had
+    released two studies, each calibrated to the whole budget, and its ledger showed
+    one. A site now answers one request at a time (a lock in its state-dir), so every
+    release it sends is in its ledger."""
+    import threading
+
+    fp = schema_fingerprint(heart_schema)
+    replies: dict[str, RecordDict] = {}
+
+    def ask(study_id: str) -> None:
+        study = StudyConfig(**{**PLAN.__dict__, "study_id": study_id, "grid_share": 0.0})
+        replies[study_id] = _send(site, _train_message(study, _initial(heart_schema), 1, fp),
+                                  "train")
+
+    threads = [threading.Thread(target=ask, args=(s,)) for s in ("first", "second")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    trained = [s for s, r in replies.items() if dict(r["site"])["status"] == TRAINED]
+    assert trained, {s: dict(r["site"])["status"] for s, r in replies.items()}
+    ledger = load_site_state(site, "first").ledger
+    count_releases = [r for r in ledger.history if r[1] == 1.0 and r[0] == PLAN.count_noise]
+    assert len(count_releases) == len(trained), (trained, ledger.history)
+    assert ledger.epsilon(site.delta) <= site.epsilon * (1 + 1e-9)
+
+
+def test_an_encryption_ready_site_scores_nothing_in_clear(
+    site: SiteConfig, heart_schema: Schema, tmp_path: Path
+) -> None:
+    """The site took part in encrypted study "attack" (its ledger says so), then the
+    coordinator asks for validation under the same study id with the study config saying
+    ``secure-aggregation = "none"``. On the old code the site took the study for one in
+    clear: it skipped its check that the model is the one it released, scored the
+    coordinator's model and sent its DP count in clear, which encryption had hidden.
+    Encryption is the site's decision: it refuses, as it refuses a round in clear."""
+    from dataclasses import replace
+
+    ready, _ = _encryption_ready(site, tmp_path / "keys")
+    ready = replace(ready, validation_scores="quality")
+    took_part = load_site_state(ready, PLAN.study_id)
+    took_part.rounds_trained, took_part.noisy_count = 1, 303.0
+    took_part.save(Path(ready.state_dir) / "site-ledger.json")
+    reply = _send(ready, _evaluate_message(PLAN, heart_schema, _initial(heart_schema), 300),
+                  "evaluate")
+    assert dict(reply["site"])["status"] == ENCRYPTION_REQUIRED
+    metrics = dict(reply["metrics"])
+    assert "n-rows-dp" not in metrics and not any(k.startswith(("ks", "tvd")) for k in metrics)
+
+
+def test_the_update_is_divided_by_the_dp_count_not_the_row_count(
+    site: SiteConfig, heart_schema: Schema, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DP-SGD divides the noisy sum by the expected batch, q x rows. With the exact row
+    count (the old code) the released weights were a function of a private statistic
+    the analysis does not cover; the site divides by its DP count, released before."""
+    from dataclasses import replace
+
+    from fedsynth.common.privacy import trainer
+
+    seen: list[float] = []
+    original = trainer._DPStep.__init__
+
+    def spy(self: Any, mode: str, module: Any, dp: Any, lr: float, expected_batch: float,
+            randomness: Any) -> None:
+        seen.append(expected_batch)
+        original(self, mode, module, dp, lr, expected_batch, randomness)
+
+    monkeypatch.setattr(trainer._DPStep, "__init__", spy)
+    seeded = replace(site, state_dir="", reproducible_noise_seed=3)  # a count != 303
+    state = SiteState()
+    reply = train_site(seeded, PLAN, schema_fingerprint(heart_schema), _initial(heart_schema),
+                       state, 1)
+    assert reply.status == TRAINED and state.noisy_count is not None
+    rows = len(read_table(site.data_path, heart_schema))
+    assert state.noisy_count != rows
+    assert seen == [PLAN.sample_rate * state.noisy_count]
+
+
+def test_the_coordinator_cannot_name_an_accountant_the_site_does_not_trust(
+    site: SiteConfig, heart_schema: Schema
+) -> None:
+    """The study config names the accountant the site composes its releases with, and
+    Opacus also has ``gdp``, a central-limit approximation that is no upper bound (on
+    (1.0, q 0.02, 5 steps) it says epsilon 0.19 where PRV says 0.66). On the old code the
+    study config was not checked: a grid request with ``accountant = "gdp"`` set it on
+    the site's ledger, which the site saved, and every later request failed on a ledger
+    it could no longer read. The site now refuses the config, with a clear error, and
+    its ledger is untouched."""
+    from fedsynth.common.protocol import GRID_MESSAGE
+
+    fp = schema_fingerprint(heart_schema)
+    gdp = {**PLAN.to_flat(), "accountant": "gdp", "schema-fingerprint": fp}
+    with pytest.raises(ConfigError, match="accountant"):
+        _send(site, RecordDict({"config": ConfigRecord(gdp)}), GRID_MESSAGE)
+    ledger = Path(site.state_dir) / "site-ledger.json"
+    assert not ledger.exists() or json.loads(ledger.read_text())["mechanism"] in ("rdp", "prv")
+    honest = _send(site, _train_message(PLAN, _initial(heart_schema), 1, fp), "train")
+    assert dict(honest["site"])["status"] == TRAINED

@@ -29,8 +29,8 @@ from typing import Any
 from opacus.accountants import create_accountant
 
 from ..errors import BudgetError
+from ..study import ACCOUNTANTS
 
-ACCOUNTANTS = ("rdp", "prv")
 Release = tuple[float, float, int]  # (noise multiplier, sample rate, count)
 
 

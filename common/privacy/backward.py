@@ -42,15 +42,24 @@ def hooks_backward(losses: torch.Tensor, wanted: list[torch.Tensor]) -> None:
 
 
 def ghost_backward(module: GradSampleModuleFastGradientClipping, optimizer: torch.optim.Optimizer,
-                   losses: torch.Tensor, wanted: list[torch.Tensor]) -> None:
+                   losses: torch.Tensor, wanted: list[torch.Tensor]) -> torch.Tensor | None:
     """Ghost clipping: Opacus' ``DPTensorFastGradientClipping.backward`` ("sum" losses)
-    with the first pass, which only feeds the hooks' norms, limited to ``wanted``."""
+    with the first pass, which only feeds the hooks' norms, limited to ``wanted``.
+
+    Returns the mask of samples whose gradient norm is not finite, without the second
+    pass, when there are any: their re-weighted loss would put NaN in every weight's
+    gradient (0 x inf), so the caller takes the step again without them
+    (``bookkeeping.finite_rows`` says why that is sound). None when the pass is done."""
     torch.autograd.backward(losses.sum(dim=0), inputs=wanted, retain_graph=True)
     optimizer.zero_grad()
     coeff = module.get_clipping_coef()
+    bad = ~torch.isfinite(module.per_sample_gradient_norms)
+    if bool(bad.any()):
+        return bad
     second = torch.sum(coeff.to(losses.device) * losses)
     module.disable_hooks()
     try:
         second.backward()
     finally:
         module.enable_hooks()
+    return None

@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from opacus import GradSampleModule
@@ -152,7 +153,12 @@ class BookKeeping:
             pending.append((layer, acts, backs))
         self._records.clear()
         norms = torch.stack(squared).sum(0).sqrt()
-        factor = (self.max_grad_norm / (norms + NORM_EPS)).clamp(max=1.0)
+        finite = torch.isfinite(norms)
+        factor = torch.where(finite, (self.max_grad_norm / (norms + NORM_EPS)).clamp(max=1.0),
+                             torch.zeros_like(norms))
+        if not bool(finite.all()):  # see ``finite_rows``
+            pending = [(layer, [finite_rows(a, finite) for a in acts],
+                        [finite_rows(g, finite) for g in backs]) for layer, acts, backs in pending]
         done: set[int] = set()
         for layer, acts, backs in pending:
             for p, g in _clipped_sums(layer, acts, backs, factor).items():
@@ -167,6 +173,26 @@ class BookKeeping:
             handle.remove()
         self._handles = []
         self._records.clear()
+
+
+def finite_rows(parts: torch.Tensor | list | tuple, keep: torch.Tensor) -> Any:
+    """``parts`` (a tensor, or a layer call's inputs) with the samples not in ``keep``
+    set to zero.
+
+    A sample whose gradient norm is not finite (an overflow, 0 x inf) would put NaN in
+    the clipped sum, and whether the reply's weights are NaN would then tell whether any
+    sampled row makes the coordinator's model overflow: one patient's presence, known
+    with certainty (a crafted model can overflow on "age above 75" alone). Such a sample
+    contributes zero instead, which is a clipped contribution like any other (norm 0 <=
+    C), decided from that sample alone, so the sensitivity argument holds unchanged.
+    Its inputs and output gradients are zeroed too: 0 x inf is NaN in the products.
+    """
+    if isinstance(parts, list | tuple):
+        return type(parts)(finite_rows(p, keep) for p in parts)
+    if not isinstance(parts, torch.Tensor) or parts.dim() == 0 or parts.shape[0] != keep.shape[0]:
+        return parts
+    mask = keep.reshape(-1, *([1] * (parts.dim() - 1)))
+    return torch.where(mask, parts, torch.zeros((), dtype=parts.dtype))
 
 
 def _versions(*tensors: torch.Tensor) -> list[int]:

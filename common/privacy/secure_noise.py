@@ -76,7 +76,23 @@ class _OneDrawNoise:
 
 
 class SecureNoiseDPOptimizer(_OneDrawNoise, DPOptimizer):
-    """Opacus' ``DPOptimizer`` (hooks mode) with the noise drawn by ``secure_gaussian``."""
+    """Opacus' ``DPOptimizer`` (hooks mode) with the noise drawn by ``secure_gaussian``,
+    and a sample whose gradient norm is not finite clipped to zero, not to NaN (Opacus'
+    clip factor of a NaN norm is NaN, which would make the whole update NaN: a bit that
+    tells whether any sampled row overflows the coordinator's model;
+    ``bookkeeping.finite_rows`` says why zero is sound)."""
+
+    def clip_and_accumulate(self) -> None:
+        samples = self.grad_samples
+        if samples and len(samples[0]):
+            norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in samples],
+                                dim=1).norm(2, dim=1)
+            bad = ~torch.isfinite(norms)
+            if bool(bad.any()):
+                for p in self.params:
+                    p.grad_sample = self._get_flat_grad_sample(p).masked_fill(
+                        bad.reshape(-1, *([1] * (p.dim()))), 0.0)
+        super().clip_and_accumulate()
 
 
 class SecureNoiseGhostOptimizer(_OneDrawNoise, DPOptimizerFastGradientClipping):

@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -185,15 +186,33 @@ class _DPStep:
         """Around the private forward pass: book-keeping keeps its layers' inputs."""
         return self.keeper.recording() if self.keeper is not None else nullcontext()
 
-    def backward(self, losses: torch.Tensor) -> bool:
-        """Clipped sum, then Opacus' noise and scaling; False if Opacus skips the step."""
+    def take(self, loss_of: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor
+             ) -> tuple[torch.Tensor, bool]:
+        """The step's per-sample losses, their clipped sum, then Opacus' noise and
+        scaling; the bool is False if Opacus skips the step.
+
+        A sample whose gradient norm is not finite contributes zero in every mode
+        (``bookkeeping.finite_rows``); ghost clipping cannot zero it in its second pass,
+        so there the step is taken again on the batch without those rows, and a sample
+        that is still not finite (a GAN's fake row, drawn without data) leaves a zero
+        clipped sum: the update is then the noise alone."""
+        with self.recording():
+            losses = loss_of(batch)
         if self.keeper is not None:
             self.keeper.clip_into_grad(losses)
         elif self.mode == "ghost":
-            ghost_backward(self.wrapped, self.optimizer, losses, self.wanted)  # type: ignore[arg-type]
+            wrapped = self.wrapped
+            bad = ghost_backward(wrapped, self.optimizer, losses, self.wanted)  # type: ignore[arg-type]
+            if bad is not None:
+                batch = batch[~bad[: batch.shape[0]]]
+                losses = loss_of(batch)
+                if ghost_backward(wrapped, self.optimizer, losses,  # type: ignore[arg-type]
+                                  self.wanted) is not None:
+                    for p in self.optimizer.params:
+                        p.grad = torch.zeros_like(p)
         else:
             hooks_backward(losses, self.wanted)
-        return bool(self.optimizer.pre_step())
+        return losses, bool(self.optimizer.pre_step())
 
     def remove_hooks(self) -> None:
         (self.keeper or self.wrapped).remove_hooks()  # type: ignore[union-attr]
@@ -211,6 +230,7 @@ def train_round(
     proximal_mu: float = 0.0,
     mode: str = "auto",
     federated: bool = False,
+    rows: float | None = None,
 ) -> RoundStats:
     """Train ``generator`` on encoded rows for ``epochs / sample_rate`` Poisson steps.
 
@@ -238,6 +258,13 @@ def train_round(
     ``mode`` is the clipping mode (one of ``MODES``); ``"auto"`` (the default) picks the
     fastest with :func:`pick_mode`. The mode changes the time a step
     takes, never the noise, the clipping or the ledger.
+
+    ``rows`` is the row count the noisy sum is divided by (``q * rows``, Opacus'
+    expected batch); default ``len(data)``. A site passes its DP count: the row count
+    is a private statistic, and dividing by the exact one would make the update a
+    function of it that the DP analysis does not cover (with Adam almost nothing shows,
+    through its epsilon only, but the released weights must be a function of DP
+    outputs alone).
     """
     if not 0 < sample_rate <= 1:
         raise ValueError("sample_rate must be in (0, 1]")
@@ -249,7 +276,7 @@ def train_round(
                          samples_per_step(generator, data.shape[1], batch_rows))
     torch.manual_seed(randomness.int_seed("model"))
     module = generator.private_module()
-    expected_batch = max(1.0, sample_rate * len(data))
+    expected_batch = max(1.0, sample_rate * (len(data) if rows is None else rows))
     loader = poisson_loader(data, sample_rate, randomness.torch("sampler"))
     spec = generator.training_spec()
     lr = spec.lr
@@ -292,9 +319,9 @@ def train_round(
                     add_proximal()
                     optimizer.step()
                 else:
-                    with step.recording():
-                        losses = generator.per_sample_loss(forward, batch)
-                    if step.backward(losses):
+                    losses, stepped = step.take(
+                        lambda rows: generator.per_sample_loss(forward, rows), batch)
+                    if stepped:
                         add_proximal()
                         optimizer.original_optimizer.step()  # type: ignore[attr-defined]
                 steps += 1
@@ -345,7 +372,10 @@ def dp_loss_report(
     module = generator.private_module()
     batch = next(iter(loader))[0]
     with torch.no_grad():
-        losses = generator.per_sample_loss(module, batch).clamp(0.0, bound) / bound
+        # a loss that is not finite counts as the bound: a NaN here would make the
+        # report NaN, a bit telling whether any sampled row overflows the model
+        losses = torch.nan_to_num(generator.per_sample_loss(module, batch), nan=bound,
+                                  posinf=bound, neginf=0.0).clamp(0.0, bound) / bound
     std = noise_multiplier * math.sqrt(2.0)
     noisy_sum = float(losses.sum()) + float(torch.normal(0.0, std, (1,), generator=gen))
     noisy_count = float(batch.shape[0]) + float(torch.normal(0.0, std, (1,), generator=gen))
