@@ -314,12 +314,27 @@ def _scores(
         if any(m.size != int(np.prod([request.sizes[a] for a in c]))
                for m, c in zip(model, request.cliques, strict=True)):
             raise ValueError("a model marginal does not fit its clique")
+        if any(not _is_distribution(m) for m in model):
+            raise ValueError("a model marginal is not a probability vector (finite, "
+                             "non-negative, summing to at most 1)")
     except (KeyError, ValueError) as exc:
         return _refuse(site, state, f"malformed score request: {exc}")
     if state.noisy_count is None:
         return _refuse(site, state, "scores need the site's noisy 1-way release first")
     return noisy_scores(request.cells, request.names, request.sizes, request.cliques, model,
                         state.noisy_count, sigma, rng)
+
+
+def _is_distribution(p: np.ndarray) -> bool:
+    """Whether ``p`` is what an honest coordinator sends: a normalised marginal.
+
+    The score's sensitivity 1 holds in exact arithmetic for any ``p``, not in floating
+    point: with ``total * p`` near 2**59 in one cell the subtraction rounds to a multiple
+    of 128, so one patient more or less in that cell moves the score by 128 (or 0), and
+    the noise (std a few counts) is rounded away with it: the coordinator read whether a
+    cell held 63 or 64 patients, with certainty. Within [0, 1] the values stay below the
+    site's count, where the rounding is below 1e-9 of a count."""
+    return bool(np.all(np.isfinite(p)) and np.all(p >= 0) and p.sum() <= 1.0 + 1e-6)
 
 
 def _wrap(site: SiteConfig, study: StudyConfig, metrics: dict[str, float],
