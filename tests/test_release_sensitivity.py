@@ -334,3 +334,110 @@ def test_the_same_statistic_asked_again_is_charged_again(tmp_path, heart):
               for s, c in released)
     independent, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=site.delta)
     assert state.ledger.epsilon(site.delta) == pytest.approx(independent, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "tvae"])
+def test_a_central_dp_fit_divides_by_its_dp_count_and_accounts_every_release(
+        heart, name, monkeypatch):
+    """DP-SGD divides its noisy sum by q x rows. A central fit divided by the exact
+    ``len(data)`` (the old code), so the published weights were a function of a private
+    statistic outside the DP analysis; it now releases the row count (one cell without a
+    statistics column, ddpm; the outcome's histogram with one, tvae) as a site does, and
+    divides by that. Its reported epsilon is an independent RDP accountant's over all of
+    its releases: the grid, the count, every DP-SGD step."""
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    from fedsynth.common.generators import base
+    from fedsynth.common.privacy import trainer
+    from fedsynth.common.privacy.randomness import DPRandomness
+    from fedsynth.common.quantile_grid import grid_noise_for
+
+    schema, frame = heart
+    seen: list[tuple[float, float]] = []
+    original = trainer._DPStep.__init__
+
+    def spy(self, mode, module, dp, lr, expected_batch, randomness):  # noqa: ANN001
+        seen.append((expected_batch, dp.noise_multiplier))
+        original(self, mode, module, dp, lr, expected_batch, randomness)
+
+    monkeypatch.setattr(trainer._DPStep, "__init__", spy)
+    counts: list[np.ndarray] = []
+    release = base.release_histogram
+
+    def spy_release(*args, **kw):  # noqa: ANN002, ANN003
+        counts.append(release(*args, **kw))
+        return counts[-1]
+
+    monkeypatch.setattr(base, "release_histogram", spy_release)
+    q, eps, delta, count_noise = 0.25, 3.0, 1e-5, 10.0
+    model = get_generator(name)(schema, seed=0)
+    model.fit(frame, epochs=1, sample_rate=q, epsilon=eps, delta=delta,
+              count_noise=count_noise, randomness=DPRandomness.reproducible(5, "test"))
+    (expected_batch, sigma), = seen
+    (histogram,) = counts
+    dp_count = max(1.0, float(round(histogram.sum())))
+    assert dp_count != len(frame)
+    assert expected_batch == pytest.approx(q * dp_count)
+    info = model.fit_info
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+    grid = grid_noise_for(eps, delta, base.DEFAULT_GRID_SHARE)
+    rdp = (compute_rdp(q=1.0, noise_multiplier=grid, steps=1, orders=orders)
+           + compute_rdp(q=1.0, noise_multiplier=count_noise, steps=1, orders=orders)
+           + compute_rdp(q=q, noise_multiplier=sigma, steps=info["steps"], orders=orders))
+    independent, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+    assert info["epsilon"] == pytest.approx(independent, abs=1e-6) and info["epsilon"] <= eps
+
+
+@pytest.mark.parametrize("name", ["tvae", "ddpm"])
+def test_the_deep_count_release_moves_by_at_most_one(heart, name):
+    """A site's one count release (``release_histogram``): the statistics column's
+    histogram (tvae: the outcome's) or the row count alone (ddpm); one patient is in one
+    cell (or none, a missing value): L2 move at most 1, charged ``(count-noise, 1, 1)``."""
+    from fedsynth.common.encoding import TabularEncoder
+    from fedsynth.common.generators.base import release_histogram
+
+    schema, frame = heart
+    model = get_generator(name)(schema, seed=0)
+    encoded = TabularEncoder(schema).encode(frame)
+    patients = _worst(frame, schema, np.zeros((len(frame), 1)))
+    move = _largest_move(lambda rows: release_histogram(model, rows, None, None), encoded,
+                         patients)
+    assert move == pytest.approx(1.0)
+
+
+def test_the_loss_report_moves_by_at_most_sqrt_2(heart, monkeypatch):
+    """The loss report sums ``(min(loss, B) / B, 1)`` over the sampled rows: one patient
+    moves the pair by at most sqrt(2), whatever its loss (huge, infinite, NaN, negative:
+    a crafted model's), so noise std ``sigma sqrt(2)`` is one ``(sigma, q)`` step."""
+    import torch
+
+    from fedsynth.common.encoding import TabularEncoder
+    from fedsynth.common.privacy import PrivacyLedger
+    from fedsynth.common.privacy.randomness import DPRandomness
+    from fedsynth.common.privacy.trainer import dp_loss_report
+
+    schema, frame = heart
+    model = get_generator("tvae")(schema, seed=0)
+    encoded = TabularEncoder(schema).encode(frame)
+    bound = model.loss_bound
+    marks = np.arange(len(encoded), dtype=float)
+    extreme = {0: 1e30, 1: float("nan"), 2: float("inf"), 3: -float("inf"), 4: -5.0}
+    losses = np.array([extreme.get(i, (i % 7) * 20.0) for i in range(len(encoded))])
+    data = np.column_stack([marks, encoded])
+
+    def loss(module, batch):  # noqa: ANN001 (each row's loss read from its mark)
+        return torch.as_tensor(losses[batch[:, 0].long().numpy()], dtype=torch.float32)
+
+    monkeypatch.setattr(model, "per_sample_loss", loss)
+
+    def report(rows: np.ndarray) -> np.ndarray:  # (S, N) at noise 0, every row sampled
+        ledger = PrivacyLedger("rdp")
+        value = dp_loss_report(model, rows, sample_rate=1.0, noise_multiplier=0.0,
+                               ledger=ledger, randomness=DPRandomness.reproducible(0, "t"))
+        return np.array([value * len(rows) / bound, len(rows)])
+
+    full = report(data)
+    moves = [float(np.linalg.norm(full - report(np.delete(data, i, axis=0))))
+             for i in [0, 1, 2, 3, 4, 5, 6, 100]]
+    assert max(moves) <= math.sqrt(2) + 1e-4
+    assert moves[0] == pytest.approx(math.sqrt(2), abs=1e-4)  # a huge loss counts as B
