@@ -441,3 +441,49 @@ def test_the_loss_report_moves_by_at_most_sqrt_2(heart, monkeypatch):
              for i in [0, 1, 2, 3, 4, 5, 6, 100]]
     assert max(moves) <= math.sqrt(2) + 1e-4
     assert moves[0] == pytest.approx(math.sqrt(2), abs=1e-4)  # a huge loss counts as B
+
+
+@pytest.mark.slow
+def test_a_federated_amlsg_study_reports_what_an_independent_accountant_says(tmp_path):
+    """A 3-centre AMLSG marginal study (fine, 1-way, code histogram, pairs, links,
+    rounds) through the real ServerApp and ClientApp: for each site, the releases it
+    made are read off the wire (each request's kind, cliques and plan, each reply's
+    noise), their units worked out here from the request alone (cliques; code_bound;
+    C(pair_bound, 2); link_bound), and Opacus' RDP accountant over that sequence gives
+    the epsilon the site's ledger reports, to 1e-6."""
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    from fedsynth.client.site import SiteState
+    from fedsynth.common.generators.marginal.plan import MarginalPlan
+    from tests.test_marginal_pairs import _amlsg_study
+
+    _, grid, sites = _amlsg_study(tmp_path, secure=False)
+    assert len(grid.sent) == len(grid.received)
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+    releases: dict[int, list[tuple[str, float, int]]] = {}
+    for sent, got in zip(grid.sent, grid.received, strict=True):
+        config = dict(sent.content[P.CONFIG])
+        if sent.metadata.message_type != P.MARGINAL_MESSAGE or config.get(P.OP) not in (
+                P.MEASURE_OP, P.SCORE_OP):
+            continue
+        _, reply = P.SiteReply.from_content(got.content)
+        if reply.status != P.Status.TRAINED:
+            continue
+        kind = config.get(P.RELEASE_KIND, MEASURE) if config[P.OP] == P.MEASURE_OP \
+            else "score"
+        plan = MarginalPlan.from_dict(json.loads(config[P.PLAN]))
+        cliques = json.loads(config[P.CLIQUES])
+        units = {CODES: plan.code_bound, PAIRS: math.comb(plan.pair_bound, 2),
+                 LINKS: plan.link_bound}.get(kind, len(cliques))
+        releases.setdefault(sent.metadata.dst_node_id, []).append(
+            (kind, reply.metrics[P.SIGMA_RELEASED], units))
+    assert len(releases) == len(sites)
+    for node, made in releases.items():
+        assert {CODES, PAIRS, LINKS, FINE, ONE_WAY} <= {k for k, _, _ in made}
+        rdp = sum(compute_rdp(q=1.0, noise_multiplier=s, steps=u, orders=orders)
+                  for _, s, u in made)
+        independent, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=1e-5)
+        ledger = SiteState.from_record(dict(grid._grid.contexts[node].state[
+            "fedsynth-site"])).ledger
+        assert ledger.epsilon(1e-5) == pytest.approx(independent, abs=1e-6)
+        assert independent <= 3.0 + 1e-9
