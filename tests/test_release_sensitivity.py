@@ -336,23 +336,26 @@ def test_the_same_statistic_asked_again_is_charged_again(tmp_path, heart):
     assert state.ledger.epsilon(site.delta) == pytest.approx(independent, abs=1e-6)
 
 
-@pytest.mark.parametrize("name", ["ddpm", "tvae"])
+@pytest.mark.parametrize("name,dataset", [("ddpm", "mimic3_demo"), ("tvae", "heart_disease")])
 def test_a_central_dp_fit_divides_by_its_dp_count_and_accounts_every_release(
-        heart, name, monkeypatch):
+        name, dataset, monkeypatch):
     """DP-SGD divides its noisy sum by q x rows. A central fit divided by the exact
     ``len(data)`` (the old code), so the published weights were a function of a private
     statistic outside the DP analysis; it now releases the row count (one cell without a
-    statistics column, ddpm; the outcome's histogram with one, tvae) as a site does, and
-    divides by that. Its reported epsilon is an independent RDP accountant's over all of
-    its releases: the grid, the count, every DP-SGD step."""
+    statistics column: ddpm on MIMIC, which has no outcome; the outcome's histogram with
+    one: tvae on heart) as a site does, and divides by that. Its reported epsilon is an
+    independent RDP accountant's over all of its releases: the grid, the count, every
+    DP-SGD step."""
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
     from fedsynth.common.generators import base
     from fedsynth.common.privacy import trainer
     from fedsynth.common.privacy.randomness import DPRandomness
     from fedsynth.common.quantile_grid import grid_noise_for
+    from fedsynth.simulations.datasets import load_site_frames
 
-    schema, frame = heart
+    schema, frames = load_site_frames(dataset)
+    frame = pd.concat(list(frames.values()), ignore_index=True)
     seen: list[tuple[float, float]] = []
     original = trainer._DPStep.__init__
 
@@ -375,6 +378,7 @@ def test_a_central_dp_fit_divides_by_its_dp_count_and_accounts_every_release(
               count_noise=count_noise, randomness=DPRandomness.reproducible(5, "test"))
     (expected_batch, sigma), = seen
     (histogram,) = counts
+    assert len(histogram) == (1 if model.statistics_column() is None else 5)
     dp_count = max(1.0, float(round(histogram.sum())))
     assert dp_count != len(frame)
     assert expected_batch == pytest.approx(q * dp_count)
@@ -388,15 +392,19 @@ def test_a_central_dp_fit_divides_by_its_dp_count_and_accounts_every_release(
     assert info["epsilon"] == pytest.approx(independent, abs=1e-6) and info["epsilon"] <= eps
 
 
-@pytest.mark.parametrize("name", ["tvae", "ddpm"])
-def test_the_deep_count_release_moves_by_at_most_one(heart, name):
+@pytest.mark.parametrize("name,dataset", [("tvae", "heart_disease"), ("ctgan", "mimic3_demo"),
+                                          ("ddpm", "mimic3_demo")])
+def test_the_deep_count_release_moves_by_at_most_one(name, dataset):
     """A site's one count release (``release_histogram``): the statistics column's
-    histogram (tvae: the outcome's) or the row count alone (ddpm); one patient is in one
-    cell (or none, a missing value): L2 move at most 1, charged ``(count-noise, 1, 1)``."""
+    histogram (tvae on heart: the outcome's; ctgan on MIMIC: gender's) or the row count
+    alone (ddpm on MIMIC, no outcome); one patient is in one cell (or none, a missing
+    value): L2 move at most 1, charged ``(count-noise, 1, 1)``."""
     from fedsynth.common.encoding import TabularEncoder
     from fedsynth.common.generators.base import release_histogram
+    from fedsynth.simulations.datasets import load_site_frames
 
-    schema, frame = heart
+    schema, frames = load_site_frames(dataset)
+    frame = pd.concat(list(frames.values()), ignore_index=True)
     model = get_generator(name)(schema, seed=0)
     encoded = TabularEncoder(schema).encode(frame)
     patients = _worst(frame, schema, np.zeros((len(frame), 1)))
