@@ -111,6 +111,15 @@ class MeasureReply:
 
 _CELLS: dict[tuple[Any, ...], np.ndarray] = {}
 
+# The largest noisy count a site scores against (public, no table is near it). The score
+# ``||M - total p||_1`` is computed in floating point: at ``total p`` near 2**59 the
+# subtraction rounds to multiples of 128, so one patient moved a score by 128 with the
+# noise rounded away. ``p`` must be a probability vector (``_is_distribution``), but the
+# plan, hence the 1-way noise that ``total`` carries, is the coordinator's: a 1-way share
+# of 1e-40 made the noisy count ~1e20 for next to no epsilon. Below 2**24 every value of
+# a score stays below 2**25, where the rounding is under 1e-8 of a count per cell.
+SCORE_TOTAL_CEILING = 2**24
+
 
 def _cached(site: SiteConfig, schema: Schema, discretizer: Discretizer, what: str,
             table: Callable[[pd.DataFrame], np.ndarray], *key: Any) -> np.ndarray:
@@ -321,6 +330,9 @@ def _scores(
         return _refuse(site, state, f"malformed score request: {exc}")
     if state.noisy_count is None:
         return _refuse(site, state, "scores need the site's noisy 1-way release first")
+    if state.noisy_count > SCORE_TOTAL_CEILING:
+        return _refuse(site, state, f"the site's noisy count is above {SCORE_TOTAL_CEILING}: "
+                       "a 1-way release at that noise leaves no count to score against")
     return noisy_scores(request.cells, request.names, request.sizes, request.cliques, model,
                         state.noisy_count, sigma, rng)
 

@@ -495,3 +495,55 @@ def test_a_federated_amlsg_study_reports_what_an_independent_accountant_says(tmp
             "fedsynth-site"])).ledger
         assert ledger.epsilon(1e-5) == pytest.approx(independent, abs=1e-6)
         assert independent <= 3.0 + 1e-9
+
+
+def test_an_inflated_noisy_count_cannot_round_a_score_past_its_sensitivity(tmp_path, heart):
+    """The score's ``total`` is the site's noisy count from its own 1-way release, and
+    the plan (hence that release's noise) is the coordinator's: with a one_way_share of
+    1e-40 the 1-way noise std is ~1e20, charged next to nothing, and the noisy count
+    (which the coordinator computes from the release) lands past 2**59 half the time.
+    A probability vector ``p`` then puts ``total * p`` on the 2**59 rounding boundary
+    again. The site now refuses to score against a noisy count past a public ceiling
+    (``client.measure.SCORE_TOTAL_CEILING``), uncharged."""
+    from fedsynth.client.measure import answer
+    from fedsynth.client.site import SiteState
+
+    schema, frame = heart
+    params = {**SMALL, "outcome_plan_noise": 0}
+    honest = get_generator("marginal")(schema, **params).plan()
+    plan = dataclasses.replace(honest, one_way_share=1e-40)
+    study = StudyConfig(generator="marginal", generator_params=params)
+    disc = study_discretizer(schema, params)
+    attr, col = "sex", disc.names.index("sex")
+    cells = disc.encode(frame)
+    target = int(np.bincount(cells[:, col]).argmax())
+    base = {**study.to_flat(), P.SCHEMA_FINGERPRINT: schema_fingerprint(schema),
+            P.PLAN: json.dumps(plan.to_dict()), P.STEP: 2}
+    one_way = {**base, P.OP: P.MEASURE_OP, P.RELEASE_KIND: ONE_WAY,
+               P.CLIQUES: json.dumps([[a] for a in disc.names])}
+    score = {**base, P.OP: P.SCORE_OP, P.CLIQUES: json.dumps([[attr]])}
+    out = []
+    for n in (63, 64):
+        keep = np.flatnonzero(cells[:, col] != target).tolist() + \
+            np.flatnonzero(cells[:, col] == target)[:n].tolist()
+        (tmp_path / str(n)).mkdir()
+        site = _site(tmp_path / str(n), frame.iloc[sorted(keep)], "heart_disease")
+        state = SiteState()
+        total = 0.0
+        while total < 2.0 ** 59 + 128:  # asked again until the count is large enough
+            reply = answer(site, study, one_way, {}, {}, state)
+            assert reply.reply.status == P.Status.TRAINED
+            parts = np.split(reply.values, np.cumsum(list(disc.shape.values()))[:-1])
+            total = max(1.0, float(np.mean([p.sum() for p in parts])))  # as the site does
+        assert total == state.noisy_count
+        p = np.zeros(disc.shape[attr])
+        p[target] = (2.0 ** 59 + 128) / total  # a probability vector (sums below 1)
+        before = len(state.ledger.history)
+        reply = answer(site, study, score, {"p.0": p}, {}, state)
+        if reply.values is not None:
+            out.append(float(reply.values[0]))
+        else:
+            assert reply.reply.status == P.Status.REFUSED
+            assert "noisy count" in reply.reply.problems[0]
+            assert len(state.ledger.history) == before
+    assert not out, f"scores of the neighbours: {out}, {out[0] - out[-1]} apart"
