@@ -111,6 +111,15 @@ class MeasureReply:
 
 _CELLS: dict[tuple[Any, ...], np.ndarray] = {}
 
+# The largest noisy count a site scores against (public, no table is near it). The score
+# ``||M - total p||_1`` is computed in floating point: at ``total p`` near 2**59 the
+# subtraction rounds to multiples of 128, so one patient moved a score by 128 with the
+# noise rounded away. ``p`` must be a probability vector (``_is_distribution``), but the
+# plan, hence the 1-way noise that ``total`` carries, is the coordinator's: a 1-way share
+# of 1e-40 made the noisy count ~1e20 for next to no epsilon. Below 2**24 every value of
+# a score stays below 2**25, where the rounding is under 1e-8 of a count per cell.
+SCORE_TOTAL_CEILING = 2**24
+
 
 def _cached(site: SiteConfig, schema: Schema, discretizer: Discretizer, what: str,
             table: Callable[[pd.DataFrame], np.ndarray], *key: Any) -> np.ndarray:
@@ -314,12 +323,30 @@ def _scores(
         if any(m.size != int(np.prod([request.sizes[a] for a in c]))
                for m, c in zip(model, request.cliques, strict=True)):
             raise ValueError("a model marginal does not fit its clique")
+        if any(not _is_distribution(m) for m in model):
+            raise ValueError("a model marginal is not a probability vector (finite, "
+                             "non-negative, summing to at most 1)")
     except (KeyError, ValueError) as exc:
         return _refuse(site, state, f"malformed score request: {exc}")
     if state.noisy_count is None:
         return _refuse(site, state, "scores need the site's noisy 1-way release first")
+    if state.noisy_count > SCORE_TOTAL_CEILING:
+        return _refuse(site, state, f"the site's noisy count is above {SCORE_TOTAL_CEILING}: "
+                       "a 1-way release at that noise leaves no count to score against")
     return noisy_scores(request.cells, request.names, request.sizes, request.cliques, model,
                         state.noisy_count, sigma, rng)
+
+
+def _is_distribution(p: np.ndarray) -> bool:
+    """Whether ``p`` is what an honest coordinator sends: a normalised marginal.
+
+    The score's sensitivity 1 holds in exact arithmetic for any ``p``, not in floating
+    point: with ``total * p`` near 2**59 in one cell the subtraction rounds to a multiple
+    of 128, so one patient more or less in that cell moves the score by 128 (or 0), and
+    the noise (std a few counts) is rounded away with it: the coordinator read whether a
+    cell held 63 or 64 patients, with certainty. Within [0, 1] the values stay below the
+    site's count, where the rounding is below 1e-9 of a count."""
+    return bool(np.all(np.isfinite(p)) and np.all(p >= 0) and p.sum() <= 1.0 + 1e-6)
 
 
 def _wrap(site: SiteConfig, study: StudyConfig, metrics: dict[str, float],

@@ -230,7 +230,11 @@ class Generator(ABC):
         and federated figures are comparable: a model with a statistics column gets its
         histogram released as a site releases it (Gaussian noise of std ``count_noise``
         per cell under DP, exact without), and the training noise is calibrated so that
-        histogram and training together stay within ``epsilon`` in one ledger.
+        histogram and training together stay within ``epsilon`` in one ledger. Under DP
+        the count release is made for every model (one cell, the row count, without a
+        statistics column) and DP-SGD divides its noisy sum by ``sample_rate`` times
+        that DP count, as a site does: divided by the exact row count, the published
+        weights were a function of a private statistic outside the DP analysis.
 
         Before training, the numeric columns' quantile grid is estimated as a study's
         sites estimate it (``quantile_grid``, the same two functions on the pooled rows:
@@ -251,7 +255,7 @@ class Generator(ABC):
         ledger = None
         if epsilon is not None:
             plan = PrivacyPlan(sample_rate=sample_rate, local_epochs=epochs, rounds=1,
-                               loss_report=False, count_noise=count_noise if released else None,
+                               loss_report=False, count_noise=count_noise,
                                accountant=accountant, grid_noise=grid_noise)
             plan.check(epsilon, delta, who="this fit")
             sigma = plan.noise_for(epsilon, delta)
@@ -259,13 +263,15 @@ class Generator(ABC):
             ledger = PrivacyLedger(accountant)
         if grid_share:
             encoded = self._fit_grid(bounds, encoded, grid_noise, rand, ledger)
-        if released:
+        rows = None  # DP-SGD divides by q x rows: under DP, the DP count (as a site)
+        if released or dp is not None:
             noise = count_noise if epsilon is not None else None
-            self.set_statistics(
-                release_histogram(self, encoded, noise, rand.numpy("count-release"))
-            )
+            histogram = release_histogram(self, encoded, noise, rand.numpy("count-release"))
+            if released:
+                self.set_statistics(histogram)
             if ledger is not None:
                 ledger.record(count_noise, 1.0, 1)
+                rows = max(1.0, float(round(histogram.sum())))
         stats = train_round(
             self,
             encoded,
@@ -274,6 +280,7 @@ class Generator(ABC):
             dp=dp,
             ledger=ledger,
             randomness=rand,
+            rows=rows,
         )
         self.fit_info = {
             "reproducible-noise": rand.is_reproducible,

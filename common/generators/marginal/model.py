@@ -824,10 +824,12 @@ class LocalMeasurer:
     def score(self, cliques: Sequence[Clique], model_marginals: dict[str, list[np.ndarray]]
               ) -> tuple[np.ndarray, float]:
         sigma = self.noise.score
+        if self.total is None:  # never the exact row count: a private statistic
+            raise ValueError("scores need the noisy 1-way release first (their total)")
         if self.ledger is not None:
             self.ledger.record(sigma, 1.0, len(cliques))
         scores = noisy_scores(self.cells, self.names, self.sizes, cliques,
-                              model_marginals[""], float(self.total or len(self.cells)),
+                              model_marginals[""], float(self.total),
                               sigma, self.randomness.numpy("measurement"))
         return scores, sigma
 
