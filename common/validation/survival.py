@@ -48,8 +48,9 @@ AREA = "survival"
 COX_PENALIZER = 0.01
 #: Penalties the C-index's Cox model chooses from (``choose_penalizer``), and the folds.
 #: TCGA-BRCA, tvae federated at epsilon 3 (issue 14, seventh pass): cross-validation on
-#: the synthetic rows picked 0.1 in most seeds, on the real training rows 0.01 in most;
-#: holdout C-index medians over 9 seeds 0.627 -> 0.663 (synthetic), 0.748 -> 0.745 (real).
+#: the synthetic rows picked 0.1 in most seeds, on the real training rows 0.01 or 0.1;
+#: 3-seed medians of 16 runs 0.642 -> 0.659 (synthetic), real rows over seeds 0-11
+#: 0.763 -> 0.760 (benchmarks/deep-spread/results.md, "Seventh pass").
 COX_PENALIZERS = (0.01, 0.1, 1.0)
 CV_FOLDS = 5
 #: C-index on the holdout may fall this far below the real model's and still pass.
