@@ -4,7 +4,7 @@ validation suite). For trying a change before a full `fedsynth benchmark`.
 
 Usage: python probe.py --dataset tcga_brca --setting tvae/federated/eps3 --seeds 0,1,2 \
           --params '{"condition": "E"}' [--areas survival,fidelity,detection] \
-          [--reproducible] [--keep DIR]
+          [--reproducible] [--keep DIR] [--grid-share 0.2]
 
 ``--reproducible``: the sites' noise and draws from the seed (``fedsynth benchmark
 --reproducible-noise``; not a DP release), so two versions of the code compare seed for
@@ -36,7 +36,15 @@ p.add_argument("--params", default="{}")
 p.add_argument("--areas", default="")
 p.add_argument("--reproducible", action="store_true")
 p.add_argument("--keep", default="")
+p.add_argument("--grid-share", type=float, default=None,
+               help="the study's grid-share instead of the default (probing only)")
 a = p.parse_args()
+if a.grid_share is not None:
+    from dataclasses import replace as _replace
+
+    import fedsynth.simulations.benchmark as _bench
+    _plain_study = _bench._study
+    _bench._study = lambda *x, **k: _replace(_plain_study(*x, **k), grid_share=a.grid_share)
 gen = a.setting.split("/")[0]
 opts = BenchmarkOptions(dataset=a.dataset, only=(a.setting,),
                         generator_params={gen: json.loads(a.params)},
