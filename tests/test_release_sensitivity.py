@@ -211,6 +211,16 @@ def test_scores_move_by_at_most_one_each(amlsg):
     assert worst <= 1.0 + 1e-9  # measured: 1.0 (AMLSG, 15 candidates)
 
 
+def _one_way_then_score(study, schema, plan, disc, attr: str) -> tuple[dict, dict]:
+    """A study's 1-way release request over every attribute, then a score request of
+    ``attr`` alone (the two steps the rounding attacks use)."""
+    base = {**study.to_flat(), P.SCHEMA_FINGERPRINT: schema_fingerprint(schema),
+            P.PLAN: json.dumps(plan.to_dict()), P.STEP: 2}
+    one_way = {**base, P.OP: P.MEASURE_OP, P.RELEASE_KIND: ONE_WAY,
+               P.CLIQUES: json.dumps([[a] for a in disc.names])}
+    return one_way, {**base, P.OP: P.SCORE_OP, P.CLIQUES: json.dumps([[attr]])}
+
+
 def test_a_crafted_model_marginal_cannot_round_a_score_past_its_sensitivity(tmp_path, heart):
     """In floating point the score's sensitivity 1 holds only for moderate values: with
     ``total * p`` near 2**59 in one cell, ``|count - total p|`` rounds to a multiple of
@@ -238,11 +248,7 @@ def test_a_crafted_model_marginal_cannot_round_a_score_past_its_sensitivity(tmp_
             np.flatnonzero(cells[:, col] == target)[:n_in_cell].tolist()
         return _site(tmp_path / str(n_in_cell), frame.iloc[sorted(keep)], "heart_disease")
 
-    base = {**study.to_flat(), P.SCHEMA_FINGERPRINT: schema_fingerprint(schema),
-            P.PLAN: json.dumps(plan.to_dict()), P.STEP: 2}
-    one_way = {**base, P.OP: P.MEASURE_OP, P.RELEASE_KIND: ONE_WAY,
-               P.CLIQUES: json.dumps([[a] for a in disc.names])}
-    score = {**base, P.OP: P.SCORE_OP, P.CLIQUES: json.dumps([[attr]])}
+    one_way, score = _one_way_then_score(study, schema, plan, disc, attr)
     out = []
     for n in (63, 64):
         (tmp_path / str(n)).mkdir()
@@ -518,11 +524,7 @@ def test_an_inflated_noisy_count_cannot_round_a_score_past_its_sensitivity(tmp_p
     attr, col = "sex", disc.names.index("sex")
     cells = disc.encode(frame)
     target = int(np.bincount(cells[:, col]).argmax())
-    base = {**study.to_flat(), P.SCHEMA_FINGERPRINT: schema_fingerprint(schema),
-            P.PLAN: json.dumps(plan.to_dict()), P.STEP: 2}
-    one_way = {**base, P.OP: P.MEASURE_OP, P.RELEASE_KIND: ONE_WAY,
-               P.CLIQUES: json.dumps([[a] for a in disc.names])}
-    score = {**base, P.OP: P.SCORE_OP, P.CLIQUES: json.dumps([[attr]])}
+    one_way, score = _one_way_then_score(study, schema, plan, disc, attr)
     out = []
     for n in (63, 64):
         keep = np.flatnonzero(cells[:, col] != target).tolist() + \
