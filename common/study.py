@@ -47,6 +47,17 @@ NONLINEAR_STRATEGIES: dict[str, str] = {
 }
 
 
+#: The clipping bounds a study may name (``max-grad-norm``). DP-SGD's analysis holds
+#: for any bound C in exact arithmetic, but a site clips in float32: at C = 1e-44
+#: (seven of float32's smallest subnormals) a clip factor ``C / norm`` and the clipped
+#: gradient round to multiples of 1.4e-45, and one heart-disease row's clipped gradient
+#: had norm 2.09 C while the ledger charged C (epsilon 4.1 spent for 1.8 charged in one
+#: round; tests/test_coordinator_attacks_3.py). Within this range the clip factor stays a
+#: normal float32 for every finite gradient norm (a squared norm past 3.4e38 is already
+#: inf, and such a row contributes zero), so the clipped norm is C up to float32's
+#: relative rounding. An honest study uses 0.1-10; the coordinator picks the value.
+MAX_GRAD_NORM_RANGE = (1e-6, 1e6)
+
 #: A site's default privacy budget (per table, for life) and delta: the one place they
 #: are written; every command, config and API reads them from here.
 DEFAULT_EPSILON = 3.0
@@ -139,8 +150,10 @@ class StudyConfig:
             problems.append("server-momentum must be in [0, 1)")
         if self.proximal_mu < 0:
             problems.append("proximal-mu must be >= 0")
-        if self.max_grad_norm <= 0:
-            problems.append("max-grad-norm must be > 0")
+        low, high = MAX_GRAD_NORM_RANGE
+        if not low <= self.max_grad_norm <= high:  # NaN fails too
+            problems.append(f"max-grad-norm must be in [{low:g}, {high:g}] (the clipping "
+                            "bound; below it float32 rounding breaks the clip)")
         if not 0 <= self.grid_share < 1:
             problems.append("grid-share must be in [0, 1) (0: no quantile-grid release)")
         if self.accountant not in ACCOUNTANTS:

@@ -1,0 +1,116 @@
+"""The third audit: a coordinator that sets every number it sends to an extreme.
+
+The coordinator writes the study config, the plan and every request, so each numeric
+key can be 0, negative, NaN, inf, 1e300 or a float32 subnormal. A site must refuse such a
+value with a clear error before anything is drawn or charged, or release only what its
+ledger pays for. Each test plays the coordinator through the site's real ClientApp on
+real heart-disease rows; the first one failed on the code before this audit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, RecordDict
+
+from fedsynth.client.site import TRAINED, load_encoded, load_site_state
+from fedsynth.common.encoding import TabularEncoder
+from fedsynth.common.generators import get_generator
+from fedsynth.common.privacy.bookkeeping import BookKeeping
+from fedsynth.common.schema import Schema
+from fedsynth.common.study import (
+    MAX_GRAD_NORM_RANGE,
+    ConfigError,
+    SiteConfig,
+    StudyConfig,
+    schema_fingerprint,
+)
+from tests.flower_support import task_identity
+from tests.test_coordinator_attacks import PLAN, TINY, _initial, _send, _train_message
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> Iterator[None]:
+    with task_identity():
+        yield
+
+
+@pytest.fixture()
+def site(tmp_path: Path, heart_files: dict[str, Path], heart_schema_path: Path) -> SiteConfig:
+    return SiteConfig("cleveland", str(heart_files["cleveland"]), str(heart_schema_path),
+                      epsilon=3.0, state_dir=str(tmp_path / "state"))
+
+
+def _with(study: StudyConfig, **raw: Any) -> dict[str, Any]:
+    """The study's flat config with keys set to values ``StudyConfig`` may refuse: the
+    coordinator writes the ConfigRecord itself, nothing on its side checks it."""
+    return {**study.to_flat(), **raw}
+
+
+def _raw_train_message(flat: dict[str, Any], schema: Schema) -> RecordDict:
+    fp = schema_fingerprint(schema)
+    content = _train_message(PLAN, _initial(schema), 1, fp)
+    content["config"] = ConfigRecord({**flat, "server-round": 1, "schema-fingerprint": fp})
+    return content
+
+
+def _worst_clipped_norm(site: SiteConfig, schema: Schema, bound: float, rows: int = 60
+                        ) -> float:
+    """The largest norm, over the site's first ``rows`` patients, of one patient's
+    gradient after the site's own clipping (book-keeping, the default mode) at ``bound``:
+    the most one patient moves the clipped sum that DP-SGD's noise covers for ``bound``."""
+    model = get_generator(PLAN.generator)(schema, seed=PLAN.seed, **TINY)
+    data = model.encoder.reencode(load_encoded(site, schema), TabularEncoder(schema))
+    module = model.private_module()
+    worst = 0.0
+    for j in range(rows):
+        keeper = BookKeeping(module, bound)
+        with keeper.recording():
+            losses = model.per_sample_loss(module, torch.as_tensor(data[j:j + 1]))
+        keeper.clip_into_grad(losses)
+        grad = torch.cat([p.grad.reshape(-1).double() for p in keeper.params])
+        keeper.remove_hooks()
+        worst = max(worst, float(grad.norm()))
+    return worst
+
+
+@pytest.mark.parametrize("bound", [1e-44, math.inf, math.nan])
+def test_a_clipping_bound_float32_cannot_hold_is_refused_uncharged(
+    site: SiteConfig, heart_schema: Schema, bound: float
+) -> None:
+    """DP-SGD's noise covers one patient's clipped gradient of norm C. A site clips in
+    float32, where C = 1e-44 is seven subnormal steps of 1.4e-45: the clip factor and
+    the clipped gradient round to those steps, and one cleveland patient's clipped
+    gradient has norm 2.09 C. On the old code the site trained at that bound and charged
+    its round as if the move were C (epsilon 1.8 charged, 4.1 spent at the same noise);
+    inf and NaN were taken as well (weights of inf or NaN, or a torch error, each after
+    the count release was drawn). The site now refuses a bound outside
+    ``MAX_GRAD_NORM_RANGE`` before it reads a row, and charges nothing."""
+    if bound == 1e-44:  # the attack itself: what float32 does to the site's clipping
+        c32 = float(torch.tensor(bound, dtype=torch.float32))
+        assert _worst_clipped_norm(site, heart_schema, bound) > 1.5 * c32
+    with pytest.raises(ConfigError, match="max-grad-norm"):
+        _send(site, _raw_train_message(_with(PLAN, **{"max-grad-norm": bound}), heart_schema),
+              "train")
+    assert load_site_state(site, PLAN.study_id).ledger.history == []
+
+
+def test_within_the_range_the_clip_holds_and_an_honest_study_trains(
+    site: SiteConfig, heart_schema: Schema
+) -> None:
+    """At the range's floor the clip holds on the site's rows up to float32's relative
+    rounding, and a study at the default bound trains as before."""
+    low, high = MAX_GRAD_NORM_RANGE
+    for bound in (low, 1.0):
+        assert _worst_clipped_norm(site, heart_schema, bound) <= bound * (1 + 1e-5)
+    assert StudyConfig(max_grad_norm=high).max_grad_norm == high
+    reply = _send(site, _train_message(PLAN, _initial(heart_schema), 1,
+                                       schema_fingerprint(heart_schema)), "train")
+    assert dict(reply["site"])["status"] == TRAINED
+    assert np.isfinite(float(dict(reply["metrics"])["epsilon"]))
