@@ -148,8 +148,8 @@ class StudyConfig:
             problems.append("server-lr must be a positive number")
         if not 0 <= self.server_momentum < 1:
             problems.append("server-momentum must be in [0, 1)")
-        if self.proximal_mu < 0:
-            problems.append("proximal-mu must be >= 0")
+        if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
+            problems.append("proximal-mu must be a number >= 0")
         low, high = MAX_GRAD_NORM_RANGE
         if not low <= self.max_grad_norm <= high:  # NaN fails too
             problems.append(f"max-grad-norm must be in [{low:g}, {high:g}] (the clipping "
@@ -158,8 +158,11 @@ class StudyConfig:
             problems.append("grid-share must be in [0, 1) (0: no quantile-grid release)")
         if self.accountant not in ACCOUNTANTS:
             problems.append(f"accountant must be one of {', '.join(ACCOUNTANTS)}")
-        if self.count_noise <= 0:
-            problems.append("count-noise must be > 0 (the row count is released with DP)")
+        # NaN or inf made the site draw the count release and fail on it, and a sigma
+        # past 1e154 or below 1e-154 makes Opacus' RDP terms overflow or divide by zero
+        if not 1e-6 <= self.count_noise <= 1e6:
+            problems.append("count-noise must be in [1e-6, 1e6] (the std of the DP row "
+                            "count release)")
         if problems:
             raise ConfigError("invalid study config: " + "; ".join(problems))
 

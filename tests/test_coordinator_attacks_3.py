@@ -9,6 +9,7 @@ real heart-disease rows; the first one failed on the code before this audit.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,3 +115,52 @@ def test_within_the_range_the_clip_holds_and_an_honest_study_trains(
                                        schema_fingerprint(heart_schema)), "train")
     assert dict(reply["site"])["status"] == TRAINED
     assert np.isfinite(float(dict(reply["metrics"])["epsilon"]))
+
+
+#: (config key, value the coordinator sends, what the site must do): "refused" is a
+#: ConfigError naming the key before any row is read; "answered" a reply whose ledger
+#: stays within the budget (a release the ledger pays for, or a budget refusal).
+TRAIN_EXTREMES: list[tuple[str, Any, str]] = [
+    *[("max-grad-norm", v, "refused") for v in (0.0, -1.0, 1e-300, 1e300)],
+    *[("count-noise", v, "refused")
+      for v in (0.0, -1.0, 1e-300, 1e300, math.nan, math.inf)],
+    ("count-noise", 1e-3, "answered"),  # what it would cost is past the budget
+    *[("sample-rate", v, "refused") for v in (0.0, -0.5, 2.0, math.nan, math.inf)],
+    *[("local-epochs", v, "refused") for v in (0, -3)],
+    *[("grid-share", v, "refused") for v in (-0.5, 1.0, math.nan, math.inf)],
+    *[("proximal-mu", v, "refused") for v in (-1.0, math.nan, math.inf)],
+    *[("num-server-rounds", v, "refused") for v in (0, -1)],
+    ("num-server-rounds", 10**9, "answered"),  # calibrated for 1e9 rounds: huge noise
+    *[("count-bound", v, "refused") for v in (0.0, math.nan, math.inf)],
+    *[("server-round", v, "answered") for v in (-5, 10**12)],
+    ("accountant", "gdp", "refused"),
+    *[("generator-params", json.dumps({**TINY, "loss_bound": v}), "answered")
+      for v in (1e-44, 1e38)],
+]
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), TRAIN_EXTREMES)
+def test_every_number_of_a_training_round_at_an_extreme(
+    site: SiteConfig, heart_schema: Schema, key: str, value: Any, expected: str
+) -> None:
+    """The coordinator sets one key of a training round to an extreme (the rest as an
+    honest study, fedprox so that ``proximal-mu`` matters). The site refuses it with an
+    error naming the key, before anything is drawn or charged, or answers within its
+    budget with a release its ledger pays for (finite weights, the ledger's epsilon in
+    the reply)."""
+    flat = _with(PLAN, strategy="fedprox", **{"grid-share": 0.0})
+    content = _raw_train_message({**flat, key: value}, heart_schema)
+    if key == "server-round":
+        content["config"] = ConfigRecord({**dict(content["config"]), key: value})
+    if expected == "refused":
+        with pytest.raises(ConfigError, match=key):
+            _send(site, content, "train")
+        assert load_site_state(site, PLAN.study_id).ledger.history == []
+        return
+    reply = _send(site, content, "train")
+    spent = load_site_state(site, PLAN.study_id).ledger.epsilon(site.delta)
+    assert spent <= site.epsilon * (1 + 1e-9)
+    assert float(dict(reply["metrics"])["epsilon"]) == pytest.approx(spent)
+    if dict(reply["site"])["status"] == TRAINED:
+        assert spent > 0 and "arrays" in reply
+        assert all(np.all(np.isfinite(a.numpy())) for a in reply["arrays"].values())
