@@ -52,10 +52,11 @@ NONLINEAR_STRATEGIES: dict[str, str] = {
 #: (seven of float32's smallest subnormals) a clip factor ``C / norm`` and the clipped
 #: gradient round to multiples of 1.4e-45, and one heart-disease row's clipped gradient
 #: had norm 2.09 C while the ledger charged C (epsilon 4.1 spent for 1.8 charged in one
-#: round; tests/test_coordinator_attacks_3.py). Within this range the clip factor stays a
-#: normal float32 for every finite gradient norm (a squared norm past 3.4e38 is already
-#: inf, and such a row contributes zero), so the clipped norm is C up to float32's
-#: relative rounding. An honest study uses 0.1-10; the coordinator picks the value.
+#: round; tests/test_coordinator_attacks_3.py). Clipping in float64 (privacy/bookkeeping.py)
+#: leaves one rounding, of the clipped sum to float32, which still made it 1.13 C there.
+#: Within this range that rounding is float32's relative 6e-8 (its subnormal steps are
+#: 1e-39 of C), so the clipped norm is C on cleveland's rows to 1e-5. An honest study
+#: uses 0.1-10; the coordinator picks the value.
 MAX_GRAD_NORM_RANGE = (1e-6, 1e6)
 
 #: A site's default privacy budget (per table, for life) and delta: the one place they

@@ -86,16 +86,18 @@ def test_a_clipping_bound_float32_cannot_hold_is_refused_uncharged(
     site: SiteConfig, heart_schema: Schema, bound: float
 ) -> None:
     """DP-SGD's noise covers one patient's clipped gradient of norm C. A site clips in
-    float32, where C = 1e-44 is seven subnormal steps of 1.4e-45: the clip factor and
-    the clipped gradient round to those steps, and one cleveland patient's clipped
-    gradient has norm 2.09 C. On the old code the site trained at that bound and charged
-    its round as if the move were C (epsilon 1.8 charged, 4.1 spent at the same noise);
-    inf and NaN were taken as well (weights of inf or NaN, or a torch error, each after
-    the count release was drawn). The site now refuses a bound outside
-    ``MAX_GRAD_NORM_RANGE`` before it reads a row, and charges nothing."""
+    float32, where C = 1e-44 is seven subnormal steps of 1.4e-45: on the old code the
+    clip factor and the clipped gradient rounded to those steps, and one cleveland
+    patient's clipped gradient had norm 2.09 C, and the site trained at that bound and
+    charged its round as if the move were C (epsilon 1.8 charged, 4.1 spent at the same
+    noise); inf and NaN were taken as well (weights of inf or NaN, or a torch error,
+    each after the count release was drawn). With the clip in float64 (the next test)
+    the one rounding left, of the clipped sum to float32, still makes it 1.13 C. The
+    site now refuses a bound outside ``MAX_GRAD_NORM_RANGE`` before it reads a row, and
+    charges nothing."""
     if bound == 1e-44:  # the attack itself: what float32 does to the site's clipping
         c32 = float(torch.tensor(bound, dtype=torch.float32))
-        assert _worst_clipped_norm(site, heart_schema, bound) > 1.5 * c32
+        assert _worst_clipped_norm(site, heart_schema, bound) > 1.05 * c32
     with pytest.raises(ConfigError, match="max-grad-norm"):
         _send(site, _raw_train_message(_with(PLAN, **{"max-grad-norm": bound}), heart_schema),
               "train")
@@ -164,3 +166,48 @@ def test_every_number_of_a_training_round_at_an_extreme(
     if dict(reply["site"])["status"] == TRAINED:
         assert spent > 0 and "arrays" in reply
         assert all(np.all(np.isfinite(a.numpy())) for a in reply["arrays"].values())
+
+
+def test_a_crafted_model_cannot_hide_a_gradient_from_the_clip_in_float32_underflow(
+    site: SiteConfig, heart_schema: Schema
+) -> None:
+    """Book-keeping clipping (the site's default mode) takes a row's gradient norm on a
+    linear layer as |a| |g|, the layer input's norm times its output gradient's, each
+    squared on its own. The coordinator sets the weights: here CTGAN's discriminator
+    maps cleveland's one patient at the top of one column to activations of 1e18 per
+    unit (|a|^2 = 6.4e37, finite in float32) and sends back through the next layer a
+    gradient of 2e-23 per unit, whose square float32 rounds to 0 (the last layer scores
+    16.6, where float32's BCE gradient is 1.2e-7). On the old code that
+    layer's norm came out 0, the row's clip factor 1, and its gradient entered the
+    clipped sum unclipped: 1,146 times C at C = 1e-6, so the noise (std sigma C) no
+    longer covered that patient. Norms and clipped sums are now taken in float64."""
+    import torch.nn.functional as F
+
+    model = get_generator("ctgan")(heart_schema, seed=PLAN.seed)
+    data = torch.as_tensor(model.encoder.reencode(load_encoded(site, heart_schema),
+                                                  TabularEncoder(heart_schema)))
+    rows = torch.cat([model._to_gan(data), model._real_cond(data)], dim=1)
+    top2 = torch.topk(rows, 2, dim=0).values
+    column = int(torch.argmax(top2[0] - top2[1]))  # one patient alone on top
+    target = int(torch.argmax(rows[:, column]))
+    gap = float(top2[0, column] - top2[1, column])
+    threshold = float(top2[0, column]) - gap / 2
+    net = model.discriminator.net
+    with torch.no_grad():
+        net[0].weight.zero_()
+        net[0].weight[:, column] = 2e18 / gap  # 1e18 per unit on the target alone
+        net[0].bias.fill_(-2e18 / gap * threshold)
+        net[3].weight.zero_()  # its gradient g (x) a is what the norm misses
+        net[3].bias.fill_(1e-3)
+        net[6].weight.fill_(2e-23 / 1.19e-7)  # g = 2e-23 per unit behind the last layer
+        net[6].bias.fill_(16.6)
+    bound = MAX_GRAD_NORM_RANGE[0]
+    module = model.private_module()
+    keeper = BookKeeping(module, bound)
+    with keeper.recording():  # the real part of ``per_sample_loss`` for that one row
+        losses = F.binary_cross_entropy_with_logits(
+            module(rows[target:target + 1]), torch.ones(1), reduction="none")
+    keeper.clip_into_grad(losses)
+    clipped = float(torch.cat([p.grad.reshape(-1).double() for p in keeper.params]).norm())
+    keeper.remove_hooks()
+    assert 0 < clipped <= bound * (1 + 1e-5), clipped / bound
