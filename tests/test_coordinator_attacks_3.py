@@ -91,7 +91,7 @@ def test_a_clipping_bound_float32_cannot_hold_is_refused_uncharged(
     patient's clipped gradient had norm 2.09 C, and the site trained at that bound and
     charged its round as if the move were C (epsilon 1.8 charged, 4.1 spent at the same
     noise); inf and NaN were taken as well (weights of inf or NaN, or a torch error,
-    each after the count release was drawn). With the clip in float64 (the next test)
+    each after the count release was drawn). With the clip in float64 (the underflow test)
     the one rounding left, of the clipped sum to float32, still makes it 1.13 C. The
     site now refuses a bound outside ``MAX_GRAD_NORM_RANGE`` before it reads a row, and
     charges nothing."""
