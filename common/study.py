@@ -47,6 +47,18 @@ NONLINEAR_STRATEGIES: dict[str, str] = {
 }
 
 
+#: The clipping bounds a study may name (``max-grad-norm``). DP-SGD's analysis holds
+#: for any bound C in exact arithmetic, but a site clips in float32: at C = 1e-44
+#: (seven of float32's smallest subnormals) a clip factor ``C / norm`` and the clipped
+#: gradient round to multiples of 1.4e-45, and one heart-disease row's clipped gradient
+#: had norm 2.09 C while the ledger charged C (epsilon 4.1 spent for 1.8 charged in one
+#: round; tests/test_coordinator_attacks_3.py). Clipping in float64 (privacy/bookkeeping.py)
+#: leaves one rounding, of the clipped sum to float32, which still made it 1.13 C there.
+#: Within this range that rounding is float32's relative 6e-8 (its subnormal steps are
+#: 1e-39 of C), so the clipped norm is C on cleveland's rows to 1e-5. An honest study
+#: uses 0.1-10; the coordinator picks the value.
+MAX_GRAD_NORM_RANGE = (1e-6, 1e6)
+
 #: A site's default privacy budget (per table, for life) and delta: the one place they
 #: are written; every command, config and API reads them from here.
 DEFAULT_EPSILON = 3.0
@@ -137,16 +149,21 @@ class StudyConfig:
             problems.append("server-lr must be a positive number")
         if not 0 <= self.server_momentum < 1:
             problems.append("server-momentum must be in [0, 1)")
-        if self.proximal_mu < 0:
-            problems.append("proximal-mu must be >= 0")
-        if self.max_grad_norm <= 0:
-            problems.append("max-grad-norm must be > 0")
+        if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
+            problems.append("proximal-mu must be a number >= 0")
+        low, high = MAX_GRAD_NORM_RANGE
+        if not low <= self.max_grad_norm <= high:  # NaN fails too
+            problems.append(f"max-grad-norm must be in [{low:g}, {high:g}] (the clipping "
+                            "bound; below it float32 rounding breaks the clip)")
         if not 0 <= self.grid_share < 1:
             problems.append("grid-share must be in [0, 1) (0: no quantile-grid release)")
         if self.accountant not in ACCOUNTANTS:
             problems.append(f"accountant must be one of {', '.join(ACCOUNTANTS)}")
-        if self.count_noise <= 0:
-            problems.append("count-noise must be > 0 (the row count is released with DP)")
+        # NaN or inf made the site draw the count release and fail on it, and a sigma
+        # past 1e154 or below 1e-154 makes Opacus' RDP terms overflow or divide by zero
+        if not 1e-6 <= self.count_noise <= 1e6:
+            problems.append("count-noise must be in [1e-6, 1e6] (the std of the DP row "
+                            "count release)")
         if problems:
             raise ConfigError("invalid study config: " + "; ".join(problems))
 

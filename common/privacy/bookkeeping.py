@@ -44,6 +44,14 @@ from torch import nn
 
 #: Added to a sample's norm before dividing, as Opacus does (``DPOptimizer``).
 NORM_EPS = 1e-6
+#: The dtype of the per-sample norms and the clipped sums. A linear layer's norm is
+#: ``|a| |g|``, each factor squared on its own: in float32 the coordinator's weights can
+#: make one row's activations huge (|a|^2 near 3e38, still finite) and its output
+#: gradient tiny (each g_j^2 below float32's smallest subnormal, rounded to 0), so the
+#: row's norm came out 0, its clip factor 1, and its gradient (|a| |g|, hundreds of times
+#: C at C = 1e-6) entered the sum unclipped (tests/test_coordinator_attacks_3.py). In
+#: float64 neither square leaves the range for any float32 input.
+NORM_DTYPE = torch.float64
 
 
 def _own_trainable(layer: nn.Module) -> list[nn.Parameter]:
@@ -136,7 +144,9 @@ class BookKeeping:
         outputs = [out for layer in layers for _, out, _ in self._records[layer]]
         grads = (list(torch.autograd.grad(losses.sum(), outputs, allow_unused=True))
                  if outputs else [])
-        squared = [torch.zeros(batch, dtype=losses.dtype, device=losses.device)]
+        # Norms, clip factors and the clipped sums in float64 (``NORM_DTYPE``), cast back
+        # to the parameters' dtype at the end.
+        squared = [torch.zeros(batch, dtype=NORM_DTYPE, device=losses.device)]
         pending = []  # per layer: (layer, activations, output gradients)
         for layer in layers:
             calls = self._records[layer]
@@ -162,7 +172,7 @@ class BookKeeping:
         done: set[int] = set()
         for layer, acts, backs in pending:
             for p, g in _clipped_sums(layer, acts, backs, factor).items():
-                p.grad = g
+                p.grad = g.to(p.dtype)
                 done.add(id(p))
         for p in self.params:  # a layer the loss did not reach: its clipped sum is 0
             if id(p) not in done:
@@ -210,15 +220,17 @@ def _squared_norms(layer: nn.Module, acts: list[torch.Tensor], backs: list[torch
                    ) -> torch.Tensor:
     """Each sample's squared gradient norm over the layer's trainable parameters."""
     bias = _is_linear(layer) and layer.bias is not None and layer.bias.requires_grad
-    if _is_linear(layer) and len(acts) == 1 and acts[0].dim() == 2:  # one input per sample
+    if not _is_linear(layer):
+        out = torch.zeros(backs[0].shape[0], dtype=NORM_DTYPE)
+        for g in _per_sample(layer, acts, backs).values():
+            out += g.reshape(g.shape[0], -1).to(NORM_DTYPE).square().sum(1)
+        return out
+    acts, backs = [a.to(NORM_DTYPE) for a in acts], [g.to(NORM_DTYPE) for g in backs]
+    if len(acts) == 1 and acts[0].dim() == 2:  # one input per sample
         a2 = acts[0].square().sum(1) if layer.weight.requires_grad else torch.zeros(())
         # ghost norm: |a|^2 |g|^2 for the weight, plus |g|^2 for the bias
         return (a2 + 1.0 if bias else a2) * backs[0].square().sum(1)
-    out = torch.zeros(backs[0].shape[0], dtype=backs[0].dtype)
-    if not _is_linear(layer):
-        for g in _per_sample(layer, acts, backs).values():
-            out += g.reshape(g.shape[0], -1).square().sum(1)
-        return out
+    out = torch.zeros(backs[0].shape[0], dtype=NORM_DTYPE)
     a, g = _as_sequence(acts), _as_sequence(backs)  # T inputs per sample: Gram matrices
     if layer.weight.requires_grad:
         out += ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).sum((1, 2))
@@ -231,8 +243,9 @@ def _clipped_sums(layer: nn.Module, acts: list[torch.Tensor], backs: list[torch.
                   factor: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
     """The layer's sum over samples of per-sample gradients times ``factor``."""
     if not _is_linear(layer):
-        return {p: torch.einsum("i,i...->...", factor, g)
+        return {p: torch.einsum("i,i...->...", factor, g.to(NORM_DTYPE))
                 for p, g in _per_sample(layer, acts, backs).items() if p.requires_grad}
+    acts, backs = [a.to(NORM_DTYPE) for a in acts], [g.to(NORM_DTYPE) for g in backs]
     if len(acts) == 1 and acts[0].dim() == 2:  # one input per sample
         a, scaled = acts[0], backs[0] * factor[:, None]
     else:  # T inputs per sample: every (sample, t) row weighted by its sample's factor
