@@ -45,9 +45,15 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-import opendp.prelude as dp
 
-dp.enable_features("contrib")
+# not ``opendp.prelude``: it imports OpenDP's scikit-learn extras (1.3 s, and
+# scikit-learn into a site's training process; tests/test_site_speed.py)
+from opendp.domains import atom_domain, vector_domain
+from opendp.measurements import make_gaussian
+from opendp.metrics import l2_distance
+from opendp.mod import Measurement, enable_features
+
+enable_features("contrib")
 
 #: Integral exact vectors must be below this in absolute value (int64, and exactly
 #: representable as a float64 so the cast loses nothing).
@@ -55,15 +61,14 @@ _INTEGRAL_LIMIT = 2.0**53
 
 
 @functools.lru_cache(maxsize=256)
-def exact_gaussian(std: float, integral: bool) -> dp.Measurement:
+def exact_gaussian(std: float, integral: bool) -> Measurement:
     """OpenDP's Gaussian measurement on vectors (int64 or float64) at this std.
 
     The input metric is L2 distance in float64 for both, so the privacy map takes any
     sensitivity (sqrt(bound) for the code histogram); the sampled distribution does not
     depend on the metric."""
-    atom = dp.atom_domain(T="i64") if integral else dp.atom_domain(T=float, nan=False)
-    return dp.m.make_gaussian(dp.vector_domain(atom), dp.l2_distance(T=float),
-                              scale=float(std))
+    atom = atom_domain(T="i64") if integral else atom_domain(T=float, nan=False)
+    return make_gaussian(vector_domain(atom), l2_distance(T=float), scale=float(std))
 
 
 class ReleaseNoise:
