@@ -2,12 +2,12 @@
 
 Runs the heart-disease marginal study at epsilon 3 with the generator's defaults
 (three sites, in clear, the real ServerApp and ClientApp in this process, secret
-noise), alternating the release sampler between OpenDP (what a site now runs) and
-numpy's ``normal`` (the draw of earlier versions, patched in for this measurement
-only), ``--repeats`` times each. Records the study's wall time, the time spent drawing
-release noise (inside ``ReleaseNoise.add``) and the number of noisy values.
-Also times DP-SGD-sized draws: 10^5 values by Opacus-style ``secure_gaussian`` and by
-OpenDP's float sampler.
+noise) and the default study (``fedsynth simulate``), alternating the release
+sampler between OpenDP (what a site now runs) and numpy's ``normal`` (the draw of
+earlier versions, patched in for this measurement only), ``--repeats`` times each.
+Records the study's wall time, the time spent drawing release noise (inside
+``ReleaseNoise.add``) and the number of noisy values. Also times a DP-SGD-sized
+draw: 10^5 values by Opacus-style ``secure_gaussian`` and by OpenDP's float sampler.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/exact-noise/cost.py --repeats 3
 """
@@ -47,7 +47,19 @@ def _study(tmp: Path) -> None:
         run_study(grid, study, resolve_schema("heart_disease"))
 
 
-def _one(sampler: str) -> dict[str, float]:
+def _deep(tmp: Path) -> None:
+    """The default study (`fedsynth simulate`: heart disease, its default generator,
+    four sites, DP): count, grid and loss-report releases."""
+    from fedsynth.cli import main
+
+    try:
+        main(["simulate", "--out", str(tmp / "deep"), "--force"])
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
+
+
+def _one(sampler: str, study: str) -> dict[str, float]:
     spent = {"seconds": 0.0, "values": 0}
 
     def timed(self, values, std, *, integral):
@@ -63,12 +75,12 @@ def _one(sampler: str) -> dict[str, float]:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            _study(Path(tmp))
+            (_study if study == "marginal" else _deep)(Path(tmp))
             wall = time.perf_counter() - start
     finally:
         release_noise.ReleaseNoise.add = _ADD
-    return {"sampler": sampler, "study_seconds": wall, "noise_seconds": spent["seconds"],
-            "noisy_values": spent["values"]}
+    return {"study": study, "sampler": sampler, "study_seconds": wall,
+            "noise_seconds": spent["seconds"], "noisy_values": spent["values"]}
 
 
 def _dpsgd_sized(n: int = 100_000) -> dict[str, float]:
@@ -92,43 +104,48 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     for _ in range(args.repeats):
-        for sampler in ("numpy", "opendp"):
-            rows.append(_one(sampler))
-            print(rows[-1], flush=True)
+        for study in ("marginal", "deep"):
+            for sampler in ("numpy", "opendp"):
+                rows.append(_one(sampler, study))
+                print(rows[-1], flush=True)
     with open(HERE / "results.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    med = {s: {k: statistics.median(r[k] for r in rows if r["sampler"] == s)
-               for k in ("study_seconds", "noise_seconds", "noisy_values")}
-           for s in ("numpy", "opendp")}
     sgd = _dpsgd_sized()
-    spread = {s: (min(r["study_seconds"] for r in rows if r["sampler"] == s),
-                  max(r["study_seconds"] for r in rows if r["sampler"] == s))
-              for s in ("numpy", "opendp")}
-    share = 100 * med["opendp"]["noise_seconds"] / med["opendp"]["study_seconds"]
-    per_value = {s: 1e6 * m["noise_seconds"] / max(m["noisy_values"], 1) for s, m in med.items()}
-    print(med, sgd)
     lines = [
         "# Cost of the exact release sampler (OpenDP) against numpy's draw",
         "",
-        "Heart disease, marginal generator with its defaults, epsilon 3, three sites in "
-        "clear, in-process (real ServerApp and ClientApp), secret noise; the two samplers "
-        f"alternated in one run, {args.repeats} studies each; medians.",
+        "Secret noise, the real ServerApp and ClientApp in this process; the two samplers "
+        f"alternated in one run, {args.repeats} studies each; medians. *marginal*: heart "
+        "disease, the marginal generator's defaults, epsilon 3, three sites in clear. "
+        "*deep*: the default study (`fedsynth simulate`: heart disease, four sites; its "
+        "count, quantile-grid and loss-report releases).",
         "",
-        "| sampler | study wall s (median, min-max) | release-noise s | noisy values |",
-        "|---|---|---|---|",
-        *(f"| {s} | {m['study_seconds']:.1f} ({spread[s][0]:.1f}-{spread[s][1]:.1f}) | "
-          f"{m['noise_seconds']:.3f} | {int(m['noisy_values'])} |" for s, m in med.items()),
+        "| study | sampler | study wall s (median, min-max) | release-noise s | noisy values "
+        "| noise share of wall |",
+        "|---|---|---|---|---|---|",
+    ]
+    ratios = []
+    for study in ("marginal", "deep"):
+        med = {}
+        for s in ("numpy", "opendp"):
+            mine = [r for r in rows if r["study"] == study and r["sampler"] == s]
+            med[s] = {k: statistics.median(r[k] for r in mine)
+                      for k in ("study_seconds", "noise_seconds", "noisy_values")}
+            lo, hi = (f(r["study_seconds"] for r in mine) for f in (min, max))
+            lines.append(f"| {study} | {s} | {med[s]['study_seconds']:.1f} ({lo:.1f}-{hi:.1f}) "
+                         f"| {med[s]['noise_seconds']:.3f} | {int(med[s]['noisy_values'])} "
+                         f"| {100 * med[s]['noise_seconds'] / med[s]['study_seconds']:.2f}% |")
+        ratio = med["opendp"]["study_seconds"] / med["numpy"]["study_seconds"]
+        ratios.append(f"{study}: {ratio:.3f}")
+    print(lines, sgd)
+    lines += [
         "",
-        f"The release noise is {share:.2f}% "
-        "of an OpenDP study's wall time: the wall-time ratio below is within the studies' "
-        "run-to-run spread on this shared machine.",
-        "",
-        f"Study wall-time ratio OpenDP / numpy: "
-        f"{med['opendp']['study_seconds'] / med['numpy']['study_seconds']:.3f}; "
-        f"release-noise time per value: OpenDP {per_value['opendp']:.1f} us, "
-        f"numpy {per_value['numpy']:.2f} us.",
+        f"Study wall-time ratio OpenDP / numpy (medians): {'; '.join(ratios)}. The noise "
+        "share of the wall time is the cost; the ratios are within the studies' "
+        "run-to-run spread on this shared machine (the noise also changes which "
+        "marginals a study selects).",
         "",
         f"DP-SGD-sized draw ({sgd['values']} values, one step of a ~1e5-parameter network): "
         f"secure_gaussian (Opacus' hardening) {sgd['secure_gaussian_seconds'] * 1e3:.1f} ms, "
