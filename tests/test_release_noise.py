@@ -261,3 +261,25 @@ def test_the_low_bits_attack_on_a_zero_cell_works_on_numpy_noise_not_on_opendps(
             assert hits0 >= 0.005 * releases * zero.sum(), (hits0, zero.sum())
         else:
             assert hits0 == 0
+
+
+def test_every_marginal_release_kind_draws_in_secret_mode():
+    """Each kind's declared domain fits its exact vector: the code histogram's counts
+    come back integers; the weighted pair and link counts (fractional weights for a
+    patient over the bound) take the float sampler."""
+    from fedsynth.common.generators.marginal.code_pairs import noisy_pair_counts
+    from fedsynth.common.generators.marginal.codes import noisy_code_histogram
+    from fedsynth.common.generators.marginal.event_links import noisy_link_counts
+
+    rng = np.random.default_rng(5)
+    presence = (rng.random((200, 3)) < 0.5).astype(np.int64)
+    noise = DPRandomness.secret().release("measurement")
+    codes = noisy_code_histogram(presence, 2, 3.0, noise)
+    assert codes.shape == (3,) and np.all(codes == np.round(codes))
+    pairs = noisy_pair_counts(presence, {"x": 0, "y": 1, "z": 2}, [("x", "y"), ("x", "z")],
+                              2, 3.0, noise)
+    assert pairs.shape == (2,) and not np.all(pairs == np.round(pairs))
+    cells = (rng.random((200, 3)) < 0.5).astype(np.int64)
+    links = noisy_link_counts(cells, ["a", "b", "E"], {"a": 2, "b": 2, "E": 2},
+                              [("a", "E"), ("b", "E")], 1, 3.0, noise)
+    assert links.shape == (4,) and not np.all(links == np.round(links))
