@@ -59,8 +59,8 @@ def grid_reply(site: SiteConfig, study: StudyConfig, schema_fp: str,
             after.record(noise, 1.0, 1)
             if after.epsilon(site.delta) > site.epsilon * (1 + 1e-9):
                 return SiteReply(BUDGET_EXHAUSTED, status_metrics(site, state))
-        rng = site.randomness(f"{study.study_id}:grid").numpy("grid-release")
-        state.grid_counts = quantile_grid.release(TabularEncoder(schema), data, noise, rng)
+        release = site.randomness(f"{study.study_id}:grid").release("grid-release")
+        state.grid_counts = quantile_grid.release(TabularEncoder(schema), data, noise, release)
         if noise is not None:
             state.ledger.record(noise, 1.0, 1)
     std = 0.0 if noise is None else quantile_grid.cell_std(schema, noise)

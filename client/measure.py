@@ -37,7 +37,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -93,6 +93,9 @@ from .site import (
     site_schema,
     status_metrics,
 )
+
+if TYPE_CHECKING:
+    from ..common.privacy.release_noise import ReleaseNoise
 
 log = logging.getLogger("fedsynth.site")
 
@@ -236,12 +239,12 @@ def answer(
         nxt.record(sigma, 1.0, request.releases(kind))
         if nxt.epsilon(site.delta) > site.epsilon * (1 + 1e-9):
             return MeasureReply(SiteReply(BUDGET_EXHAUSTED, status_metrics(site, state)))
-    rng = site.randomness(f"{study.study_id}:marginal:{config.get(P.STEP, 0)}").numpy(
+    release = site.randomness(f"{study.study_id}:marginal:{config.get(P.STEP, 0)}").release(
         "measurement")
     if op == P.MEASURE_OP:
-        values = _measure(request, sigma, rng, kind, state)
+        values = _measure(request, sigma, release, kind, state)
     else:
-        values = _scores(site, request, model_marginals, sigma, rng, state)
+        values = _scores(site, request, model_marginals, sigma, release, state)
         if isinstance(values, MeasureReply):
             return values
     if site.dp:
@@ -290,23 +293,23 @@ def _parse_request(
                     whole_covariates(disc), outcome_split(schema, disc))
 
 
-def _measure(request: _Request, sigma: float, rng: np.random.Generator, kind: str,
+def _measure(request: _Request, sigma: float, release: ReleaseNoise, kind: str,
              state: SiteState) -> np.ndarray:
     """The noisy marginals of the cliques; the 1-way release also sets the noisy count."""
     if kind == CODES:
-        return noisy_code_histogram(request.presence, request.plan.code_bound, sigma, rng)
+        return noisy_code_histogram(request.presence, request.plan.code_bound, sigma, release)
     if kind == PAIRS:
         return noisy_pair_counts(request.presence, request.columns, request.cliques,
-                                 request.plan.pair_bound, sigma, rng)
+                                 request.plan.pair_bound, sigma, release)
     if kind == LINKS:
         return noisy_link_counts(request.cells, request.names, request.sizes,
-                                 request.cliques, request.plan.link_bound, sigma, rng,
+                                 request.cliques, request.plan.link_bound, sigma, release,
                                  request.whole)
     if kind == SPLIT:
         return np.concatenate(noisy_split(request.cells, request.names, request.sizes,
-                                          request.cliques, request.split, sigma, rng))
+                                          request.cliques, request.split, sigma, release))
     parts = noisy_marginals(request.cells, request.names, request.sizes, request.cliques,
-                            sigma, rng)
+                            sigma, release)
     if kind == ONE_WAY:
         state.noisy_count = max(1.0, float(np.mean([p.sum() for p in parts])))
     return np.concatenate(parts)
@@ -314,7 +317,7 @@ def _measure(request: _Request, sigma: float, rng: np.random.Generator, kind: st
 
 def _scores(
     site: SiteConfig, request: _Request, model_marginals: dict[str, np.ndarray], sigma: float,
-    rng: np.random.Generator, state: SiteState,
+    release: ReleaseNoise, state: SiteState,
 ) -> np.ndarray | MeasureReply:
     """The noisy selection scores of the cliques against the model's marginals."""
     try:
@@ -334,7 +337,7 @@ def _scores(
         return _refuse(site, state, f"the site's noisy count is above {SCORE_TOTAL_CEILING}: "
                        "a 1-way release at that noise leaves no count to score against")
     return noisy_scores(request.cells, request.names, request.sizes, request.cliques, model,
-                        state.noisy_count, sigma, rng)
+                        state.noisy_count, sigma, release)
 
 
 def _is_distribution(p: np.ndarray) -> bool:

@@ -416,7 +416,7 @@ def train_site(
     data = model.encoder.reencode(data, TabularEncoder(schema))  # onto the study's grid
     if state.histogram is None:
         state.histogram = release_histogram(
-            model, data, study.count_noise if dp else None, rand.numpy("count-release")
+            model, data, study.count_noise if dp else None, rand.release("count-release")
         )
         state.noisy_count = max(1.0, float(round(state.histogram.sum())))
         if dp is not None:

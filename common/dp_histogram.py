@@ -37,8 +37,13 @@ and measured with its own user; making one estimator serve both is left to do.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .privacy.release_noise import ReleaseNoise
+
 
 #: Cells of a released histogram over the public bounds of a numeric column.
 BINS = 32
@@ -69,16 +74,17 @@ def histogram(values: np.ndarray, lo: float, hi: float, bins: int = BINS) -> np.
 
 
 def add_noise(counts: np.ndarray, noise_std: float | None,
-              rng: np.random.Generator | None) -> np.ndarray:
+              noise: ReleaseNoise | None) -> np.ndarray:
     """The release: ``counts`` plus Gaussian noise of std ``noise_std`` per cell (None:
-    the exact counts, for a study without DP). ``rng`` must be the site's secret
-    randomness (``DPRandomness.numpy``): whoever can replay it reads the exact counts."""
+    the exact counts, for a study without DP); the discrete Gaussian in secret mode.
+    ``noise`` must be the site's secret ``DPRandomness.release`` stream: whoever can
+    replay it reads the exact counts."""
     counts = np.asarray(counts, dtype=float)
     if noise_std is None:
         return counts.copy()
-    if rng is None:
+    if noise is None:
         raise ValueError("a DP histogram release needs the site's secret randomness")
-    return counts + rng.normal(0.0, noise_std, size=counts.shape)
+    return noise.add(counts, noise_std, integral=True)
 
 
 def _smooth(counts: np.ndarray, cells: float) -> tuple[np.ndarray, float]:

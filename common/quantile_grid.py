@@ -32,12 +32,16 @@ the window's synthetic values onto them (``encoding.snap_heaps``): post-processi
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import dp_histogram
 from .encoding import TabularEncoder, numeric_working_scale
 from .schema import Column, Schema
+
+if TYPE_CHECKING:
+    from .privacy.release_noise import ReleaseNoise
 
 #: Share of a site's budget the release takes by default (``grid_noise_for``). On the
 #: heart data's four sites the grid alone (uniform draws decoded through it) had std
@@ -148,10 +152,10 @@ def site_counts(encoder: TabularEncoder, matrix: np.ndarray) -> np.ndarray:
 
 
 def release(encoder: TabularEncoder, matrix: np.ndarray, noise_multiplier: float | None,
-            rng: np.random.Generator | None) -> np.ndarray:
+            noise: ReleaseNoise | None) -> np.ndarray:
     """A site's release: exact counts plus secret Gaussian noise (None: no DP)."""
     std = None if noise_multiplier is None else cell_std(encoder.schema, noise_multiplier)
-    return dp_histogram.add_noise(site_counts(encoder, matrix), std, rng)
+    return dp_histogram.add_noise(site_counts(encoder, matrix), std, noise)
 
 
 def grid_from_counts(schema: Schema, summed: np.ndarray,

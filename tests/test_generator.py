@@ -36,7 +36,7 @@ def test_central_fit_releases_the_histogram_as_a_site_does(
     from fedsynth.common.generators.base import release_histogram
 
     encoded = fitted.encoder.encode(read_table(heart_files["cleveland"], heart_schema))
-    rng = DPRandomness.reproducible(3).numpy("count-release")
+    rng = DPRandomness.reproducible(3).release("count-release")
     hist = np.clip(release_histogram(fitted, encoded, 10.0, rng), 0.0, None)
     np.testing.assert_allclose(fitted.cond_prior.freq.numpy(), hist / hist.sum(), rtol=1e-6)
 

@@ -51,6 +51,7 @@ from fedsynth.common.generators.marginal.plan import (
     PAIRS,
     SPLIT,
 )
+from fedsynth.common.privacy.release_noise import ReleaseNoise
 from fedsynth.common.study import SiteConfig, StudyConfig, schema_fingerprint
 
 SMALL = {"bins": 4, "fine_bins": 16, "rounds": 1, "per_round": 2, "iters": 100}
@@ -203,7 +204,8 @@ def test_scores_move_by_at_most_one_each(amlsg):
     total = len(frame) + 7.3  # a noisy count, fixed for both neighbours
 
     def scores(c):
-        return noisy_scores(c, names, sizes, cands, model, total, 0.0, np.random.default_rng(0))
+        return noisy_scores(c, names, sizes, cands, model, total, 0.0,
+                            ReleaseNoise.reproducible(np.random.default_rng(0)))
 
     full = scores(cells)
     worst = max(float(np.abs(full - scores(np.delete(cells, i, axis=0))).max())

@@ -19,7 +19,7 @@ import zipfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -32,6 +32,9 @@ from ..privacy.randomness import NOT_A_DP_RELEASE, DPRandomness
 from ..quantile_grid import DEFAULT_GRID_SHARE, grid_noise_for
 from ..schema import Schema
 from ..table import _match_category
+
+if TYPE_CHECKING:
+    from ..privacy.release_noise import ReleaseNoise
 
 FORMAT_VERSION = 1
 
@@ -266,7 +269,7 @@ class Generator(ABC):
         rows = None  # DP-SGD divides by q x rows: under DP, the DP count (as a site)
         if released or dp is not None:
             noise = count_noise if epsilon is not None else None
-            histogram = release_histogram(self, encoded, noise, rand.numpy("count-release"))
+            histogram = release_histogram(self, encoded, noise, rand.release("count-release"))
             if released:
                 self.set_statistics(histogram)
             if ledger is not None:
@@ -297,7 +300,7 @@ class Generator(ABC):
         moved onto it; charged to ``ledger`` under DP."""
         from .. import quantile_grid
 
-        counts = quantile_grid.release(bounds, encoded, noise, rand.numpy("grid-release"))
+        counts = quantile_grid.release(bounds, encoded, noise, rand.release("grid-release"))
         total_std = 0.0 if noise is None else quantile_grid.cell_std(self.schema, noise)
         self.set_grid(quantile_grid.grid_from_counts(self.schema, counts, total_std),
                       quantile_grid.heaps_from_counts(self.schema, counts, total_std))
@@ -505,7 +508,7 @@ def _equals(series: pd.Series, value: Any) -> np.ndarray:
 
 
 def release_histogram(
-    model: Generator, data: np.ndarray, noise_std: float | None, rng: np.random.Generator | None
+    model: Generator, data: np.ndarray, noise_std: float | None, noise: ReleaseNoise | None
 ) -> np.ndarray:
     """A site's one count release: a histogram of the model's statistics column.
 
@@ -513,8 +516,8 @@ def release_histogram(
     Gaussian noise of std ``noise_std`` per cell it is the Gaussian mechanism at noise
     multiplier ``noise_std``, whatever the number of cells; with no statistics column it
     is a single cell, the row count. ``noise_std=None`` (no DP) gives the exact counts.
-    ``rng`` must be secret to the site (``DPRandomness.numpy("count-release")``): a
-    coordinator that can replay it subtracts the noise and reads the exact counts.
+    ``noise`` must be secret to the site (``DPRandomness.release("count-release")``,
+    the discrete Gaussian): a coordinator that can replay it reads the exact counts.
     """
     column = model.statistics_column()
     if column is None:
@@ -524,6 +527,6 @@ def release_histogram(
         exact = data[:, block.slice].sum(axis=0).astype(float)
     if noise_std is None:
         return exact
-    if rng is None:
+    if noise is None:
         raise ValueError("a DP count release needs the site's secret randomness")
-    return exact + rng.normal(0.0, noise_std, size=exact.shape)
+    return noise.add(exact, noise_std, integral=True)

@@ -18,6 +18,10 @@ replays them); every output that a reproducible run touches is labelled so, and 
 real SuperNode refuses it (``client/app.py``, ``fedsynth preflight``). The seed is a
 site-local setting, never read from a coordinator's message.
 
+A release's Gaussian noise (marginals, scores, the count and grid histograms, the loss
+report) is drawn through ``release(stream)``: in secret mode by OpenDP's exact sampler
+from OS randomness (``release_noise.py``), not by these generators.
+
 Generators are torch's and numpy's (Mersenne Twister, PCG64) seeded with 64 bits from
 the OS CSPRNG: the adversary never sees their raw outputs (they are added to sums it
 cannot see either), and replaying a round needs the 64-bit seed. Opacus' own
@@ -34,6 +38,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from .release_noise import ReleaseNoise
 
 STREAMS = ("sampler", "gradient-noise", "count-release", "loss-report", "measurement", "model",
            "grid-release")
@@ -80,6 +86,11 @@ class DPRandomness:
     def numpy(self, stream: str) -> np.random.Generator:
         """A fresh numpy generator for one stream."""
         return np.random.default_rng(self._seed(stream))
+
+    def release(self, stream: str) -> ReleaseNoise:
+        """The noise source of one release (``release_noise.py``): OpenDP's exact
+        sampler in secret mode, the stream's seeded numpy draw in reproducible mode."""
+        return ReleaseNoise(self.numpy(stream), exact=not self.is_reproducible)
 
     def int_seed(self, stream: str) -> int:
         """A seed for code that takes an integer (kept secret in secret mode)."""

@@ -364,11 +364,11 @@ def dp_loss_report(
     Each sampled row contributes ``(min(loss, B) / B, 1)``, a vector of L2 norm at most
     sqrt(2); both sums get Gaussian noise of std ``noise_multiplier * sqrt(2)``, so the
     release is exactly one step of the mechanism the ledger records at
-    (noise_multiplier, sample_rate).
+    (noise_multiplier, sample_rate). The two noise values are drawn together by the
+    release sampler (OpenDP's float lattice Gaussian in secret mode).
     """
     bound = float(generator.loss_bound)
     loader = poisson_loader(data, sample_rate, randomness.torch("sampler"))
-    gen = randomness.torch("loss-report")
     module = generator.private_module()
     batch = next(iter(loader))[0]
     with torch.no_grad():
@@ -377,7 +377,7 @@ def dp_loss_report(
         losses = torch.nan_to_num(generator.per_sample_loss(module, batch), nan=bound,
                                   posinf=bound, neginf=0.0).clamp(0.0, bound) / bound
     std = noise_multiplier * math.sqrt(2.0)
-    noisy_sum = float(losses.sum()) + float(torch.normal(0.0, std, (1,), generator=gen))
-    noisy_count = float(batch.shape[0]) + float(torch.normal(0.0, std, (1,), generator=gen))
+    exact = np.array([float(losses.sum()), float(batch.shape[0])])
+    noisy_sum, noisy_count = randomness.release("loss-report").add(exact, std, integral=False)
     ledger.record(noise_multiplier, sample_rate, 1)
     return bound * noisy_sum / max(noisy_count, 1.0)

@@ -51,10 +51,14 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from itertools import combinations
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .codes import THRESHOLD, pooled_counts
+
+if TYPE_CHECKING:
+    from ...privacy.release_noise import ReleaseNoise
 
 Clique = tuple[str, ...]
 # a released pair enters the model when its count is at least this many noise stds from
@@ -121,10 +125,11 @@ def bounded_pair_counts(presence: np.ndarray, columns: dict[str, int],
 
 def noisy_pair_counts(presence: np.ndarray, columns: dict[str, int],
                       cliques: Sequence[Clique], bound: int, sigma: float,
-                      rng: np.random.Generator) -> np.ndarray:
-    """The bounded pair counts plus N(0, sigma^2) per pair (Gaussian mechanism)."""
+                      noise: ReleaseNoise) -> np.ndarray:
+    """The bounded pair counts plus N(0, sigma^2) per pair (Gaussian mechanism; weighted,
+    so the float lattice sampler in secret mode)."""
     counts = bounded_pair_counts(presence, columns, cliques, bound)
-    return counts + rng.normal(0.0, sigma, size=counts.shape)
+    return noise.add(counts, sigma, integral=False)
 
 
 def entry_columns(code_attrs: dict[str, int]) -> dict[str, int]:

@@ -29,11 +29,15 @@ code's link to the other columns only through its group.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from ...schema import Schema
+
+if TYPE_CHECKING:
+    from ...privacy.release_noise import ReleaseNoise
 
 DEFAULT_CAP = 3  # a group's count cells 0, 1, 2, "3 or more"
 THRESHOLD = 2.0  # noisy counts below this many noise stds are taken as zero
@@ -139,7 +143,9 @@ def code_weights(counts: np.ndarray, sd: float, threshold: float = THRESHOLD) ->
 
 
 def noisy_code_histogram(presence: np.ndarray, bound: int, sigma: float,
-                         rng: np.random.Generator) -> np.ndarray:
-    """The bounded code histogram plus N(0, sigma^2) per code (Gaussian mechanism)."""
-    counts = bounded_histogram(presence, bound, rng)
-    return counts + rng.normal(0.0, sigma, size=counts.shape)
+                         noise: ReleaseNoise) -> np.ndarray:
+    """The bounded code histogram plus N(0, sigma^2) per code (Gaussian mechanism; counts,
+    so the discrete Gaussian in secret mode). The subsampling draws from the stream's
+    secret generator ``noise.rng``."""
+    counts = bounded_histogram(presence, bound, noise.rng)
+    return noise.add(counts, sigma, integral=True)

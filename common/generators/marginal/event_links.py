@@ -44,11 +44,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ...schema import Schema
 from .discretize import Discretizer
+
+if TYPE_CHECKING:
+    from ...privacy.release_noise import ReleaseNoise
 
 Clique = tuple[str, ...]
 PRESENT = 1  # a binary attribute's cell of value 1 (categories (0, 1); missing last)
@@ -159,10 +163,11 @@ def bounded_link_counts(cells: np.ndarray, names: Sequence[str], sizes: dict[str
 
 def noisy_link_counts(cells: np.ndarray, names: Sequence[str], sizes: dict[str, int],
                       cliques: Sequence[Clique], bound: int, sigma: float,
-                      rng: np.random.Generator, whole: Sequence[str] = ()) -> np.ndarray:
-    """The bounded link counts plus N(0, sigma^2) per entry (Gaussian mechanism)."""
+                      noise: ReleaseNoise, whole: Sequence[str] = ()) -> np.ndarray:
+    """The bounded link counts plus N(0, sigma^2) per entry (Gaussian mechanism; weighted,
+    so the float lattice sampler in secret mode)."""
     counts = bounded_link_counts(cells, names, sizes, cliques, bound, whole)
-    return counts + rng.normal(0.0, sigma, size=counts.shape)
+    return noise.add(counts, sigma, integral=False)
 
 
 def covered(cliques: Sequence[Clique]) -> list[Clique]:

@@ -2,17 +2,22 @@
 
 Free of Flower and of the ledger, so a site (``client/measure.py``) and a central fit
 (``MarginalGenerator.fit``) run the same arithmetic; both charge the ledger themselves
-with the counts that ``plan.py`` explains. The noise generator is always handed in: a
-site passes its secret ``DPRandomness`` stream, never anything the coordinator chose.
+with the counts that ``plan.py`` explains. The noise source is always handed in: a
+site passes its secret ``DPRandomness.release`` stream (OpenDP's exact sampler), never
+anything the coordinator chose.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .outcome_split import Split
+
+if TYPE_CHECKING:
+    from ...privacy.release_noise import ReleaseNoise
 
 Clique = tuple[str, ...]
 
@@ -30,19 +35,20 @@ def marginal(cells: np.ndarray, names: Sequence[str], sizes: dict[str, int],
 
 def noisy_marginals(
     cells: np.ndarray, names: Sequence[str], sizes: dict[str, int],
-    cliques: Sequence[Clique], sigma: float, rng: np.random.Generator,
+    cliques: Sequence[Clique], sigma: float, noise: ReleaseNoise,
 ) -> list[np.ndarray]:
-    """Every marginal of ``cliques`` plus N(0, sigma^2) per cell (Gaussian mechanism)."""
+    """Every marginal of ``cliques`` plus N(0, sigma^2) per cell (Gaussian mechanism;
+    counts, so the discrete Gaussian in secret mode)."""
     out = []
     for clique in cliques:
         exact = marginal(cells, names, sizes, clique)
-        out.append(exact + rng.normal(0.0, sigma, size=exact.shape))
+        out.append(noise.add(exact, sigma, integral=True))
     return out
 
 
 def noisy_split(
     cells: np.ndarray, names: Sequence[str], sizes: dict[str, int],
-    cliques: Sequence[Clique], split: Split, sigma: float, rng: np.random.Generator,
+    cliques: Sequence[Clique], split: Split, sigma: float, noise: ReleaseNoise,
 ) -> list[np.ndarray]:
     """Every ``(*features, outcome)`` marginal with the outcome collapsed to the
     split's groups (``outcome_split.py``), plus N(0, sigma^2) per entry: one patient is
@@ -50,14 +56,14 @@ def noisy_split(
     out = []
     for clique in cliques:
         exact = split.collapse(marginal(cells, names, sizes, clique))
-        out.append(exact + rng.normal(0.0, sigma, size=exact.shape))
+        out.append(noise.add(exact, sigma, integral=True))
     return out
 
 
 def noisy_scores(
     cells: np.ndarray, names: Sequence[str], sizes: dict[str, int],
     cliques: Sequence[Clique], model_marginals: Sequence[np.ndarray], total: float,
-    sigma: float, rng: np.random.Generator,
+    sigma: float, noise: ReleaseNoise,
 ) -> np.ndarray:
     """For each candidate, ``|| M(D) - total * p ||_1`` plus N(0, sigma^2).
 
@@ -69,4 +75,4 @@ def noisy_scores(
     for i, (clique, p) in enumerate(zip(cliques, model_marginals, strict=True)):
         exact = marginal(cells, names, sizes, clique)
         scores[i] = np.abs(exact - total * np.asarray(p)).sum()
-    return scores + rng.normal(0.0, sigma, size=scores.shape)
+    return noise.add(scores, sigma, integral=False)

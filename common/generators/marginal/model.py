@@ -794,24 +794,24 @@ class LocalMeasurer:
             assert [c[0] for c in cliques] == list(self.code_lengths)
             values = np.split(
                 noisy_code_histogram(self.presence, self.code_bound, sigma,
-                                     self.randomness.numpy("measurement")),
+                                     self.randomness.release("measurement")),
                 np.cumsum(list(self.code_lengths.values()))[:-1])
         elif kind == PAIRS:  # every asked pair's count, one entry each (code_pairs.py)
             values = np.split(noisy_pair_counts(
                 self.presence, self.code_columns, cliques, self.pair_bound, sigma,
-                self.randomness.numpy("measurement")), len(cliques))
+                self.randomness.release("measurement")), len(cliques))
         elif kind == LINKS:  # each covariate's slice over the tail (event_links.py)
             lengths = [slice_length(c, self.sizes, self.whole) for c in cliques]
             values = np.split(noisy_link_counts(
                 self.cells, self.names, self.sizes, cliques, self.link_bound, sigma,
-                self.randomness.numpy("measurement"), self.whole), np.cumsum(lengths)[:-1])
+                self.randomness.release("measurement"), self.whole), np.cumsum(lengths)[:-1])
         elif kind == SPLIT:  # pairs with the outcome collapsed (outcome_split.py)
             assert self.split is not None and not self.split.problem(cliques)
             values = noisy_split(self.cells, self.names, self.sizes, cliques, self.split,
-                                 sigma, self.randomness.numpy("measurement"))
+                                 sigma, self.randomness.release("measurement"))
         else:
             values = noisy_marginals(self.cells, self.names, self.sizes, cliques, sigma,
-                                     self.randomness.numpy("measurement"))
+                                     self.randomness.release("measurement"))
         if self.ledger is not None:
             self.ledger.record(sigma, 1.0, self.code_bound if kind == CODES else
                                math.comb(self.pair_bound, 2) if kind == PAIRS else
@@ -830,7 +830,7 @@ class LocalMeasurer:
             self.ledger.record(sigma, 1.0, len(cliques))
         scores = noisy_scores(self.cells, self.names, self.sizes, cliques,
                               model_marginals[""], float(self.total),
-                              sigma, self.randomness.numpy("measurement"))
+                              sigma, self.randomness.release("measurement"))
         return scores, sigma
 
     def measure_noise(self) -> list[float]:
