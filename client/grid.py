@@ -63,6 +63,9 @@ def grid_reply(site: SiteConfig, study: StudyConfig, schema_fp: str,
         state.grid_counts = quantile_grid.release(TabularEncoder(schema), data, noise, release)
         if noise is not None:
             state.ledger.record(noise, 1.0, 1)
-    std = 0.0 if noise is None else quantile_grid.cell_std(schema, noise)
+        state.grid_noise = 0.0 if noise is None else float(noise)
+    # the noise the stored release was drawn with, whatever this request's grid-share says
+    drawn = noise if state.grid_noise is None else state.grid_noise
+    std = quantile_grid.cell_std(schema, drawn) if drawn else 0.0
     metrics = {GRID_CELL_STD: std, **status_metrics(site, state)}
     return SiteReply(Status.GRID_RELEASED, metrics, arrays={VALUES: state.grid_counts})

@@ -91,6 +91,10 @@ class SiteState:
     histogram: np.ndarray | None = None  # the one DP histogram release (sum = count)
     # the one quantile-grid release (client/grid.py): asked again, the site resends it
     grid_counts: np.ndarray | None = None
+    # the Gaussian std that release was drawn with (0 without DP): a resend reports this,
+    # not one computed from the asking request's grid-share (None: a state file written
+    # before this was kept)
+    grid_noise: float | None = None
     # The noise multiplier calibrated at this study's first round against what was left
     # of the lifetime budget then; fixed for the rest of the study.
     noise_multiplier: float | None = None
@@ -115,6 +119,7 @@ class SiteState:
             "released": self.histogram is not None,
             "grid-counts": [] if self.grid_counts is None else [float(v) for v in self.grid_counts],
             "grid-release-made": self.grid_counts is not None,
+            "grid-noise": -1.0 if self.grid_noise is None else float(self.grid_noise),
             "noise-multiplier-used": -1.0 if self.noise_multiplier is None
             else float(self.noise_multiplier),
             "rounds-trained": self.rounds_trained,
@@ -135,6 +140,8 @@ class SiteState:
         )
         self.grid_counts = (np.asarray(rec.get("grid-counts", []), dtype=float)
                             if rec.get("grid-release-made", False) else None)
+        kept = float(rec.get("grid-noise", -1.0))
+        self.grid_noise = None if kept < 0 else kept
         self.noise_multiplier = None if sigma <= 0 else sigma
         self.rounds_trained = int(rec.get("rounds-trained", 0))
         self.replay_round = int(rec.get("replay-round", 0))

@@ -78,6 +78,15 @@ def test_grid_is_the_summed_releases_and_is_paid_for(heart_schema, heart_schema_
         again = grid_reply(site, study, fp, state)
         np.testing.assert_array_equal(again.arrays[VALUES], reply.arrays[VALUES])
         assert state.ledger.history == [(GRID_NOISE, 1.0, 1)]
+        # asked again with another grid-share, also after a restart: the resend states the
+        # noise the stored vector was drawn with, not one the request implies
+        other = replace(study, grid_share=GRID_SHARE / 2)
+        restarted = SiteState().for_study(study.study_id)
+        restarted._load_study(state._study_record())
+        for st in (state, restarted):
+            resent = grid_reply(site, other, fp, st)
+            np.testing.assert_array_equal(resent.arrays[VALUES], reply.arrays[VALUES])
+            assert resent.metrics[GRID_CELL_STD] == reply.metrics[GRID_CELL_STD]
 
     # playing the coordinator: the grid is a function of the summed releases only
     params = combine(heart_schema, replies)
