@@ -59,6 +59,13 @@ NONLINEAR_STRATEGIES: dict[str, str] = {
 #: uses 0.1-10; the coordinator picks the value.
 MAX_GRAD_NORM_RANGE = (1e-6, 1e6)
 
+#: The most DP-SGD steps one round may ask of a site (``local-epochs x int(1 /
+#: sample-rate)``). Not a privacy bound (the ledger prices any number of steps) but a
+#: site answers one request at a time: a coordinator that sent sample-rate 1e-12 passed
+#: every other check and kept the site training, its lock held, for ever (third audit).
+#: The default study takes 20 steps; 0.01 x 200 epochs would be 20,000.
+MAX_STEPS_PER_ROUND = 100_000
+
 #: A site's default privacy budget (per table, for life) and delta: the one place they
 #: are written; every command, config and API reads them from here.
 DEFAULT_EPSILON = 3.0
@@ -127,6 +134,8 @@ class StudyConfig:
     server_momentum: float = 0.5
 
     def __post_init__(self) -> None:
+        from .privacy.plan import steps_per_round  # privacy/ imports this module
+
         problems = []
         if self.num_server_rounds < 1:
             problems.append("num-server-rounds must be >= 1")
@@ -136,6 +145,11 @@ class StudyConfig:
             problems.append("local-epochs must be >= 1")
         if not 0 < self.sample_rate <= 1:
             problems.append("sample-rate must be in (0, 1]")
+        elif (self.local_epochs >= 1
+              and steps_per_round(self.sample_rate, self.local_epochs) > MAX_STEPS_PER_ROUND):
+            problems.append(f"local-epochs / sample-rate must be at most "
+                            f"{MAX_STEPS_PER_ROUND:,} DP-SGD steps per round (raise "
+                            "sample-rate or lower local-epochs)")
         if self.secure_aggregation not in SECURE_AGGREGATION:
             problems.append(f"secure-aggregation must be one of {', '.join(SECURE_AGGREGATION)}")
         strategy_problem = check_strategy(self.strategy, self.secure_aggregation)

@@ -129,6 +129,9 @@ TRAIN_EXTREMES: list[tuple[str, Any, str]] = [
     ("count-noise", 1e-3, "answered"),  # what it would cost is past the budget
     *[("sample-rate", v, "refused") for v in (0.0, -0.5, 2.0, math.nan, math.inf)],
     *[("local-epochs", v, "refused") for v in (0, -3)],
+    # steps per round past MAX_STEPS_PER_ROUND: before, the site trained for ever, lock held
+    *[("sample-rate", v, "refused") for v in (1e-12, 5e-6)],
+    ("local-epochs", 10**9, "refused"),
     *[("grid-share", v, "refused") for v in (-0.5, 1.0, math.nan, math.inf)],
     *[("proximal-mu", v, "refused") for v in (-1.0, math.nan, math.inf)],
     *[("num-server-rounds", v, "refused") for v in (0, -1)],
