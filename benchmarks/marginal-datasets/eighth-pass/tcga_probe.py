@@ -9,6 +9,11 @@ name from STRUCTURES) in one round instead of the public workload. Noise from
 does (Cox with the ridge penalty chosen by 5-fold CV on its own training table), on the
 full synthetic table and with covariate groups left out of the synthetic Cox model.
 
+PARAMS may set "prognostic" to "DOMAIN" (the list the bundled schema now carries) or
+"LIST8" (a hand list holding 4 covariates the real Cox model found significant: a bound,
+not a DP choice). Which list '{}' means depends on the schema at the time of the run
+(probes.jsonl's "survival_links" says).
+
 Usage: python tcga_probe.py EPSILON PARAMS SEEDS [CLIQUES]
 One JSON line per seed, then a MEDIAN line.
 """
