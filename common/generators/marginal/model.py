@@ -221,6 +221,7 @@ class MarginalGenerator(Generator):
             raise ValueError(f"sampler must be one of {SAMPLERS}, not "
                              f"{self.hparams['sampler']!r}")
         self.discretizer = study_discretizer(self.schema, self.hparams)
+        self.prognostic()  # a bad list fails here, before any release
         self.binning = ""  # JSON of the DP-derived cells (discretize.binning_to_json)
         self.mrf: Any = None
         self.sites: list[str] = []
