@@ -14,6 +14,8 @@ PARAMS may set "prognostic" to "DOMAIN" (the list the bundled schema now carries
 not a DP choice). Which list '{}' means depends on the schema at the time of the run
 (probes.jsonl's "survival_links" says).
 
+Each seed's split (real rows) is written under /tmp/s8t/split{seed}: delete it after.
+
 Usage: python tcga_probe.py EPSILON PARAMS SEEDS [CLIQUES]
 One JSON line per seed, then a MEDIAN line.
 """
