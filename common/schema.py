@@ -50,6 +50,11 @@ Survival outcomes and code sets::
 (``{circulatory: ["390..459"], infections: ["001..139"]}``); every code then belongs to
 exactly one group. Groups are public (a code hierarchy), never fitted on rows.
 
+A schema with a survival outcome may name, from domain knowledge, the covariates that
+carry its prognosis (the marginal generator links only these to the time and event)::
+
+    prognostic: [age, stage_iii, nodes_positive]
+
 Every kind declares its domain here so the encoder never has to look at private
 values.
 """
@@ -171,6 +176,10 @@ class Schema:
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
     graph: CausalGraph | None = None  # optional causal DAG from domain knowledge (causal.py)
+    # optional: the covariates domain knowledge names as prognostic for the survival
+    # outcome (staging guidelines, not the rows); the marginal generator links only
+    # these to (time, event) (docs/generators.md "Prognostic covariates")
+    prognostic: tuple[str, ...] = ()
 
     @property
     def names(self) -> list[str]:
@@ -240,6 +249,8 @@ class Schema:
         out["columns"] = cols
         if self.graph is not None:
             out["graph"] = self.graph.to_dict()
+        if self.prognostic:
+            out["prognostic"] = list(self.prognostic)
         return out
 
     def to_json(self) -> str:
@@ -296,6 +307,7 @@ def _parse_schema(raw: Any, source: str) -> Schema:
                             "binary column")
     members = {c.name for c in columns} | set(codesets)
     outcome = _parse_outcome(raw, by_name, members, problems)
+    prognostic = _parse_prognostic(raw.get("prognostic"), by_name, problems)
     graph = None
     if raw.get("graph") is not None and not problems:
         try:
@@ -308,7 +320,7 @@ def _parse_schema(raw: Any, source: str) -> Schema:
             + "\n".join(f"  - {p}" for p in problems)
         )
     known = {"name", "format", "columns", "outcome", "target", "description", "source",
-             "_codesets", "graph"}
+             "_codesets", "graph", "prognostic"}
     return Schema(
         name=name,
         columns=tuple(columns),
@@ -319,7 +331,30 @@ def _parse_schema(raw: Any, source: str) -> Schema:
         source=str(raw.get("source", "")),
         extra={**{k: v for k, v in raw.items() if k not in known}, "_codesets": codesets},
         graph=graph,
+        prognostic=prognostic,
     )
+
+
+def _parse_prognostic(raw: Any, by_name: dict[str, Column], problems: list[str]
+                      ) -> tuple[str, ...]:
+    """``prognostic``: a list of declared columns, none of them a survival time or event,
+    for a schema with a survival outcome."""
+    if raw is None:
+        return ()
+    survival = {c.name for c in by_name.values() if c.kind == "survival_time"}
+    survival |= {c.event for c in by_name.values() if c.kind == "survival_time"}
+    if not survival:
+        problems.append("'prognostic' names covariates of a survival outcome, but no column "
+                        "is a survival_time: remove it or declare the outcome")
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(n, str) for n in raw):
+        problems.append("'prognostic' must be a list of column names")
+        return ()
+    bad = [n for n in raw if n not in by_name or n in survival]
+    if bad:
+        problems.append(f"'prognostic' names {bad}: each must be a declared column other "
+                        "than the survival time and event")
+    return tuple(dict.fromkeys(raw))
 
 
 def _parse_format(fmt: Any, problems: list[str]) -> tuple[bool, tuple[str, ...]]:

@@ -161,6 +161,10 @@ class MarginalGenerator(Generator):
         "group_codes": True,  # False: one binary attribute per code even when grouped
         "code_cap": 3,  # a group's count cells 0..cap, the last meaning "cap or more"
         "anchor_survival": True,  # half of each round's candidates hold a survival column
+        # the covariates the workload links to (time, event): None, the schema's
+        # ``prognostic`` list (every covariate when it has none); a list: these; []: all
+        # (engine.workload_order; docs/generators.md "Prognostic covariates")
+        "prognostic": None,
         # wide tables: no score release (select_share unused); each round measures the
         # next pairs of a public workload order (survival pairs, code co-occurrences,
         # the rest, ranked by the noisy 1-way releases; engine.workload_order). None:
@@ -217,6 +221,7 @@ class MarginalGenerator(Generator):
             raise ValueError(f"sampler must be one of {SAMPLERS}, not "
                              f"{self.hparams['sampler']!r}")
         self.discretizer = study_discretizer(self.schema, self.hparams)
+        self.prognostic()  # a bad list fails here, before any release
         self.binning = ""  # JSON of the DP-derived cells (discretize.binning_to_json)
         self.mrf: Any = None
         self.sites: list[str] = []
@@ -570,7 +575,18 @@ class MarginalGenerator(Generator):
             split=outcome_split(self.schema, self.discretizer),
             pair_floor=float(self.hparams["pair_floor"]),
             pair_cap=bool(self.hparams["pair_cap"]),
+            prognostic=self.prognostic(),
         )
+
+    def prognostic(self) -> tuple[str, ...]:
+        """The covariates the workload links to survival (``prognostic``; () for all)."""
+        chosen = self.hparams["prognostic"]
+        names = self.schema.prognostic if chosen is None else tuple(chosen)
+        unknown = [n for n in names if n not in self.discretizer.names]
+        if unknown:
+            raise ValueError(f"prognostic names {unknown}, which are not attributes of "
+                             f"schema {self.schema.name!r}: name its columns")
+        return names
 
     def link_tail(self) -> tuple[str, ...]:
         """The survival columns each link counts in: (event, time), or (event,) with
