@@ -490,7 +490,8 @@ def run_simulation_study(
 def study_verdict(result: Any, summary: dict[str, Any]) -> Any:
     from ..common.validation.verdict import verdict
 
-    return verdict(result, rounds=int(summary["study"]["num-server-rounds"]))
+    return verdict(result, rounds=int(summary["study"]["num-server-rounds"]),
+                   generator=summary["study"].get("generator"))
 
 
 def validate_and_report(
@@ -530,6 +531,7 @@ def validate_and_report(
         rounds=summary["rounds"],
         appendix={"per-round log (every site's reply)": summary["rounds"],
                   "study configuration": summary["study"]},
+        generator=summary["study"].get("generator"),
     )
     metrics = result.to_dict()
     # exact train/holdout row counts are statistics of private rows: not in the summary

@@ -146,7 +146,8 @@ def run_study(
         privacy=privacy,
         rounds=summary["rounds"],
         validation=validation,
-        verdict=verdict(validation, rounds=int(summary["study"]["num-server-rounds"])),
+        verdict=verdict(validation, rounds=int(summary["study"]["num-server-rounds"]),
+                        generator=summary["study"].get("generator")),
         output_dir=folder,
         summary=summary,
     )

@@ -611,11 +611,12 @@ def _tile_colour(result: ValidationResult, key: str) -> str:
     return STATUS[hits[0].passed][1]
 
 
-def verdict_section(result: ValidationResult, rounds: int | None = None) -> str:
+def verdict_section(result: ValidationResult, rounds: int | None = None,
+                    generator: str | None = None) -> str:
     """The overall verdict with advice, first thing in the report."""
     from .verdict import verdict
 
-    v = verdict(result, rounds=rounds)
+    v = verdict(result, rounds=rounds, generator=generator)
     colour = STATUS[bool(v.passed)][1]
     items = []
     for a in v.areas:
@@ -728,6 +729,7 @@ def write_report(
     privacy: list[Mapping[str, Any]] | None = None,
     rounds: list[Mapping[str, Any]] | None = None,
     appendix: Mapping[str, Any] | None = None,
+    generator: str | None = None,
 ) -> Path:
     """Write the HTML report of ``result`` to ``path`` and return the path.
 
@@ -737,7 +739,9 @@ def write_report(
     against ``round`` when the rows have one). ``privacy`` (a row per site: spent,
     budget, delta) and ``rounds`` (the per-round log) make the study's privacy table and
     training plots; ``appendix`` sections are shown folded at the end (raw logs,
-    configuration). A new plot is one ``figure(_png(fig), caption)`` in ``body``.
+    configuration); ``generator`` (the one that made ``synthetic``) names the next one
+    to try in the verdict's advice. A new plot is one ``figure(_png(fig), caption)`` in
+    ``body``.
     """
     path = Path(path)
     real = Table.from_frame(real_train, schema)
@@ -760,7 +764,7 @@ def write_report(
     )
     body = [
         f"<h1>{html.escape(title)}</h1><div class=sub>{sub}</div>",
-        verdict_section(result, rounds=len(rounds) if rounds else None),
+        verdict_section(result, rounds=len(rounds) if rounds else None, generator=generator),
         "<h2>Summary: the checks behind the verdict</h2>",
         _summary(result),
     ]
