@@ -1,38 +1,42 @@
-"""One central marginal fit at epsilon 3 on a benchmark split (the pooled training rows
-of `fedsynth benchmark`'s seed), scored by the validation suite's code-set and survival
-areas. Usage: python central_fit.py DATASET SEED [JSON_HYPERPARAMETERS]."""
+"""One emulated central fit, shared by this folder's probes: `fedsynth benchmark`'s
+split of a seed, the marginal generator fitted on the pooled training rows at EPSILON
+with reproducible noise (labelled: a benchmark, not a release), and a synthetic table of
+the training size. Why one place: the probes compare hyperparameters and workloads, so
+they must fit and sample exactly alike.
 
-import json
-import sys
+The split (real rows) is written under ``workdir``: the caller deletes it after.
+"""
+
+from __future__ import annotations
+
 import time
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import pandas as pd
 
 from fedsynth.common.generators.marginal import MarginalGenerator
 from fedsynth.common.privacy.randomness import DPRandomness
-from fedsynth.common.validation import validate
 from fedsynth.simulations.benchmark import BenchmarkOptions, prepare_seed
 
-warnings.simplefilter("ignore")
-WANTED = ("code_frequency_correlation", "codeset_sign_agreement", "cox_hr_sign_agreement",
-          "cox_c_index")
 
-ds, seed = sys.argv[1], int(sys.argv[2])
-params = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
-data = prepare_seed(BenchmarkOptions(dataset=ds), seed, Path(f"/tmp/marginal-datasets/{ds}{seed}"))
-train, hold = data.train.drop(columns="site"), data.holdout.drop(columns="site")
-start = time.time()
-model = MarginalGenerator(data.schema, seed=seed, **params)
-model.fit(train, epsilon=3.0, randomness=DPRandomness.reproducible(seed, "central"))
-synthetic = model.sample(len(train), seed=seed + 1)
-seconds = time.time() - start
-pairs = data.schema.survival_pairs
-result = validate(train, hold, synthetic, data.schema, seed=seed, areas=["fidelity", "survival"],
-                  survival=pairs[0] if pairs else None)
-figures: dict[str, tuple[float, float | None]] = {}
-for m in result.metrics:
-    if m.name in WANTED and m.name not in figures:  # (value, real train's reference)
-        figures[m.name] = (round(float(m.value), 3),
-                           None if m.reference is None else round(float(m.reference), 3))
-print(ds, seed, params, f"fit+sample {seconds:.0f}s eps {model.fit_info['epsilon']:.4f}",
-      figures, "selected", model.fit_info["selected"])
+@dataclass
+class CentralFit:
+    data: Any  # the benchmark's prepared seed (schema, train, holdout)
+    train: pd.DataFrame
+    hold: pd.DataFrame
+    model: MarginalGenerator
+    synthetic: pd.DataFrame
+    seconds: float
+
+
+def central_fit(dataset: str, seed: int, epsilon: float | None, params: dict[str, Any],
+                workdir: Path) -> CentralFit:
+    data = prepare_seed(BenchmarkOptions(dataset=dataset), seed, workdir)
+    train, hold = data.train.drop(columns="site"), data.holdout.drop(columns="site")
+    start = time.time()
+    model = MarginalGenerator(data.schema, seed=seed, **params)
+    model.fit(train, epsilon=epsilon, randomness=DPRandomness.reproducible(seed, "central"))
+    synthetic = model.sample(len(train), seed=seed + 1)
+    return CentralFit(data, train, hold, model, synthetic, time.time() - start)

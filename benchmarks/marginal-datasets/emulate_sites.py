@@ -14,14 +14,12 @@ Usage: python emulate_sites.py DATASET EPSILON [JSON_HYPERPARAMETERS] [SEEDS, e.
 
 import json
 import sys
-import time
 import warnings
 from pathlib import Path
 
-from fedsynth.common.generators.marginal import MarginalGenerator
-from fedsynth.common.privacy.randomness import DPRandomness
+from central_fit import central_fit
+
 from fedsynth.common.validation import validate
-from fedsynth.simulations.benchmark import BenchmarkOptions, prepare_seed
 
 warnings.simplefilter("ignore")
 WANTED = ("code_frequency_correlation", "codeset_sign_agreement", "cox_hr_sign_agreement",
@@ -31,14 +29,10 @@ ds, eps = sys.argv[1], float(sys.argv[2])
 params = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
 seeds = [int(s) for s in (sys.argv[4] if len(sys.argv) > 4 else "0").split(",")]
 for seed in seeds:
-    data = prepare_seed(BenchmarkOptions(dataset=ds), seed,
-                        Path(f"/tmp/marginal-datasets/{ds}{seed}"))
-    train, hold = data.train.drop(columns="site"), data.holdout.drop(columns="site")
-    start = time.time()
-    model = MarginalGenerator(data.schema, seed=seed, **params)
-    model.fit(train, epsilon=eps, randomness=DPRandomness.reproducible(seed, "central"))
-    synthetic = model.sample(len(train), seed=seed + 1)
-    seconds = time.time() - start
+    fit = central_fit(ds, seed, eps, params, Path(f"/tmp/marginal-datasets/{ds}{seed}"))
+    data, train, hold, synthetic, model = (fit.data, fit.train, fit.hold, fit.synthetic,
+                                           fit.model)
+    seconds = fit.seconds
     pairs = data.schema.survival_pairs
     result = validate(train, hold, synthetic, data.schema, seed=seed,
                       areas=["fidelity", "survival"], survival=pairs[0] if pairs else None)

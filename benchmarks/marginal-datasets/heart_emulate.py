@@ -11,11 +11,9 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from central_fit import central_fit
 
-from fedsynth.common.generators.marginal import MarginalGenerator
-from fedsynth.common.privacy.randomness import DPRandomness
 from fedsynth.common.validation import validate
-from fedsynth.simulations.benchmark import BenchmarkOptions, prepare_seed
 
 warnings.simplefilter("ignore")
 eps = None if sys.argv[1] == "none" else float(sys.argv[1])
@@ -23,13 +21,10 @@ params = json.loads(sys.argv[2])
 seeds = [int(s) for s in sys.argv[3].split(",")]
 found: dict[str, list[float]] = {}
 for seed in seeds:
-    data = prepare_seed(BenchmarkOptions(dataset="heart_disease"), seed,
-                        Path(f"/tmp/marginal-datasets/heart{seed}"))
-    train, hold = data.train.drop(columns="site"), data.holdout.drop(columns="site")
     start = time.time()
-    model = MarginalGenerator(data.schema, seed=seed, **params)
-    model.fit(train, epsilon=eps, randomness=DPRandomness.reproducible(seed, "central"))
-    synthetic = model.sample(len(train), seed=seed + 1)
+    fit = central_fit("heart_disease", seed, eps, params,
+                      Path(f"/tmp/marginal-datasets/heart{seed}"))
+    data, train, hold, synthetic = fit.data, fit.train, fit.hold, fit.synthetic
     res = validate(train, hold, synthetic, data.schema, seed=seed,
                    areas=["fidelity", "utility"])
     head = res.headline()

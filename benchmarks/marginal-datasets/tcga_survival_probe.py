@@ -24,11 +24,10 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from central_fit import central_fit
 
-from fedsynth.common.generators.marginal import MarginalGenerator, engine
-from fedsynth.common.privacy.randomness import DPRandomness
+from fedsynth.common.generators.marginal import engine
 from fedsynth.common.validation import validate
-from fedsynth.simulations.benchmark import BenchmarkOptions, prepare_seed
 
 warnings.simplefilter("ignore")
 eps = None if sys.argv[1] == "none" else float(sys.argv[1])
@@ -43,8 +42,8 @@ SURVIVAL = ("T", "E")
 public_order, public_candidates = engine.workload_order, engine.candidates
 
 
-def order(every, spread, anchors, codes):  # noqa: ANN001, ANN201
-    base = public_order(every, spread, anchors, codes)
+def order(every, spread, anchors, codes, prognostic=()):  # noqa: ANN001, ANN201
+    base = public_order(every, spread, anchors, codes, prognostic)
     held = [i for i in base if set(every[i]) & set(anchors)]
     if mode in ("surv", "tri"):
         return held + [i for i in base if i not in set(held)]
@@ -78,13 +77,11 @@ def candidates(names, sizes, measured, max_way, max_clique_cells):  # noqa: ANN0
 engine.workload_order, engine.candidates = order, candidates
 found = []
 for seed in seeds:
-    data = prepare_seed(BenchmarkOptions(dataset="tcga_brca"), seed,
-                        Path(f"/tmp/marginal-datasets/tcga_brca{seed}"))
-    train, hold = data.train.drop(columns="site"), data.holdout.drop(columns="site")
     start = time.time()
-    model = MarginalGenerator(data.schema, seed=seed, **params)
-    model.fit(train, epsilon=eps, randomness=DPRandomness.reproducible(seed, "central"))
-    synthetic = model.sample(len(train), seed=seed + 1)
+    fit = central_fit("tcga_brca", seed, eps, params,
+                      Path(f"/tmp/marginal-datasets/tcga_brca{seed}"))
+    data, train, hold, synthetic, model = (fit.data, fit.train, fit.hold, fit.synthetic,
+                                           fit.model)
     res = validate(train, hold, synthetic, data.schema, seed=seed, areas=["survival"],
                    survival=SURVIVAL)
     c = {m.name: m for m in res.metrics}["cox_c_index"]

@@ -29,12 +29,13 @@ from pathlib import Path
 import numpy as np
 
 from fedsynth.common.bundled import bundled_schema
-from fedsynth.common.generators.marginal import MarginalGenerator, engine
-from fedsynth.common.privacy.randomness import DPRandomness
+from fedsynth.common.generators.marginal import engine
 from fedsynth.common.validation import survival
 from fedsynth.common.validation.context import Context
 from fedsynth.common.validation.data import Table
-from fedsynth.simulations.benchmark import BenchmarkOptions, prepare_seed
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from central_fit import central_fit  # noqa: E402  (this folder's shared central fit)
 
 warnings.simplefilter("ignore")
 AGE = "age_at_index"
@@ -89,13 +90,9 @@ def main() -> None:
         engine.workload_order = lambda every, *a: list(range(len(every)))  # noqa: E731
     found: dict[str, list[float]] = {}
     for seed in seeds:
-        data = prepare_seed(BenchmarkOptions(dataset="tcga_brca"), seed,
-                            Path(f"/tmp/s8t/split{seed}"))
-        train, hold = data.train.drop(columns="site"), data.holdout.drop(columns="site")
         start = time.time()
-        model = MarginalGenerator(data.schema, seed=seed, **params)
-        model.fit(train, epsilon=eps, randomness=DPRandomness.reproducible(seed, "central"))
-        syn = model.sample(len(train), seed=seed + 1)
+        fit = central_fit("tcga_brca", seed, eps, params, Path(f"/tmp/s8t/split{seed}"))
+        data, train, hold, syn, model = fit.data, fit.train, fit.hold, fit.synthetic, fit.model
         schema = data.schema
         ctx = Context(schema=schema, survival=("T", "E"), seed=seed,
                       train=Table.from_frame(train, schema),
