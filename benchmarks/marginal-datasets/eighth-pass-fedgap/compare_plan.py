@@ -51,7 +51,12 @@ print(f"{ds} seed {seed}: {n_sites} sites at epsilon {eps}; central emulation at
 
 fed = run_federated(opts, Setting("federated", "marginal", dp=True, epsilon=eps), data,
                     seed, work / "fed")
-summary = json.loads((work / "fed" / "summary.json").read_text())["marginal"]
+full = json.loads((work / "fed" / "summary.json").read_text())
+summary = full["marginal"]
+answers = [e["status"] for r in full["rounds"] for e in r["sites"]]
+print(f"- federated releases: {len(full['rounds'])} requests, {len(answers)} site replies, "
+      f"not released: {sum(a != 'trained' for a in answers)}; epsilon spent per site: "
+      f"{ {k: round(v['epsilon'], 4) for k, v in full['sites'].items()} }")
 fed_model = Generator.load(work / "fed" / "model.fsg")
 
 train = data.train.drop(columns="site")
@@ -95,3 +100,5 @@ for name, syn in (("federated", fed_syn), ("central", cen_syn)):
                                       if v is not None and np.isfinite(v)
                                       and any(w in k for w in ("c_index", "fidelity",
                                                                 "tstr"))}))
+
+shutil.rmtree(work, ignore_errors=True)  # real rows: not left behind
