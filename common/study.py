@@ -72,6 +72,14 @@ DEFAULT_EPSILON = 3.0
 DEFAULT_DELTA = 1e-5
 
 
+def steps_per_round(sample_rate: float, epochs: int = 1) -> int:
+    """Poisson steps in ``epochs`` local epochs: ``int(1 / q)`` each, as Opacus' sampler
+    makes them (``UniformWithReplacementSampler.__len__``); the accountant, the
+    coordinator's update bounds and ``MAX_STEPS_PER_ROUND`` use this same figure. Here,
+    not in privacy/, so that validating a config imports neither torch nor Opacus."""
+    return epochs * int(1.0 / sample_rate)
+
+
 class ConfigError(FedsynthError, ValueError):
     """A run or node config value is wrong; the message names the key."""
 
@@ -134,8 +142,6 @@ class StudyConfig:
     server_momentum: float = 0.5
 
     def __post_init__(self) -> None:
-        from .privacy.plan import steps_per_round  # privacy/ imports this module
-
         problems = []
         if self.num_server_rounds < 1:
             problems.append("num-server-rounds must be >= 1")

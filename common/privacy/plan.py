@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import BudgetError
+from ..study import steps_per_round
 from .accountant import PrivacyLedger, Release, RoundPlan, calibrate_noise, plan_history
 
 if TYPE_CHECKING:
@@ -27,13 +28,6 @@ if TYPE_CHECKING:
 
 #: Upper end of the noise calibration: past it DP-SGD learns nothing useful anyway.
 MAX_NOISE_MULTIPLIER = 8192.0  # the last value calibrate_noise tries
-
-
-def steps_per_round(sample_rate: float, epochs: int = 1) -> int:
-    """Poisson steps in ``epochs`` local epochs: ``int(1 / q)`` each, as Opacus' sampler
-    makes them (``UniformWithReplacementSampler.__len__``); the accountant and the
-    coordinator's update bounds use this same figure."""
-    return epochs * int(1.0 / sample_rate)
 
 
 @dataclass(frozen=True)
