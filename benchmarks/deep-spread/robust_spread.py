@@ -14,15 +14,12 @@ share of runs (3-seed medians) outside [0.8, 1.25] by each measure.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-from fedsynth.common.bundled import bundled_schema
-from fedsynth.common.table import read_table
+from std_ratios import kept_tables
 
 MEASURES = {
     "std": lambda x: float(np.std(x, ddof=1)),
@@ -38,19 +35,12 @@ def _values(frame: pd.DataFrame, col: str) -> np.ndarray:
 
 def spreads(out: Path) -> pd.DataFrame:
     rows = []
-    dataset = json.loads((out / "run.json").read_text())["options"]["dataset"]
-    schema = bundled_schema(dataset)
-    numeric = [c.name for c in schema.columns if c.is_numeric]
-    for seed_dir in sorted((out / "work").glob("seed-*")):
-        real = read_table(seed_dir / "real" / "train.csv", schema)
-        for setting in sorted(p for p in seed_dir.iterdir() if (p / "synthetic.csv").exists()):
-            syn = pd.read_csv(setting / "synthetic.csv")
-            for col in numeric:
-                r, s = _values(real, col), _values(syn, col)
-                for name, f in MEASURES.items():
-                    rows.append({"run": out.name, "setting": setting.name,
-                                 "seed": seed_dir.name, "column": col, "measure": name,
-                                 "ratio": f(s) / f(r)})
+    for setting, seed, real, syn, numeric in kept_tables(out):
+        for col in numeric:
+            r, s = _values(real, col), _values(syn, col)
+            for name, f in MEASURES.items():
+                rows.append({"run": out.name, "setting": setting, "seed": seed,
+                             "column": col, "measure": name, "ratio": f(s) / f(r)})
     return pd.DataFrame(rows)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -19,21 +20,25 @@ from fedsynth.common.bundled import bundled_schema
 from fedsynth.common.table import read_table
 
 
-def ratios(out: Path) -> pd.DataFrame:
-    rows = []
+def kept_tables(out: Path) -> Iterator[tuple[str, str, pd.DataFrame, pd.DataFrame, list[str]]]:
+    """(setting, seed, real training rows, synthetic rows, numeric columns) for every seed
+    and setting of a kept benchmark folder: the one walk ``robust_spread.py`` shares."""
     dataset = json.loads((out / "run.json").read_text())["options"]["dataset"]
     schema = bundled_schema(dataset)
     numeric = [c.name for c in schema.columns if c.is_numeric]
     for seed_dir in sorted((out / "work").glob("seed-*")):
         real = read_table(seed_dir / "real" / "train.csv", schema)
         for setting in sorted(p for p in seed_dir.iterdir() if (p / "synthetic.csv").exists()):
-            syn = pd.read_csv(setting / "synthetic.csv")
-            for col in numeric:
-                real_std = pd.to_numeric(real[col], errors="coerce").astype(float).std()
-                r = pd.to_numeric(syn[col], errors="coerce").astype(float).std() / real_std
-                if True:
-                    rows.append({"setting": setting.name, "seed": seed_dir.name, "column": col,
-                                 "ratio": float(r)})
+            yield setting.name, seed_dir.name, real, pd.read_csv(setting / "synthetic.csv"), numeric
+
+
+def ratios(out: Path) -> pd.DataFrame:
+    rows = []
+    for setting, seed, real, syn, numeric in kept_tables(out):
+        for col in numeric:
+            real_std = pd.to_numeric(real[col], errors="coerce").astype(float).std()
+            r = pd.to_numeric(syn[col], errors="coerce").astype(float).std() / real_std
+            rows.append({"setting": setting, "seed": seed, "column": col, "ratio": float(r)})
     return pd.DataFrame(rows)
 
 
