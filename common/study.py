@@ -84,6 +84,28 @@ class ConfigError(FedsynthError, ValueError):
     """A run or node config value is wrong; the message names the key."""
 
 
+#: Seeds a study accepts: numpy's legacy seeding (mbi's sampler) takes at most 2**32 - 1,
+#: and the code adds small offsets to the study's seed (per site, per sample).
+SEED_RANGE = (0, 2**31 - 1)
+
+
+def check_budget(epsilon: float, delta: float, who: str = "a site") -> None:
+    """The one check of a DP budget's numbers, wherever a budget enters (a site's node
+    config, ``fedsynth simulate``'s flags, the study API).
+
+    Why finite: an infinite epsilon is no privacy at all, and NaN compared false in every
+    later check, so it reached the planners and failed there with a traceback. A study
+    without DP says so (``dp = false``, ``--no-dp``) rather than by an infinite budget.
+    """
+    if not (math.isfinite(epsilon) and epsilon > 0):
+        raise ConfigError(f"{who}: the budget's epsilon must be a finite number > 0, got "
+                          f"{epsilon!r} (for a study without DP set dp = false, or pass "
+                          "--no-dp)")
+    if not (math.isfinite(delta) and 0 < delta < 1):
+        raise ConfigError(f"{who}: the budget's delta must be in (0, 1), got {delta!r} "
+                          "(1e-5 is usual: well below one over the number of patients)")
+
+
 @dataclass(frozen=True)
 class StudyConfig:
     """Run config of a study (kebab-case keys in Flower's run config)."""
@@ -179,6 +201,10 @@ class StudyConfig:
             problems.append("grid-share must be in [0, 1) (0: no quantile-grid release)")
         if self.accountant not in ACCOUNTANTS:
             problems.append(f"accountant must be one of {', '.join(ACCOUNTANTS)}")
+        if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            problems.append(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
+        if self.n_synthetic < 0:
+            problems.append("n-synthetic must be >= 0 (0: about the number of training rows)")
         # NaN or inf made the site draw the count release and fail on it, and a sigma
         # past 1e154 or below 1e-154 makes Opacus' RDP terms overflow or divide by zero
         if not 1e-6 <= self.count_noise <= 1e6:
@@ -270,10 +296,8 @@ class SiteConfig:
             )
         if self.noise_multiplier is not None and not self.noise_multiplier > 0:
             raise ConfigError(f"site {self.name}: noise-multiplier must be > 0")
-        if self.dp and not (self.epsilon > 0):
-            raise ConfigError(f"site {self.name}: epsilon must be > 0 (or set dp = false)")
-        if self.dp and not (0 < self.delta < 1):
-            raise ConfigError(f"site {self.name}: delta must be in (0, 1)")
+        if self.dp:
+            check_budget(self.epsilon, self.delta, f"site {self.name}")
 
     @property
     def requires_encryption(self) -> bool:

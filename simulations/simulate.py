@@ -36,7 +36,14 @@ from ..common.generators import get_generator
 from ..common.privacy.plan import PrivacyPlan
 from ..common.protocol import Status
 from ..common.schema import Outcome, Schema
-from ..common.study import DEFAULT_DELTA, DEFAULT_EPSILON, ConfigError, SiteConfig, StudyConfig
+from ..common.study import (
+    DEFAULT_DELTA,
+    DEFAULT_EPSILON,
+    ConfigError,
+    SiteConfig,
+    StudyConfig,
+    check_budget,
+)
 from ..common.table import read_table
 from ..server.app import SUMMARY, SYNTHETIC, StudyFailed, make_server_app
 from ..server.strategy import RoundLog
@@ -345,12 +352,20 @@ class _RoundPrinter:
 
 def check_budgets(opts: SimulationOptions) -> None:
     """Every simulated site's budget against the study's privacy plan, before anything
-    runs: an infeasible budget is one message with the smallest feasible epsilon."""
-    if not opts.dp or opts.study.generator == "marginal":  # that one plans its own releases
+    runs: a budget that is not a number (NaN, inf, delta outside (0, 1)) or that cannot
+    pay for the plan is one message, the latter with the smallest feasible epsilon."""
+    if not opts.dp:
         return
     budgets = {"every site": opts.epsilon} | {f"site {k}": v for k, v in
                                               opts.site_epsilon.items()}
     for who, eps in budgets.items():
+        check_budget(eps, opts.delta, who)
+    for who, eps in budgets.items():
+        if opts.study.generator == "marginal":  # it plans its own releases from the budget
+            from ..common.generators.marginal.plan import budget_noise  # JAX: only here
+
+            budget_noise(eps, opts.delta, opts.study.accountant, who=who)
+            continue
         if who == "every site" and opts.site_noise:
             continue  # sites that fix their noise are capped by rounds, not calibrated
         PrivacyPlan.from_study(opts.study, eps, opts.delta).check(eps, opts.delta, who=who)

@@ -155,8 +155,9 @@ def test_preflight_lists_every_problem(
     out = capsys.readouterr().out
     assert code == 1
     problems = [line for line in out.splitlines() if "PROBLEM" in line]
-    for expected in ("epsilon must be > 0", "column 'age'", "column 'cp'", "no state-dir",
-                     "no --superlink", "missing-ca.crt does not exist", "permissions 0644"):
+    for expected in ("epsilon must be a finite number > 0", "column 'age'", "column 'cp'",
+                     "no state-dir", "no --superlink", "missing-ca.crt does not exist",
+                     "permissions 0644"):
         assert any(expected in p for p in problems), (expected, out)
     assert "flower-supernode" not in out  # no command to start a broken site
     assert _digest(table) == digest

@@ -160,6 +160,35 @@ def test_failing_argument_leaves_no_folder(argv: list[str], tmp_path: Path, caps
     assert not out.exists()
 
 
+@pytest.mark.parametrize(("argv", "says"), [
+    # each of these reached a planner or a seed and ended in a traceback (exit 1); the
+    # marginal ones left fedsynth.log, real/ (the sites' real rows) and site-state/ behind
+    (["--epsilon", "nan"], "epsilon must be a finite number > 0, got nan"),
+    (["--epsilon", "inf"], "epsilon must be a finite number > 0, got inf"),
+    (["--delta", "2"], "delta must be in (0, 1), got 2.0"),
+    (["--delta", "nan"], "delta must be in (0, 1), got nan"),
+    (["--site-epsilon", "cleveland=nan"], "site cleveland: the budget's epsilon"),
+    (["--seed", "-1"], "seed must be an integer in [0, 2147483647]"),
+    (["--n-synthetic", "-3"], "n-synthetic must be >= 0"),
+    (["--generator", "marginal", "--epsilon", "0.01"],
+     "no noise level gets below epsilon 0.103"),
+    (["--generator", "marginal", "--delta", "1e-300"], "cannot pay for a marginal study"),
+    (["--generator", "marginal", "--epsilon", "inf"], "finite number > 0"),
+    # a positive value the column never takes: TSTR silently vanished from the report
+    (["--target", "num=9"], "target 'num' has no value(s) ['9']; its values are 0, 1, 2"),
+    (["--target", "num=0,1,2,3,4"], "leave at least one as the negative class"),
+])
+def test_impossible_budget_seed_or_target_is_one_message(
+    argv: list[str], says: str, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "study"
+    assert main(["simulate", "--out", str(out), *argv]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.startswith("error:") and says in err, err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
 def test_schema_file_given_as_dataset_says_what_to_do(tmp_path: Path, capsys) -> None:
     assert main(["simulate", "--dataset", "mine.yaml", "--out", str(tmp_path / "o")]) == 2
     assert "--schema mine.yaml with --data" in " ".join(capsys.readouterr().err.split())

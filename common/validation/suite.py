@@ -77,7 +77,17 @@ def resolve_target(
             )
     if not column.is_categorical:
         raise ValueError(f"target {target!r} must be categorical or binary, not {column.kind}")
-    return Target(column=target, positive=frozenset(str(v) for v in positive))
+    # a positive value the column never takes gave a label with one class, and TSTR and
+    # TRTR were then silently left out of the report
+    known = {str(c) for c in column.categories}
+    given = {str(v) for v in positive}
+    if not given or given - known:
+        raise ValueError(f"target {target!r} has no value(s) {sorted(given - known)}; its "
+                         f"values are {', '.join(sorted(known))}: name the positive ones")
+    if given >= known:
+        raise ValueError(f"every value of target {target!r} is named positive: leave at "
+                         "least one as the negative class")
+    return Target(column=target, positive=frozenset(given))
 
 
 def validate(

@@ -64,6 +64,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ...errors import BudgetError
 from ...privacy import PrivacyLedger
 
 ONE_WAY, SCORE, MEASURE, FINE, CODES = "one-way", "score", "measure", "fine", "codes"
@@ -213,13 +214,22 @@ def _levels(plan: MarginalPlan, rho: float) -> NoiseLevels:
     return NoiseLevels(one, score, measure, fine, codes, pairs, links)
 
 
+#: The largest whole-budget noise multiplier ``budget_noise`` tries: past it the
+#: accountant's epsilon no longer falls (its conversion from RDP at delta has a floor).
+MAX_BUDGET_NOISE = 1e6
+
+
 def budget_noise(epsilon: float, delta: float, mechanism: str = "rdp",
-                 tolerance: float = 1e-4) -> float:
+                 tolerance: float = 1e-4, who: str = "a site") -> float:
     """The noise multiplier of the one Gaussian (sensitivity 1, rate 1) that spends a
     whole budget: every plan splits exactly this (``calibrate``), so it is a site's
-    noise scale independent of the plan. Bisection with the site's own accountant."""
+    noise scale independent of the plan. Bisection with the site's own accountant.
+
+    A budget below what any noise reaches (the accountant's floor at ``delta``) is a
+    ``BudgetError`` naming that floor, so a study asks for a feasible budget before any
+    release rather than failing inside the planner."""
     if not (epsilon > 0 and math.isfinite(epsilon)):
-        raise ValueError("epsilon must be a positive number")
+        raise BudgetError(f"{who}: epsilon must be a finite number > 0, got {epsilon!r}")
 
     def eps(sigma_eq: float) -> float:
         return PrivacyLedger(mechanism, [(sigma_eq, 1.0, 1)]).epsilon(delta)
@@ -227,8 +237,12 @@ def budget_noise(epsilon: float, delta: float, mechanism: str = "rdp",
     lo, hi = 0.05, 1.0
     while eps(hi) > epsilon:
         lo, hi = hi, hi * 2
-        if hi > 1e6:
-            raise ValueError(f"no noise level reaches epsilon {epsilon}")
+        if hi > MAX_BUDGET_NOISE:
+            raise BudgetError(
+                f"{who}'s budget epsilon {epsilon:g} cannot pay for a marginal study at "
+                f"delta {delta:g}: with the {mechanism} accountant no noise level gets "
+                f"below epsilon {eps(MAX_BUDGET_NOISE):.3f}. Raise epsilon above that, or "
+                "delta")
     while eps(lo) <= epsilon and lo > 1e-4:
         lo /= 2
     while hi - lo > tolerance * hi:
