@@ -212,6 +212,43 @@ def claim_output(out: Path, force: bool, resume: bool) -> None:
             target.unlink()
 
 
+#: Held-out patients a study needs, pooled over its sites: with none the validation
+#: failed after training (a ZeroDivisionError, --holdout 0.001 on heart disease), and a
+#: handful makes every figure noise.
+MIN_HOLDOUT_ROWS = 20
+
+
+def site_splits(
+    opts: SimulationOptions, data: StudyData
+) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
+    """Each chosen site's (train, holdout), stratified by the study's target (also when
+    ``--target`` names it); the same seeds whenever it is called, so the check before
+    the study and the study itself see the same split."""
+    frames = {k: v for k, v in data.frames.items() if not opts.sites or k in opts.sites}
+    target, positive = (opts.target, opts.positive) if opts.target and opts.positive else (
+        None, None)
+    split_schema = data.schema if target is None else replace(
+        data.schema, outcome=Outcome(column=target, positive=tuple(positive)))
+    return {name: holdout_split(frame, split_schema, opts.holdout, seed=opts.study.seed + i)
+            for i, (name, frame) in enumerate(frames.items())}
+
+
+def check_holdout(opts: SimulationOptions, data: StudyData) -> None:
+    """Refuse a holdout share that leaves too few patients to validate against, or a
+    site nothing to train on, before anything runs. The message names no row count:
+    those are statistics of the sites' rows."""
+    splits = site_splits(opts, data)
+    if sum(len(hold) for _, hold in splits.values()) < MIN_HOLDOUT_ROWS:
+        raise ConfigError(
+            f"--holdout {opts.holdout:g} holds back fewer than {MIN_HOLDOUT_ROWS} patients "
+            "over all sites, too few to validate the synthetic rows against: raise "
+            "--holdout (default 0.2)")
+    bare = [name for name, (train, _) in splits.items() if len(train) == 0]
+    if bare:
+        raise ConfigError(f"--holdout {opts.holdout:g} leaves site(s) {', '.join(bare)} no "
+                          "rows to train on: lower --holdout")
+
+
 def prepare_sites(
     opts: SimulationOptions, out: Path, data: StudyData | None = None
 ) -> tuple[list[SiteConfig], pd.DataFrame, pd.DataFrame]:
@@ -224,22 +261,14 @@ def prepare_sites(
         raise ConfigError(
             f"unknown site(s) {sorted(unknown)}; {data.label} has {', '.join(frames)}"
         )
-    if opts.sites:
-        frames = {k: v for k, v in frames.items() if k in opts.sites}
     real_dir = out / "real"
     real_dir.mkdir(parents=True, exist_ok=True)
     if data.schema_path is None:
         data.schema_path = out / "schema.yaml"
         schema.save(data.schema_path)
     schema_path = str(data.schema_path)
-    # the holdout is stratified by the study's target, also when --target names it
-    target, positive = (opts.target, opts.positive) if opts.target and opts.positive else (
-        None, None)
-    split_schema = schema if target is None else replace(
-        schema, outcome=Outcome(column=target, positive=tuple(positive)))
     sites, trains, holds = [], [], []
-    for i, (name, frame) in enumerate(frames.items()):
-        train, hold = holdout_split(frame, split_schema, opts.holdout, seed=opts.study.seed + i)
+    for i, (name, (train, hold)) in enumerate(site_splits(opts, data).items()):
         path = real_dir / f"site-{name}.csv"
         write_site_table(train, schema, str(path))
         sites.append(
@@ -415,6 +444,7 @@ def run_simulation_study(
         raise ConfigError(
             f"unknown site(s) {sorted(unknown)}; {data.label} has {', '.join(data.frames)}"
         )
+    check_holdout(opts, data)
     out = Path(opts.study.output_dir)
     claim_output(out, opts.force, opts.study.resume)
     out.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,7 @@ def _missing_gaps(tmp: Path, params: dict[str, float]) -> pd.Series:
 
 def test_federated_adam_eps_must_be_positive():
     schema, _ = load_site_frames("heart_disease")
-    with pytest.raises(ValueError, match="federated_adam_eps must be > 0"):
+    with pytest.raises(ValueError, match="federated_adam_eps must be a number > 0"):
         TVAE(schema, federated_adam_eps=0.0)
 
 

@@ -177,6 +177,16 @@ def test_failing_argument_leaves_no_folder(argv: list[str], tmp_path: Path, caps
     # a positive value the column never takes: TSTR silently vanished from the report
     (["--target", "num=9"], "target 'num' has no value(s) ['9']; its values are 0, 1, 2"),
     (["--target", "num=0,1,2,3,4"], "leave at least one as the negative class"),
+    # an empty holdout trained the whole study, then failed validating (ZeroDivisionError)
+    (["--holdout", "0.001"], "holds back fewer than 20 patients over all sites"),
+    (["--holdout", "0.999", "--sites", "switzerland"],
+     "leaves site(s) switzerland no rows to train on"),
+    # a zero-width layer built and trained a network that ignored its input (exit 0)
+    (["--generator-params", '{"hidden": 0}'], "hidden must be a whole number >= 1, got 0"),
+    (["--generator", "ddpm", "--generator-params", '{"lr": NaN}'],
+     "lr must be a number > 0, got nan"),
+    (["--generator", "ctgan", "--generator-params", '{"dropout": 1}'],
+     "dropout must be a number >= 0 and < 1, got 1"),
 ])
 def test_impossible_budget_seed_or_target_is_one_message(
     argv: list[str], says: str, tmp_path: Path, capsys

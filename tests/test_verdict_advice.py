@@ -42,3 +42,32 @@ def test_the_marginal_generator_is_sent_to_its_graph_or_a_deep_one() -> None:
 
 def test_without_a_known_generator_every_family_is_named() -> None:
     assert "marginal|tvae|ddpm|ctgan" in _advice(None)
+
+
+def test_the_marginal_generator_is_not_told_to_train_longer() -> None:
+    # it measures once: --rounds and --local-epochs change nothing it releases, so the
+    # advice sent its users to flags that did nothing
+    text = _advice("marginal")
+    assert "--rounds" not in text and "--local-epochs" not in text and "{longer}" not in text
+    assert "larger budget" in text or "raise the budget" in text
+    for deep in ("tvae", "ctgan", "ddpm"):
+        assert "train longer (--rounds, --local-epochs)" in _advice(deep)
+
+
+def test_few_rounds_are_noted_only_for_a_generator_that_trains() -> None:
+    note = "a verdict after so few rounds says little"
+    assert any(note in n for n in verdict(_failing_detection(), rounds=2,
+                                          generator="tvae").notes)
+    assert not verdict(_failing_detection(), rounds=2, generator="marginal").notes
+
+
+def test_no_area_advice_keeps_a_placeholder() -> None:
+    failing = ValidationResult([
+        metric(f"m_{area}", area, 0.0, "higher", area, threshold=0.5)
+        for area in ("fidelity", "diversity", "utility", "survival", "causal",
+                     "clustering", "detection", "privacy")
+    ])
+    for generator in ("tvae", "marginal", None):
+        for a in verdict(failing, rounds=10, generator=generator).areas:
+            assert a.passed is False and a.advice, (generator, a)
+            assert "{another}" not in a.advice and "{longer}" not in a.advice

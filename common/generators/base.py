@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import numbers
 import zipfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -91,11 +92,47 @@ class ConditionError(FedsynthError, ValueError):
     """A sampling condition cannot be met under the schema, or by the model."""
 
 
+@dataclass(frozen=True)
+class Bound:
+    """The values a numeric hyperparameter may take: ``low`` to ``high`` (``low``
+    excluded when ``open_low``), whole numbers only when ``integer``; None passes when the
+    default is None (the generator then picks). Checked when a generator is built, so a
+    zero-width layer or a NaN learning rate is one message before any site trains, not
+    a degenerate model (``hidden`` 0 built and trained a network that ignored its
+    input) or a NaN loss rounds later."""
+
+    low: float
+    high: float = float("inf")
+    integer: bool = False
+    open_low: bool = False
+
+    def problem(self, value: Any) -> str:
+        """What is wrong with ``value`` ("" when nothing)."""
+        kind = "a whole number" if self.integer else "a number"
+        lo = f"> {self.low:g}" if self.open_low else f">= {self.low:g}"
+        want = f"{kind} {lo}" + (f" and < {self.high:g}" if self.high != float("inf") else "")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return want
+        v = float(value)
+        if not np.isfinite(v) or (self.integer and v != int(v)):
+            return want
+        if v < self.low or (self.open_low and v == self.low) or v >= self.high:
+            return want
+        return ""
+
+
+#: Bounds shared by the deep generators' hyperparameters.
+POSITIVE, SIZE, SHARE = Bound(0.0, open_low=True), Bound(1, integer=True), Bound(0.0, 1.0)
+NON_NEGATIVE = Bound(0.0)
+
+
 class Generator(ABC):
     """Base class: schema + hyperparameters in, DataFrames in the schema out."""
 
     name: ClassVar[str]
     defaults: ClassVar[dict[str, Any]] = {}
+    #: the numeric hyperparameters' bounds (``Bound``), checked before ``build``
+    bounds: ClassVar[dict[str, Bound]] = {}
     #: Whether the coordinator's server momentum (FedAvgM) may step this model; a model
     #: whose training is a game between networks (a GAN) sets it False and gets plain
     #: FedAvg whatever the study's server momentum.
@@ -110,6 +147,13 @@ class Generator(ABC):
             )
         self.schema = schema
         self.hparams: dict[str, Any] = {**self.defaults, **hparams}
+        for key, bound in self.bounds.items():
+            value = self.hparams[key]
+            if value is None and self.defaults[key] is None:
+                continue
+            problem = bound.problem(value)
+            if problem:
+                raise ValueError(f"{self.name}: {key} must be {problem}, got {value!r}")
         try:
             self.encoder = TabularEncoder(schema, grid=self.hparams.get(GRID_PARAM),
                                           heaps=self.hparams.get(HEAPS_PARAM))

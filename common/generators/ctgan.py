@@ -84,7 +84,7 @@ from torch.nn import functional as F
 
 from ..encoding import MISSING
 from ..schema import Schema
-from .base import Generator, TrainingSpec
+from .base import NON_NEGATIVE, POSITIVE, SHARE, SIZE, Generator, TrainingSpec
 
 
 class _CondPrior(nn.Module):
@@ -211,15 +211,17 @@ class CTGAN(Generator):
         "ema_decay": 0.99,
         "loss_bound": 10.0,
     }
+    bounds: ClassVar[dict[str, Any]] = {
+        "bins": SIZE, "z_dim": SIZE, "g_hidden": SIZE, "d_hidden": SIZE, "dropout": SHARE,
+        "lr": POSITIVE, "g_lr": POSITIVE, "fake_batch": SIZE, "g_steps": SIZE,
+        "ce_weight": NON_NEGATIVE, "tau": POSITIVE, "ema_decay": SHARE,
+        "loss_bound": POSITIVE,
+    }
 
     # -- construction ------------------------------------------------------------------
     def build(self) -> None:
         enc = self.encoder
         self._bins = int(self.hparams["bins"])
-        if self._bins < 1:
-            raise ValueError("ctgan: bins must be >= 1")
-        if int(self.hparams["fake_batch"]) < 1:
-            raise ValueError("ctgan: fake_batch must be >= 1 (the public fake rows per step)")
         self._num_idx = torch.tensor([b.start for b in enc.numeric_blocks], dtype=torch.long)
         self._cat_blocks = [(b.start, b.size) for b in enc.onehot_blocks]
         self._cat_idx = torch.tensor(

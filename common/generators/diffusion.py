@@ -44,7 +44,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..encoding import _Z as GRID_Z
-from .base import Generator
+from .base import NON_NEGATIVE, POSITIVE, SHARE, SIZE, Bound, Generator
 from .tvae import OutcomeConditioned, _CondPrior
 
 _LOG_EPS = 1e-12
@@ -179,12 +179,16 @@ class TabDDPM(OutcomeConditioned, Generator):
         "multiplicity": 8,
         "condition_gain": True,
     }
+    bounds: ClassVar[dict[str, Any]] = {
+        "hidden": SIZE, "depth": SIZE, "t_dim": SIZE, "steps": Bound(2, integer=True),
+        "lr": POSITIVE, "ce_weight": NON_NEGATIVE, "code_weight": NON_NEGATIVE,
+        "iterate_ema": SHARE, "loss_bound": POSITIVE, "numeric_scale": POSITIVE,
+        "multiplicity": SIZE,
+    }
 
     def build(self) -> None:
         enc = self.encoder
         T = int(self.hparams["steps"])
-        if T < 2:
-            raise ValueError("ddpm: steps must be >= 2")
         schedule = str(self.hparams["schedule"])
         if schedule == "cosine":
             alpha_bar = _cosine_alpha_bar(T)

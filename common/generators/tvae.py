@@ -77,7 +77,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import Generator
+from .base import NON_NEGATIVE, POSITIVE, SHARE, SIZE, Generator
 
 #: Largest automatic gain of the condition's direct map (the largest measured: TCGA-BRCA's
 #: 38 binary columns; docs/generators.md).
@@ -329,11 +329,14 @@ class TVAE(OutcomeConditioned, Generator):
         "survival_by_event": True,
         "federated_adam_eps": 0.3,
     }
+    bounds: ClassVar[dict[str, Any]] = {
+        "hidden": SIZE, "latent": SIZE, "lr": POSITIVE, "numeric_sigma": POSITIVE,
+        "numeric_weight": NON_NEGATIVE, "kl_weight": NON_NEGATIVE, "iterate_ema": SHARE,
+        "loss_bound": POSITIVE, "survival_skip": NON_NEGATIVE,
+        "federated_adam_eps": POSITIVE,
+    }
 
     def build(self) -> None:
-        if not float(self.hparams["federated_adam_eps"]) > 0:
-            raise ValueError("tvae: federated_adam_eps must be > 0 (Adam's epsilon in a "
-                             "site's round without DP; default 0.3)")
         enc = self.encoder
         self._use_condition(self.hparams["condition"])
         cond = self._cond

@@ -18,28 +18,29 @@ from typing import Any
 from .metric import ValidationResult
 
 # Why an area can fail and the usual remedies, in the order worth trying; ``{another}``
-# is the generator to try next (``another_generator``).
+# is the generator to try next (``another_generator``), ``{longer}`` more training for
+# the generators that train (``train_longer``; the marginal one measures once).
 ADVICE: dict[str, str] = {
-    "fidelity": "the synthetic columns or column pairs differ from the real ones: train "
-    "longer (--rounds, --local-epochs), give the sites a larger budget (--epsilon), or "
-    "{another}; the report's marginal and association plots show which columns are off",
-    "diversity": "part of the real population is missing from the synthetic rows: train "
-    "longer or with a larger budget; a generator that collapses to typical patients "
-    "(mode collapse) may do better as --generator tvae or ddpm",
+    "fidelity": "the synthetic columns or column pairs differ from the real ones: "
+    "{longer}give the sites a larger budget (--epsilon), or {another}; the report's "
+    "marginal and association plots show which columns are off",
+    "diversity": "part of the real population is missing from the synthetic rows: "
+    "{longer}give the sites a larger budget (--epsilon), or {another}",
     "utility": "a model trained on the synthetic rows predicts the target worse on real "
-    "patients than one trained on real rows: more rounds or a larger budget usually help; "
-    "check that --target is the label you care about",
-    "survival": "survival curves or the Cox model differ from the real ones: train longer, "
-    "give the sites a larger budget, or check the survival columns' bounds in the schema",
+    "patients than one trained on real rows: {longer}give the sites a larger budget "
+    "(--epsilon); check that --target is the label you care about",
+    "survival": "survival curves or the Cox model differ from the real ones: {longer}give "
+    "the sites a larger budget (--epsilon), or check the survival columns' bounds in the "
+    "schema",
     "causal": "effects along the causal graph's edges point the other way in the synthetic "
     "rows: fit the marginal generator with causal=true (it measures each column with its "
     "causes, docs/causal.md), or give the sites a larger budget; the section lists each "
     "edge's effect on real and synthetic rows",
-    "clustering": "the synthetic rows do not form the same patient groups: train longer "
-    "or with a larger budget, or {another}",
+    "clustering": "the synthetic rows do not form the same patient groups: {longer}give the "
+    "sites a larger budget (--epsilon), or {another}",
     "detection": "a classifier tells synthetic from real patients: the generator has not "
-    "learnt the joint distribution well enough; train longer (--rounds), raise the budget "
-    "or {another}",
+    "learnt the joint distribution well enough; {longer}raise the budget (--epsilon) or "
+    "{another}",
     "privacy": "synthetic rows sit closer to training patients than new patients do: the "
     "generator memorises; lower the budget (--epsilon), train fewer epochs, and never "
     "release with --no-dp",
@@ -119,6 +120,17 @@ def another_generator(generator: str | None) -> str:
     return "try another generator (--generator marginal|tvae|ddpm|ctgan)"
 
 
+def train_longer(generator: str | None) -> str:
+    """The advice's first remedy for a generator that has not learnt enough.
+
+    Why by generator: the marginal generator measures its marginals once, whatever
+    ``--rounds`` and ``--local-epochs`` say, so sending its users there changed nothing;
+    only its budget (or another generator) helps."""
+    if generator == "marginal":
+        return ""
+    return "train longer (--rounds, --local-epochs), "
+
+
 def verdict(result: ValidationResult, rounds: int | None = None,
             generator: str | None = None) -> Verdict:
     """The verdict of ``result``; ``rounds`` (the study's) and ``generator`` (the one
@@ -129,11 +141,13 @@ def verdict(result: ValidationResult, rounds: int | None = None,
         judged = [m for m in result.by_area(area) if m.passed is not None]
         failed = tuple(m.label for m in judged if m.passed is False)
         status = None if not judged else not failed
-        advice = ADVICE.get(area, "").replace("{another}", another) if failed else ""
+        advice = (ADVICE.get(area, "").replace("{another}", another)
+                  .replace("{longer}", train_longer(generator)) if failed else "")
         areas.append(AreaVerdict(area, status, len(judged), failed, advice))
     notes = []
     learnt_too_little = {"fidelity", "diversity", "detection", "utility"}
-    if rounds is not None and rounds < 5 and any(a.area in learnt_too_little and
+    trains = generator != "marginal"  # its rounds are not training rounds
+    if trains and rounds is not None and rounds < 5 and any(a.area in learnt_too_little and
                                                  a.passed is False for a in areas):
         notes.append(f"the study ran only {rounds} round(s): a verdict after so few rounds "
                      "says little about the generator; run the default 10 or more")
