@@ -191,6 +191,44 @@ def study_target(opts: SimulationOptions, schema: Schema) -> tuple[str | None, t
     return resolved.column, tuple(sorted(resolved.positive))
 
 
+def check_resume(opts: SimulationOptions, out: Path) -> None:
+    """``--resume`` continues the study in ``out``: refuse one that cannot, before
+    anything runs.
+
+    Why: a marginal study measures once, so "resuming" one started it again against
+    ledgers the first run had spent, every site refused, and the command then
+    validated and reported the *earlier* study's outputs as this run's, exit 0. A
+    checkpoint of another generator or other hyperparameters would be loaded into a
+    model it does not fit."""
+    if not opts.study.resume:
+        return
+    if opts.study.generator == "marginal":
+        raise ConfigError(
+            f"--resume: a marginal study measures its marginals once and cannot continue "
+            f"(its sites' ledgers keep what an earlier run spent); run it in a new --out, "
+            f"or pass --force instead of --resume to replace the study in {out}")
+    ckpt = out / "checkpoint.fsg"
+    if opts.study.encrypted or not ckpt.exists():
+        return  # nothing to compare: an encrypted checkpoint holds ciphertexts only
+    from ..common.generators.base import GRID_PARAM, HEAPS_PARAM, Generator
+
+    meta = Generator.read_meta(ckpt)
+    if meta.get("generator") != opts.study.generator:
+        raise ConfigError(
+            f"--resume: the checkpoint in {out} was trained by generator "
+            f"{meta.get('generator')!r}, not {opts.study.generator!r}; resume with "
+            f"--generator {meta.get('generator')}, or start a new --out")
+    wanted = get_generator(opts.study.generator).defaults | opts.study.generator_params
+    saved = {k: v for k, v in meta.get("hparams", {}).items()
+             if k not in (GRID_PARAM, HEAPS_PARAM)}
+    changed = sorted(k for k in wanted if k in saved and saved[k] != wanted[k])
+    if changed:
+        raise ConfigError(
+            f"--resume: the checkpoint in {out} was trained with other --generator-params "
+            f"({', '.join(f'{k}={saved[k]!r}' for k in changed)}); resume with those, or "
+            "start a new --out")
+
+
 def claim_output(out: Path, force: bool, resume: bool) -> None:
     """Refuse to write over an earlier study unless asked; ``force`` removes its files."""
     if out.exists() and not out.is_dir():
@@ -446,6 +484,7 @@ def run_simulation_study(
         )
     check_holdout(opts, data)
     out = Path(opts.study.output_dir)
+    check_resume(opts, out)
     claim_output(out, opts.force, opts.study.resume)
     out.mkdir(parents=True, exist_ok=True)
     log_file = out / LOG_FILE
@@ -470,6 +509,14 @@ def run_simulation_study(
         + (f"DP eps={opts.epsilon} delta={opts.delta} per site" if opts.dp else "no DP")
         + f"; engine {opts.engine}"
     )
+    summary_path = out / SUMMARY
+    # a resumed study's folder holds the earlier run's summary: only one this run writes
+    # counts (else a run that failed reported the earlier study's outputs as its own)
+    earlier = summary_path.stat().st_mtime_ns if summary_path.exists() else None
+
+    def written() -> bool:
+        return summary_path.exists() and summary_path.stat().st_mtime_ns != earlier
+
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -488,20 +535,17 @@ def run_simulation_study(
                 run_inprocess(server_app, make_client_app(sites), len(sites), study.to_flat())
         except (RuntimeError, StudyFailed):
             # Flower wraps the ServerApp's exception; the summary below says what failed
-            if not (out / SUMMARY).exists():
+            if not written():
                 raise
         finally:
             close_log(log_file)
     t_train = time.perf_counter() - t0
-    summary_path = out / SUMMARY
-    if summary_path.exists() and json.loads(summary_path.read_text()).get("status") == (
-        "no-training"
-    ):
+    if written() and json.loads(summary_path.read_text()).get("status") == "no-training":
         raise StudyFailed(
             f"no round had enough sites that trained; {summary_path} lists what each "
             "site replied"
         )
-    if not summary_path.exists():
+    if not written():
         raise RuntimeError(
             "the federated study did not finish (no summary written); rerun with --verbose "
             "to see Flower's log"

@@ -187,6 +187,10 @@ def test_failing_argument_leaves_no_folder(argv: list[str], tmp_path: Path, caps
      "lr must be a number > 0, got nan"),
     (["--generator", "ctgan", "--generator-params", '{"dropout": 1}'],
      "dropout must be a number >= 0 and < 1, got 1"),
+    (["--generator", "marginal", "--generator-params", '{"iters": 0}'],
+     "iters must be a whole number >= 1, got 0"),
+    (["--generator", "marginal", "--generator-params", '{"max_way": 5}'],
+     "max_way must be a whole number >= 2 and < 4, got 5"),
 ])
 def test_impossible_budget_seed_or_target_is_one_message(
     argv: list[str], says: str, tmp_path: Path, capsys
@@ -228,3 +232,30 @@ def test_validate_prints_a_verdict_and_keeps_earlier_results(
     assert saved["verdict"]["passed"] is False
     assert main(argv) == 2  # no silent overwrite
     assert main([*argv, "--force"]) == 0  # the study ran: exit 0 without --strict
+
+
+@pytest.fixture(scope="module")
+def one_round_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("resume") / "study"
+    assert main(["simulate", "--out", str(out), "--rounds", "1", "--sites",
+                 "cleveland,hungarian", "--reproducible-noise"]) == 0
+    return out
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    # a marginal study started again against spent ledgers, every site refused, and
+    # the command validated and reported the earlier tvae study's outputs (exit 0)
+    (["--generator", "marginal"], "a marginal study measures its marginals once"),
+    (["--generator", "ddpm"], "was trained by generator 'tvae', not 'ddpm'"),
+    (["--generator-params", '{"hidden": 16}'], "other --generator-params (hidden=32)"),
+])
+def test_resume_refuses_a_study_it_cannot_continue(
+    one_round_study: Path, argv: list[str], says: str, capsys
+) -> None:
+    before = {p.name: p.read_bytes() for p in one_round_study.iterdir() if p.is_file()}
+    assert main(["simulate", "--out", str(one_round_study), "--rounds", "2", "--sites",
+                 "cleveland,hungarian", "--reproducible-noise", "--resume", *argv]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.startswith("error: --resume") and says in err, err
+    after = {p.name: p.read_bytes() for p in one_round_study.iterdir() if p.is_file()}
+    assert after == before

@@ -24,7 +24,7 @@ from ...dp_histogram import bin_weights, cell_weights, equal_mass_cuts, mass_and
 from ...privacy import PrivacyLedger
 from ...privacy.randomness import DPRandomness
 from ...schema import Schema
-from ..base import ConditionError, Generator
+from ..base import NON_NEGATIVE, SIZE, Bound, ConditionError, Generator
 from . import causal, engine, fit
 from .code_pairs import entry_columns, noisy_pair_counts
 from .codes import code_weights, noisy_code_histogram, pooled_counts
@@ -213,6 +213,19 @@ class MarginalGenerator(Generator):
         # keeps each column's drawn counts within the rounding of the model's (the
         # conditionals of each junction-tree group rounded). See SAMPLERS.
         "sampler": "sample",
+    }
+    # the shares are checked by the plan (their sum too); None: the generator picks
+    bounds = {
+        "bins": Bound(2, integer=True), "fine_bins": Bound(0, integer=True),
+        "decode_threshold": NON_NEGATIVE, "rounds": Bound(0, integer=True),
+        "per_round": SIZE, "candidates": SIZE, "outcome_weight": Bound(0.0, open_low=True),
+        "outcome_plan_noise": Bound(-math.inf), "max_way": Bound(2, 4, integer=True),
+        "max_cells": SIZE, "max_clique_cells": Bound(2, integer=True), "iters": SIZE,
+        "site_pooling": NON_NEGATIVE, "code_cap": SIZE,
+        "code_bound": Bound(0, integer=True), "pair_bound": Bound(0, integer=True),
+        "pair_codes": Bound(2, integer=True), "pair_floor": NON_NEGATIVE,
+        "link_bound": Bound(0, integer=True), "link_covariates": SIZE,
+        "link_min_z": NON_NEGATIVE,
     }
 
     # -- Generator plumbing (no networks: nothing here is trained by DP-SGD) -----------
