@@ -380,7 +380,10 @@ class Generator(ABC):
         many rows as the others; each class is drawn conditionally, so within a class
         the joint distribution is the model's.
         """
-        col = self.schema.column(column)
+        try:
+            col = self.schema.column(column)
+        except KeyError as exc:
+            raise ConditionError(exc.args[0]) from None
         if not col.is_categorical:
             raise ConditionError(f"--balance needs a categorical column; {column!r} is {col.kind}")
         cats = list(col.categories)
@@ -401,7 +404,7 @@ class Generator(ABC):
             try:
                 column = self.schema.column(col)
             except KeyError as exc:
-                raise ConditionError(str(exc)) from None
+                raise ConditionError(exc.args[0]) from None
             if value is None or (isinstance(value, float) and np.isnan(value)):
                 if not column.nullable:
                     raise ConditionError(f"column {col!r} is never missing under the schema")
@@ -414,7 +417,14 @@ class Generator(ABC):
                         f"{col}={value!r} is impossible: categories are {list(column.categories)}"
                     ) from None
             else:
-                num = float(value)
+                # --conditions is JSON: a word or a list arrives as readily as a number
+                try:
+                    num = float(value)
+                except (TypeError, ValueError):
+                    raise ConditionError(
+                        f"column {col!r} holds numbers ({column.kind}): its condition "
+                        f"must be a number in [{column.min:g}, {column.max:g}], got "
+                        f"{value!r}") from None
                 if not (column.min <= num <= column.max):  # type: ignore[operator]
                     raise ConditionError(
                         f"{col}={value!r} is outside the schema's domain "
@@ -470,6 +480,9 @@ class Generator(ABC):
 
         path = Path(path)
         hint = "pass the model.fsg file that a fedsynth study wrote"
+        if path.is_dir():
+            raise ModelFileError(f"model file {path} is a folder; {hint} (e.g. "
+                                 f"{path / 'model.fsg'})")
         if not path.is_file():
             raise ModelFileError(f"model file {path} does not exist; {hint}")
         try:
