@@ -228,6 +228,10 @@ class StudyConfig:
 
 
 VALIDATION_SCORES = ("none", "quality", "all")
+#: A site's own DP-SGD noise multiplier: inf passed the old "> 0" check, Opacus' RDP
+#: accountant overflows past about 1e154, and below 1e-6 the noise protects nothing
+#: (epsilon in the trillions); the same range as count-noise's (StudyConfig).
+NOISE_MULTIPLIER_RANGE = (1e-6, 1e6)
 
 
 @dataclass(frozen=True)
@@ -268,10 +272,15 @@ class SiteConfig:
                 f"site {self.name}: validation-scores must be one of "
                 f"{', '.join(VALIDATION_SCORES)}, got {self.validation_scores!r}"
             )
-        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
-            raise ConfigError(f"site {self.name}: noise-multiplier must be > 0")
-        if self.dp and not (self.epsilon > 0):
-            raise ConfigError(f"site {self.name}: epsilon must be > 0 (or set dp = false)")
+        low, high = NOISE_MULTIPLIER_RANGE
+        if self.noise_multiplier is not None and not low <= self.noise_multiplier <= high:
+            raise ConfigError(f"site {self.name}: noise-multiplier must be in "
+                              f"[{low:g}, {high:g}], got {self.noise_multiplier:g}")
+        # inf passed "> 0": the pre-flight then approved a site whose first round fails
+        # the noise calibration (and an infinite budget is no privacy at all)
+        if self.dp and not (0 < self.epsilon < math.inf):
+            raise ConfigError(f"site {self.name}: epsilon must be > 0 and finite (or set "
+                              "dp = false)")
         if self.dp and not (0 < self.delta < 1):
             raise ConfigError(f"site {self.name}: delta must be in (0, 1)")
 
