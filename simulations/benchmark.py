@@ -544,6 +544,9 @@ def check_options(opts: BenchmarkOptions) -> None:
         problems.append("every epsilon must be a finite number > 0")
     if opts.rounds < 1 or opts.local_epochs < 1:
         problems.append("--rounds and --local-epochs must be at least 1")
+    if Path(opts.out).exists() and not Path(opts.out).is_dir():
+        # else found only at the folder's mkdir, after the data was split: "[Errno 17]"
+        problems.append(f"--out {opts.out} is a file; choose a folder for the results")
     if problems:
         raise ConfigError("; ".join(problems))
 

@@ -272,11 +272,21 @@ def test_draft_names_a_corrupt_parquet_file(heart_schema, heart_files, tmp_path,
     (["--seed", "-1"], "--seed"),
 ])
 def test_benchmark_refuses_bad_numbers(tmp_path, capsys, argv, words) -> None:
+    """Values that once ran into a traceback, or past the options into the run."""
     out = tmp_path / "bench"
     code, text = run(["benchmark", "--quick", "--generators", "tvae", "--baselines",
                       "independent", "--out", str(out), *argv], capsys)
     assert code == 2 and words in text
     assert not out.exists()
+
+
+def test_benchmark_refuses_a_file_as_out(tmp_path, capsys) -> None:
+    out = tmp_path / "results.csv"
+    out.write_text("earlier results\n")
+    code, text = run(["benchmark", "--quick", "--generators", "tvae", "--baselines",
+                      "independent", "--only", "tvae/central/nodp", "--out", str(out)], capsys)
+    assert code == 2 and "is a file; choose a folder" in text
+    assert out.read_text() == "earlier results\n"
 
 
 # --------------------------------------------------------------------------- certs
@@ -327,3 +337,4 @@ def test_preflight_refuses_a_port_out_of_range(site, capsys, port) -> None:
     captured = capsys.readouterr()
     assert code == 2 and "--runtime-port" in captured.err
     assert "flower-supernode" not in captured.out
+
