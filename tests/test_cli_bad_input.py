@@ -9,7 +9,10 @@ the bundled heart-disease data, with one small saved TVAE for the model-reading 
 
 from __future__ import annotations
 
+import json
 import shutil
+import struct
+import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -133,6 +136,40 @@ def test_sample_says_a_folder_is_not_a_model(tmp_path, capsys) -> None:
                      capsys)
     assert code == 2 and "is a folder" in text and "model.fsg" in text
     assert not out.exists()
+
+
+def test_sample_names_a_model_damaged_in_transfer(model_path, tmp_path, capsys) -> None:
+    """One flipped byte at the start of a compressed entry: a zlib error, not a CRC one."""
+    raw = bytearray(model_path.read_bytes())
+    with zipfile.ZipFile(model_path) as zf:
+        entry = max((i for i in zf.infolist() if i.filename.startswith("arrays/")),
+                    key=lambda i: i.compress_size)
+    name_len, extra_len = struct.unpack("<HH", raw[entry.header_offset + 26:
+                                                   entry.header_offset + 30])
+    raw[entry.header_offset + 30 + name_len + extra_len] ^= 0xFF
+    damaged = tmp_path / "model.fsg"
+    damaged.write_bytes(bytes(raw))
+    out = tmp_path / "syn.csv"
+    code, text = run(["sample", "--model", str(damaged), "-n", "5", "--out", str(out)],
+                     capsys)
+    assert code == 2 and "is corrupt" in text
+    assert not out.exists()
+
+
+def test_sample_names_a_model_whose_metadata_lacks_a_part(model_path, tmp_path,
+                                                          capsys) -> None:
+    with zipfile.ZipFile(model_path) as zf:
+        entries = {i.filename: zf.read(i.filename) for i in zf.infolist()}
+    meta = json.loads(entries["meta.json"])
+    del meta["hparams"]
+    entries["meta.json"] = json.dumps(meta).encode()
+    edited = tmp_path / "model.fsg"
+    with zipfile.ZipFile(edited, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    code, text = run(["sample", "--model", str(edited), "-n", "5",
+                      "--out", str(tmp_path / "syn.csv")], capsys)
+    assert code == 2 and "is corrupt" in text and "hparams" in text
 
 
 # --------------------------------------------------------------------------- check

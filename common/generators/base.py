@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -495,15 +496,24 @@ class Generator(ABC):
                     for name in zf.namelist()
                     if name.startswith("arrays/")
                 }
-        except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as exc:
+        # zlib.error: a flipped byte inside a compressed entry (a bad disk or transfer)
+        except (zipfile.BadZipFile, zlib.error, KeyError, ValueError, OSError,
+                EOFError) as exc:
             raise ModelFileError(
                 f"model file {path} is corrupt or not a fedsynth model ({exc}); {hint}"
             ) from None
-        if meta.get("format") != FORMAT_VERSION:
-            raise ModelFileError(f"model file {path} has unknown format {meta.get('format')}")
-        schema = Schema.from_dict(meta["schema"], source=str(path))
-        cls = get_generator(meta["generator"])
-        model = cls(schema, seed=int(meta.get("seed", 0)), **meta["hparams"])
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise ModelFileError(f"model file {path} has unknown format {found}; {hint}")
+        try:
+            schema = Schema.from_dict(meta["schema"], source=str(path))
+            cls = get_generator(meta["generator"])
+            model = cls(schema, seed=int(meta.get("seed", 0)), **meta["hparams"])
+        except FedsynthError:  # a bad schema or generator name: their messages say it
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFileError(f"model file {path} is corrupt: its metadata does not "
+                                 f"describe a model ({exc!r}); {hint}") from None
         try:
             model.load_state_dict(state)
         except ValueError as exc:
