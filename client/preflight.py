@@ -197,6 +197,19 @@ def _check_site_config(node: Mapping[str, ConfigValue], report: Report) -> None:
         report.ok.append(f"privacy budget epsilon {site.epsilon:g}, delta {site.delta:g}")
 
 
+def _check_threads(node: Mapping[str, ConfigValue], report: Report) -> None:
+    """torch-threads as the ClientApp reads it (common/threads.py): a bad value there
+    stops the site at its first round, so the pre-flight runs the same check."""
+    from ..common.threads import NODE_KEY, site_threads
+
+    if NODE_KEY not in node:
+        return
+    try:
+        site_threads(dict(node))
+    except ValueError as exc:
+        report.problems.append(str(exc))
+
+
 def _check_table(data: str, schema_path: str, report: Report) -> None:
     from ..common.schema import Schema, SchemaError
     from ..common.study import schema_fingerprint
@@ -409,6 +422,7 @@ def run_preflight(inp: PreflightInput) -> Report:
         if not str(node.get(key, "")):
             report.problems.append(f"node config lacks {key}")
     _check_site_config(node, report)
+    _check_threads(node, report)
     if "reproducible-noise-seed" in node:
         report.problems.append(
             "reproducible-noise-seed is set: it makes this site's DP noise replayable by "
@@ -440,6 +454,19 @@ def run_preflight(inp: PreflightInput) -> Report:
         )
     _check_encryption(node, inp.study_id, report)
     return report
+
+
+def _port(text: str) -> int:
+    """A TCP port, 1 to 65535: any other number went into both printed command lines,
+    and the SuperNode and the site runtime then failed to bind or to meet."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"a port is a whole number from 1 to 65535, got "
+                                         f"{text!r}")
+    return port
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -475,7 +502,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ca-cert", default="", help="the study CA certificate (ca.crt)")
     parser.add_argument("--auth-key", default="",
                         help="this site's SuperNode private key (auth.key)")
-    parser.add_argument("--runtime-port", type=int,
+    parser.add_argument("--runtime-port", type=_port,
                         help="the SuperNode's local Runtime API port (default: Flower's 9094)")
     parser.add_argument("--insecure", action="store_true", help="no TLS (loopback tests only)")
     return parser

@@ -65,6 +65,12 @@ SITES_DIR = "sites"
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 _SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# the rule `fedsynth keys` applies to the same study id (common/encryption/keys.py)
+_STUDY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+#: The SuperLink certificate's longest validity (the CA's is twice as long): ten years
+#: outlasts any study, and far larger values ran past the last date a certificate can
+#: hold (9999-12-31) and ended in an OverflowError after the checks had passed.
+MAX_DAYS = 3650
 # Certificates start a little in the past so that a site whose clock runs a few minutes
 # behind the coordinator's does not reject a certificate made a moment ago.
 _CLOCK_SKEW = dt.timedelta(minutes=5)
@@ -323,8 +329,12 @@ def create_study_certs(
     Layout under ``folder``: ``ca/ca.key`` and ``ca/ca.crt``; ``coordinator/superlink.key``
     and ``coordinator/superlink.crt``; ``sites/<name>/auth.key`` and ``auth.pub``.
     """
-    if days < 1:
-        raise CertError("--days must be at least 1")
+    if not 1 <= days <= MAX_DAYS:
+        raise CertError(f"--days must be from 1 to {MAX_DAYS} (ten years), got {days}")
+    if not _STUDY_ID.fullmatch(study):
+        raise CertError(
+            f"study id {study!r} is not usable: use 1 to 128 letters, digits, '.', '_', "
+            "':' or '-', starting with a letter or digit (the id `fedsynth keys` uses)")
     hosts = tuple(dict.fromkeys(h.strip() for h in hosts if h.strip()))
     if not hosts:
         raise CertError("give at least one --host the sites use to reach the SuperLink")

@@ -266,12 +266,19 @@ class Schema:
     @classmethod
     def load(cls, path: str | Path) -> Schema:
         path = Path(path)
+        hint = "pass the study's published schema (YAML or JSON) with --schema"
+        if path.is_dir():
+            raise SchemaError(f"schema file {path} is a folder; {hint}")
         if not path.is_file():
-            raise SchemaError(
-                f"schema file {path} does not exist; pass the study's published schema "
-                "(YAML or JSON) with --schema"
-            )
-        text = path.read_text()
+            raise SchemaError(f"schema file {path} does not exist; {hint}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:  # a table, a model, a spreadsheet given by mistake
+            raise SchemaError(f"schema file {path} is not a text file (YAML or JSON); "
+                              f"{hint}") from None
+        except OSError as exc:
+            raise SchemaError(f"schema file {path} cannot be read: {exc.strerror or exc}"
+                              ) from None
         try:
             raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         except (yaml.YAMLError, json.JSONDecodeError) as exc:

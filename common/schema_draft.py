@@ -96,7 +96,13 @@ def _looks_like_header(first: list[str]) -> bool:
 def _read(path: Path) -> tuple[pd.DataFrame, bool]:
     """Cells as text; (frame, has_header). A file whose first row is all numbers has none."""
     if path.suffix.lower() in (".parquet", ".pq"):
-        frame = pd.read_parquet(path)
+        try:
+            frame = pd.read_parquet(path)
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            raise DraftError(f"{path}: not a readable Parquet table ({exc}); export the "
+                             "table again as CSV or Parquet") from None
+        if frame.empty:
+            raise DraftError(f"{path}: the table has no rows; draft from the real table")
         return frame.astype(object).where(frame.notna(), "").astype(str), True
     sep = "\t" if path.suffix.lower() == ".tsv" else ","
     try:
@@ -109,6 +115,9 @@ def _read(path: Path) -> tuple[pd.DataFrame, bool]:
     first = [str(c) for c in raw.iloc[0]]
     if _looks_like_header(first):
         body = raw.iloc[1:].reset_index(drop=True)
+        if body.empty:  # kinds and categories proposed from no rows are all wrong
+            raise DraftError(f"{path}: the file has a header row and no data rows; "
+                             "draft from the real table")
         body.columns = [c.strip() for c in first]
         return body, True
     raw.columns = [f"column_{i + 1}" for i in range(raw.shape[1])]
@@ -337,10 +346,25 @@ def _yaml(name: str, header: bool, tokens: list[str], specs: list[dict],
     return "\n".join(lines) + "\n"
 
 
+def draft_inputs(tables: list[str | Path], out: str | Path) -> list[Path]:
+    """The table files to draft from, refusing an ``out`` that is one of them.
+
+    ``--force`` replaces ``--out``: were it one of the inputs, that would be the
+    hospital's own table. The command calls this before its "exists; pass --force"
+    check, so that advice is never given for a data file.
+    """
+    files = _files(tables)
+    target = Path(out).resolve()
+    if any(f.resolve() == target for f in files):
+        raise DraftError(f"--out {out} is one of the tables to draft from; write the "
+                         "schema to another file (e.g. schema.yaml)")
+    return files
+
+
 def draft_schema_file(tables: list[str | Path], out: str | Path, site_column: str | None = None,
                       name: str | None = None) -> Draft:
     """Draft from files (or a folder of one file per site) and write the YAML to ``out``."""
-    files = _files(tables)
+    files = draft_inputs(tables, out)
     read = [_read(p) for p in files]
     headers = {h for _, h in read}
     if len(headers) > 1:

@@ -84,8 +84,10 @@ class ConfigError(FedsynthError, ValueError):
     """A run or node config value is wrong; the message names the key."""
 
 
-#: Seeds a study accepts: numpy's legacy seeding (mbi's sampler) takes at most 2**32 - 1,
-#: and the code adds small offsets to the study's seed (per site, per sample).
+#: Seeds every command accepts (``fedsynth --seed``, a study's ``seed``): numpy refuses
+#: negative seeds and its legacy seeding (mbi's sampler) and scikit-learn's
+#: ``random_state`` take at most 2**32 - 1; half of that leaves room for the offsets the
+#: code adds to a seed (per site, per sample, per benchmark seed).
 SEED_RANGE = (0, 2**31 - 1)
 
 
@@ -254,6 +256,10 @@ class StudyConfig:
 
 
 VALIDATION_SCORES = ("none", "quality", "all")
+#: A site's own DP-SGD noise multiplier: inf passed the old "> 0" check, Opacus' RDP
+#: accountant overflows past about 1e154, and below 1e-6 the noise protects nothing
+#: (epsilon in the trillions); the same range as count-noise's (StudyConfig).
+NOISE_MULTIPLIER_RANGE = (1e-6, 1e6)
 
 
 @dataclass(frozen=True)
@@ -294,8 +300,10 @@ class SiteConfig:
                 f"site {self.name}: validation-scores must be one of "
                 f"{', '.join(VALIDATION_SCORES)}, got {self.validation_scores!r}"
             )
-        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
-            raise ConfigError(f"site {self.name}: noise-multiplier must be > 0")
+        low, high = NOISE_MULTIPLIER_RANGE
+        if self.noise_multiplier is not None and not low <= self.noise_multiplier <= high:
+            raise ConfigError(f"site {self.name}: noise-multiplier must be in "
+                              f"[{low:g}, {high:g}], got {self.noise_multiplier:g}")
         if self.dp:
             check_budget(self.epsilon, self.delta, f"site {self.name}")
 

@@ -29,7 +29,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .common.errors import FedsynthError
-from .common.study import DEFAULT_DELTA, DEFAULT_EPSILON, ConfigError, StudyConfig
+from .common.study import (
+    DEFAULT_DELTA,
+    DEFAULT_EPSILON,
+    SEED_RANGE,
+    ConfigError,
+    StudyConfig,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -40,6 +46,45 @@ EXIT_VERDICT = 1  # --strict: the study ran and its verdict fails
 # match): the registry itself imports torch, which --help must not wait for.
 GENERATORS = ("ctgan", "ddpm", "marginal", "tvae")
 ENGINES = ("inprocess", "ray")  # simulations/engines.py (a test checks they match)
+#: Seeds go to numpy, torch and scikit-learn alike (the one range: ``study.SEED_RANGE``).
+SEED_MAX = SEED_RANGE[1]
+#: ``fedsynth sample`` draws every row in one batch: about 1.3 GB of memory per million
+#: rows (TVAE, heart disease), so past ten million a laptop runs out of memory and the
+#: allocator's error would say nothing about -n. More rows: run again with another seed.
+MAX_SAMPLE_ROWS = 10_000_000
+
+
+def seed_arg(text: str) -> int:
+    """An argparse type for ``--seed``: a whole number every random generator accepts.
+
+    Checked where it enters, so a negative or huge seed is named as such instead of
+    failing later inside numpy, torch or scikit-learn with their own words.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a seed is a whole number, got {text!r}") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(
+            f"a seed is a whole number from 0 to {SEED_MAX}, got {text}")
+    return value
+
+
+def _output_file(path: Path, force: bool, example: str) -> None:
+    """Refuse an output file path before any work: a folder, a missing parent folder,
+    or (without ``--force``) an existing file, so nothing is written or left behind.
+
+    A folder used to get "exists; pass --force", and --force then failed on it after
+    the work was done, leaving a temporary file beside it.
+    """
+    if path.is_dir():
+        raise ConfigError(f"--out {path} is a folder; give a file name, e.g. "
+                          f"{path / example}")
+    if not path.parent.is_dir():
+        raise ConfigError(f"--out {path}: the folder {path.parent} does not exist; "
+                          "create it first or choose another path")
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists; pass --force to overwrite it")
 
 
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
@@ -109,7 +154,7 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=d.output_dir, help="output folder")
     p.add_argument("--force", action="store_true",
                    help="replace an earlier study's outputs in --out")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=seed_arg, default=d.seed)
     p.add_argument("--resume", action="store_true",
                    help="continue from the checkpoint in --out instead of round 0")
     p.add_argument("--engine", choices=ENGINES, default=ENGINES[0],
@@ -205,7 +250,7 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default="heart_disease",
                    help="heart_disease, tcga_brca, amlsg or mimic3_demo")
     p.add_argument("--seeds", type=int, default=None, help="seeds (default 3; --quick 1)")
-    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--seed", type=seed_arg, default=0, help="first seed")
     p.add_argument("--dirichlet-alpha", type=float, default=None,
                    help="re-split the pooled rows into sites by Dirichlet(alpha) label shares")
     p.add_argument("--dirichlet-sites", type=int, default=0,
@@ -258,18 +303,33 @@ def _run_check(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _conditions(text: str) -> dict | None:
+    """``--conditions`` as a dict of column values, or a message naming the option."""
+    if not text:
+        return None
+    example = "write it as a JSON object, e.g. '{\"sex\": 0}'"
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--conditions is not valid JSON ({exc}); {example}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"--conditions must map columns to values; {example}")
+    return value
+
+
 def _run_sample(args: argparse.Namespace, console: Console) -> int:
     from .common.causal import CausalError, parse_interventions
 
-    if args.n < 1:
-        raise ConfigError(f"-n is the number of rows to draw: a whole number >= 1, got {args.n}")
+    if not 1 <= args.n <= MAX_SAMPLE_ROWS:
+        raise ConfigError(f"-n is the number of rows to draw: a whole number >= 1 and at "
+                          f"most {MAX_SAMPLE_ROWS:,} (for more, run again with another "
+                          f"--seed), got {args.n}")
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+    _output_file(out, args.force, "synthetic.csv")
+    conditions = _conditions(args.conditions)
     from .common.generators import Generator
 
     model = Generator.load(args.model)
-    conditions = json.loads(args.conditions) if args.conditions else None
     interventions = parse_interventions(args.intervene) if args.intervene else None
     if interventions:  # do(column = value): see docs/causal.md
         if args.balance:
@@ -297,6 +357,13 @@ def _run_sample(args: argparse.Namespace, console: Console) -> int:
 VALIDATE_OUTPUTS = ("validation.json", "report.html")
 
 
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # a missing file: read_table names it
+        return False
+
+
 def _run_validate(args: argparse.Namespace, console: Console) -> int:
     out = Path(args.out)
     taken = [n for n in VALIDATE_OUTPUTS if (out / n).exists()]
@@ -305,6 +372,13 @@ def _run_validate(args: argparse.Namespace, console: Console) -> int:
                               "replace them or choose another --out")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; choose a folder")
+    if _same_file(args.real, args.holdout):
+        # Every privacy figure compares the synthetic rows' distance to the training
+        # rows with their distance to the holdout: one file as both always "passes".
+        raise ConfigError(
+            f"--real and --holdout are the same file ({args.holdout}): the holdout must be "
+            "real rows the generator never saw (fedsynth simulate writes real/holdout.csv "
+            "beside real/train.csv)")
     from .common.schema import Schema
     from .common.table import read_table
     from .common.validation import validate
@@ -337,11 +411,11 @@ def _run_validate(args: argparse.Namespace, console: Console) -> int:
 
 
 def _run_schema(args: argparse.Namespace, console: Console) -> int:
-    from .common.schema_draft import draft_schema_file
+    from .common.schema_draft import draft_inputs, draft_schema_file
 
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+    draft_inputs(args.tables, out)
+    _output_file(out, args.force, "schema.yaml")
     draft = draft_schema_file(args.tables, out, site_column=args.site_column or None,
                               name=args.name or None)
     console.print(
@@ -395,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--intervene", action="append", default=[], metavar="COLUMN=VALUE",
                    help="do(COLUMN = VALUE): set it, cut its causes, redraw its effects "
                         "(a model that follows a causal graph; repeatable)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--out", default="synthetic.csv")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
@@ -411,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="", metavar="COLUMN[=V1,V2]",
                    help="the label TSTR predicts (default: the schema's outcome)")
     p.add_argument("--strict", action="store_true", help="exit 1 when the verdict fails")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
 
     sub.add_parser("keys", help="encryption keys of a study (see `fedsynth keys -h`)",
                    add_help=False)

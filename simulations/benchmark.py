@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -231,6 +232,12 @@ class SeedData:
         return self.train[self.train["site"] == name].drop(columns="site")
 
 
+#: A Dirichlet split's site needs rows to train on and to hold out; smaller ones are left
+#: out of the study (prepare_seed). More sites than rows / MIN_SPLIT_ROWS left none at
+#: all (a pandas error), so such a split is refused with the largest that fits.
+MIN_SPLIT_ROWS = 2
+
+
 def site_frames(opts: BenchmarkOptions, seed: int) -> tuple[Schema, dict[str, pd.DataFrame]]:
     """The dataset's sites, or a Dirichlet split of its pooled rows."""
     schema, frames = load_site_frames(opts.dataset)
@@ -241,6 +248,12 @@ def site_frames(opts: BenchmarkOptions, seed: int) -> tuple[Schema, dict[str, pd
     if labels is None:  # no outcome: split by the original site, so sites still differ
         labels = np.concatenate([np.full(len(f), i) for i, f in enumerate(frames.values())])
     n_sites = opts.dirichlet_sites or len(frames)
+    if n_sites > len(pooled) // MIN_SPLIT_ROWS:
+        # prepare_seed skips sites of fewer than 2 rows; past this, it skipped them all
+        raise ConfigError(
+            f"--dirichlet-sites {n_sites}: {opts.dataset} has {len(pooled)} rows, enough "
+            f"for at most {len(pooled) // MIN_SPLIT_ROWS} sites of {MIN_SPLIT_ROWS} rows on "
+            f"average; pass --dirichlet-sites {len(pooled) // MIN_SPLIT_ROWS} or fewer")
     return schema, dirichlet_split(pooled, labels, n_sites, opts.dirichlet_alpha, seed)
 
 
@@ -260,7 +273,7 @@ def prepare_seed(opts: BenchmarkOptions, seed: int, folder: Path) -> SeedData:
     real.mkdir(parents=True, exist_ok=True)
     sites, trains, holds = [], [], []
     for i, (name, frame) in enumerate(frames.items()):
-        if len(frame) < 2:
+        if len(frame) < MIN_SPLIT_ROWS:
             continue
         train, hold = holdout_split(frame, schema, opts.holdout, seed=seed + i)
         path = real / f"site-{name}.csv"
@@ -514,17 +527,26 @@ def check_options(opts: BenchmarkOptions) -> None:
                         f"{', '.join(sorted(DATASETS))}")
     if opts.seeds < 1:
         problems.append("--seeds must be at least 1")
-    if opts.dirichlet_alpha is not None and not opts.dirichlet_alpha > 0:
-        problems.append("--dirichlet-alpha must be > 0")
+    # inf passed "> 0": the Dirichlet shares became NaN and the split cast them to ints
+    if opts.dirichlet_alpha is not None and not 0 < opts.dirichlet_alpha < math.inf:
+        problems.append("--dirichlet-alpha must be a finite number > 0")
     if opts.dirichlet_sites < 0:
         problems.append("--dirichlet-sites must be >= 0")
+    if opts.dirichlet_sites and opts.dirichlet_alpha is None:
+        problems.append("--dirichlet-sites sets the sites of a Dirichlet split: pass "
+                        "--dirichlet-alpha too (without it the dataset's own sites are used)")
     unknown = [g for g in opts.generators if g not in GENERATORS]
     if unknown:
         problems.append(f"unknown generator(s) {unknown}; choose from {', '.join(GENERATORS)}")
-    if any(not e > 0 for e in opts.epsilons) or not opts.central_epsilon > 0:
-        problems.append("every epsilon must be > 0")
+    # an infinite budget is no privacy at all, and the noise calibration refuses it
+    # only once a DP setting starts, after the non-private ones have run
+    if any(not 0 < e < math.inf for e in (*opts.epsilons, opts.central_epsilon)):
+        problems.append("every epsilon must be a finite number > 0")
     if opts.rounds < 1 or opts.local_epochs < 1:
         problems.append("--rounds and --local-epochs must be at least 1")
+    if Path(opts.out).exists() and not Path(opts.out).is_dir():
+        # else found only at the folder's mkdir, after the data was split: "[Errno 17]"
+        problems.append(f"--out {opts.out} is a file; choose a folder for the results")
     if problems:
         raise ConfigError("; ".join(problems))
 

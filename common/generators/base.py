@@ -17,6 +17,7 @@ import io
 import json
 import numbers
 import zipfile
+import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -424,7 +425,10 @@ class Generator(ABC):
         many rows as the others; each class is drawn conditionally, so within a class
         the joint distribution is the model's.
         """
-        col = self.schema.column(column)
+        try:
+            col = self.schema.column(column)
+        except KeyError as exc:
+            raise ConditionError(exc.args[0]) from None
         if not col.is_categorical:
             raise ConditionError(f"--balance needs a categorical column; {column!r} is {col.kind}")
         cats = list(col.categories)
@@ -445,7 +449,7 @@ class Generator(ABC):
             try:
                 column = self.schema.column(col)
             except KeyError as exc:
-                raise ConditionError(str(exc)) from None
+                raise ConditionError(exc.args[0]) from None
             if value is None or (isinstance(value, float) and np.isnan(value)):
                 if not column.nullable:
                     raise ConditionError(f"column {col!r} is never missing under the schema")
@@ -458,7 +462,14 @@ class Generator(ABC):
                         f"{col}={value!r} is impossible: categories are {list(column.categories)}"
                     ) from None
             else:
-                num = float(value)
+                # --conditions is JSON: a word or a list arrives as readily as a number
+                try:
+                    num = float(value)
+                except (TypeError, ValueError):
+                    raise ConditionError(
+                        f"column {col!r} holds numbers ({column.kind}): its condition "
+                        f"must be a number in [{column.min:g}, {column.max:g}], got "
+                        f"{value!r}") from None
                 if not (column.min <= num <= column.max):  # type: ignore[operator]
                     raise ConditionError(
                         f"{col}={value!r} is outside the schema's domain "
@@ -514,6 +525,9 @@ class Generator(ABC):
 
         path = Path(path)
         hint = "pass the model.fsg file that a fedsynth study wrote"
+        if path.is_dir():
+            raise ModelFileError(f"model file {path} is a folder; {hint} (e.g. "
+                                 f"{path / 'model.fsg'})")
         if not path.is_file():
             raise ModelFileError(f"model file {path} does not exist; {hint}")
         try:
@@ -526,15 +540,24 @@ class Generator(ABC):
                     for name in zf.namelist()
                     if name.startswith("arrays/")
                 }
-        except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as exc:
+        # zlib.error: a flipped byte inside a compressed entry (a bad disk or transfer)
+        except (zipfile.BadZipFile, zlib.error, KeyError, ValueError, OSError,
+                EOFError) as exc:
             raise ModelFileError(
                 f"model file {path} is corrupt or not a fedsynth model ({exc}); {hint}"
             ) from None
-        if meta.get("format") != FORMAT_VERSION:
-            raise ModelFileError(f"model file {path} has unknown format {meta.get('format')}")
-        schema = Schema.from_dict(meta["schema"], source=str(path))
-        cls = get_generator(meta["generator"])
-        model = cls(schema, seed=int(meta.get("seed", 0)), **meta["hparams"])
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise ModelFileError(f"model file {path} has unknown format {found}; {hint}")
+        try:
+            schema = Schema.from_dict(meta["schema"], source=str(path))
+            cls = get_generator(meta["generator"])
+            model = cls(schema, seed=int(meta.get("seed", 0)), **meta["hparams"])
+        except FedsynthError:  # a bad schema or generator name: their messages say it
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFileError(f"model file {path} is corrupt: its metadata does not "
+                                 f"describe a model ({exc!r}); {hint}") from None
         try:
             model.load_state_dict(state)
         except ValueError as exc:

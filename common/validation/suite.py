@@ -51,6 +51,13 @@ HEADLINE: dict[str, tuple[str, bool]] = {
 }
 
 
+#: Fewest rows of each table an area can score; smaller tables used to end in an
+#: IndexError or a scikit-learn error deep inside the area. Diversity measures each
+#: row's distance to its ``PRDC_K``-th nearest other row, detection cross-validates
+#: in ``FOLDS`` stratified folds, privacy compares each row's two nearest neighbours.
+MIN_ROWS = {"diversity": diversity.PRDC_K + 1, "detection": detection.FOLDS, "privacy": 2}
+
+
 def resolve_target(
     schema: Schema, target: str | None, positive: Sequence[object] | None
 ) -> Target | None:
@@ -65,6 +72,10 @@ def resolve_target(
             return None
         target = schema.outcome.column
     column = schema.column(target)
+    if not column.is_categorical:
+        raise ValueError(f"target {target!r} is a {column.kind} column: utility predicts a "
+                         "class, so name a categorical or binary column (or leave the "
+                         "target out to use the schema's outcome)")
     if positive is None:
         if schema.outcome is not None and schema.outcome.column == target:
             positive = schema.outcome.positive
@@ -72,11 +83,9 @@ def resolve_target(
             positive = (column.categories[-1],)
         else:
             raise ValueError(
-                f"target {target!r} is a {column.kind} column; pass positive=[...] with the "
-                "values that count as the positive class"
+                f"target {target!r} is a {column.kind} column; name the values that count "
+                f"as the positive class (--target {target}=V1,V2; positive=[...] in Python)"
             )
-    if not column.is_categorical:
-        raise ValueError(f"target {target!r} must be categorical or binary, not {column.kind}")
     # a positive value the column never takes gave a label with one class, and TSTR and
     # TRTR were then silently left out of the report
     known = {str(c) for c in column.categories}
@@ -120,6 +129,15 @@ def validate(
     unknown = [a for a in wanted if a not in AREA_RUNNERS]
     if unknown:
         raise ValueError(f"unknown area(s) {unknown}; choose from {list(AREA_RUNNERS)}")
+    need = max((MIN_ROWS.get(a, 1) for a in wanted), default=1)
+    small = {name: len(frame) for name, frame in
+             (("real", real_train), ("holdout", holdout), ("synthetic", synthetic))
+             if len(frame) < need}
+    if small:
+        raise ValueError(
+            "too few rows to score: " + ", ".join(f"{k} has {v}" for k, v in small.items())
+            + f"; every table needs at least {need} rows for the "
+            + ", ".join(a for a in wanted if MIN_ROWS.get(a, 1) > 1) + " scores")
     if survival is not None:
         for name in survival:
             schema.column(name)
