@@ -101,8 +101,8 @@ def check_budget(epsilon: float, delta: float, who: str = "a site") -> None:
     """
     if not (math.isfinite(epsilon) and epsilon > 0):
         raise ConfigError(f"{who}: the budget's epsilon must be a finite number > 0, got "
-                          f"{epsilon!r} (for a study without DP set dp = false, or pass "
-                          "--no-dp)")
+                          f"{epsilon!r} (without DP: dp = false in a config, --no-dp on "
+                          "the command line, epsilon=None in Python)")
     if not (math.isfinite(delta) and 0 < delta < 1):
         raise ConfigError(f"{who}: the budget's delta must be in (0, 1), got {delta!r} "
                           "(1e-5 is usual: well below one over the number of patients)")

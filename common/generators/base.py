@@ -33,7 +33,7 @@ from ..errors import FedsynthError
 from ..privacy.randomness import NOT_A_DP_RELEASE, DPRandomness
 from ..quantile_grid import DEFAULT_GRID_SHARE, grid_noise_for
 from ..schema import Schema
-from ..table import _match_category
+from ..table import _match_category, conform
 
 if TYPE_CHECKING:
     from ..privacy.release_noise import ReleaseNoise
@@ -253,6 +253,25 @@ class Generator(ABC):
         return int(sum(v.size for v in self.state_dict().values()))
 
     # -- SDV-style API -----------------------------------------------------------------
+    def fit_input(self, data: pd.DataFrame, epsilon: float | None,
+                  delta: float) -> pd.DataFrame:
+        """What every ``fit`` checks first, as scikit-learn does at its edge: the budget's
+        numbers (``study.check_budget``) and the table against the schema (``table.conform``,
+        the check a site runs on its file), typed.
+
+        Why: before, a NaN or negative epsilon failed inside the grid planner ("grid_noise_for
+        needs epsilon > 0"), an empty table inside Opacus' sampler, a missing column as a
+        bare KeyError, and a column of words where the schema says numbers was fitted as
+        all missing, silently."""
+        from ..study import check_budget
+
+        if epsilon is not None:
+            check_budget(epsilon, delta, f"{self.name}.fit")
+        if not isinstance(data, pd.DataFrame):
+            raise TypeError(f"{self.name}.fit takes a pandas DataFrame, not "
+                            f"{type(data).__name__}")
+        return conform(data, self.schema)
+
     def fit(
         self,
         data: pd.DataFrame,
@@ -292,6 +311,7 @@ class Generator(ABC):
         """
         from ..privacy import DPSettings, PrivacyLedger, train_round
         from ..privacy.plan import PrivacyPlan
+        data = self.fit_input(data, epsilon, delta)
         rand = randomness if randomness is not None else DPRandomness.secret()
         bounds = TabularEncoder(self.schema)
         encoded = bounds.encode(data)

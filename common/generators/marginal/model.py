@@ -512,6 +512,7 @@ class MarginalGenerator(Generator):
         (a reference, not a release). Training options of the other generators
         (``epochs``, ``sample_rate``...) mean nothing here and are ignored.
         """
+        data = self.fit_input(data, epsilon, delta)
         dp = epsilon is not None
         plan = self.plan(noise=summed_noise([(epsilon, delta)], accountant) if dp else None)
         noise = (calibrate(plan, epsilon, delta, accountant) if dp else
