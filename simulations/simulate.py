@@ -45,7 +45,14 @@ from ..common.study import (
     check_budget,
 )
 from ..common.table import read_table
-from ..server.app import SUMMARY, SYNTHETIC, StudyFailed, make_server_app
+from ..server.app import (
+    CHECKPOINT,
+    ENCRYPTED_CHECKPOINT,
+    SUMMARY,
+    SYNTHETIC,
+    StudyFailed,
+    make_server_app,
+)
 from ..server.strategy import RoundLog
 from .datasets import bundled_schema_path, load_site_frames
 from .engines import DEFAULT_ENGINE, ENGINES, close_log, route_framework_logs
@@ -76,6 +83,8 @@ OUTPUTS: dict[str, str] = {
     "coordinator)",
 }
 LOG_FILE = "fedsynth.log"
+#: what ``--resume`` continues from: a clear study's model, an encrypted study's sum
+CHECKPOINTS = (CHECKPOINT, ENCRYPTED_CHECKPOINT)
 #: Figures computed on the real rows in clear (not DP): they stay where the data may live.
 VALIDATION_JSON = "validation.json"
 
@@ -207,7 +216,7 @@ def check_resume(opts: SimulationOptions, out: Path) -> None:
             f"--resume: a marginal study measures its marginals once and cannot continue "
             f"(its sites' ledgers keep what an earlier run spent); run it in a new --out, "
             f"or pass --force instead of --resume to replace the study in {out}")
-    ckpt = out / "checkpoint.fsg"
+    ckpt = out / CHECKPOINT
     if opts.study.encrypted or not ckpt.exists():
         return  # nothing to compare: an encrypted checkpoint holds ciphertexts only
     from ..common.generators.base import GRID_PARAM, HEAPS_PARAM, Generator
@@ -486,6 +495,9 @@ def run_simulation_study(
     out = Path(opts.study.output_dir)
     check_resume(opts, out)
     claim_output(out, opts.force, opts.study.resume)
+    if opts.study.resume and not any((out / f).exists() for f in CHECKPOINTS):
+        console.print(f"  note: --resume found no checkpoint in {out}: the study starts at "
+                      "round 0 (the sites' ledgers keep whatever an earlier run spent)")
     out.mkdir(parents=True, exist_ok=True)
     log_file = out / LOG_FILE
     t0 = time.perf_counter()
