@@ -205,8 +205,12 @@ def test_tvae_time_path_noise_does_not_set_the_times_level():
             model.net.time_skip.weight.add_(0.05)
         return np.abs(medians(model) - before)
 
-    centred = shift_moves(TVAE(schema, seed=0))
-    raw = TVAE(schema, seed=0)
+    def loaded(model: TVAE) -> TVAE:  # its initial weights, sampled as a loaded state
+        model.load_state_dict(model.state_dict())
+        return model
+
+    centred = shift_moves(loaded(TVAE(schema, seed=0)))
+    raw = loaded(TVAE(schema, seed=0))
     raw.centre_time_path = lambda: None  # the map reads the raw row, as before
     moved = shift_moves(raw)
     assert np.all(centred < 100), centred  # days

@@ -257,6 +257,7 @@ def test_flower_evaluate_round(
     sites_rows, _ = study
     plan = StudyConfig(local_epochs=1)
     model = get_generator(plan.generator)(heart_schema, seed=plan.seed)
+    model.load_state_dict(model.state_dict())  # the model sent: a loaded state
     synthetic = model.sample(400, seed=9)  # what each site samples from the model sent
     site_configs = []
     for name, rows in sites_rows.items():

@@ -56,3 +56,19 @@ def test_fit_refuses_a_table_the_schema_does_not_describe(
     with pytest.raises(FedsynthError) as err:
         model.fit(change(cleveland), epsilon=3.0)
     assert says in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["tvae", "ctgan", "ddpm", "marginal"])
+def test_sample_refuses_a_model_neither_fitted_nor_loaded(name: str, heart_schema: Schema
+                                                          ) -> None:
+    # a deep generator sampled its random initial weights: schema-valid rows that mean
+    # nothing, which a user could take for a model's (SDV and scikit-learn refuse too)
+    from fedsynth.common.generators.base import NotFittedError
+
+    model = get_generator(name)(heart_schema)
+    with pytest.raises(NotFittedError, match="neither fitted nor loaded"):
+        model.sample(5)
+    if name != "marginal":  # a state loaded (a federated round's model) may be sampled
+        twin = get_generator(name)(heart_schema)
+        twin.load_state_dict(model.state_dict())
+        assert len(twin.sample(5, seed=0)) == 5

@@ -143,6 +143,7 @@ def test_condition_choice(heart_schema: Schema) -> None:
     plain = TVAE(heart_schema, condition=None)
     assert plain.statistics_column() is None
     assert all(k.startswith("vae.") for k in plain.state_dict())
+    plain.load_state_dict(plain.state_dict())  # sampled as a loaded model
     assert len(plain.sample(10, seed=0)) == 10
     assert TVAE(heart_schema, condition="sex").statistics_column() == "sex"
     with pytest.raises(ValueError, match="categorical or binary"):

@@ -89,6 +89,12 @@ class ModelFileError(FedsynthError, ValueError):
     """A saved generator cannot be loaded; the message says why and what to do."""
 
 
+class NotFittedError(FedsynthError, RuntimeError):
+    """``sample`` on a model that was neither fitted nor loaded (SDV and scikit-learn say
+    the same): its rows would be the random initial weights', schema-valid and
+    meaningless."""
+
+
 class ConditionError(FedsynthError, ValueError):
     """A sampling condition cannot be met under the schema, or by the model."""
 
@@ -163,6 +169,8 @@ class Generator(ABC):
         self.seed = seed
         torch.manual_seed(seed)
         self.build()
+        # set by fit, load and load_state_dict (the federated model is loaded each round)
+        self.trained = False
 
     # -- what a model family provides -------------------------------------------------
     @abstractmethod
@@ -248,6 +256,7 @@ class Generator(ABC):
                 if k.startswith(prefix + ".")
             }
             net.load_state_dict(sub)
+        self.trained = True
 
     def num_parameters(self) -> int:
         return int(sum(v.size for v in self.state_dict().values()))
@@ -357,6 +366,7 @@ class Generator(ABC):
             "epsilon": ledger.epsilon(delta) if ledger is not None else None,
             "delta": delta if ledger is not None else None,
         }
+        self.trained = True
         return self
 
     def _fit_grid(self, bounds: TabularEncoder, encoded: np.ndarray, noise: float | None,
@@ -386,6 +396,7 @@ class Generator(ABC):
         # the encoding (the TVAE's starting scales, ddpm's numeric scale)
         torch.manual_seed(self.seed)
         self.build()
+        self.trained = False
 
     def sample(
         self,
@@ -410,6 +421,9 @@ class Generator(ABC):
                 f"the {self.name} generator does not follow a causal graph, so it cannot "
                 "sample interventions (do(column = value)); use the marginal generator "
                 "with a schema that publishes a 'graph' section (docs/causal.md)")
+        if not self.trained:
+            raise NotFittedError(f"this {self.name} model is neither fitted nor loaded: "
+                                 "fit it (.fit) or load a saved one (Generator.load) first")
         rng = torch.Generator().manual_seed(self.seed if seed is None else seed)
         wanted = self._parse_conditions(conditions or {})
         kept: list[pd.DataFrame] = []

@@ -342,6 +342,7 @@ def train_round(
         if step is not None:
             step.remove_hooks()
     seconds = time.perf_counter() - start
+    generator.trained = True  # it may be sampled now (Generator.sample refuses untrained)
     return RoundStats(
         steps=steps,
         rows_seen=total_rows,

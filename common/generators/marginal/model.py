@@ -24,7 +24,7 @@ from ...dp_histogram import bin_weights, cell_weights, equal_mass_cuts, mass_and
 from ...privacy import PrivacyLedger
 from ...privacy.randomness import DPRandomness
 from ...schema import Schema
-from ..base import NON_NEGATIVE, SIZE, Bound, ConditionError, Generator
+from ..base import NON_NEGATIVE, SIZE, Bound, ConditionError, Generator, NotFittedError
 from . import causal, engine, fit
 from .code_pairs import entry_columns, noisy_pair_counts
 from .codes import code_weights, noisy_code_histogram, pooled_counts
@@ -676,7 +676,8 @@ class MarginalGenerator(Generator):
         if n < 0:
             raise ValueError("n must be >= 0")
         if self.mrf is None:
-            raise ConditionError("the marginal model is not fitted yet: fit it or load one")
+            raise NotFittedError("this marginal model is neither fitted nor loaded: fit it "
+                                 "(.fit) or load a saved one (Generator.load) first")
         if interventions and self.graph is None:
             raise CausalError("this marginal model has no causal graph, so it cannot sample "
                               "interventions: publish a 'graph' section in the schema and "
