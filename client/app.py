@@ -192,17 +192,10 @@ def handle_train(msg: Message, context: Context, sites: list[SiteConfig] | None)
     cached = cached_reply(site, study.study_id, state, server_round, digest)
     if cached is not None:
         return Message(cached, reply_to=msg)
-    if site.requires_encryption and not study.encrypted:
+    if problem := site.aggregation_problem(study):
         # The site's node config decides: a coordinator cannot switch encryption off.
-        reply = SiteReply(
-            Status.ENCRYPTION_REQUIRED,
-            status_metrics(site, state),
-            problems=[
-                "this site is set up for encrypted aggregation (its node config names "
-                "its CKKS keys) and sends nothing in clear; run the study with "
-                "secure-aggregation = 'ckks'"
-            ],
-        )
+        reply = SiteReply(Status.ENCRYPTION_REQUIRED, status_metrics(site, state),
+                          problems=[problem])
         return Message(reply_content(site, reply), reply_to=msg)
     if study.encrypted:
         result = train_encrypted(
@@ -268,9 +261,11 @@ def handle_evaluate(msg: Message, context: Context, sites: list[SiteConfig] | No
     request = ValidationRequest.from_content(msg.content)
     study = StudyConfig.from_flat(request.config)
     state = _load_state(context, site, study)
-    if site.requires_encryption and not study.encrypted:
+    if site.requires_encryption and not study.encrypted and not (
+            study.masked and site.accepts(study)):
         # A study "in clear" would skip the check that the model is the release and send
-        # the count encryption hid: the site's node config decides, as for training.
+        # the count encryption hid: the site's node config decides, as for training. A
+        # masked study's model is the coordinator's fit of sums: scored as in clear.
         reply = SiteReply(Status.ENCRYPTION_REQUIRED, status_metrics(site, state), problems=[
             "this site is set up for encrypted aggregation and scores nothing in clear"])
         return Message(reply_content(site, reply), reply_to=msg)

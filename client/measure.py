@@ -52,6 +52,14 @@ from ..common.encryption import (
     encrypt_state,
     flood_for_release,
 )
+from ..common.encryption.masks import (
+    MaskError,
+    Roster,
+    load_roster,
+    mask,
+    pair_keys,
+    request_digest,
+)
 from ..common.generators.marginal.code_pairs import (
     entry_columns,
     noisy_pair_counts,
@@ -110,6 +118,14 @@ class MeasureReply:
     values: np.ndarray | None = None  # in clear
     chunks: list[bytes] | None = None  # encrypted
     layout_json: str = ""
+    masked: np.ndarray | None = None  # pairwise-masked, uint64
+
+
+#: The smallest noise std (in sensitivity units) a site adds when it splits its noise:
+#: the sum of h discrete Gaussians of std >= 1 is charged as one Gaussian exactly to
+#: 6 decimals of the Renyi divergence (benchmarks/distributed-noise), at 0.5 up to 15%
+#: under (the family is not closed under sums).
+MIN_SHARE_STD = 1.0
 
 
 _CELLS: dict[tuple[Any, ...], np.ndarray] = {}
@@ -213,13 +229,13 @@ def answer(
     schema = site_schema(site, state, str(config[P.SCHEMA_FINGERPRINT]))
     if isinstance(schema, SiteReply):
         return MeasureReply(schema)
-    if site.requires_encryption and not study.encrypted:
-        return MeasureReply(SiteReply(NOT_ENCRYPTED, status_metrics(site, state), problems=[
-            "this site is set up for encrypted aggregation and answers nothing in clear"]))
+    if problem := site.aggregation_problem(study):
+        return MeasureReply(SiteReply(NOT_ENCRYPTED, status_metrics(site, state),
+                                      problems=[problem]))
     op = str(config.get(P.OP, ""))
     if op == P.STATUS_OP:  # releases nothing: the budget every reply states
-        return MeasureReply(SiteReply(MEASURED, status_metrics(site, state)))
-    if op == P.DECRYPT_OP:
+        return MeasureReply(SiteReply(MEASURED, _metrics(site, state)))
+    if op == P.DECRYPT_OP and study.encrypted:
         return _decrypt(site, study, ckks, state)
     if op not in (P.MEASURE_OP, P.SCORE_OP):
         return _refuse(site, state, f"unknown marginal operation {op!r}")
@@ -230,31 +246,94 @@ def answer(
     kind = str(config.get(P.RELEASE_KIND, MEASURE)) if op == P.MEASURE_OP else "score"
     if problem := request.problem(kind):
         return _refuse(site, state, problem)
-    sigma = noise.of(kind)
+    sigma = noise.of(kind)  # the std the site's budget needs in the sum: charged
     if site.dp and not math.isfinite(sigma):
         return _refuse(site, state, f"the study's plan has no share for {kind!r} releases")
+    h = site.honest_sites
+    added = noise.split(h)  # what this site adds: 1/h of each variance (h = 1: all)
+    masks = None
+    if study.masked:
+        masks = _masks(site, study, config, model_marginals, state, h)
+        if isinstance(masks, MeasureReply):
+            return masks
+    if site.dp and h > 1 and added.of(kind) < MIN_SHARE_STD:
+        return _refuse(site, state, (
+            f"split {h} ways, this {kind!r} release's noise would be {added.of(kind):.3g} "
+            f"(std, counts), below {MIN_SHARE_STD:g}, where a sum of discrete Gaussians is "
+            "no longer charged exactly as one: lower honest-sites or the budget"))
     if site.dp:
         state.ledger.mechanism = study.accountant
         nxt = state.ledger.copy()
         nxt.record(sigma, 1.0, request.releases(kind))
         if nxt.epsilon(site.delta) > site.epsilon * (1 + 1e-9):
-            return MeasureReply(SiteReply(BUDGET_EXHAUSTED, status_metrics(site, state)))
+            return MeasureReply(SiteReply(BUDGET_EXHAUSTED, _metrics(site, state)))
+    if masks is not None:  # from here the site answers: its digest is used up
+        state.masked_digests.append(masks[2].hex())
     release = site.randomness(f"{study.study_id}:marginal:{config.get(P.STEP, 0)}").release(
         "measurement")
     if op == P.MEASURE_OP:
-        values = _measure(request, sigma, release, kind, state)
+        values = _measure(request, added.of(kind), release, kind, state)
     else:
-        values = _scores(site, request, model_marginals, sigma, release, state)
+        values = _scores(site, request, model_marginals, added.of(kind), release, state)
         if isinstance(values, MeasureReply):
             return values
     if site.dp:
         state.ledger.record(sigma, 1.0, request.releases(kind))
+        if h > 1:
+            state.shares.append((sigma, added.of(kind), request.releases(kind)))
     metrics = {
-        **status_metrics(site, state),
-        P.SIGMA_ONE_WAY: noise.one_way, P.SIGMA_SCORE: noise.score,
-        P.SIGMA_MEASURE: noise.measure, P.SIGMA_RELEASED: sigma,
+        **_metrics(site, state),
+        P.SIGMA_ONE_WAY: added.one_way, P.SIGMA_SCORE: added.score,
+        P.SIGMA_MEASURE: added.measure, P.SIGMA_RELEASED: added.of(kind),
+        P.SIGMA_CHARGED: sigma,
     }
+    if masks is not None:
+        return _masked(site, state, metrics, values, *masks)
     return _wrap(site, study, metrics, values)
+
+
+def _metrics(site: SiteConfig, state: SiteState) -> dict[str, float]:
+    """Every reply's status metrics, with the site's distributed-noise setting and its
+    epsilon were all the other sites to collude with the coordinator (both public:
+    functions of its trust setting and the plans)."""
+    alone = state.alone_ledger().epsilon(site.delta) if site.dp else -1.0
+    return {**status_metrics(site, state), P.HONEST_SITES: float(site.honest_sites),
+            P.EPSILON_ALONE: alone}
+
+
+def _masks(site: SiteConfig, study: StudyConfig, config: dict[str, Any],
+           model_marginals: dict[str, np.ndarray], state: SiteState, h: int
+           ) -> tuple[Roster, dict[str, bytes], bytes] | MeasureReply:
+    """The roster, pair keys and request digest of a masked reply, or the refusal.
+
+    Checked before anything is drawn or charged: the roster (a site with no keys
+    refuses), h against it (more honest sites than the roster holds is a trust that
+    cannot be), and the digest (never two vectors under one mask)."""
+    try:
+        roster = load_roster(site.name, site.key_dir, site.peer_keys)
+    except KeySetupError as exc:
+        return MeasureReply(SiteReply(P.Status.NO_KEYS, _metrics(site, state),
+                                      problems=[str(exc)]))
+    if h > roster.size:
+        return _refuse(site, state, f"honest-sites = {h} but the roster (peer-keys) holds "
+                       f"{roster.size} sites with this one: lower honest-sites")
+    digest = request_digest(config, model_marginals)
+    if digest.hex() in state.masked_digests:
+        return _refuse(site, state, "this masked request was answered already: a site "
+                       "never masks two vectors with one mask (ask a new step)")
+    return roster, pair_keys(roster, study.study_id), digest
+
+
+def _masked(site: SiteConfig, state: SiteState, metrics: dict[str, float],
+            values: np.ndarray, roster: Roster, keys: dict[str, bytes], digest: bytes
+            ) -> MeasureReply:
+    """The released vector plus this site's masks: readable only in the roster's sum."""
+    try:
+        masked = mask(values, roster, keys, digest)
+    except MaskError as exc:
+        return MeasureReply(SiteReply(P.Status.ENCRYPTION_FAILED, _metrics(site, state),
+                                      problems=[str(exc)]))
+    return MeasureReply(SiteReply(MEASURED, metrics), masked=masked)
 
 
 def _refuse(site: SiteConfig, state: SiteState, problem: str) -> MeasureReply:
@@ -403,4 +482,6 @@ def measure_reply(site: SiteConfig, study: StudyConfig, content: Any, state: Sit
         out[P.COUNTS_RECORD] = ArrayRecord({P.VALUES: Array(np.asarray(result.values))})
     if result.chunks is not None:
         out[P.CKKS_COUNTS] = ConfigRecord({P.CHUNKS: result.chunks, P.LAYOUT: result.layout_json})
+    if result.masked is not None:
+        out[P.MASKED_COUNTS] = ArrayRecord({P.VALUES: Array(np.asarray(result.masked))})
     return out

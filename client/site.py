@@ -110,7 +110,30 @@ class SiteState:
     # federated validation (each answer is a statistic of the rows).
     final_released: bool = False
     validated: bool = False
+    # The request digests this study's masked replies answered (common/encryption/
+    # masks.py): a digest is never masked twice, so no two vectors share a mask.
+    masked_digests: list[str] = field(default_factory=list)
+    # Lifetime, like the ledger: the releases made with distributed noise, as (std the
+    # ledger charged, std this site added, count); ``alone_ledger`` swaps them in.
+    shares: list[tuple[float, float, int]] = field(default_factory=list)
     other_studies: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def alone_ledger(self) -> PrivacyLedger:
+        """The ledger as it would read were every other site to collude with the
+        coordinator: each distributed-noise release at the noise this site added."""
+        if not self.shares:
+            return self.ledger
+        history = [list(h) for h in self.ledger.history]
+        for charged, added, count in self.shares:
+            left = count
+            for entry in history:
+                if left and entry[0] == charged and entry[1] == 1.0:
+                    take = min(left, entry[2])
+                    entry[2] -= take
+                    left -= take
+            history.append([added, 1.0, count])
+        return PrivacyLedger(self.ledger.mechanism,
+                             [(float(a), float(b), int(c)) for a, b, c in history if c > 0])
 
     def _study_record(self) -> dict[str, Any]:
         return {
@@ -128,6 +151,7 @@ class SiteState:
             "replay-checksum": self.replay_checksum,
             "final-released": self.final_released,
             "validated": self.validated,
+            "masked-digests": list(self.masked_digests),
         }
 
     def _load_study(self, rec: dict[str, Any]) -> None:
@@ -149,6 +173,7 @@ class SiteState:
         self.replay_checksum = str(rec.get("replay-checksum", ""))
         self.final_released = bool(rec.get("final-released", False))
         self.validated = bool(rec.get("validated", False))
+        self.masked_digests = [str(d) for d in rec.get("masked-digests", [])]
 
     def for_study(self, study_id: str) -> SiteState:
         """Make ``study_id`` the current study, keeping the others' state (and the ledger)."""
@@ -165,6 +190,7 @@ class SiteState:
         rec = self.ledger.to_record()
         rec.update(self._study_record())
         rec["study-id"] = self.study_id
+        rec["shares"] = json.dumps([list(x) for x in self.shares])
         rec["other-studies"] = json.dumps(self.other_studies, sort_keys=True)
         return rec
 
@@ -172,6 +198,9 @@ class SiteState:
     def from_record(cls, rec: dict[str, Any]) -> SiteState:
         state = cls(ledger=PrivacyLedger.from_record(rec), study_id=str(rec.get("study-id", "")))
         state._load_study(rec)
+        shares = rec.get("shares", "[]")
+        state.shares = [(float(a), float(b), int(c)) for a, b, c in
+                        (json.loads(shares) if isinstance(shares, str) else shares)]
         others = rec.get("other-studies", "{}")
         state.other_studies = json.loads(others) if isinstance(others, str) else dict(others)
         return state

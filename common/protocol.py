@@ -268,7 +268,8 @@ class ValidationRequest:
 #
 # The site's reply: ``site`` (name, status, problems) and ``metrics`` (epsilon spent,
 # budget, the noise levels it uses) as in every reply, plus the noisy vector in clear
-# (``COUNTS_RECORD``, ArrayRecord ``values``) or encrypted (``CKKS_COUNTS``).
+# (``COUNTS_RECORD``, ArrayRecord ``values``), encrypted (``CKKS_COUNTS``) or masked
+# (``MASKED_COUNTS``).
 
 MARGINAL_ACTION = "marginal"
 MARGINAL_MESSAGE = f"query.{MARGINAL_ACTION}"
@@ -296,13 +297,23 @@ STATUS_OP = "status"
 MODEL_RECORD = "marginal-model"  # coordinator -> site (score): p.<i> arrays
 COUNTS_RECORD = "marginal-counts"  # site -> coordinator, in clear: "values"
 CKKS_COUNTS = "marginal-ckks"  # ciphertexts both ways: CHUNKS, LAYOUT
+# site -> coordinator under secure-aggregation = "masks": "values", the vector in fixed
+# point plus the site's pairwise masks, uint64 (common/encryption/masks.py)
+MASKED_COUNTS = "marginal-masked"
 VALUES = "values"
 
 # reply metrics (besides epsilon, delta, epsilon-budget)
 SIGMA_ONE_WAY = "sigma-one-way"
 SIGMA_SCORE = "sigma-score"
 SIGMA_MEASURE = "sigma-measure"
-SIGMA_RELEASED = "sigma"  # the noise std of this reply's vector
+SIGMA_RELEASED = "sigma"  # the noise std of this reply's vector (what the site added)
+# distributed noise (SiteConfig.honest_sites), in every marginal reply: the site's h
+# (public, its trust setting; 1 = whole noise), the std its budget needs in the sum
+# (what its ledger charges) and its epsilon were every other site to collude with the
+# coordinator (its ledger with the noise it added itself)
+HONEST_SITES = "honest-sites"
+SIGMA_CHARGED = "sigma-charged"
+EPSILON_ALONE = "epsilon-alone"
 
 
 # ---------------------------------------------------------------- quantile grid

@@ -30,7 +30,7 @@ STRATEGIES = ("fedavg", "fedprox")
 #: bounds. (Opacus' ``gdp`` is a central-limit approximation, not a bound: a study may
 #: not name it.)
 ACCOUNTANTS = ("rdp", "prv")
-SECURE_AGGREGATION = ("none", "ckks")
+SECURE_AGGREGATION = ("none", "ckks", "masks")
 # Flower strategies whose aggregate is not a weighted sum of the updates, with what the
 # coordinator would need in clear to compute it. Under CKKS it holds ciphertexts it can
 # only add, so these cannot run; naming them gets a reason instead of a bare "unknown".
@@ -137,6 +137,9 @@ class StudyConfig:
     simulation_sites: str = ""
     # "ckks": sites send CKKS-encrypted weighted updates, the coordinator only adds them
     # with the public context at ``public_context`` (a path on the coordinator's side).
+    # "masks" (marginal studies): sites send pairwise-masked vectors whose masks cancel
+    # only in the sum of every site's (common/encryption/masks.py); what lets a site
+    # split its noise with others (SiteConfig.honest_sites).
     secure_aggregation: str = "none"
     public_context: str = ""
     # Public upper bound B on a site's FedAvg weight (its DP row count): sites encrypt
@@ -182,6 +185,10 @@ class StudyConfig:
                             "sample-rate or lower local-epochs)")
         if self.secure_aggregation not in SECURE_AGGREGATION:
             problems.append(f"secure-aggregation must be one of {', '.join(SECURE_AGGREGATION)}")
+        elif self.secure_aggregation == "masks" and self.generator != "marginal":
+            problems.append("secure-aggregation = 'masks' sums a marginal study's counts "
+                            "(generator = 'marginal'); a training study's models are "
+                            "summed under 'ckks'")
         strategy_problem = check_strategy(self.strategy, self.secure_aggregation)
         if strategy_problem:
             problems.append(strategy_problem)
@@ -227,6 +234,11 @@ class StudyConfig:
     def encrypted(self) -> bool:
         """Whether the study aggregates under CKKS (sites send ciphertexts only)."""
         return self.secure_aggregation == "ckks"
+
+    @property
+    def masked(self) -> bool:
+        """Whether the sites' vectors are pairwise-masked (a marginal study's sums)."""
+        return self.secure_aggregation == "masks"
 
     def to_flat(self) -> dict[str, Any]:
         """Kebab-case scalars for a Flower ConfigRecord / run config."""
@@ -282,6 +294,17 @@ class SiteConfig:
     key_dir: str = ""
     holder_public_key: str = ""
     wrapped_context: str = ""
+    # Masked sums (secure-aggregation = "masks"): a folder of the other sites' X25519
+    # public keys, one <site>.pem each, checked by fingerprint with each site. A site
+    # with peer-keys answers nothing in clear.
+    peer_keys: str = ""
+    # The sites of the roster, this one included, that this site trusts not to collude
+    # with the coordinator. With h > 1 (masked sums only) it adds 1/h of the noise
+    # variance its budget needs: the sum of h such sites carries the whole, and the
+    # ledger charges the whole. Against a coordinator joined by all the other sites it
+    # has spent ``epsilon-alone`` (reported beside epsilon). 1: today's guarantee,
+    # whoever colludes. docs/privacy.md, "Distributed noise".
+    honest_sites: int = 1
     # Federated validation scores are statistics of this site's rows released outside
     # DP, so the site decides, not the coordinator: "none" (default) declines, "quality"
     # sends the fidelity and utility scores, "all" adds the privacy screens that hinge
@@ -306,15 +329,51 @@ class SiteConfig:
                               f"[{low:g}, {high:g}], got {self.noise_multiplier:g}")
         if self.dp:
             check_budget(self.epsilon, self.delta, f"site {self.name}")
+        if isinstance(self.honest_sites, bool) or not isinstance(self.honest_sites, int) \
+                or self.honest_sites < 1:
+            raise ConfigError(f"site {self.name}: honest-sites must be a whole number >= 1, "
+                              f"got {self.honest_sites!r}")
+        if self.honest_sites > 1 and not (self.peer_keys and self.key_dir):
+            raise ConfigError(
+                f"site {self.name}: honest-sites = {self.honest_sites} splits this site's "
+                "noise with others, which is private only inside a masked sum: give "
+                "key-dir and peer-keys (secure-aggregation = 'masks'), or keep "
+                "honest-sites = 1")
 
     @property
     def requires_encryption(self) -> bool:
-        """A site set up with its CKKS key files refuses every round in clear.
+        """A site set up with its CKKS key files, or with a roster for masked sums,
+        refuses every round in clear.
 
         Encryption is the site's decision, not the coordinator's: a coordinator that
         sends ``secure-aggregation = "none"`` to such a site gets a refusal, not weights.
         """
-        return bool(self.key_dir or self.wrapped_context)
+        return bool(self.key_dir or self.wrapped_context or self.peer_keys)
+
+    def accepts(self, study: StudyConfig) -> bool:
+        """Whether this site may answer ``study`` as its aggregation is set: anything
+        without keys; CKKS with CKKS keys; masks with a roster (and with masks only when
+        it splits its noise, ``honest_sites`` > 1)."""
+        if self.honest_sites > 1:
+            return study.masked
+        if not self.requires_encryption:
+            return True
+        return study.encrypted or (study.masked and bool(self.peer_keys))
+
+    def aggregation_problem(self, study: StudyConfig) -> str:
+        """Why this site answers nothing in ``study`` ('' if it may answer): the site's
+        node config decides, a coordinator cannot switch its protection off."""
+        if self.accepts(study):
+            return ""
+        if self.honest_sites > 1:
+            return (f"this site adds 1/{self.honest_sites} of its noise (honest-sites) and "
+                    "answers only masked sums: run a marginal study with "
+                    "secure-aggregation = 'masks'")
+        kinds = [k for k, on in (("'ckks'", self.key_dir and self.wrapped_context),
+                                 ("'masks' (marginal studies)", self.peer_keys)) if on]
+        return ("this site is set up for secure aggregation (its node config names its "
+                "keys) and sends nothing in clear; run the study with secure-aggregation = "
+                + " or ".join(kinds or ["'ckks'"]))
 
     def randomness(self, context: str = "") -> DPRandomness:
         """Where this site's DP mechanisms draw: secret unless a test seeded it.
@@ -356,6 +415,8 @@ class SiteConfig:
             key_dir=str(node.get("key-dir", "")),
             holder_public_key=str(node.get("holder-public-key", "")),
             wrapped_context=str(node.get("wrapped-context", "")),
+            peer_keys=str(node.get("peer-keys", "")),
+            honest_sites=_coerce("honest-sites", node.get("honest-sites", 1), int),
             validation_scores=str(node.get("validation-scores", "none")),
             reproducible_noise_seed=(
                 _coerce("reproducible-noise-seed", node["reproducible-noise-seed"], int)

@@ -32,6 +32,7 @@ from .common.errors import FedsynthError
 from .common.study import (
     DEFAULT_DELTA,
     DEFAULT_EPSILON,
+    SECURE_AGGREGATION,
     SEED_RANGE,
     ConfigError,
     StudyConfig,
@@ -134,9 +135,16 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--generator-params", default="{}",
                    help='JSON hyperparameters, e.g. \'{"hidden": 64, "latent": 16}\'')
     p.add_argument("--strategy", choices=["fedavg", "fedprox"], default=d.strategy)
-    p.add_argument("--secure-aggregation", choices=["none", "ckks"], default=d.secure_aggregation,
-                   help="ckks: sites send CKKS-encrypted updates the coordinator can only add "
-                   "(keys are set up in OUT/keys; see docs/encryption.md)")
+    p.add_argument("--secure-aggregation", choices=list(SECURE_AGGREGATION),
+                   default=d.secure_aggregation,
+                   help="ckks: sites send CKKS-encrypted updates the coordinator can only add; "
+                   "masks (marginal generator): pairwise-masked counts only their sum "
+                   "unmasks (keys are set up in OUT/keys; see docs/encryption.md)")
+    p.add_argument("--honest-sites", type=int, default=1,
+                   help="with --secure-aggregation masks: each site trusts this many sites "
+                   "(itself included) not to collude with the coordinator and adds 1/N of "
+                   "its noise variance (default 1: the whole; docs/privacy.md, "
+                   "'Distributed noise')")
     p.add_argument("--proximal-mu", type=float, default=0.01,
                    help="FedProx mu (used with --strategy fedprox)")
     p.add_argument("--server-momentum", type=float, default=d.server_momentum,
@@ -229,7 +237,12 @@ def _run_simulate(args: argparse.Namespace, console: Console) -> int:
         positive=positive,
         engine=args.engine,
         force=args.force,
+        honest_sites=args.honest_sites,
     )
+    if args.honest_sites != 1 and study.secure_aggregation != "masks":
+        raise ConfigError("--honest-sites splits each site's noise, which is private only "
+                          "inside a masked sum: add --secure-aggregation masks (with "
+                          "--generator marginal)")
     summary = simulate(opts, console)
     return EXIT_VERDICT if args.strict and not summary["verdict"]["passed"] else 0
 

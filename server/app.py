@@ -424,6 +424,10 @@ def release_label(history: list[RoundLog]) -> str:
         return f"{NOT_A_DP_RELEASE} (sites {', '.join(replayable)})"
     if no_dp:
         return f"no DP: not a DP release (sites {', '.join(no_dp)} trained without DP)"
+    if trusting := sorted({s.site for r in history for s in r.sites if s.honest_sites > 1}):
+        return ("DP release under distributed noise: each site's epsilon holds while "
+                "its honest-sites (itself included) do not collude with the coordinator; "
+                f"sites {', '.join(trusting)} split their noise (summary: epsilon_alone)")
     return "DP release: post-processing of every site's DP training"
 
 

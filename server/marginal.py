@@ -19,6 +19,10 @@ row: it adds the sites' noisy vectors and fits the graphical model to the totals
   coordinator adds ciphertexts with its key-less context and asks one site to decrypt
   the sum (flooded, as the final release of an encrypted training study), so it only
   ever holds totals. No site attribute then: that would need per-site vectors.
+- Under ``"masks"`` each site sends its vector plus pairwise masks that cancel only in
+  the sum of every site's (``common/encryption/masks.py``); no site can open another's,
+  so a site may add a share of its noise (``honest-sites``). A step then needs every
+  site: one that refuses fails the study. No site attribute either.
 
 Every site's reply carries the epsilon it has spent; a site past its budget refuses
 and the study goes on with the others (a pooled total then covers fewer sites: the
@@ -48,6 +52,7 @@ from ..common.encryption import (
     check_ciphertexts,
     load_public_context,
 )
+from ..common.encryption.masks import MaskError, unmask_sum
 from ..common.generators.marginal import MarginalGenerator
 from ..common.generators.marginal.event_links import slice_length, whole_covariates
 from ..common.generators.marginal.fit import Clique, Measurement, noisy_total
@@ -86,9 +91,9 @@ class FederatedMeasurer:
         self.code_lengths = code_lengths or {}  # the code histogram's layout (codes.py)
         self.whole = list(whole)  # categorical covariates: whole link slices (event_links)
         self.by_site = by_site  # the answering sites' count -> model the site?
-        self.secure = study.encrypted
+        self.secure = study.encrypted or study.masked  # sums only: no site attribute
         self.public_ctx = None
-        if self.secure:
+        if study.encrypted:
             if not study.public_context:
                 raise ConfigError("secure-aggregation = 'ckks' needs public-context (the "
                                   "coordinator's key-less CKKS context)")
@@ -105,6 +110,8 @@ class FederatedMeasurer:
         self.on_round = on_round
         self.step = 0
         self.bytes_in = 0
+        self.asked = 0  # sites asked in the last step (a masked sum needs every one)
+        self.latest: dict[str, dict[str, float]] = {}  # site -> its last release's metrics
 
     def use_plan(self, plan: MarginalPlan) -> None:
         """Send ``plan`` with every request from now on (each site calibrates to it)."""
@@ -124,7 +131,8 @@ class FederatedMeasurer:
                 continue
             metrics = P.SiteReply.from_content(msg.content)[1].metrics
             if metrics.get(P.EPSILON_BUDGET, -1.0) > 0 and metrics.get(P.DELTA, 0.0) > 0:
-                budgets.append((metrics[P.EPSILON_BUDGET], metrics[P.DELTA]))
+                budgets.append((metrics[P.EPSILON_BUDGET], metrics[P.DELTA],
+                                max(1.0, metrics.get(P.HONEST_SITES, 1.0))))
         return summed_noise(budgets, self.study.accountant) if budgets else None
 
     # -- transport ----------------------------------------------------------------------
@@ -153,6 +161,7 @@ class FederatedMeasurer:
                     {f"p.{i}": Array(np.asarray(a, dtype=np.float64))
                      for i, a in enumerate(arrays)})
             messages.append(Message(content, dst_node_id=node, message_type=P.MARGINAL_MESSAGE))
+        self.asked = len(messages)
         replies = list(self.grid.send_and_receive(messages, timeout=self.study.round_timeout))
         logged, good = [], []
         for msg in replies:
@@ -173,13 +182,15 @@ class FederatedMeasurer:
                               loss=math.nan, problems=reply.problems,
                               budget=budget if budget > 0 else None,
                               delta=metrics.get(P.DELTA),
-                              reproducible_noise=bool(metrics.get(P.REPRODUCIBLE_NOISE, 0.0)))
+                              reproducible_noise=bool(metrics.get(P.REPRODUCIBLE_NOISE, 0.0)),
+                              honest_sites=int(metrics.get(P.HONEST_SITES, 1.0)))
             if status == MEASURED and budget > 0 and metrics.get(P.EPSILON, 0) > budget * (
                     1 + 1e-6):
                 entry.status = P.Status.REFUSED
                 entry.reason = "reported epsilon passes its budget"
             elif status == MEASURED:
                 good.append((name, metrics, msg.content))
+                self.latest[name] = metrics
             else:
                 entry.reason = "; ".join(entry.problems) or status
             logged.append(entry)
@@ -195,7 +206,9 @@ class FederatedMeasurer:
 
     def _vectors(self, good: list[tuple[str, dict[str, float], Any]], length: int
                  ) -> tuple[dict[str, np.ndarray] | np.ndarray, list[str]]:
-        """Per-site vectors in clear, or the decrypted sum under CKKS."""
+        """Per-site vectors in clear, or the sum under CKKS or masks."""
+        if self.study.masked:
+            return self._unmask(good, length), [name for name, _, _ in good]
         if not self.secure:
             out: dict[str, np.ndarray] = {}
             for name, _, content in good:
@@ -221,6 +234,31 @@ class FederatedMeasurer:
             raise NoSiteAnswered("no site sent usable ciphertexts")
         summed = add_encrypted(self.public_ctx, chunks)
         return self._decrypt(summed, layout, length), names
+
+    def _unmask(self, good: list[tuple[str, dict[str, float], Any]], length: int
+                ) -> np.ndarray:
+        """The sum of every site's masked vector (``common/encryption/masks.py``): the
+        masks cancel only when every site asked answered, so a missing one fails the
+        step (the others' vectors stay unreadable)."""
+        if len(good) < self.asked:
+            missing = self.asked - len(good)
+            raise NoSiteAnswered(
+                f"a masked sum needs every site's vector and {missing} of {self.asked} "
+                "did not send one (the round log says why); the others' stay masked")
+        vectors = []
+        for name, _, content in good:
+            try:
+                v = np.asarray(content[P.MASKED_COUNTS][P.VALUES].numpy())
+            except KeyError:
+                raise NoSiteAnswered(f"{name} sent no masked vector") from None
+            if v.dtype != np.uint64 or v.shape != (length,):
+                raise NoSiteAnswered(f"{name} sent a masked vector of {v.dtype} {v.shape}, "
+                                     f"expected uint64 ({length},)")
+            vectors.append(v)
+        try:
+            return unmask_sum(vectors)
+        except MaskError as exc:
+            raise NoSiteAnswered(str(exc)) from None
 
     def _decrypt(self, summed: list[bytes], layout: StateLayout, length: int) -> np.ndarray:
         """One site decrypts the sum (one copy of the flooding noise, as for a release)."""
@@ -373,6 +411,16 @@ def run_marginal_study(grid: Grid, study: StudyConfig, schema: Schema,
         summary["secure_aggregation"] = {"scheme": study.secure_aggregation,
                                          "public_context": study.public_context,
                                          "marginal_sums_decrypted_by_one_site": True}
+    if study.masked:
+        summary["secure_aggregation"] = {
+            "scheme": "masks",
+            "honest_sites": {n: int(m.get(P.HONEST_SITES, 1)) for n, m in
+                             sorted(measurer.latest.items())},
+            # what each site's patients have spent were all the others to collude with
+            # the coordinator (its own noise only): docs/privacy.md, "Distributed noise"
+            "epsilon_alone": {n: m.get(P.EPSILON_ALONE) for n, m in
+                              sorted(measurer.latest.items())},
+        }
     if study.federated_validation:
         from .app import validate_at_sites
 

@@ -26,6 +26,9 @@ class SiteRound:
     delta: float | None = None
     # The site said its noise was replayable (a test or benchmark): not a DP release.
     reproducible_noise: bool = False
+    # The site added 1/h of its noise (distributed noise, masked sums): its epsilon
+    # holds while h sites, itself included, do not collude with the coordinator.
+    honest_sites: int = 1
 
 
 @dataclass

@@ -118,6 +118,10 @@ class SimulationOptions:
     # study seed), so runs compare noise for noise. The outputs are then labelled "not a
     # DP release". Off by default: the default study's outputs are safe to release.
     reproducible_noise: bool = False
+    # Distributed noise (secure-aggregation = "masks"): every site trusts this many
+    # sites, itself included, not to collude with the coordinator, and adds 1/h of its
+    # noise variance (SiteConfig.honest_sites; 1: each adds the whole).
+    honest_sites: int = 1
 
 
 @dataclass
@@ -403,6 +407,39 @@ def setup_simulation_keys(
     return replace(study, public_context=str(coordinator / PUBLIC_CONTEXT_FILE)), sites
 
 
+def setup_mask_keys(out: Path, sites: list[SiteConfig], honest_sites: int
+                    ) -> list[SiteConfig]:
+    """Every site's X25519 key pair and roster for masked sums, with the real key code.
+
+    ``out/keys/sites/<name>/`` holds the pair (``fedsynth keys site-init``'s files) and
+    ``peers/``, the other sites' public keys as ``<site>.pem``: what each hospital
+    collects, checking fingerprints, in a deployment. The coordinator gets nothing."""
+    from ..common.encryption import KeySetupError, generate_site_keypair
+    from ..common.encryption.keys import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE
+    from ..common.encryption.masks import PEER_KEY_SUFFIX
+
+    if not 1 <= honest_sites <= len(sites):
+        raise ConfigError(f"--honest-sites must be between 1 and the {len(sites)} sites of "
+                          f"the study, got {honest_sites}")
+    site_dirs = {s.name: out / "keys" / "sites" / s.name for s in sites}
+    try:
+        for folder in site_dirs.values():
+            if not (folder / PRIVATE_KEY_FILE).exists():
+                generate_site_keypair(folder, force=True)
+    except KeySetupError as exc:
+        raise ConfigError(f"cannot set up the study's keys: {exc}") from None
+    for name, folder in site_dirs.items():
+        peers = folder / "peers"
+        shutil.rmtree(peers, ignore_errors=True)
+        peers.mkdir(parents=True)
+        for other, theirs in site_dirs.items():
+            if other != name:
+                shutil.copyfile(theirs / PUBLIC_KEY_FILE, peers / f"{other}{PEER_KEY_SUFFIX}")
+    return [replace(s, key_dir=str(site_dirs[s.name]), peer_keys=str(site_dirs[s.name] /
+                                                                      "peers"),
+                    honest_sites=honest_sites) for s in sites]
+
+
 class _RoundPrinter:
     """Shows round i of R, the DP loss and each site's epsilon as the study goes."""
 
@@ -514,6 +551,14 @@ def run_simulation_study(
             f"CKKS secure aggregation: key holder {sites[0].name}; keys in {out / 'keys'} "
             "(the coordinator gets only the public context)"
         )
+    elif study.masked:
+        sites = setup_mask_keys(out, sites, opts.honest_sites)
+        console.print(
+            f"masked sums: every site's key pair and roster in {out / 'keys'} (the "
+            "coordinator holds no key); "
+            + (f"each site adds 1/{opts.honest_sites} of its noise, trusting "
+               f"{opts.honest_sites} of the {len(sites)} sites not to collude"
+               if opts.honest_sites > 1 else "each site adds its whole noise"))
     console.print(
         # no exact row counts on the console: they are statistics of the sites' private rows
         f"[bold]fedsynth[/bold] study on {data.label}: {len(sites)} sites, "
@@ -663,17 +708,31 @@ def _print_summary(console: Console, summary: dict[str, Any]) -> None:
     table.add_column("rounds trained")
     table.add_column("last status")
     config = {s["name"]: s for s in summary.get("sites_config", [])}
+    shared = summary.get("secure_aggregation", {})
+    split = {n: h for n, h in shared.get("honest_sites", {}).items() if h > 1}
+    alone = shared.get("epsilon_alone", {})
+    if split:
+        table.add_column("if all others collude")
     for name, info in summary["sites"].items():
         eps = info["epsilon"]
         cfg = config.get(name, {})
         budget = f" of {cfg['epsilon']:g}" if "epsilon" in cfg else ""
-        table.add_row(
+        row = [
             name,
             "no DP" if eps is None else f"{eps:.3f}{budget} (delta {cfg.get('delta', 0):g})",
             str(info["rounds_trained"]),
             str(info["last_status"]),
-        )
+        ]
+        if split:
+            row.append(f"{alone[name]:.3f} (trusts {split[name]} sites)"
+                       if name in split and alone.get(name) is not None else "same")
+        table.add_row(*row)
     console.print(table)
+    if split:
+        console.print(
+            "distributed noise: each site added 1/h of its noise; its epsilon holds while "
+            "at least h sites (itself included) do not collude with the coordinator, and "
+            "the last column is what it spent if every other site does (docs/privacy.md)")
     head = summary.get("validation", {}).get("headline", {})
     if head:
         console.print("validation against held-out patients: " + headline_text(head))

@@ -61,7 +61,7 @@ sites' budgets: ``MarginalGenerator.plan``), never on a row.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ...errors import BudgetError
@@ -166,6 +166,12 @@ class NoiseLevels:
         """The same noise for every kind (a fixed multiplier, or a fit without DP)."""
         return cls(sigma, sigma, sigma, sigma, sigma, sigma, sigma)
 
+    def split(self, honest_sites: int) -> NoiseLevels:
+        """What one of ``honest_sites`` sites adds so that their sum carries these
+        levels: 1/h of each variance (distributed noise, docs/privacy.md)."""
+        f = 1.0 / math.sqrt(honest_sites)
+        return NoiseLevels(*(getattr(self, k.name) * f for k in fields(self)))
+
     def of(self, kind: str) -> float:
         return {ONE_WAY: self.one_way, SCORE: self.score, MEASURE: self.measure,
                 SPLIT: self.measure,
@@ -254,12 +260,15 @@ def budget_noise(epsilon: float, delta: float, mechanism: str = "rdp",
     return hi
 
 
-def summed_noise(budgets: list[tuple[float, float]], mechanism: str = "rdp") -> float:
+def summed_noise(budgets: list[tuple[float, ...]], mechanism: str = "rdp") -> float:
     """The noise scale of the coordinator's sums: sites answering with (epsilon, delta)
     budgets each add their own noise, so a sum carries sqrt(sum of their
     ``budget_noise`` squared) times what a plan's share makes of one. One central
-    holder: its own ``budget_noise``. A site without DP (epsilon <= 0) adds none."""
-    return math.sqrt(sum(budget_noise(e, d, mechanism) ** 2 for e, d in budgets if e > 0))
+    holder: its own ``budget_noise``. A site without DP (epsilon <= 0) adds none. A
+    third entry h (``honest_sites``) says the site adds 1/h of that variance."""
+    return math.sqrt(sum(budget_noise(b[0], b[1], mechanism) ** 2 / (b[2] if len(b) > 2
+                                                                      else 1)
+                         for b in budgets if b[0] > 0))
 
 
 def calibrate(
