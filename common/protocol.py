@@ -314,6 +314,10 @@ SIGMA_RELEASED = "sigma"  # the noise std of this reply's vector (what the site 
 HONEST_SITES = "honest-sites"
 SIGMA_CHARGED = "sigma-charged"
 EPSILON_ALONE = "epsilon-alone"
+#: Every metric a marginal reply may hold in clear (tests pin the set): all public.
+MARGINAL_METRIC_KEYS = STATUS_METRIC_KEYS | {SIGMA_ONE_WAY, SIGMA_SCORE, SIGMA_MEASURE,
+                                             SIGMA_RELEASED, HONEST_SITES, SIGMA_CHARGED,
+                                             EPSILON_ALONE}
 
 
 # ---------------------------------------------------------------- quantile grid

@@ -239,10 +239,6 @@ def _run_simulate(args: argparse.Namespace, console: Console) -> int:
         force=args.force,
         honest_sites=args.honest_sites,
     )
-    if args.honest_sites != 1 and study.secure_aggregation != "masks":
-        raise ConfigError("--honest-sites splits each site's noise, which is private only "
-                          "inside a masked sum: add --secure-aggregation masks (with "
-                          "--generator marginal)")
     summary = simulate(opts, console)
     return EXIT_VERDICT if args.strict and not summary["verdict"]["passed"] else 0
 

@@ -407,6 +407,18 @@ def setup_simulation_keys(
     return replace(study, public_context=str(coordinator / PUBLIC_CONTEXT_FILE)), sites
 
 
+def check_honest_sites(opts: SimulationOptions, sites: int) -> None:
+    """A noise split needs masked sums and at most as many trusted sites as there are."""
+    h = opts.honest_sites
+    if h != 1 and not opts.study.masked:
+        raise ConfigError("--honest-sites splits each site's noise, which is private only "
+                          "inside a masked sum: add --secure-aggregation masks (with "
+                          "--generator marginal)")
+    if not 1 <= h <= sites:
+        raise ConfigError(f"--honest-sites must be between 1 and the {sites} sites of the "
+                          f"study, got {h}")
+
+
 def setup_mask_keys(out: Path, sites: list[SiteConfig], honest_sites: int
                     ) -> list[SiteConfig]:
     """Every site's X25519 key pair and roster for masked sums, with the real key code.
@@ -418,9 +430,6 @@ def setup_mask_keys(out: Path, sites: list[SiteConfig], honest_sites: int
     from ..common.encryption.keys import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE
     from ..common.encryption.masks import PEER_KEY_SUFFIX
 
-    if not 1 <= honest_sites <= len(sites):
-        raise ConfigError(f"--honest-sites must be between 1 and the {len(sites)} sites of "
-                          f"the study, got {honest_sites}")
     site_dirs = {s.name: out / "keys" / "sites" / s.name for s in sites}
     try:
         for folder in site_dirs.values():
@@ -529,6 +538,7 @@ def run_simulation_study(
             f"unknown site(s) {sorted(unknown)}; {data.label} has {', '.join(data.frames)}"
         )
     check_holdout(opts, data)
+    check_honest_sites(opts, len(opts.sites or data.frames))
     out = Path(opts.study.output_dir)
     check_resume(opts, out)
     claim_output(out, opts.force, opts.study.resume)

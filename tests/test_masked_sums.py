@@ -1,0 +1,292 @@
+"""Masked sums and distributed noise (``secure-aggregation = "masks"``, ``honest-sites``).
+
+The attacker is the coordinator, alone or joined by some sites: it holds every masked
+vector, every request it sent, and the private keys of the sites that collude. It must
+read the sum of the roster's vectors and nothing finer: not one site's vector, not the
+sum of the honest sites' answers to two different requests, not one site's answer
+twice under one mask. Real keys (X25519 from ``fedsynth keys``' code), real heart
+disease rows, the real ServerApp and ClientApp code in process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from opacus.accountants import RDPAccountant
+
+from fedsynth.common import protocol as P
+from fedsynth.common.encryption import generate_site_keypair
+from fedsynth.common.encryption.keys import KeySetupError, load_private_key
+from fedsynth.common.encryption.masks import (
+    MaskError,
+    Roster,
+    encode,
+    load_roster,
+    mask,
+    pair_keys,
+    request_digest,
+    unmask_sum,
+)
+from fedsynth.common.study import ConfigError, SiteConfig, StudyConfig
+
+SITES = ("cleveland", "hungarian", "switzerland")
+SMALL = {"bins": 6, "rounds": 1, "per_round": 2, "candidates": 6, "iters": 100}
+
+
+def _rosters(tmp_path: Path, names: tuple[str, ...]) -> dict[str, Roster]:
+    from fedsynth.simulations.simulate import setup_mask_keys
+
+    sites = [SiteConfig(name=n, data_path="x.csv", schema_path="s.yaml") for n in names]
+    sites = setup_mask_keys(tmp_path, sites, 1)
+    return {s.name: load_roster(s.name, s.key_dir, s.peer_keys) for s in sites}
+
+
+def _uniform_share(v: np.ndarray) -> float:
+    """Share of entries whose fixed-point value is beyond a billion (a sum of counts
+    never is; a uniform uint64 almost always is)."""
+    return float(np.mean(np.abs(v.view(np.int64).astype(float) / 2**16) > 2**30))
+
+
+# ------------------------------------------------------------------- the masks alone
+
+
+def test_masks_cancel_in_the_whole_sum_and_nowhere_else(tmp_path):
+    rosters = _rosters(tmp_path, SITES)
+    rng = np.random.default_rng(0)
+    values = {n: rng.integers(0, 300, 500) + rng.normal(0, 9, 500) for n in SITES}
+    digest = request_digest({"step": 1}, {})
+    masked = {n: mask(values[n], r, pair_keys(r, "study"), digest) for n, r in rosters.items()}
+    total = unmask_sum(list(masked.values()))
+    assert np.abs(total - sum(values.values())).max() <= 3 * 2.0**-17  # fixed point
+    # one site's vector, or two sites' sum, is uniform: nothing of the values is left
+    for n in SITES:
+        assert _uniform_share(masked[n]) > 0.99
+        assert abs(np.corrcoef(masked[n].view(np.int64).astype(float), values[n])[0, 1]) < 0.15
+    with pytest.raises(MaskError, match="did not cancel"):
+        unmask_sum([masked["cleveland"], masked["hungarian"]])
+
+
+def test_a_coordinator_joined_by_one_site_reads_only_the_honest_sites_sum(tmp_path):
+    """The coalition removes switzerland's masks (it holds its private key and every
+    public key): the others' vectors stay masked, their sum is all it reads."""
+    rosters = _rosters(tmp_path, SITES)
+    rng = np.random.default_rng(1)
+    values = {n: rng.integers(0, 300, 400).astype(float) for n in SITES}
+    digest = request_digest({"step": 7}, {})
+    masked = {n: mask(values[n], r, pair_keys(r, "study"), digest) for n, r in rosters.items()}
+    colluder = rosters["switzerland"]
+    keys = pair_keys(colluder, "study")  # switzerland's pair keys: the coalition's
+    from fedsynth.common.encryption.masks import _stream
+
+    for honest in ("cleveland", "hungarian"):
+        stripped = masked[honest].copy()
+        m = _stream(keys[honest], digest, stripped.size)  # the mask it shares with them
+        stripped = stripped - m if honest < "switzerland" else stripped + m
+        assert _uniform_share(stripped - encode(values[honest])) > 0.99  # still masked
+    pair = masked["cleveland"] + masked["hungarian"]  # minus switzerland's masks on them
+    for honest in ("cleveland", "hungarian"):
+        m = _stream(keys[honest], digest, pair.size)
+        pair = pair - m if honest < "switzerland" else pair + m
+    assert np.allclose(unmask_sum([pair]), values["cleveland"] + values["hungarian"])
+
+
+def test_a_mask_is_bound_to_its_request(tmp_path):
+    """Two different questions in one step (say a marginal to one site and a known
+    answer to the others, to cancel noise): the masks do not cancel, the sum is noise."""
+    rosters = _rosters(tmp_path, SITES)
+    values = {n: np.full(50, 10.0) for n in SITES}
+    one, other = request_digest({"step": 3, "cliques": "[['age']]"}, {}), \
+        request_digest({"step": 3, "cliques": "[['sex']]"}, {})
+    assert one != other
+    # the arrays a score request carries count too
+    assert request_digest({"step": 3}, {"p.0": np.ones(3)}) != \
+        request_digest({"step": 3}, {"p.0": np.ones(3) / 2})
+    masked = [mask(values[n], r, pair_keys(r, "study"), one if n == "cleveland" else other)
+              for n, r in rosters.items()]
+    with pytest.raises(MaskError):
+        unmask_sum(masked)
+    # and another study's masks are other masks
+    a = mask(values["cleveland"], rosters["cleveland"], pair_keys(rosters["cleveland"], "a"), one)
+    b = mask(values["cleveland"], rosters["cleveland"], pair_keys(rosters["cleveland"], "b"), one)
+    assert not np.array_equal(a, b)
+
+
+def test_a_roster_refuses_its_own_key_a_duplicate_and_an_empty_folder(tmp_path):
+    for n in ("a", "b"):
+        generate_site_keypair(tmp_path / n)
+    peers = tmp_path / "peers"
+    peers.mkdir()
+    with pytest.raises(KeySetupError, match="no <site>.pem"):
+        load_roster("a", tmp_path / "a", peers)
+    (peers / "b.pem").write_bytes((tmp_path / "b" / "x25519-public.pem").read_bytes())
+    (peers / "c.pem").write_bytes((tmp_path / "b" / "x25519-public.pem").read_bytes())
+    with pytest.raises(KeySetupError, match="same key as b"):
+        load_roster("a", tmp_path / "a", peers)
+    (peers / "c.pem").write_bytes((tmp_path / "a" / "x25519-public.pem").read_bytes())
+    with pytest.raises(KeySetupError, match="own key"):
+        load_roster("a", tmp_path / "a", peers)
+    (peers / "c.pem").unlink()
+    roster = load_roster("a", tmp_path / "a", peers)
+    assert roster.size == 2 and set(roster.peers) == {"b"}
+    assert isinstance(load_private_key(tmp_path / "a"), type(roster.private))
+
+
+# ------------------------------------------------------------------- configuration
+
+
+def test_splitting_noise_needs_a_masked_marginal_study(tmp_path):
+    with pytest.raises(ConfigError, match="private only inside a masked sum"):
+        SiteConfig(name="a", data_path="x", schema_path="y", honest_sites=2)
+    with pytest.raises(ConfigError, match="whole number >= 1"):
+        SiteConfig(name="a", data_path="x", schema_path="y", honest_sites=0)
+    with pytest.raises(ConfigError, match="'masks' sums a marginal study"):
+        StudyConfig(generator="tvae", secure_aggregation="masks")
+    site = SiteConfig(name="a", data_path="x", schema_path="y", key_dir="k", peer_keys="p",
+                      honest_sites=2)
+    assert "answers only masked sums" in site.aggregation_problem(StudyConfig())
+    assert "answers only masked sums" in site.aggregation_problem(
+        StudyConfig(generator="marginal"))
+    assert site.aggregation_problem(StudyConfig(generator="marginal",
+                                                secure_aggregation="masks")) == ""
+    whole = replace(site, honest_sites=1)
+    assert "'masks'" in whole.aggregation_problem(StudyConfig(generator="marginal"))
+    assert SiteConfig.from_node_config({"data-path": "x", "schema-path": "y", "key-dir": "k",
+                                        "peer-keys": "p", "honest-sites": 3}).honest_sites == 3
+
+
+def test_simulate_refuses_honest_sites_without_masks_and_writes_nothing(tmp_path):
+    from fedsynth.cli import main
+
+    out = tmp_path / "study"
+    assert main(["simulate", "--honest-sites", "2", "--out", str(out)]) == 2
+    assert main(["simulate", "--generator", "marginal", "--secure-aggregation", "masks",
+                 "--honest-sites", "9", "--out", str(out)]) == 2
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------- a real study
+
+
+class RecordingGrid:
+    def __init__(self, grid: Any) -> None:
+        self._grid = grid
+        self.sent: list[Any] = []
+        self.received: list[Any] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Any]:
+        messages = list(messages)
+        self.sent.extend(messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        self.received.extend(replies)
+        return replies
+
+
+def _masked_study(tmp_path: Path, honest: int, noise: dict[str, float] | None = None):
+    from fedsynth.client.app import make_client_app
+    from fedsynth.server.app import resolve_schema, run_study
+    from fedsynth.simulations.benchmark_inprocess import InProcessGrid, coordinator_identity
+    from fedsynth.simulations.simulate import SimulationOptions, prepare_sites, setup_mask_keys
+
+    study = StudyConfig(generator="marginal", generator_params=SMALL, min_sites=3,
+                        output_dir=str(tmp_path / "study"), n_synthetic=200,
+                        secure_aggregation="masks", study_id="masked-test")
+    opts = SimulationOptions(sites=SITES, epsilon=3.0, study=study, site_noise=noise or {})
+    sites, _, _ = prepare_sites(opts, tmp_path)
+    sites = setup_mask_keys(tmp_path, [replace(s, reproducible_noise_seed=100 + i)
+                                       for i, s in enumerate(sites)], honest)
+    grid = RecordingGrid(InProcessGrid(make_client_app(sites), len(sites), study.to_flat()))
+    with coordinator_identity(grid.run.run_id):
+        outcome = run_study(grid, study, resolve_schema("heart_disease"))
+    return outcome, grid, sites
+
+
+def _reply(grid: RecordingGrid, msg: Any) -> Any:
+    return next(r for r in grid.received
+                if r.metadata.reply_to_message_id == msg.metadata.message_id)
+
+
+@pytest.mark.slow
+def test_a_masked_study_shows_the_coordinator_only_the_sum(tmp_path, heart_schema):
+    """h = 3: each site adds a third of the variance; the sum carries one site's whole
+    noise; the ledgers charge that noise, and the worst case (every other site colludes)
+    is reported beside it; a request asked again is refused."""
+    from fedsynth.client.measure import site_cells
+    from fedsynth.client.site import SiteState
+    from fedsynth.common.generators.marginal.discretize import discretizer_for
+
+    outcome, grid, sites = _masked_study(tmp_path, honest=3)
+    measured = []
+    for msg in grid.sent:
+        cfg = dict(msg.content["config"])
+        reply = _reply(grid, msg).content
+        assert P.COUNTS_RECORD not in reply and P.CKKS_COUNTS not in reply  # nothing in clear
+        assert set(dict(reply["metrics"])) <= P.MARGINAL_METRIC_KEYS
+        if cfg[P.OP] == P.MEASURE_OP:
+            v = np.asarray(reply[P.MASKED_COUNTS][P.VALUES].numpy())
+            assert v.dtype == np.uint64 and _uniform_share(v) > 0.95
+            measured.append((msg, cfg, dict(reply["metrics"])))
+    # the second release is the 1-way marginals on the cut bins: unmask it as the
+    # coordinator does, and compare its noise with the exact pooled counts
+    step = sorted({c[P.STEP] for _, c, _ in measured})[1]
+    second = [(m, c, x) for m, c, x in measured if c[P.STEP] == step]
+    assert len(second) == 3 and "cuts" in json.loads(second[0][1][P.BINNING])
+    total = unmask_sum([np.asarray(_reply(grid, m).content[P.MASKED_COUNTS][P.VALUES]
+                                   .numpy()) for m, _, _ in second])
+    binning = second[0][1][P.BINNING]
+    disc = discretizer_for(heart_schema, SMALL["bins"], binning)
+    exact = sum(np.concatenate([np.bincount(cells[:, j], minlength=n)
+                                for j, n in enumerate(disc.shape.values())])
+                for cells in (site_cells(s, heart_schema, disc, SMALL["bins"], binning)
+                              for s in sites))
+    metrics = second[0][2]
+    charged, added = metrics[P.SIGMA_CHARGED], metrics[P.SIGMA_RELEASED]
+    assert added == pytest.approx(charged / math.sqrt(3))
+    residual = float(np.std(total - exact))
+    # three thirds of the variance: the sum's noise is one site's charged std, not
+    # sqrt(3) times it as when every site adds its whole noise
+    assert 0.7 * charged < residual < 1.3 * charged
+    # the ledgers: the charged noise, as an independent accountant composes it; the
+    # worst case at the noise each site added
+    summary = json.loads((Path(outcome.output_dir) / "summary.json").read_text())
+    for ctx in grid._grid.contexts.values():
+        state = SiteState.from_record(dict(ctx.state["fedsynth-site"]))
+        acc, alone = RDPAccountant(), RDPAccountant()
+        acc.history = [tuple(h) for h in state.ledger.history]
+        alone.history = [(c / math.sqrt(3), 1.0, n) for c, _, n in state.shares]
+        assert state.ledger.epsilon(1e-5) == pytest.approx(acc.get_epsilon(1e-5), abs=1e-6)
+        assert state.alone_ledger().epsilon(1e-5) == pytest.approx(
+            alone.get_epsilon(1e-5), abs=1e-6)
+        assert 2.99 <= state.ledger.epsilon(1e-5) <= 3.0
+    assert summary["secure_aggregation"]["honest_sites"] == {n: 3 for n in SITES}
+    assert all(e > 3.5 for e in summary["secure_aggregation"]["epsilon_alone"].values())
+    assert "not a DP release" in summary["privacy"]  # the test's replayable noise wins
+    from fedsynth.server.app import release_label
+    from fedsynth.server.rounds import RoundLog, SiteRound
+
+    secret = RoundLog(1, [SiteRound("a", P.Status.TRAINED, epsilon=1.0, honest_sites=3)])
+    assert "distributed noise" in release_label([secret])
+    # the coordinator asks one site the same question again: refused, nothing masked
+    msg = second[0][0]
+    again = grid.send_and_receive([msg])[0].content
+    assert P.MASKED_COUNTS not in again
+    assert dict(again["site"])["status"] == P.Status.REFUSED
+    assert "answered already" in " ".join(dict(again["site"])["problems"])
+
+
+@pytest.mark.slow
+def test_a_masked_study_fails_when_a_site_does_not_answer(tmp_path, heart_schema):
+    """A site whose fixed noise would pass its budget refuses: the others' vectors are
+    useless to the coordinator (their masks stay on) and the study says why."""
+    from fedsynth.server.marginal import NoSiteAnswered
+
+    with pytest.raises((NoSiteAnswered, RuntimeError), match="masked sum needs every"):
+        _masked_study(tmp_path, honest=1, noise={"switzerland": 0.05})
