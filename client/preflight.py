@@ -285,15 +285,44 @@ def _check_ca(path: Path, report: Report) -> None:
     )
 
 
-def _check_encryption(node: Mapping[str, ConfigValue], study_id: str, report: Report) -> None:
-    given = {k: str(node[k]) for k in ENCRYPTION_KEYS if str(node.get(k, ""))}
-    if not given:
+def _check_masks(node: Mapping[str, ConfigValue], report: Report) -> None:
+    """A masked-sum site's roster: its key, the other sites' keys, its honest-sites."""
+    peers = str(node.get("peer-keys", ""))
+    if not peers:
         return
+    from ..common.encryption.keys import KeySetupError
+    from ..common.encryption.masks import load_roster
+
+    key_dir = str(node.get("key-dir", ""))
+    if not key_dir:
+        report.problems.append("peer-keys needs key-dir: this site's own key pair (fedsynth "
+                               "keys site-init) agrees each pair's masks")
+        return
+    try:
+        roster = load_roster(str(node.get("site-name", "")) or "this-site", key_dir, peers)
+    except KeySetupError as exc:
+        report.problems.append(str(exc))
+        return
+    honest = node.get("honest-sites", 1)
+    if isinstance(honest, int) and honest > roster.size:
+        report.problems.append(f"honest-sites = {honest} but peer-keys lists {roster.size - 1} "
+                               "other sites: trust cannot reach more sites than the study has")
+    listed = ", ".join(f"{n} {fp}" for n, fp in roster.fingerprints().items())
+    report.ok.append(f"masked sums: {roster.size - 1} other sites' keys parse; check each "
+                     f"fingerprint with its site: {listed}")
+
+
+def _check_encryption(node: Mapping[str, ConfigValue], study_id: str, report: Report) -> None:
+    _check_masks(node, report)
+    given = {k: str(node[k]) for k in ENCRYPTION_KEYS if str(node.get(k, ""))}
+    if not given or (set(given) == {"key-dir"} and str(node.get("peer-keys", ""))):
+        return  # no CKKS keys, or the key pair of a masked-sum site only
     missing = [k for k in ENCRYPTION_KEYS if k not in given]
     if missing:
         report.problems.append(
             f"encryption key files are incomplete: {', '.join(missing)} missing (an "
-            "encrypted study needs key-dir, holder-public-key and wrapped-context)"
+            "encrypted study needs key-dir, holder-public-key and wrapped-context; a "
+            "masked-sum study, key-dir and peer-keys)"
         )
     from ..common.encryption.keys import (
         PRIVATE_KEY_FILE,

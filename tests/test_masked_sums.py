@@ -290,3 +290,24 @@ def test_a_masked_study_fails_when_a_site_does_not_answer(tmp_path, heart_schema
 
     with pytest.raises((NoSiteAnswered, RuntimeError), match="masked sum needs every"):
         _masked_study(tmp_path, honest=1, noise={"switzerland": 0.05})
+
+
+def test_preflight_checks_a_masked_sum_site_and_prints_the_fingerprints(tmp_path):
+    from fedsynth.client.preflight import Report, _check_encryption
+    from fedsynth.simulations.simulate import setup_mask_keys
+
+    sites = [SiteConfig(name=n, data_path="x.csv", schema_path="s.yaml") for n in SITES]
+    me = setup_mask_keys(tmp_path, sites, 1)[0]
+    node = {"site-name": me.name, "key-dir": me.key_dir, "peer-keys": me.peer_keys,
+            "honest-sites": 3}
+    report = Report()
+    _check_encryption(node, "", report)
+    assert not report.problems, report.problems
+    roster = load_roster(me.name, me.key_dir, me.peer_keys)
+    assert all(fp in report.ok[0] for fp in roster.fingerprints().values())
+    for bad, why in (({**node, "honest-sites": 4}, "cannot reach more sites"),
+                     ({"peer-keys": me.peer_keys}, "needs key-dir"),
+                     ({**node, "peer-keys": str(tmp_path / "none")}, "is not a folder")):
+        report = Report()
+        _check_encryption(bad, "", report)
+        assert any(why in p for p in report.problems), report.problems
