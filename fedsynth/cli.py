@@ -284,6 +284,10 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scale-sites", default="10,50,100", help="site counts for --part scale")
     p.add_argument("--only", default="",
                    help="comma-separated setting keys to run (e.g. tvae/federated/eps3)")
+    p.add_argument("--honest-sites", default="",
+                   help="also run the marginal generator under masked sums with distributed "
+                   "noise, each site trusting this many sites (comma-separated, 'all' for "
+                   "every site; docs/privacy.md, 'Distributed noise')")
     p.add_argument("--keep-work", action="store_true",
                    help="keep OUT/work (site files with real rows, models) for inspection")
     p.add_argument("--reproducible-noise", action="store_true",

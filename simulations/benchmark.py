@@ -52,7 +52,7 @@ from .benchmark_inprocess import run_inprocess
 from .benchmark_measure import Measure, machine, measured
 from .benchmark_report import write_outputs
 from .datasets import DATASETS, bundled_schema_path, load_site_frames
-from .simulate import SimulationOptions, prepare_sites, setup_simulation_keys
+from .simulate import SimulationOptions, prepare_sites, setup_mask_keys, setup_simulation_keys
 from .splits import dirichlet_split, holdout_split, outcome_labels, write_site_table
 
 GENERATORS = ("tvae", "ctgan", "ddpm", "marginal")
@@ -92,6 +92,9 @@ class Setting:
     epsilon: float | None = None
     secure: bool = False
     site: str = ""
+    # > 0: a marginal study under masked sums, each site adding 1/h of its noise
+    # (SiteConfig.honest_sites; docs/privacy.md, "Distributed noise")
+    honest_sites: int = 0
 
     @property
     def key(self) -> str:
@@ -103,6 +106,8 @@ class Setting:
         parts.append(f"eps{self.epsilon:g}" if self.dp else "nodp")
         if self.secure:
             parts.append("ckks")
+        if self.honest_sites:
+            parts.append(f"masks-h{self.honest_sites}")
         return "/".join(parts)
 
     @property
@@ -151,6 +156,9 @@ class BenchmarkOptions:
     # True: all of them derive from the seed (DPRandomness.reproducible), the run repeats
     # byte for byte, and nothing it produces is a DP release (results.md says so).
     reproducible_noise: bool = False
+    # Marginal studies under masked sums, one federated DP setting per epsilon and h in
+    # this list (0: as many as the study's sites); empty: none
+    honest_sites: tuple[int, ...] = ()
 
     @classmethod
     def quick_defaults(cls, **kw: Any) -> BenchmarkOptions:
@@ -203,6 +211,11 @@ def plan_settings(opts: BenchmarkOptions, site_names: list[str],
             settings.append(Setting("federated", g, secure=secure))
             for eps in opts.epsilons:
                 settings.append(Setting("federated", g, dp=True, epsilon=eps, secure=secure))
+        if g == "marginal":
+            for h in dict.fromkeys(h or len(site_names) for h in opts.honest_sites):
+                for eps in opts.epsilons:
+                    settings.append(Setting("federated", g, dp=True, epsilon=eps,
+                                            honest_sites=min(h, len(site_names))))
     settings += [Setting("baseline", b) for b in opts.baselines]
     if opts.only:
         unknown = sorted(set(opts.only) - {s.key for s in settings})
@@ -295,6 +308,8 @@ class Produced:
     synthetic: pd.DataFrame
     real_train: pd.DataFrame
     epsilon_sites: dict[str, float | None] = field(default_factory=dict)
+    # distributed noise: each site's epsilon were every other site to collude
+    epsilon_alone: dict[str, float | None] = field(default_factory=dict)
     bytes_per_round: float = float("nan")
     bytes_up_per_site: float = float("nan")
     rounds: int = 0
@@ -317,7 +332,8 @@ def _study(opts: BenchmarkOptions, setting: Setting, seed: int, folder: Path,
         seed=seed,
         output_dir=str(folder),
         n_synthetic=n_rows,
-        secure_aggregation="ckks" if setting.secure else "none",
+        secure_aggregation=("ckks" if setting.secure else
+                            "masks" if setting.honest_sites else "none"),
     )
 
 
@@ -334,6 +350,8 @@ def run_federated(opts: BenchmarkOptions, setting: Setting, data: SeedData, seed
     study = _study(opts, setting, seed, folder, data.schema_path, len(sites), len(real))
     if setting.secure:
         study, sites = setup_simulation_keys(folder, study, sites)
+    if setting.honest_sites:
+        sites = setup_mask_keys(folder, sites, setting.honest_sites)
     result = run_inprocess(study, sites)
     summary = json.loads((folder / "summary.json").read_text())
     synthetic = read_table(folder / SYNTHETIC, replace(data.schema, header=True))
@@ -342,6 +360,8 @@ def run_federated(opts: BenchmarkOptions, setting: Setting, data: SeedData, seed
         synthetic=synthetic,
         real_train=real,
         epsilon_sites={k: v["epsilon"] for k, v in summary["sites"].items()},
+        epsilon_alone=(summary.get("secure_aggregation", {}).get("epsilon_alone", {})
+                       if setting.honest_sites else {}),
         bytes_per_round=float(np.mean([t.total for t in train_rounds])),
         bytes_up_per_site=float(np.mean([t.to_coordinator / len(sites) for t in train_rounds])),
         rounds=len(result.outcome.history),
@@ -445,10 +465,13 @@ def run_setting(opts: BenchmarkOptions, setting: Setting, data: SeedData, seed: 
         "dp": setting.dp,
         "epsilon_target": setting.epsilon if setting.dp else None,
         "secure": setting.secure,
+        "honest_sites": setting.honest_sites,
         "site": setting.site,
         "engine": setting.engine,
         "epsilon_max_site": max(eps) if eps else None,
         "epsilon_sites": json.dumps(produced.epsilon_sites),
+        "epsilon_alone_max_site": max((e for e in produced.epsilon_alone.values()
+                                       if e is not None), default=None),
         "train_rows": len(produced.real_train),
         "epochs": produced.epochs,
         "rounds": produced.rounds,

@@ -43,6 +43,21 @@ def _numbers(text: str, what: str, kind: type = float) -> tuple:
     return values
 
 
+def _honest(text: str) -> tuple[int, ...]:
+    """``--honest-sites``: counts of trusted sites, ``all`` for every site ('' none)."""
+    if not text.strip():
+        return ()
+    out = []
+    for item in _list(text, "honest-sites"):
+        if item == "all":
+            out.append(0)
+        elif item.isdigit() and int(item) >= 1:
+            out.append(int(item))
+        else:
+            raise ConfigError(f"--honest-sites takes whole numbers >= 1 or 'all', got {item!r}")
+    return tuple(out)
+
+
 def _command() -> str:
     if len(sys.argv) > 1 and sys.argv[1] == "benchmark":
         return "fedsynth " + shlex.join(sys.argv[1:])
@@ -71,6 +86,7 @@ def options_from_args(args: argparse.Namespace) -> BenchmarkOptions:
         "reproducible_noise": args.reproducible_noise,
         "command": _command(),
         "only": tuple(x for x in args.only.split(",") if x.strip()),
+        "honest_sites": _honest(args.honest_sites),
     }
     for key in ("seeds", "rounds", "local_epochs", "baseline_epochs", "ray_check",
                 "alone_sites"):

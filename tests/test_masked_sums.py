@@ -311,3 +311,23 @@ def test_preflight_checks_a_masked_sum_site_and_prints_the_fingerprints(tmp_path
         report = Report()
         _check_encryption(bad, "", report)
         assert any(why in p for p in report.problems), report.problems
+
+
+def test_the_benchmark_runs_masked_marginal_settings_only_when_asked():
+    """``--honest-sites`` adds a masked setting per epsilon and h for the marginal
+    generator only ('all' = every site); without it the settings are unchanged."""
+    from fedsynth.simulations.benchmark import BenchmarkOptions, plan_settings
+    from fedsynth.simulations.benchmark_cli import _honest
+
+    names = ["a", "b", "c", "d"]
+    plain = plan_settings(BenchmarkOptions(generators=("marginal", "tvae"), baselines=()),
+                          names)
+    assert not any(s.honest_sites for s in plain)
+    masked = plan_settings(BenchmarkOptions(generators=("marginal", "tvae"), baselines=(),
+                                            epsilons=(1.0, 3.0), honest_sites=_honest("2,all")),
+                           names)
+    extra = [s.key for s in masked if s.honest_sites]
+    assert extra == ["marginal/federated/eps1/masks-h2", "marginal/federated/eps3/masks-h2",
+                     "marginal/federated/eps1/masks-h4", "marginal/federated/eps3/masks-h4"]
+    with pytest.raises(ConfigError, match="whole numbers >= 1"):
+        _honest("0")
