@@ -126,6 +126,8 @@ class MeasureReply:
 #: 6 decimals of the Renyi divergence (benchmarks/distributed-noise), at 0.5 up to 15%
 #: under (the family is not closed under sums).
 MIN_SHARE_STD = 1.0
+#: A split-noise site's selection score is scored against its exact count: sensitivity 2.
+SPLIT_SCORE_SENSITIVITY = 2.0
 
 
 _CELLS: dict[tuple[Any, ...], np.ndarray] = {}
@@ -271,10 +273,14 @@ def answer(
         state.masked_digests.append(masks[2].hex())
     release = site.randomness(f"{study.study_id}:marginal:{config.get(P.STEP, 0)}").release(
         "measurement")
+    drawn = added.of(kind)  # std of this site's draw, in the release's own units
     if op == P.MEASURE_OP:
-        values = _measure(request, added.of(kind), release, kind, state)
+        values = _measure(request, drawn, release, kind, state)
     else:
-        values = _scores(site, request, model_marginals, added.of(kind), release, state)
+        if h > 1:  # scores against the exact count: sensitivity 2 (_scores), so twice
+            drawn *= SPLIT_SCORE_SENSITIVITY  # the noise for the same charge
+        values = _scores(site, request, model_marginals, drawn, release, state,
+                         exact_count=h > 1)
         if isinstance(values, MeasureReply):
             return values
     if site.dp:
@@ -284,7 +290,7 @@ def answer(
     metrics = {
         **_metrics(site, state),
         P.SIGMA_ONE_WAY: added.one_way, P.SIGMA_SCORE: added.score,
-        P.SIGMA_MEASURE: added.measure, P.SIGMA_RELEASED: added.of(kind),
+        P.SIGMA_MEASURE: added.measure, P.SIGMA_RELEASED: drawn,
         P.SIGMA_CHARGED: sigma,
     }
     if masks is not None:
@@ -396,9 +402,16 @@ def _measure(request: _Request, sigma: float, release: ReleaseNoise, kind: str,
 
 def _scores(
     site: SiteConfig, request: _Request, model_marginals: dict[str, np.ndarray], sigma: float,
-    release: ReleaseNoise, state: SiteState,
+    release: ReleaseNoise, state: SiteState, exact_count: bool = False,
 ) -> np.ndarray | MeasureReply:
-    """The noisy selection scores of the cliques against the model's marginals."""
+    """The noisy selection scores of the cliques against the model's marginals.
+
+    ``||M - n p||_1`` moves by at most 1 with one patient when ``n`` is fixed by an
+    earlier DP release: the site's own noisy 1-way count. A site that splits its noise
+    has no such release of its own (its share of the 1-way noise is 1/h of what its
+    budget needs; only the sum is), so it scores against its exact count, and one
+    patient then moves the score by at most ``||e_cell - p||_1 <= 2``
+    (``exact_count``; the caller doubles the noise)."""
     try:
         model = [np.asarray(model_marginals[f"p.{i}"], dtype=float)
                  for i in range(len(request.cliques))]
@@ -410,6 +423,9 @@ def _scores(
                              "non-negative, summing to at most 1)")
     except (KeyError, ValueError) as exc:
         return _refuse(site, state, f"malformed score request: {exc}")
+    if exact_count:
+        return noisy_scores(request.cells, request.names, request.sizes, request.cliques,
+                            model, float(len(request.cells)), sigma, release)
     if state.noisy_count is None:
         return _refuse(site, state, "scores need the site's noisy 1-way release first")
     if state.noisy_count > SCORE_TOTAL_CEILING:

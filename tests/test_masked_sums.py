@@ -254,6 +254,12 @@ def test_a_masked_study_shows_the_coordinator_only_the_sum(tmp_path, heart_schem
     # three thirds of the variance: the sum's noise is one site's charged std, not
     # sqrt(3) times it as when every site adds its whole noise
     assert 0.7 * charged < residual < 1.3 * charged
+    # a split site scores against its exact count (sensitivity 2): twice the noise
+    scores = [dict(_reply(grid, m).content["metrics"]) for m in grid.sent
+              if dict(m.content["config"])[P.OP] == P.SCORE_OP]
+    assert scores
+    for m in scores:
+        assert m[P.SIGMA_RELEASED] == pytest.approx(2 * m[P.SIGMA_CHARGED] / math.sqrt(3))
     # the ledgers: the charged noise, as an independent accountant composes it; the
     # worst case at the noise each site added
     summary = json.loads((Path(outcome.output_dir) / "summary.json").read_text())
@@ -331,3 +337,29 @@ def test_the_benchmark_runs_masked_marginal_settings_only_when_asked():
                      "marginal/federated/eps1/masks-h4", "marginal/federated/eps3/masks-h4"]
     with pytest.raises(ConfigError, match="whole numbers >= 1"):
         _honest("0")
+
+
+def test_a_score_against_the_exact_count_moves_by_at_most_two(heart_schema, heart_files):
+    """The attacker adds or removes one real patient: ``||M - n p||_1`` with ``n`` the
+    exact count moves by up to 2 (so the split site doubles its score noise), where a
+    count fixed by an earlier release lets it move by 1 only."""
+    from fedsynth.common.generators.marginal.discretize import Discretizer
+    from fedsynth.common.generators.marginal.measure import marginal
+    from fedsynth.common.table import read_table
+
+    frame = read_table(heart_files["cleveland"], heart_schema)
+    disc = Discretizer(heart_schema, bins=6)
+    cells, names, sizes = disc.encode(frame), disc.names, disc.shape
+    clique = ("age", "num")
+    p = np.full(int(np.prod([sizes[a] for a in clique])), 1.0)
+    p /= p.sum()
+
+    def score(rows: np.ndarray, n: float) -> float:
+        return float(np.abs(marginal(rows, names, sizes, clique) - n * p).sum())
+
+    moves_exact = [abs(score(cells, len(cells)) - score(np.delete(cells, i, 0), len(cells) - 1))
+                   for i in range(0, len(cells), 7)]
+    moves_fixed = [abs(score(cells, 300.0) - score(np.delete(cells, i, 0), 300.0))
+                   for i in range(0, len(cells), 7)]
+    assert max(moves_fixed) <= 1 + 1e-9
+    assert 1.2 < max(moves_exact) <= 2 + 1e-9  # above 1: the doubling is needed
