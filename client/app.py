@@ -284,7 +284,9 @@ def handle_evaluate(msg: Message, context: Context, sites: list[SiteConfig] | No
         schema_fp,
         table.to_csv(index=False),
         state,
-        send_count=not study.encrypted,
+        # a masked study's sites sent no count of their own in clear either (and a
+        # split-noise site's own count carries only its share of the noise)
+        send_count=not (study.encrypted or study.masked),
     )
     if reply.status == Status.EVALUATED:
         state.validated = True

@@ -198,7 +198,8 @@ def _masked_study(tmp_path: Path, honest: int, noise: dict[str, float] | None = 
 
     study = StudyConfig(generator="marginal", generator_params=SMALL, min_sites=3,
                         output_dir=str(tmp_path / "study"), n_synthetic=200,
-                        secure_aggregation="masks", study_id="masked-test")
+                        secure_aggregation="masks", study_id="masked-test",
+                        federated_validation=True)
     opts = SimulationOptions(sites=SITES, epsilon=3.0, study=study, site_noise=noise or {})
     sites, _, _ = prepare_sites(opts, tmp_path)
     sites = setup_mask_keys(tmp_path, [replace(s, reproducible_noise_seed=100 + i)
@@ -224,8 +225,15 @@ def test_a_masked_study_shows_the_coordinator_only_the_sum(tmp_path, heart_schem
     from fedsynth.common.generators.marginal.discretize import discretizer_for
 
     outcome, grid, sites = _masked_study(tmp_path, honest=3)
-    measured = []
+    from fedsynth.common.validation.federated import COUNT_KEY
+
+    measured, validated = [], 0
     for msg in grid.sent:
+        if msg.metadata.message_type != P.MARGINAL_MESSAGE:  # federated validation:
+            reply = _reply(grid, msg).content  # scores only, no site's count in clear
+            assert COUNT_KEY not in dict(reply["metrics"])
+            validated += 1
+            continue
         cfg = dict(msg.content["config"])
         reply = _reply(grid, msg).content
         assert P.COUNTS_RECORD not in reply and P.CKKS_COUNTS not in reply  # nothing in clear
@@ -234,6 +242,7 @@ def test_a_masked_study_shows_the_coordinator_only_the_sum(tmp_path, heart_schem
             v = np.asarray(reply[P.MASKED_COUNTS][P.VALUES].numpy())
             assert v.dtype == np.uint64 and _uniform_share(v) > 0.95
             measured.append((msg, cfg, dict(reply["metrics"])))
+    assert validated == 3
     # the second release is the 1-way marginals on the cut bins: unmask it as the
     # coordinator does, and compare its noise with the exact pooled counts
     step = sorted({c[P.STEP] for _, c, _ in measured})[1]
@@ -256,7 +265,7 @@ def test_a_masked_study_shows_the_coordinator_only_the_sum(tmp_path, heart_schem
     assert 0.7 * charged < residual < 1.3 * charged
     # a split site scores against its exact count (sensitivity 2): twice the noise
     scores = [dict(_reply(grid, m).content["metrics"]) for m in grid.sent
-              if dict(m.content["config"])[P.OP] == P.SCORE_OP]
+              if dict(m.content["config"]).get(P.OP) == P.SCORE_OP]
     assert scores
     for m in scores:
         assert m[P.SIGMA_RELEASED] == pytest.approx(2 * m[P.SIGMA_CHARGED] / math.sqrt(3))
