@@ -35,7 +35,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -248,10 +248,15 @@ def answer(
     kind = str(config.get(P.RELEASE_KIND, MEASURE)) if op == P.MEASURE_OP else "score"
     if problem := request.problem(kind):
         return _refuse(site, state, problem)
-    sigma = noise.of(kind)  # the std the site's budget needs in the sum: charged
+    h = study.honest_sites  # the study's split (1: every site adds its whole noise)
+    if h > 1:  # every site adds 1/h of one common noise: the most private site's
+        common = _common_noise(site, config, noise, state)
+        if isinstance(common, MeasureReply):
+            return common
+        noise = common
+    sigma = noise.of(kind)  # the std the sum carries: what the ledger charges
     if site.dp and not math.isfinite(sigma):
         return _refuse(site, state, f"the study's plan has no share for {kind!r} releases")
-    h = site.honest_sites
     added = noise.split(h)  # what this site adds: 1/h of each variance (h = 1: all)
     masks = None
     if study.masked:
@@ -288,7 +293,7 @@ def answer(
         if h > 1:
             state.shares.append((sigma, added.of(kind), request.releases(kind)))
     metrics = {
-        **_metrics(site, state),
+        **_metrics(site, state), P.HONEST_SITES: float(h),
         P.SIGMA_ONE_WAY: added.one_way, P.SIGMA_SCORE: added.score,
         P.SIGMA_MEASURE: added.measure, P.SIGMA_RELEASED: drawn,
         P.SIGMA_CHARGED: sigma,
@@ -296,6 +301,31 @@ def answer(
     if masks is not None:
         return _masked(site, state, metrics, values, *masks)
     return _wrap(site, study, metrics, values)
+
+
+def _common_noise(site: SiteConfig, config: dict[str, Any], own: NoiseLevels,
+                  state: SiteState) -> NoiseLevels | MeasureReply:
+    """The study's common noise levels, checked against what this site needs.
+
+    Each honest site adds 1/H of the *same* variance, so the H honest sites' sum carries
+    all of it whatever the others' budgets (a site adding 1/H of its own, smaller
+    noise would leave a more private site short). The levels are bound into the masks
+    with the rest of the request: a sum is readable only when every site got the same.
+    A coordinator that sends levels below this site's own calibration is refused."""
+    if not site.dp:
+        return _refuse(site, state, "a site without DP adds no noise: it cannot take part "
+                       "in a study that splits the noise")
+    try:
+        common = NoiseLevels.from_json(str(config[P.NOISE_LEVELS]))
+    except (KeyError, ValueError, TypeError) as exc:
+        return _refuse(site, state, f"a split-noise request needs the study's common noise "
+                       f"levels: {exc}")
+    short = [f.name for f in fields(NoiseLevels)
+             if getattr(common, f.name) < getattr(own, f.name) * (1 - 1e-9)]
+    if short:
+        return _refuse(site, state, "the study's common noise is below what this site's "
+                       f"budget needs ({', '.join(short)}): refused")
+    return common
 
 
 def _metrics(site: SiteConfig, state: SiteState) -> dict[str, float]:

@@ -293,6 +293,11 @@ DECRYPT_OP = "decrypt"
 # reply), from which the coordinator plans for the noise its sums will carry
 STATUS_OP = "status"
 
+# distributed noise (study honest-sites H > 1): JSON of the common NoiseLevels every
+# site adds 1/H of (the most private site's calibration; common/generators/marginal/
+# plan.py); bound into the masks with the rest of the request
+NOISE_LEVELS = "marginal-noise"
+
 # records
 MODEL_RECORD = "marginal-model"  # coordinator -> site (score): p.<i> arrays
 COUNTS_RECORD = "marginal-counts"  # site -> coordinator, in clear: "values"
@@ -307,10 +312,10 @@ SIGMA_ONE_WAY = "sigma-one-way"
 SIGMA_SCORE = "sigma-score"
 SIGMA_MEASURE = "sigma-measure"
 SIGMA_RELEASED = "sigma"  # the noise std of this reply's vector (what the site added)
-# distributed noise (SiteConfig.honest_sites), in every marginal reply: the site's h
-# (public, its trust setting; 1 = whole noise), the std its budget needs in the sum
-# (what its ledger charges) and its epsilon were every other site to collude with the
-# coordinator (its ledger with the noise it added itself)
+# distributed noise, in every marginal reply: the split its release used (the study's
+# H; a status reply: the largest the site accepts, its honest-sites), the std the sum
+# carries (what its ledger charges) and its epsilon were every other site to collude
+# with the coordinator (its ledger with the noise it added itself); all public
 HONEST_SITES = "honest-sites"
 SIGMA_CHARGED = "sigma-charged"
 EPSILON_ALONE = "epsilon-alone"

@@ -141,6 +141,11 @@ class StudyConfig:
     # only in the sum of every site's (common/encryption/masks.py); what lets a site
     # split its noise with others (SiteConfig.honest_sites).
     secure_aggregation: str = "none"
+    # Distributed noise (masks only): the split H every site applies. The coordinator
+    # then sends one common noise level per release kind (the most private site's);
+    # each site adds 1/H of its variance, and answers only if H is within its own
+    # honest-sites and the common level is at least what its budget needs.
+    honest_sites: int = 1
     public_context: str = ""
     # Public upper bound B on a site's FedAvg weight (its DP row count): sites encrypt
     # n_i / B so that no count travels in clear (see common/encryption/ckks.py).
@@ -189,6 +194,12 @@ class StudyConfig:
             problems.append("secure-aggregation = 'masks' sums a marginal study's counts "
                             "(generator = 'marginal'); a training study's models are "
                             "summed under 'ckks'")
+        if isinstance(self.honest_sites, bool) or not isinstance(self.honest_sites, int) \
+                or self.honest_sites < 1:
+            problems.append("honest-sites must be a whole number >= 1")
+        elif self.honest_sites > 1 and self.secure_aggregation != "masks":
+            problems.append("honest-sites > 1 splits the sites' noise, which is private only "
+                            "inside a masked sum: use secure-aggregation = 'masks'")
         strategy_problem = check_strategy(self.strategy, self.secure_aggregation)
         if strategy_problem:
             problems.append(strategy_problem)
@@ -299,11 +310,12 @@ class SiteConfig:
     # with peer-keys answers nothing in clear.
     peer_keys: str = ""
     # The sites of the roster, this one included, that this site trusts not to collude
-    # with the coordinator. With h > 1 (masked sums only) it adds 1/h of the noise
-    # variance its budget needs: the sum of h such sites carries the whole, and the
-    # ledger charges the whole. Against a coordinator joined by all the other sites it
-    # has spent ``epsilon-alone`` (reported beside epsilon). 1: today's guarantee,
-    # whoever colludes. docs/privacy.md, "Distributed noise".
+    # with the coordinator: the largest split of its noise it accepts. In a masked study
+    # that asks a split H <= this, it adds 1/H of the study's common noise variance: the
+    # sum of H honest sites carries the whole, and the ledger charges the whole. Against
+    # a coordinator joined by all the other sites it has spent ``epsilon-alone``
+    # (reported beside epsilon). 1: no split, the guarantee holds whoever colludes.
+    # docs/privacy.md, "Distributed noise".
     honest_sites: int = 1
     # Federated validation scores are statistics of this site's rows released outside
     # DP, so the site decides, not the coordinator: "none" (default) declines, "quality"
@@ -352,10 +364,10 @@ class SiteConfig:
 
     def accepts(self, study: StudyConfig) -> bool:
         """Whether this site may answer ``study`` as its aggregation is set: anything
-        without keys; CKKS with CKKS keys; masks with a roster (and with masks only when
-        it splits its noise, ``honest_sites`` > 1)."""
-        if self.honest_sites > 1:
-            return study.masked
+        without keys; CKKS with CKKS keys; masks with a roster; a noise split of at most
+        its ``honest_sites``."""
+        if study.honest_sites > self.honest_sites:
+            return False
         if not self.requires_encryption:
             return True
         return study.encrypted or (study.masked and bool(self.peer_keys))
@@ -365,10 +377,11 @@ class SiteConfig:
         node config decides, a coordinator cannot switch its protection off."""
         if self.accepts(study):
             return ""
-        if self.honest_sites > 1:
-            return (f"this site adds 1/{self.honest_sites} of its noise (honest-sites) and "
-                    "answers only masked sums: run a marginal study with "
-                    "secure-aggregation = 'masks'")
+        if study.honest_sites > self.honest_sites:
+            return (f"the study splits the noise {study.honest_sites} ways, and this site "
+                    f"trusts at most {self.honest_sites} sites not to collude with the "
+                    "coordinator (its honest-sites): run the study with honest-sites = "
+                    f"{self.honest_sites} or fewer")
         kinds = [k for k, on in (("'ckks'", self.key_dir and self.wrapped_context),
                                  ("'masks' (marginal studies)", self.peer_keys)) if on]
         return ("this site is set up for secure aggregation (its node config names its "

@@ -198,6 +198,7 @@ def _run_simulate(args: argparse.Namespace, console: Console) -> int:
             "n-synthetic": args.n_synthetic,
             "resume": args.resume,
             "secure-aggregation": args.secure_aggregation,
+            "honest-sites": args.honest_sites,
             "server-momentum": args.server_momentum,
             "server-lr": args.server_lr,
             "federated-validation": args.federated_validation,
@@ -237,7 +238,6 @@ def _run_simulate(args: argparse.Namespace, console: Console) -> int:
         positive=positive,
         engine=args.engine,
         force=args.force,
-        honest_sites=args.honest_sites,
     )
     summary = simulate(opts, console)
     return EXIT_VERDICT if args.strict and not summary["verdict"]["passed"] else 0

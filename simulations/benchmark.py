@@ -334,6 +334,7 @@ def _study(opts: BenchmarkOptions, setting: Setting, seed: int, folder: Path,
         n_synthetic=n_rows,
         secure_aggregation=("ckks" if setting.secure else
                             "masks" if setting.honest_sites else "none"),
+        honest_sites=max(1, setting.honest_sites),
     )
 
 

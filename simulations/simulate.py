@@ -118,10 +118,6 @@ class SimulationOptions:
     # study seed), so runs compare noise for noise. The outputs are then labelled "not a
     # DP release". Off by default: the default study's outputs are safe to release.
     reproducible_noise: bool = False
-    # Distributed noise (secure-aggregation = "masks"): every site trusts this many
-    # sites, itself included, not to collude with the coordinator, and adds 1/h of its
-    # noise variance (SiteConfig.honest_sites; 1: each adds the whole).
-    honest_sites: int = 1
 
 
 @dataclass
@@ -407,13 +403,10 @@ def setup_simulation_keys(
     return replace(study, public_context=str(coordinator / PUBLIC_CONTEXT_FILE)), sites
 
 
-def check_honest_sites(opts: SimulationOptions, sites: int) -> None:
-    """A noise split needs masked sums and at most as many trusted sites as there are."""
-    h = opts.honest_sites
-    if h != 1 and not opts.study.masked:
-        raise ConfigError("--honest-sites splits each site's noise, which is private only "
-                          "inside a masked sum: add --secure-aggregation masks (with "
-                          "--generator marginal)")
+def check_honest_sites(study: StudyConfig, sites: int) -> None:
+    """A noise split cannot trust more sites than the study has (StudyConfig checks the
+    rest: a whole number, and masked sums)."""
+    h = study.honest_sites
     if not 1 <= h <= sites:
         raise ConfigError(f"--honest-sites must be between 1 and the {sites} sites of the "
                           f"study, got {h}")
@@ -538,7 +531,7 @@ def run_simulation_study(
             f"unknown site(s) {sorted(unknown)}; {data.label} has {', '.join(data.frames)}"
         )
     check_holdout(opts, data)
-    check_honest_sites(opts, len(opts.sites or data.frames))
+    check_honest_sites(opts.study, len(opts.sites or data.frames))
     out = Path(opts.study.output_dir)
     check_resume(opts, out)
     claim_output(out, opts.force, opts.study.resume)
@@ -562,13 +555,14 @@ def run_simulation_study(
             "(the coordinator gets only the public context)"
         )
     elif study.masked:
-        sites = setup_mask_keys(out, sites, opts.honest_sites)
+        h = study.honest_sites
+        sites = setup_mask_keys(out, sites, h)
         console.print(
             f"masked sums: every site's key pair and roster in {out / 'keys'} (the "
             "coordinator holds no key); "
-            + (f"each site adds 1/{opts.honest_sites} of its noise, trusting "
-               f"{opts.honest_sites} of the {len(sites)} sites not to collude"
-               if opts.honest_sites > 1 else "each site adds its whole noise"))
+            + (f"each site adds 1/{h} of the common noise, trusting {h} of the "
+               f"{len(sites)} sites not to collude" if h > 1
+               else "each site adds its whole noise"))
     console.print(
         # no exact row counts on the console: they are statistics of the sites' private rows
         f"[bold]fedsynth[/bold] study on {data.label}: {len(sites)} sites, "

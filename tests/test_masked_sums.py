@@ -147,15 +147,15 @@ def test_splitting_noise_needs_a_masked_marginal_study(tmp_path):
         SiteConfig(name="a", data_path="x", schema_path="y", honest_sites=0)
     with pytest.raises(ConfigError, match="'masks' sums a marginal study"):
         StudyConfig(generator="tvae", secure_aggregation="masks")
+    with pytest.raises(ConfigError, match="private only inside a masked sum"):
+        StudyConfig(generator="marginal", honest_sites=2)
     site = SiteConfig(name="a", data_path="x", schema_path="y", key_dir="k", peer_keys="p",
                       honest_sites=2)
-    assert "answers only masked sums" in site.aggregation_problem(StudyConfig())
-    assert "answers only masked sums" in site.aggregation_problem(
-        StudyConfig(generator="marginal"))
-    assert site.aggregation_problem(StudyConfig(generator="marginal",
-                                                secure_aggregation="masks")) == ""
-    whole = replace(site, honest_sites=1)
-    assert "'masks'" in whole.aggregation_problem(StudyConfig(generator="marginal"))
+    assert "'masks'" in site.aggregation_problem(StudyConfig(generator="marginal"))
+    masked = StudyConfig(generator="marginal", secure_aggregation="masks")
+    assert site.aggregation_problem(masked) == ""
+    assert site.aggregation_problem(replace(masked, honest_sites=2)) == ""
+    assert "trusts at most 2" in site.aggregation_problem(replace(masked, honest_sites=3))
     assert SiteConfig.from_node_config({"data-path": "x", "schema-path": "y", "key-dir": "k",
                                         "peer-keys": "p", "honest-sites": 3}).honest_sites == 3
 
@@ -190,7 +190,8 @@ class RecordingGrid:
         return replies
 
 
-def _masked_study(tmp_path: Path, honest: int, noise: dict[str, float] | None = None):
+def _masked_study(tmp_path: Path, honest: int, noise: dict[str, float] | None = None,
+                  budgets: dict[str, float] | None = None):
     from fedsynth.client.app import make_client_app
     from fedsynth.server.app import resolve_schema, run_study
     from fedsynth.simulations.benchmark_inprocess import InProcessGrid, coordinator_identity
@@ -199,8 +200,9 @@ def _masked_study(tmp_path: Path, honest: int, noise: dict[str, float] | None = 
     study = StudyConfig(generator="marginal", generator_params=SMALL, min_sites=3,
                         output_dir=str(tmp_path / "study"), n_synthetic=200,
                         secure_aggregation="masks", study_id="masked-test",
-                        federated_validation=True)
-    opts = SimulationOptions(sites=SITES, epsilon=3.0, study=study, site_noise=noise or {})
+                        federated_validation=True, honest_sites=honest)
+    opts = SimulationOptions(sites=SITES, epsilon=3.0, study=study, site_noise=noise or {},
+                             site_epsilon=budgets or {})
     sites, _, _ = prepare_sites(opts, tmp_path)
     sites = setup_mask_keys(tmp_path, [replace(s, reproducible_noise_seed=100 + i)
                                        for i, s in enumerate(sites)], honest)
@@ -217,14 +219,16 @@ def _reply(grid: RecordingGrid, msg: Any) -> Any:
 
 @pytest.mark.slow
 def test_a_masked_study_shows_the_coordinator_only_the_sum(tmp_path, heart_schema):
-    """h = 3: each site adds a third of the variance; the sum carries one site's whole
-    noise; the ledgers charge that noise, and the worst case (every other site colludes)
-    is reported beside it; a request asked again is refused."""
+    """h = 3: each site adds a third of the variance of one common noise, the most
+    private site's (hungarian's budget is 10, the others' 3: it adds the same noise and
+    spends about 3); the sum carries that noise whole; the ledgers charge it, and the
+    worst case (every other site colludes) is reported beside it. A request asked again
+    is refused, and so are common levels below a site's need."""
     from fedsynth.client.measure import site_cells
     from fedsynth.client.site import SiteState
     from fedsynth.common.generators.marginal.discretize import discretizer_for
 
-    outcome, grid, sites = _masked_study(tmp_path, honest=3)
+    outcome, grid, sites = _masked_study(tmp_path, honest=3, budgets={"hungarian": 10.0})
     from fedsynth.common.validation.federated import COUNT_KEY
 
     measured, validated = [], 0
@@ -256,6 +260,7 @@ def test_a_masked_study_shows_the_coordinator_only_the_sum(tmp_path, heart_schem
                                 for j, n in enumerate(disc.shape.values())])
                 for cells in (site_cells(s, heart_schema, disc, SMALL["bins"], binning)
                               for s in sites))
+    assert len({x[P.SIGMA_CHARGED] for _, _, x in second}) == 1  # one common noise
     metrics = second[0][2]
     charged, added = metrics[P.SIGMA_CHARGED], metrics[P.SIGMA_RELEASED]
     assert added == pytest.approx(charged / math.sqrt(3))
@@ -280,7 +285,7 @@ def test_a_masked_study_shows_the_coordinator_only_the_sum(tmp_path, heart_schem
         assert state.ledger.epsilon(1e-5) == pytest.approx(acc.get_epsilon(1e-5), abs=1e-6)
         assert state.alone_ledger().epsilon(1e-5) == pytest.approx(
             alone.get_epsilon(1e-5), abs=1e-6)
-        assert 2.99 <= state.ledger.epsilon(1e-5) <= 3.0
+        assert 2.98 <= state.ledger.epsilon(1e-5) <= 3.0  # hungarian too, of its 10
     assert summary["secure_aggregation"]["honest_sites"] == {n: 3 for n in SITES}
     assert all(e > 3.5 for e in summary["secure_aggregation"]["epsilon_alone"].values())
     assert "not a DP release" in summary["privacy"]  # the test's replayable noise wins
@@ -295,6 +300,24 @@ def test_a_masked_study_shows_the_coordinator_only_the_sum(tmp_path, heart_schem
     assert P.MASKED_COUNTS not in again
     assert dict(again["site"])["status"] == P.Status.REFUSED
     assert "answered already" in " ".join(dict(again["site"])["problems"])
+    # ... or a new step with common levels halved (a split of less noise): refused
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from fedsynth.common.generators.marginal.plan import NoiseLevels
+
+    cfg = dict(msg.content["config"])
+    levels = NoiseLevels.from_json(cfg[P.NOISE_LEVELS])
+    cfg[P.NOISE_LEVELS] = NoiseLevels(*(v / 2 for v in vars(levels).values())).to_json()
+    cfg[P.STEP] = 999
+    from fedsynth.simulations.benchmark_inprocess import coordinator_identity
+
+    with coordinator_identity(grid.run.run_id):
+        forged = Message(RecordDict({"config": ConfigRecord(cfg)}),
+                         dst_node_id=msg.metadata.dst_node_id,
+                         message_type=P.MARGINAL_MESSAGE)
+        reply = grid.send_and_receive([forged])[0].content
+    assert P.MASKED_COUNTS not in reply
+    assert "below what this site's budget needs" in " ".join(dict(reply["site"])["problems"])
 
 
 @pytest.mark.slow

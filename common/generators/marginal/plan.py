@@ -60,6 +60,7 @@ sites' budgets: ``MarginalGenerator.plan``), never on a row.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -166,6 +167,23 @@ class NoiseLevels:
         """The same noise for every kind (a fixed multiplier, or a fit without DP)."""
         return cls(sigma, sigma, sigma, sigma, sigma, sigma, sigma)
 
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> NoiseLevels:
+        """Levels a coordinator sent: every one a number > 0 (inf: the kind unused)."""
+        raw = json.loads(text)
+        levels = cls(**{f.name: float(raw[f.name]) for f in fields(cls)})
+        if not all(v > 0 for v in asdict(levels).values()):  # NaN fails too
+            raise ValueError("noise levels must be numbers > 0")
+        return levels
+
+    @classmethod
+    def largest(cls, levels: list[NoiseLevels]) -> NoiseLevels:
+        """Kind by kind, the largest: a common noise every one of these sites affords."""
+        return cls(*(max(getattr(x, f.name) for x in levels) for f in fields(cls)))
+
     def split(self, honest_sites: int) -> NoiseLevels:
         """What one of ``honest_sites`` sites adds so that their sum carries these
         levels: 1/h of each variance (distributed noise, docs/privacy.md)."""
@@ -264,11 +282,9 @@ def summed_noise(budgets: list[tuple[float, ...]], mechanism: str = "rdp") -> fl
     """The noise scale of the coordinator's sums: sites answering with (epsilon, delta)
     budgets each add their own noise, so a sum carries sqrt(sum of their
     ``budget_noise`` squared) times what a plan's share makes of one. One central
-    holder: its own ``budget_noise``. A site without DP (epsilon <= 0) adds none. A
-    third entry h (``honest_sites``) says the site adds 1/h of that variance."""
-    return math.sqrt(sum(budget_noise(b[0], b[1], mechanism) ** 2 / (b[2] if len(b) > 2
-                                                                      else 1)
-                         for b in budgets if b[0] > 0))
+    holder: its own ``budget_noise``. A site without DP (epsilon <= 0) adds none."""
+    return math.sqrt(sum(budget_noise(b[0], b[1], mechanism) ** 2 for b in budgets
+                         if b[0] > 0))
 
 
 def calibrate(
