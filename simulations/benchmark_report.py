@@ -32,6 +32,8 @@ SHOWN: dict[str, tuple[str, int]] = {
 }
 COST: dict[str, str] = {
     "epsilon_max_site": "eps / site (max)",
+    # distributed noise (masked sums): the worst case, every other site colluding
+    "epsilon_alone_max_site": "eps / site if all others collude",
     "wall_s": "wall s",
     "peak_rss_mb": "peak RSS MB",
     "bytes_per_round": "bytes / round",
@@ -134,7 +136,7 @@ def behind_baselines(summary: pd.DataFrame) -> list[str]:
 
 def markdown(summary: pd.DataFrame, info: dict[str, Any]) -> str:
     shown = [k for k in SHOWN if k in summary and summary[k].notna().any()]
-    cost = [k for k in COST if k in summary]
+    cost = [k for k in COST if k in summary and summary[k].notna().any()]
     header = ["setting", *[SHOWN[k][0] for k in shown], *[COST[k] for k in cost]]
     lines = [
         "# fedsynth benchmark",
