@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from flwr.app import Message
 from flwr.supercore.task_identity import TaskIdentity
@@ -24,3 +25,22 @@ def stamp(message: Message) -> Message:
     """Give a message the id the SuperLink gives it when it is pushed."""
     message.metadata.__dict__["_message_id"] = message.object_id
     return message
+
+
+class RecordingGrid:
+    """The coordinator's Grid, with every message it sends and receives kept for the test."""
+
+    def __init__(self, grid: Any) -> None:
+        self._grid = grid
+        self.sent: list[Message] = []
+        self.received: list[Message] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        self.sent.extend(messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        self.received.extend(replies)
+        return replies

@@ -27,6 +27,7 @@ from fedsynth.common.privacy import PrivacyLedger
 from fedsynth.common.privacy.randomness import DPRandomness
 from fedsynth.common.study import StudyConfig
 from fedsynth.common.table import conform, read_table
+from tests.flower_support import RecordingGrid
 
 SMALL = {"bins": 6, "rounds": 2, "per_round": 2, "candidates": 10, "iters": 150}
 SITES = ("cleveland", "hungarian", "switzerland")
@@ -352,23 +353,6 @@ def test_site_charges_every_release_and_refuses_past_its_budget(
 
 
 # ------------------------------------------------------------------- federated, real apps
-
-
-class RecordingGrid:
-    def __init__(self, grid: Any) -> None:
-        self._grid = grid
-        self.sent: list[Any] = []
-        self.received: list[Any] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
-
-    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Any]:
-        messages = list(messages)
-        self.sent.extend(messages)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        self.received.extend(replies)
-        return replies
 
 
 def _federated(tmp_path: Path, secure: bool, seeds: dict[str, int] | None = None,

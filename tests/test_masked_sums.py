@@ -34,6 +34,7 @@ from fedsynth.common.encryption.masks import (
     unmask_sum,
 )
 from fedsynth.common.study import ConfigError, SiteConfig, StudyConfig
+from tests.flower_support import RecordingGrid
 
 SITES = ("cleveland", "hungarian", "switzerland")
 SMALL = {"bins": 6, "rounds": 1, "per_round": 2, "candidates": 6, "iters": 100}
@@ -171,23 +172,6 @@ def test_simulate_refuses_honest_sites_without_masks_and_writes_nothing(tmp_path
 
 
 # ------------------------------------------------------------------- a real study
-
-
-class RecordingGrid:
-    def __init__(self, grid: Any) -> None:
-        self._grid = grid
-        self.sent: list[Any] = []
-        self.received: list[Any] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
-
-    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Any]:
-        messages = list(messages)
-        self.sent.extend(messages)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        self.received.extend(replies)
-        return replies
 
 
 def _masked_study(tmp_path: Path, honest: int, noise: dict[str, float] | None = None,

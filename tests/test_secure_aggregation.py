@@ -89,6 +89,7 @@ from fedsynth.server.secure import (
 )
 from fedsynth.server.strategy import SiteAwareFedAvg, SiteAwareFedProx
 from fedsynth.simulations.simulate import SimulationOptions
+from tests.flower_support import RecordingGrid
 
 SITES = ("cleveland", "switzerland")
 TOLERANCE = 1e-6
@@ -379,25 +380,6 @@ def test_nonlinear_strategies_are_refused_under_encryption(name, keys, trained):
 
 
 # --------------------------------------------------------------------------- (b)
-
-
-class RecordingGrid:
-    """The coordinator's Grid, with every message it sends and receives kept for the test."""
-
-    def __init__(self, grid: Grid) -> None:
-        self._grid = grid
-        self.sent: list[Message] = []
-        self.received: list[Message] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
-
-    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
-        messages = list(messages)
-        self.sent.extend(messages)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        self.received.extend(replies)
-        return replies
 
 
 @pytest.fixture(scope="module")
