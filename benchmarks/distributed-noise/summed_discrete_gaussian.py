@@ -37,6 +37,8 @@ def shift_divergence(log_q: np.ndarray, alpha: float) -> float:
     return float(logsumexp(alpha * p[keep] + (1 - alpha) * q[keep]) / (alpha - 1))
 
 
+ORDERS = (1.5, 2, 4, 8, 16, 32, 64, 128, 256)
+
 if __name__ == "__main__":
     print("per-site std s | sites h | D_alpha / (alpha / (2 h s^2)) at alpha = 2, 8, 32")
     for s in (0.5, 0.75, 1.0, 2.0, 5.0):
@@ -44,3 +46,7 @@ if __name__ == "__main__":
             lq = summed_log_pmf(s, h)
             ratios = [shift_divergence(lq, a) / (a / (2 * h * s * s)) for a in (2, 8, 32)]
             print(f"{s:g} | {h} | " + ", ".join(f"{r:.6f}" for r in ratios))
+    worst = max(shift_divergence(lq, a) / (a / (2 * h * s * s))
+                for s in (1.0, 1.5, 3.0) for h in (2, 3, 4, 6, 9, 18)
+                for lq in [summed_log_pmf(s, h)] for a in ORDERS)
+    print(f"largest ratio, s in 1, 1.5, 3; h in 2-18; alpha in {ORDERS}: {worst:.10f}")
