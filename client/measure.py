@@ -272,10 +272,7 @@ def answer(
         if isinstance(masks, MeasureReply):
             return masks
     if site.dp and h > 1 and added.of(kind) < MIN_SHARE_STD:
-        return _refuse(site, state, (
-            f"split {h} ways, this {kind!r} release's noise would be {added.of(kind):.3g} "
-            f"(std, counts), below {MIN_SHARE_STD:g}, where a sum of discrete Gaussians is "
-            "no longer charged exactly as one: lower honest-sites or the budget"))
+        return _refuse(site, state, _thin_share(h, kind, added.of(kind)))
     if site.dp:
         state.ledger.mechanism = study.accountant
         nxt = state.ledger.copy()
@@ -309,6 +306,12 @@ def answer(
     if masks is not None:
         return _masked(site, state, metrics, values, *masks)
     return _wrap(site, study, metrics, values)
+
+
+def _thin_share(h: int, kind: str, share: float) -> str:
+    return (f"split {h} ways, this {kind!r} release's noise would be {share:.3g} (std, "
+            f"counts), below {MIN_SHARE_STD:g}, where a sum of discrete Gaussians is no "
+            "longer charged exactly as one: lower honest-sites or the budget")
 
 
 def _common_noise(site: SiteConfig, config: dict[str, Any], own: NoiseLevels,

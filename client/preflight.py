@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..common.protocol import HONEST_SITES
 from ..common.study import NODE_KEYS
 
 ConfigValue = str | int | float | bool
@@ -303,7 +304,7 @@ def _check_masks(node: Mapping[str, ConfigValue], report: Report) -> None:
     except KeySetupError as exc:
         report.problems.append(str(exc))
         return
-    honest = node.get("honest-sites", 1)
+    honest = node.get(HONEST_SITES, 1)  # the node config key, as the replies name it
     if isinstance(honest, int) and honest > roster.size:
         report.problems.append(f"honest-sites = {honest} but peer-keys lists {roster.size - 1} "
                                "other sites: trust cannot reach more sites than the study has")
