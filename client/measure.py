@@ -334,8 +334,9 @@ def _common_noise(site: SiteConfig, config: dict[str, Any], own: NoiseLevels,
     short = [f.name for f in fields(NoiseLevels)
              if getattr(common, f.name) < getattr(own, f.name) * (1 - 1e-9)]
     if short:
-        return _refuse(site, state, "the study's common noise is below what this site's "
-                       f"budget needs ({', '.join(short)}): refused")
+        return _refuse(site, state, "the study's common noise is below this site's own "
+                       f"(its budget's calibration, or its noise-multiplier) for "
+                       f"{', '.join(short)}: refused")
     return common
 
 

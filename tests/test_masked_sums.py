@@ -306,7 +306,7 @@ def test_a_masked_study_shows_the_coordinator_only_the_sum(tmp_path, heart_schem
                          message_type=P.MARGINAL_MESSAGE)
         reply = grid.send_and_receive([forged])[0].content
     assert P.MASKED_COUNTS not in reply
-    assert "below what this site's budget needs" in " ".join(dict(reply["site"])["problems"])
+    assert "below this site's own" in " ".join(dict(reply["site"])["problems"])
 
 
 @pytest.mark.slow
