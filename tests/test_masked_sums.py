@@ -384,3 +384,29 @@ def test_a_score_against_the_exact_count_moves_by_at_most_two(heart_schema, hear
                    for i in range(0, len(cells), 7)]
     assert max(moves_fixed) <= 1 + 1e-9
     assert 1.2 < max(moves_exact) <= 2 + 1e-9  # above 1: the doubling is needed
+
+
+def test_keys_peers_builds_the_roster_a_site_names_and_refuses_bad_keys(tmp_path, capsys):
+    """`fedsynth keys peers`: the other sites' keys into peer-keys, with fingerprints to
+    read aloud; this site's own key, a key twice or an existing file are refused and
+    leave the folder as it was."""
+    from fedsynth.common.encryption.keys import keys_command, public_key_fingerprint
+
+    for n in ("a", "b", "c"):
+        generate_site_keypair(tmp_path / n)
+    pub = {n: str(tmp_path / n / "x25519-public.pem") for n in ("a", "b", "c")}
+    out = tmp_path / "peers"
+    base = ["peers", "--site", "a", "--site-key", str(tmp_path / "a"), "--out", str(out)]
+    assert keys_command([*base, "--peer", f"b={pub['b']}", "--peer", f"x={pub['a']}"]) == 1
+    assert "own key" in capsys.readouterr().err and not out.exists()
+    assert keys_command([*base, "--peer", f"b={pub['b']}", "--peer", f"c={pub['b']}"]) == 1
+    assert "same key as b" in capsys.readouterr().err and not out.exists()
+    assert keys_command([*base, "--peer", f"b={pub['b']}", "--peer", f"c={pub['c']}"]) == 0
+    printed = capsys.readouterr().out
+    assert public_key_fingerprint(pub["b"]) in printed
+    assert public_key_fingerprint(pub["c"]) in printed
+    roster = load_roster("a", tmp_path / "a", out)
+    assert set(roster.peers) == {"b", "c"}
+    before = (out / "b.pem").read_bytes()
+    assert keys_command([*base, "--peer", f"b={pub['c']}"]) == 1  # exists: no --force
+    assert (out / "b.pem").read_bytes() == before

@@ -574,7 +574,8 @@ def _build_parser() -> argparse.ArgumentParser:
         description=(
             "Key setup for an encrypted study. Every site runs site-init; the key holder "
             "collects the public keys and runs study-init; each site checks its wrapped "
-            "copy with unwrap-check. No command prints secret material."
+            "copy with unwrap-check. For masked sums, every site runs site-init, then "
+            "peers with the others' public keys. No command prints secret material."
         ),
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -633,6 +634,25 @@ def _build_parser() -> argparse.ArgumentParser:
         "--public-context", type=Path, help="also check the coordinator's public context"
     )
 
+    peers = sub.add_parser(
+        "peers",
+        help="(every site, masked sums) collect the other sites' public keys",
+        description=(
+            "Copy the other sites' public keys into the folder this site's peer-keys "
+            "names (one <site>.pem each), refusing this site's own key and any key given "
+            "twice, and print each fingerprint to check with that site over a second "
+            "channel."
+        ),
+    )
+    peers.add_argument("--site", required=True, help="this site's name in the study")
+    peers.add_argument("--site-key", required=True, type=Path,
+                       help="this site's site-init folder")
+    peers.add_argument("--peer", dest="peers", action="append", required=True,
+                       type=_site_arg, metavar="NAME=PUBLIC_KEY",
+                       help="another site and its public key file; repeat for every site")
+    peers.add_argument("--out", required=True, type=Path, help="the peer-keys folder")
+    peers.add_argument("--force", action="store_true", help="replace existing key files")
+
     finger = sub.add_parser(
         "fingerprint",
         help="print the fingerprint of public keys, to compare over a second channel",
@@ -687,6 +707,22 @@ def _cmd_unwrap_check(args: argparse.Namespace) -> None:
     print("Compare the key holder fingerprint with the one the key holder gave you.")
 
 
+def _cmd_peers(args: argparse.Namespace) -> None:
+    from .masks import write_roster
+
+    peers = dict(args.peers)
+    if len(peers) != len(args.peers):
+        raise KeySetupError("a site name was given twice with --peer")
+    roster = write_roster(_check_site_name(args.site), args.site_key, peers, args.out,
+                          force=args.force)
+    print(f"Roster of site {args.site!r} for masked sums: {roster.size - 1} other sites "
+          f"in {args.out}")
+    for name, fingerprint in roster.fingerprints().items():
+        print(f"  {name}: {fingerprint}")
+    print("Check each fingerprint with its site over a second channel, then start the "
+          f"SuperNode with key-dir='{args.site_key}' peer-keys='{args.out}'.")
+
+
 def _cmd_fingerprint(args: argparse.Namespace) -> None:
     for path in args.keys:
         print(f"{public_key_fingerprint(path)}  {path}")
@@ -707,6 +743,7 @@ def keys_command(argv: Sequence[str]) -> int:
         "study-init": _cmd_study_init,
         "unwrap-check": _cmd_unwrap_check,
         "fingerprint": _cmd_fingerprint,
+        "peers": _cmd_peers,
     }
     try:
         handlers[args.command](args)

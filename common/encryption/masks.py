@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -56,8 +56,11 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from .keys import (
     KeySetupError,
     _check_site_name,
+    _ensure_dir,
     _exchange,
     _raw_public,
+    _refuse_existing,
+    _write_atomic,
     load_private_key,
     load_public_key,
     public_key_fingerprint,
@@ -102,26 +105,49 @@ def load_roster(me: str, key_dir: str | os.PathLike[str], peer_dir: str | os.Pat
         raise KeySetupError(f"peer-keys {folder} is not a folder; put the other sites' public "
                             f"keys there as <site>{PEER_KEY_SUFFIX} (fedsynth keys site-init "
                             "wrote each as x25519-public.pem)")
-    private = load_private_key(key_dir)
-    own = _raw_public(private.public_key())
-    peers: dict[str, X25519PublicKey] = {}
-    seen = {own: me}
-    for path in sorted(folder.glob(f"*{PEER_KEY_SUFFIX}")):
-        name = _check_site_name(path.stem)
-        key = load_public_key(path)
-        raw = _raw_public(key)
-        if name == me or raw in seen:
-            raise KeySetupError(
-                f"peer-keys {folder}: {path.name} is "
-                + ("this site's own key" if raw == own or name == me
-                   else f"the same key as {seen[raw]}'s")
-                + "; each other site's public key must appear once")
-        seen[raw] = name
-        peers[name] = key
+    peers = {_check_site_name(path.stem): load_public_key(path)
+             for path in sorted(folder.glob(f"*{PEER_KEY_SUFFIX}"))}
     if not peers:
         raise KeySetupError(f"peer-keys {folder} holds no <site>{PEER_KEY_SUFFIX}: a masked sum "
                             "needs at least one other site")
-    return Roster(me, private, peers)
+    roster = Roster(me, load_private_key(key_dir), peers)
+    try:
+        _check_distinct(roster)
+    except KeySetupError as exc:
+        raise KeySetupError(f"peer-keys {folder}: {exc}") from None
+    return roster
+
+
+def write_roster(me: str, key_dir: str | os.PathLike[str], peers: Mapping[str, str],
+                 out: str | os.PathLike[str], *, force: bool = False) -> Roster:
+    """Copy the other sites' public keys into ``out`` as ``<site>.pem`` (the folder a
+    site's ``peer-keys`` names), each checked as ``load_roster`` checks them; an
+    existing file is kept unless ``force``. Returns the roster read back."""
+    folder = Path(out)
+    keys = {_check_site_name(name): load_public_key(path) for name, path in peers.items()}
+    targets = [folder / f"{name}{PEER_KEY_SUFFIX}" for name in keys]
+    _refuse_existing(targets, force)
+    staging = Roster(me, load_private_key(key_dir), keys)
+    _check_distinct(staging)
+    _ensure_dir(folder)
+    for name, key in keys.items():
+        pem = key.public_bytes(serialization.Encoding.PEM,
+                               serialization.PublicFormat.SubjectPublicKeyInfo)
+        _write_atomic(folder / f"{name}{PEER_KEY_SUFFIX}", pem, force=force)
+    return load_roster(me, key_dir, folder)
+
+
+def _check_distinct(roster: Roster) -> None:
+    own = _raw_public(roster.private.public_key())
+    seen = {own: roster.me}
+    for name, key in sorted(roster.peers.items()):
+        raw = _raw_public(key)
+        if name == roster.me or raw in seen:
+            raise KeySetupError(
+                f"{name}'s key is " + ("this site's own key" if raw == own or name == roster.me
+                                       else f"the same key as {seen[raw]}'s")
+                + "; each other site's public key must appear once")
+        seen[raw] = name
 
 
 def pair_keys(roster: Roster, study_id: str) -> dict[str, bytes]:
