@@ -692,14 +692,19 @@ def validate_and_report(
 def privacy_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """Per site: epsilon spent beside its budget and delta (public: the site's config)."""
     config = {s["name"]: s for s in summary.get("sites_config", [])}
+    shared = summary.get("secure_aggregation", {})
+    split = {n for n, h in shared.get("honest_sites", {}).items() if h > 1}
     rows = []
     for name, info in summary["sites"].items():
         cfg = config.get(name, {})
-        rows.append({"site": name, "epsilon_spent": info["epsilon"],
-                     "epsilon_budget": cfg.get("epsilon") if cfg.get("dp", True) else None,
-                     "delta": cfg.get("delta") if cfg.get("dp", True) else None,
-                     "rounds_trained": info["rounds_trained"], "status": info["last_status"],
-                     "problems": info.get("problems", [])})
+        row = {"site": name, "epsilon_spent": info["epsilon"],
+               "epsilon_budget": cfg.get("epsilon") if cfg.get("dp", True) else None,
+               "delta": cfg.get("delta") if cfg.get("dp", True) else None,
+               "rounds_trained": info["rounds_trained"], "status": info["last_status"],
+               "problems": info.get("problems", [])}
+        if name in split:  # distributed noise: the figure should all others collude
+            row["epsilon_alone"] = shared.get("epsilon_alone", {}).get(name)
+        rows.append(row)
     return rows
 
 

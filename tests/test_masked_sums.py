@@ -410,3 +410,21 @@ def test_keys_peers_builds_the_roster_a_site_names_and_refuses_bad_keys(tmp_path
     before = (out / "b.pem").read_bytes()
     assert keys_command([*base, "--peer", f"b={pub['c']}"]) == 1  # exists: no --force
     assert (out / "b.pem").read_bytes() == before
+
+
+def test_the_report_shows_each_sites_epsilon_should_all_others_collude():
+    """A split study's privacy table carries the worst case beside the epsilon; a study
+    without a split keeps the table it had."""
+    from fedsynth.common.validation.report import privacy_table
+    from fedsynth.simulations.simulate import privacy_rows
+
+    sites = {n: {"epsilon": 1.0, "rounds_trained": 3, "last_status": "trained"}
+             for n in ("a", "b")}
+    config = [{"name": n, "epsilon": 1.0, "delta": 1e-5} for n in ("a", "b")]
+    split = {"sites": sites, "sites_config": config,
+             "secure_aggregation": {"scheme": "masks", "honest_sites": {"a": 2, "b": 2},
+                                    "epsilon_alone": {"a": 1.46, "b": 1.46}}}
+    html = privacy_table(privacy_rows(split))
+    assert "epsilon if all other sites collude" in html and "1.46" in html
+    plain = privacy_table(privacy_rows({"sites": sites, "sites_config": config}))
+    assert "collude" not in plain

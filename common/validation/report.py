@@ -528,15 +528,23 @@ def training_plots(rounds: list[Mapping[str, Any]]) -> str:
 
 def privacy_table(rows: list[Mapping[str, Any]]) -> str:
     """Each site's budget beside what it spent: site, spent, budget, delta, rounds, status."""
+    split = any("epsilon_alone" in r for r in rows)  # distributed noise (masked sums)
     header = ["site", "epsilon spent", "epsilon budget", "delta", "rounds trained",
               "last status", "problems reported"]
+    header += ["epsilon if all other sites collude"] if split else []
     body = [[html.escape(str(r.get("site"))), _fmt(r.get("epsilon_spent")),
              _fmt(r.get("epsilon_budget")), _fmt(r.get("delta"), 8).rstrip("0"),
              _fmt(r.get("rounds_trained")), html.escape(str(r.get("status") or "–")),
-             html.escape("; ".join(r.get("problems") or []) or "none")] for r in rows]
+             html.escape("; ".join(r.get("problems") or []) or "none")]
+            + ([_fmt(r.get("epsilon_alone", r.get("epsilon_spent")))] if split else [])
+            for r in rows]
     return _table(header, body, left=1) + (
         '<p class="note">Epsilon is what each site\'s own accountant composed over the whole '
-        "study; – means the site trained without DP (a baseline, not a release).</p>")
+        "study; – means the site trained without DP (a baseline, not a release)."
+        + (" Under distributed noise each site added a share of one common noise: its "
+           "epsilon holds while the study's honest-sites do not collude with the "
+           "coordinator, and the last column is what it spent should all the others "
+           "(docs/privacy.md, \"Distributed noise\")." if split else "") + "</p>")
 
 
 def _extra_html(value: Any) -> str:
