@@ -407,7 +407,7 @@ class PreflightInput:
 def absolute_node_config(node: Mapping[str, ConfigValue]) -> dict[str, ConfigValue]:
     """Paths made absolute: the ClientApp runs in a process whose folder is not ours."""
     out = dict(node)
-    for key in ("data-path", "schema-path", "state-dir", *ENCRYPTION_KEYS):
+    for key in ("data-path", "schema-path", "state-dir", *ENCRYPTION_KEYS, "peer-keys"):
         value = out.get(key)
         if isinstance(value, str) and value:
             out[key] = str(Path(value).expanduser().resolve())

@@ -332,6 +332,10 @@ def test_preflight_checks_a_masked_sum_site_and_prints_the_fingerprints(tmp_path
     assert not report.problems, report.problems
     roster = load_roster(me.name, me.key_dir, me.peer_keys)
     assert all(fp in report.ok[0] for fp in roster.fingerprints().values())
+    from fedsynth.client.preflight import absolute_node_config
+
+    relative = {"peer-keys": "peers", "key-dir": "keys"}  # the runtime's folder differs
+    assert all(Path(v).is_absolute() for v in absolute_node_config(relative).values())
     for bad, why in (({**node, "honest-sites": 4}, "cannot reach more sites"),
                      ({"peer-keys": me.peer_keys}, "needs key-dir"),
                      ({**node, "peer-keys": str(tmp_path / "none")}, "is not a folder")):
