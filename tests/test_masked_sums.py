@@ -176,7 +176,9 @@ def test_simulate_refuses_honest_sites_without_masks_and_writes_nothing(tmp_path
 
 
 def _masked_study(tmp_path: Path, honest: int, noise: dict[str, float] | None = None,
-                  budgets: dict[str, float] | None = None):
+                  budgets: dict[str, float] | None = None, forget: str = ""):
+    """A masked study of SITES through the real apps; ``forget``: a peer key file that
+    cleveland's roster lacks (a deployment mistake)."""
     from fedsynth.client.app import make_client_app
     from fedsynth.server.app import resolve_schema, run_study
     from fedsynth.simulations.benchmark_inprocess import InProcessGrid, coordinator_identity
@@ -191,6 +193,8 @@ def _masked_study(tmp_path: Path, honest: int, noise: dict[str, float] | None = 
     sites, _, _ = prepare_sites(opts, tmp_path)
     sites = setup_mask_keys(tmp_path, [replace(s, reproducible_noise_seed=100 + i)
                                        for i, s in enumerate(sites)], honest)
+    if forget:
+        (Path(sites[0].peer_keys) / f"{forget}.pem").unlink()
     grid = RecordingGrid(InProcessGrid(make_client_app(sites), len(sites), study.to_flat()))
     with coordinator_identity(grid.run.run_id):
         outcome = run_study(grid, study, resolve_schema("heart_disease"))
@@ -432,3 +436,15 @@ def test_the_report_shows_each_sites_epsilon_should_all_others_collude():
     assert "epsilon if all other sites collude" in html and "1.46" in html
     plain = privacy_table(privacy_rows({"sites": sites, "sites_config": config}))
     assert "collude" not in plain
+
+
+
+@pytest.mark.slow
+def test_a_roster_that_lacks_a_site_fails_the_study_with_the_reason(tmp_path):
+    """Cleveland's peer-keys lacks switzerland's key: its masks do not pair with the
+    others', the sum is noise, and the study stops saying so, before fitting anything."""
+    from fedsynth.server.marginal import NoSiteAnswered
+
+    with pytest.raises((NoSiteAnswered, RuntimeError), match="masks did not cancel"):
+        _masked_study(tmp_path, honest=1, forget="switzerland")
+    assert not (tmp_path / "study" / "synthetic.csv").exists()
