@@ -261,8 +261,7 @@ def handle_evaluate(msg: Message, context: Context, sites: list[SiteConfig] | No
     request = ValidationRequest.from_content(msg.content)
     study = StudyConfig.from_flat(request.config)
     state = _load_state(context, site, study)
-    if site.requires_encryption and not study.encrypted and not (
-            study.masked and site.accepts(study)):
+    if site.aggregation_problem(study):
         # A study "in clear" would skip the check that the model is the release and send
         # the count encryption hid: the site's node config decides, as for training. A
         # masked study's model is the coordinator's fit of sums: scored as in clear.

@@ -194,8 +194,7 @@ class StudyConfig:
             problems.append("secure-aggregation = 'masks' sums a marginal study's counts "
                             "(generator = 'marginal'); a training study's models are "
                             "summed under 'ckks'")
-        if isinstance(self.honest_sites, bool) or not isinstance(self.honest_sites, int) \
-                or self.honest_sites < 1:
+        if not _is_count(self.honest_sites):
             problems.append("honest-sites must be a whole number >= 1")
         elif self.honest_sites > 1 and self.secure_aggregation != "masks":
             problems.append("honest-sites > 1 splits the sites' noise, which is private only "
@@ -341,8 +340,7 @@ class SiteConfig:
                               f"[{low:g}, {high:g}], got {self.noise_multiplier:g}")
         if self.dp:
             check_budget(self.epsilon, self.delta, f"site {self.name}")
-        if isinstance(self.honest_sites, bool) or not isinstance(self.honest_sites, int) \
-                or self.honest_sites < 1:
+        if not _is_count(self.honest_sites):
             raise ConfigError(f"site {self.name}: honest-sites must be a whole number >= 1, "
                               f"got {self.honest_sites!r}")
         if self.honest_sites > 1 and not (self.peer_keys and self.key_dir):
@@ -468,6 +466,11 @@ def check_strategy(strategy: str, secure_aggregation: str = "none") -> str:
 def schema_fingerprint(schema: Schema) -> str:
     """A short hash of the schema, so sites refuse to train on a different one."""
     return hashlib.sha256(schema.to_json().encode()).hexdigest()[:16]
+
+
+def _is_count(value: Any) -> bool:
+    """A whole number >= 1 (a bool is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:

@@ -143,8 +143,8 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--honest-sites", type=int, default=1,
                    help="with --secure-aggregation masks: each site trusts this many sites "
                    "(itself included) not to collude with the coordinator and adds 1/N of "
-                   "its noise variance (default 1: the whole; docs/privacy.md, "
-                   "'Distributed noise')")
+                   "the study's common noise variance (default 1: its whole noise; "
+                   "docs/privacy.md, 'Distributed noise')")
     p.add_argument("--proximal-mu", type=float, default=0.01,
                    help="FedProx mu (used with --strategy fedprox)")
     p.add_argument("--server-momentum", type=float, default=d.server_momentum,

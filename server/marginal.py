@@ -115,7 +115,7 @@ class FederatedMeasurer:
         self.bytes_in = 0
         self.asked = 0  # sites asked in the last step (a masked sum needs every one)
         self.latest: dict[str, dict[str, float]] = {}  # site -> its last release's metrics
-        self.budgets: list[tuple[float, float, float]] = []  # the sites' stated budgets
+        self.budgets: list[tuple[float, float]] = []  # the sites' stated budgets
 
     def use_plan(self, plan: MarginalPlan) -> None:
         """Send ``plan`` with every request from now on (each site calibrates to it).
@@ -130,7 +130,7 @@ class FederatedMeasurer:
                 raise ConfigError("a split-noise study needs every site's budget: no site "
                                   "stated one (sites without DP cannot split noise)")
             self.base[P.NOISE_LEVELS] = NoiseLevels.largest(
-                [calibrate(plan, e, d, self.study.accountant) for e, d, _ in self.budgets]
+                [calibrate(plan, e, d, self.study.accountant) for e, d in self.budgets]
             ).to_json()
 
     def summed_noise(self) -> float | None:
@@ -140,19 +140,19 @@ class FederatedMeasurer:
         config = {**self.base, P.OP: P.STATUS_OP}
         messages = [Message(RecordDict({P.CONFIG: ConfigRecord(config)}), dst_node_id=node,
                             message_type=P.MARGINAL_MESSAGE) for node in self._nodes()]
-        budgets: list[tuple[float, float, float]] = []
+        budgets: list[tuple[float, float]] = []
         for msg in self.grid.send_and_receive(messages, timeout=self.study.round_timeout):
             if msg.has_error():
                 continue
             metrics = P.SiteReply.from_content(msg.content)[1].metrics
             if metrics.get(P.EPSILON_BUDGET, -1.0) > 0 and metrics.get(P.DELTA, 0.0) > 0:
-                budgets.append((metrics[P.EPSILON_BUDGET], metrics[P.DELTA], 1.0))
+                budgets.append((metrics[P.EPSILON_BUDGET], metrics[P.DELTA]))
         self.budgets = budgets
         if not budgets:
             return None
         h = self.study.honest_sites
         if h > 1:  # every site adds 1/H of the most private site's noise
-            top = max(budget_noise(e, d, self.study.accountant) for e, d, _ in budgets)
+            top = max(budget_noise(e, d, self.study.accountant) for e, d in budgets)
             return top * math.sqrt(len(budgets) / h)
         return summed_noise(budgets, self.study.accountant)
 

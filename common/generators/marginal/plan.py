@@ -278,13 +278,12 @@ def budget_noise(epsilon: float, delta: float, mechanism: str = "rdp",
     return hi
 
 
-def summed_noise(budgets: list[tuple[float, ...]], mechanism: str = "rdp") -> float:
+def summed_noise(budgets: list[tuple[float, float]], mechanism: str = "rdp") -> float:
     """The noise scale of the coordinator's sums: sites answering with (epsilon, delta)
     budgets each add their own noise, so a sum carries sqrt(sum of their
     ``budget_noise`` squared) times what a plan's share makes of one. One central
     holder: its own ``budget_noise``. A site without DP (epsilon <= 0) adds none."""
-    return math.sqrt(sum(budget_noise(b[0], b[1], mechanism) ** 2 for b in budgets
-                         if b[0] > 0))
+    return math.sqrt(sum(budget_noise(e, d, mechanism) ** 2 for e, d in budgets if e > 0))
 
 
 def calibrate(
