@@ -423,7 +423,8 @@ def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
         config = dict(msg.content[CONFIG])
         study = StudyConfig.from_flat(config)
         state = _load_state(context, site, study)
-        reply = grid_reply(site, study, str(config.get(SCHEMA_FINGERPRINT, "")), state)
+        reply = grid_reply(site, study, str(config.get(SCHEMA_FINGERPRINT, "")), state,
+                           config)
         _save_state(context, site, study, state)
         return Message(reply_content(site, reply), reply_to=msg)
 

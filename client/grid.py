@@ -9,24 +9,51 @@ DP-SGD, loss reports) against what earlier studies left, exactly as round 1 woul
 have; the release is then a prior entry of the ledger and the study's epsilon
 includes it.
 
+Under ``secure-aggregation = "masks"`` the histograms travel masked
+(``common/encryption/masks.py``): the coordinator reads only the sum of every site's.
+A study that splits the noise (``honest-sites`` H > 1) sends one common noise
+multiplier (``GRID_NOISE``, the largest any site's budget needs); the site refuses it
+below its own, adds 1/H of its variance, and charges its ledger the whole, as a
+marginal study's measurement does (docs/privacy.md, "Distributed noise"). The model
+updates of such a study are DP releases at the site's whole budget, in clear.
+
 Asked again in the same study (a coordinator restart), the site resends the same
-noisy counts: nothing new is learned and nothing is charged. In an encrypted study
-nothing is sent: the histograms would travel in clear.
+noisy counts: nothing new is learned and nothing is charged; a masked release only
+under the split it was made with. A CKKS study makes no grid release: the histograms
+would travel in clear.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from typing import Any
 
+import numpy as np
+
+from ..common import protocol as P
 from ..common import quantile_grid
 from ..common.encoding import TabularEncoder
+from ..common.encryption.keys import KeySetupError
+from ..common.encryption.masks import (
+    MaskError,
+    Roster,
+    load_roster,
+    mask,
+    pair_keys,
+    request_digest,
+)
 from ..common.protocol import GRID_CELL_STD, VALUES, SiteReply, Status
+from ..common.schema import Schema
 from ..common.study import SiteConfig, StudyConfig
 from .site import (
     BUDGET_EXHAUSTED,
+    MIN_SHARE_STD,
+    SPLIT_CHARGE_MARGIN,
     SiteState,
     noise_for,
     site_table,
+    split_metrics,
     status_metrics,
 )
 
@@ -34,38 +61,132 @@ log = logging.getLogger("fedsynth.site")
 
 
 def grid_reply(site: SiteConfig, study: StudyConfig, schema_fp: str,
-               state: SiteState) -> SiteReply:
-    """The site's noisy grid histograms (``arrays["values"]``), or why not."""
-    if not study.releases_grid or site.requires_encryption:
+               state: SiteState, config: dict[str, Any] | None = None) -> SiteReply:
+    """The site's noisy grid histograms (``arrays["values"]``, masked under masks), or
+    why not. ``config`` is the request's (the masks are bound to it)."""
+    config = config or {}
+    if not study.releases_grid:
         return SiteReply(Status.UNSUPPORTED_QUERY, status_metrics(site, state), problems=[
             "this site answers the quantile-grid request only in a deep generator's study "
-            "in clear with grid-share > 0 (its histograms would travel in clear)"])
+            "in clear or under masks with grid-share > 0 (under CKKS its histograms "
+            "would travel in clear)"])
+    if problem := site.aggregation_problem(study):
+        return SiteReply(Status.ENCRYPTION_REQUIRED, status_metrics(site, state),
+                         problems=[problem])
+    if study.masked and config.get(P.OP) == P.STATUS_OP:  # the budget, nothing released
+        return SiteReply(Status.BUDGET_STATED, _metrics(site, study, state))
     table = site_table(site, state, schema_fp)
     if isinstance(table, SiteReply):
         return table
     schema, data = table
+    h = study.honest_sites
     noise = (quantile_grid.grid_noise_for(site.epsilon, site.delta, study.grid_share)
              if site.dp else None)
+    if h > 1:  # every site adds 1/h of one common noise: the most private site's
+        common = _common_noise(site, config, noise)
+        if isinstance(common, str):
+            return _refused(site, study, state, common)
+        noise = common
+    split = f"{h}:{noise!r}" if study.masked else ""
+    if state.grid_counts is not None and study.masked and state.grid_split != split:
+        return _refused(site, study, state, (
+            f"this study's grid was released under the split {state.grid_split or 'in clear'}"
+            f" (H:noise), and this request asks {split}: the site resends it only as made"))
+    roster = None
+    if study.masked:  # keys first: a site that cannot mask draws and charges nothing
+        try:
+            roster = load_roster(site.name, site.key_dir, site.peer_keys)
+        except KeySetupError as exc:
+            return SiteReply(Status.NO_KEYS, _metrics(site, study, state), problems=[str(exc)])
+        if h > roster.size:
+            return _refused(site, study, state, (
+                f"honest-sites = {h} but the roster (peer-keys) holds {roster.size} sites "
+                "with this one: lower honest-sites"))
     if state.grid_counts is None:
-        if site.dp:
-            state.ledger.mechanism = study.accountant
-            if state.noise_multiplier is None:
-                try:  # the whole plan, grid included, against what earlier studies left
-                    state.noise_multiplier = noise_for(site, study, prior=state.ledger)
-                except ValueError as exc:
-                    log.warning("site %s: %s", site.name, exc)
-                    return SiteReply(BUDGET_EXHAUSTED, status_metrics(site, state))
-            after = state.ledger.copy()
-            after.record(noise, 1.0, 1)
-            if after.epsilon(site.delta) > site.epsilon * (1 + 1e-9):
-                return SiteReply(BUDGET_EXHAUSTED, status_metrics(site, state))
-        release = site.randomness(f"{study.study_id}:grid").release("grid-release")
-        state.grid_counts = quantile_grid.release(TabularEncoder(schema), data, noise, release)
-        if noise is not None:
-            state.ledger.record(noise, 1.0, 1)
-        state.grid_noise = 0.0 if noise is None else float(noise)
+        made = _release(site, study, state, schema, data, noise, h)
+        if made is not None:
+            return made
+        state.grid_split = split
     # the noise the stored release was drawn with, whatever this request's grid-share says
-    drawn = noise if state.grid_noise is None else state.grid_noise
+    drawn = state.grid_noise
     std = quantile_grid.cell_std(schema, drawn) if drawn else 0.0
-    metrics = {GRID_CELL_STD: std, **status_metrics(site, state)}
-    return SiteReply(Status.GRID_RELEASED, metrics, arrays={VALUES: state.grid_counts})
+    metrics = {GRID_CELL_STD: std, **_metrics(site, study, state)}
+    if roster is None:
+        return SiteReply(Status.GRID_RELEASED, metrics, arrays={VALUES: state.grid_counts})
+    return _masked(study, state, config, metrics, roster)
+
+
+def _release(site: SiteConfig, study: StudyConfig, state: SiteState, schema: Schema,
+             data: np.ndarray, noise: float | None, h: int) -> SiteReply | None:
+    """Draw and charge the study's one grid release (None), or why not (the reply)."""
+    added = None if noise is None else noise / math.sqrt(h)  # h = 1: the whole noise
+    sigma = None if noise is None else noise * (SPLIT_CHARGE_MARGIN if h > 1 else 1.0)
+    if added is not None and h > 1 and quantile_grid.cell_std(schema, added) < MIN_SHARE_STD:
+        return _refused(site, study, state, (
+            f"split {h} ways, the grid's noise would be "
+            f"{quantile_grid.cell_std(schema, added):.3g} per cell (std, counts), below "
+            f"{MIN_SHARE_STD:g}, where a sum of discrete Gaussians is no longer charged "
+            "exactly as one: lower honest-sites"))
+    if sigma is not None:
+        state.ledger.mechanism = study.accountant
+        if state.noise_multiplier is None:
+            try:  # the whole plan, grid included, against what earlier studies left
+                state.noise_multiplier = noise_for(site, study, prior=state.ledger)
+            except ValueError as exc:
+                log.warning("site %s: %s", site.name, exc)
+                return SiteReply(BUDGET_EXHAUSTED, status_metrics(site, state))
+        after = state.ledger.copy()
+        after.record(sigma, 1.0, 1)
+        if after.epsilon(site.delta) > site.epsilon * (1 + 1e-9):
+            return SiteReply(BUDGET_EXHAUSTED, status_metrics(site, state))
+    release = site.randomness(f"{study.study_id}:grid").release("grid-release")
+    state.grid_counts = quantile_grid.release(TabularEncoder(schema), data, added, release)
+    if sigma is not None and added is not None:
+        state.ledger.record(sigma, 1.0, 1)
+        if h > 1:
+            state.shares.append((sigma, added, 1))
+    state.grid_noise = 0.0 if added is None else float(added)
+    return None
+
+
+def _common_noise(site: SiteConfig, config: dict[str, Any], own: float | None
+                  ) -> float | str:
+    """The study's common grid noise multiplier, or why it is refused: each honest site
+    adds 1/H of the same variance, so a level below this site's own would leave its
+    patients short whatever the others add."""
+    if own is None:
+        return ("a site without DP adds no noise: it cannot take part in a study that "
+                "splits the noise")
+    try:
+        common = float(config[P.GRID_NOISE])
+    except (KeyError, TypeError, ValueError):
+        return "a split-noise grid request needs the study's common noise (grid-noise)"
+    if not (math.isfinite(common) and common >= own * (1 - 1e-9)):
+        return (f"the study's common grid noise ({common:.4g}) is below this site's own "
+                f"({own:.4g}, its budget's grid share): refused")
+    return common
+
+
+def _metrics(site: SiteConfig, study: StudyConfig, state: SiteState) -> dict[str, float]:
+    """Status metrics; under masks also the split and ``epsilon-alone``."""
+    if not study.masked:
+        return status_metrics(site, state)
+    return {**status_metrics(site, state), **split_metrics(site, state, study.honest_sites)}
+
+
+def _masked(study: StudyConfig, state: SiteState, config: dict[str, Any],
+            metrics: dict[str, float], roster: Roster) -> SiteReply:
+    """The stored release plus this site's masks, bound to this request: readable only
+    in the roster's sum. Re-masking the same stored vector is safe under any request
+    (one vector, never two, under a mask), so a resend needs no digest check."""
+    try:
+        masked = mask(np.asarray(state.grid_counts, dtype=float), roster,
+                      pair_keys(roster, study.study_id), request_digest(config, {}))
+    except MaskError as exc:
+        return SiteReply(Status.ENCRYPTION_FAILED, metrics, problems=[str(exc)])
+    return SiteReply(Status.GRID_RELEASED, metrics, arrays={P.GRID_MASKED: masked})
+
+
+def _refused(site: SiteConfig, study: StudyConfig, state: SiteState, problem: str
+             ) -> SiteReply:
+    return SiteReply(Status.REFUSED, _metrics(site, study, state), problems=[problem])

@@ -97,8 +97,11 @@ from ..common.table import TableCheckError, read_table
 from .site import (
     BUDGET_EXHAUSTED,
     INVALID_DATA,
+    MIN_SHARE_STD,
+    SPLIT_CHARGE_MARGIN,
     SiteState,
     site_schema,
+    split_metrics,
     status_metrics,
 )
 
@@ -121,18 +124,8 @@ class MeasureReply:
     masked: np.ndarray | None = None  # pairwise-masked, uint64
 
 
-#: The smallest noise std (in sensitivity units) a site adds when it splits its noise:
-#: the sum of h discrete Gaussians of std >= 1 is charged as one Gaussian exactly to
-#: 6 decimals of the Renyi divergence (benchmarks/distributed-noise), at 0.5 up to 15%
-#: under (the family is not closed under sums).
-MIN_SHARE_STD = 1.0
 #: A split-noise site's selection score is scored against its exact count: sensitivity 2.
 SPLIT_SCORE_SENSITIVITY = 2.0
-#: A split release is charged as a Gaussian of this fraction of the sum's noise: the
-#: exact Renyi divergence of a sum of 2-18 discrete Gaussian shares of std >= 1 exceeds
-#: the Gaussian's by at most 2.1e-7 (relative, orders 1.5-256; benchmarks/
-#: distributed-noise/summed_discrete_gaussian.py), and (1 - 1e-6)^-2 covers that.
-SPLIT_CHARGE_MARGIN = 1.0 - 1e-6
 
 
 _CELLS: dict[tuple[Any, ...], np.ndarray] = {}
@@ -344,9 +337,7 @@ def _metrics(site: SiteConfig, state: SiteState) -> dict[str, float]:
     """Every reply's status metrics, with the site's distributed-noise setting and its
     epsilon were all the other sites to collude with the coordinator (both public:
     functions of its trust setting and the plans)."""
-    alone = state.alone_ledger().epsilon(site.delta) if site.dp else -1.0
-    return {**status_metrics(site, state), P.HONEST_SITES: float(site.honest_sites),
-            P.EPSILON_ALONE: alone}
+    return {**status_metrics(site, state), **split_metrics(site, state, site.honest_sites)}
 
 
 def _masks(site: SiteConfig, study: StudyConfig, config: dict[str, Any],

@@ -49,7 +49,9 @@ from ..common.privacy.randomness import DPRandomness
 from ..common.protocol import (
     DELTA,
     EPSILON,
+    EPSILON_ALONE,
     EPSILON_BUDGET,
+    HONEST_SITES,
     LOSS,
     NOISE_MULTIPLIER,
     NUM_EXAMPLES,
@@ -95,6 +97,9 @@ class SiteState:
     # not one computed from the asking request's grid-share (None: a state file written
     # before this was kept)
     grid_noise: float | None = None
+    # How a masked grid release was made, "<H>:<common noise multiplier>" ("" in clear):
+    # asked again, the site resends it only under the same split (client/grid.py)
+    grid_split: str = ""
     # The noise multiplier calibrated at this study's first round against what was left
     # of the lifetime budget then; fixed for the rest of the study.
     noise_multiplier: float | None = None
@@ -143,6 +148,7 @@ class SiteState:
             "grid-counts": [] if self.grid_counts is None else [float(v) for v in self.grid_counts],
             "grid-release-made": self.grid_counts is not None,
             "grid-noise": -1.0 if self.grid_noise is None else float(self.grid_noise),
+            "grid-split": self.grid_split,
             "noise-multiplier-used": -1.0 if self.noise_multiplier is None
             else float(self.noise_multiplier),
             "rounds-trained": self.rounds_trained,
@@ -166,6 +172,7 @@ class SiteState:
                             if rec.get("grid-release-made", False) else None)
         kept = float(rec.get("grid-noise", -1.0))
         self.grid_noise = None if kept < 0 else kept
+        self.grid_split = str(rec.get("grid-split", ""))
         self.noise_multiplier = None if sigma <= 0 else sigma
         self.rounds_trained = int(rec.get("rounds-trained", 0))
         self.replay_round = int(rec.get("replay-round", 0))
@@ -370,6 +377,27 @@ def status_metrics(site: SiteConfig, state: SiteState) -> dict[str, float]:
     }
 
 
+#: The smallest noise std (per count, in the release's own units) a site adds when it
+#: splits its noise: the sum of h discrete Gaussians of std >= 1 is charged as one
+#: Gaussian exactly to 6 decimals of the Renyi divergence (benchmarks/distributed-noise),
+#: at 0.5 up to 15% under (the family is not closed under sums).
+MIN_SHARE_STD = 1.0
+#: A split release is charged as a Gaussian of this fraction of the sum's noise: the
+#: exact Renyi divergence of a sum of 2-18 discrete Gaussian shares of std >= 1 exceeds
+#: the Gaussian's by at most 2.1e-7 (relative, orders 1.5-256; benchmarks/
+#: distributed-noise/summed_discrete_gaussian.py), and (1 - 1e-6)^-2 covers that.
+SPLIT_CHARGE_MARGIN = 1.0 - 1e-6
+
+
+def split_metrics(site: SiteConfig, state: SiteState, honest_sites: int) -> dict[str, float]:
+    """The distributed-noise metrics of a reply: the split ``honest_sites`` and the
+    site's epsilon were every other site to collude with the coordinator (its ledger
+    with the noise it added itself). Both public: functions of its trust setting and
+    the plans, never of a row."""
+    alone = state.alone_ledger().epsilon(site.delta) if site.dp else -1.0
+    return {HONEST_SITES: float(honest_sites), EPSILON_ALONE: alone}
+
+
 def round_randomness(site: SiteConfig, study: StudyConfig, server_round: int) -> DPRandomness:
     """Where this round's DP draws come from: the OS CSPRNG, fresh on every call.
 
@@ -491,5 +519,7 @@ def train_site(
         STEPS: float(stats.steps),
         NOISE_MULTIPLIER: dp.noise_multiplier if dp else 0.0,
         **status_metrics(site, state),
+        # a masked study's grid may have split the noise: what the summary reports
+        **(split_metrics(site, state, study.honest_sites) if study.masked else {}),
     }
     return SiteReply(TRAINED, metrics, arrays=model.state_dict())

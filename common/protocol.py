@@ -67,10 +67,19 @@ EPSILON = "epsilon"
 DELTA = "delta"
 EPSILON_BUDGET = "epsilon-budget"
 REPRODUCIBLE_NOISE = "reproducible-noise"
-#: Every key a trained reply may hold in clear (tests pin the set).
+# distributed noise (masked sums; docs/privacy.md "Distributed noise"): the split a
+# site's releases used (the study's H; a marginal status reply: the largest the site
+# accepts, its honest-sites), the std the sum carries (what its ledger charges) and its
+# epsilon were every other site to collude with the coordinator (its ledger with the
+# noise it added itself); all public, functions of settings and plans
+HONEST_SITES = "honest-sites"
+SIGMA_CHARGED = "sigma-charged"
+EPSILON_ALONE = "epsilon-alone"
+#: Every key a trained reply may hold in clear (tests pin the set); the last two only
+#: in a masked deep study, whose quantile grid may have split the noise.
 TRAIN_METRIC_KEYS = frozenset(
     {NUM_EXAMPLES, LOSS, STEPS, NOISE_MULTIPLIER, EPSILON, DELTA, EPSILON_BUDGET,
-     REPRODUCIBLE_NOISE}
+     REPRODUCIBLE_NOISE, HONEST_SITES, EPSILON_ALONE}
 )
 #: The privacy status every reply carries, whatever its kind.
 STATUS_METRIC_KEYS = frozenset({EPSILON, DELTA, EPSILON_BUDGET, REPRODUCIBLE_NOISE})
@@ -106,6 +115,7 @@ class Status(StrEnum):
     ENCRYPTION_FAILED = "encryption-failed"
     RELEASED = "released"
     GRID_RELEASED = "grid-released"  # a site's quantile-grid histograms (query.grid)
+    BUDGET_STATED = "budget-stated"  # a status reply: the budget only, nothing released
     ALREADY_RELEASED = "already-released"
     UNSUPPORTED_QUERY = "unsupported-query"
     # federated validation
@@ -275,7 +285,7 @@ MARGINAL_ACTION = "marginal"
 MARGINAL_MESSAGE = f"query.{MARGINAL_ACTION}"
 
 # config keys of a marginal message
-OP = "marginal-op"  # MEASURE_OP | SCORE_OP | DECRYPT_OP | STATUS_OP
+OP = "marginal-op"  # MEASURE_OP | SCORE_OP | DECRYPT_OP | STATUS_OP (also query.grid's)
 RELEASE_KIND = "marginal-kind"  # plan.FINE|ONE_WAY|CODES|PAIRS|LINKS|MEASURE: what is charged
 CLIQUES = "marginal-cliques"  # JSON list of attribute-name lists
 PLAN = "marginal-plan"  # JSON of MarginalPlan: each site calibrates its own noise from it
@@ -312,13 +322,6 @@ SIGMA_ONE_WAY = "sigma-one-way"
 SIGMA_SCORE = "sigma-score"
 SIGMA_MEASURE = "sigma-measure"
 SIGMA_RELEASED = "sigma"  # the noise std of this reply's vector (what the site added)
-# distributed noise, in every marginal reply: the split its release used (the study's
-# H; a status reply: the largest the site accepts, its honest-sites), the std the sum
-# carries (what its ledger charges) and its epsilon were every other site to collude
-# with the coordinator (its ledger with the noise it added itself); all public
-HONEST_SITES = "honest-sites"
-SIGMA_CHARGED = "sigma-charged"
-EPSILON_ALONE = "epsilon-alone"
 #: Every metric a marginal reply may hold in clear (tests pin the set): all public.
 MARGINAL_METRIC_KEYS = STATUS_METRIC_KEYS | {SIGMA_ONE_WAY, SIGMA_SCORE, SIGMA_MEASURE,
                                              SIGMA_RELEASED, HONEST_SITES, SIGMA_CHARGED,
@@ -331,12 +334,20 @@ MARGINAL_METRIC_KEYS = STATUS_METRIC_KEYS | {SIGMA_ONE_WAY, SIGMA_SCORE, SIGMA_M
 # study's run config and the ``schema-fingerprint``. The site's reply: ``site`` and
 # ``metrics`` as in every reply, plus ``GRID_CELL_STD`` (the std of its noise per
 # cell, 0 without DP) and the noisy counts (the ``arrays`` record, key ``values``: every
-# numeric column's cells in schema order), in clear: encrypted studies make no grid
-# release (docs/privacy.md).
+# numeric column's cells in schema order), in clear. CKKS studies make no grid release
+# (docs/privacy.md). Under secure-aggregation = "masks" the counts travel masked
+# (key ``GRID_MASKED``, uint64, common/encryption/masks.py) and the reply's metrics
+# add ``HONEST_SITES``, ``SIGMA_CHARGED`` and ``EPSILON_ALONE``; a split (honest-sites
+# H > 1) is preceded by one status request (``OP`` = ``STATUS_OP``: the budgets), and
+# each grid request then carries ``GRID_NOISE``.
 
 GRID_ACTION = "grid"
 GRID_MESSAGE = f"query.{GRID_ACTION}"
-GRID_CELL_STD = "grid-cell-std"
+GRID_CELL_STD = "grid-cell-std"  # the std of the noise this site added, per cell
+GRID_MASKED = "masked-values"
+# distributed noise: the common noise multiplier of the grid release (the largest any
+# site's budget needs, quantile_grid.grid_noise_for); each site adds 1/H of its variance
+GRID_NOISE = "grid-noise"
 
 
 # ---------------------------------------------------------------- on the wire

@@ -190,10 +190,12 @@ class StudyConfig:
                             "sample-rate or lower local-epochs)")
         if self.secure_aggregation not in SECURE_AGGREGATION:
             problems.append(f"secure-aggregation must be one of {', '.join(SECURE_AGGREGATION)}")
-        elif self.secure_aggregation == "masks" and self.generator != "marginal":
-            problems.append("secure-aggregation = 'masks' sums a marginal study's counts "
-                            "(generator = 'marginal'); a training study's models are "
-                            "summed under 'ckks'")
+        elif (self.secure_aggregation == "masks" and self.generator != "marginal"
+              and self.grid_share <= 0):
+            problems.append("secure-aggregation = 'masks' sums count releases: a marginal "
+                            "study's, or a deep generator's quantile grid (grid-share > 0). "
+                            "With grid-share = 0 nothing would be masked: set grid-share, "
+                            "or sum the models under 'ckks'")
         if not _is_count(self.honest_sites):
             problems.append("honest-sites must be a whole number >= 1")
         elif self.honest_sites > 1 and self.secure_aggregation != "masks":
@@ -235,8 +237,9 @@ class StudyConfig:
     @property
     def releases_grid(self) -> bool:
         """Whether the sites release a quantile-grid histogram before training: a deep
-        generator's study in clear with ``grid-share`` > 0 (the marginal one measures
-        its own; an encrypted study keeps the public-bounds encoding, docs/privacy.md)."""
+        generator's study in clear or under masks with ``grid-share`` > 0 (the marginal
+        one measures its own; a CKKS study keeps the public-bounds encoding,
+        docs/privacy.md)."""
         return (self.grid_share > 0 and self.generator != "marginal"
                 and self.secure_aggregation != "ckks")
 
@@ -247,8 +250,14 @@ class StudyConfig:
 
     @property
     def masked(self) -> bool:
-        """Whether the sites' vectors are pairwise-masked (a marginal study's sums)."""
+        """Whether the sites' count vectors are pairwise-masked: a marginal study's sums,
+        or a deep study's quantile grid (its model updates then travel in clear)."""
         return self.secure_aggregation == "masks"
+
+    @property
+    def trains(self) -> bool:
+        """Whether the sites train a deep generator (model updates), not measure counts."""
+        return self.generator != "marginal"
 
     def to_flat(self) -> dict[str, Any]:
         """Kebab-case scalars for a Flower ConfigRecord / run config."""
@@ -368,7 +377,9 @@ class SiteConfig:
             return False
         if not self.requires_encryption:
             return True
-        return study.encrypted or (study.masked and bool(self.peer_keys))
+        if study.masked:  # a CKKS context asks for hidden updates: a masked deep study
+            return bool(self.peer_keys) and not (study.trains and self.wrapped_context)
+        return study.encrypted
 
     def aggregation_problem(self, study: StudyConfig) -> str:
         """Why this site answers nothing in ``study`` ('' if it may answer): the site's
@@ -380,8 +391,13 @@ class SiteConfig:
                     f"trusts at most {self.honest_sites} sites not to collude with the "
                     "coordinator (its honest-sites): run the study with honest-sites = "
                     f"{self.honest_sites} or fewer")
+        if study.masked and study.trains and self.peer_keys and self.wrapped_context:
+            return ("this site holds a CKKS context, so its model updates travel only "
+                    "encrypted, and a masked deep study sends them in clear (masks hide its "
+                    "quantile grid only): run the study with secure-aggregation = 'ckks'")
         kinds = [k for k, on in (("'ckks'", self.key_dir and self.wrapped_context),
-                                 ("'masks' (marginal studies)", self.peer_keys)) if on]
+                                 ("'masks' (marginal studies, deep studies' quantile grid)",
+                                  self.peer_keys)) if on]
         return ("this site is set up for secure aggregation (its node config names its "
                 "keys) and sends nothing in clear; run the study with secure-aggregation = "
                 + " or ".join(kinds or ["'ckks'"]))

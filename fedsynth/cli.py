@@ -138,8 +138,9 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--secure-aggregation", choices=list(SECURE_AGGREGATION),
                    default=d.secure_aggregation,
                    help="ckks: sites send CKKS-encrypted updates the coordinator can only add; "
-                   "masks (marginal generator): pairwise-masked counts only their sum "
-                   "unmasks (keys are set up in OUT/keys; see docs/encryption.md)")
+                   "masks: pairwise-masked counts only their sum unmasks (the marginal "
+                   "generator's measurements, a deep generator's quantile grid; its model "
+                   "updates stay in clear); keys are set up in OUT/keys, docs/encryption.md")
     p.add_argument("--honest-sites", type=int, default=1,
                    help="with --secure-aggregation masks: each site trusts this many sites "
                    "(itself included) not to collude with the coordinator and adds 1/N of "
@@ -285,9 +286,10 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only", default="",
                    help="comma-separated setting keys to run (e.g. tvae/federated/eps3)")
     p.add_argument("--honest-sites", default="",
-                   help="also run the marginal generator under masked sums with distributed "
-                   "noise, each site trusting this many sites (comma-separated, 'all' for "
-                   "every site; docs/privacy.md, 'Distributed noise')")
+                   help="also run each generator federated under masked sums with "
+                   "distributed noise (the marginal generator's counts, a deep one's "
+                   "quantile grid), each site trusting this many sites (comma-separated, "
+                   "'all' for every site; docs/privacy.md, 'Distributed noise')")
     p.add_argument("--keep-work", action="store_true",
                    help="keep OUT/work (site files with real rows, models) for inspection")
     p.add_argument("--reproducible-noise", action="store_true",

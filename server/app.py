@@ -299,6 +299,8 @@ def publish(
     }
     if secure_summary is not None:
         summary["secure_aggregation"] = secure_summary
+    elif study.masked:
+        summary["secure_aggregation"] = masked_summary(history)
     if study.federated_validation:
         summary["federated_validation"] = validate_at_sites(grid, study, schema, out, model, n)
     (out / SUMMARY).write_text(json.dumps(summary, indent=1, default=_json_default))
@@ -429,6 +431,20 @@ def release_label(history: list[RoundLog]) -> str:
                 "its honest-sites (itself included) do not collude with the coordinator; "
                 f"sites {', '.join(trusting)} split their noise (summary: epsilon_alone)")
     return "DP release: post-processing of every site's DP training"
+
+
+def masked_summary(history: list[RoundLog]) -> dict[str, Any]:
+    """A masked deep study's aggregation: its quantile grid was summed under masks (and
+    split ``honest_sites`` ways), its model updates travelled in clear. Each site's
+    split and its epsilon should every other site collude with the coordinator, from
+    its last trained reply (docs/privacy.md, "Distributed noise")."""
+    last = {s.site: s for r in history for s in r.sites if s.status == Status.TRAINED}
+    return {
+        "scheme": "masks",
+        "masked": "quantile-grid release (model updates in clear)",
+        "honest_sites": {n: s.honest_sites for n, s in sorted(last.items())},
+        "epsilon_alone": {n: s.epsilon_alone for n, s in sorted(last.items())},
+    }
 
 
 def final_site_privacy(history: list[RoundLog]) -> dict[str, dict[str, Any]]:

@@ -25,15 +25,21 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from ..common import quantile_grid
+from ..common.encryption.masks import MaskError, unmask_sum
 from ..common.generators import Generator
 from ..common.generators.base import GRID_PARAM, HEAPS_PARAM
 from ..common.protocol import (
     CONFIG,
+    DELTA,
     EPSILON,
     EPSILON_BUDGET,
     GRID_CELL_STD,
+    GRID_MASKED,
     GRID_MESSAGE,
+    GRID_NOISE,
+    OP,
     SCHEMA_FINGERPRINT,
+    STATUS_OP,
     VALUES,
     SiteReply,
     Status,
@@ -78,15 +84,22 @@ def combine(schema: Schema, replies: list[SiteReply]) -> dict[str, dict]:
             HEAPS_PARAM: quantile_grid.heaps_from_counts(schema, summed, total_std)}
 
 
+def _ask(grid: Grid, study: StudyConfig, config: dict, nodes: list[int]) -> list[Message]:
+    messages = [Message(RecordDict({CONFIG: ConfigRecord(config)}), dst_node_id=node,
+                        message_type=GRID_MESSAGE) for node in nodes]
+    return list(grid.send_and_receive(messages, timeout=study.round_timeout))
+
+
 def ask_sites(grid: Grid, study: StudyConfig, schema: Schema) -> dict[str, dict]:
     """One grid request per site; the grid and heaps from the accepted releases."""
     config = {**study.to_flat(), SCHEMA_FINGERPRINT: schema_fingerprint(schema)}
-    messages = [Message(RecordDict({CONFIG: ConfigRecord(config)}), dst_node_id=node,
-                        message_type=GRID_MESSAGE) for node in _nodes(grid, study)]
+    nodes = _nodes(grid, study)
+    if study.masked:
+        return masked_grid(grid, study, schema, config, nodes)
     cells = quantile_grid.release_cells(schema)
     good: list[SiteReply] = []
     refused: list[str] = []
-    for msg in grid.send_and_receive(messages, timeout=study.round_timeout):
+    for msg in _ask(grid, study, config, nodes):
         if msg.has_error():
             refused.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}"[:300])
             continue
@@ -103,6 +116,87 @@ def ask_sites(grid: Grid, study: StudyConfig, schema: Schema) -> dict[str, dict]
             "run the study with grid-share = 0 (public-bounds encoding)")
     stream.info("quantile grid from %d sites' releases (%d refused)", len(good), len(refused))
     return combine(schema, good)
+
+
+def common_grid_noise(grid: Grid, study: StudyConfig, config: dict, nodes: list[int]
+                      ) -> float:
+    """A split study's common grid noise multiplier: the largest any site's budget needs
+    (``grid_noise_for`` at its stated budget), from one status request that releases
+    nothing. Every site must state a budget: one without DP cannot split."""
+    need: list[float] = []
+    missing: list[str] = []
+    for msg in _ask(grid, study, {**config, OP: STATUS_OP}, nodes):
+        if msg.has_error():
+            missing.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}"[:300])
+            continue
+        name, reply = SiteReply.from_content(msg.content)
+        budget, delta = reply.metrics.get(EPSILON_BUDGET, -1.0), reply.metrics.get(DELTA, 0.0)
+        if reply.status != Status.BUDGET_STATED or not (budget > 0 and 0 < delta < 1):
+            missing.append(f"{name}: {'; '.join(reply.problems) or reply.status}")
+            continue
+        need.append(quantile_grid.grid_noise_for(budget, delta, study.grid_share))
+    if missing or len(need) < len(nodes):
+        raise ConfigError(
+            f"a split-noise grid (honest-sites = {study.honest_sites}) needs every site's "
+            f"budget, and {len(nodes) - len(need)} of {len(nodes)} stated none: "
+            f"{'; '.join(missing) or 'no reply'}. Fix those sites, or lower honest-sites "
+            "to 1")
+    return max(need)
+
+
+def masked_grid(grid: Grid, study: StudyConfig, schema: Schema, config: dict,
+                nodes: list[int]) -> dict[str, dict]:
+    """The grid from the sum of every site's masked release (``masks.unmask_sum``): no
+    single site's histograms are ever readable here. The masks cancel only when every
+    site asked answered the same request, so one refusal fails the step, naming why."""
+    if study.honest_sites > 1:
+        config = {**config, GRID_NOISE: common_grid_noise(grid, study, config, nodes)}
+    cells = quantile_grid.release_cells(schema)
+    vectors: list[np.ndarray] = []
+    stds: list[float] = []
+    refused: list[str] = []
+    for msg in _ask(grid, study, config, nodes):
+        if msg.has_error():
+            refused.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}"[:300])
+            continue
+        name, reply = SiteReply.from_content(msg.content)
+        why = masked_problem(reply, cells)
+        if why:
+            refused.append(f"{name or msg.metadata.src_node_id}: {why}")
+            continue
+        vectors.append(np.asarray(reply.arrays[GRID_MASKED]))  # type: ignore[index]
+        stds.append(float(reply.metrics[GRID_CELL_STD]))
+    if refused or len(vectors) < len(nodes):
+        raise ConfigError(
+            f"the masked quantile-grid release needs every site's vector, and "
+            f"{len(nodes) - len(vectors)} of {len(nodes)} sent none (the others stay "
+            f"masked): {'; '.join(refused) or 'no reply'}. Fix those sites, or run the "
+            "study with grid-share = 0 (public-bounds encoding)")
+    try:
+        summed = unmask_sum(vectors)
+    except MaskError as exc:
+        raise ConfigError(f"the masked quantile-grid release: {exc}") from None
+    total_std = math.sqrt(sum(s * s for s in stds))
+    stream.info("quantile grid from the masked sum of %d sites' releases (split %d ways)",
+                len(vectors), study.honest_sites)
+    return {GRID_PARAM: quantile_grid.grid_from_counts(schema, summed, total_std),
+            HEAPS_PARAM: quantile_grid.heaps_from_counts(schema, summed, total_std)}
+
+
+def masked_problem(reply: SiteReply, cells: int) -> str:
+    """Why a masked grid reply cannot enter the sum ('' when it can)."""
+    if reply.status != Status.GRID_RELEASED:
+        return "; ".join(reply.problems) or reply.status
+    values = (reply.arrays or {}).get(GRID_MASKED)
+    if values is None or values.dtype != np.uint64 or values.shape != (cells,):
+        return f"no masked vector of {cells} uint64 cells"
+    std = reply.metrics.get(GRID_CELL_STD, -1.0)
+    if not (math.isfinite(std) and std >= 0):
+        return "no valid noise level"
+    budget = reply.metrics.get(EPSILON_BUDGET, -1.0)
+    if budget > 0 and reply.metrics.get(EPSILON, 0.0) > budget * (1 + 1e-6):
+        return "reported epsilon passes its budget"
+    return ""
 
 
 def with_grid(grid: Grid, study: StudyConfig, schema: Schema, ckpt: Path) -> StudyConfig:

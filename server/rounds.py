@@ -29,6 +29,9 @@ class SiteRound:
     # The site added 1/h of its noise (distributed noise, masked sums): its epsilon
     # holds while h sites, itself included, do not collude with the coordinator.
     honest_sites: int = 1
+    # Its epsilon were every other site to collude with the coordinator (a masked
+    # study's releases with split noise; None: no split, the epsilon above).
+    epsilon_alone: float | None = None
 
 
 @dataclass

@@ -31,7 +31,9 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 from ..common.protocol import (
     DELTA,
     EPSILON,
+    EPSILON_ALONE,
     EPSILON_BUDGET,
+    HONEST_SITES,
     LOSS,
     METRICS,
     NUM_EXAMPLES,
@@ -201,6 +203,8 @@ class SiteAware:
             budget=_number(metrics.get(EPSILON_BUDGET)),
             delta=_number(metrics.get(DELTA)),
             reproducible_noise=bool(metrics.get(REPRODUCIBLE_NOISE, 0.0)),
+            honest_sites=int(metrics.get(HONEST_SITES, 1.0)),
+            epsilon_alone=_number(metrics.get(EPSILON_ALONE)),
         )
         if reply.status != Status.TRAINED:
             log.warning("round %d: site %s did not train (%s)%s", round_no, name, reply.status,

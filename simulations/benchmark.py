@@ -156,8 +156,9 @@ class BenchmarkOptions:
     # True: all of them derive from the seed (DPRandomness.reproducible), the run repeats
     # byte for byte, and nothing it produces is a DP release (results.md says so).
     reproducible_noise: bool = False
-    # Marginal studies under masked sums, one federated DP setting per epsilon and h in
-    # this list (0: as many as the study's sites); empty: none
+    # Studies under masked sums (a marginal study's counts, a deep one's quantile grid),
+    # one federated DP setting per generator, epsilon and h in this list (0: as many as
+    # the study's sites); empty: none
     honest_sites: tuple[int, ...] = ()
 
     @classmethod
@@ -211,11 +212,11 @@ def plan_settings(opts: BenchmarkOptions, site_names: list[str],
             settings.append(Setting("federated", g, secure=secure))
             for eps in opts.epsilons:
                 settings.append(Setting("federated", g, dp=True, epsilon=eps, secure=secure))
-        if g == "marginal":
-            for h in dict.fromkeys(h or len(site_names) for h in opts.honest_sites):
-                for eps in opts.epsilons:
-                    settings.append(Setting("federated", g, dp=True, epsilon=eps,
-                                            honest_sites=min(h, len(site_names))))
+        # masks sum the marginal generator's counts, a deep generator's quantile grid
+        for h in dict.fromkeys(h or len(site_names) for h in opts.honest_sites):
+            for eps in opts.epsilons:
+                settings.append(Setting("federated", g, dp=True, epsilon=eps,
+                                        honest_sites=min(h, len(site_names))))
     settings += [Setting("baseline", b) for b in opts.baselines]
     if opts.only:
         unknown = sorted(set(opts.only) - {s.key for s in settings})
