@@ -160,7 +160,7 @@ def _common_noise(site: SiteConfig, config: dict[str, Any], own: float | None
     try:
         common = float(config[P.GRID_NOISE])
     except (KeyError, TypeError, ValueError):
-        return "a split-noise grid request needs the study's common noise (grid-noise)"
+        return "a split-noise grid request needs the study's common noise (grid-common-noise)"
     if not (math.isfinite(common) and common >= own * (1 - 1e-9)):
         return (f"the study's common grid noise ({common:.4g}) is below this site's own "
                 f"({own:.4g}, its budget's grid share): refused")

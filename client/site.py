@@ -512,14 +512,12 @@ def train_site(
         loss = stats.mean_loss if dp is None else math.nan
     state.rounds_trained += 1
     count = float(state.noisy_count) if dp is not None else float(len(data))
-    # No timing: a round's seconds grow with the row count, and are not charged.
-    metrics = {
+    metrics = {  # no timing: a round's seconds grow with the row count, uncharged
         NUM_EXAMPLES: count,
         LOSS: float(loss) if math.isfinite(loss) else -1.0,
         STEPS: float(stats.steps),
         NOISE_MULTIPLIER: dp.noise_multiplier if dp else 0.0,
         **status_metrics(site, state),
-        # a masked study's grid may have split the noise: what the summary reports
-        **(split_metrics(site, state, study.honest_sites) if study.masked else {}),
+        **(split_metrics(site, state, study.honest_sites) if study.masked else {}),  # grid
     }
     return SiteReply(TRAINED, metrics, arrays=model.state_dict())

@@ -347,7 +347,7 @@ GRID_CELL_STD = "grid-cell-std"  # the std of the noise this site added, per cel
 GRID_MASKED = "masked-values"
 # distributed noise: the common noise multiplier of the grid release (the largest any
 # site's budget needs, quantile_grid.grid_noise_for); each site adds 1/H of its variance
-GRID_NOISE = "grid-noise"
+GRID_NOISE = "grid-common-noise"
 
 
 # ---------------------------------------------------------------- on the wire

@@ -143,13 +143,13 @@ def test_a_roster_refuses_its_own_key_a_duplicate_and_an_empty_folder(tmp_path):
 # ------------------------------------------------------------------- configuration
 
 
-def test_splitting_noise_needs_a_masked_marginal_study(tmp_path):
+def test_splitting_noise_needs_a_masked_study(tmp_path):
     with pytest.raises(ConfigError, match="private only inside a masked sum"):
         SiteConfig(name="a", data_path="x", schema_path="y", honest_sites=2)
     with pytest.raises(ConfigError, match="whole number >= 1"):
         SiteConfig(name="a", data_path="x", schema_path="y", honest_sites=0)
-    with pytest.raises(ConfigError, match="'masks' sums a marginal study"):
-        StudyConfig(generator="tvae", secure_aggregation="masks")
+    with pytest.raises(ConfigError, match="'masks' sums count releases"):
+        StudyConfig(generator="tvae", secure_aggregation="masks", grid_share=0.0)
     with pytest.raises(ConfigError, match="private only inside a masked sum"):
         StudyConfig(generator="marginal", honest_sites=2)
     site = SiteConfig(name="a", data_path="x", schema_path="y", key_dir="k", peer_keys="p",
@@ -349,9 +349,10 @@ def test_preflight_checks_a_masked_sum_site_and_prints_the_fingerprints(tmp_path
         assert any(why in p for p in report.problems), report.problems
 
 
-def test_the_benchmark_runs_masked_marginal_settings_only_when_asked():
-    """``--honest-sites`` adds a masked setting per epsilon and h for the marginal
-    generator only ('all' = every site); without it the settings are unchanged."""
+def test_the_benchmark_runs_masked_settings_only_when_asked():
+    """``--honest-sites`` adds a masked setting per generator, epsilon and h (the
+    marginal generator's counts, a deep one's quantile grid; 'all' = every site);
+    without it the settings are unchanged."""
     from fedsynth.simulations.benchmark import BenchmarkOptions, plan_settings
     from fedsynth.simulations.benchmark_cli import _honest
 
@@ -363,8 +364,8 @@ def test_the_benchmark_runs_masked_marginal_settings_only_when_asked():
                                             epsilons=(1.0, 3.0), honest_sites=_honest("2,all")),
                            names)
     extra = [s.key for s in masked if s.honest_sites]
-    assert extra == ["marginal/federated/eps1/masks-h2", "marginal/federated/eps3/masks-h2",
-                     "marginal/federated/eps1/masks-h4", "marginal/federated/eps3/masks-h4"]
+    assert extra == [f"{g}/federated/eps{e}/masks-h{h}" for g in ("marginal", "tvae")
+                     for h in (2, 4) for e in (1, 3)]
     with pytest.raises(ConfigError, match="whole numbers >= 1"):
         _honest("0")
 
