@@ -562,7 +562,9 @@ def run_simulation_study(
             "coordinator holds no key); "
             + (f"each site adds 1/{h} of the common noise, trusting {h} of the "
                f"{len(sites)} sites not to collude" if h > 1
-               else "each site adds its whole noise"))
+               else "each site adds its whole noise")
+            + ("; masks hide the quantile grid, the model updates travel in clear (DP "
+               "releases at each site's whole budget)" if study.trains else ""))
     console.print(
         # no exact row counts on the console: they are statistics of the sites' private rows
         f"[bold]fedsynth[/bold] study on {data.label}: {len(sites)} sites, "
