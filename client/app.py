@@ -423,8 +423,9 @@ def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
         config = dict(msg.content[CONFIG])
         study = StudyConfig.from_flat(config)
         state = _load_state(context, site, study)
+        ckks = dict(msg.content[CKKS]) if CKKS in msg.content else {}
         reply = grid_reply(site, study, str(config.get(SCHEMA_FINGERPRINT, "")), state,
-                           config)
+                           config, ckks)
         _save_state(context, site, study, state)
         return Message(reply_content(site, reply), reply_to=msg)
 

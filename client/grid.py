@@ -19,8 +19,9 @@ updates of such a study are DP releases at the site's whole budget, in clear.
 
 Asked again in the same study (a coordinator restart), the site resends the same
 noisy counts: nothing new is learned and nothing is charged; a masked release only
-under the split it was made with. A CKKS study makes no grid release: the histograms
-would travel in clear.
+under the split it was made with. Under CKKS the site sends its histograms encrypted,
+and one site decrypts the coordinator's sum of them, flooded, once per study (as an
+encrypted study's final model).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import numpy as np
 from ..common import protocol as P
 from ..common import quantile_grid
 from ..common.encoding import TabularEncoder
-from ..common.encryption.keys import KeySetupError
+from ..common.encryption import EncryptedUpdateError, EncryptionContextError, KeySetupError
 from ..common.encryption.masks import (
     MaskError,
     Roster,
@@ -61,20 +62,31 @@ log = logging.getLogger("fedsynth.site")
 
 
 def grid_reply(site: SiteConfig, study: StudyConfig, schema_fp: str,
-               state: SiteState, config: dict[str, Any] | None = None) -> SiteReply:
-    """The site's noisy grid histograms (``arrays["values"]``, masked under masks), or
-    why not. ``config`` is the request's (the masks are bound to it)."""
+               state: SiteState, config: dict[str, Any] | None = None,
+               ckks: dict[str, Any] | None = None) -> SiteReply:
+    """The site's noisy grid histograms (``arrays["values"]``; masked under masks,
+    ciphertexts under CKKS), or why not; under CKKS also the decryption of their sum.
+    ``config`` is the request's (the masks are bound to it), ``ckks`` the summed
+    ciphertexts a decrypt request carries."""
     config = config or {}
     if not study.releases_grid:
         return SiteReply(Status.UNSUPPORTED_QUERY, status_metrics(site, state), problems=[
             "this site answers the quantile-grid request only in a deep generator's study "
-            "in clear or under masks with grid-share > 0 (under CKKS its histograms "
-            "would travel in clear)"])
+            "with grid-share > 0"])
     if problem := site.aggregation_problem(study):
         return SiteReply(Status.ENCRYPTION_REQUIRED, status_metrics(site, state),
                          problems=[problem])
     if study.masked and config.get(P.OP) == P.STATUS_OP:  # the budget, nothing released
         return SiteReply(Status.BUDGET_STATED, _metrics(site, study, state))
+    if study.encrypted:
+        if config.get(P.OP) == P.DECRYPT_OP:
+            return _decrypt(site, study, state, ckks or {})
+        from .secure import site_context
+
+        try:  # keys first: a site that cannot encrypt draws and charges nothing
+            site_context(site, study.study_id)
+        except (KeySetupError, EncryptionContextError) as exc:
+            return SiteReply(Status.NO_KEYS, status_metrics(site, state), problems=[str(exc)])
     table = site_table(site, state, schema_fp)
     if isinstance(table, SiteReply):
         return table
@@ -111,9 +123,39 @@ def grid_reply(site: SiteConfig, study: StudyConfig, schema_fp: str,
     drawn = state.grid_noise
     std = quantile_grid.cell_std(schema, drawn) if drawn else 0.0
     metrics = {GRID_CELL_STD: std, **_metrics(site, study, state)}
-    if roster is None:
-        return SiteReply(Status.GRID_RELEASED, metrics, arrays={VALUES: state.grid_counts})
-    return _masked(study, state, config, metrics, roster)
+    if roster is not None:
+        return _masked(study, state, config, metrics, roster)
+    if study.encrypted:
+        from .secure import encrypt_counts
+
+        try:
+            chunks, layout = encrypt_counts(site, study, np.asarray(state.grid_counts))
+        except (KeySetupError, EncryptionContextError) as exc:
+            return SiteReply(Status.NO_KEYS, metrics, problems=[str(exc)])
+        return SiteReply(Status.GRID_RELEASED, metrics, chunks=chunks, layout=layout)
+    return SiteReply(Status.GRID_RELEASED, metrics, arrays={VALUES: state.grid_counts})
+
+
+def _decrypt(site: SiteConfig, study: StudyConfig, state: SiteState, ckks: dict[str, Any]
+             ) -> SiteReply:
+    """Decrypt the coordinator's sum of the sites' grid ciphertexts, flooded, once per
+    study (asked again, fresh flooding could be averaged away). Post-processing of the
+    sites' DP releases: nothing is charged. A coordinator that hands one site's
+    ciphertext for a sum gets that site's DP release, as under CKKS anywhere
+    (docs/privacy.md)."""
+    if state.grid_decrypted:
+        return SiteReply(Status.ALREADY_RELEASED, status_metrics(site, state), problems=[
+            "this site decrypted this study's grid sum once already"])
+    from .secure import decrypt_counts
+
+    try:
+        flooded = decrypt_counts(site, study, list(ckks[P.CHUNKS]), str(ckks[P.LAYOUT]))
+    except (KeySetupError, EncryptionContextError, EncryptedUpdateError, KeyError,
+            ValueError) as exc:
+        return SiteReply(Status.REFUSED, status_metrics(site, state),
+                         problems=[f"refused to decrypt: {exc}"])
+    state.grid_decrypted = True
+    return SiteReply(Status.RELEASED, status_metrics(site, state), arrays={VALUES: flooded})
 
 
 def _release(site: SiteConfig, study: StudyConfig, state: SiteState, schema: Schema,

@@ -47,10 +47,6 @@ from ..common.encryption import (
     EncryptedUpdateError,
     EncryptionContextError,
     KeySetupError,
-    StateLayout,
-    decrypt_state,
-    encrypt_state,
-    flood_for_release,
 )
 from ..common.encryption.masks import (
     MaskError,
@@ -485,35 +481,27 @@ def _wrap(site: SiteConfig, study: StudyConfig, metrics: dict[str, float],
     """The released vector: in clear, or encrypted under the study's CKKS key."""
     if not study.encrypted:
         return MeasureReply(SiteReply(MEASURED, metrics), values=values)
-    from .secure import site_context
+    from .secure import encrypt_counts
 
     try:
-        ctx = site_context(site, study.study_id)
+        chunks, layout_json = encrypt_counts(site, study, values)
     except (KeySetupError, EncryptionContextError) as exc:
         return MeasureReply(SiteReply(P.Status.NO_KEYS, metrics, problems=[str(exc)]))
-    layout = StateLayout.from_state({P.VALUES: values})
-    update = encrypt_state(ctx, {P.VALUES: values}, 1.0 / study.count_bound, layout=layout)
-    return MeasureReply(SiteReply(MEASURED, metrics), chunks=list(update.chunks),
-                        layout_json=layout.to_json())
+    return MeasureReply(SiteReply(MEASURED, metrics), chunks=chunks, layout_json=layout_json)
 
 
 def _decrypt(site: SiteConfig, study: StudyConfig, ckks: dict[str, Any], state: SiteState
              ) -> MeasureReply:
     """Decrypt a sum of noisy vectors (DP post-processing: nothing is charged)."""
-    from .secure import site_context
+    from .secure import decrypt_counts
 
     try:
-        ctx = site_context(site, study.study_id)
-        layout = StateLayout.from_json(str(ckks[P.LAYOUT]))
-        summed = decrypt_state(ctx, list(ckks[P.CHUNKS]), layout)
+        flooded = decrypt_counts(site, study, list(ckks[P.CHUNKS]), str(ckks[P.LAYOUT]))
     except (KeySetupError, EncryptionContextError, EncryptedUpdateError, KeyError,
             ValueError) as exc:
         return MeasureReply(SiteReply(REFUSED, status_metrics(site, state),
                                       problems=[f"refused to decrypt: {exc}"]))
-    # flooded, as the final release of an encrypted training study (client/secure.py)
-    flooded = flood_for_release({P.VALUES: summed[P.VALUES] * study.count_bound})
-    return MeasureReply(SiteReply(MEASURED, status_metrics(site, state)),
-                        values=flooded[P.VALUES])
+    return MeasureReply(SiteReply(MEASURED, status_metrics(site, state)), values=flooded)
 
 
 def measure_reply(site: SiteConfig, study: StudyConfig, content: Any, state: SiteState) -> Any:

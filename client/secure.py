@@ -50,7 +50,9 @@ from ..common.encryption import (
     KeySetupError,
     StateLayout,
     check_ciphertexts,
+    decrypt_state,
     decrypt_weighted_mean,
+    encrypt_state,
     encrypt_weighted_update,
     flood_for_release,
     unwrap_secret_context,
@@ -60,6 +62,7 @@ from ..common.protocol import (
     CKKS,
     ENCRYPTED_WEIGHT,
     NUM_EXAMPLES,
+    VALUES,
     Status,
 )
 from ..common.schema import Schema
@@ -130,6 +133,29 @@ def site_context(site: SiteConfig, study_id: str) -> ts.Context:
         _CONTEXTS.clear()  # one study per site process at a time; drop stale keys
         _CONTEXTS[key] = ctx
     return _CONTEXTS[key]
+
+
+def encrypt_counts(site: SiteConfig, study: StudyConfig, values: np.ndarray
+                   ) -> tuple[list[bytes], str]:
+    """A noisy count vector (a marginal study's release, a deep study's quantile grid)
+    encrypted under the study's CKKS key, scaled by 1 / count-bound to keep CKKS's
+    values small; its ciphertexts and layout. Raises ``KeySetupError`` /
+    ``EncryptionContextError`` when the site's keys do not open the context."""
+    ctx = site_context(site, study.study_id)
+    layout = StateLayout.from_state({VALUES: values})
+    update = encrypt_state(ctx, {VALUES: values}, 1.0 / study.count_bound, layout=layout)
+    return list(update.chunks), layout.to_json()
+
+
+def decrypt_counts(site: SiteConfig, study: StudyConfig, chunks: Sequence[bytes],
+                   layout_json: str) -> np.ndarray:
+    """A sum of encrypted count vectors, decrypted and flooded, as the final release of
+    an encrypted training study: the exact decryption next to the ciphertexts the
+    coordinator holds would give away the key. DP post-processing: nothing is charged.
+    Raises on keys that do not open, or ciphertexts that are not the layout's."""
+    ctx = site_context(site, study.study_id)
+    summed = decrypt_state(ctx, list(chunks), StateLayout.from_json(layout_json))
+    return flood_for_release({VALUES: summed[VALUES] * study.count_bound})[VALUES]
 
 
 def _mtime(path: str) -> float:

@@ -100,6 +100,9 @@ class SiteState:
     # How a masked grid release was made, "<H>:<common noise multiplier>" ("" in clear):
     # asked again, the site resends it only under the same split (client/grid.py)
     grid_split: str = ""
+    # Whether this site decrypted a CKKS study's summed grid: once per study, as the
+    # final model (fresh flooding each time could be averaged away)
+    grid_decrypted: bool = False
     # The noise multiplier calibrated at this study's first round against what was left
     # of the lifetime budget then; fixed for the rest of the study.
     noise_multiplier: float | None = None
@@ -149,6 +152,7 @@ class SiteState:
             "grid-release-made": self.grid_counts is not None,
             "grid-noise": -1.0 if self.grid_noise is None else float(self.grid_noise),
             "grid-split": self.grid_split,
+            "grid-decrypted": self.grid_decrypted,
             "noise-multiplier-used": -1.0 if self.noise_multiplier is None
             else float(self.noise_multiplier),
             "rounds-trained": self.rounds_trained,
@@ -173,6 +177,7 @@ class SiteState:
         kept = float(rec.get("grid-noise", -1.0))
         self.grid_noise = None if kept < 0 else kept
         self.grid_split = str(rec.get("grid-split", ""))
+        self.grid_decrypted = bool(rec.get("grid-decrypted", False))
         self.noise_multiplier = None if sigma <= 0 else sigma
         self.rounds_trained = int(rec.get("rounds-trained", 0))
         self.replay_round = int(rec.get("replay-round", 0))

@@ -237,11 +237,9 @@ class StudyConfig:
     @property
     def releases_grid(self) -> bool:
         """Whether the sites release a quantile-grid histogram before training: a deep
-        generator's study in clear or under masks with ``grid-share`` > 0 (the marginal
-        one measures its own; a CKKS study keeps the public-bounds encoding,
-        docs/privacy.md)."""
-        return (self.grid_share > 0 and self.generator != "marginal"
-                and self.secure_aggregation != "ckks")
+        generator's study with ``grid-share`` > 0, in clear, under CKKS (a sum one site
+        decrypts) or under masks (the marginal one measures its own; docs/privacy.md)."""
+        return self.grid_share > 0 and self.generator != "marginal"
 
     @property
     def encrypted(self) -> bool:

@@ -35,11 +35,12 @@ from flwr.serverapp import Grid, ServerApp
 from ..common.encryption import KeySetupError, StateLayout, load_public_context
 from ..common.errors import FedsynthError
 from ..common.generators import Generator, ModelFileError, get_generator
+from ..common.generators.base import GRID_PARAM, HEAPS_PARAM
 from ..common.privacy.randomness import NOT_A_DP_RELEASE
 from ..common.protocol import AGGREGATE_ROUND, SCHEMA_FINGERPRINT, Status
 from ..common.schema import Schema
 from ..common.study import ConfigError, StudyConfig, schema_fingerprint
-from .grid import with_grid
+from .grid import CHECKPOINT_GRID, with_grid
 from .guards import clear_guards, update_bounds
 from .optimizer import ServerMomentum, buffer_keys, load_velocity, save_velocity
 from .packed_grid import PackedGrid
@@ -228,6 +229,10 @@ def train(
         }
         if isinstance(strategy, SecureAggregation):  # the sum of ciphertexts is all
             meta[AGGREGATE_ROUND] = strategy.aggregate_round
+            # the grid (post-processing, in the model anyway): a resumed study reads it
+            # here, since each site decrypts the grid's sum once only
+            meta[CHECKPOINT_GRID] = {k: study.generator_params[k] for k in
+                                     (GRID_PARAM, HEAPS_PARAM) if k in study.generator_params}
             write_encrypted_checkpoint(ckpt, meta, strategy.layout, strategy.aggregate)
             return None
         if strategy.server_opt is not None:  # first: a resume checks it against the model

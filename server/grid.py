@@ -25,11 +25,22 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from ..common import quantile_grid
+from ..common.encryption import (
+    EncryptedUpdateError,
+    KeySetupError,
+    StateLayout,
+    add_encrypted,
+    check_ciphertexts,
+    load_public_context,
+)
 from ..common.encryption.masks import MaskError, unmask_sum
 from ..common.generators import Generator
 from ..common.generators.base import GRID_PARAM, HEAPS_PARAM
 from ..common.protocol import (
+    CHUNKS,
+    CKKS,
     CONFIG,
+    DECRYPT_OP,
     DELTA,
     EPSILON,
     EPSILON_BUDGET,
@@ -37,6 +48,7 @@ from ..common.protocol import (
     GRID_MASKED,
     GRID_MESSAGE,
     GRID_NOISE,
+    LAYOUT,
     OP,
     SCHEMA_FINGERPRINT,
     STATUS_OP,
@@ -48,6 +60,8 @@ from ..common.schema import Schema
 from ..common.study import ConfigError, StudyConfig, schema_fingerprint
 
 stream = logging.getLogger("fedsynth.server")
+#: The key of an encrypted checkpoint's meta that keeps the study's grid and heaps.
+CHECKPOINT_GRID = "quantile-grid"
 
 
 def _nodes(grid: Grid, study: StudyConfig) -> list[int]:
@@ -58,12 +72,16 @@ def _nodes(grid: Grid, study: StudyConfig) -> list[int]:
     return nodes
 
 
-def accepted(reply: SiteReply, cells: int) -> str:
-    """Why a grid reply is refused ('' when it is accepted)."""
+def accepted(reply: SiteReply, cells: int, encrypted: bool = False) -> str:
+    """Why a grid reply is refused ('' when it is accepted); an encrypted one must carry
+    ciphertexts and nothing in clear (``check_ciphertexts`` checks their shape)."""
     if reply.status != Status.GRID_RELEASED:
         return "; ".join(reply.problems) or reply.status
     values = (reply.arrays or {}).get(VALUES)
-    if values is None or np.shape(values) != (cells,) or not np.all(np.isfinite(values)):
+    if encrypted:
+        if values is not None or not reply.chunks:
+            return "an encrypted study's release must be ciphertexts only"
+    elif values is None or np.shape(values) != (cells,) or not np.all(np.isfinite(values)):
         return f"the release is not {cells} finite cells"
     std = reply.metrics.get(GRID_CELL_STD, -1.0)
     if not (math.isfinite(std) and std >= 0):
@@ -96,6 +114,8 @@ def ask_sites(grid: Grid, study: StudyConfig, schema: Schema) -> dict[str, dict]
     nodes = _nodes(grid, study)
     if study.masked:
         return masked_grid(grid, study, schema, config, nodes)
+    if study.encrypted:
+        return encrypted_grid(grid, study, schema, config, nodes)
     cells = quantile_grid.release_cells(schema)
     good: list[SiteReply] = []
     refused: list[str] = []
@@ -109,11 +129,7 @@ def ask_sites(grid: Grid, study: StudyConfig, schema: Schema) -> dict[str, dict]
             refused.append(f"{name or msg.metadata.src_node_id}: {why}")
         else:
             good.append(reply)
-    if len(good) < study.min_sites:
-        raise ConfigError(
-            f"the quantile-grid release got {len(good)} usable replies, fewer than min-sites "
-            f"({study.min_sites}): {'; '.join(refused) or 'no reply'}. Fix the sites, or "
-            "run the study with grid-share = 0 (public-bounds encoding)")
+    _enough(study, len(good), refused)
     stream.info("quantile grid from %d sites' releases (%d refused)", len(good), len(refused))
     return combine(schema, good)
 
@@ -183,6 +199,79 @@ def masked_grid(grid: Grid, study: StudyConfig, schema: Schema, config: dict,
             HEAPS_PARAM: quantile_grid.heaps_from_counts(schema, summed, total_std)}
 
 
+def encrypted_grid(grid: Grid, study: StudyConfig, schema: Schema, config: dict,
+                   nodes: list[int]) -> dict[str, dict]:
+    """The grid from the CKKS sum of the sites' encrypted releases, which one site
+    decrypts (flooded, once per study): this module adds ciphertexts with the key-less
+    public context and never holds one site's histograms."""
+    if not study.public_context:
+        raise ConfigError("secure-aggregation = 'ckks' needs public-context (the "
+                          "coordinator's key-less CKKS context)")
+    try:
+        public = load_public_context(study.public_context)
+    except KeySetupError as exc:
+        raise ConfigError(str(exc)) from None
+    cells = quantile_grid.release_cells(schema)
+    layout = StateLayout.from_state({VALUES: np.zeros(cells)})
+    sums: list[list[bytes]] = []
+    stds: list[float] = []
+    refused: list[str] = []
+    for msg in _ask(grid, study, config, nodes):
+        if msg.has_error():
+            refused.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}"[:300])
+            continue
+        name, reply = SiteReply.from_content(msg.content)
+        why = accepted(reply, cells, encrypted=True)
+        if not why:
+            try:
+                check_ciphertexts(public, reply.chunks or [], layout)
+            except (EncryptedUpdateError, ValueError) as exc:
+                why = f"unusable ciphertexts ({exc})"
+        if why:
+            refused.append(f"{name or msg.metadata.src_node_id}: {why}")
+            continue
+        sums.append(list(reply.chunks or []))
+        stds.append(float(reply.metrics[GRID_CELL_STD]))
+    _enough(study, len(sums), refused)
+    summed = _decrypted(grid, study, config, nodes, add_encrypted(public, sums), layout, cells)
+    total_std = math.sqrt(sum(s * s for s in stds))
+    stream.info("quantile grid from the CKKS sum of %d sites' releases (%d refused)",
+                len(sums), len(refused))
+    return {GRID_PARAM: quantile_grid.grid_from_counts(schema, summed, total_std),
+            HEAPS_PARAM: quantile_grid.heaps_from_counts(schema, summed, total_std)}
+
+
+def _decrypted(grid: Grid, study: StudyConfig, config: dict, nodes: list[int],
+               summed: list[bytes], layout: StateLayout, cells: int) -> np.ndarray:
+    """One site's decryption of the summed ciphertexts (the first that answers)."""
+    record = ConfigRecord({CHUNKS: summed, LAYOUT: layout.to_json()})
+    problems = []
+    for node in nodes:
+        content = RecordDict({CONFIG: ConfigRecord({**config, OP: DECRYPT_OP}), CKKS: record})
+        replies = list(grid.send_and_receive(
+            [Message(content, dst_node_id=node, message_type=GRID_MESSAGE)],
+            timeout=study.round_timeout))
+        if not replies or replies[0].has_error():
+            continue
+        name, reply = SiteReply.from_content(replies[0].content)
+        values = (reply.arrays or {}).get(VALUES)
+        if (reply.status == Status.RELEASED and values is not None
+                and np.shape(values) == (cells,) and np.all(np.isfinite(values))):
+            return np.asarray(values, dtype=float)
+        problems.append(f"{name}: {'; '.join(reply.problems) or reply.status}")
+    raise ConfigError("no site decrypted the summed quantile-grid release: "
+                      f"{'; '.join(problems) or 'no reply'}. Fix the sites, or run the study "
+                      "with grid-share = 0 (public-bounds encoding)")
+
+
+def _enough(study: StudyConfig, good: int, refused: list[str]) -> None:
+    if good < study.min_sites:
+        raise ConfigError(
+            f"the quantile-grid release got {good} usable replies, fewer than min-sites "
+            f"({study.min_sites}): {'; '.join(refused) or 'no reply'}. Fix the sites, or "
+            "run the study with grid-share = 0 (public-bounds encoding)")
+
+
 def masked_problem(reply: SiteReply, cells: int) -> str:
     """Why a masked grid reply cannot enter the sum ('' when it can)."""
     if reply.status != Status.GRID_RELEASED:
@@ -206,7 +295,12 @@ def with_grid(grid: Grid, study: StudyConfig, schema: Schema, ckpt: Path) -> Stu
         return study
     found = None
     if study.resume and ckpt.exists():
-        saved = Generator.read_meta(ckpt).get("hparams", {})
+        if study.encrypted:  # no model in clear: the grid is kept beside the ciphertexts
+            from .secure import read_encrypted_checkpoint
+
+            saved = dict(read_encrypted_checkpoint(ckpt).meta.get(CHECKPOINT_GRID) or {})
+        else:
+            saved = Generator.read_meta(ckpt).get("hparams", {})
         if saved.get(GRID_PARAM) is not None:
             found = {GRID_PARAM: saved[GRID_PARAM], HEAPS_PARAM: saved.get(HEAPS_PARAM) or {}}
     if found is None:
