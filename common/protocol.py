@@ -334,8 +334,10 @@ MARGINAL_METRIC_KEYS = STATUS_METRIC_KEYS | {SIGMA_ONE_WAY, SIGMA_SCORE, SIGMA_M
 # study's run config and the ``schema-fingerprint``. The site's reply: ``site`` and
 # ``metrics`` as in every reply, plus ``GRID_CELL_STD`` (the std of its noise per
 # cell, 0 without DP) and the noisy counts (the ``arrays`` record, key ``values``: every
-# numeric column's cells in schema order), in clear. CKKS studies make no grid release
-# (docs/privacy.md). Under secure-aggregation = "masks" the counts travel masked
+# numeric column's cells in schema order), in clear. Under CKKS the counts travel as
+# ciphertexts (the ``CKKS`` record) and one site decrypts their sum (``OP`` =
+# ``DECRYPT_OP``, the sum in the ``CKKS`` record; its reply: ``values``, flooded), once
+# per study (docs/privacy.md). Under secure-aggregation = "masks" the counts travel masked
 # (key ``GRID_MASKED``, uint64, common/encryption/masks.py) and the reply's metrics
 # add ``HONEST_SITES``, ``SIGMA_CHARGED`` and ``EPSILON_ALONE``; a split (honest-sites
 # H > 1) is preceded by one status request (``OP`` = ``STATUS_OP``: the budgets), and

@@ -124,15 +124,64 @@ def test_grid_is_the_summed_releases_and_is_paid_for(heart_schema, heart_schema_
     assert plan.ledger(sigma).epsilon(1e-5) == pytest.approx(3.0, abs=0.01)
 
 
-def test_no_grid_histogram_travels_in_an_encrypted_study(heart_schema, heart_schema_path,
-                                                         heart_files) -> None:
-    study = _study(secure_aggregation="ckks", strategy="fedavg")
-    assert not study.releases_grid and PrivacyPlan.from_study(study, 3.0, 1e-5).grid_noise is None
-    site = _sites(heart_schema_path, heart_files)[0]
-    state = SiteState().for_study(study.study_id)
-    reply = grid_reply(site, study, schema_fingerprint(heart_schema), state)
-    assert reply.status == Status.UNSUPPORTED_QUERY and reply.arrays is None
-    assert state.ledger.history == []
+@pytest.mark.slow
+def test_a_ckks_study_sends_its_grid_encrypted_and_one_site_decrypts_the_sum_once(
+        tmp_path, heart_schema) -> None:
+    """The coordinator (the attacker here) holds only ciphertexts of each site's grid
+    release; one site decrypts their sum, flooded, and refuses a second decryption
+    (fresh flooding could be averaged away). The plan charges the grid, and the model
+    is encoded on it."""
+    from fedsynth.client.app import make_client_app
+    from fedsynth.common.generators import Generator
+    from fedsynth.common.protocol import CKKS, DECRYPT_OP, GRID_MESSAGE, OP
+    from fedsynth.server.app import resolve_schema, run_study
+    from fedsynth.simulations.benchmark_inprocess import InProcessGrid, coordinator_identity
+    from fedsynth.simulations.simulate import (
+        SimulationOptions,
+        prepare_sites,
+        setup_simulation_keys,
+    )
+    from tests.flower_support import RecordingGrid
+
+    study = StudyConfig(generator="tvae", min_sites=3, num_server_rounds=1, local_epochs=1,
+                        output_dir=str(tmp_path / "study"), n_synthetic=100,
+                        secure_aggregation="ckks", study_id="ckks-grid-test")
+    assert study.releases_grid
+    assert PrivacyPlan.from_study(study, 3.0, 1e-5).grid_noise == pytest.approx(
+        quantile_grid.grid_noise_for(3.0, 1e-5, study.grid_share))  # the grid is charged
+    names = ("cleveland", "hungarian", "switzerland")
+    opts = SimulationOptions(sites=names, epsilon=3.0, study=study)
+    sites, _, _ = prepare_sites(opts, tmp_path)
+    study, sites = setup_simulation_keys(tmp_path, study, sites)
+    sites = [replace(s, reproducible_noise_seed=300 + i) for i, s in enumerate(sites)]
+    grid = RecordingGrid(InProcessGrid(make_client_app(sites), len(sites), study.to_flat()))
+    with coordinator_identity(grid.run.run_id):
+        outcome = run_study(grid, study, resolve_schema("heart_disease"))
+    asked = [m for m in grid.sent if m.metadata.message_type == GRID_MESSAGE]
+    released = [m for m in asked if dict(m.content["config"]).get(OP) != DECRYPT_OP]
+    decrypt = [m for m in asked if dict(m.content["config"]).get(OP) == DECRYPT_OP]
+    assert len(released) == 3 and len(decrypt) == 1
+
+    def reply_to(msg):
+        return next(r for r in grid.received
+                    if r.metadata.reply_to_message_id == msg.metadata.message_id).content
+
+    for msg in released:  # ciphertexts only: no site's histogram in clear
+        reply = reply_to(msg)
+        assert "arrays" not in reply and CKKS in reply
+        assert dict(reply["site"])["status"] == Status.GRID_RELEASED
+    summed = reply_to(decrypt[0])["arrays"][VALUES].numpy()
+    states = [SiteState.from_record(dict(ctx.state["fedsynth-site"]))
+              for ctx in grid._grid.contexts.values()]
+    assert sum(s.grid_decrypted for s in states) == 1
+    exact = np.sum([s.grid_counts for s in states], axis=0)
+    np.testing.assert_allclose(summed, exact, atol=1e-2)  # CKKS and flooding: tiny
+    saved = Generator.read_meta(outcome.output_dir / "model.fsg")["hparams"]
+    assert set(saved[GRID_PARAM]) == {c.name for c in quantile_grid.numeric_columns(
+        heart_schema)}
+    with coordinator_identity(grid.run.run_id):  # asked to decrypt again: refused
+        again = grid.send_and_receive([decrypt[0]])[0].content
+    assert dict(again["site"])["status"] == Status.ALREADY_RELEASED and "arrays" not in again
 
 
 def test_round_trip_through_a_grid(heart_schema: Schema, heart: pd.DataFrame) -> None:
