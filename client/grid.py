@@ -35,7 +35,12 @@ import numpy as np
 from ..common import protocol as P
 from ..common import quantile_grid
 from ..common.encoding import TabularEncoder
-from ..common.encryption import EncryptedUpdateError, EncryptionContextError, KeySetupError
+from ..common.encryption import (
+    EncryptedUpdateError,
+    EncryptionContextError,
+    KeySetupError,
+    StateLayout,
+)
 from ..common.encryption.masks import (
     MaskError,
     Roster,
@@ -53,6 +58,7 @@ from .site import (
     SPLIT_CHARGE_MARGIN,
     SiteState,
     noise_for,
+    site_schema,
     site_table,
     split_metrics,
     status_metrics,
@@ -80,7 +86,7 @@ def grid_reply(site: SiteConfig, study: StudyConfig, schema_fp: str,
         return SiteReply(Status.BUDGET_STATED, _metrics(site, study, state))
     if study.encrypted:
         if config.get(P.OP) == P.DECRYPT_OP:
-            return _decrypt(site, study, state, ckks or {})
+            return _decrypt(site, study, state, ckks or {}, schema_fp)
         from .secure import site_context
 
         try:  # keys first: a site that cannot encrypt draws and charges nothing
@@ -136,20 +142,27 @@ def grid_reply(site: SiteConfig, study: StudyConfig, schema_fp: str,
     return SiteReply(Status.GRID_RELEASED, metrics, arrays={VALUES: state.grid_counts})
 
 
-def _decrypt(site: SiteConfig, study: StudyConfig, state: SiteState, ckks: dict[str, Any]
-             ) -> SiteReply:
+def _decrypt(site: SiteConfig, study: StudyConfig, state: SiteState, ckks: dict[str, Any],
+             schema_fp: str) -> SiteReply:
     """Decrypt the coordinator's sum of the sites' grid ciphertexts, flooded, once per
     study (asked again, fresh flooding could be averaged away). Post-processing of the
-    sites' DP releases: nothing is charged. A coordinator that hands one site's
-    ciphertext for a sum gets that site's DP release, as under CKKS anywhere
-    (docs/privacy.md)."""
+    sites' DP releases: nothing is charged. Only the grid's own layout is decrypted (a
+    model update's ciphertexts are not, so this is no decryption oracle for them); a
+    coordinator that hands one site's grid ciphertext for a sum gets that site's DP
+    release, as under CKKS anywhere (docs/privacy.md)."""
     if state.grid_decrypted:
         return SiteReply(Status.ALREADY_RELEASED, status_metrics(site, state), problems=[
             "this site decrypted this study's grid sum once already"])
+    schema = site_schema(site, state, schema_fp)
+    if isinstance(schema, SiteReply):
+        return schema
     from .secure import decrypt_counts
 
+    expected = StateLayout.from_state({VALUES: np.zeros(quantile_grid.release_cells(schema))})
     try:
-        flooded = decrypt_counts(site, study, list(ckks[P.CHUNKS]), str(ckks[P.LAYOUT]))
+        if StateLayout.from_json(str(ckks[P.LAYOUT])).to_json() != expected.to_json():
+            raise ValueError("the ciphertexts are not laid out as this study's grid release")
+        flooded = decrypt_counts(site, study, list(ckks[P.CHUNKS]), expected.to_json())
     except (KeySetupError, EncryptionContextError, EncryptedUpdateError, KeyError,
             ValueError) as exc:
         return SiteReply(Status.REFUSED, status_metrics(site, state),

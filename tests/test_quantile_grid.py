@@ -182,6 +182,22 @@ def test_a_ckks_study_sends_its_grid_encrypted_and_one_site_decrypts_the_sum_onc
     with coordinator_identity(grid.run.run_id):  # asked to decrypt again: refused
         again = grid.send_and_receive([decrypt[0]])[0].content
     assert dict(again["site"])["status"] == Status.ALREADY_RELEASED and "arrays" not in again
+    # another site, handed a model update's ciphertexts to decrypt: not the grid's layout
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from fedsynth.common.encryption import StateLayout
+    from fedsynth.common.protocol import CHUNKS, LAYOUT
+
+    other = next(m for m in released if m.metadata.dst_node_id != decrypt[0].metadata.dst_node_id)
+    record = dict(decrypt[0].content[CKKS])
+    record[LAYOUT] = StateLayout.from_state({"decoder.weight": np.zeros((64, 32))}).to_json()
+    with coordinator_identity(grid.run.run_id):
+        forged = Message(RecordDict({"config": decrypt[0].content["config"],
+                                     CKKS: ConfigRecord({CHUNKS: record[CHUNKS],
+                                                         LAYOUT: record[LAYOUT]})}),
+                         dst_node_id=other.metadata.dst_node_id, message_type=GRID_MESSAGE)
+        reply = grid.send_and_receive([forged])[0].content
+    assert "arrays" not in reply and "not laid out" in " ".join(dict(reply["site"])["problems"])
 
 
 def test_round_trip_through_a_grid(heart_schema: Schema, heart: pd.DataFrame) -> None:
