@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -72,16 +73,23 @@ def _nodes(grid: Grid, study: StudyConfig) -> list[int]:
     return nodes
 
 
-def accepted(reply: SiteReply, cells: int, encrypted: bool = False) -> str:
-    """Why a grid reply is refused ('' when it is accepted); an encrypted one must carry
-    ciphertexts and nothing in clear (``check_ciphertexts`` checks their shape)."""
+def accepted(reply: SiteReply, cells: int, scheme: str = "none") -> str:
+    """Why a grid reply is refused ('' when it is accepted). ``scheme`` is the study's
+    ``secure-aggregation``: in clear the counts, under CKKS ciphertexts only
+    (``check_ciphertexts`` checks them), under masks one uint64 masked vector only."""
     if reply.status != Status.GRID_RELEASED:
         return "; ".join(reply.problems) or reply.status
-    values = (reply.arrays or {}).get(VALUES)
-    if encrypted:
-        if values is not None or not reply.chunks:
+    arrays = reply.arrays or {}
+    if scheme == "ckks":
+        if arrays or not reply.chunks:
             return "an encrypted study's release must be ciphertexts only"
-    elif values is None or np.shape(values) != (cells,) or not np.all(np.isfinite(values)):
+    elif scheme == "masks":
+        masked = arrays.get(GRID_MASKED)
+        if (set(arrays) != {GRID_MASKED} or masked is None or masked.dtype != np.uint64
+                or masked.shape != (cells,)):
+            return f"no masked vector of {cells} uint64 cells (and nothing else)"
+    elif (VALUES not in arrays or np.shape(arrays[VALUES]) != (cells,)
+          or not np.all(np.isfinite(arrays[VALUES]))):
         return f"the release is not {cells} finite cells"
     std = reply.metrics.get(GRID_CELL_STD, -1.0)
     if not (math.isfinite(std) and std >= 0):
@@ -93,10 +101,15 @@ def accepted(reply: SiteReply, cells: int, encrypted: bool = False) -> str:
 
 
 def combine(schema: Schema, replies: list[SiteReply]) -> dict[str, dict]:
-    """The grid and the heaps (``generator-params`` entries) from accepted replies: the
-    summed counts and the summed noise variance."""
+    """The grid and the heaps (``generator-params`` entries) from accepted replies in
+    clear: the summed counts and the summed noise variance."""
     summed = np.sum([np.asarray(r.arrays[VALUES], dtype=float)  # type: ignore[index]
                      for r in replies], axis=0)
+    return _params(schema, summed, replies)
+
+
+def _params(schema: Schema, summed: np.ndarray, replies: list[SiteReply]) -> dict[str, dict]:
+    """Grid and heaps from a sum of releases and the noise each site says it added."""
     total_std = math.sqrt(sum(r.metrics[GRID_CELL_STD] ** 2 for r in replies))
     return {GRID_PARAM: quantile_grid.grid_from_counts(schema, summed, total_std),
             HEAPS_PARAM: quantile_grid.heaps_from_counts(schema, summed, total_std)}
@@ -108,15 +121,11 @@ def _ask(grid: Grid, study: StudyConfig, config: dict, nodes: list[int]) -> list
     return list(grid.send_and_receive(messages, timeout=study.round_timeout))
 
 
-def ask_sites(grid: Grid, study: StudyConfig, schema: Schema) -> dict[str, dict]:
-    """One grid request per site; the grid and heaps from the accepted releases."""
-    config = {**study.to_flat(), SCHEMA_FINGERPRINT: schema_fingerprint(schema)}
-    nodes = _nodes(grid, study)
-    if study.masked:
-        return masked_grid(grid, study, schema, config, nodes)
-    if study.encrypted:
-        return encrypted_grid(grid, study, schema, config, nodes)
-    cells = quantile_grid.release_cells(schema)
+def _releases(grid: Grid, study: StudyConfig, config: dict, nodes: list[int], cells: int,
+              check: Callable[[SiteReply], str] | None = None
+              ) -> tuple[list[SiteReply], list[str]]:
+    """Every site's grid release that passes ``accepted`` (and ``check``), and why each
+    other one was refused."""
     good: list[SiteReply] = []
     refused: list[str] = []
     for msg in _ask(grid, study, config, nodes):
@@ -124,11 +133,24 @@ def ask_sites(grid: Grid, study: StudyConfig, schema: Schema) -> dict[str, dict]
             refused.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}"[:300])
             continue
         name, reply = SiteReply.from_content(msg.content)
-        why = accepted(reply, cells)
+        why = accepted(reply, cells, study.secure_aggregation) or (check and check(reply))
         if why:
             refused.append(f"{name or msg.metadata.src_node_id}: {why}")
         else:
             good.append(reply)
+    return good, refused
+
+
+def ask_sites(grid: Grid, study: StudyConfig, schema: Schema) -> dict[str, dict]:
+    """One grid request per site; the grid and heaps from the sum of the accepted
+    releases: in clear, a CKKS sum one site decrypts, or a masked sum."""
+    config = {**study.to_flat(), SCHEMA_FINGERPRINT: schema_fingerprint(schema)}
+    nodes = _nodes(grid, study)
+    if study.masked:
+        return masked_grid(grid, study, schema, config, nodes)
+    if study.encrypted:
+        return encrypted_grid(grid, study, schema, config, nodes)
+    good, refused = _releases(grid, study, config, nodes, quantile_grid.release_cells(schema))
     _enough(study, len(good), refused)
     stream.info("quantile grid from %d sites' releases (%d refused)", len(good), len(refused))
     return combine(schema, good)
@@ -167,36 +189,20 @@ def masked_grid(grid: Grid, study: StudyConfig, schema: Schema, config: dict,
     site asked answered the same request, so one refusal fails the step, naming why."""
     if study.honest_sites > 1:
         config = {**config, GRID_NOISE: common_grid_noise(grid, study, config, nodes)}
-    cells = quantile_grid.release_cells(schema)
-    vectors: list[np.ndarray] = []
-    stds: list[float] = []
-    refused: list[str] = []
-    for msg in _ask(grid, study, config, nodes):
-        if msg.has_error():
-            refused.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}"[:300])
-            continue
-        name, reply = SiteReply.from_content(msg.content)
-        why = masked_problem(reply, cells)
-        if why:
-            refused.append(f"{name or msg.metadata.src_node_id}: {why}")
-            continue
-        vectors.append(np.asarray(reply.arrays[GRID_MASKED]))  # type: ignore[index]
-        stds.append(float(reply.metrics[GRID_CELL_STD]))
-    if refused or len(vectors) < len(nodes):
+    good, refused = _releases(grid, study, config, nodes, quantile_grid.release_cells(schema))
+    if refused or len(good) < len(nodes):
         raise ConfigError(
             f"the masked quantile-grid release needs every site's vector, and "
-            f"{len(nodes) - len(vectors)} of {len(nodes)} sent none (the others stay "
+            f"{len(nodes) - len(good)} of {len(nodes)} sent none (the others stay "
             f"masked): {'; '.join(refused) or 'no reply'}. Fix those sites, or run the "
             "study with grid-share = 0 (public-bounds encoding)")
     try:
-        summed = unmask_sum(vectors)
+        summed = unmask_sum([r.arrays[GRID_MASKED] for r in good])  # type: ignore[index]
     except MaskError as exc:
         raise ConfigError(f"the masked quantile-grid release: {exc}") from None
-    total_std = math.sqrt(sum(s * s for s in stds))
     stream.info("quantile grid from the masked sum of %d sites' releases (split %d ways)",
-                len(vectors), study.honest_sites)
-    return {GRID_PARAM: quantile_grid.grid_from_counts(schema, summed, total_std),
-            HEAPS_PARAM: quantile_grid.heaps_from_counts(schema, summed, total_std)}
+                len(good), study.honest_sites)
+    return _params(schema, summed, good)
 
 
 def encrypted_grid(grid: Grid, study: StudyConfig, schema: Schema, config: dict,
@@ -213,32 +219,21 @@ def encrypted_grid(grid: Grid, study: StudyConfig, schema: Schema, config: dict,
         raise ConfigError(str(exc)) from None
     cells = quantile_grid.release_cells(schema)
     layout = StateLayout.from_state({VALUES: np.zeros(cells)})
-    sums: list[list[bytes]] = []
-    stds: list[float] = []
-    refused: list[str] = []
-    for msg in _ask(grid, study, config, nodes):
-        if msg.has_error():
-            refused.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}"[:300])
-            continue
-        name, reply = SiteReply.from_content(msg.content)
-        why = accepted(reply, cells, encrypted=True)
-        if not why:
-            try:
-                check_ciphertexts(public, reply.chunks or [], layout)
-            except (EncryptedUpdateError, ValueError) as exc:
-                why = f"unusable ciphertexts ({exc})"
-        if why:
-            refused.append(f"{name or msg.metadata.src_node_id}: {why}")
-            continue
-        sums.append(list(reply.chunks or []))
-        stds.append(float(reply.metrics[GRID_CELL_STD]))
-    _enough(study, len(sums), refused)
-    summed = _decrypted(grid, study, config, nodes, add_encrypted(public, sums), layout, cells)
-    total_std = math.sqrt(sum(s * s for s in stds))
+
+    def usable(reply: SiteReply) -> str:
+        try:
+            check_ciphertexts(public, reply.chunks or [], layout)
+        except (EncryptedUpdateError, ValueError) as exc:
+            return f"unusable ciphertexts ({exc})"
+        return ""
+
+    good, refused = _releases(grid, study, config, nodes, cells, usable)
+    _enough(study, len(good), refused)
+    summed = add_encrypted(public, [list(r.chunks or []) for r in good])
+    values = _decrypted(grid, study, config, nodes, summed, layout, cells)
     stream.info("quantile grid from the CKKS sum of %d sites' releases (%d refused)",
-                len(sums), len(refused))
-    return {GRID_PARAM: quantile_grid.grid_from_counts(schema, summed, total_std),
-            HEAPS_PARAM: quantile_grid.heaps_from_counts(schema, summed, total_std)}
+                len(good), len(refused))
+    return _params(schema, values, good)
 
 
 def _decrypted(grid: Grid, study: StudyConfig, config: dict, nodes: list[int],
@@ -270,22 +265,6 @@ def _enough(study: StudyConfig, good: int, refused: list[str]) -> None:
             f"the quantile-grid release got {good} usable replies, fewer than min-sites "
             f"({study.min_sites}): {'; '.join(refused) or 'no reply'}. Fix the sites, or "
             "run the study with grid-share = 0 (public-bounds encoding)")
-
-
-def masked_problem(reply: SiteReply, cells: int) -> str:
-    """Why a masked grid reply cannot enter the sum ('' when it can)."""
-    if reply.status != Status.GRID_RELEASED:
-        return "; ".join(reply.problems) or reply.status
-    values = (reply.arrays or {}).get(GRID_MASKED)
-    if values is None or values.dtype != np.uint64 or values.shape != (cells,):
-        return f"no masked vector of {cells} uint64 cells"
-    std = reply.metrics.get(GRID_CELL_STD, -1.0)
-    if not (math.isfinite(std) and std >= 0):
-        return "no valid noise level"
-    budget = reply.metrics.get(EPSILON_BUDGET, -1.0)
-    if budget > 0 and reply.metrics.get(EPSILON, 0.0) > budget * (1 + 1e-6):
-        return "reported epsilon passes its budget"
-    return ""
 
 
 def with_grid(grid: Grid, study: StudyConfig, schema: Schema, ckpt: Path) -> StudyConfig:
