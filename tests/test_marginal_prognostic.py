@@ -65,6 +65,11 @@ def test_workload_links_only_the_prognostic_covariates_and_them_first():
     # without the list: the former order exactly
     assert workload_order(every, variation, SURV, {}, ()) == workload_order(
         every, variation, SURV, {})
+    # the survival queue measured whole (more rounds than the list needs): the rest
+    # alone, then nothing; the engine stops when nothing is left (was: max() of nothing)
+    rest = [c for c in every if not set(c) & set(SURV)]
+    assert [rest[i] for i in workload_order(rest, variation, SURV, {}, ["age"])] != []
+    assert workload_order([], variation, SURV, {}, ["age"]) == []
 
 
 @pytest.fixture(scope="module")

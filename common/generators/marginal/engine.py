@@ -377,7 +377,7 @@ def workload_order(every: Sequence[Clique], spread: dict[str, float],
         queues[q].append(i)
     ranked = [sorted(q, key=rank) for q in queues if q]
     out: list[int] = []
-    for k in range(max(len(q) for q in ranked)):
+    for k in range(max((len(q) for q in ranked), default=0)):  # none left: []
         out += [q[k] for q in ranked if k < len(q)]
     return out
 
