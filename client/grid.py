@@ -51,7 +51,7 @@ from ..common.encryption.masks import (
 )
 from ..common.protocol import GRID_CELL_STD, VALUES, SiteReply, Status
 from ..common.schema import Schema
-from ..common.study import SiteConfig, StudyConfig
+from ..common.study import NOISE_MULTIPLIER_RANGE, SiteConfig, StudyConfig
 from .site import (
     BUDGET_EXHAUSTED,
     MIN_SHARE_STD,
@@ -126,7 +126,7 @@ def grid_reply(site: SiteConfig, study: StudyConfig, schema_fp: str,
             return made
         state.grid_split = split
     # the noise the stored release was drawn with, whatever this request's grid-share says
-    drawn = state.grid_noise
+    drawn = noise if state.grid_noise is None else state.grid_noise  # None: an old file
     std = quantile_grid.cell_std(schema, drawn) if drawn else 0.0
     metrics = {GRID_CELL_STD: std, **_metrics(site, study, state)}
     if roster is not None:
@@ -219,6 +219,9 @@ def _common_noise(site: SiteConfig, config: dict[str, Any], own: float | None
     if not (math.isfinite(common) and common >= own * (1 - 1e-9)):
         return (f"the study's common grid noise ({common:.4g}) is below this site's own "
                 f"({own:.4g}, its budget's grid share): refused")
+    if common > NOISE_MULTIPLIER_RANGE[1]:  # counts past the masks' fixed-point range
+        return (f"the study's common grid noise ({common:.4g}) is above "
+                f"{NOISE_MULTIPLIER_RANGE[1]:g}: refused before anything is drawn")
     return common
 
 

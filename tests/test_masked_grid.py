@@ -152,6 +152,13 @@ def test_a_masked_grid_shows_the_coordinator_only_a_sum_carrying_the_common_nois
         reply = grid.send_and_receive([forged])[0].content
     assert "arrays" not in reply
     assert "below this site's own" in " ".join(dict(reply["site"])["problems"])
+    # a forged request for a vast noise (to have a release drawn, charged, and then not
+    # maskable): refused before anything is drawn
+    from fedsynth.client.grid import _common_noise
+
+    site = sites[0]
+    assert "above" in _common_noise(site, {P.GRID_NOISE: 1e12}, common)
+    assert _common_noise(site, {P.GRID_NOISE: common}, common) == common
 
 
 def test_a_split_grid_request_without_common_noise_or_from_a_site_without_keys_is_refused(
