@@ -123,11 +123,17 @@ def test_tiny_benchmark_writes_a_consistent_table(tiny_run):
         assert int(row["rounds"]) == 2 and 0 <= float(row["fidelity"]) <= 1
         assert float(row["peak_rss_mb"]) > 0 and float(row["wall_s"]) > 0
     plain, sealed = rows[FED], rows[FED_CKKS]
-    # ciphertexts are several times the float32 weights
-    assert float(sealed["bytes_per_round"]) > 3 * float(plain["bytes_per_round"])
-    # the study in clear encodes on the sites' DP quantile grid, the encrypted one on
-    # the public bounds (no grid under CKKS yet, docs/privacy.md): the grid's gain shows
-    assert float(plain["fidelity"]) > float(sealed["fidelity"]) - 0.02
+    # ciphertexts are several times the float32 weights (2.5 on this tiny model; 7.5 on
+    # the default one, benchmarks/deep-spread/ckks-grid-results.md: 1.60 MiB / 217 KiB)
+    assert float(sealed["bytes_per_round"]) > 2 * float(plain["bytes_per_round"])
+    # both studies encode on the sites' DP quantile grid: in clear from the sites'
+    # releases, under CKKS from the sum one site decrypted (docs/privacy.md)
+    from fedsynth.common.generators import Generator
+    from fedsynth.common.generators.base import GRID_PARAM
+
+    for key in (FED, FED_CKKS):
+        model = out / "work" / "seed-0" / key.replace("/", "_") / "model.fsg"
+        assert Generator.read_meta(model)["hparams"][GRID_PARAM], key
     md = (out / "results.md").read_text()
     assert "pytest tiny run" in md and f"`{FED}`" in md and f"`{FED_CKKS}`" in md
     for png in ("quality_vs_epsilon.png", "wall_time.png"):
