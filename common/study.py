@@ -313,7 +313,8 @@ class SiteConfig:
     wrapped_context: str = ""
     # Masked sums (secure-aggregation = "masks"): a folder of the other sites' X25519
     # public keys, one <site>.pem each, checked by fingerprint with each site. A site
-    # with peer-keys answers nothing in clear.
+    # with peer-keys answers no study in clear; in a masked deep study its model updates
+    # (DP releases at its whole budget) are the one thing it sends unmasked.
     peer_keys: str = ""
     # The sites of the roster, this one included, that this site trusts not to collude
     # with the coordinator: the largest split of its noise it accepts. In a masked study
@@ -360,7 +361,8 @@ class SiteConfig:
     @property
     def requires_encryption(self) -> bool:
         """A site set up with its CKKS key files, or with a roster for masked sums,
-        refuses every round in clear.
+        refuses every study in clear (a masked deep study's updates, DP releases at the
+        site's whole budget, travel unmasked: ``accepts``).
 
         Encryption is the site's decision, not the coordinator's: a coordinator that
         sends ``secure-aggregation = "none"`` to such a site gets a refusal, not weights.
