@@ -44,3 +44,16 @@ class RecordingGrid:
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         self.received.extend(replies)
         return replies
+
+
+def run_recorded(study: Any, sites: list[Any], schema: str) -> tuple[Any, RecordingGrid]:
+    """A whole study through the real ServerApp and ClientApp code in process (no Ray),
+    every message kept: the coordinator's view, for tests that play it."""
+    from fedsynth.client.app import make_client_app
+    from fedsynth.server.app import resolve_schema, run_study
+    from fedsynth.simulations.benchmark_inprocess import InProcessGrid, coordinator_identity
+
+    grid = RecordingGrid(InProcessGrid(make_client_app(sites), len(sites), study.to_flat()))
+    with coordinator_identity(grid.run.run_id):
+        outcome = run_study(grid, study, resolve_schema(schema))
+    return outcome, grid

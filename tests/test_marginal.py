@@ -27,7 +27,7 @@ from fedsynth.common.privacy import PrivacyLedger
 from fedsynth.common.privacy.randomness import DPRandomness
 from fedsynth.common.study import StudyConfig
 from fedsynth.common.table import conform, read_table
-from tests.flower_support import RecordingGrid
+from tests.flower_support import run_recorded
 
 SMALL = {"bins": 6, "rounds": 2, "per_round": 2, "candidates": 10, "iters": 150}
 SITES = ("cleveland", "hungarian", "switzerland")
@@ -358,9 +358,6 @@ def test_site_charges_every_release_and_refuses_past_its_budget(
 def _federated(tmp_path: Path, secure: bool, seeds: dict[str, int] | None = None,
                **params: Any):
     """A study through the real ServerApp code and ClientApp, in this process."""
-    from fedsynth.client.app import make_client_app
-    from fedsynth.server.app import resolve_schema, run_study
-    from fedsynth.simulations.benchmark_inprocess import InProcessGrid, coordinator_identity
     from fedsynth.simulations.simulate import (
         SimulationOptions,
         prepare_sites,
@@ -377,9 +374,7 @@ def _federated(tmp_path: Path, secure: bool, seeds: dict[str, int] | None = None
     sites = [replace(s, reproducible_noise_seed=(seeds or {}).get(s.name)) for s in sites]
     if secure:
         study, sites = setup_simulation_keys(tmp_path, study, sites)
-    grid = RecordingGrid(InProcessGrid(make_client_app(sites), len(sites), study.to_flat()))
-    with coordinator_identity(grid.run.run_id):
-        outcome = run_study(grid, study, resolve_schema("heart_disease"))
+    outcome, grid = run_recorded(study, sites, "heart_disease")
     return outcome, grid, sites, train
 
 

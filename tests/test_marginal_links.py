@@ -37,6 +37,7 @@ from fedsynth.common.generators.marginal.plan import (
 )
 from fedsynth.common.privacy.randomness import DPRandomness
 from fedsynth.common.study import SiteConfig, StudyConfig, schema_fingerprint
+from tests.flower_support import run_recorded
 
 SMALL = {"bins": 4, "fine_bins": 16, "rounds": 1, "per_round": 2, "iters": 100,
          "link_bound": 6, "links_share": 0.3}
@@ -265,15 +266,11 @@ def test_central_fit_accounts_every_release_and_reads_the_links(tcga):
 
 def _tcga_study(tmp_path: Path, secure: bool) -> tuple:
     """A 3-region TCGA-BRCA study through the real ServerApp code and ClientApp."""
-    from fedsynth.client.app import make_client_app
-    from fedsynth.server.app import resolve_schema, run_study
-    from fedsynth.simulations.benchmark_inprocess import InProcessGrid, coordinator_identity
     from fedsynth.simulations.simulate import (
         SimulationOptions,
         prepare_sites,
         setup_simulation_keys,
     )
-    from tests.test_marginal import RecordingGrid
 
     study = StudyConfig(generator="marginal", generator_params=SMALL, min_sites=3,
                         output_dir=str(tmp_path / "study"), n_synthetic=300,
@@ -284,9 +281,7 @@ def _tcga_study(tmp_path: Path, secure: bool) -> tuple:
     sites, _, _ = prepare_sites(opts, tmp_path)
     if secure:
         study, sites = setup_simulation_keys(tmp_path, study, sites)
-    grid = RecordingGrid(InProcessGrid(make_client_app(sites), len(sites), study.to_flat()))
-    with coordinator_identity(grid.run.run_id):
-        outcome = run_study(grid, study, resolve_schema("tcga_brca"))
+    outcome, grid = run_recorded(study, sites, "tcga_brca")
     return outcome, grid, sites
 
 

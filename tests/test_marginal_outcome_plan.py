@@ -145,12 +145,10 @@ def test_a_site_answers_the_status_request_with_its_budget_only(
 def test_a_federated_study_plans_for_its_sites_summed_noise(tmp_path):
     """3 sites at epsilon 0.6 (summed noise 10.8): the outcome plan, asked of every site
     after one status request, each site's ledger exactly that plan's."""
-    from fedsynth.client.app import make_client_app
     from fedsynth.client.site import SiteState
-    from fedsynth.server.app import resolve_schema, run_study
-    from fedsynth.simulations.benchmark_inprocess import InProcessGrid, coordinator_identity
+    from fedsynth.server.app import resolve_schema
     from fedsynth.simulations.simulate import SimulationOptions, prepare_sites
-    from tests.test_marginal import RecordingGrid
+    from tests.flower_support import run_recorded
 
     study = StudyConfig(generator="marginal", generator_params=SMALL, min_sites=2,
                         output_dir=str(tmp_path / "study"), n_synthetic=100,
@@ -158,10 +156,8 @@ def test_a_federated_study_plans_for_its_sites_summed_noise(tmp_path):
     sites, _, _ = prepare_sites(SimulationOptions(sites=SITES, epsilon=0.6, study=study),
                                 tmp_path)
     sites = [replace(s, reproducible_noise_seed=40 + i) for i, s in enumerate(sites)]
-    grid = RecordingGrid(InProcessGrid(make_client_app(sites), len(sites), study.to_flat()))
+    outcome, grid = run_recorded(study, sites, "heart_disease")
     schema = resolve_schema("heart_disease")
-    with coordinator_identity(grid.run.run_id):
-        outcome = run_study(grid, study, schema)
     configs = [dict(m.content[P.CONFIG]) for m in grid.sent]
     ops = [c[P.OP] for c in configs]
     assert ops[: len(sites)] == [P.STATUS_OP] * len(sites)  # one status message each

@@ -24,7 +24,7 @@ from fedsynth.common import protocol as P
 from fedsynth.common import quantile_grid
 from fedsynth.common.encryption.masks import unmask_sum
 from fedsynth.common.study import ConfigError, SiteConfig, StudyConfig
-from tests.flower_support import RecordingGrid
+from tests.flower_support import RecordingGrid, run_recorded
 
 SITES = ("cleveland", "hungarian", "switzerland")
 GRID_REPLY_KEYS = P.STATUS_METRIC_KEYS | {P.GRID_CELL_STD, P.HONEST_SITES, P.EPSILON_ALONE}
@@ -36,9 +36,6 @@ def _uniform_share(v: np.ndarray) -> float:
 
 
 def _study(tmp_path: Path, honest: int, budgets: dict[str, float]):
-    from fedsynth.client.app import make_client_app
-    from fedsynth.server.app import resolve_schema, run_study
-    from fedsynth.simulations.benchmark_inprocess import InProcessGrid, coordinator_identity
     from fedsynth.simulations.simulate import SimulationOptions, prepare_sites, setup_mask_keys
 
     study = StudyConfig(generator="tvae", min_sites=3, num_server_rounds=1, local_epochs=1,
@@ -49,9 +46,7 @@ def _study(tmp_path: Path, honest: int, budgets: dict[str, float]):
     sites, _, _ = prepare_sites(opts, tmp_path)
     sites = setup_mask_keys(tmp_path, [replace(s, reproducible_noise_seed=200 + i)
                                        for i, s in enumerate(sites)], honest)
-    grid = RecordingGrid(InProcessGrid(make_client_app(sites), len(sites), study.to_flat()))
-    with coordinator_identity(grid.run.run_id):
-        outcome = run_study(grid, study, resolve_schema("heart_disease"))
+    outcome, grid = run_recorded(study, sites, "heart_disease")
     return outcome, grid, sites
 
 

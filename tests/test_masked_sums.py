@@ -35,7 +35,7 @@ from fedsynth.common.encryption.masks import (
     unmask_sum,
 )
 from fedsynth.common.study import ConfigError, SiteConfig, StudyConfig
-from tests.flower_support import RecordingGrid
+from tests.flower_support import RecordingGrid, run_recorded
 
 SITES = ("cleveland", "hungarian", "switzerland")
 SMALL = {"bins": 6, "rounds": 1, "per_round": 2, "candidates": 6, "iters": 100}
@@ -180,9 +180,6 @@ def _masked_study(tmp_path: Path, honest: int, noise: dict[str, float] | None = 
                   budgets: dict[str, float] | None = None, forget: str = ""):
     """A masked study of SITES through the real apps; ``forget``: a peer key file that
     cleveland's roster lacks (a deployment mistake)."""
-    from fedsynth.client.app import make_client_app
-    from fedsynth.server.app import resolve_schema, run_study
-    from fedsynth.simulations.benchmark_inprocess import InProcessGrid, coordinator_identity
     from fedsynth.simulations.simulate import SimulationOptions, prepare_sites, setup_mask_keys
 
     study = StudyConfig(generator="marginal", generator_params=SMALL, min_sites=3,
@@ -196,9 +193,7 @@ def _masked_study(tmp_path: Path, honest: int, noise: dict[str, float] | None = 
                                        for i, s in enumerate(sites)], honest)
     if forget:
         (Path(sites[0].peer_keys) / f"{forget}.pem").unlink()
-    grid = RecordingGrid(InProcessGrid(make_client_app(sites), len(sites), study.to_flat()))
-    with coordinator_identity(grid.run.run_id):
-        outcome = run_study(grid, study, resolve_schema("heart_disease"))
+    outcome, grid = run_recorded(study, sites, "heart_disease")
     return outcome, grid, sites
 
 

@@ -131,17 +131,15 @@ def test_a_ckks_study_sends_its_grid_encrypted_and_one_site_decrypts_the_sum_onc
     release; one site decrypts their sum, flooded, and refuses a second decryption
     (fresh flooding could be averaged away). The plan charges the grid, and the model
     is encoded on it."""
-    from fedsynth.client.app import make_client_app
     from fedsynth.common.generators import Generator
     from fedsynth.common.protocol import CKKS, DECRYPT_OP, GRID_MESSAGE, OP
-    from fedsynth.server.app import resolve_schema, run_study
-    from fedsynth.simulations.benchmark_inprocess import InProcessGrid, coordinator_identity
+    from fedsynth.simulations.benchmark_inprocess import coordinator_identity
     from fedsynth.simulations.simulate import (
         SimulationOptions,
         prepare_sites,
         setup_simulation_keys,
     )
-    from tests.flower_support import RecordingGrid
+    from tests.flower_support import run_recorded
 
     study = StudyConfig(generator="tvae", min_sites=3, num_server_rounds=1, local_epochs=1,
                         output_dir=str(tmp_path / "study"), n_synthetic=100,
@@ -154,9 +152,7 @@ def test_a_ckks_study_sends_its_grid_encrypted_and_one_site_decrypts_the_sum_onc
     sites, _, _ = prepare_sites(opts, tmp_path)
     study, sites = setup_simulation_keys(tmp_path, study, sites)
     sites = [replace(s, reproducible_noise_seed=300 + i) for i, s in enumerate(sites)]
-    grid = RecordingGrid(InProcessGrid(make_client_app(sites), len(sites), study.to_flat()))
-    with coordinator_identity(grid.run.run_id):
-        outcome = run_study(grid, study, resolve_schema("heart_disease"))
+    outcome, grid = run_recorded(study, sites, "heart_disease")
     asked = [m for m in grid.sent if m.metadata.message_type == GRID_MESSAGE]
     released = [m for m in asked if dict(m.content["config"]).get(OP) != DECRYPT_OP]
     decrypt = [m for m in asked if dict(m.content["config"]).get(OP) == DECRYPT_OP]
