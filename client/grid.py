@@ -61,6 +61,7 @@ from .site import (
     site_schema,
     site_table,
     split_metrics,
+    split_problem,
     status_metrics,
 )
 
@@ -98,6 +99,8 @@ def grid_reply(site: SiteConfig, study: StudyConfig, schema_fp: str,
         return table
     schema, data = table
     h = study.honest_sites
+    if problem := split_problem(state, h):
+        return _refused(site, study, state, problem)
     noise = (quantile_grid.grid_noise_for(site.epsilon, site.delta, study.grid_share)
              if site.dp else None)
     if h > 1:  # every site adds 1/h of one common noise: the most private site's
@@ -125,6 +128,7 @@ def grid_reply(site: SiteConfig, study: StudyConfig, schema_fp: str,
         if made is not None:
             return made
         state.grid_split = split
+        state.split_h = h
     # the noise the stored release was drawn with, whatever this request's grid-share says
     drawn = noise if state.grid_noise is None else state.grid_noise  # None: an old file
     std = quantile_grid.cell_std(schema, drawn) if drawn else 0.0
@@ -138,6 +142,9 @@ def grid_reply(site: SiteConfig, study: StudyConfig, schema_fp: str,
             chunks, layout = encrypt_counts(site, study, np.asarray(state.grid_counts))
         except (KeySetupError, EncryptionContextError) as exc:
             return SiteReply(Status.NO_KEYS, metrics, problems=[str(exc)])
+        except ValueError as exc:  # beyond count-bound: a reply, so the charge is saved
+            return SiteReply(Status.ENCRYPTION_FAILED, metrics, problems=[
+                f"{exc}: raise the study's count-bound"])
         return SiteReply(Status.GRID_RELEASED, metrics, chunks=chunks, layout=layout)
     return SiteReply(Status.GRID_RELEASED, metrics, arrays={VALUES: state.grid_counts})
 
@@ -235,11 +242,13 @@ def _metrics(site: SiteConfig, study: StudyConfig, state: SiteState) -> dict[str
 def _masked(study: StudyConfig, state: SiteState, config: dict[str, Any],
             metrics: dict[str, float], roster: Roster) -> SiteReply:
     """The stored release plus this site's masks, bound to this request: readable only
-    in the roster's sum. Re-masking the same stored vector is safe under any request
-    (one vector, never two, under a mask), so a resend needs no digest check."""
+    in the roster's sum. Re-masking the same stored vector is safe under any grid
+    request (one vector, never two, under a mask: the digest names the message kind, so
+    no marginal reply shares a grid reply's mask), so a resend needs no digest check."""
     try:
         masked = mask(np.asarray(state.grid_counts, dtype=float), roster,
-                      pair_keys(roster, study.study_id), request_digest(config, {}))
+                      pair_keys(roster, study.study_id),
+                      request_digest(P.GRID_MESSAGE, config, {}))
     except MaskError as exc:
         return SiteReply(Status.ENCRYPTION_FAILED, metrics, problems=[str(exc)])
     return SiteReply(Status.GRID_RELEASED, metrics, arrays={P.GRID_MASKED: masked})

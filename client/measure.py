@@ -47,6 +47,7 @@ from ..common.encryption import (
     EncryptedUpdateError,
     EncryptionContextError,
     KeySetupError,
+    StateLayout,
 )
 from ..common.encryption.masks import (
     MaskError,
@@ -98,6 +99,7 @@ from .site import (
     SiteState,
     site_schema,
     split_metrics,
+    split_problem,
     status_metrics,
 )
 
@@ -231,6 +233,9 @@ def answer(
     op = str(config.get(P.OP, ""))
     if op == P.STATUS_OP:  # releases nothing: the budget every reply states
         return MeasureReply(SiteReply(MEASURED, _metrics(site, state)))
+    if study.trains:  # a deep study's sites release a grid and train, never this
+        return _refuse(site, state, f"a {study.generator} study's sites answer no marginal "
+                       "request: only a marginal study measures counts")
     if op == P.DECRYPT_OP and study.encrypted:
         return _decrypt(site, study, ckks, state)
     if op not in (P.MEASURE_OP, P.SCORE_OP):
@@ -243,11 +248,9 @@ def answer(
     if problem := request.problem(kind):
         return _refuse(site, state, problem)
     h = study.honest_sites  # the study's split (1: every site adds its whole noise)
-    if h > 1:  # every site adds 1/h of one common noise: the most private site's
-        common = _common_noise(site, config, noise, state)
-        if isinstance(common, MeasureReply):
-            return common
-        noise = common
+    noise = _study_noise(site, study, config, noise, state)
+    if isinstance(noise, MeasureReply):
+        return noise
     carried = noise.of(kind)  # the std the sum carries
     if site.dp and not math.isfinite(carried):
         return _refuse(site, state, f"the study's plan has no share for {kind!r} releases")
@@ -262,12 +265,8 @@ def answer(
             return masks
     if site.dp and h > 1 and added.of(kind) < MIN_SHARE_STD:
         return _refuse(site, state, _thin_share(h, kind, added.of(kind)))
-    if site.dp:
-        state.ledger.mechanism = study.accountant
-        nxt = state.ledger.copy()
-        nxt.record(sigma, 1.0, request.releases(kind))
-        if nxt.epsilon(site.delta) > site.epsilon * (1 + 1e-9):
-            return MeasureReply(SiteReply(BUDGET_EXHAUSTED, _metrics(site, state)))
+    if site.dp and _over_budget(site, study, state, sigma, request.releases(kind)):
+        return MeasureReply(SiteReply(BUDGET_EXHAUSTED, _metrics(site, state)))
     if masks is not None:  # from here the site answers: its digest is used up
         state.masked_digests.append(masks[2].hex())
     release = site.randomness(f"{study.study_id}:marginal:{config.get(P.STEP, 0)}").release(
@@ -282,6 +281,7 @@ def answer(
                          exact_count=h > 1)
         if isinstance(values, MeasureReply):
             return values
+    state.split_h = h
     if site.dp:
         state.ledger.record(sigma, 1.0, request.releases(kind))
         if h > 1:
@@ -294,13 +294,35 @@ def answer(
     }
     if masks is not None:
         return _masked(site, state, metrics, values, *masks)
-    return _wrap(site, study, metrics, values)
+    return _wrap(site, study, state, metrics, values)
 
 
 def _thin_share(h: int, kind: str, share: float) -> str:
     return (f"split {h} ways, this {kind!r} release's noise would be {share:.3g} (std, "
             f"counts), below {MIN_SHARE_STD:g}, where a sum of discrete Gaussians is no "
             "longer charged exactly as one: lower honest-sites or the budget")
+
+
+def _study_noise(site: SiteConfig, study: StudyConfig, config: dict[str, Any],
+                 own: NoiseLevels, state: SiteState) -> NoiseLevels | MeasureReply:
+    """The noise levels the study's sum carries: this site's own, or with H > 1 the
+    study's common levels (every site adds 1/H of one common noise, the most private
+    site's); refused under a split other than the study's first release's."""
+    if problem := split_problem(state, study.honest_sites):
+        return _refuse(site, state, problem)
+    if study.honest_sites == 1:
+        return own
+    return _common_noise(site, config, own, state)
+
+
+def _over_budget(site: SiteConfig, study: StudyConfig, state: SiteState, sigma: float,
+                 count: int) -> bool:
+    """Whether ``count`` releases at noise ``sigma`` would take the ledger past the
+    site's budget (checked before anything is drawn)."""
+    state.ledger.mechanism = study.accountant
+    nxt = state.ledger.copy()
+    nxt.record(sigma, 1.0, count)
+    return nxt.epsilon(site.delta) > site.epsilon * (1 + 1e-9)
 
 
 def _common_noise(site: SiteConfig, config: dict[str, Any], own: NoiseLevels,
@@ -352,7 +374,7 @@ def _masks(site: SiteConfig, study: StudyConfig, config: dict[str, Any],
     if h > roster.size:
         return _refuse(site, state, f"honest-sites = {h} but the roster (peer-keys) holds "
                        f"{roster.size} sites with this one: lower honest-sites")
-    digest = request_digest(config, model_marginals)
+    digest = request_digest(P.MARGINAL_MESSAGE, config, model_marginals)
     if digest.hex() in state.masked_digests:
         return _refuse(site, state, "this masked request was answered already: a site "
                        "never masks two vectors with one mask (ask a new step)")
@@ -452,6 +474,9 @@ def _scores(
                              "non-negative, summing to at most 1)")
     except (KeyError, ValueError) as exc:
         return _refuse(site, state, f"malformed score request: {exc}")
+    # the check lets a sum reach 1 + 1e-6 (float rounding of an honest marginal), and a
+    # split score's sensitivity is 1 + sum(p): scaled to at most 1, it is 2, as charged
+    model = [m / max(1.0, float(m.sum())) for m in model]
     if exact_count:
         return noisy_scores(request.cells, request.names, request.sizes, request.cliques,
                             model, float(len(request.cells)), sigma, release)
@@ -476,9 +501,13 @@ def _is_distribution(p: np.ndarray) -> bool:
     return bool(np.all(np.isfinite(p)) and np.all(p >= 0) and p.sum() <= 1.0 + 1e-6)
 
 
-def _wrap(site: SiteConfig, study: StudyConfig, metrics: dict[str, float],
-          values: np.ndarray) -> MeasureReply:
-    """The released vector: in clear, or encrypted under the study's CKKS key."""
+def _wrap(site: SiteConfig, study: StudyConfig, state: SiteState,
+          metrics: dict[str, float], values: np.ndarray) -> MeasureReply:
+    """The released vector: in clear, or encrypted under the study's CKKS key.
+
+    Called after the charge: a vector CKKS cannot hold (noisy counts beyond the
+    coordinator's ``count-bound``) is a failed reply, not an exception, so the state
+    (the charge) is saved and a failure is one more function of a charged release."""
     if not study.encrypted:
         return MeasureReply(SiteReply(MEASURED, metrics), values=values)
     from .secure import encrypt_counts
@@ -487,20 +516,32 @@ def _wrap(site: SiteConfig, study: StudyConfig, metrics: dict[str, float],
         chunks, layout_json = encrypt_counts(site, study, values)
     except (KeySetupError, EncryptionContextError) as exc:
         return MeasureReply(SiteReply(P.Status.NO_KEYS, metrics, problems=[str(exc)]))
+    except ValueError as exc:
+        return MeasureReply(SiteReply(P.Status.ENCRYPTION_FAILED, metrics, problems=[
+            f"{exc}: raise the study's count-bound"]))
+    state.decryptable.append(layout_json)
     return MeasureReply(SiteReply(MEASURED, metrics), chunks=chunks, layout_json=layout_json)
 
 
 def _decrypt(site: SiteConfig, study: StudyConfig, ckks: dict[str, Any], state: SiteState
              ) -> MeasureReply:
-    """Decrypt a sum of noisy vectors (DP post-processing: nothing is charged)."""
+    """Decrypt a sum of noisy vectors (DP post-processing: nothing is charged), one per
+    vector this site encrypted in the study and laid out as one of them: each release
+    is summed once, and a decryption oracle (many decryptions of crafted ciphertexts,
+    each flooded afresh) is what the CKKS key must never serve."""
     from .secure import decrypt_counts
 
     try:
-        flooded = decrypt_counts(site, study, list(ckks[P.CHUNKS]), str(ckks[P.LAYOUT]))
+        layout = StateLayout.from_json(str(ckks[P.LAYOUT])).to_json()
+        if layout not in state.decryptable:
+            raise ValueError("this site decrypts one sum per vector it encrypted in this "
+                             "study, laid out as that vector, and has none left")
+        flooded = decrypt_counts(site, study, list(ckks[P.CHUNKS]), layout)
     except (KeySetupError, EncryptionContextError, EncryptedUpdateError, KeyError,
             ValueError) as exc:
         return MeasureReply(SiteReply(REFUSED, status_metrics(site, state),
                                       problems=[f"refused to decrypt: {exc}"]))
+    state.decryptable.remove(layout)
     return MeasureReply(SiteReply(MEASURED, status_metrics(site, state)), values=flooded)
 
 

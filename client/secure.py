@@ -155,7 +155,8 @@ def decrypt_counts(site: SiteConfig, study: StudyConfig, chunks: Sequence[bytes]
     Raises on keys that do not open, or ciphertexts that are not the layout's."""
     ctx = site_context(site, study.study_id)
     summed = decrypt_state(ctx, list(chunks), StateLayout.from_json(layout_json))
-    return flood_for_release({VALUES: summed[VALUES] * study.count_bound})[VALUES]
+    return flood_for_release({VALUES: summed[VALUES] * study.count_bound},
+                             floor=study.count_bound)[VALUES]
 
 
 def _mtime(path: str) -> float:

@@ -121,6 +121,14 @@ class SiteState:
     # The request digests this study's masked replies answered (common/encryption/
     # masks.py): a digest is never masked twice, so no two vectors share a mask.
     masked_digests: list[str] = field(default_factory=list)
+    # The honest-sites split of this study's first split-able release (0: none yet): a
+    # site never mixes splits in one study (a score against a 1-way *share* made under
+    # H > 1, asked at H = 1, would cost about twice its charge).
+    split_h: int = 0
+    # The layouts of the vectors this site encrypted in a CKKS marginal study, one per
+    # vector: each allows one decryption of a sum so laid out (a sum per release, no
+    # more; the flooding of many decryptions of one ciphertext could be averaged away).
+    decryptable: list[str] = field(default_factory=list)
     # Lifetime, like the ledger: the releases made with distributed noise, as (std the
     # ledger charged, std this site added, count); ``alone_ledger`` swaps them in.
     shares: list[tuple[float, float, int]] = field(default_factory=list)
@@ -162,6 +170,8 @@ class SiteState:
             "final-released": self.final_released,
             "validated": self.validated,
             "masked-digests": list(self.masked_digests),
+            "split-h": self.split_h,
+            "decryptable": list(self.decryptable),
         }
 
     def _load_study(self, rec: dict[str, Any]) -> None:
@@ -186,6 +196,8 @@ class SiteState:
         self.final_released = bool(rec.get("final-released", False))
         self.validated = bool(rec.get("validated", False))
         self.masked_digests = [str(d) for d in rec.get("masked-digests", [])]
+        self.split_h = int(rec.get("split-h", 0))
+        self.decryptable = [str(d) for d in rec.get("decryptable", [])]
 
     def for_study(self, study_id: str) -> SiteState:
         """Make ``study_id`` the current study, keeping the others' state (and the ledger)."""
@@ -392,6 +404,16 @@ MIN_SHARE_STD = 1.0
 #: the Gaussian's by at most 2.1e-7 (relative, orders 1.5-256; benchmarks/
 #: distributed-noise/summed_discrete_gaussian.py), and (1 - 1e-6)^-2 covers that.
 SPLIT_CHARGE_MARGIN = 1.0 - 1e-6
+
+
+def split_problem(state: SiteState, h: int) -> str:
+    """Why a request's split ``h`` is refused in this study ("" if it is not): every
+    release of a study is made under the split of its first (``SiteState.split_h``)."""
+    if state.split_h and state.split_h != h:
+        return (f"this study's releases were made with honest-sites = {state.split_h}; a "
+                f"request with honest-sites = {h} is refused (a site never mixes splits "
+                "within a study): ask under a new study id")
+    return ""
 
 
 def split_metrics(site: SiteConfig, state: SiteState, honest_sites: int) -> dict[str, float]:

@@ -34,6 +34,7 @@ from fedsynth.common.encryption.masks import (
     request_digest,
     unmask_sum,
 )
+from fedsynth.common.protocol import GRID_MESSAGE, MARGINAL_MESSAGE
 from fedsynth.common.study import ConfigError, SiteConfig, StudyConfig
 from tests.flower_support import RecordingGrid, run_recorded
 
@@ -62,7 +63,7 @@ def test_masks_cancel_in_the_whole_sum_and_nowhere_else(tmp_path):
     rosters = _rosters(tmp_path, SITES)
     rng = np.random.default_rng(0)
     values = {n: rng.integers(0, 300, 500) + rng.normal(0, 9, 500) for n in SITES}
-    digest = request_digest({"step": 1}, {})
+    digest = request_digest(MARGINAL_MESSAGE, {"step": 1}, {})
     masked = {n: mask(values[n], r, pair_keys(r, "study"), digest) for n, r in rosters.items()}
     total = unmask_sum(list(masked.values()))
     assert np.abs(total - sum(values.values())).max() <= 3 * 2.0**-17  # fixed point
@@ -81,7 +82,7 @@ def test_a_coordinator_joined_by_one_site_reads_only_the_honest_sites_sum(tmp_pa
     rosters = _rosters(tmp_path, SITES)
     rng = np.random.default_rng(1)
     values = {n: rng.integers(0, 300, 400).astype(float) for n in SITES}
-    digest = request_digest({"step": 7}, {})
+    digest = request_digest(MARGINAL_MESSAGE, {"step": 7}, {})
     masked = {n: mask(values[n], r, pair_keys(r, "study"), digest) for n, r in rosters.items()}
     colluder = rosters["switzerland"]
     keys = pair_keys(colluder, "study")  # switzerland's pair keys: the coalition's
@@ -104,12 +105,12 @@ def test_a_mask_is_bound_to_its_request(tmp_path):
     answer to the others, to cancel noise): the masks do not cancel, the sum is noise."""
     rosters = _rosters(tmp_path, SITES)
     values = {n: np.full(50, 10.0) for n in SITES}
-    one, other = request_digest({"step": 3, "cliques": "[['age']]"}, {}), \
-        request_digest({"step": 3, "cliques": "[['sex']]"}, {})
+    one, other = request_digest(MARGINAL_MESSAGE, {"step": 3, "cliques": "[['age']]"}, {}), \
+        request_digest(MARGINAL_MESSAGE, {"step": 3, "cliques": "[['sex']]"}, {})
     assert one != other
     # the arrays a score request carries count too
-    assert request_digest({"step": 3}, {"p.0": np.ones(3)}) != \
-        request_digest({"step": 3}, {"p.0": np.ones(3) / 2})
+    assert request_digest(MARGINAL_MESSAGE, {"step": 3}, {"p.0": np.ones(3)}) != \
+        request_digest(MARGINAL_MESSAGE, {"step": 3}, {"p.0": np.ones(3) / 2})
     masked = [mask(values[n], r, pair_keys(r, "study"), one if n == "cleveland" else other)
               for n, r in rosters.items()]
     with pytest.raises(MaskError):
@@ -118,6 +119,58 @@ def test_a_mask_is_bound_to_its_request(tmp_path):
     a = mask(values["cleveland"], rosters["cleveland"], pair_keys(rosters["cleveland"], "a"), one)
     b = mask(values["cleveland"], rosters["cleveland"], pair_keys(rosters["cleveland"], "b"), one)
     assert not np.array_equal(a, b)
+
+
+def test_one_config_as_a_grid_and_as_a_marginal_query_shares_no_mask(tmp_path):
+    """The coordinator sends one site the same config twice, once as a deep study's grid
+    query and once as a marginal query, hoping both replies carry the same mask: their
+    difference would be the site's two vectors in clear, each carrying only its 1/H
+    share of the noise. The marginal query is refused in a training study (nothing is
+    drawn or charged), and the digests of the two kinds differ, so even a site that
+    answered both would mask them apart."""
+    from fedsynth.client.grid import grid_reply
+    from fedsynth.client.measure import answer
+    from fedsynth.client.site import SiteState
+    from fedsynth.common.generators.marginal.model import study_discretizer
+    from fedsynth.common.generators.marginal.plan import MarginalPlan, calibrate
+    from fedsynth.common.quantile_grid import grid_noise_for
+    from fedsynth.common.schema import Schema
+    from fedsynth.common.study import schema_fingerprint
+    from fedsynth.simulations.simulate import SimulationOptions, prepare_sites, setup_mask_keys
+
+    study = StudyConfig(generator="tvae", min_sites=3, num_server_rounds=1,
+                        output_dir=str(tmp_path / "study"), secure_aggregation="masks",
+                        study_id="cross-kind", honest_sites=3)
+    sites, _, _ = prepare_sites(SimulationOptions(sites=SITES, epsilon=3.0, study=study),
+                                tmp_path)
+    sites = [replace(s, honest_sites=3) for s in setup_mask_keys(tmp_path, sites, 3)]
+    schema = Schema.load(sites[0].schema_path)
+    names = study_discretizer(schema, {}, "").names
+    plan = MarginalPlan(attributes=len(names), rounds=1, candidates=1, per_round=1,
+                        one_way_share=0.2, select_share=0.2)
+    config = {**study.to_flat(), P.SCHEMA_FINGERPRINT: schema_fingerprint(schema),
+              P.OP: P.MEASURE_OP, P.PLAN: json.dumps(plan.to_dict()),
+              P.CLIQUES: json.dumps([[a] for a in names]), P.RELEASE_KIND: "one-way",
+              P.STEP: 1, P.GRID_NOISE: grid_noise_for(3.0, 1e-5, study.grid_share),
+              P.NOISE_LEVELS: calibrate(plan, 3.0, 1e-5).to_json()}
+    state = SiteState().for_study(study.study_id)
+    grid = grid_reply(sites[0], study, config[P.SCHEMA_FINGERPRINT], state, dict(config))
+    assert grid.status == P.Status.GRID_RELEASED
+    charged = list(state.ledger.history)
+    marginal = answer(sites[0], study, dict(config), {}, {}, state)
+    assert marginal.reply.status == P.Status.REFUSED and marginal.masked is None
+    assert "marginal" in marginal.reply.problems[0]
+    assert state.ledger.history == charged  # nothing drawn, nothing charged
+
+    # and the two kinds' masks are apart: the grid vector masked as a marginal reply
+    # would be, minus the grid reply, is uniform
+    roster = load_roster(sites[0].name, sites[0].key_dir, sites[0].peer_keys)
+    keys = pair_keys(roster, study.study_id)
+    counts = np.asarray(state.grid_counts, dtype=float)
+    as_marginal = mask(counts, roster, keys, request_digest(MARGINAL_MESSAGE, config, {}))
+    assert _uniform_share(as_marginal - np.asarray(grid.arrays[P.GRID_MASKED])) > 0.95
+    assert request_digest(GRID_MESSAGE, config, {}) != \
+        request_digest(MARGINAL_MESSAGE, config, {})
 
 
 def test_a_roster_refuses_its_own_key_a_duplicate_and_an_empty_folder(tmp_path):

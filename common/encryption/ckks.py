@@ -680,6 +680,7 @@ def flood_for_release(
     state: Mapping[str, Any],
     *,
     relative_std: float = 2.0**-20,
+    floor: float = 0.0,
     rng: np.random.Generator | None = None,
 ) -> dict[str, np.ndarray]:
     """A copy of a decrypted aggregate that is safe to hand to the coordinator.
@@ -692,13 +693,20 @@ def flood_for_release(
     which turns the exact-error equations of the Li-Micciancio key recovery into a
     noisier lattice problem, while it stays at the level of float32 rounding and many
     orders below the DP noise already in the weights. See the module docstring.
+
+    ``floor`` sets the smallest peak the noise is scaled by. A decryption a coordinator
+    can ask for more than once needs it: with the noise relative to the peak alone, it
+    subtracts the first answer from the ciphertext (no key needed), asks again, and the
+    residual's peak, hence its flooding, is at the CKKS error itself (the twelfth
+    session's audit recovered the exact decryption in three requests). A count vector
+    floors at its layout's ``count-bound``.
     """
     if not (math.isfinite(relative_std) and relative_std > 0):
         raise ValueError(f"relative_std must be a positive number, not {relative_std!r}")
     rng = rng if rng is not None else np.random.default_rng()
     arrays = {k: np.asarray(v) for k, v in state.items()}
     peak = max((float(np.max(np.abs(a))) for a in arrays.values() if a.size), default=0.0)
-    sigma = relative_std * max(peak, 1e-12)
+    sigma = relative_std * max(peak, floor, 1e-12)
     out: dict[str, np.ndarray] = {}
     for key, arr in arrays.items():
         if arr.dtype.kind == "f":

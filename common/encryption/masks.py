@@ -165,9 +165,14 @@ def pair_keys(roster: Roster, study_id: str) -> dict[str, bytes]:
     return out
 
 
-def request_digest(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> bytes:
-    """SHA-256 of everything a request asked: its config (canonical JSON) and arrays."""
+def request_digest(kind: str, config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
+                   ) -> bytes:
+    """SHA-256 of everything a request asked: its message kind, its config (canonical
+    JSON) and arrays. The kind keeps message types apart: a grid query and a marginal
+    query with the same config would otherwise share one mask, and the difference of
+    the two masked replies would be the site's two vectors' difference, in clear."""
     h = hashlib.sha256(_LABEL)
+    h.update(kind.encode() + b"\x00")
     h.update(json.dumps({str(k): v for k, v in config.items()}, sort_keys=True,
                         default=str).encode())
     for name in sorted(arrays):

@@ -22,9 +22,14 @@ A release's Gaussian noise (marginals, scores, the count and grid histograms, th
 report) is drawn through ``release(stream)``: in secret mode by OpenDP's exact sampler
 from OS randomness (``release_noise.py``), not by these generators.
 
-Generators are torch's and numpy's (Mersenne Twister, PCG64) seeded with 64 bits from
-the OS CSPRNG: the adversary never sees their raw outputs (they are added to sums it
-cannot see either), and replaying a round needs the 64-bit seed. Opacus' own
+Generators are torch's (Mersenne Twister) and numpy's (PCG64). In secret mode a torch
+generator's *whole* state (624 words, 19,937 bits) comes from the OS CSPRNG, not a seed:
+torch's ``manual_seed`` keeps only a seed's low 32 bits, and 2**32 candidate streams
+are few enough for a coordinator to try each against a returned update and, on the
+right one, subtract the DP-SGD noise (found in the twelfth session's audit; the
+correlation test it ran picks the true seed out of a round's weights). numpy's
+generators get 128 bits. The adversary never sees the raw outputs (they are added to
+sums it cannot see either). Neither is a cryptographic generator: Opacus' own
 ``secure_mode`` needs ``torchcsprng``, which no longer builds against current torch;
 its floating-point hardening (each noise value the sum of four draws) is what the
 trainer takes from it (``DPOptimizer(secure_mode=True)``). docs/privacy.md says this.
@@ -35,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass, field
+from functools import cache
 
 import numpy as np
 import torch
@@ -81,10 +87,25 @@ class DPRandomness:
 
     def torch(self, stream: str) -> torch.Generator:
         """A fresh torch generator for one stream."""
+        if self.seed is None:
+            self._seed(stream)  # checks the stream's name
+            return _secret_state(torch.Generator())
         return torch.Generator().manual_seed(self._seed(stream))
+
+    def seed_global(self, stream: str) -> None:
+        """Set torch's global generator for one stream: the draws a module makes inside a
+        DP-SGD step (ddpm's timesteps, the VAE's reparametrisation) read it."""
+        if self.seed is None:
+            self._seed(stream)
+            _secret_state(torch.random.default_generator)
+        else:
+            torch.manual_seed(self._seed(stream))
 
     def numpy(self, stream: str) -> np.random.Generator:
         """A fresh numpy generator for one stream."""
+        if self.seed is None:
+            self._seed(stream)
+            return np.random.default_rng(secrets.randbits(128))
         return np.random.default_rng(self._seed(stream))
 
     def release(self, stream: str) -> ReleaseNoise:
@@ -95,3 +116,36 @@ class DPRandomness:
     def int_seed(self, stream: str) -> int:
         """A seed for code that takes an integer (kept secret in secret mode)."""
         return self._seed(stream)
+
+
+#: torch's CPU generator state (``Generator.get_state``): the seed (uint64), ``left`` and
+#: ``seeded`` (int32 each), ``next`` (uint64), then the Mersenne Twister's 624 words,
+#: each stored in a uint64 of which torch reads the low 32 bits.
+_MT_OFFSET = 24
+_MT_WORDS = 624
+
+
+@cache
+def _check_layout() -> None:
+    """Refuse to run if torch's generator state is not the layout ``_secret_state``
+    writes: a silent mismatch would leave the 32-bit seed in charge."""
+    probe = torch.Generator().manual_seed(12345).get_state().numpy()
+    words = probe[_MT_OFFSET:_MT_OFFSET + 8 * _MT_WORDS].view(np.uint64)
+    expected = np.random.RandomState(12345).get_state()[1]  # the same MT19937 seeding
+    if probe.size < _MT_OFFSET + 8 * _MT_WORDS or not np.array_equal(words, expected):
+        raise RuntimeError(
+            f"torch {torch.__version__}'s generator state is not the layout fedsynth fills "
+            "from the OS CSPRNG; pin torch to the version in pyproject.toml"
+        )
+
+
+def _secret_state(generator: torch.Generator) -> torch.Generator:
+    """``generator`` with all 624 words of its Mersenne Twister state from ``secrets``
+    (19,937 bits), so no seed, 32- or 64-bit, replays its draws."""
+    _check_layout()
+    generator.manual_seed(secrets.randbits(63))  # a valid header: ``left`` 1, ``next`` 0
+    state = generator.get_state().numpy().copy()
+    words = state[_MT_OFFSET:_MT_OFFSET + 8 * _MT_WORDS].view(np.uint64)
+    words[:] = np.frombuffer(secrets.token_bytes(4 * _MT_WORDS), dtype=np.uint32)
+    generator.set_state(torch.from_numpy(state))
+    return generator

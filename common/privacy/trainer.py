@@ -274,7 +274,7 @@ def train_round(
         batch_rows = max(1.0, sample_rate * len(data))
         mode = pick_mode(generator.private_module(),
                          samples_per_step(generator, data.shape[1], batch_rows))
-    torch.manual_seed(randomness.int_seed("model"))
+    randomness.seed_global("model")
     module = generator.private_module()
     expected_batch = max(1.0, sample_rate * (len(data) if rows is None else rows))
     loader = poisson_loader(data, sample_rate, randomness.torch("sampler"))

@@ -1,0 +1,198 @@
+"""The fourth audit (twelfth session): the secret draws' entropy, the CKKS decryption
+step of a marginal study, a release CKKS cannot hold, and a split changed mid-study.
+
+Each test plays the coordinator against a site's real code on real heart-disease rows
+(or against the real generators a site draws its DP noise from), and each failed on the
+code before the audit.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tenseal as ts
+import torch
+
+from fedsynth.client.measure import answer
+from fedsynth.client.secure import site_context
+from fedsynth.client.site import SiteState
+from fedsynth.common import protocol as P
+from fedsynth.common.encryption import StateLayout, check_ciphertexts, load_public_context
+from fedsynth.common.encryption.ckks import decrypt_state
+from fedsynth.common.generators.marginal.model import study_discretizer
+from fedsynth.common.generators.marginal.plan import MarginalPlan, calibrate
+from fedsynth.common.privacy.randomness import DPRandomness
+from fedsynth.common.privacy.secure_noise import secure_gaussian
+from fedsynth.common.schema import Schema
+from fedsynth.common.study import SiteConfig, StudyConfig, schema_fingerprint
+from fedsynth.simulations.simulate import (
+    SimulationOptions,
+    prepare_sites,
+    setup_mask_keys,
+    setup_simulation_keys,
+)
+
+SITES = ("cleveland", "hungarian", "switzerland")
+
+
+# ------------------------------------------------------------- the secret draws' entropy
+
+def test_a_secret_generator_is_not_replayed_from_any_seed_the_coordinator_can_search():
+    """torch's Mersenne Twister keeps only a seed's low 32 bits: seeded with 63 secret
+    bits, a site's DP-SGD noise and Poisson batches were one of 2**32 streams, which a
+    coordinator can try one by one against a returned update (the audit's correlation
+    test picked the true seed out of one round's weights, 0.67 against at most 0.025
+    for 200 wrong ones). Now the whole 19,937-bit state comes from the OS: neither the
+    generator's reported seed nor its low 32 bits replays a draw."""
+    randomness = DPRandomness.secret()
+    for stream in ("gradient-noise", "sampler"):
+        drawn = randomness.torch(stream)
+        seed = drawn.initial_seed()
+        twins = [torch.Generator().manual_seed(seed & 0xFFFFFFFF),
+                 torch.Generator().manual_seed(seed)]
+        noise = secure_gaussian(1.0, 4096, drawn)
+        for twin in twins:
+            assert not torch.equal(noise, secure_gaussian(1.0, 4096, twin))
+    # the draws inside a DP-SGD step read torch's global generator
+    randomness.seed_global("model")
+    seed = torch.initial_seed()
+    inside = torch.rand(4096)
+    torch.manual_seed(seed & 0xFFFFFFFF)
+    assert not torch.equal(inside, torch.rand(4096))
+    # two secret generators never share a stream; a reproducible one replays (tests only)
+    assert not torch.equal(torch.rand(64, generator=randomness.torch("sampler")),
+                           torch.rand(64, generator=randomness.torch("sampler")))
+    again = [torch.rand(8, generator=DPRandomness.reproducible(3).torch("sampler"))
+             for _ in range(2)]
+    assert torch.equal(*again)
+
+
+# --------------------------------------------------- a marginal study's CKKS decryption
+
+@pytest.fixture()
+def ckks_sites(tmp_path: Path) -> tuple[StudyConfig, list[SiteConfig], Schema]:
+    study = StudyConfig(generator="marginal", min_sites=2, output_dir=str(tmp_path / "s"),
+                        secure_aggregation="ckks", study_id="decrypt-oracle")
+    sites, _, _ = prepare_sites(SimulationOptions(sites=SITES[:2], epsilon=3.0,
+                                                  study=study), tmp_path)
+    study, sites = setup_simulation_keys(tmp_path, study, sites)
+    return study, sites, Schema.load(sites[0].schema_path)
+
+
+def _measure(study: StudyConfig, schema: Schema, step: int) -> dict:
+    plan = MarginalPlan(attributes=14, rounds=4, candidates=1, per_round=1,
+                        one_way_share=0.2, select_share=0.2)  # four measurements' budget
+    return {**study.to_flat(), P.SCHEMA_FINGERPRINT: schema_fingerprint(schema),
+            P.OP: P.MEASURE_OP, P.PLAN: json.dumps(plan.to_dict()),
+            P.CLIQUES: json.dumps([["age"]]), P.RELEASE_KIND: "measure", P.STEP: step}
+
+
+def test_the_decryption_step_is_no_oracle(ckks_sites):
+    """The coordinator holds a key-less context: it can subtract a plaintext from a
+    ciphertext. Flooding relative to the decrypted peak let it ask for a site's vector,
+    subtract the answer, ask again, and read the exact decryption the flooding exists
+    to hide (Li-Micciancio key recovery starts there); the decrypt step answered any
+    layout, any number of times, in any CKKS study. Now a site decrypts one sum per
+    vector it encrypted, laid out as that vector, only in a marginal study, and floods
+    at its count-bound's scale whatever the ciphertext holds."""
+    study, (site, _), schema = ckks_sites
+    state = SiteState().for_study(study.study_id)
+    released = [answer(site, study, _measure(study, schema, step), {}, {}, state)
+                for step in (1, 2)]
+    chunks, layout = released[0].chunks, released[0].layout_json
+    assert chunks is not None and len(state.decryptable) == 2, released[1].reply
+    public = load_public_context(study.public_context)
+    decrypt = {**study.to_flat(), P.SCHEMA_FINGERPRINT: schema_fingerprint(schema),
+               P.OP: P.DECRYPT_OP}
+
+    def ask(ciphertexts: list[bytes]) -> np.ndarray | None:
+        reply = answer(site, study, dict(decrypt), {},
+                       {P.CHUNKS: ciphertexts, P.LAYOUT: layout}, state)
+        return None if reply.values is None else np.asarray(reply.values)
+
+    def minus(ciphertexts: list[bytes], estimate: np.ndarray) -> list[bytes]:
+        vec = ts.ckks_vector_from(public, ciphertexts[0]) - list(estimate / study.count_bound)
+        out = [vec.serialize()]
+        check_ciphertexts(public, out, StateLayout.from_json(layout))  # passes unkeyed
+        return out
+
+    ctx = site_context(site, study.study_id)
+    exact = decrypt_state(ctx, list(chunks), StateLayout.from_json(layout))[P.VALUES] \
+        * study.count_bound
+    first = ask(list(chunks))
+    assert first is not None
+    residual = minus(list(chunks), first)
+    second = ask(residual)
+    assert second is not None
+    residual_exact = decrypt_state(ctx, residual, StateLayout.from_json(layout))[P.VALUES] \
+        * study.count_bound
+    ckks_error = np.median(np.abs(exact - np.round(exact)))  # counts are integers + noise
+    flood = np.median(np.abs(second - residual_exact))
+    assert flood > 2.0**-20 * study.count_bound * 0.3  # the floor: ~0.1 count here
+    assert flood > 100 * max(ckks_error, 1e-12) or ckks_error == 0
+    assert ask(minus(list(chunks), first + second)) is None  # two vectors, two sums
+
+    # a training study's sites decrypt nothing through this step
+    tvae = replace(study, generator="tvae")
+    refused = answer(site, tvae, {**decrypt, **tvae.to_flat()}, {},
+                     {P.CHUNKS: list(chunks), P.LAYOUT: layout}, SiteState())
+    assert refused.values is None and refused.reply.status == P.Status.REFUSED
+
+
+def test_a_release_ckks_cannot_hold_is_charged_and_kept(ckks_sites):
+    """``count-bound`` is the coordinator's: set below a known count, the encryption of
+    the noisy vector failed after the draw and the charge, as an exception that skipped
+    saving the state. The coordinator read failure or success (one bit of a fresh noisy
+    vector) for free, as often as it liked. Now the failure is a reply, so the state
+    with its charge is saved like any other."""
+    study, (site, _), schema = ckks_sites
+    tight = replace(study, count_bound=1.0)  # ~64 counts fit; cleveland's ages do not
+    state = SiteState().for_study(tight.study_id)
+    reply = answer(site, tight, _measure(tight, schema, 1), {}, {}, state)
+    assert reply.reply.status == P.Status.ENCRYPTION_FAILED
+    assert reply.chunks is None and reply.values is None
+    assert "count-bound" in reply.reply.problems[0]
+    assert len(state.ledger.history) == 1  # charged, as the release was drawn
+    assert not state.decryptable
+
+
+# ------------------------------------------------------------- one split per study
+
+def test_a_study_keeps_the_split_of_its_first_release(tmp_path):
+    """With honest-sites H > 1 a site's 1-way release carries 1/H of the noise (only the
+    sum is a DP release), and its noisy count is that share. Asked next for scores at
+    H = 1, the site scored against that count at sensitivity 1, for about twice the
+    epsilon it charged. A study's releases now all keep the split of its first."""
+    study = StudyConfig(generator="marginal", min_sites=3, output_dir=str(tmp_path / "s"),
+                        secure_aggregation="masks", study_id="split-switch", honest_sites=3)
+    sites, _, _ = prepare_sites(SimulationOptions(sites=SITES, epsilon=3.0, study=study),
+                                tmp_path)
+    sites = [replace(s, honest_sites=3) for s in setup_mask_keys(tmp_path, sites, 3)]
+    schema = Schema.load(sites[0].schema_path)
+    discretizer = study_discretizer(schema, {}, "")
+    names = discretizer.names
+    plan = MarginalPlan(attributes=len(names), rounds=1, candidates=1, per_round=1,
+                        one_way_share=0.2, select_share=0.2)
+    base = {P.SCHEMA_FINGERPRINT: schema_fingerprint(schema), P.PLAN: json.dumps(plan.to_dict())}
+    one_way = {**study.to_flat(), **base, P.OP: P.MEASURE_OP, P.STEP: 1,
+               P.RELEASE_KIND: "one-way", P.CLIQUES: json.dumps([[a] for a in names]),
+               P.NOISE_LEVELS: calibrate(plan, 3.0, 1e-5).to_json()}
+    state = SiteState().for_study(study.study_id)
+    first = answer(sites[0], study, one_way, {}, {}, state)
+    assert first.masked is not None and state.split_h == 3
+    charged = list(state.ledger.history)
+
+    at_one = replace(study, honest_sites=1)
+    size = discretizer.shape[names[0]]
+    p = np.full(size, 1.0 / size)
+    score = {**at_one.to_flat(), **base, P.OP: P.SCORE_OP, P.STEP: 2,
+             P.CLIQUES: json.dumps([[names[0]]])}
+    reply = answer(sites[0], at_one, score, {"p.0": p}, {}, state)
+    assert reply.masked is None and reply.values is None
+    assert reply.reply.status == P.Status.REFUSED
+    assert "honest-sites = 3" in reply.reply.problems[0]
+    assert state.ledger.history == charged
