@@ -275,8 +275,9 @@ def handle_evaluate(msg: Message, context: Context, sites: list[SiteConfig] | No
     if isinstance(table, SiteReply):
         return Message(reply_content(site, table), reply_to=msg)
     if not study.encrypted and site.validation_scores == "all":
-        # In clear the site cannot check the model is the real release: the screens
-        # that hinge on single patients are not sent (docs/privacy.md).
+        # In clear the site cannot check the model is the real release: the per-patient
+        # screens (recall, nearest distance, DCR, copies: ``PATIENT_SCREENS``) would
+        # answer "is this record here" for a model pinned to it (docs/privacy.md).
         site = replace(site, validation_scores="quality")
     reply = evaluate_reply(
         site,

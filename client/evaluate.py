@@ -12,9 +12,11 @@ per study, and only a study in which the site made a DP release (it trained a ro
 made a marginal study's 1-way release): study ids are the coordinator's to pick. In an
 encrypted study the site also checks that the model is the one it decrypted and
 released (a coordinator can still encrypt a crafted model and send it to the release
-step: docs/privacy.md); in a study in clear it cannot check that, and the privacy
-screens that hinge on single patients (``exact_copies``, ``dcr_min``) are then never
-sent. docs/privacy.md states what a deviating coordinator can still learn. The site
+step: docs/privacy.md); in a study in clear it cannot check that, and the per-patient
+screens (``PATIENT_SCREENS``: ``exact_copies``, ``dcr_min``, ``synthetic_recall``,
+``nearest_synthetic_distance_mean``) are then never sent: against a model whose every
+sample is one guessed record they are a membership test. docs/privacy.md states what a
+deviating coordinator can still learn. The site
 reads its own table, computes ``common.validation.federated.site_scores`` and replies
 with a flat dict of floats (one Flower MetricRecord). Besides the scores the reply
 carries the row count the site already released under DP for its FedAvg weight:

@@ -326,8 +326,9 @@ class SiteConfig:
     honest_sites: int = 1
     # Federated validation scores are statistics of this site's rows released outside
     # DP, so the site decides, not the coordinator: "none" (default) declines, "quality"
-    # sends the fidelity and utility scores, "all" adds the privacy screens that hinge
-    # on single patients (dcr_min, exact_copies). See docs/validation.md.
+    # sends the fidelity and utility scores, "all" adds the per-patient screens
+    # (dcr_min, exact_copies, synthetic_recall, nearest_synthetic_distance_mean), in an
+    # encrypted study only: in clear "all" sends what "quality" does. docs/validation.md.
     validation_scores: str = "none"
     # Tests and benchmarks only: a site-local seed that makes this site's DP draws
     # (noise, Poisson batches) reproducible. Its outputs are not a DP release (anyone

@@ -35,7 +35,7 @@ from flwr.serverapp import Grid, ServerApp
 from ..common.encryption import KeySetupError, StateLayout, load_public_context
 from ..common.errors import FedsynthError
 from ..common.generators import Generator, ModelFileError, get_generator
-from ..common.generators.base import GRID_PARAM, HEAPS_PARAM
+from ..common.generators.base import GRID_PARAM, HEAPS_PARAM, NO_DP_RELEASE
 from ..common.privacy.randomness import NOT_A_DP_RELEASE
 from ..common.protocol import AGGREGATE_ROUND, SCHEMA_FINGERPRINT, Status
 from ..common.schema import Schema
@@ -67,6 +67,14 @@ MODEL = "model.fsg"
 SYNTHETIC = "synthetic.csv"
 MOMENTUM = "momentum.npz"
 SUMMARY = "summary.json"
+#: The coordinator's wall time of the run, kept out of the publishable summary.json: a
+#: round's time grows with the sites' rows (Poisson batches), a side channel DP does not
+#: cover (docs/privacy.md, "Timing"). ``fedsynth simulate`` moves it into its
+#: ``validation.json``, where the row counts and its other timings stay with the data.
+TIMINGS = "timings.json"
+SECONDS_FEDERATED = "seconds_federated"
+#: The simulation's file of figures computed in clear (row counts, timings, validation).
+VALIDATION = "validation.json"
 
 
 class StudyFailed(FedsynthError, RuntimeError):
@@ -264,7 +272,8 @@ def publish(
     secure_summary: dict[str, Any] | None,
 ) -> None:
     """Write the released model, the synthetic table and the summary (DP releases and
-    public settings only); ask the sites to validate when the study says so."""
+    public settings only), the run's timings beside it (``TIMINGS``); ask the sites to
+    validate when the study says so."""
     if not any(r.aggregated and r.included for r in history):
         # No round ever combined enough sites: an untrained model and samples from it
         # must not look like a study's result.
@@ -298,7 +307,6 @@ def publish(
         "generator_parameters": model.num_parameters(),
         "rounds_completed": len(history),
         "n_synthetic": n,
-        "seconds_federated": seconds,
         "sites": final_site_privacy(history),
         "rounds": _history_to_json(history),
     }
@@ -308,7 +316,27 @@ def publish(
         summary["secure_aggregation"] = masked_summary(history)
     if study.federated_validation:
         summary["federated_validation"] = validate_at_sites(grid, study, schema, out, model, n)
+    write_timings(out, seconds)
     (out / SUMMARY).write_text(json.dumps(summary, indent=1, default=_json_default))
+
+
+def write_timings(out: Path, seconds: float) -> None:
+    """Keep the run's wall time beside the summary, not in it (``TIMINGS``): written
+    before summary.json, so a fresh summary always has fresh timings."""
+    (out / TIMINGS).write_text(json.dumps({SECONDS_FEDERATED: seconds}, indent=1))
+
+
+def read_timings(folder: str | Path) -> dict[str, float]:
+    """A study folder's coordinator timings: ``TIMINGS`` (a coordinator's folder), else
+    the simulation's ``VALIDATION`` it was moved into; empty when neither has them."""
+    folder = Path(folder)
+    for name in (TIMINGS, VALIDATION):
+        path = folder / name
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if SECONDS_FEDERATED in saved:
+                return {SECONDS_FEDERATED: float(saved[SECONDS_FEDERATED])}
+    return {}
 
 
 def _server_step(study: StudyConfig, velocity_file: Path, done: int) -> ServerMomentum | None:
@@ -430,7 +458,7 @@ def release_label(history: list[RoundLog]) -> str:
     if replayable:
         return f"{NOT_A_DP_RELEASE} (sites {', '.join(replayable)})"
     if no_dp:
-        return f"no DP: not a DP release (sites {', '.join(no_dp)} trained without DP)"
+        return f"{NO_DP_RELEASE} (sites {', '.join(no_dp)} trained without DP)"
     if trusting := sorted({s.site for r in history for s in r.sites if s.honest_sites > 1}):
         return ("DP release under distributed noise: each site's epsilon holds while "
                 "its honest-sites (itself included) do not collude with the coordinator; "

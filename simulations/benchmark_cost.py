@@ -48,6 +48,7 @@ from ..common.generators import Generator, get_generator
 from ..common.privacy import DPSettings, PrivacyLedger, train_round
 from ..common.privacy.bookkeeping import BookKeeping
 from ..common.privacy.randomness import DPRandomness
+from ..server.app import SECONDS_FEDERATED, read_timings
 from .benchmark import BenchmarkOptions, Setting, prepare_seed, run_federated
 from .benchmark_measure import machine, measured
 
@@ -339,14 +340,13 @@ def run_scale(opts: BenchmarkOptions, dataset: str, counts: tuple[int, ...], con
         setting = Setting("federated", generator, dp=True, epsilon=3.0)
         with measured() as m:
             produced = run_federated(scale_opts, setting, data, opts.seed, work / "study")
-        summary = json.loads((work / "study" / "summary.json").read_text())
         sizes = [len(data.site_train(s.name)) for s in data.sites]
         rows.append({
             "sites": len(data.sites), "requested_sites": n, "rows": sum(sizes),
             "min_site_rows": min(sizes), "max_site_rows": max(sizes), "rounds": rounds,
             "local_epochs": epochs, "wall_s": m.seconds,
             "seconds_per_round": produced.seconds_per_round,
-            "seconds_federated": summary["seconds_federated"],
+            "seconds_federated": read_timings(work / "study")[SECONDS_FEDERATED],
             "peak_rss_mb": m.peak_mb, "bytes_per_round": produced.bytes_per_round,
             "max_epsilon": max(e for e in produced.epsilon_sites.values() if e is not None),
         })

@@ -371,6 +371,13 @@ class RunResult:
         return json.loads((self.output_dir / "summary.json").read_text())
 
     @property
+    def timings(self) -> dict[str, float]:
+        """The coordinator's timings, kept beside the publishable summary, not in it."""
+        from ..server.app import read_timings  # the coordinator's code: loaded on demand
+
+        return read_timings(self.output_dir)
+
+    @property
     def completed(self) -> bool:
         return self.status == "finished:completed"
 
@@ -1036,7 +1043,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result.completed:
         summary = result.summary
         print(f"  rounds completed {summary['rounds_completed']}, "
-              f"federated seconds {summary['seconds_federated']:.1f}")
+              f"federated seconds {result.timings['seconds_federated']:.1f}")
         for site, entry in summary["sites"].items():
             print(f"  {site}: {entry}")
         print(f"  outputs in {result.output_dir}: {', '.join(OUTPUTS)}")

@@ -14,7 +14,9 @@ study's folder is never overwritten silently: ``force`` replaces those files,
 ``study.resume`` continues from the checkpoint. ``summary.json`` holds only DP releases
 and public settings (it may be published); what is computed on the real rows in clear
 (row counts, timings, the validation figures and the verdict) is in ``validation.json``,
-which stays with the data, as do ``report.html`` and ``real/``.
+which stays with the data, as do ``report.html``, ``real/`` (real patients, written
+owner-only) and ``site-state/``: besides each site's privacy ledger it holds the site's
+own rows, encoded, and its stored replies, as a deployed site's state-dir does.
 """
 
 from __future__ import annotations
@@ -50,8 +52,11 @@ from ..server.app import (
     ENCRYPTED_CHECKPOINT,
     SUMMARY,
     SYNTHETIC,
+    TIMINGS,
+    VALIDATION,
     StudyFailed,
     make_server_app,
+    read_timings,
 )
 from ..server.strategy import RoundLog
 from .datasets import bundled_schema_path, load_site_frames
@@ -75,10 +80,16 @@ OUTPUTS: dict[str, str] = {
     "continues from)",
     "checkpoint.ckks": "the encrypted aggregate after the last round (CKKS studies; --resume)",
     "momentum.npz": "the coordinator's server-momentum velocity (needed by --resume)",
-    "real/": "the real train parts and holdout this run used: real patients, keep them "
-    "where the data may live",
-    "site-state/": "each site's privacy ledger (epsilon spent so far), kept across "
-    "--resume: in a deployment it stays at the site",
+    "timings.json": "the coordinator's wall time of the run (not DP: it grows with the "
+    "rows), moved into validation.json once the validation is written",
+    "real/": "the real train parts and holdout this run used: real patients, owner-only "
+    "files (0600), keep them where the data may live",
+    "site-state/": "each site's state-dir, kept across --resume: its privacy ledger "
+    "(site-ledger.json: epsilon spent so far, per-study state), its own table encoded "
+    "(encoded-<sha256>.npy: real patients), its stored replies (reply-*.bin, what it "
+    "sent the coordinator, for a replayed round) and an encrypted study's release "
+    "(released-*.npz); owner-only, keep it where the data may live: in a deployment it "
+    "stays at the site",
     "keys/": "CKKS and X25519 keys of an encrypted study (one folder per site, one for the "
     "coordinator)",
 }
@@ -86,7 +97,7 @@ LOG_FILE = "fedsynth.log"
 #: what ``--resume`` continues from: a clear study's model, an encrypted study's sum
 CHECKPOINTS = (CHECKPOINT, ENCRYPTED_CHECKPOINT)
 #: Figures computed on the real rows in clear (not DP): they stay where the data may live.
-VALIDATION_JSON = "validation.json"
+VALIDATION_JSON = VALIDATION
 
 
 @dataclass
@@ -502,7 +513,8 @@ def check_generator(opts: SimulationOptions, schema: Schema | None = None) -> No
 
 
 def simulate(opts: SimulationOptions, console: Console | None = None) -> dict[str, Any]:
-    """Run the study end to end and return the summary (also written to summary.json)."""
+    """Run the study end to end and return the summary (as written to summary.json)
+    merged with what validation.json holds (row counts, timings, validation figures)."""
     return run_simulation_study(opts, console)[0]
 
 
@@ -619,6 +631,7 @@ def run_simulation_study(
     # timings) goes to validation.json, which stays with the data; summary.json holds
     # only DP releases and public settings, so it may be published.
     local: dict[str, Any] = {"rows": {"train": len(train), "holdout": len(hold)}}
+    local.update(read_timings(out))  # the coordinator's, moved here below
 
     schema = data.schema
     synthetic = read_table(out / SYNTHETIC, replace(schema, header=True))
@@ -634,6 +647,7 @@ def run_simulation_study(
     local["verdict"] = study_verdict(result, summary).to_dict()
     summary_path.write_text(json.dumps(summary, indent=1, default=str))
     (out / VALIDATION_JSON).write_text(json.dumps(local, indent=1, default=str))
+    (out / TIMINGS).unlink(missing_ok=True)  # now in validation.json
     summary = {**summary, **local}
     _print_summary(console, summary)
     return summary, result

@@ -7,6 +7,9 @@ the data that no generator sees.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -41,9 +44,20 @@ def holdout_split(
     return frame[~mask].reset_index(drop=True), frame[mask].reset_index(drop=True)
 
 
+#: Real patients' rows are the owner's only, like a site's encoded copy in its state-dir.
+PRIVATE_MODE = 0o600
+
+
 def write_site_table(frame: pd.DataFrame, schema: Schema, path: str) -> None:
-    """Write rows in the schema's own file format (header or not; empty = missing)."""
-    frame.to_csv(path, index=False, header=schema.header, na_rep="")
+    """Write rows in the schema's own file format (header or not; empty = missing),
+    owner-only: they are real patients. A new file is created with its mode, never at
+    the umask's 0644 for a moment; an earlier one is removed first (whoever had it open
+    keeps the old rows, not these); ``fchmod`` sets the mode whatever the umask."""
+    Path(path).unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_MODE)
+    with os.fdopen(fd, "w", newline="") as handle:
+        os.fchmod(handle.fileno(), PRIVATE_MODE)
+        frame.to_csv(handle, index=False, header=schema.header, na_rep="")
 
 
 def dirichlet_split(

@@ -153,7 +153,10 @@ def test_published_summary_holds_no_exact_statistic_of_private_rows(
     tmp_path: Path, heart_schema: Schema
 ) -> None:
     """The coordinator (or anyone) reads the summary.json a study may publish and looks
-    for every site's exact row count and outcome histogram cell: none may be there."""
+    for every site's exact row count and outcome histogram cell: none may be there, nor
+    a timing (a round's wall time grows with the rows; on the old code summary.json held
+    ``seconds_federated``). The real rows the simulation wrote are owner-only (on the
+    old code ``real/*.csv`` had the umask's 0644)."""
     from fedsynth.simulations.simulate import SimulationOptions, simulate
 
     out = tmp_path / "study"
@@ -182,8 +185,24 @@ def test_published_summary_holds_no_exact_statistic_of_private_rows(
     assert not leaked, leaked
     assert "rows" not in summary and "validation" not in summary
     assert "train-seconds" not in json.dumps(summary)
+    assert not _keys_with("seconds", summary), _keys_with("seconds", summary)
     local = json.loads((out / "validation.json").read_text())
     assert local["rows"]["train"] + local["rows"]["holdout"] == 303 + 123
+    assert local["seconds_federated"] > 0  # the timings stay with the data
+    real = sorted((out / "real").iterdir())
+    assert len(real) == 4
+    assert all(p.stat().st_mode & 0o077 == 0 for p in real), {
+        p.name: oct(p.stat().st_mode) for p in real}
+
+
+def _keys_with(word: str, value: Any) -> list[str]:
+    """Every key of a JSON value, at any depth, that contains ``word``."""
+    if isinstance(value, dict):
+        return [k for k in value if word in k] + [
+            x for v in value.values() for x in _keys_with(word, v)]
+    if isinstance(value, list):
+        return [x for v in value for x in _keys_with(word, v)]
+    return []
 
 
 def _numbers(value: Any) -> list[float]:

@@ -150,3 +150,31 @@ def test_condition_choice(heart_schema: Schema) -> None:
         TVAE(heart_schema, condition="age")
     with pytest.raises(ValueError, match="not a column"):
         TVAE(heart_schema, condition="nope")
+
+
+def test_a_model_that_is_not_a_dp_release_says_so_in_its_file(
+    heart_schema: Schema, heart_files, tmp_path: Path
+) -> None:
+    """A model file whose noise is replayable, or that was fitted without DP, holds
+    statistics of the rows with no DP guarantee; its file must say so, or it passes for
+    a release. On the old code both were saved unlabelled: the marginal generator wrote
+    ``reproducible_noise`` where ``save`` looked for ``reproducible-noise``, and a fit
+    with ``epsilon=None`` (its ``cond.freq`` the exact outcome frequencies) had no label."""
+    from fedsynth.common.generators import get_generator
+    from fedsynth.common.generators.base import NO_DP_RELEASE
+    from fedsynth.common.privacy.randomness import NOT_A_DP_RELEASE
+
+    frame = read_table(heart_files["cleveland"], heart_schema)
+    marginal = get_generator("marginal")(heart_schema, seed=3, bins=6, rounds=1, per_round=2,
+                                         candidates=6, iters=60)
+    marginal.fit(frame, epsilon=3.0, randomness=DPRandomness.reproducible(11))
+    marginal.save(tmp_path / "marginal.fsg")
+    assert Generator.read_meta(tmp_path / "marginal.fsg").get("privacy") == NOT_A_DP_RELEASE
+
+    exact = TVAE(heart_schema, seed=3, hidden=16, latent=4).fit(frame, epochs=1, epsilon=None)
+    exact.save(tmp_path / "exact.fsg")
+    assert Generator.read_meta(tmp_path / "exact.fsg").get("privacy") == NO_DP_RELEASE
+    # a DP fit with secret noise is a release: no such label
+    private = TVAE(heart_schema, seed=3, hidden=16, latent=4).fit(frame, epochs=1, epsilon=3.0)
+    private.save(tmp_path / "private.fsg")
+    assert "privacy" not in Generator.read_meta(tmp_path / "private.fsg")

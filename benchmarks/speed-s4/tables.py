@@ -19,7 +19,16 @@ HERE = Path(__file__).parent
 
 
 def _summary(run: Path) -> dict:
-    return json.loads(next((run / "study").rglob("summary.json")).read_text())
+    """The run's summary, with its ``seconds_federated``: in summary.json for the runs
+    recorded here, beside it (``timings.json`` or ``validation.json``) since it left
+    the publishable summary."""
+    found = next((run / "study").rglob("summary.json"))
+    summary = json.loads(found.read_text())
+    for name in ("timings.json", "validation.json"):
+        if "seconds_federated" not in summary and (found.parent / name).is_file():
+            beside = json.loads((found.parent / name).read_text())
+            summary.setdefault("seconds_federated", beside.get("seconds_federated"))
+    return summary
 
 
 def _max(m: dict[str, float], suffix: str, prefix: str = "") -> float:

@@ -49,8 +49,31 @@ GRID_PARAM = "numeric_grid"
 #: which decoding puts back (``encoding.snap_heaps``). Absent: no heaps.
 HEAPS_PARAM = "numeric_heaps"
 
+#: ``fit_info``'s key for "this fit's DP draws were replayable" (every family's central
+#: fit sets it; ``save`` reads it to label the file): one key, or a family's model goes
+#: unlabelled.
+FIT_REPRODUCIBLE = "reproducible-noise"
+#: The label of a model fitted without DP (``epsilon=None``): its arrays hold exact
+#: statistics of the rows (the outcome frequencies of ``cond.freq``, say).
+NO_DP_RELEASE = "no DP: not a DP release"
+
 #: torch's Adam epsilon: every optimizer's unless a family sets ``federated_adam_eps``.
 TORCH_ADAM_EPS = 1e-8
+
+
+def fit_label(fit_info: dict[str, Any]) -> dict[str, str]:
+    """The ``privacy`` label a central fit puts in its saved file, if it is no release.
+
+    Replayable noise (anyone with the seed removes it) or no DP at all leaves exact
+    statistics of the rows in the arrays; a file without this label would pass for a
+    DP release. A model no central fit made (the coordinator's, whose label comes from
+    the sites' replies: ``server/app.py``) has no ``epsilon`` in ``fit_info`` and gets none.
+    """
+    if fit_info.get(FIT_REPRODUCIBLE):
+        return {"privacy": NOT_A_DP_RELEASE}
+    if "epsilon" in fit_info and fit_info["epsilon"] is None:
+        return {"privacy": NO_DP_RELEASE}
+    return {}
 
 
 @dataclass(frozen=True)
@@ -360,7 +383,7 @@ class Generator(ABC):
             rows=rows,
         )
         self.fit_info = {
-            "reproducible-noise": rand.is_reproducible,
+            FIT_REPRODUCIBLE: rand.is_reproducible,
             "steps": stats.steps,
             "seconds": stats.seconds,
             "epsilon": ledger.epsilon(delta) if ledger is not None else None,
@@ -523,11 +546,7 @@ class Generator(ABC):
         path = Path(path)
         meta = {
             **(extra or {}),
-            **(
-                {"privacy": NOT_A_DP_RELEASE}
-                if getattr(self, "fit_info", {}).get("reproducible-noise")
-                else {}
-            ),
+            **fit_label(getattr(self, "fit_info", None) or {}),
             "format": FORMAT_VERSION,
             "generator": self.name,
             "hparams": self.hparams,

@@ -6,9 +6,19 @@ far the released table is from this site's patients), plus the row count it alre
 released under DP for the FedAvg weight (re-using a DP release is post-processing and
 costs nothing). It never sends a frequency table, a quantile, a mean of a column or a
 per-row figure: those are statistics of its private rows, which may leave a site only
-under DP, charged to its budget. The scores themselves are not DP; they are coarse
-(one number per column or per table) and ``include_privacy=False`` drops the two that
-hinge on single patients (``dcr_min``, ``exact_copies``).
+under DP, charged to its budget. The scores themselves are not DP; most are coarse
+(one number per column or per table), but four are per-patient screens of the real
+rows against the synthetic ones (``PATIENT_SCREENS``: ``dcr_min``, ``exact_copies``,
+``synthetic_recall``, ``nearest_synthetic_distance_mean``), and ``include_privacy=False``
+drops all four: against a model whose every sample is one guessed record, recall is
+the share of the site's rows equal to it (a membership test) and the mean distance is
+the rows' exact mean distance to it (docs/privacy.md, "Federated validation").
+
+The reply's keys are a function of public inputs only (the schema, the target and
+``include_privacy``): a figure the site cannot compute (a column it never observed,
+one class of the target) is sent as ``NOT_COMPUTABLE``, not left out, and the
+coordinator skips it. That the figure could not be computed is still a fact of the
+rows, outside DP like the scores.
 
 Each figure says how it combines (``RULES``):
 
@@ -61,6 +71,14 @@ COUNT_KEY = "n-rows-dp"
 RECALL_K = 5
 #: Two rows at Gower distance below this are identical.
 TIE = 1e-12
+#: Screens of each real row against the synthetic rows (a minimum, a copy, a nearest
+#: neighbour, a ball): against a model that samples one guessed record they answer
+#: "is this patient here" and the exact counts, so only ``include_privacy`` sends them.
+PATIENT_SCREENS = ("dcr_min", "exact_copies", "synthetic_recall",
+                   "nearest_synthetic_distance_mean")
+#: What a site sends for a figure it cannot compute: no score is negative, and a key
+#: present at every site hides nothing a missing key would reveal about the rows.
+NOT_COMPUTABLE = -1.0
 
 Combine = Literal["min", "sum", "row-mean", "bound", "none"]
 Exactness = Literal["exact", "approximate", "bound", "none"]
@@ -194,30 +212,33 @@ def _tstr(
 
     Logistic regression with lbfgs is deterministic, so every site fits the same model
     from the same public synthetic table; its per-row figures then add up across sites.
+    The three keys are always there (NaN when not computable: one class in the
+    synthetic table, or AUROC with one class in ``real``), so they reveal no class mix.
     """
     from sklearn.metrics import roc_auc_score
 
     features = [c for c in schema.names if c != target]
     y_syn = np.isin(synthetic.labels[target], list(positive)).astype(int)
     y_real = np.isin(real.labels[target], list(positive)).astype(int)
+    keys = [f"tstr_{m}_logistic_regression[{target}]" for m in ("accuracy", "brier", "auroc")]
     if len(np.unique(y_syn)) < 2:
-        return {}
+        return dict.fromkeys(keys, math.nan)
     model = LogisticRegression(max_iter=2000)
     # the validator's own pipeline (scaler fitted on the synthetic table, public to all
     # sites), so a site's figure is the one the pooled validation and a user compute
     pipe = standard_pipeline(schema, features, model)
     pipe.fit(synthetic.frame(schema)[features], y_syn)
     proba = pipe.predict_proba(real.frame(schema)[features])[:, 1]
-    out = {
-        f"tstr_accuracy_logistic_regression[{target}]": float(np.mean((proba >= 0.5) == y_real)),
-        f"tstr_brier_logistic_regression[{target}]": float(np.mean((proba - y_real) ** 2)),
-    }
-    if len(np.unique(y_real)) == 2:
-        out[f"tstr_auroc_logistic_regression[{target}]"] = float(roc_auc_score(y_real, proba))
-    return out
+    both = len(np.unique(y_real)) == 2
+    return dict(zip(keys, (float(np.mean((proba >= 0.5) == y_real)),
+                           float(np.mean((proba - y_real) ** 2)),
+                           float(roc_auc_score(y_real, proba)) if both else math.nan),
+                    strict=True))
 
 
 def _distances(schema: Schema, real: Table, synthetic: Table) -> dict[str, float]:
+    """The ``PATIENT_SCREENS``: each real row's distance to the synthetic rows, summed
+    up four ways; sent only with ``include_privacy`` (they hinge on single patients)."""
     d = gower(real, synthetic, schema)
     nearest = d.min(axis=1)
     within = gower(synthetic, synthetic, schema)
@@ -262,9 +283,11 @@ def site_scores(
 ) -> dict[str, float]:
     """Scores of ``synthetic`` against one site's ``rows``: only the figures in ``RULES``.
 
-    Keys are metric labels (``ks[age]``, ``dcr_min``); a figure that cannot be computed
-    at this site (a column never observed here, one class of the target) is left out
-    rather than sent as NaN.
+    Keys are metric labels (``ks[age]``, ``dcr_min``), the same at every site for the
+    same schema, target and ``include_privacy``: a figure that cannot be computed at
+    this site (a column never observed here, one class of the target) is sent as
+    ``NOT_COMPUTABLE`` rather than left out, so the key set reveals nothing of the rows.
+    ``include_privacy=False`` leaves out the ``PATIENT_SCREENS``.
     """
     real = Table.from_frame(rows, schema)
     syn = Table.from_frame(synthetic, schema)
@@ -277,11 +300,19 @@ def site_scores(
     resolved = resolve_target(schema, target, positive)
     if resolved is not None:
         out.update(_tstr(schema, real, syn, resolved.column, resolved.positive))
-    distances = _distances(schema, real, syn)
-    if not include_privacy:
-        distances = {k: v for k, v in distances.items() if k not in ("dcr_min", "exact_copies")}
-    out.update(distances)
-    return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(v)}
+    if include_privacy:
+        out.update(_distances(schema, real, syn))
+    return {k: _sendable(v) for k, v in out.items()}
+
+
+def _sendable(value: float | None) -> float:
+    """A score as sent: ``NOT_COMPUTABLE`` for a figure this site could not compute."""
+    return float(value) if value is not None and math.isfinite(value) else NOT_COMPUTABLE
+
+
+def computed(value: float) -> bool:
+    """Whether a site's figure is a score (not ``NOT_COMPUTABLE`` or a non-finite value)."""
+    return math.isfinite(value) and value != NOT_COMPUTABLE
 
 
 # ---------------------------------------------------------------- the coordinator's side
@@ -376,7 +407,8 @@ def combine(
     figures: list[StudyFigure] = []
     for label in labels:
         rule = rule_for(label)
-        values = {s: float(f[label]) for s, f in sites.items() if label in f}
+        values = {s: float(f[label]) for s, f in sites.items()
+                  if label in f and computed(float(f[label]))}
         value, note = _combine_one(label, rule, values, weights)
         figures.append(StudyFigure(label, value, rule, values, note))
     column_scores = [
@@ -399,7 +431,8 @@ def pooled_figure(label: str, pooled: Mapping[str, float]) -> float | None:
     """The figure ``site_scores`` gives on the pooled table (simulation only), with the
     study ``fidelity`` recomputed the way ``combine`` does, from the column values."""
     if label == "fidelity":
-        scores = [1.0 - v for k, v in pooled.items() if k.split("[", 1)[0] in ("ks", "tvd")]
+        scores = [1.0 - v for k, v in pooled.items()
+                  if k.split("[", 1)[0] in ("ks", "tvd") and computed(v)]
         return float(np.mean(scores)) if scores else None
     value = pooled.get(label)
-    return None if value is None else float(value)
+    return None if value is None or not computed(float(value)) else float(value)

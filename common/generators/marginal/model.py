@@ -24,7 +24,15 @@ from ...dp_histogram import bin_weights, cell_weights, equal_mass_cuts, mass_and
 from ...privacy import PrivacyLedger
 from ...privacy.randomness import DPRandomness
 from ...schema import Schema
-from ..base import NON_NEGATIVE, SIZE, Bound, ConditionError, Generator, NotFittedError
+from ..base import (
+    FIT_REPRODUCIBLE,
+    NON_NEGATIVE,
+    SIZE,
+    Bound,
+    ConditionError,
+    Generator,
+    NotFittedError,
+)
 from . import causal, engine, fit
 from .code_pairs import entry_columns, noisy_pair_counts
 from .codes import code_weights, noisy_code_histogram, pooled_counts
@@ -536,7 +544,7 @@ class MarginalGenerator(Generator):
             "pairs_released": len(result.pairs),
             "links_in_model": [list(c) for c in result.links_in_model],
             "pairs_in_model": [list(c) for c in result.pairs_in_model],
-            "reproducible_noise": (randomness or DPRandomness.secret()).is_reproducible,
+            FIT_REPRODUCIBLE: (randomness or DPRandomness.secret()).is_reproducible,
         }
         return self
 
