@@ -332,6 +332,28 @@ def _conditions(text: str) -> dict | None:
     return value
 
 
+def _warn_if_not_a_release(model: str) -> None:
+    """One warning line on stderr when the model file's label says it is no DP release.
+
+    Rows drawn from it look like any synthetic table, and nothing downstream reads the
+    file's metadata: this is the last point where the user is told the rows carry no
+    guarantee (replayable noise, or no DP). The exit code stays 0; sampling such a
+    model is legitimate in tests and benchmarks.
+    """
+    from rich.console import Console
+    from rich.markup import escape
+
+    from .common.generators import Generator
+    from .common.privacy.randomness import is_not_a_release
+
+    label = Generator.read_meta(model).get("privacy")
+    if is_not_a_release(label):
+        Console(stderr=True).print(
+            f"[yellow]warning:[/yellow] {escape(model)} is labelled \"{escape(str(label))}\": "
+            "rows drawn from it carry no differential privacy guarantee; do not publish "
+            "them as DP synthetic data", highlight=False)
+
+
 def _run_sample(args: argparse.Namespace, console: Console) -> int:
     from .common.causal import CausalError, parse_interventions
 
@@ -345,6 +367,7 @@ def _run_sample(args: argparse.Namespace, console: Console) -> int:
     from .common.generators import Generator
 
     model = Generator.load(args.model)
+    _warn_if_not_a_release(args.model)
     interventions = parse_interventions(args.intervene) if args.intervene else None
     if interventions:  # do(column = value): see docs/causal.md
         if args.balance:

@@ -42,6 +42,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..common.generators import get_generator
+from ..common.generators.base import NO_DP_RELEASE, fit_label
 from ..common.privacy.randomness import DPRandomness
 from ..common.schema import Schema
 from ..common.study import DEFAULT_DELTA, DEFAULT_EPSILON, ConfigError, SiteConfig, StudyConfig
@@ -317,6 +318,9 @@ class Produced:
     seconds_per_round: float = float("nan")
     epochs: float = float("nan")
     folder: str = ""
+    # the privacy label of what ran (a study's summary.json, a fit's file label): a
+    # seeded or no-DP row must be told from a DP one in results.csv
+    privacy: str = ""
 
 
 def _study(opts: BenchmarkOptions, setting: Setting, seed: int, folder: Path,
@@ -370,7 +374,12 @@ def run_federated(opts: BenchmarkOptions, setting: Setting, data: SeedData, seed
         seconds_per_round=float(np.mean([t.seconds for t in train_rounds])),
         epochs=float(opts.rounds * opts.local_epochs),
         folder=str(folder),
+        privacy=str(summary.get("privacy", "")),
     )
+
+
+#: The label of a central DP fit with secret noise (its file carries none: ``fit_label``).
+CENTRAL_RELEASE = "DP release: one central DP fit"
 
 
 def run_central(opts: BenchmarkOptions, setting: Setting, data: SeedData, seed: int
@@ -392,6 +401,7 @@ def run_central(opts: BenchmarkOptions, setting: Setting, data: SeedData, seed: 
         real_train=train,
         epsilon_sites={"pooled": eps},
         epochs=float(epochs),
+        privacy=fit_label(model.fit_info).get("privacy", CENTRAL_RELEASE),
     )
 
 
@@ -401,7 +411,8 @@ def run_external(opts: BenchmarkOptions, setting: Setting, data: SeedData, seed:
     run = run_baseline(setting.generator, train, data.schema, len(train), seed,
                        opts.baseline_epochs, batch_rows=opts.baseline_batch == "rows")
     return Produced(synthetic=run.synthetic, real_train=train,
-                    epochs=float(run.epochs) if run.epochs else float("nan"))
+                    epochs=float(run.epochs) if run.epochs else float("nan"),
+                    privacy=NO_DP_RELEASE)  # the packages train without DP
 
 
 def score(opts: BenchmarkOptions, data: SeedData, produced: Produced, seed: int
@@ -466,6 +477,7 @@ def run_setting(opts: BenchmarkOptions, setting: Setting, data: SeedData, seed: 
         "generator": setting.generator,
         "dp": setting.dp,
         "epsilon_target": setting.epsilon if setting.dp else None,
+        "privacy": produced.privacy,
         "secure": setting.secure,
         "honest_sites": setting.honest_sites,
         "site": setting.site,

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..common.privacy.randomness import is_not_a_release
+
 #: metric -> (column title, direction: +1 higher is better, -1 lower, 0 closer to 0.5)
 SHOWN: dict[str, tuple[str, int]] = {
     "fidelity": ("fidelity", 1),
@@ -46,6 +48,7 @@ def summarise(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """Median, min and max of every numeric figure per setting (over seeds)."""
     frame = pd.DataFrame(rows)
     keys = ["setting", "kind", "generator", "dp", "epsilon_target", "secure", "site", "engine"]
+    keys += ["privacy"] if "privacy" in frame else []  # results.csv before the column: none
     numeric = [c for c in (*SHOWN, *COST, "validation_s", "trtr_auroc") if c in frame]
     for c in numeric:
         frame[c] = pd.to_numeric(frame[c], errors="coerce")
@@ -134,10 +137,29 @@ def behind_baselines(summary: pd.DataFrame) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+def release(label: Any) -> str:
+    """A row's privacy label, short: what it is not ("reproducible noise: not a DP
+    release", "no DP: not a DP release") without the list of sites, or "DP release"; "-"
+    for a row of a results.csv written before the column."""
+    if not isinstance(label, str) or not label:
+        return "-"
+    return label.split(" (")[0] if is_not_a_release(label) else "DP release"
+
+
+def quality_title(summary: pd.DataFrame) -> str:
+    """The quality-vs-epsilon plot's title, with the label of any federated DP row that
+    is no DP release: a plotted epsilon from replayable noise is no guarantee."""
+    title = "federated DP vs epsilon (thin lines: central no-DP; grey: baselines)"
+    fed = summary[(summary["kind"] == "federated") & summary["dp"].astype(bool)]
+    labels = [release(x) for x in fed.get("privacy", pd.Series([], dtype=object))]
+    flagged = sorted({x for x in labels if is_not_a_release(x)})
+    return title + "".join(f"\n{x}" for x in flagged)
+
+
 def markdown(summary: pd.DataFrame, info: dict[str, Any]) -> str:
     shown = [k for k in SHOWN if k in summary and summary[k].notna().any()]
     cost = [k for k in COST if k in summary and summary[k].notna().any()]
-    header = ["setting", *[SHOWN[k][0] for k in shown], *[COST[k] for k in cost]]
+    header = ["setting", "privacy", *[SHOWN[k][0] for k in shown], *[COST[k] for k in cost]]
     lines = [
         "# fedsynth benchmark",
         "",
@@ -157,7 +179,8 @@ def markdown(summary: pd.DataFrame, info: dict[str, Any]) -> str:
         "|" + "|".join("---" for _ in header) + "|",
     ]
     for _, row in summary.iterrows():
-        cells = [f"`{row['setting']}`", *[_cell(row, k) for k in shown],
+        cells = [f"`{row['setting']}`", release(row.get("privacy")),
+                 *[_cell(row, k) for k in shown],
                  *[_cell(row, k, 2) for k in cost]]
         lines.append("| " + " | ".join(cells) + " |")
     trtr = summary["trtr_auroc"].dropna() if "trtr_auroc" in summary else pd.Series([])
@@ -265,8 +288,7 @@ def plots(summary: pd.DataFrame, out: Path) -> list[str]:
         ax.set_xlabel("epsilon per site")
         ax.set_title(SHOWN[metric][0])
     axes[0].legend(fontsize=6, loc="best")
-    fig.suptitle("federated DP vs epsilon (thin lines: central no-DP; grey: baselines)",
-                 fontsize=9)
+    fig.suptitle(quality_title(summary), fontsize=9)
     fig.tight_layout()
     path = out / "quality_vs_epsilon.png"
     fig.savefig(path, dpi=110)

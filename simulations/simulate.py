@@ -36,6 +36,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..common.generators import get_generator
 from ..common.privacy.plan import PrivacyPlan
+from ..common.privacy.randomness import NOT_A_DP_RELEASE, is_not_a_release
 from ..common.protocol import Status
 from ..common.schema import Outcome, Schema
 from ..common.study import (
@@ -582,6 +583,7 @@ def run_simulation_study(
         f"[bold]fedsynth[/bold] study on {data.label}: {len(sites)} sites, "
         f"{opts.holdout:.0%} of each site's rows held out; generator {study.generator}, "
         + (f"DP eps={opts.epsilon} delta={opts.delta} per site" if opts.dp else "no DP")
+        + (f"; {NOT_A_DP_RELEASE}" if opts.reproducible_noise else "")
         + f"; engine {opts.engine}"
     )
     summary_path = out / SUMMARY
@@ -626,7 +628,7 @@ def run_simulation_study(
             "to see Flower's log"
         )
     summary = json.loads(summary_path.read_text())
-    summary["sites_config"] = [s.to_dict() for s in sites]
+    summary["sites_config"] = [published_site_config(s) for s in sites]
     # What depends on the real rows in clear (row counts, validation figures, verdict,
     # timings) goes to validation.json, which stays with the data; summary.json holds
     # only DP releases and public settings, so it may be published.
@@ -651,6 +653,18 @@ def run_simulation_study(
     summary = {**summary, **local}
     _print_summary(console, summary)
     return summary, result
+
+
+def published_site_config(site: SiteConfig) -> dict[str, Any]:
+    """A site's settings as summary.json publishes them: all but its noise seed.
+
+    The budgets and paths are public settings (the privacy table reads the budgets);
+    a ``reproducible-noise-seed`` is what replays the site's noise, so a file meant to
+    be shared does not carry it, even from a run that is no DP release anyway.
+    """
+    config = site.to_dict()
+    config.pop("reproducible-noise-seed", None)
+    return config
 
 
 def study_verdict(result: Any, summary: dict[str, Any]) -> Any:
@@ -698,6 +712,7 @@ def validate_and_report(
         appendix={"per-round log (every site's reply)": summary["rounds"],
                   "study configuration": summary["study"]},
         generator=summary["study"].get("generator"),
+        release=summary.get("privacy"),
     )
     metrics = result.to_dict()
     # exact train/holdout row counts are statistics of private rows: not in the summary
@@ -725,9 +740,14 @@ def privacy_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _print_summary(console: Console, summary: dict[str, Any]) -> None:
+    """The privacy table, the label of a run that is no DP release, the headline, the
+    outputs written and the verdict."""
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title="privacy spent per site (whole study)")
+    label = summary.get("privacy")
+    table = Table(title="privacy spent per site (whole study)"
+                  + (f": {escape(str(label))}" if is_not_a_release(label) else ""))
     table.add_column("site")
     table.add_column("epsilon")
     table.add_column("rounds trained")
@@ -753,6 +773,10 @@ def _print_summary(console: Console, summary: dict[str, Any]) -> None:
                        if name in split and alone.get(name) is not None else "same")
         table.add_row(*row)
     console.print(table)
+    if is_not_a_release(label):
+        # the epsilons above read as a guarantee; the noise was replayable or absent
+        console.print(f"[bold red]{escape(str(label))}[/]: the epsilons above are no "
+                      "guarantee; do not publish these outputs as a DP release")
     if split:
         console.print(
             "distributed noise: each site added 1/h of its noise; its epsilon holds while "

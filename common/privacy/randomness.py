@@ -50,7 +50,22 @@ from .release_noise import ReleaseNoise
 STREAMS = ("sampler", "gradient-noise", "count-release", "loss-report", "measurement", "model",
            "grid-release")
 
-NOT_A_DP_RELEASE = "reproducible noise: not a DP release"
+#: The words every label of outputs that are no DP release ends with: this module's
+#: ``NOT_A_DP_RELEASE`` and ``generators.base.NO_DP_RELEASE``. What a reader-facing
+#: output (report, console, benchmark table, ``fedsynth sample``) tests a label for.
+NOT_A_RELEASE = "not a DP release"
+NOT_A_DP_RELEASE = f"reproducible noise: {NOT_A_RELEASE}"
+
+
+def is_not_a_release(label: str | None) -> bool:
+    """Whether a ``privacy`` label (summary.json, a model file's metadata) says its
+    outputs carry no DP guarantee: replayable noise or no DP at all.
+
+    Every place that shows a study's epsilon asks this, so that a figure computed by an
+    accountant for noise anyone can replay never reads as a guarantee. No label (a
+    central DP fit with secret noise saves none) is a release.
+    """
+    return bool(label) and NOT_A_RELEASE in str(label)
 
 
 @dataclass

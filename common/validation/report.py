@@ -26,6 +26,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ..privacy.randomness import is_not_a_release
 from ..schema import Schema
 from .codesets import ALPHA
 from .data import MISSING, Table
@@ -76,6 +77,8 @@ figure{margin:10px 0 18px}figcaption{font-size:13px;color:#444;max-width:900px}
 .verdict h2{border:none;margin:0 0 6px;color:#fff}.verdict li{margin:3px 0}
 .verdict .adv{opacity:.95;font-size:13px}
 details.appendix{margin:10px 0}details.appendix summary{cursor:pointer;font-weight:600}
+.release{border:3px solid #c62828;border-radius:8px;padding:10px 16px;margin:12px 0;
+color:#c62828;background:#fff5f5}.release b{font-size:16px}
 """
 
 
@@ -547,6 +550,36 @@ def privacy_table(rows: list[Mapping[str, Any]]) -> str:
            "(docs/privacy.md, \"Distributed noise\")." if split else "") + "</p>")
 
 
+NOT_A_RELEASE_NOTE = (
+    "The epsilon figures in this report are what each site's accountant composed for the "
+    "noise it drew, but that noise can be replayed from a seed, or was never added: they "
+    "are no guarantee. These outputs (synthetic table, model, this report) must not be "
+    "published as a DP release (docs/privacy.md)."
+)
+
+
+def release_banner(label: str | None) -> str:
+    """The study's privacy label, unmissable, when its outputs are no DP release.
+
+    A reader who sees "epsilon 2.999 of 3" takes it for a guarantee; a run with
+    replayable noise or without DP has the same figures and none, so the report says so
+    at the top and again beside the privacy table. Nothing for a release.
+    """
+    if not label or not is_not_a_release(label):
+        return ""
+    return (f'<div class="release"><b>{html.escape(label)}</b>'
+            f'<p class="note">{NOT_A_RELEASE_NOTE}</p></div>')
+
+
+def release_line(label: str | None) -> str:
+    """The label beside the privacy table: the banner for no release, a plain line
+    naming what kind of release it is otherwise (nothing if the caller has no label)."""
+    if not label:
+        return ""
+    return release_banner(label) or (
+        f'<p class="note">Release: {html.escape(label)}.</p>')
+
+
 def _extra_html(value: Any) -> str:
     """Render a caller's section: figure, frame, mapping, list of rows or text."""
     if isinstance(value, Figure):
@@ -738,6 +771,7 @@ def write_report(
     rounds: list[Mapping[str, Any]] | None = None,
     appendix: Mapping[str, Any] | None = None,
     generator: str | None = None,
+    release: str | None = None,
 ) -> Path:
     """Write the HTML report of ``result`` to ``path`` and return the path.
 
@@ -748,8 +782,10 @@ def write_report(
     budget, delta) and ``rounds`` (the per-round log) make the study's privacy table and
     training plots; ``appendix`` sections are shown folded at the end (raw logs,
     configuration); ``generator`` (the one that made ``synthetic``) names the next one
-    to try in the verdict's advice. A new plot is one ``figure(_png(fig), caption)`` in
-    ``body``.
+    to try in the verdict's advice; ``release`` (a study's ``privacy`` label, from
+    summary.json or the model file) is shown beside the privacy table, and at the top
+    when it says the outputs are no DP release. A new plot is one
+    ``figure(_png(fig), caption)`` in ``body``.
     """
     path = Path(path)
     real = Table.from_frame(real_train, schema)
@@ -772,6 +808,7 @@ def write_report(
     )
     body = [
         f"<h1>{html.escape(title)}</h1><div class=sub>{sub}</div>",
+        release_banner(release),
         verdict_section(result, rounds=len(rounds) if rounds else None, generator=generator),
         "<h2>Summary: the checks behind the verdict</h2>",
         _summary(result),
@@ -798,6 +835,7 @@ def write_report(
         body.append(_area_section(area, result))
     if privacy:
         body.append("<h2>Privacy spent per site</h2>")
+        body.append(release_line(release))
         body.append(privacy_table(privacy))
     if rounds:
         body.append("<h2>Training, round by round</h2>")
