@@ -197,16 +197,19 @@ def handle_train(msg: Message, context: Context, sites: list[SiteConfig] | None)
         reply = SiteReply(Status.ENCRYPTION_REQUIRED, status_metrics(site, state),
                           problems=[problem])
         return Message(reply_content(site, reply), reply_to=msg)
+    def commit(planned: SiteState) -> None:  # the round's cost, saved before any draw
+        _save_state(context, site, study, planned)
+
     if study.encrypted:
         result = train_encrypted(
-            site, study, schema_fp, received_model(request), state, server_round
+            site, study, schema_fp, received_model(request), state, server_round, commit
         )
         reply = result.reply
         if result.ciphertexts is not None:
             reply.chunks, reply.layout = result.ciphertexts, result.layout_json
     else:
         reply = train_site(site, study, schema_fp, request.arrays or {}, state,
-                           server_round)
+                           server_round, commit)
     content = reply_content(site, reply)
     trained = reply.status == Status.TRAINED
     if trained:  # the reply file first, then the ledger that pays for it
@@ -279,6 +282,10 @@ def handle_evaluate(msg: Message, context: Context, sites: list[SiteConfig] | No
         # screens (recall, nearest distance, DCR, copies: ``PATIENT_SCREENS``) would
         # answer "is this record here" for a model pinned to it (docs/privacy.md).
         site = replace(site, validation_scores="quality")
+    def spend() -> None:  # once per study, whether the scoring then succeeds or not
+        state.validated = True
+        _save_state(context, site, study, state)
+
     reply = evaluate_reply(
         site,
         schema_fp,
@@ -287,10 +294,8 @@ def handle_evaluate(msg: Message, context: Context, sites: list[SiteConfig] | No
         # a masked study's sites sent no count of their own in clear either (and a
         # split-noise site's own count carries only its share of the noise)
         send_count=not (study.encrypted or study.masked),
+        spend=spend,
     )
-    if reply.status == Status.EVALUATED:
-        state.validated = True
-        _save_state(context, site, study, state)
     return Message(reply_content(site, reply), reply_to=msg)
 
 

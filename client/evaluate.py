@@ -31,7 +31,7 @@ from __future__ import annotations
 import io
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -122,6 +122,7 @@ def evaluate_reply(
     state: SiteState,
     *,
     send_count: bool = True,
+    spend: Callable[[], None] | None = None,
 ) -> SiteReply:
     """What a site's ``@app.evaluate()`` handler replies: the scores, or why not.
 
@@ -133,6 +134,10 @@ def evaluate_reply(
     count at the site: an encrypted study sent it only inside ciphertexts, and
     validation should not reveal per site what encryption hid (the row-weighted
     figures are then left out; the exact and per-site ones remain).
+
+    ``spend`` marks the study's one validation as used, and is called before the rows
+    are scored: a scoring that fails (a crafted table can make it fail on some rows
+    only) has used it all the same, or failure and success would be free answers.
     """
     if site.validation_scores == "none":
         return SiteReply(
@@ -154,6 +159,8 @@ def evaluate_reply(
     except SyntheticTableError as exc:
         return SiteReply(INVALID_SYNTHETIC, status_metrics(site, state), problems=[str(exc)])
     count = (state.noisy_count if site.dp else float(len(rows))) if send_count else None
+    if spend is not None:
+        spend()
     scores = evaluate_site(rows, schema, synthetic, noisy_count=count,
                            include_privacy=site.validation_scores == "all")
     return SiteReply(EVALUATED, {**scores, **status_metrics(site, state)})

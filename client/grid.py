@@ -60,9 +60,9 @@ from .site import (
     noise_for,
     site_schema,
     site_table,
-    split_metrics,
     split_problem,
     status_metrics,
+    study_metrics,
 )
 
 log = logging.getLogger("fedsynth.site")
@@ -84,7 +84,7 @@ def grid_reply(site: SiteConfig, study: StudyConfig, schema_fp: str,
         return SiteReply(Status.ENCRYPTION_REQUIRED, status_metrics(site, state),
                          problems=[problem])
     if study.masked and config.get(P.OP) == P.STATUS_OP:  # the budget, nothing released
-        return SiteReply(Status.BUDGET_STATED, _metrics(site, study, state))
+        return SiteReply(Status.BUDGET_STATED, study_metrics(site, study, state))
     if study.encrypted:
         if config.get(P.OP) == P.DECRYPT_OP:
             return _decrypt(site, study, state, ckks or {}, schema_fp)
@@ -118,7 +118,7 @@ def grid_reply(site: SiteConfig, study: StudyConfig, schema_fp: str,
         try:
             roster = load_roster(site.name, site.key_dir, site.peer_keys)
         except KeySetupError as exc:
-            return SiteReply(Status.NO_KEYS, _metrics(site, study, state), problems=[str(exc)])
+            return SiteReply(Status.NO_KEYS, study_metrics(site, study, state), problems=[str(exc)])
         if h > roster.size:
             return _refused(site, study, state, (
                 f"honest-sites = {h} but the roster (peer-keys) holds {roster.size} sites "
@@ -132,7 +132,7 @@ def grid_reply(site: SiteConfig, study: StudyConfig, schema_fp: str,
     # the noise the stored release was drawn with, whatever this request's grid-share says
     drawn = noise if state.grid_noise is None else state.grid_noise  # None: an old file
     std = quantile_grid.cell_std(schema, drawn) if drawn else 0.0
-    metrics = {GRID_CELL_STD: std, **_metrics(site, study, state)}
+    metrics = {GRID_CELL_STD: std, **study_metrics(site, study, state)}
     if roster is not None:
         return _masked(study, state, config, metrics, roster)
     if study.encrypted:
@@ -232,13 +232,6 @@ def _common_noise(site: SiteConfig, config: dict[str, Any], own: float | None
     return common
 
 
-def _metrics(site: SiteConfig, study: StudyConfig, state: SiteState) -> dict[str, float]:
-    """Status metrics; under masks also the split and ``epsilon-alone``."""
-    if not study.masked:
-        return status_metrics(site, state)
-    return {**status_metrics(site, state), **split_metrics(site, state, study.honest_sites)}
-
-
 def _masked(study: StudyConfig, state: SiteState, config: dict[str, Any],
             metrics: dict[str, float], roster: Roster) -> SiteReply:
     """The stored release plus this site's masks, bound to this request: readable only
@@ -256,4 +249,4 @@ def _masked(study: StudyConfig, state: SiteState, config: dict[str, Any],
 
 def _refused(site: SiteConfig, study: StudyConfig, state: SiteState, problem: str
              ) -> SiteReply:
-    return SiteReply(Status.REFUSED, _metrics(site, study, state), problems=[problem])
+    return SiteReply(Status.REFUSED, study_metrics(site, study, state), problems=[problem])

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -227,8 +227,10 @@ def train_encrypted(
     received: GlobalModel,
     state: SiteState,
     server_round: int,
+    commit: Callable[[SiteState], None] | None = None,
 ) -> SecureReply:
-    """One encrypted round at a site; ``state`` changes only when ``train_site`` spends."""
+    """One encrypted round at a site; ``state`` changes only when ``train_site`` spends
+    (``commit`` saves the round's cost first, as ``train_site`` says)."""
     schema = site_schema(site, state, schema_fp)
     if isinstance(schema, SiteReply):
         return SecureReply(schema)
@@ -250,7 +252,7 @@ def train_encrypted(
                 problems=[f"refused the global model the coordinator sent: {exc}"],
             )
         )
-    reply = train_site(site, study, schema_fp, start, state, server_round)
+    reply = train_site(site, study, schema_fp, start, state, server_round, commit)
     if reply.status != TRAINED or reply.arrays is None:
         return SecureReply(reply)
     try:

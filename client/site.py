@@ -27,7 +27,8 @@ import logging
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -237,7 +238,12 @@ class SiteState:
             json.dump(self.to_record(), fh)
         os.chmod(tmp, 0o600)
         os.replace(tmp, path)
+        if self.ledger.history:  # a trace the ledger's loss cannot take with it
+            path.with_name(LEDGER_KEPT).touch(mode=0o600, exist_ok=True)
 
+
+#: An empty file beside the ledger once it records a release (``past_activity``).
+LEDGER_KEPT = ".ledger-kept"
 
 _TABLES: dict[tuple[str, float, str], np.ndarray] = {}
 
@@ -322,6 +328,19 @@ def ledger_path(site: SiteConfig) -> Path | None:
     return Path(site.state_dir) / LEDGER_FILE
 
 
+class LostLedgerError(RuntimeError):
+    """The site's ledger is gone or damaged while its state-dir shows it was used: the
+    site refuses every request until an operator restores it."""
+
+
+def past_activity(state_dir: Path) -> list[str]:
+    """Files a site writes only once its ledger records a release (the ledger's own
+    trace, a stored reply, a released model): a state-dir holding any had a ledger.
+    The encoded table is a cache, written before any release, and does not count."""
+    return sorted(p.name for pattern in (LEDGER_KEPT, "reply-*.bin", "released-*.npz")
+                  for p in state_dir.glob(pattern))
+
+
 def load_site_state(site: SiteConfig, study_id: str) -> SiteState:
     """The site's state from its state-dir (empty without one), switched to ``study_id``.
 
@@ -332,7 +351,16 @@ def load_site_state(site: SiteConfig, study_id: str) -> SiteState:
     if path is None:
         return SiteState().for_study(study_id)
     if path.is_file():
-        return SiteState.from_record(json.loads(path.read_text())).for_study(study_id)
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or "noise" not in record:
+            raise LostLedgerError(f"{path} holds no ledger (no 'noise' history): it is "
+                                  "damaged; restore it from a backup")
+        return SiteState.from_record(record).for_study(study_id)
+    if traces := past_activity(Path(site.state_dir)):
+        raise LostLedgerError(
+            f"{path} is missing, but {site.state_dir} holds files of earlier rounds "
+            f"({', '.join(traces[:3])}): the ledger was lost, and starting from zero "
+            "would spend this table's budget again. Restore it from a backup")
     state = SiteState()
     for old in sorted(Path(site.state_dir).glob("ledger-*.json")):
         prior = SiteState.from_record(json.loads(old.read_text()))
@@ -416,6 +444,15 @@ def split_problem(state: SiteState, h: int) -> str:
     return ""
 
 
+def study_metrics(site: SiteConfig, study: StudyConfig, state: SiteState) -> dict[str, float]:
+    """Status metrics; in a masked study also the split and ``epsilon-alone``, in every
+    reply (a site that split its grid and then ran out of budget still says what it
+    spent should the others collude)."""
+    if not study.masked:
+        return status_metrics(site, state)
+    return {**status_metrics(site, state), **split_metrics(site, state, study.honest_sites)}
+
+
 def split_metrics(site: SiteConfig, state: SiteState, honest_sites: int) -> dict[str, float]:
     """The distributed-noise metrics of a reply: the split ``honest_sites`` and the
     site's epsilon were every other site to collude with the coordinator (its ledger
@@ -468,6 +505,35 @@ def site_schema(site: SiteConfig, state: SiteState, schema_fp: str) -> Schema | 
     return schema
 
 
+def _admit(site: SiteConfig, study: StudyConfig, state: SiteState, plan: RoundPlan,
+           commit: Callable[[SiteState], None] | None) -> DPSettings | SiteReply:
+    """The round's DP settings once its whole cost fits the budget, or the refusal.
+
+    The whole planned cost (count release, every step, the loss report) is saved
+    through ``commit`` before anything is drawn: a round that then fails (an exception,
+    the process killed for memory) stays charged. The failure of a round is itself a
+    fact the coordinator sees, and it can make it depend on the rows (the twelfth
+    session's audit: a ddpm multiplicity whose per-sample norms outgrow memory exactly
+    above a row count), so an uncharged failure was a free probe, as often as asked."""
+    state.ledger.mechanism = study.accountant
+    if state.noise_multiplier is None:
+        try:  # calibrated once per study, against what earlier studies left
+            state.noise_multiplier = noise_for(site, study, prior=state.ledger)
+        except ValueError as exc:
+            log.warning("site %s: %s", site.name, exc)
+            return SiteReply(BUDGET_EXHAUSTED, study_metrics(site, study, state))
+    sigma = state.noise_multiplier
+    # pending exactly when the release below will be made (a marginal 1-way release
+    # under the same study id sets the noisy count but makes no histogram)
+    count_pending = study.count_noise if state.histogram is None else None
+    nxt = round_cost(state.ledger, sigma, plan, count_pending)
+    if nxt.epsilon(site.delta) > site.epsilon * (1 + 1e-9):
+        return SiteReply(BUDGET_EXHAUSTED, study_metrics(site, study, state))
+    if commit is not None:  # the in-memory ledger records the steps as they run
+        commit(replace(state, ledger=nxt))
+    return DPSettings(noise_multiplier=sigma, max_grad_norm=study.max_grad_norm)
+
+
 def train_site(
     site: SiteConfig,
     study: StudyConfig,
@@ -475,8 +541,11 @@ def train_site(
     global_state: dict[str, np.ndarray],
     state: SiteState,
     server_round: int,
+    commit: Callable[[SiteState], None] | None = None,
 ) -> SiteReply:
-    """Run one round at a site; mutates ``state`` only when something was released."""
+    """Run one round at a site; mutates ``state`` only when something was released.
+    ``commit`` saves a state: the round's whole cost is saved through it before any
+    draw (``_admit``)."""
     table = site_table(site, state, schema_fp)
     if isinstance(table, SiteReply):
         return table
@@ -486,21 +555,10 @@ def train_site(
     rand = round_randomness(site, study, server_round)
     dp: DPSettings | None = None
     if site.dp:
-        state.ledger.mechanism = study.accountant
-        if state.noise_multiplier is None:
-            try:  # calibrated once per study, against what earlier studies left
-                state.noise_multiplier = noise_for(site, study, prior=state.ledger)
-            except ValueError as exc:
-                log.warning("site %s: %s", site.name, exc)
-                return SiteReply(BUDGET_EXHAUSTED, status_metrics(site, state))
-        sigma = state.noise_multiplier
-        # pending exactly when the release below will be made (a marginal 1-way release
-        # under the same study id sets the noisy count but makes no histogram)
-        count_pending = study.count_noise if state.histogram is None else None
-        nxt = round_cost(state.ledger, sigma, plan, count_pending)
-        if nxt.epsilon(site.delta) > site.epsilon * (1 + 1e-9):
-            return SiteReply(BUDGET_EXHAUSTED, status_metrics(site, state))
-        dp = DPSettings(noise_multiplier=sigma, max_grad_norm=study.max_grad_norm)
+        admitted = _admit(site, study, state, plan, commit)
+        if isinstance(admitted, SiteReply):
+            return admitted
+        dp = admitted
 
     model = get_generator(study.generator)(schema, seed=study.seed, **study.generator_params)
     model.load_state_dict(global_state)
@@ -544,7 +602,6 @@ def train_site(
         LOSS: float(loss) if math.isfinite(loss) else -1.0,
         STEPS: float(stats.steps),
         NOISE_MULTIPLIER: dp.noise_multiplier if dp else 0.0,
-        **status_metrics(site, state),
-        **(split_metrics(site, state, study.honest_sites) if study.masked else {}),  # grid
+        **study_metrics(site, study, state),  # a masked study's split: its grid's
     }
     return SiteReply(TRAINED, metrics, arrays=model.state_dict())

@@ -75,6 +75,9 @@ TIMINGS = "timings.json"
 SECONDS_FEDERATED = "seconds_federated"
 #: The simulation's file of figures computed in clear (row counts, timings, validation).
 VALIDATION = "validation.json"
+#: The checkpoint meta key of the quantile-grid step's replies (a resumed study's figures
+#: must still count a grid release made before the restart).
+GRID_LOG = "grid-log"
 
 
 class StudyFailed(FedsynthError, RuntimeError):
@@ -128,6 +131,7 @@ class Resumed:
     done: int = 0
     history: list[RoundLog] = field(default_factory=list)
     encrypted: EncryptedCheckpoint | None = None
+    grid_log: list[SiteRound] = field(default_factory=list)  # the grid step's replies
 
 
 def run_study(
@@ -149,17 +153,19 @@ def run_study(
     out = Path(study.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / (ENCRYPTED_CHECKPOINT if study.encrypted else CHECKPOINT)
-    study = with_grid(grid, study, schema, ckpt)  # the sites' DP quantile grid, if any
+    study, grid_log = with_grid(grid, study, schema, ckpt)  # the sites' DP grid, if any
     model = get_generator(study.generator)(schema, seed=study.seed, **study.generator_params)
     resumed = resume(study, ckpt, model)
+    grid_log = grid_log or resumed.grid_log
     strategy = build_strategy(study, schema, model, resumed, out, on_round)
     start = time.perf_counter()
-    train(grid, study, model, strategy, resumed.done, ckpt, out)
+    train(grid, study, model, strategy, resumed.done, ckpt, out, grid_log)
     secure_summary = None
     if isinstance(strategy, SecureAggregation):
         secure_summary = _release(strategy, grid, model, study, ckpt)
     seconds = time.perf_counter() - start
-    publish(grid, study, schema, model, strategy.history, out, seconds, secure_summary)
+    publish(grid, study, schema, model, strategy.history, out, seconds, secure_summary,
+            grid_log)
     return StudyOutcome(out, len(strategy.history), strategy.history, seconds)
 
 
@@ -179,7 +185,8 @@ def resume(study: StudyConfig, ckpt: Path, model: Generator) -> Resumed:
         model.load_state_dict(Generator.load(ckpt).state_dict())
     done = int(meta["round"])
     stream.info("resuming study %s after round %d (checkpoint %s)", study.study_id, done, ckpt)
-    return Resumed(done, _history_from_json(meta.get("history", [])), encrypted)
+    return Resumed(done, _history_from_json(meta.get("history", [])), encrypted,
+                   [SiteRound(**s) for s in meta.get(GRID_LOG, [])])
 
 
 def build_strategy(
@@ -221,6 +228,7 @@ def train(
     done: int,
     ckpt: Path,
     out: Path,
+    grid_log: list[SiteRound],
 ) -> None:
     """The remaining rounds on Flower's loop, checkpointing after each; ``model`` ends
     as the last global model (in clear; an encrypted study's is released after)."""
@@ -234,6 +242,7 @@ def train(
             "study-id": study.study_id,
             "round": server_round + done,
             "history": _history_to_json(strategy.history),
+            GRID_LOG: [asdict(s) for s in grid_log],
         }
         if isinstance(strategy, SecureAggregation):  # the sum of ciphertexts is all
             meta[AGGREGATE_ROUND] = strategy.aggregate_round
@@ -270,10 +279,12 @@ def publish(
     out: Path,
     seconds: float,
     secure_summary: dict[str, Any] | None,
+    grid_log: list[SiteRound],
 ) -> None:
     """Write the released model, the synthetic table and the summary (DP releases and
     public settings only), the run's timings beside it (``TIMINGS``); ask the sites to
     validate when the study says so."""
+    privacy = privacy_log(grid_log, history)
     if not any(r.aggregated and r.included for r in history):
         # No round ever combined enough sites: an untrained model and samples from it
         # must not look like a study's result.
@@ -281,7 +292,8 @@ def publish(
             "study": study.to_flat(),
             "status": "no-training",
             "rounds_completed": len(history),
-            "sites": final_site_privacy(history),
+            "sites": final_site_privacy(privacy),
+            "grid_release": [asdict(s) for s in grid_log],
             "rounds": _history_to_json(history),
         }
         (out / SUMMARY).write_text(json.dumps(failed, indent=1, default=_json_default))
@@ -289,9 +301,9 @@ def publish(
             f"no round had at least {study.min_sites} site(s) that trained; see "
             f"{out / SUMMARY} for what each site replied"
         )
-    privacy = release_label(history)
+    label = release_label(privacy)
     model.save(out / MODEL, extra={"study-id": study.study_id,
-                                   "round": study.num_server_rounds, "privacy": privacy})
+                                   "round": study.num_server_rounds, "privacy": label})
     n = study.n_synthetic
     if n <= 0:
         # The sum of the last round's DP counts (a release, so post-processing); an
@@ -301,19 +313,20 @@ def publish(
         n = max(1, int(round(sum(weights)))) if weights else 1000
     write_synthetic(model, out / SYNTHETIC, n, seed=study.seed)
     summary = {
-        "privacy": privacy,
+        "privacy": label,
         "study": study.to_flat(),
         "schema": schema.name,
         "generator_parameters": model.num_parameters(),
         "rounds_completed": len(history),
         "n_synthetic": n,
-        "sites": final_site_privacy(history),
+        "sites": final_site_privacy(privacy),
+        "grid_release": [asdict(s) for s in grid_log],
         "rounds": _history_to_json(history),
     }
     if secure_summary is not None:
         summary["secure_aggregation"] = secure_summary
     elif study.masked:
-        summary["secure_aggregation"] = masked_summary(history)
+        summary["secure_aggregation"] = masked_summary(privacy)
     if study.federated_validation:
         summary["federated_validation"] = validate_at_sites(grid, study, schema, out, model, n)
     write_timings(out, seconds)
@@ -445,6 +458,13 @@ def _release(
     }
 
 
+def privacy_log(grid_log: list[SiteRound], history: list[RoundLog]) -> list[RoundLog]:
+    """Every reply that may have spent a site's budget, for the privacy figures and the
+    label: the quantile-grid step's (round 0) and the training rounds'. A site that
+    released its grid and never trained has spent that release all the same."""
+    return [RoundLog(0, list(grid_log), aggregated=False), *history] if grid_log else history
+
+
 def release_label(history: list[RoundLog]) -> str:
     """What the study's outputs are, privacy-wise, from what the sites said they ran.
 
@@ -453,8 +473,9 @@ def release_label(history: list[RoundLog]) -> str:
     cannot pass for a private one.
     """
     replayable = sorted({s.site for r in history for s in r.sites if s.reproducible_noise})
+    released = (Status.TRAINED, Status.GRID_RELEASED)
     no_dp = sorted({s.site for r in history for s in r.sites
-                    if s.status == Status.TRAINED and s.epsilon is not None and s.epsilon < 0})
+                    if s.status in released and s.epsilon is not None and s.epsilon < 0})
     if replayable:
         return f"{NOT_A_DP_RELEASE} (sites {', '.join(replayable)})"
     if no_dp:
@@ -470,8 +491,11 @@ def masked_summary(history: list[RoundLog]) -> dict[str, Any]:
     """A masked deep study's aggregation: its quantile grid was summed under masks (and
     split ``honest_sites`` ways), its model updates travelled in clear. Each site's
     split and its epsilon should every other site collude with the coordinator, from
-    its last trained reply (docs/privacy.md, "Distributed noise")."""
-    last = {s.site: s for r in history for s in r.sites if s.status == Status.TRAINED}
+    its last reply that says so: trained, its grid release, or a spent budget (a site
+    that split its grid and then stopped spent it all the same; docs/privacy.md,
+    "Distributed noise")."""
+    spent = (Status.TRAINED, Status.GRID_RELEASED, Status.BUDGET_EXHAUSTED)
+    last = {s.site: s for r in history for s in r.sites if s.status in spent}
     return {
         "scheme": "masks",
         "masked": "quantile-grid release (model updates in clear)",
@@ -481,7 +505,11 @@ def masked_summary(history: list[RoundLog]) -> dict[str, Any]:
 
 
 def final_site_privacy(history: list[RoundLog]) -> dict[str, dict[str, Any]]:
-    """Each site's last reported epsilon and status, and the rounds it trained in."""
+    """Each site's epsilon, its last status, and the rounds it trained in.
+
+    The epsilon is the largest the site reported, not the last: a ledger only grows,
+    so a lower figure later is a reply the coordinator's guards refused (its figure is
+    not trusted) or an error; the grid step's replies count (``privacy_log``)."""
     sites: dict[str, dict[str, Any]] = {}
     for record in history:
         for s in record.sites:
@@ -491,7 +519,9 @@ def final_site_privacy(history: list[RoundLog]) -> dict[str, dict[str, Any]]:
                  "last_status": None, "problems": [], "reproducible_noise": False},
             )
             if s.epsilon is not None:
-                entry["epsilon"] = None if s.epsilon < 0 else s.epsilon
+                eps = None if s.epsilon < 0 else s.epsilon
+                entry["epsilon"] = (eps if eps is None or entry["epsilon"] is None
+                                    else max(entry["epsilon"], eps))
             if s.budget is not None:
                 entry["epsilon_budget"] = None if s.budget < 0 else s.budget
             if s.delta is not None:

@@ -59,6 +59,7 @@ from ..common.protocol import (
 )
 from ..common.schema import Schema
 from ..common.study import ConfigError, StudyConfig, schema_fingerprint
+from .rounds import SiteRound, site_round
 
 stream = logging.getLogger("fedsynth.server")
 #: The key of an encrypted checkpoint's meta that keeps the study's grid and heaps.
@@ -122,35 +123,46 @@ def _ask(grid: Grid, study: StudyConfig, config: dict, nodes: list[int]) -> list
 
 
 def _releases(grid: Grid, study: StudyConfig, config: dict, nodes: list[int], cells: int,
-              check: Callable[[SiteReply], str] | None = None
+              log: list[SiteRound], check: Callable[[SiteReply], str] | None = None
               ) -> tuple[list[SiteReply], list[str]]:
     """Every site's grid release that passes ``accepted`` (and ``check``), and why each
-    other one was refused."""
+    other one was refused. Every reply goes into ``log``: a site's grid release is
+    charged to its ledger, so the study's privacy figures and label must see it even
+    when the site never trains (``server/app.py``, ``privacy_log``)."""
     good: list[SiteReply] = []
     refused: list[str] = []
     for msg in _ask(grid, study, config, nodes):
         if msg.has_error():
-            refused.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}"[:300])
+            reason = f"{msg.error.reason}"[:300]
+            refused.append(f"node {msg.metadata.src_node_id}: {reason}")
+            log.append(SiteRound(site=f"node {msg.metadata.src_node_id}",
+                                 status=Status.FAILED, reason=reason))
             continue
         name, reply = SiteReply.from_content(msg.content)
+        entry = site_round(name or f"node {msg.metadata.src_node_id}", reply)
         why = accepted(reply, cells, study.secure_aggregation) or (check and check(reply))
         if why:
-            refused.append(f"{name or msg.metadata.src_node_id}: {why}")
+            refused.append(f"{entry.site}: {why}")
+            entry.reason = why
         else:
             good.append(reply)
+        log.append(entry)
     return good, refused
 
 
-def ask_sites(grid: Grid, study: StudyConfig, schema: Schema) -> dict[str, dict]:
+def ask_sites(grid: Grid, study: StudyConfig, schema: Schema, log: list[SiteRound]
+              ) -> dict[str, dict]:
     """One grid request per site; the grid and heaps from the sum of the accepted
-    releases: in clear, a CKKS sum one site decrypts, or a masked sum."""
+    releases: in clear, a CKKS sum one site decrypts, or a masked sum. Each reply is
+    logged in ``log``."""
     config = {**study.to_flat(), SCHEMA_FINGERPRINT: schema_fingerprint(schema)}
     nodes = _nodes(grid, study)
     if study.masked:
-        return masked_grid(grid, study, schema, config, nodes)
+        return masked_grid(grid, study, schema, config, nodes, log)
     if study.encrypted:
-        return encrypted_grid(grid, study, schema, config, nodes)
-    good, refused = _releases(grid, study, config, nodes, quantile_grid.release_cells(schema))
+        return encrypted_grid(grid, study, schema, config, nodes, log)
+    good, refused = _releases(grid, study, config, nodes, quantile_grid.release_cells(schema),
+                              log)
     _enough(study, len(good), refused)
     stream.info("quantile grid from %d sites' releases (%d refused)", len(good), len(refused))
     return combine(schema, good)
@@ -183,13 +195,14 @@ def common_grid_noise(grid: Grid, study: StudyConfig, config: dict, nodes: list[
 
 
 def masked_grid(grid: Grid, study: StudyConfig, schema: Schema, config: dict,
-                nodes: list[int]) -> dict[str, dict]:
+                nodes: list[int], log: list[SiteRound]) -> dict[str, dict]:
     """The grid from the sum of every site's masked release (``masks.unmask_sum``): no
     single site's histograms are ever readable here. The masks cancel only when every
     site asked answered the same request, so one refusal fails the step, naming why."""
     if study.honest_sites > 1:
         config = {**config, GRID_NOISE: common_grid_noise(grid, study, config, nodes)}
-    good, refused = _releases(grid, study, config, nodes, quantile_grid.release_cells(schema))
+    good, refused = _releases(grid, study, config, nodes, quantile_grid.release_cells(schema),
+                              log)
     if refused or len(good) < len(nodes):
         raise ConfigError(
             f"the masked quantile-grid release needs every site's vector, and "
@@ -206,7 +219,7 @@ def masked_grid(grid: Grid, study: StudyConfig, schema: Schema, config: dict,
 
 
 def encrypted_grid(grid: Grid, study: StudyConfig, schema: Schema, config: dict,
-                   nodes: list[int]) -> dict[str, dict]:
+                   nodes: list[int], log: list[SiteRound]) -> dict[str, dict]:
     """The grid from the CKKS sum of the sites' encrypted releases, which one site
     decrypts (flooded, once per study): this module adds ciphertexts with the key-less
     public context and never holds one site's histograms."""
@@ -227,7 +240,7 @@ def encrypted_grid(grid: Grid, study: StudyConfig, schema: Schema, config: dict,
             return f"unusable ciphertexts ({exc})"
         return ""
 
-    good, refused = _releases(grid, study, config, nodes, cells, usable)
+    good, refused = _releases(grid, study, config, nodes, cells, log, usable)
     _enough(study, len(good), refused)
     summed = add_encrypted(public, [list(r.chunks or []) for r in good])
     values = _decrypted(grid, study, config, nodes, summed, layout, cells)
@@ -267,11 +280,14 @@ def _enough(study: StudyConfig, good: int, refused: list[str]) -> None:
             "run the study with grid-share = 0 (public-bounds encoding)")
 
 
-def with_grid(grid: Grid, study: StudyConfig, schema: Schema, ckpt: Path) -> StudyConfig:
+def with_grid(grid: Grid, study: StudyConfig, schema: Schema, ckpt: Path
+              ) -> tuple[StudyConfig, list[SiteRound]]:
     """``study`` with its quantile grid in ``generator-params``: from the checkpoint
-    when the study resumes (the sites already released theirs), else from the sites."""
+    when the study resumes (the sites already released theirs), else from the sites;
+    and the log of the sites' grid replies (empty when none were asked)."""
+    log: list[SiteRound] = []
     if not study.releases_grid or GRID_PARAM in study.generator_params:
-        return study
+        return study, log
     found = None
     if study.resume and ckpt.exists():
         if study.encrypted:  # no model in clear: the grid is kept beside the ciphertexts
@@ -283,5 +299,5 @@ def with_grid(grid: Grid, study: StudyConfig, schema: Schema, ckpt: Path) -> Stu
         if saved.get(GRID_PARAM) is not None:
             found = {GRID_PARAM: saved[GRID_PARAM], HEAPS_PARAM: saved.get(HEAPS_PARAM) or {}}
     if found is None:
-        found = ask_sites(grid, study, schema)
-    return replace(study, generator_params={**study.generator_params, **found})
+        found = ask_sites(grid, study, schema, log)
+    return replace(study, generator_params={**study.generator_params, **found}), log

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..common.protocol import Status
+from ..common.protocol import (
+    DELTA,
+    EPSILON,
+    EPSILON_ALONE,
+    EPSILON_BUDGET,
+    HONEST_SITES,
+    REPRODUCIBLE_NOISE,
+    SiteReply,
+    Status,
+)
 
 
 @dataclass
@@ -53,3 +62,24 @@ def last_epsilon(history: list[RoundLog]) -> dict[str, float]:
             if entry.status == Status.TRAINED and entry.epsilon is not None:
                 last[entry.site] = entry.epsilon
     return last
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def site_round(name: str, reply: SiteReply) -> SiteRound:
+    """A site's reply as a log entry: its status, problems and the privacy metrics it
+    reported (a training round's, or the quantile-grid step's)."""
+    metrics = reply.metrics
+    return SiteRound(
+        site=name,
+        status=reply.status,
+        epsilon=metrics.get(EPSILON),
+        problems=reply.problems,
+        budget=_number(metrics.get(EPSILON_BUDGET)),
+        delta=_number(metrics.get(DELTA)),
+        reproducible_noise=bool(metrics.get(REPRODUCIBLE_NOISE, 0.0)),
+        honest_sites=int(metrics.get(HONEST_SITES, 1.0)),
+        epsilon_alone=_number(metrics.get(EPSILON_ALONE)),
+    )

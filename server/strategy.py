@@ -29,30 +29,21 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 
 from ..common.protocol import (
-    DELTA,
     EPSILON,
-    EPSILON_ALONE,
-    EPSILON_BUDGET,
-    HONEST_SITES,
     LOSS,
     METRICS,
     NUM_EXAMPLES,
-    REPRODUCIBLE_NOISE,
     SiteReply,
     Status,
 )
 from .guards import ReplyGuard, RoundContext, clear_guards, update_bounds
 from .optimizer import ServerMomentum
-from .rounds import RoundLog, SiteRound, last_epsilon
+from .rounds import RoundLog, SiteRound, last_epsilon, site_round
 
 log = logging.getLogger("fedsynth.coordinator")
 
 __all__ = ["RoundLog", "SiteAwareFedAvg", "SiteAwareFedProx", "SiteRound", "make_strategy",
            "update_bounds"]
-
-
-def _number(value: object) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 class SiteAware:
@@ -194,18 +185,7 @@ class SiteAware:
         name, reply = SiteReply.from_content(msg.content)
         name = name or f"node {msg.metadata.src_node_id}"
         self.node_names[msg.metadata.src_node_id] = name
-        metrics = reply.metrics
-        entry = SiteRound(
-            site=name,
-            status=reply.status,
-            epsilon=metrics.get(EPSILON),
-            problems=reply.problems,
-            budget=_number(metrics.get(EPSILON_BUDGET)),
-            delta=_number(metrics.get(DELTA)),
-            reproducible_noise=bool(metrics.get(REPRODUCIBLE_NOISE, 0.0)),
-            honest_sites=int(metrics.get(HONEST_SITES, 1.0)),
-            epsilon_alone=_number(metrics.get(EPSILON_ALONE)),
-        )
+        entry = site_round(name, reply)
         if reply.status != Status.TRAINED:
             log.warning("round %d: site %s did not train (%s)%s", round_no, name, reply.status,
                         "".join(f"\n    - {p}" for p in entry.problems))

@@ -334,6 +334,36 @@ def test_federated_validation_scores_no_crafted_table_and_answers_once(
                                                "reproducible-noise"})
 
 
+def test_a_validation_that_fails_while_scoring_is_spent(
+    site: SiteConfig, heart_schema: Schema, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A table the coordinator crafts can make the scoring fail on some sites' rows and
+    not others; the study's one validation was marked used only on success, so the
+    failure was a free answer and the coordinator could ask again with another table.
+    Now it is spent before the rows are scored, whatever happens next."""
+    from dataclasses import replace
+
+    import fedsynth.client.evaluate as evaluate_module
+    from fedsynth.client.app import SiteFailure
+
+    opted = replace(site, validation_scores="quality")
+    trained = _send(opted, _train_message(PLAN, _initial(heart_schema), 1,
+                                          schema_fingerprint(heart_schema)), "train")
+    assert dict(trained["site"])["status"] == TRAINED
+
+    def fails(*args: Any, **kwargs: Any) -> dict[str, float]:
+        raise ValueError("a value this site's rows cannot score")
+
+    monkeypatch.setattr(evaluate_module, "evaluate_site", fails)
+    message = _evaluate_message(PLAN, heart_schema, _initial(heart_schema), 300)
+    with pytest.raises(SiteFailure):
+        _send(opted, message, "evaluate")
+    monkeypatch.undo()
+    again = _send(opted, _evaluate_message(PLAN, heart_schema, _initial(heart_schema), 300),
+                  "evaluate")
+    assert dict(again["site"])["status"] == "already-validated"
+
+
 def test_encrypted_validation_refuses_a_model_that_is_not_the_release(
     site: SiteConfig, heart_schema: Schema, tmp_path: Path
 ) -> None:
@@ -351,13 +381,12 @@ def test_encrypted_validation_refuses_a_model_that_is_not_the_release(
     assert dict(reply["site"])["status"] == "not-the-release"
     released = _initial(heart_schema)
     released = {k: v + 0.5 if v.dtype.kind == "f" else v for k, v in released.items()}
-    path = released_model_path(site, encrypted.study_id)
-    assert path is not None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **released)
     took_part = load_site_state(site, encrypted.study_id)  # as if it trained round 1
     took_part.rounds_trained, took_part.noisy_count = 1, 303.0
     took_part.save(Path(site.state_dir) / "site-ledger.json")
+    path = released_model_path(site, encrypted.study_id)  # and released the model
+    assert path is not None
+    np.savez(path, **released)
     crafted = _send(opted, _evaluate_message(encrypted, heart_schema, _initial(heart_schema),
                                              300), "evaluate")
     assert dict(crafted["site"])["status"] == "not-the-release"

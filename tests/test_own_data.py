@@ -182,7 +182,8 @@ def test_failing_argument_leaves_no_folder(argv: list[str], tmp_path: Path, caps
     (["--holdout", "0.999", "--sites", "switzerland"],
      "leaves site(s) switzerland no rows to train on"),
     # a zero-width layer built and trained a network that ignored its input (exit 0)
-    (["--generator-params", '{"hidden": 0}'], "hidden must be a whole number >= 1, got 0"),
+    (["--generator-params", '{"hidden": 0}'],
+     "hidden must be a whole number >= 1 and < 4097, got 0"),
     (["--generator", "ddpm", "--generator-params", '{"lr": NaN}'],
      "lr must be a number > 0, got nan"),
     (["--generator", "ctgan", "--generator-params", '{"dropout": 1}'],
@@ -263,3 +264,38 @@ def test_resume_refuses_a_study_it_cannot_continue(
     assert err.startswith("error: --resume") and says in err, err
     after = {p.name: p.read_bytes() for p in one_round_study.iterdir() if p.is_file()}
     assert after == before
+
+
+def test_a_reproducible_study_says_so_wherever_its_epsilon_shows(one_round_study: Path) -> None:
+    """Reproducible noise is no DP release, so every place a reader sees the sites'
+    epsilon must say so: on the old code summary.json and model.fsg carried the label,
+    but report.html showed the privacy table's "2.999 / 3.000" and the console
+    "2.999 of 3" with no word of it."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from fedsynth.common.privacy.randomness import NOT_A_DP_RELEASE
+    from fedsynth.simulations.simulate import _print_summary
+
+    summary = json.loads((one_round_study / "summary.json").read_text())
+    assert summary["privacy"].startswith(NOT_A_DP_RELEASE)
+    report = (one_round_study / "report.html").read_text()
+    # at the top, before the verdict, and beside the privacy table
+    assert NOT_A_DP_RELEASE in report[:report.index('class="verdict"')]
+    table = report[report.index("Privacy spent per site"):]
+    assert NOT_A_DP_RELEASE in table[:table.index("<h2>")]
+    local = json.loads((one_round_study / "validation.json").read_text())
+    printed = StringIO()
+    _print_summary(Console(file=printed, width=1000), {**summary, **local})
+    assert NOT_A_DP_RELEASE in printed.getvalue()
+
+
+def test_the_published_summary_holds_no_noise_seed(one_round_study: Path) -> None:
+    """summary.json may be published; a site's reproducible-noise seed in it is what
+    replays the noise (on the old code ``sites_config`` carried it)."""
+    summary = json.loads((one_round_study / "summary.json").read_text())
+    config = summary["sites_config"]
+    assert [c["name"] for c in config] == ["cleveland", "hungarian"]
+    assert all("epsilon" in c and "delta" in c for c in config)  # the table's budgets
+    assert not any("seed" in key for c in config for key in c), config

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..encoding import TabularEncoder
 from ..errors import FedsynthError
-from ..privacy.randomness import NOT_A_DP_RELEASE, DPRandomness
+from ..privacy.randomness import NOT_A_DP_RELEASE, NOT_A_RELEASE, DPRandomness
 from ..quantile_grid import DEFAULT_GRID_SHARE, grid_noise_for
 from ..schema import Schema
 from ..table import _match_category, conform
@@ -55,7 +55,7 @@ HEAPS_PARAM = "numeric_heaps"
 FIT_REPRODUCIBLE = "reproducible-noise"
 #: The label of a model fitted without DP (``epsilon=None``): its arrays hold exact
 #: statistics of the rows (the outcome frequencies of ``cond.freq``, say).
-NO_DP_RELEASE = "no DP: not a DP release"
+NO_DP_RELEASE = f"no DP: {NOT_A_RELEASE}"
 
 #: torch's Adam epsilon: every optimizer's unless a family sets ``federated_adam_eps``.
 TORCH_ADAM_EPS = 1e-8
@@ -152,7 +152,15 @@ class Bound:
 
 
 #: Bounds shared by the deep generators' hyperparameters.
-POSITIVE, SIZE, SHARE = Bound(0.0, open_low=True), Bound(1, integer=True), Bound(0.0, 1.0)
+POSITIVE, SHARE = Bound(0.0, open_low=True), Bound(0.0, 1.0)
+#: A layer width, a count of bins or steps: bounded, since the coordinator sets it and a
+#: site's memory in a round grows with it times its batch's rows (a round that runs out
+#: of memory above some row count tells the coordinator that much; docs/privacy.md).
+SIZE = Bound(1, 4097, integer=True)
+#: A depth or a per-row multiplicity: the same reason, a smaller range.
+SMALL_SIZE = Bound(1, 65, integer=True)
+#: A whole number no site's per-row memory grows with (the marginal generator's plan).
+COUNT = Bound(1, integer=True)
 NON_NEGATIVE = Bound(0.0)
 
 

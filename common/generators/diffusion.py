@@ -44,7 +44,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..encoding import _Z as GRID_Z
-from .base import NON_NEGATIVE, POSITIVE, SHARE, SIZE, Bound, Generator
+from .base import NON_NEGATIVE, POSITIVE, SHARE, SIZE, SMALL_SIZE, Bound, Generator
 from .tvae import OutcomeConditioned, _CondPrior
 
 _LOG_EPS = 1e-12
@@ -180,10 +180,10 @@ class TabDDPM(OutcomeConditioned, Generator):
         "condition_gain": True,
     }
     bounds: ClassVar[dict[str, Any]] = {
-        "hidden": SIZE, "depth": SIZE, "t_dim": SIZE, "steps": Bound(2, integer=True),
+        "hidden": SIZE, "depth": SMALL_SIZE, "t_dim": SIZE, "steps": Bound(2, 4097, integer=True),
         "lr": POSITIVE, "ce_weight": NON_NEGATIVE, "code_weight": NON_NEGATIVE,
         "iterate_ema": SHARE, "loss_bound": POSITIVE, "numeric_scale": POSITIVE,
-        "multiplicity": SIZE,
+        "multiplicity": SMALL_SIZE,
     }
 
     def build(self) -> None:

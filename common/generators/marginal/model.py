@@ -25,9 +25,9 @@ from ...privacy import PrivacyLedger
 from ...privacy.randomness import DPRandomness
 from ...schema import Schema
 from ..base import (
+    COUNT,
     FIT_REPRODUCIBLE,
     NON_NEGATIVE,
-    SIZE,
     Bound,
     ConditionError,
     Generator,
@@ -226,13 +226,13 @@ class MarginalGenerator(Generator):
     bounds = {
         "bins": Bound(2, integer=True), "fine_bins": Bound(0, integer=True),
         "decode_threshold": NON_NEGATIVE, "rounds": Bound(0, integer=True),
-        "per_round": SIZE, "candidates": SIZE, "outcome_weight": Bound(0.0, open_low=True),
+        "per_round": COUNT, "candidates": COUNT, "outcome_weight": Bound(0.0, open_low=True),
         "outcome_plan_noise": Bound(-math.inf), "max_way": Bound(2, 4, integer=True),
-        "max_cells": SIZE, "max_clique_cells": Bound(2, integer=True), "iters": SIZE,
-        "site_pooling": NON_NEGATIVE, "code_cap": SIZE,
+        "max_cells": COUNT, "max_clique_cells": Bound(2, integer=True), "iters": COUNT,
+        "site_pooling": NON_NEGATIVE, "code_cap": COUNT,
         "code_bound": Bound(0, integer=True), "pair_bound": Bound(0, integer=True),
         "pair_codes": Bound(2, integer=True), "pair_floor": NON_NEGATIVE,
-        "link_bound": Bound(0, integer=True), "link_covariates": SIZE,
+        "link_bound": Bound(0, integer=True), "link_covariates": COUNT,
         "link_min_z": NON_NEGATIVE,
     }
 
