@@ -204,6 +204,10 @@ class StudyConfig:
         strategy_problem = check_strategy(self.strategy, self.secure_aggregation)
         if strategy_problem:
             problems.append(strategy_problem)
+        if not self.study_id.strip():
+            # a site keeps each study's once-only answers under its id; an empty one was
+            # filed under no name and came back reset (the twelfth session's audit)
+            problems.append("study-id must not be empty: name the study")
         if not (math.isfinite(self.count_bound) and self.count_bound > 0):
             problems.append("count-bound must be a positive number (an upper bound on rows)")
         if not (math.isfinite(self.round_timeout) and self.round_timeout > 0):

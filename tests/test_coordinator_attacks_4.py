@@ -299,3 +299,13 @@ def test_a_generator_size_is_bounded_before_any_site_trains(heart_schema_path):
         with pytest.raises(ValueError, match=next(iter(params))):
             get_generator(name)(schema, **params)
     assert get_generator("ddpm")(schema, multiplicity=8).hparams["multiplicity"] == 8
+
+
+def test_a_study_without_a_name_is_refused():
+    """A site keeps each study's once-only answers (its validation, its release, the
+    digests it masked) under the study's id; an empty id was filed under no name and
+    came back reset after any other study's message. Such a study is refused."""
+    from fedsynth.common.study import ConfigError
+
+    with pytest.raises(ConfigError, match="study-id must not be empty"):
+        StudyConfig(study_id="  ")

@@ -460,6 +460,30 @@ def test_the_loss_report_moves_by_at_most_sqrt_2(heart, monkeypatch):
     assert moves[0] == pytest.approx(math.sqrt(2), abs=1e-4)  # a huge loss counts as B
 
 
+def test_ctgans_loss_report_is_the_mean_over_real_rows(heart):
+    """CTGAN's per-sample loss lists ``fake_batch`` fake rows after the real ones (the
+    discriminator's step); the report summed them all and divided by the real rows, so
+    a site reported about (n + 64) / n times its loss. At noise 0 with every row
+    sampled the report is now the real rows' clipped mean."""
+    import torch
+
+    from fedsynth.common.encoding import TabularEncoder
+    from fedsynth.common.privacy import PrivacyLedger
+    from fedsynth.common.privacy.randomness import DPRandomness
+    from fedsynth.common.privacy.trainer import dp_loss_report
+
+    schema, frame = heart
+    model = get_generator("ctgan")(schema, seed=0)
+    rows = TabularEncoder(schema).encode(frame)[:40]
+    value = dp_loss_report(model, rows, sample_rate=1.0, noise_multiplier=0.0,
+                           ledger=PrivacyLedger("rdp"),
+                           randomness=DPRandomness.reproducible(0, "t"))
+    with torch.no_grad():
+        real = model.per_sample_loss(model.private_module(),
+                                     torch.as_tensor(rows, dtype=torch.float32))[:40]
+    assert value == pytest.approx(float(real.clamp(0, model.loss_bound).mean()), rel=1e-4)
+
+
 @pytest.mark.slow
 def test_a_federated_amlsg_study_reports_what_an_independent_accountant_says(tmp_path):
     """A 3-centre AMLSG marginal study (fine, 1-way, code histogram, pairs, links,
