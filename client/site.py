@@ -204,8 +204,11 @@ class SiteState:
         """Make ``study_id`` the current study, keeping the others' state (and the ledger)."""
         if study_id == self.study_id:
             return self
-        if self.study_id:
-            self.other_studies[self.study_id] = self._study_record()
+        record = self._study_record()
+        # a study that released nothing has nothing to keep: a coordinator that sends
+        # refused requests under ever new ids would otherwise grow the file without end
+        if self.study_id and record != _FRESH_STUDY:
+            self.other_studies[self.study_id] = record
         self._load_study(self.other_studies.pop(study_id, {}))
         self.study_id = study_id
         return self
@@ -241,6 +244,9 @@ class SiteState:
         if self.ledger.history:  # a trace the ledger's loss cannot take with it
             path.with_name(LEDGER_KEPT).touch(mode=0o600, exist_ok=True)
 
+
+#: A study's record before it released anything (``SiteState.for_study`` keeps no such).
+_FRESH_STUDY = SiteState()._study_record()
 
 #: An empty file beside the ledger once it records a release (``past_activity``).
 LEDGER_KEPT = ".ledger-kept"

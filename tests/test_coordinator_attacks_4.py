@@ -309,3 +309,26 @@ def test_a_study_without_a_name_is_refused():
 
     with pytest.raises(ConfigError, match="study-id must not be empty"):
         StudyConfig(study_id="  ")
+
+
+def test_refused_requests_under_new_study_ids_do_not_grow_the_state(
+        tmp_path, heart_files, heart_schema_path):
+    """Each study id a site hears is kept in its state file, read and rewritten on every
+    message: a coordinator sending refused requests under ever new ids (a wrong schema
+    fingerprint: nothing read, nothing charged) grew the file by 300 studies in 5 s. A
+    study that released nothing is no longer kept; one that did is."""
+    from fedsynth.client.site import ledger_path, load_site_state
+
+    site = SiteConfig("cleveland", str(heart_files["cleveland"]), str(heart_schema_path),
+                      epsilon=3.0, state_dir=str(tmp_path / "state"))
+    schema = Schema.load(heart_schema_path)
+    trained = _client_send(site, _train(TINY_PLAN, schema), "train")
+    assert dict(trained.content["site"])["status"] == P.Status.TRAINED
+    for i in range(20):
+        content = _train(replace(TINY_PLAN, study_id=f"probe-{i}"), schema)
+        content["config"]["schema-fingerprint"] = "not-this-schema"
+        refused = _client_send(site, content, "train")
+        assert dict(refused.content["site"])["status"] != P.Status.TRAINED
+    state = load_site_state(site, "another")
+    assert set(state.other_studies) == {TINY_PLAN.study_id}
+    assert state.ledger.history and ledger_path(site).stat().st_size < 20_000
