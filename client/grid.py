@@ -58,6 +58,7 @@ from .site import (
     SPLIT_CHARGE_MARGIN,
     SiteState,
     noise_for,
+    over_budget,
     site_schema,
     site_table,
     split_problem,
@@ -199,7 +200,7 @@ def _release(site: SiteConfig, study: StudyConfig, state: SiteState, schema: Sch
                 return SiteReply(BUDGET_EXHAUSTED, status_metrics(site, state))
         after = state.ledger.copy()
         after.record(sigma, 1.0, 1)
-        if after.epsilon(site.delta) > site.epsilon * (1 + 1e-9):
+        if over_budget(site, after):
             return SiteReply(BUDGET_EXHAUSTED, status_metrics(site, state))
     release = site.randomness(f"{study.study_id}:grid").release("grid-release")
     state.grid_counts = quantile_grid.release(TabularEncoder(schema), data, added, release)

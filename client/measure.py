@@ -97,6 +97,7 @@ from .site import (
     MIN_SHARE_STD,
     SPLIT_CHARGE_MARGIN,
     SiteState,
+    over_budget,
     site_schema,
     split_metrics,
     split_problem,
@@ -322,7 +323,7 @@ def _over_budget(site: SiteConfig, study: StudyConfig, state: SiteState, sigma: 
     state.ledger.mechanism = study.accountant
     nxt = state.ledger.copy()
     nxt.record(sigma, 1.0, count)
-    return nxt.epsilon(site.delta) > site.epsilon * (1 + 1e-9)
+    return over_budget(site, nxt)
 
 
 def _common_noise(site: SiteConfig, config: dict[str, Any], own: NoiseLevels,

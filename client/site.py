@@ -440,6 +440,12 @@ MIN_SHARE_STD = 1.0
 SPLIT_CHARGE_MARGIN = 1.0 - 1e-6
 
 
+def over_budget(site: SiteConfig, ledger: PrivacyLedger) -> bool:
+    """Whether ``ledger`` (the site's, with a release it is about to make) passes the
+    site's budget: every kind of release asks this before anything is drawn."""
+    return ledger.epsilon(site.delta) > site.epsilon * (1 + 1e-9)
+
+
 def split_problem(state: SiteState, h: int) -> str:
     """Why a request's split ``h`` is refused in this study ("" if it is not): every
     release of a study is made under the split of its first (``SiteState.split_h``)."""
@@ -533,7 +539,7 @@ def _admit(site: SiteConfig, study: StudyConfig, state: SiteState, plan: RoundPl
     # under the same study id sets the noisy count but makes no histogram)
     count_pending = study.count_noise if state.histogram is None else None
     nxt = round_cost(state.ledger, sigma, plan, count_pending)
-    if nxt.epsilon(site.delta) > site.epsilon * (1 + 1e-9):
+    if over_budget(site, nxt):
         return SiteReply(BUDGET_EXHAUSTED, study_metrics(site, study, state))
     if commit is not None:  # the in-memory ledger records the steps as they run
         commit(replace(state, ledger=nxt))

@@ -565,7 +565,7 @@ def release_banner(label: str | None) -> str:
     replayable noise or without DP has the same figures and none, so the report says so
     at the top and again beside the privacy table. Nothing for a release.
     """
-    if not label or not is_not_a_release(label):
+    if not is_not_a_release(label):
         return ""
     return (f'<div class="release"><b>{html.escape(label)}</b>'
             f'<p class="note">{NOT_A_RELEASE_NOTE}</p></div>')
